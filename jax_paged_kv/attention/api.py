@@ -1,0 +1,113 @@
+"""``paged_attention``: one function, several implementations, picked per backend."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from jax_paged_kv.cache import check_readable, gather_tables
+from jax_paged_kv.errors import CacheShapeError
+from jax_paged_kv.state import PagedKVCache
+
+# name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
+# backends that a CPU-only user never needs.
+IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "xla": ("jax_paged_kv.attention.reference", "paged_attention_xla"),
+    "pallas_gpu": ("jax_paged_kv.attention.pallas_gpu", "paged_attention_gpu"),
+    "pallas_tpu": ("jax_paged_kv.attention.pallas_tpu", "paged_attention_tpu"),
+}
+
+
+def default_implementation(backend: str | None = None) -> str:
+  """The implementation ``implementation=None`` picks on ``backend`` (default: JAX's default)."""
+  backend = backend or jax.default_backend()
+  return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+
+
+def get_implementation(name: str):
+  """The kernel function registered under ``name`` (see the contract in ``reference.py``)."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown implementation={name!r}; choose one of "
+                     f"{sorted(IMPLEMENTATIONS)} or None for the backend's best")
+  module, fn = IMPLEMENTATIONS[name]
+  try:
+    return getattr(importlib.import_module(module), fn)
+  except ImportError as e:  # pragma: no cover - depends on the installed jax
+    raise RuntimeError(f"implementation={name!r} cannot be loaded here: {e}") from e
+
+
+def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
+                    scale: float | None = None, soft_cap: float | None = None,
+                    sliding_window: int | None = None, return_lse: bool = False,
+                    implementation: str | None = None, **knobs):
+  """Attention of new queries over each sequence's cached keys and values.
+
+  Decode is ``q_len == 1``; chunked prefill is ``q_len > 1``, causal with respect to the new
+  tokens' positions: query ``i`` of row ``b`` sits at position ``len_b - q_lens[b] + i``, where
+  ``len_b`` is the sequence's length in the cache *after* its new tokens were written (call
+  :func:`~jax_paged_kv.reserve` and :func:`~jax_paged_kv.write_kv` first).
+
+  Args:
+    q: ``[batch, q_len, q_heads, head_dim]``; ``q_heads`` a multiple of ``kv_heads`` (any GQA /
+      MQA ratio).
+    cache: the cache.
+    seq_ids: ``int32[batch]`` slot ids; padding (negative) and, inside ``jit``, invalid or
+      inactive ids give zeros and read nothing.
+    layer: ``int32[]`` layer index, may be traced.
+    q_lens: ``int32[batch]`` valid queries per row (ragged prefill; default ``q_len``). Queries
+      past it give zeros.
+    scale: logit scale, default ``head_dim ** -0.5`` (q is *not* expected pre-scaled).
+    soft_cap: optional logit soft cap ``c``: ``c * tanh(logits / c)``.
+    sliding_window: optional window ``w``: a query sees the last ``w`` positions (itself
+      included).
+    return_lse: also return the float32 log-sum-exp ``[batch, q_len, q_heads]``, for merging
+      partial attention (``-inf`` where a query sees nothing).
+    implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or None (the backend's best).
+    **knobs: keyword-only tuning options of the chosen kernel (e.g. ``interpret=True``).
+
+  Returns:
+    ``out`` ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype`` (float32 accumulation), or
+    ``(out, lse)`` with ``return_lse``.
+
+  Raises:
+    CacheShapeError: shapes that do not fit the cache (trace time).
+    InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
+  """
+  cfg = cache.config
+  q = jnp.asarray(q)
+  if q.ndim != 4:
+    raise CacheShapeError(f"q must be [batch, q_len, q_heads, head_dim], got shape {q.shape}")
+  b, q_len, qh, d = q.shape
+  if d != cfg.head_dim:
+    raise CacheShapeError(f"q head_dim={d} does not match the cache's head_dim={cfg.head_dim}")
+  if qh % cfg.num_kv_heads:
+    raise CacheShapeError(f"q_heads={qh} must be a multiple of num_kv_heads={cfg.num_kv_heads}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise CacheShapeError(f"q must be floating point, got {q.dtype}")
+  seq_ids = jnp.atleast_1d(jnp.asarray(seq_ids, jnp.int32))
+  if seq_ids.shape != (b,):
+    raise CacheShapeError(f"seq_ids must have shape ({b},), got {seq_ids.shape}")
+  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    raise CacheShapeError(f"sliding_window must be a positive int, got {sliding_window!r}")
+  if soft_cap is not None and not soft_cap > 0:
+    raise CacheShapeError(f"soft_cap must be positive, got {soft_cap!r}")
+  check_readable(cache, seq_ids, layer, op="paged_attention")
+  tables, kv_lens = gather_tables(cache, seq_ids)
+  layer = jnp.asarray(layer, jnp.int32)
+  layer_ok = (layer >= 0) & (layer < cfg.num_layers)
+  kv_lens = jnp.where(layer_ok, kv_lens, 0)
+  layer = jnp.clip(layer, 0, cfg.num_layers - 1)
+  if q_lens is None:
+    q_lens = jnp.full((b,), q_len, jnp.int32)
+  else:
+    q_lens = jnp.broadcast_to(jnp.asarray(q_lens, jnp.int32), (b,))
+  # A row may not claim more queries than it has tokens or than q holds.
+  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q_len))
+  scale = float(d ** -0.5 if scale is None else scale)
+  name = implementation or default_implementation()
+  fn = get_implementation(name)
+  return fn(q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens, scale=scale,
+            soft_cap=None if soft_cap is None else float(soft_cap),
+            sliding_window=sliding_window, return_lse=return_lse, **knobs)

@@ -1,0 +1,108 @@
+"""Plain-XLA paged attention: the CPU path and the semantics every kernel must match.
+
+Kernel contract (every implementation in this package has this signature)::
+
+    impl(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
+         scale, soft_cap, sliding_window, return_lse, **knobs) -> out | (out, lse)
+
+* ``q``: ``[batch, q_len, q_heads, head_dim]``; ``q_heads`` a multiple of ``kv_heads``; query head
+  ``h`` reads KV head ``h // (q_heads // kv_heads)``.
+* ``k_pool``, ``v_pool``: the whole pools, ``[layers, kv_heads, num_blocks, block_size, head_dim]``
+  (see :mod:`jax_paged_kv.config`); ``layer``: ``int32[]``, may be traced.
+* ``block_tables``: ``int32[batch, max_blocks]``; ``kv_lens``: ``int32[batch]``, tokens in the
+  cache per row *including* the new ones; ``q_lens``: ``int32[batch]``, valid queries per row
+  (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position
+  ``kv_lens[b] - q_lens[b] + i`` and sees keys at positions ``p`` with
+  ``p <= its position`` (causal) and, with a sliding window ``w``, ``p > position - w``.
+* ``scale``: multiplies ``q . k`` (default ``head_dim ** -0.5``); ``soft_cap``: logits become
+  ``soft_cap * tanh(logits / soft_cap)`` after scaling.
+* Returns ``out``: ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``; with ``return_lse`` also
+  ``lse``: ``float32[batch, q_len, q_heads]``, the natural log-sum-exp of the (scaled, capped)
+  logits. A query that sees no key (empty sequence, padding row, ``i >= q_lens[b]``) gives
+  output 0 and LSE ``-inf``, never NaN.
+* Only positions ``< kv_lens[b]`` are ever read into the result: stale or NaN data in unused
+  slots or free blocks cannot change any output (masks are applied with ``where`` to both the
+  logits and the values, never by multiplying).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+
+def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, kv_len: int,
+                    sliding_window: int | None) -> Array:
+  """``bool[batch, q_len, kv_len]``: which key position each query may see."""
+  i = jnp.arange(q_len)[None, :, None]
+  p = jnp.arange(kv_len)[None, None, :]
+  q_pos = (kv_lens - q_lens)[:, None, None] + i
+  mask = (p < kv_lens[:, None, None]) & (p <= q_pos) & (i < q_lens[:, None, None])
+  if sliding_window is not None:
+    mask = mask & (p > q_pos - sliding_window)
+  return mask
+
+
+def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
+  """Attention of ``q [batch, q_len, q_heads, D]`` over dense ``k, v [batch, S, kv_heads, D]``.
+
+  ``mask``: ``bool[batch, q_len, S]``. Accumulates in float32; NaN-safe for masked entries.
+  """
+  b, q_len, qh, d = q.shape
+  kvh = k.shape[2]
+  g = qh // kvh
+  valid_kv = jnp.any(mask, axis=1)  # [batch, S]: positions some query may read
+  k = jnp.where(valid_kv[:, :, None, None], k, jnp.zeros((), k.dtype))
+  v = jnp.where(valid_kv[:, :, None, None], v, jnp.zeros((), v.dtype))
+  qg = q.reshape(b, q_len, kvh, g, d)
+  logits = jnp.einsum("bqhgd,bshd->bhgqs", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if soft_cap is not None:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  m4 = mask[:, None, None, :, :]
+  logits = jnp.where(m4, logits, -jnp.inf)
+  mx = jnp.max(logits, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  p = jnp.where(m4, jnp.exp(logits - mx), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  acc = jnp.einsum("bhgqs,bshd->bhgqd", p, v.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+  out = jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d).astype(q.dtype)
+  if not return_lse:
+    return out
+  lse = jnp.where(denom[..., 0] > 0, mx[..., 0] + jnp.log(jnp.where(denom[..., 0] > 0,
+                                                                  denom[..., 0], 1.0)), -jnp.inf)
+  lse = lse.transpose(0, 3, 1, 2).reshape(b, q_len, qh)
+  return out, lse
+
+
+def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | None = None):
+  """Dense ``[batch, num_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
+  if num_blocks is not None:
+    block_tables = block_tables[:, :num_blocks]
+  x = pool[layer][:, block_tables]  # [kv_heads, batch, blocks, block_size, head_dim]
+  h, b, nb, bs, d = x.shape
+  return x.reshape(h, b, nb * bs, d).transpose(1, 2, 0, 3)
+
+
+def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
+                        scale: float, soft_cap: float | None = None,
+                        sliding_window: int | None = None, return_lse: bool = False,
+                        max_blocks: int | None = None):
+  """Reference implementation: gather the pages to a dense copy, then masked attention.
+
+  ``max_blocks`` (static, optional) reads only the first ``max_blocks`` table entries, for
+  callers that know every row is shorter than ``max_blocks * block_size``.
+  """
+  k = gather_kv(k_pool, layer, block_tables, max_blocks)
+  v = gather_kv(v_pool, layer, block_tables, max_blocks)
+  mask = attention_masks(kv_lens, q_lens, q.shape[1], k.shape[1], sliding_window)
+  return masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
+                                  return_lse=return_lse)
+
+
+paged_attention_xla_jit = jax.jit(
+    paged_attention_xla,
+    static_argnames=("scale", "soft_cap", "sliding_window", "return_lse", "max_blocks"))

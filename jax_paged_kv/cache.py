@@ -1,0 +1,656 @@
+"""Cache operations: allocate, reserve, write, append, lookup, free, fork, truncate.
+
+All are pure functions ``(cache, ...) -> (cache, ..., status)``. Inside a trace (``jit``,
+``vmap``, ``scan``, ...) they never raise on dynamic values: ``status`` (``int32``, one code per
+row, see :class:`~jax_paged_kv.errors.Status`) says what failed, and on any failure the returned
+cache is bitwise equal to the input (only ``cache.telemetry`` counts the failure). Shape and
+dtype errors are static and raise :class:`~jax_paged_kv.errors.CacheShapeError` at trace time.
+
+Called eagerly, each function first validates (a small jitted check that reads only metadata),
+raises the named exception for the first failing row and leaves the caller's cache untouched;
+otherwise it runs the jitted update, which *donates* the input cache by default so the pools are
+updated in place (pass ``donate=False`` to keep the old cache alive, e.g. for a snapshot).
+Inside the caller's own ``jit``, donation is the caller's business (``donate_argnums``).
+
+Rows whose sequence id is negative are padding: they are ignored and never fail.
+
+Typical decode step inside ``jit``::
+
+    cache, slots, st = reserve(cache, seq_ids, num_new, max_new=1)   # once per step
+    for layer in range(num_layers):                                    # or a lax.scan
+      cache, _ = write_kv(cache, slots, k[layer], v[layer], layer)
+      out = paged_attention(q[layer], cache, seq_ids, layer)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from jax_paged_kv import allocator as alloc_lib
+from jax_paged_kv.config import NULL_BLOCK, CacheStrategy
+from jax_paged_kv.errors import CacheShapeError, Status, is_tracing, raise_for_status
+from jax_paged_kv.state import PagedKVCache, Telemetry
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_ids(x, name: str) -> Array:
+  x = jnp.asarray(x)
+  if x.ndim > 1:
+    raise CacheShapeError(f"{name} must be a scalar or 1-D array of sequence ids, got shape "
+                          f"{x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise CacheShapeError(f"{name} must have an integer dtype, got {x.dtype}")
+  return jnp.atleast_1d(x).astype(jnp.int32)
+
+
+def _as_counts(x, batch: int, name: str) -> Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise CacheShapeError(f"{name} must have an integer dtype, got {x.dtype}")
+  if x.ndim == 0:
+    x = jnp.broadcast_to(x, (batch,))
+  if x.shape != (batch,):
+    raise CacheShapeError(f"{name} must be a scalar or have shape ({batch},), got {x.shape}")
+  return x.astype(jnp.int32)
+
+
+def _ceil_div(a: Array, b: int) -> Array:
+  return (a + b - 1) // b
+
+
+def _duplicates(ids: Array, valid: Array) -> Array:
+  """``bool[batch]``: True for every valid row whose id also appears on an earlier valid row."""
+  n = ids.shape[0]
+  big = jnp.iinfo(jnp.int32).max
+  keys = jnp.where(valid, ids, big)
+  order = jnp.argsort(keys, stable=True)
+  s = keys[order]
+  dup_sorted = jnp.concatenate([jnp.zeros((1,), bool), (s[1:] == s[:-1]) & (s[1:] != big)])
+  return jnp.zeros((n,), bool).at[order].set(dup_sorted)
+
+
+def _row_checks(cache: PagedKVCache, seq_ids: Array, *, want_active: bool = True):
+  """Common per-row checks. Returns ``(sid, pad, status)``; ``sid`` is clipped to be gatherable."""
+  cfg = cache.config
+  pad = seq_ids < 0
+  in_range = seq_ids < cfg.max_seqs
+  sid = jnp.clip(seq_ids, 0, cfg.max_seqs - 1)
+  act = cache.active[sid]
+  status = jnp.zeros(seq_ids.shape, jnp.int32)
+  status = jnp.where(~pad & ~in_range, Status.INVALID_SLOT, status)
+  if want_active:
+    status = jnp.where((status == 0) & ~pad & ~act, Status.INACTIVE_SLOT, status)
+  else:
+    status = jnp.where((status == 0) & ~pad & act, Status.SLOT_IN_USE, status)
+  dup = _duplicates(seq_ids, ~pad & in_range)
+  status = jnp.where((status == 0) & dup, Status.DUPLICATE_SLOT, status)
+  return sid, pad, status
+
+
+def _drop_index(mask: Array, index: Array, oob: int) -> Array:
+  """``index`` where ``mask``, else an out-of-range index that ``mode="drop"`` discards."""
+  return jnp.where(mask, index, oob)
+
+
+def _copy_blocks(cache: PagedKVCache, src: Array, dst: Array, mask: Array) -> PagedKVCache:
+  """Copies whole blocks ``src -> dst`` (all layers, K and V) where ``mask``."""
+  oob = cache.config.num_blocks
+  src = jnp.clip(src.reshape(-1), 0, oob - 1)
+  dst = _drop_index(mask.reshape(-1), dst.reshape(-1), oob)
+  k_pool = cache.k_pool.at[:, :, dst].set(cache.k_pool[:, :, src], mode="drop")
+  v_pool = cache.v_pool.at[:, :, dst].set(cache.v_pool[:, :, src], mode="drop")
+  return cache.replace(k_pool=k_pool, v_pool=v_pool)
+
+
+def _eager_or_traced(impl, static_argnames=()):
+  """Builds the eager/traced front door of a cache update.
+
+  ``impl(cache, *args, **static) -> (cache, *outputs, status)``. Returns ``run(op_name, ids,
+  cache, *args, donate=..., **static)`` which calls ``impl`` directly under a trace, and
+  eagerly runs a metadata-only check (XLA drops the pool updates of the status-only program),
+  raises for bad rows, then runs the donated jitted update.
+  """
+  check = jax.jit(lambda *a, **s: impl(*a, **s)[-1], static_argnames=static_argnames)
+  donated = jax.jit(impl, static_argnames=static_argnames, donate_argnums=0)
+  kept = jax.jit(impl, static_argnames=static_argnames)
+
+  def run(op, ids, cache, *args, donate=True, context=None, **static):
+    if is_tracing(cache, args):
+      return impl(cache, *args, **static)
+    raise_for_status(check(cache, *args, **static), ids, op=op, context=context)
+    return (donated if donate else kept)(cache, *args, **static)
+
+  return run
+
+
+# ---------------------------------------------------------------------------------------------
+# allocate
+
+
+def _allocate_impl(cache: PagedKVCache, seq_ids: Array):
+  _, pad, status = _row_checks(cache, seq_ids, want_active=False)
+  ok = jnp.all(status == 0)
+  idx = _drop_index(ok & ~pad, seq_ids, cache.config.max_seqs)
+  active = cache.active.at[idx].set(True, mode="drop")
+  # Length and table of an inactive slot are already 0 (an invariant), nothing else to touch.
+  return cache.replace(active=active), status
+
+
+_allocate = _eager_or_traced(_allocate_impl)
+
+
+def allocate_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
+  """Activates empty sequence slots.
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` (or a scalar) slot ids to activate; negative ids are padding.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` is ``int32[batch]``: ``INVALID_SLOT``, ``SLOT_IN_USE``
+    (already active) or ``DUPLICATE_SLOT`` per bad row.
+
+  Raises:
+    InvalidSlotError, SlotInUseError, DuplicateSlotError: eager calls with bad rows.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  return _allocate("allocate_sequences", seq_ids, cache, seq_ids, donate=donate)
+
+
+# ---------------------------------------------------------------------------------------------
+# reserve + write
+
+
+def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_new: int):
+  cfg = cache.config
+  bs = cfg.block_size
+  sid, pad, status = _row_checks(cache, seq_ids)
+  n = jnp.where(pad, 0, num_new)
+  status = jnp.where((status == 0) & ((n < 0) | (n > max_new)), Status.INVALID_COUNT, status)
+  old_len = cache.seq_lens[sid]
+  new_len = old_len + n
+  status = jnp.where((status == 0) & (new_len > cfg.max_seq_len), Status.SEQUENCE_TOO_LONG,
+                     status)
+  row_ok = (status == 0) & ~pad
+  n = jnp.where(row_ok, n, 0)
+  new_len = old_len + n
+  old_nb = _ceil_div(old_len, bs)
+  new_nb = _ceil_div(new_len, bs)
+  rows = jnp.arange(seq_ids.shape[0])
+
+  # Copy-on-write: the first write into a partly filled block that another table shares.
+  last_j = jnp.maximum(old_nb - 1, 0)
+  last_block = cache.block_tables[sid, last_j]
+  partial = (old_len % bs) != 0
+  shared = cache.allocator.ref_counts[last_block] > 1
+  if cfg.strategy is CacheStrategy.PAGED:
+    cow = row_ok & (n > 0) & partial & shared
+  else:
+    cow = jnp.zeros_like(row_ok)
+  need = new_nb - old_nb + cow.astype(jnp.int32)
+  first_j = old_nb - cow.astype(jnp.int32)  # first table entry that receives a new block
+  max_per_row = math.ceil(max_new / bs) + 1
+  ok_rows = jnp.all(status == 0)
+
+  alloc = cache.allocator
+  if cfg.strategy is CacheStrategy.PAGED:
+    alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
+  else:
+    k = jnp.arange(max_per_row, dtype=jnp.int32)
+    valid = k[None, :] < need[:, None]
+    new_blocks = jnp.where(valid, 1 + sid[:, None] * cfg.max_blocks_per_seq + first_j[:, None]
+                           + k[None, :], NULL_BLOCK)
+    enough = jnp.asarray(True)
+    alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
+  status = jnp.where((status == 0) & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
+  ok = ok_rows & enough
+
+  # New table entries.
+  k = jnp.arange(max_per_row, dtype=jnp.int32)
+  tj = first_j[:, None] + k[None, :]
+  write = ok & (k[None, :] < need[:, None])
+  t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
+  block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
+  cache = cache.replace(block_tables=block_tables, allocator=alloc)
+
+  # Copy the shared partial block into its private copy, then drop one reference to it.
+  cow = cow & ok
+  cache = _copy_blocks(cache, last_block, new_blocks[:, 0], cow)
+  cache = cache.replace(allocator=alloc_lib.release_blocks(cache.allocator, last_block, cow))
+
+  seq_lens = cache.seq_lens.at[_drop_index(ok & row_ok, sid, cfg.max_seqs)].set(
+      new_len, mode="drop")
+  failed = cache.telemetry.failed_allocations + (ok_rows & ~enough).astype(jnp.int32)
+  cache = cache.replace(seq_lens=seq_lens, telemetry=Telemetry(failed))
+
+  # Flat physical slot (block * block_size + offset) of every new token; out of range if none.
+  i = jnp.arange(max_new, dtype=jnp.int32)
+  pos = old_len[:, None] + i[None, :]
+  has = ok & (i[None, :] < n[:, None])
+  blk = cache.block_tables[sid[:, None], jnp.clip(pos // bs, 0, cfg.max_blocks_per_seq - 1)]
+  slots = jnp.where(has, blk * bs + pos % bs, cfg.num_blocks * bs)
+  del rows
+  return cache, slots.astype(jnp.int32), status
+
+
+_reserve = _eager_or_traced(_reserve_impl, static_argnames=("max_new",))
+
+
+def _reserve_context(cache, seq_ids, num_new, max_new):
+  lens = np.asarray(cache.seq_lens)
+  ids = np.asarray(seq_ids)
+  counts = np.asarray(num_new)
+
+  def too_long(row):
+    return (f"length {lens[ids[row]]} + {counts[row]} new tokens > "
+            f"max_seq_len={cache.config.max_seq_len}")
+
+  def exhausted(row):
+    return f"{int(cache.allocator.num_free)} blocks free"
+
+  def count(row):
+    return f"num_new={counts[row]} is not in [0, max_new={max_new}]"
+
+  return {Status.SEQUENCE_TOO_LONG: too_long, Status.POOL_EXHAUSTED: exhausted,
+          Status.INVALID_COUNT: count}
+
+
+def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = None,
+            donate: bool = True):
+  """Reserves room for the next tokens of a batch of sequences (once per step, all layers).
+
+  Grows each sequence's length by ``num_new[b]``, pops the blocks it needs from the free list in
+  one vectorised update, and copies a shared partly filled last block first (copy-on-write).
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` slot ids (negative: padding row).
+    num_new: ``int32[batch]`` or scalar, new tokens per row, each in ``[0, max_new]``.
+    max_new: static bound on ``num_new`` (the ``T`` of the K/V you will write). Defaults to
+      ``num_new`` when that is a Python int.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, slots, status)``: ``slots`` is ``int32[batch, max_new]``, the flat physical slot
+    ``block * block_size + offset`` of each new token, or ``num_blocks * block_size`` (out of
+    range, dropped by :func:`write_kv`) where row ``b`` has fewer than ``max_new`` new tokens.
+    ``status`` is ``int32[batch]``.
+
+  Raises:
+    PoolExhaustedError, InvalidSlotError, InactiveSlotError, SequenceTooLongError,
+    DuplicateSlotError, InvalidCountError: eager calls with bad rows.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  if max_new is None:
+    if not isinstance(num_new, (int, np.integer)):
+      raise CacheShapeError("reserve needs a static max_new when num_new is an array")
+    max_new = int(num_new)
+  if not isinstance(max_new, (int, np.integer)) or max_new < 0:
+    raise CacheShapeError(f"max_new must be a non-negative int, got {max_new!r}")
+  num_new = _as_counts(num_new, seq_ids.shape[0], "num_new")
+  ctx = None if is_tracing(cache, seq_ids, num_new) else _reserve_context(
+      cache, seq_ids, num_new, max_new)
+  return _reserve("reserve", seq_ids, cache, seq_ids, num_new, donate=donate, context=ctx,
+                  max_new=int(max_new))
+
+
+def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
+  cfg = cache.config
+  k, v = jnp.asarray(k), jnp.asarray(v)
+  want = (*lead, cfg.num_kv_heads, cfg.head_dim)
+  for x, nm in ((k, "k"), (v, "v")):
+    if x.shape != want:
+      raise CacheShapeError(f"{name}: {nm} has shape {x.shape}, expected {want} "
+                            f"([..., kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}])")
+    if x.dtype != cfg.dtype:
+      raise CacheShapeError(f"{name}: {nm} has dtype {x.dtype}, the cache stores {cfg.dtype}; "
+                            "cast it first")
+  return k, v
+
+
+def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array):
+  cfg = cache.config
+  L, H, NB, BS, D = cfg.pool_shape
+  layer_ok = (layer >= 0) & (layer < L)
+  flat = _drop_index(layer_ok, slots.reshape(-1), NB * BS)
+  layer = jnp.clip(layer, 0, L - 1)
+  kf = k.reshape(-1, H, D)  # [batch * T, kv_heads, head_dim]
+  vf = v.reshape(-1, H, D)
+  k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(kf, mode="drop")
+  v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(vf, mode="drop")
+  status = jnp.where(layer_ok, Status.OK, Status.INVALID_LAYER).astype(jnp.int32)
+  return cache.replace(k_pool=k_pool.reshape(cfg.pool_shape),
+                       v_pool=v_pool.reshape(cfg.pool_shape)), status
+
+
+_write = _eager_or_traced(_write_impl)
+
+
+def write_kv(cache: PagedKVCache, slots, k, v, layer, *, donate: bool = True):
+  """Writes one layer's new K/V into the slots that :func:`reserve` returned.
+
+  Args:
+    cache: the cache.
+    slots: ``int32[batch, T]`` from :func:`reserve` (out-of-range entries are skipped).
+    k: ``[batch, T, kv_heads, head_dim]`` in ``cache.config.dtype``.
+    v: same shape and dtype.
+    layer: ``int32[]`` layer index; may be traced (models scan over layers).
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` is a scalar ``INVALID_LAYER`` if ``layer`` is out of range
+    (then nothing is written).
+  """
+  slots = jnp.asarray(slots)
+  if slots.ndim != 2 or not jnp.issubdtype(slots.dtype, jnp.integer):
+    raise CacheShapeError(f"slots must be int32[batch, T], got {slots.dtype}{list(slots.shape)}")
+  k, v = _check_kv(cache, k, v, slots.shape, "write_kv")
+  layer = jnp.asarray(layer, jnp.int32)
+  if layer.ndim:
+    raise CacheShapeError(f"layer must be a scalar, got shape {layer.shape}")
+  return _write("write_kv", None, cache, slots.astype(jnp.int32), k, v, layer, donate=donate)
+
+
+def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
+  max_new = k.shape[2]
+  cfg = cache.config
+  cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
+  L, H, NB, BS, D = cfg.pool_shape
+  flat = slots.reshape(-1)  # already out of range for failed or padding rows
+  kf = k.reshape(L, -1, H, D).transpose(0, 2, 1, 3)  # [layers, kv_heads, batch * T, head_dim]
+  vf = v.reshape(L, -1, H, D).transpose(0, 2, 1, 3)
+  k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(kf, mode="drop")
+  v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(vf, mode="drop")
+  return cache.replace(k_pool=k_pool.reshape(cfg.pool_shape),
+                       v_pool=v_pool.reshape(cfg.pool_shape)), status
+
+
+_append = _eager_or_traced(_append_impl)
+
+
+def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
+  """Reserve + write: appends new tokens' K/V to a batch of sequences (the seed's appendKV).
+
+  Args:
+    cache: the cache.
+    k: ``[layers, batch, T, kv_heads, head_dim]`` (all layers), or ``[batch, T, kv_heads,
+      head_dim]`` for a one-layer cache. For one layer of a deeper model, use :func:`reserve`
+      once per step and :func:`write_kv` per layer.
+    v: same shape as ``k``; both in ``cache.config.dtype``.
+    seq_ids: ``int32[batch]`` slot ids (negative: padding row, ignored).
+    num_new: ``int32[batch]`` valid new tokens per row (ragged batches; ``k[:, b, num_new[b]:]``
+      is ignored). Defaults to ``T`` for every row.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)`` with ``status`` ``int32[batch]``. On any failure nothing is appended.
+
+  Raises:
+    CacheShapeError: wrong shape or dtype (at trace time).
+    PoolExhaustedError, InvalidSlotError, InactiveSlotError, SequenceTooLongError,
+    DuplicateSlotError, InvalidCountError: eager calls with bad rows.
+  """
+  cfg = cache.config
+  k, v = jnp.asarray(k), jnp.asarray(v)
+  if k.ndim == 4:
+    if cfg.num_layers != 1:
+      raise CacheShapeError(
+          f"append_kv: 4-D k is for a one-layer cache, this one has {cfg.num_layers} layers; "
+          "pass [layers, batch, T, kv_heads, head_dim], or use reserve() + write_kv() per layer")
+    k, v = k[None], v[None]
+  if k.ndim != 5:
+    raise CacheShapeError(f"append_kv: k must be [layers, batch, T, kv_heads, head_dim], got "
+                          f"shape {k.shape}")
+  k, v = _check_kv(cache, k, v, (cfg.num_layers, *k.shape[1:3]), "append_kv")
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  if seq_ids.shape[0] != k.shape[1]:
+    raise CacheShapeError(f"append_kv: {seq_ids.shape[0]} seq_ids for a batch of {k.shape[1]}")
+  T = k.shape[2]
+  num_new = _as_counts(T if num_new is None else num_new, seq_ids.shape[0], "num_new")
+  ctx = None if is_tracing(cache, seq_ids, num_new) else _reserve_context(
+      cache, seq_ids, num_new, T)
+  return _append("append_kv", seq_ids, cache, k, v, seq_ids, num_new, donate=donate,
+                 context=ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# read
+
+
+def gather_tables(cache: PagedKVCache, seq_ids) -> tuple[Array, Array]:
+  """Block tables and lengths of a batch, with padding/invalid/inactive rows made empty.
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]``.
+
+  Returns:
+    ``(block_tables int32[batch, max_blocks], kv_lens int32[batch])``. Rows that do not name an
+    active slot get length 0 and an all-null table, so nothing can be read through them.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  cfg = cache.config
+  valid = (seq_ids >= 0) & (seq_ids < cfg.max_seqs)
+  sid = jnp.clip(seq_ids, 0, cfg.max_seqs - 1)
+  valid = valid & cache.active[sid]
+  tables = jnp.where(valid[:, None], cache.block_tables[sid], NULL_BLOCK)
+  lens = jnp.where(valid, cache.seq_lens[sid], 0)
+  return tables, lens
+
+
+def check_readable(cache: PagedKVCache, seq_ids, layer=None, *, op: str) -> None:
+  """Eager calls only: raises for ids that name no active slot, or a bad concrete layer."""
+  if is_tracing(cache, seq_ids, layer):
+    return
+  ids = np.atleast_1d(np.asarray(seq_ids))
+  active = np.asarray(cache.active)
+  max_seqs = cache.config.max_seqs
+  status = np.where(ids >= max_seqs, Status.INVALID_SLOT, 0)
+  ok_ids = np.clip(ids, 0, max_seqs - 1)
+  status = np.where((status == 0) & (ids >= 0) & ~active[ok_ids], Status.INACTIVE_SLOT, status)
+  raise_for_status(status, ids, op=op)
+  if layer is not None:
+    lay = int(np.asarray(layer))
+    if not 0 <= lay < cache.config.num_layers:
+      raise_for_status(np.asarray([Status.INVALID_LAYER]), op=op,
+                       context={Status.INVALID_LAYER: lambda r: f"{lay=}, "
+                                f"num_layers={cache.config.num_layers}"})
+
+
+@functools.partial(jax.jit, static_argnames=("max_len",))
+def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
+  cfg = cache.config
+  tables, lens = gather_tables(cache, seq_ids)
+  layer_ok = (layer >= 0) & (layer < cfg.num_layers)
+  lens = jnp.where(layer_ok, lens, 0)
+  layer = jnp.clip(layer, 0, cfg.num_layers - 1)
+  bs = cfg.block_size
+  pos = jnp.arange(max_len)
+  blk = tables[:, pos // bs]  # [batch, max_len]
+  def read(pool):
+    x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, head_dim]
+    x = jnp.moveaxis(x, 0, 2)  # [batch, max_len, kv_heads, head_dim]
+    return jnp.where((pos[None, :] < lens[:, None])[:, :, None, None], x, jnp.zeros((), x.dtype))
+  return read(cache.k_pool), read(cache.v_pool), lens
+
+
+def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None):
+  """Dense, padded keys and values of a batch of sequences (the seed's lookupKV).
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` slot ids (negative: padding row, returns length 0).
+    layer: ``int32[]`` layer index (may be traced).
+    max_len: static length of the output (default ``max_seq_len``); longer sequences are cut.
+
+  Returns:
+    ``(k, v, lens)``: ``k`` and ``v`` are ``[batch, max_len, kv_heads, head_dim]`` in the cache
+    dtype, zero past each row's length; ``lens`` is ``int32[batch]``. Rows that name no active
+    slot come back empty (inside ``jit``); eager calls raise instead.
+
+  Raises:
+    InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  check_readable(cache, seq_ids, layer, op="lookup_kv")
+  max_len = cache.config.max_seq_len if max_len is None else int(max_len)
+  k, v, lens = _lookup_impl(cache, seq_ids, jnp.asarray(layer, jnp.int32), max_len=max_len)
+  return k, v, jnp.minimum(lens, max_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# free, fork, truncate
+
+
+def _free_impl(cache: PagedKVCache, seq_ids: Array):
+  cfg = cache.config
+  sid, pad, status = _row_checks(cache, seq_ids)
+  ok = jnp.all(status == 0)
+  rows = ok & ~pad
+  nb = _ceil_div(cache.seq_lens[sid], cfg.block_size)
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  held = rows[:, None] & (j[None, :] < nb[:, None])
+  alloc = alloc_lib.release_blocks(cache.allocator, cache.block_tables[sid], held,
+                                   push=cfg.strategy is CacheStrategy.PAGED)
+  idx = _drop_index(rows, sid, cfg.max_seqs)
+  return cache.replace(
+      allocator=alloc,
+      block_tables=cache.block_tables.at[idx].set(NULL_BLOCK, mode="drop"),
+      seq_lens=cache.seq_lens.at[idx].set(0, mode="drop"),
+      active=cache.active.at[idx].set(False, mode="drop"),
+  ), status
+
+
+_free = _eager_or_traced(_free_impl)
+
+
+def free_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
+  """Ends sequences: drops their block references (blocks return to the pool at zero).
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` (or scalar) active slot ids; negative ids are padding.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` ``int32[batch]``: ``INVALID_SLOT``, ``INACTIVE_SLOT``
+    (double free) or ``DUPLICATE_SLOT``.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  return _free("free_sequences", seq_ids, cache, seq_ids, donate=donate)
+
+
+def _fork_impl(cache: PagedKVCache, parents: Array, children: Array):
+  cfg = cache.config
+  psid, ppad, status = _row_checks(cache, parents)
+  csid, cpad, cstatus = _row_checks(cache, children, want_active=False)
+  status = jnp.where(status == 0, cstatus, status)
+  status = jnp.where((status == 0) & (ppad != cpad), Status.INVALID_SLOT, status)
+  ok = jnp.all(status == 0)
+  rows = ok & ~ppad
+  lens = cache.seq_lens[psid]
+  nb = _ceil_div(lens, cfg.block_size)
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  held = rows[:, None] & (j[None, :] < nb[:, None])
+  ptables = cache.block_tables[psid]
+  if cfg.strategy is CacheStrategy.PAGED:
+    ctables = jnp.where(held, ptables, NULL_BLOCK)
+  else:
+    ctables = jnp.where(held, 1 + csid[:, None] * cfg.max_blocks_per_seq + j[None, :],
+                        NULL_BLOCK)
+    cache = _copy_blocks(cache, ptables, ctables, held)
+  alloc = alloc_lib.retain_blocks(cache.allocator, ctables, held)
+  idx = _drop_index(rows, csid, cfg.max_seqs)
+  return cache.replace(
+      allocator=alloc,
+      block_tables=cache.block_tables.at[idx].set(ctables, mode="drop"),
+      seq_lens=cache.seq_lens.at[idx].set(lens, mode="drop"),
+      active=cache.active.at[idx].set(True, mode="drop"),
+  ), status
+
+
+_fork = _eager_or_traced(_fork_impl)
+
+
+def fork_sequence(cache: PagedKVCache, parent_ids, child_ids, *, donate: bool = True):
+  """Forks sequences: each child shares all of its parent's blocks by reference count.
+
+  Neither side is copied now. The partly filled last block, still shared, is copied by
+  whichever side writes into it first (copy-on-write in :func:`reserve`); full blocks stay
+  shared for good. With the ``CONTIGUOUS`` strategy the parent's data is copied into the
+  child's slab instead.
+
+  Args:
+    cache: the cache.
+    parent_ids: ``int32[batch]`` (or scalar) active slots; one parent may appear many times.
+    child_ids: ``int32[batch]`` (or scalar) inactive slots, all distinct.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` has the shape of ``parent_ids`` (``INVALID_SLOT``,
+    ``INACTIVE_SLOT`` parent, ``SLOT_IN_USE`` child, ``DUPLICATE_SLOT`` child).
+  """
+  scalar = jnp.ndim(parent_ids) == 0
+  parents = _as_ids(parent_ids, "parent_ids")
+  children = _as_ids(child_ids, "child_ids")
+  if parents.shape != children.shape:
+    raise CacheShapeError(f"fork_sequence: parent_ids {parents.shape} and child_ids "
+                          f"{children.shape} differ in shape")
+  cache, status = _fork("fork_sequence", children, cache, parents, children, donate=donate)
+  return cache, (status[0] if scalar else status)
+
+
+def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
+  cfg = cache.config
+  sid, pad, status = _row_checks(cache, seq_ids)
+  lens = cache.seq_lens[sid]
+  n = jnp.where(pad, 0, num_tokens)
+  status = jnp.where((status == 0) & ((n < 0) | (n > lens)), Status.INVALID_COUNT, status)
+  ok = jnp.all(status == 0)
+  rows = ok & ~pad
+  new_len = lens - n
+  old_nb = _ceil_div(lens, cfg.block_size)
+  new_nb = _ceil_div(new_len, cfg.block_size)
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  drop = rows[:, None] & (j[None, :] >= new_nb[:, None]) & (j[None, :] < old_nb[:, None])
+  alloc = alloc_lib.release_blocks(cache.allocator, cache.block_tables[sid], drop,
+                                   push=cfg.strategy is CacheStrategy.PAGED)
+  tables = jnp.where(drop, NULL_BLOCK, cache.block_tables[sid])
+  idx = _drop_index(rows, sid, cfg.max_seqs)
+  return cache.replace(
+      allocator=alloc,
+      block_tables=cache.block_tables.at[idx].set(tables, mode="drop"),
+      seq_lens=cache.seq_lens.at[idx].set(new_len, mode="drop"),
+  ), status
+
+
+_truncate = _eager_or_traced(_truncate_impl)
+
+
+def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, donate: bool = True):
+  """Rolls back the last ``num_tokens[b]`` tokens of each sequence and frees emptied blocks.
+
+  For speculative decoding: append the draft tokens, verify, truncate the rejected ones. (Or keep
+  the old cache: with an immutable cache a snapshot is free.)
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` active slots (negative: padding).
+    num_tokens: ``int32[batch]`` or scalar, tokens to drop per row, in ``[0, length]``.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` ``int32[batch]``.
+  """
+  seq_ids = _as_ids(seq_ids, "seq_ids")
+  num_tokens = _as_counts(num_tokens, seq_ids.shape[0], "num_tokens")
+  return _truncate("truncate_sequences", seq_ids, cache, seq_ids, num_tokens, donate=donate)

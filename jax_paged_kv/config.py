@@ -1,0 +1,205 @@
+"""Static configuration of a paged KV cache, and the pool layout, defined once.
+
+Dimension vocabulary used across the package (shape comments and docstrings):
+
+* ``layers``: transformer layers (``num_layers``).
+* ``kv_heads`` / ``q_heads``: key/value heads and query heads.
+* ``head_dim``: size of one head.
+* ``num_blocks``: physical blocks in the pool, *including* the reserved null block 0.
+* ``block_size``: tokens per block.
+* ``max_seqs``: sequence slots; a sequence is identified by its slot id in ``[0, max_seqs)``.
+* ``max_blocks``: block-table width, ``ceil(max_seq_len / block_size)``.
+* ``batch``: rows of one call; ``seq_ids[batch]`` says which slot each row targets and a
+  negative id marks a padding row that is ignored.
+* ``T`` / ``q_len``: new tokens (or queries) per row in one call.
+
+Pool layout (the one place it is defined): ``[layers, kv_heads, num_blocks, block_size, head_dim]``
+for keys and for values ("HND" per layer, like JAX's own GPU/TPU paged-attention kernels). One
+block of one head is a contiguous ``[block_size, head_dim]`` tile, which is what both the Pallas
+GPU kernel (a strided block load per page) and the TPU kernel (one DMA per page) want.
+
+Sentinel: block 0 is the *null block*. It is never allocated, every unused block-table entry
+points at it, and nothing is ever written to it (padding writes use out-of-range indices with
+``mode="drop"``). Reads of it are always masked, so its content (even NaN) never matters. This
+avoids JAX's clamping of out-of-range gathers and the wrap-around of ``-1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+NULL_BLOCK = 0
+
+
+class CacheStrategy(enum.Enum):
+  """How sequences get memory.
+
+  * ``PAGED``: blocks are handed out on demand from a shared free list (vLLM's PagedAttention).
+  * ``CONTIGUOUS``: every slot owns a fixed slab of ``max_blocks`` blocks reserved up front (the
+    classic "continuous" KV cache), behind the same API; useful as a baseline at equal memory.
+  """
+
+  PAGED = "paged"
+  CONTIGUOUS = "contiguous"
+
+
+def pool_shape(
+    num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int
+) -> tuple[int, int, int, int, int]:
+  """The pool layout: ``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
+  return (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+  """Static, hashable description of a paged KV cache.
+
+  Attributes:
+    num_layers: transformer layers stored in the pools.
+    num_kv_heads: key/value heads per layer.
+    head_dim: size of one head.
+    num_blocks: physical blocks per pool, *including* the reserved null block 0, so
+      ``num_blocks - 1`` blocks can hold data. For ``CONTIGUOUS`` it must be at least
+      ``1 + max_seqs * max_blocks``.
+    max_seqs: number of sequence slots.
+    max_seq_len: longest sequence a slot may hold, in tokens.
+    block_size: tokens per block (default 16).
+    dtype: storage dtype of the pools (e.g. ``jnp.bfloat16``).
+    strategy: ``CacheStrategy.PAGED`` (default) or ``CacheStrategy.CONTIGUOUS``.
+  """
+
+  num_layers: int
+  num_kv_heads: int
+  head_dim: int
+  num_blocks: int
+  max_seqs: int
+  max_seq_len: int
+  block_size: int = 16
+  dtype: jnp.dtype = jnp.float32
+  strategy: CacheStrategy = CacheStrategy.PAGED
+
+  def __post_init__(self):
+    for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "max_seqs",
+                 "max_seq_len", "block_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"CacheConfig.{name} must be an int, got {value!r}")
+      if value < 1:
+        raise ValueError(f"CacheConfig.{name} must be >= 1, got {name}={value}")
+      object.__setattr__(self, name, int(value))
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"CacheConfig.dtype is not a dtype: {self.dtype!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"CacheConfig.dtype must be a floating dtype, got {dtype}")
+    object.__setattr__(self, "dtype", dtype)
+    if not isinstance(self.strategy, CacheStrategy):
+      try:
+        object.__setattr__(self, "strategy", CacheStrategy(self.strategy))
+      except ValueError as e:
+        raise ValueError(f"CacheConfig.strategy must be a CacheStrategy, got "
+                         f"{self.strategy!r}") from e
+    if self.num_blocks < 2:
+      raise ValueError(f"{self.num_blocks=} must be >= 2 (block 0 is the reserved null block)")
+    if self.num_blocks >= 2**31 // self.block_size:
+      raise ValueError(f"{self.num_blocks=} x {self.block_size=} overflows int32 slot indices")
+    if (self.strategy is CacheStrategy.CONTIGUOUS
+        and self.num_blocks < 1 + self.max_seqs * self.max_blocks_per_seq):
+      raise ValueError(
+          f"CONTIGUOUS needs num_blocks >= 1 + max_seqs * max_blocks_per_seq = "
+          f"{1 + self.max_seqs * self.max_blocks_per_seq}, got {self.num_blocks=}")
+
+  # ---- derived sizes -------------------------------------------------------------------------
+
+  @property
+  def max_blocks_per_seq(self) -> int:
+    """Block-table width: ``ceil(max_seq_len / block_size)``."""
+    return math.ceil(self.max_seq_len / self.block_size)
+
+  @property
+  def usable_blocks(self) -> int:
+    """Blocks that can hold data (all but the null block)."""
+    return self.num_blocks - 1
+
+  @property
+  def bytes_per_token(self) -> int:
+    """K and V bytes of one token over all layers and heads."""
+    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+  @property
+  def block_bytes(self) -> int:
+    """K and V bytes of one block over all layers and heads."""
+    return self.bytes_per_token * self.block_size
+
+  @property
+  def pool_bytes(self) -> int:
+    """Bytes of both pools (K and V), null block included."""
+    return self.block_bytes * self.num_blocks
+
+  @property
+  def pool_shape(self) -> tuple[int, int, int, int, int]:
+    """``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
+    return pool_shape(self.num_layers, self.num_kv_heads, self.num_blocks, self.block_size,
+                      self.head_dim)
+
+  def contiguous_block(self, slot: int, j: int) -> int:
+    """The block a ``CONTIGUOUS`` cache assigns to table entry ``j`` of ``slot``."""
+    return 1 + slot * self.max_blocks_per_seq + j
+
+  # ---- constructors --------------------------------------------------------------------------
+
+  @classmethod
+  def from_memory_budget(
+      cls,
+      budget_bytes: int,
+      *,
+      num_layers: int,
+      num_kv_heads: int,
+      head_dim: int,
+      max_seq_len: int,
+      max_seqs: int | None = None,
+      block_size: int = 16,
+      dtype=jnp.float32,
+      strategy: CacheStrategy = CacheStrategy.PAGED,
+  ) -> CacheConfig:
+    """Sizes the pools to fit ``budget_bytes`` (K and V together, null block included).
+
+    For ``PAGED`` the pool gets ``floor(budget / block_bytes)`` blocks and ``max_seqs`` defaults
+    to as many slots as could each hold one block. For ``CONTIGUOUS`` every slot needs a whole
+    ``max_seq_len`` slab, so ``max_seqs`` is derived from the budget (an explicit ``max_seqs``
+    larger than fits raises).
+
+    Raises:
+      ValueError: the budget cannot hold the null block plus one usable block (or one slab).
+    """
+    probe = cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                num_blocks=2, max_seqs=1, max_seq_len=max_seq_len, block_size=block_size,
+                dtype=dtype)
+    num_blocks = int(budget_bytes) // probe.block_bytes
+    if num_blocks < 2:
+      raise ValueError(
+          f"{budget_bytes=} holds {num_blocks} block(s) of {probe.block_bytes} bytes; "
+          "need at least 2 (the null block plus one)")
+    strategy = CacheStrategy(strategy)
+    if strategy is CacheStrategy.CONTIGUOUS:
+      fit = (num_blocks - 1) // probe.max_blocks_per_seq
+      if fit < 1:
+        raise ValueError(f"{budget_bytes=} cannot hold one contiguous slab of "
+                         f"{probe.max_blocks_per_seq} blocks")
+      if max_seqs is None:
+        max_seqs = fit
+      elif max_seqs > fit:
+        raise ValueError(f"{max_seqs=} contiguous slabs do not fit in {budget_bytes=} "
+                         f"(at most {fit})")
+      num_blocks = 1 + max_seqs * probe.max_blocks_per_seq
+    elif max_seqs is None:
+      max_seqs = num_blocks - 1
+    return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+               num_blocks=num_blocks, max_seqs=max_seqs, max_seq_len=max_seq_len,
+               block_size=block_size, dtype=dtype, strategy=strategy)

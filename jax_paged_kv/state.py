@@ -1,0 +1,119 @@
+"""The cache state: one pytree of arrays (plus the static config) and ``init_cache``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jax_paged_kv.config import CacheConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorState:
+  """Free list and reference counts, all on device.
+
+  Attributes:
+    free_stack: ``int32[num_blocks - 1]``; ``free_stack[:num_free]`` are the free block ids, the
+      top of the stack is ``free_stack[num_free - 1]``. Entries past ``num_free`` are stale.
+    num_free: ``int32[]``, number of free blocks.
+    ref_counts: ``int32[num_blocks]``, how many block-table entries reference each block
+      (``ref_counts[0]``, the null block, is always 0). A block is free iff its count is 0.
+  """
+
+  free_stack: Array  # [num_blocks - 1] int32
+  num_free: Array  # [] int32
+  ref_counts: Array  # [num_blocks] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Telemetry:
+  """Counters that are *not* part of the cache contents.
+
+  A rejected update returns the input cache bitwise unchanged except for these counters, which
+  exist precisely to count rejections.
+
+  Attributes:
+    failed_allocations: ``int32[]``, number of updates rejected because the pool ran dry.
+  """
+
+  failed_allocations: Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+  """A paged KV cache: K/V block pools, block tables, sequence lengths and allocator state.
+
+  Every field except ``config`` is an array, so the cache goes through ``jit``, ``vmap``,
+  ``pmap``, ``shard_map``, ``jax.tree_util`` and checkpointing as it is. ``config`` is static
+  (pytree metadata): two caches with different configs are different pytree structures.
+
+  Attributes:
+    k_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]`` keys, ``config.dtype``.
+    v_pool: same shape and dtype, values.
+    block_tables: ``int32[max_seqs, max_blocks]``; entry ``j`` of slot ``s`` is the physical block
+      holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
+      exactly ``ceil(n / block_size)`` blocks; every other entry is the null block 0.
+    seq_lens: ``int32[max_seqs]``, tokens stored per slot (0 for inactive slots).
+    active: ``bool[max_seqs]``, which slots hold a live sequence.
+    allocator: the :class:`AllocatorState`.
+    telemetry: the :class:`Telemetry` counters.
+    config: the static :class:`CacheConfig`.
+  """
+
+  k_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
+  v_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
+  block_tables: Array  # [max_seqs, max_blocks] int32
+  seq_lens: Array  # [max_seqs] int32
+  active: Array  # [max_seqs] bool
+  allocator: AllocatorState
+  telemetry: Telemetry
+  config: CacheConfig
+
+  def replace(self, **kwargs) -> PagedKVCache:
+    """A copy with some fields replaced (no arrays are copied)."""
+    return dataclasses.replace(self, **kwargs)
+
+
+jax.tree_util.register_dataclass(
+    AllocatorState, data_fields=["free_stack", "num_free", "ref_counts"], meta_fields=[])
+jax.tree_util.register_dataclass(Telemetry, data_fields=["failed_allocations"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    PagedKVCache,
+    data_fields=["k_pool", "v_pool", "block_tables", "seq_lens", "active", "allocator",
+                 "telemetry"],
+    meta_fields=["config"],
+)
+
+
+def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
+  """An empty cache: all slots inactive, every block but the null block on the free list.
+
+  Args:
+    config: the static configuration.
+    pool_fill: value the pools start with (tests use NaN to prove unused memory is never read).
+
+  Returns:
+    A :class:`PagedKVCache`. Free blocks are popped in increasing id order (1, 2, 3, ...).
+  """
+  if not isinstance(config, CacheConfig):
+    raise TypeError(f"init_cache expects a CacheConfig, got {type(config).__name__}")
+  nb = config.num_blocks
+  pool = jnp.full(config.pool_shape, pool_fill, dtype=config.dtype)
+  return PagedKVCache(
+      k_pool=pool,
+      v_pool=jnp.full(config.pool_shape, pool_fill, dtype=config.dtype),
+      block_tables=jnp.zeros((config.max_seqs, config.max_blocks_per_seq), jnp.int32),
+      seq_lens=jnp.zeros((config.max_seqs,), jnp.int32),
+      active=jnp.zeros((config.max_seqs,), jnp.bool_),
+      allocator=AllocatorState(
+          # Top of the stack is the last entry: ids descend so block 1 is popped first.
+          free_stack=jnp.arange(nb - 1, 0, -1, dtype=jnp.int32),
+          num_free=jnp.asarray(nb - 1, jnp.int32),
+          ref_counts=jnp.zeros((nb,), jnp.int32),
+      ),
+      telemetry=Telemetry(failed_allocations=jnp.zeros((), jnp.int32)),
+      config=config,
+  )
