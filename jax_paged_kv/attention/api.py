@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
@@ -94,20 +95,31 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   if soft_cap is not None and not soft_cap > 0:
     raise CacheShapeError(f"soft_cap must be positive, got {soft_cap!r}")
   check_readable(cache, seq_ids, layer, op="paged_attention")
-  tables, kv_lens = gather_tables(cache, seq_ids)
-  layer = jnp.asarray(layer, jnp.int32)
-  layer_ok = (layer >= 0) & (layer < cfg.num_layers)
-  kv_lens = jnp.where(layer_ok, kv_lens, 0)
-  layer = jnp.clip(layer, 0, cfg.num_layers - 1)
   if q_lens is None:
     q_lens = jnp.full((b,), q_len, jnp.int32)
   else:
     q_lens = jnp.broadcast_to(jnp.asarray(q_lens, jnp.int32), (b,))
-  # A row may not claim more queries than it has tokens or than q holds.
-  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q_len))
   scale = float(d ** -0.5 if scale is None else scale)
   name = implementation or default_implementation()
-  fn = get_implementation(name)
+  get_implementation(name)  # fail early, outside the trace, for an unknown name
+  return _paged_attention(
+      q, cache, seq_ids, jnp.asarray(layer, jnp.int32), q_lens, scale=scale,
+      soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
+      return_lse=return_lse, implementation=name, knobs=tuple(sorted(knobs.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",
+                                             "return_lse", "implementation", "knobs"))
+def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, sliding_window,
+                     return_lse, implementation, knobs):
+  cfg = cache.config
+  tables, kv_lens = gather_tables(cache, seq_ids)
+  layer_ok = (layer >= 0) & (layer < cfg.num_layers)
+  kv_lens = jnp.where(layer_ok, kv_lens, 0)
+  layer = jnp.clip(layer, 0, cfg.num_layers - 1)
+  # A row may not claim more queries than it has tokens or than q holds.
+  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
+  fn = get_implementation(implementation)
   return fn(q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens, scale=scale,
-            soft_cap=None if soft_cap is None else float(soft_cap),
-            sliding_window=sliding_window, return_lse=return_lse, **knobs)
+            soft_cap=soft_cap, sliding_window=sliding_window, return_lse=return_lse,
+            **dict(knobs))
