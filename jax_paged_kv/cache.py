@@ -306,11 +306,12 @@ def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = No
 def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
   cfg = cache.config
   k, v = jnp.asarray(k), jnp.asarray(v)
-  want = (*lead, cfg.num_kv_heads, cfg.head_dim)
+  heads = cache.k_pool.shape[1]  # the local shard's heads under shard_map
+  want = (*lead, heads, cfg.head_dim)
   for x, nm in ((k, "k"), (v, "v")):
     if x.shape != want:
       raise CacheShapeError(f"{name}: {nm} has shape {x.shape}, expected {want} "
-                            f"([..., kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}])")
+                            f"([..., kv_heads={heads}, head_dim={cfg.head_dim}])")
     if x.dtype != cfg.dtype:
       raise CacheShapeError(f"{name}: {nm} has dtype {x.dtype}, the cache stores {cfg.dtype}; "
                             "cast it first")
@@ -318,8 +319,7 @@ def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
 
 
 def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array):
-  cfg = cache.config
-  L, H, NB, BS, D = cfg.pool_shape
+  L, H, NB, BS, D = pool_shape = cache.k_pool.shape
   layer_ok = (layer >= 0) & (layer < L)
   flat = _drop_index(layer_ok, slots.reshape(-1), NB * BS)
   layer = jnp.clip(layer, 0, L - 1)
@@ -328,8 +328,8 @@ def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Ar
   k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(kf, mode="drop")
   v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(vf, mode="drop")
   status = jnp.where(layer_ok, Status.OK, Status.INVALID_LAYER).astype(jnp.int32)
-  return cache.replace(k_pool=k_pool.reshape(cfg.pool_shape),
-                       v_pool=v_pool.reshape(cfg.pool_shape)), status
+  return cache.replace(k_pool=k_pool.reshape(pool_shape),
+                       v_pool=v_pool.reshape(pool_shape)), status
 
 
 _write = _eager_or_traced(_write_impl)
@@ -362,16 +362,15 @@ def write_kv(cache: PagedKVCache, slots, k, v, layer, *, donate: bool = True):
 
 def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
   max_new = k.shape[2]
-  cfg = cache.config
   cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
-  L, H, NB, BS, D = cfg.pool_shape
+  L, H, NB, BS, D = pool_shape = cache.k_pool.shape
   flat = slots.reshape(-1)  # already out of range for failed or padding rows
   kf = k.reshape(L, -1, H, D).transpose(0, 2, 1, 3)  # [layers, kv_heads, batch * T, head_dim]
   vf = v.reshape(L, -1, H, D).transpose(0, 2, 1, 3)
   k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(kf, mode="drop")
   v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(vf, mode="drop")
-  return cache.replace(k_pool=k_pool.reshape(cfg.pool_shape),
-                       v_pool=v_pool.reshape(cfg.pool_shape)), status
+  return cache.replace(k_pool=k_pool.reshape(pool_shape),
+                       v_pool=v_pool.reshape(pool_shape)), status
 
 
 _append = _eager_or_traced(_append_impl)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jax_paged_kv.config import CacheConfig
+from jax_paged_kv.config import CacheConfig, CacheStrategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,8 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
   if not isinstance(config, CacheConfig):
     raise TypeError(f"init_cache expects a CacheConfig, got {type(config).__name__}")
   nb = config.num_blocks
+  # A contiguous cache has no shared free list: every slot owns its slab (see CacheStrategy).
+  num_free = nb - 1 if config.strategy is CacheStrategy.PAGED else 0
   pool = jnp.full(config.pool_shape, pool_fill, dtype=config.dtype)
   return PagedKVCache(
       k_pool=pool,
@@ -111,7 +113,7 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
       allocator=AllocatorState(
           # Top of the stack is the last entry: ids descend so block 1 is popped first.
           free_stack=jnp.arange(nb - 1, 0, -1, dtype=jnp.int32),
-          num_free=jnp.asarray(nb - 1, jnp.int32),
+          num_free=jnp.asarray(num_free, jnp.int32),
           ref_counts=jnp.zeros((nb,), jnp.int32),
       ),
       telemetry=Telemetry(failed_allocations=jnp.zeros((), jnp.int32)),

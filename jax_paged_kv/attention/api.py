@@ -83,8 +83,9 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   b, q_len, qh, d = q.shape
   if d != cfg.head_dim:
     raise CacheShapeError(f"q head_dim={d} does not match the cache's head_dim={cfg.head_dim}")
-  if qh % cfg.num_kv_heads:
-    raise CacheShapeError(f"q_heads={qh} must be a multiple of num_kv_heads={cfg.num_kv_heads}")
+  kv_heads = cache.k_pool.shape[1]  # the local shard's heads under shard_map
+  if qh % kv_heads:
+    raise CacheShapeError(f"q_heads={qh} must be a multiple of num_kv_heads={kv_heads}")
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise CacheShapeError(f"q must be floating point, got {q.dtype}")
   seq_ids = jnp.atleast_1d(jnp.asarray(seq_ids, jnp.int32))
