@@ -319,17 +319,17 @@ def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
 
 
 def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array):
-  L, H, NB, BS, D = pool_shape = cache.k_pool.shape
+  L, H, NB, BS, D = cache.k_pool.shape
   layer_ok = (layer >= 0) & (layer < L)
   flat = _drop_index(layer_ok, slots.reshape(-1), NB * BS)
   layer = jnp.clip(layer, 0, L - 1)
-  kf = k.reshape(-1, H, D)  # [batch * T, kv_heads, head_dim]
-  vf = v.reshape(-1, H, D)
-  k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(kf, mode="drop")
-  v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[layer, :, flat].set(vf, mode="drop")
+  # Scatter straight into the 5-D pool: reshaping it to [.., NB * BS, ..] around the scatter
+  # makes XLA:CPU copy the whole pool instead of updating the donated buffer in place.
+  blk, off = flat // BS, flat % BS
+  k_pool = cache.k_pool.at[layer, :, blk, off].set(k.reshape(-1, H, D), mode="drop")
+  v_pool = cache.v_pool.at[layer, :, blk, off].set(v.reshape(-1, H, D), mode="drop")
   status = jnp.where(layer_ok, Status.OK, Status.INVALID_LAYER).astype(jnp.int32)
-  return cache.replace(k_pool=k_pool.reshape(pool_shape),
-                       v_pool=v_pool.reshape(pool_shape)), status
+  return cache.replace(k_pool=k_pool, v_pool=v_pool), status
 
 
 _write = _eager_or_traced(_write_impl)
@@ -363,14 +363,14 @@ def write_kv(cache: PagedKVCache, slots, k, v, layer, *, donate: bool = True):
 def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
   max_new = k.shape[2]
   cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
-  L, H, NB, BS, D = pool_shape = cache.k_pool.shape
+  L, H, NB, BS, D = cache.k_pool.shape
   flat = slots.reshape(-1)  # already out of range for failed or padding rows
+  blk, off = flat // BS, flat % BS
   kf = k.reshape(L, -1, H, D).transpose(0, 2, 1, 3)  # [layers, kv_heads, batch * T, head_dim]
   vf = v.reshape(L, -1, H, D).transpose(0, 2, 1, 3)
-  k_pool = cache.k_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(kf, mode="drop")
-  v_pool = cache.v_pool.reshape(L, H, NB * BS, D).at[:, :, flat].set(vf, mode="drop")
-  return cache.replace(k_pool=k_pool.reshape(pool_shape),
-                       v_pool=v_pool.reshape(pool_shape)), status
+  k_pool = cache.k_pool.at[:, :, blk, off].set(kf, mode="drop")
+  v_pool = cache.v_pool.at[:, :, blk, off].set(vf, mode="drop")
+  return cache.replace(k_pool=k_pool, v_pool=v_pool), status
 
 
 _append = _eager_or_traced(_append_impl)

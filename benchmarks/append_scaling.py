@@ -1,0 +1,159 @@
+"""Does a jitted append cost O(new tokens) or O(pool)? Time it as the pool grows 1k -> 64k blocks.
+
+Measures, for each pool size:
+
+* one decode-step ``append_kv`` (32 sequences x 1 token, all layers) in a jitted function that
+  donates the cache, so XLA updates the pools in place;
+* the same append *without* donation: the classic failure of a functional cache, which copies
+  the whole pool every step (the baseline that shows what "flat" is protecting against);
+* allocation for a 256-sequence batch: ``reserve`` of one block for each of 256 sequences plus
+  the ``truncate`` that returns them (a round trip, so every repeat sees the same state).
+
+Goal: donated append and allocation flat, the 64k / 1k time ratio at most 1.2.
+
+Usage: ``python -m benchmarks.append_scaling [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import jax_paged_kv as pk
+from benchmarks import report
+
+BATCH = 32
+ALLOC_BATCH = 256
+
+
+def make_cache(num_blocks: int, max_seqs: int, prefill: int, dtype) -> pk.PagedKVCache:
+  cfg = pk.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=64, num_blocks=num_blocks,
+                       max_seqs=max_seqs, max_seq_len=2048, block_size=16, dtype=dtype)
+  cache = pk.init_cache(cfg)
+  cache, _ = pk.allocate_sequences(cache, jnp.arange(max_seqs))
+  zeros = jnp.zeros((cfg.num_layers, max_seqs, prefill, 1, 64), cfg.dtype)
+  cache, _ = pk.append_kv(cache, zeros, zeros, jnp.arange(max_seqs))
+  return cache
+
+
+def _append(cache, k, v, ids):
+  return pk.append_kv(cache, k, v, ids)
+
+
+append_donated = jax.jit(_append, donate_argnums=0)
+append_copying = jax.jit(_append)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def alloc_round_trip(cache, ids):
+  cache, _, st = pk.reserve(cache, ids, 16, max_new=16)  # one fresh block per sequence
+  cache, st2 = pk.truncate_sequences(cache, ids, 16)
+  return cache, st | st2
+
+
+def bench_pool(num_blocks: int, repeats: int, number: int, dtype) -> dict:
+  rng = np.random.default_rng(0)
+  ids = jnp.arange(BATCH)
+  k = jnp.asarray(rng.standard_normal((2, BATCH, 1, 1, 64)), dtype)
+  # Sequences start at 100 tokens and grow by one token per timed call.
+  state = {"cache": make_cache(num_blocks, ALLOC_BATCH, 16, dtype)}
+  state["cache"], _ = pk.truncate_sequences(state["cache"], jnp.arange(ALLOC_BATCH), 16)
+  state["cache"], _ = pk.append_kv(
+      state["cache"], jnp.zeros((2, BATCH, 100, 1, 64), dtype),
+      jnp.zeros((2, BATCH, 100, 1, 64), dtype), ids)
+
+  def donated():
+    state["cache"], st = append_donated(state["cache"], k, k, ids)
+    st.block_until_ready()
+
+  def copying():
+    new, st = append_copying(state["cache"], k, k, ids)
+    st.block_until_ready()
+    del new
+
+  def alloc():
+    state["cache"], st = alloc_round_trip(state["cache"], jnp.arange(ALLOC_BATCH))
+    st.block_until_ready()
+
+  t_don = report.time_fn(donated, repeats=repeats, number=number)
+  t_copy = report.time_fn(copying, repeats=repeats, number=max(1, number // 4))
+  t_alloc = report.time_fn(alloc, repeats=repeats, number=number)
+  ok = bool(pk.check_invariants(state["cache"]).ok)
+  assert ok, "benchmark left the cache inconsistent"
+  return {"num_blocks": num_blocks, "pool_mib": state["cache"].config.pool_bytes / 2**20,
+          "append_donated_us": t_don * 1e6, "append_copying_us": t_copy * 1e6,
+          "alloc_256_us": t_alloc * 1e6}
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  x = [r["num_blocks"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.loglog(x, [r["append_donated_us"] for r in rows], "o-", label="append, cache donated")
+  ax.loglog(x, [r["alloc_256_us"] for r in rows], "s-", label="allocate 256 seqs (round trip)")
+  ax.loglog(x, [r["append_copying_us"] for r in rows], "x--",
+            label="append, not donated (pool copied)")
+  ax.set_xlabel("pool size (blocks)")
+  ax.set_ylabel("time per call (us)")
+  ax.set_title("jitted append / allocation vs pool size")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+  p.add_argument("--dtype", default="float32",
+                 help="pool dtype (bfloat16 on XLA:CPU shows its O(pool) bf16 updates)")
+  args = p.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  sizes = [1024, 8192, 65536] if args.quick else [1024, 4096, 16384, 65536]
+  repeats, number = (5, 10) if args.quick else (9, 20)
+  rows = []
+  for nb in tqdm(sizes, desc="append_scaling", unit="pool"):
+    rows.append(bench_pool(nb, repeats, number, dtype))
+  base = rows[0]
+  table = []
+  for r in rows:
+    table.append([r["num_blocks"], f"{r['pool_mib']:.0f}",
+                  f"{r['append_donated_us']:.0f}",
+                  f"{r['append_donated_us'] / base['append_donated_us']:.2f}",
+                  f"{r['alloc_256_us']:.0f}", f"{r['alloc_256_us'] / base['alloc_256_us']:.2f}",
+                  f"{r['append_copying_us']:.0f}",
+                  f"{r['append_copying_us'] / base['append_copying_us']:.1f}"])
+  md = report.markdown_table(
+      ["pool blocks", "pool MiB", "append donated (us)", "vs 1k", "alloc 256 seqs (us)",
+       "vs 1k", "append not donated (us)", "vs 1k"], table)
+  print(md)
+  ratio = rows[-1]["append_donated_us"] / base["append_donated_us"]
+  alloc_ratio = rows[-1]["alloc_256_us"] / base["alloc_256_us"]
+  notes = (f"Decode-step append: {BATCH} sequences x 1 token, 2 layers, {dtype.name}, block 16. "
+           f"64k/1k ratio: append (donated) **{ratio:.2f}**, allocation **{alloc_ratio:.2f}** "
+           "(goal <= 1.2). The not-donated column is the baseline a copying functional cache "
+           "pays. Median of repeats. On XLA:CPU, in-place updates of *bfloat16* arrays are "
+           "lowered through float32 and touch the whole buffer (measured here: a donated "
+           "32-token bf16 scatter took 1.0 ms at 1k blocks and 63 ms at 16k blocks, against "
+           "8 us flat in float32), so CPU caches should use float32 pools; GPU and TPU update "
+           "bf16 in place.")
+  report.PLOTS_DIR.mkdir(exist_ok=True)
+  plot(rows, report.PLOTS_DIR / "append_scaling.png")
+  name = "append_scaling" if dtype == jnp.float32 else f"append_scaling_{dtype.name}"
+  report.save(name, title="Append and allocation cost vs pool size",
+              markdown=md, data={"rows": rows, "ratio_append": ratio,
+                                 "ratio_alloc": alloc_ratio},
+              notes=notes, plot="plots/append_scaling.png")
+  print(notes)
+
+
+if __name__ == "__main__":
+  main()
