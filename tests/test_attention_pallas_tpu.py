@@ -234,6 +234,9 @@ def test_off_tpu_without_interpret_says_how_to_run_it():
   cache, q, seq_ids, q_lens, layer = build_case(case)
   with pytest.raises(ValueError, match=r"interpret=pltpu\.InterpretParams\(\)"):
     pk.paged_attention(q, cache, seq_ids, layer, implementation="pallas_tpu")
+  # interpret=True is shorthand for the default InterpretParams().
+  got = _attend(case, cache, q, seq_ids, q_lens, layer, interpret=True)
+  _assert_matches_oracle(case, got, cache, q, seq_ids, q_lens, layer)
 
 
 @pytest.mark.parametrize(("dtype", "block_size", "ok"), [
@@ -255,6 +258,16 @@ def test_float16_pools():
   cache, q, seq_ids, q_lens, layer = build_case(case)
   _assert_matches_oracle(case, _attend(case, cache, q, seq_ids, q_lens, layer), cache, q,
                          seq_ids, q_lens, layer)
+
+
+def test_float32_queries_over_bfloat16_pools():
+  """Mixed dtypes compute in float32 (like the reference) and return q's dtype."""
+  case = Case((3, 40), block_size=16, ratio=4, dtype="bfloat16", sliding_window=21)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  q32 = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  out, lse = _attend(case, cache, q32, seq_ids, q_lens, layer)
+  assert out.dtype == jnp.float32
+  _assert_matches_oracle(case, (out, lse), cache, q32, seq_ids, q_lens, layer)
 
 
 @pytest.mark.parametrize("case", [

@@ -63,6 +63,7 @@ from jax.experimental.pallas import tpu as pltpu
 _ANY = getattr(pl, "ANY", None) or pltpu.MemorySpace.ANY
 # A squeezed block dimension: `pl.squeezed` where it exists (newer JAX deprecates `None`).
 _SQUEEZED = getattr(pl, "squeezed", None)
+_PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
 _LANES = 128
 _SUBLANES = {4: 8, 2: 16}  # itemsize -> rows of one (packed) [rows, 128] tile
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -163,7 +164,9 @@ def _paged_attention_kernel(
   q_start = qi * queries_per_block  # first query index of this block
   n_q = jnp.clip(q_len - q_start, 0, queries_per_block)  # valid queries in this block
   first_pos = kv_len - q_len + q_start  # position of the block's first query
-  hi = first_pos + n_q  # keys [lo, hi) are the only ones any query here may see
+  # Keys [lo, hi) are the only ones any query here may see (the table caps hi for callers
+  # that break the contract with kv_lens > max_blocks * block_size).
+  hi = jnp.minimum(first_pos + n_q, max_blocks * block_size)
   lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
   # lax.div/rem, not // and %: all operands are >= 0 and jnp's floor semantics add sign ops.
   first_page = lax.div(lo, block_size)
@@ -218,7 +221,7 @@ def _paged_attention_kernel(
                         preferred_element_type=jnp.float32) * scale  # [R, kv]
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
-    mask = row_ok & (p_col <= q_pos)  # p <= q_pos < kv_len: never reads past the length
+    mask = row_ok & (p_col <= q_pos) & (p_col < hi)  # p <= q_pos < kv_len: never past length
     if sliding_window is not None:
       mask = mask & (p_col > q_pos - sliding_window)
     s = jnp.where(mask, s, -jnp.inf)
@@ -303,9 +306,12 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   tq = min(tq, q_len)
   num_q_blocks = pl.cdiv(q_len, tq)
 
-  # Compute dtype: bfloat16 feeds the MXU directly (f32 accumulation); float16 is upcast.
-  cdt = k_pool.dtype if k_pool.dtype == jnp.bfloat16 else jnp.dtype(jnp.float32)
-  tile = sublane_tile(cdt)
+  # Compute dtype: bfloat16 q and pools feed the MXU directly (f32 accumulation); any other
+  # mix (float16 pools, f32 queries) is computed in float32 like the reference.
+  bf16 = jnp.dtype(jnp.bfloat16)
+  cdt = bf16 if k_pool.dtype == bf16 and q.dtype == bf16 else jnp.dtype(jnp.float32)
+  odt = q.dtype if q.dtype in _SUPPORTED_DTYPES else jnp.dtype(jnp.float32)
+  tile = max(sublane_tile(cdt), sublane_tile(odt))  # q and out tiles are whole sublane tiles
   rows = math.ceil(tq * group / tile) * tile
 
   # q [batch, q_len, q_heads, D] -> [batch, kv_heads, q_blocks, R, D]; row = query * G + head.
@@ -318,7 +324,7 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     return pl.BlockSpec((_SQUEEZED, _SQUEEZED, _SQUEEZED, rows, width),
                         lambda b, h, i, *_: (b, h, i, 0, 0))
 
-  out_shape = [jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, d), q.dtype)]
+  out_shape = [jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, d), odt)]
   out_specs = [tile_spec(d)]
   if return_lse:
     out_shape.append(jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, _LANES), jnp.float32))
@@ -344,7 +350,7 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
               pltpu.VMEM((rows, d), jnp.float32),  # running numerator
           ]),
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel")),
+          dimension_semantics=(_PARALLEL,) * 3),
       out_shape=out_shape,
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
@@ -356,7 +362,7 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     x = x[:, :, :, :tq * group].reshape(b, kvh, num_q_blocks * tq, group, w)[:, :, :q_len]
     return x.transpose(0, 2, 1, 3, 4).reshape(b, q_len, qh, w)
 
-  out = unpack(outs[0])
+  out = unpack(outs[0]).astype(q.dtype)
   if not return_lse:
     return out
   return out, unpack(outs[1])[..., 0]
