@@ -43,8 +43,14 @@ The query/output tiles are padded to whole sublane tiles (>= 8 rows), so no DMA 
 one tile: the failure class of jax-ml/jax#23825 (a sub-tile q block tripping the DMA granule on
 TPU v3) does not arise here.
 
-Only the TPU interpreter (``interpret=pltpu.InterpretParams()``) has run this kernel; it has not
-been compiled by Mosaic for a real TPU.
+Known limits: the flattened block tables live in SMEM (``4 * batch * max_blocks`` bytes), so a
+very large batch times table width can exceed it (split the batch); the first compute block of
+every grid step is not prefetched during the previous step (the steps are independent so that
+they can be ``"parallel"``), so a row with a single compute block waits for its DMA.
+
+Verification: the TPU interpreter (``interpret=pltpu.InterpretParams()``) runs it on CPU with
+race detection and out-of-bounds checks, and ``jax.export(..., platforms=["tpu"])`` lowers it to
+Mosaic; it has not been compiled by libtpu or run on a real TPU.
 """
 
 from __future__ import annotations
