@@ -1,0 +1,374 @@
+"""Mosaic TPU Pallas paged attention: decode, chunked prefill and mixed batches.
+
+Same contract as :func:`jax_paged_kv.attention.reference.paged_attention_xla` (see the module
+docstring of ``reference.py``); registered as ``implementation="pallas_tpu"``.
+
+Design
+------
+* **Grid** ``(batch, kv_heads, q_blocks)``, every axis ``"parallel"``: one grid step owns one
+  row, one KV head and one block of ``queries_per_block`` queries, with *all* ``G = q_heads //
+  kv_heads`` query heads of that KV group stacked in one ``[R, head_dim]`` tile (``R =
+  queries_per_block * G`` rounded up to the dtype's sublane tile), so any GQA/MQA ratio is one
+  matmul per KV block. No state survives a grid step, so the steps are independent (megacore
+  may split any axis).
+* **Scalar prefetch**: the layer, the flattened block tables and the per-row KV / query lengths
+  live in SMEM before the kernel starts; the pools stay in HBM (``memory_space=ANY``).
+* **DMA**: each compute block is ``pages_per_compute_block`` pages; each page of this layer and
+  KV head (one contiguous ``[block_size, head_dim]`` tile of the pool) is copied with its own
+  ``make_async_copy`` into a VMEM buffer ``[2, pages, block_size, head_dim]``. The two slots
+  double-buffer: the copies of block ``c + 1`` are started before block ``c`` is waited on and
+  computed, so the next pages' DMA overlaps the current block's compute.
+* **Skipped pages**: a query block only visits pages that hold a key some query in it may see
+  (``[window start, last query position]``), so pages past a row's length (and pages before a
+  sliding window) are never copied; empty rows and query blocks past ``q_lens`` copy nothing.
+* **Masking** is ``where`` on the logits *and* on the value rows, so NaN or stale data in
+  unused slots, skipped pages or never-written VMEM cannot leak (``0 * NaN`` never happens).
+  Online softmax in float32; a query that sees nothing gives 0 and LSE ``-inf``.
+
+Supported configurations (checked at trace time with a ``ValueError``)
+----------------------------------------------------------------------
+TPU vregs and (8, 128)-tiled memory hold 32-bit data as ``[8, 128]`` tiles and 16-bit data
+packed as ``[16, 128]`` tiles. The kernel concatenates the pages of a compute block along the
+sublane (token) axis, which is only a free relayout when every page is a whole number of sublane
+tiles, so:
+
+* ``float32`` pools: ``block_size % 8 == 0``.
+* ``bfloat16`` / ``float16`` pools: ``block_size % 16 == 0`` (a page of 8 packed rows is half a
+  tile; merging such pages needs a sublane shuffle Mosaic does not do for packed types).
+* Other pool dtypes (float64, 8-bit floats, ...) are rejected.
+* ``head_dim`` is not restricted: every block covers the whole ``head_dim`` axis, which is
+  lane-padded to 128 in memory (``head_dim % 128 != 0`` works but wastes lanes and bandwidth).
+
+The query/output tiles are padded to whole sublane tiles (>= 8 rows), so no DMA is smaller than
+one tile: the failure class of jax-ml/jax#23825 (a sub-tile q block tripping the DMA granule on
+TPU v3) does not arise here.
+
+Known limits: the flattened block tables live in SMEM (``4 * batch * max_blocks`` bytes), so a
+very large batch times table width can exceed it (split the batch); the first compute block of
+every grid step is not prefetched during the previous step (the steps are independent so that
+they can be ``"parallel"``), so a row with a single compute block waits for its DMA.
+
+Verification: the TPU interpreter (``interpret=pltpu.InterpretParams()``) runs it on CPU with
+race detection and out-of-bounds checks, and ``jax.export(..., platforms=["tpu"])`` lowers it to
+Mosaic; it has not been compiled by libtpu or run on a real TPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# `pl.ANY` is the memory space "leave it where XLA put it" (HBM for the pools); newer JAX may
+# only spell it on the TPU module.
+_ANY = getattr(pl, "ANY", None) or pltpu.MemorySpace.ANY
+# A squeezed block dimension: `pl.squeezed` where it exists (newer JAX deprecates `None`).
+_SQUEEZED = getattr(pl, "squeezed", None)
+_PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
+_LANES = 128
+_SUBLANES = {4: 8, 2: 16}  # itemsize -> rows of one (packed) [rows, 128] tile
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_TARGET_KV_PER_BLOCK = 256  # default keys per compute block
+_TARGET_Q_ROWS = 256  # default q rows (queries x group heads) per tile
+
+
+def sublane_tile(dtype) -> int:
+  """Rows of one native ``[rows, 128]`` VMEM tile for ``dtype`` (8 for 32-bit, 16 for 16-bit)."""
+  return _SUBLANES[jnp.dtype(dtype).itemsize]
+
+
+def check_supported(dtype, block_size: int, head_dim: int) -> None:
+  """Raises ``ValueError`` for pool layouts this kernel cannot tile on a TPU."""
+  del head_dim  # any head_dim: blocks always span the full (lane-padded) head_dim axis
+  dtype = jnp.dtype(dtype)
+  if dtype not in _SUPPORTED_DTYPES:
+    raise ValueError(
+        f"pallas_tpu paged attention supports float32, bfloat16 and float16 pools, got "
+        f"{dtype}; use implementation='xla'")
+  tile = sublane_tile(dtype)
+  if block_size % tile:
+    raise ValueError(
+        f"pallas_tpu needs block_size to be a multiple of {tile} for {dtype} pools (one "
+        f"[{tile}, 128] TPU tile per page), got {block_size=}; use a block_size that is a "
+        f"multiple of {tile} or implementation='xla'")
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _interpret_params(interpret):
+  """Normalizes the ``interpret`` knob; raises off-TPU when it is missing."""
+  if interpret is None or interpret is False:
+    backend = _backend()
+    if backend != "tpu":
+      raise ValueError(
+          f"implementation='pallas_tpu' compiles a Mosaic TPU kernel, but the default backend "
+          f"is {backend!r}. To run it on CPU through the TPU interpreter, pass "
+          "interpret=pltpu.InterpretParams() (or interpret=True), with "
+          "`from jax.experimental.pallas import tpu as pltpu`; or use implementation='xla'.")
+    return False
+  if interpret is True:
+    return pltpu.InterpretParams()
+  if not isinstance(interpret, pltpu.InterpretParams):
+    raise ValueError(f"interpret must be None, a bool or pltpu.InterpretParams, got "
+                     f"{interpret!r}")
+  return interpret
+
+
+def _positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return value
+
+
+def _run_all(copies, method):
+  for copy in copies:
+    getattr(copy, method)()
+
+
+def _paged_attention_kernel(
+    # scalar prefetch (SMEM)
+    layer_ref,  # int32[1]
+    tables_ref,  # int32[batch * max_blocks]
+    kv_lens_ref,  # int32[batch]
+    q_lens_ref,  # int32[batch]
+    # inputs
+    q_ref,  # [R, head_dim] (this row, KV head and query block)
+    k_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
+    v_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
+    # outputs
+    o_ref,  # [R, head_dim]
+    *rest,  # (lse_ref [R, 128] if return_lse), then scratch
+    max_blocks: int,
+    pages: int,
+    block_size: int,
+    queries_per_block: int,
+    group: int,
+    scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    return_lse: bool,
+    compute_dtype,
+):
+  if return_lse:
+    lse_ref, *rest = rest
+  k_buf, v_buf, sems, m_ref, l_ref, acc_ref = rest
+  # k_buf, v_buf: [2, pages, block_size, head_dim]; sems: DMA[2 (k/v), 2 (slot)]
+  # m_ref, l_ref: f32[R, 128] (lane-broadcast); acc_ref: f32[R, head_dim]
+  b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = q_ref.shape[0]
+  kv_per_block = pages * block_size
+  layer = layer_ref[0]
+  kv_len = kv_lens_ref[b]
+  q_len = q_lens_ref[b]
+  q_start = qi * queries_per_block  # first query index of this block
+  n_q = jnp.clip(q_len - q_start, 0, queries_per_block)  # valid queries in this block
+  first_pos = kv_len - q_len + q_start  # position of the block's first query
+  # Keys [lo, hi) are the only ones any query here may see (the table caps hi for callers
+  # that break the contract with kv_lens > max_blocks * block_size).
+  hi = jnp.minimum(first_pos + n_q, max_blocks * block_size)
+  lo = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+  # lax.div/rem, not // and %: all operands are >= 0 and jnp's floor semantics add sign ops.
+  first_page = lax.div(lo, block_size)
+  end_page = lax.div(hi + block_size - 1, block_size)
+  num_kv_blocks = jnp.where(n_q > 0, lax.div(end_page - first_page + pages - 1, pages), 0)
+
+  def dma(c, slot, method):
+    """Starts (or waits for) the K and V page copies of compute block ``c`` into ``slot``."""
+    for i in range(pages):
+      page = first_page + c * pages + i
+      blk = tables_ref[b * max_blocks + jnp.minimum(page, max_blocks - 1)]
+      copies = [pltpu.make_async_copy(hbm.at[layer, h, blk], buf.at[slot, i], sems.at[kv, slot])
+                for kv, (hbm, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf)))]
+      # Never copy a page past the block's last visible key (nor wait for one).
+      pl.when(page < end_page)(functools.partial(_run_all, copies, method))
+
+  def start(c, slot):
+    dma(c, slot, "start")
+
+  def wait(c, slot):
+    dma(c, slot, "wait")
+
+  m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(num_kv_blocks > 0)
+  def _():
+    start(0, 0)
+
+  # Per-row query positions; padding rows (r >= queries_per_block * group) see nothing.
+  r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  q_idx = lax.div(r, group)  # query index within the block
+  q_pos = first_pos + q_idx  # [R, 1]
+  row_ok = (r < queries_per_block * group) & (q_idx < n_q)
+  q = q_ref[...]  # [R, head_dim]
+
+  def body(c, carry):
+    slot = lax.rem(c, 2)
+
+    @pl.when(c + 1 < num_kv_blocks)
+    def _():
+      start(c + 1, 1 - slot)  # overlaps the next pages' DMA with this block's compute
+
+    wait(c, slot)
+    k = k_buf[slot].astype(compute_dtype).reshape(kv_per_block, -1)  # [kv_per_block, head_dim]
+    v = v_buf[slot].astype(compute_dtype).reshape(kv_per_block, -1)
+    pos0 = (first_page + c * pages) * block_size
+    p_col = pos0 + lax.broadcasted_iota(jnp.int32, (1, kv_per_block), 1)  # [1, kv]
+    p_row = pos0 + lax.broadcasted_iota(jnp.int32, (kv_per_block, 1), 0)  # [kv, 1]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32) * scale  # [R, kv]
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = row_ok & (p_col <= q_pos) & (p_col < hi)  # p <= q_pos < kv_len: never past length
+    if sliding_window is not None:
+      mask = mask & (p_col > q_pos - sliding_window)
+    s = jnp.where(mask, s, -jnp.inf)
+    m_prev = m_ref[...]  # [R, 128]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no (-inf) - (-inf)
+    p = jnp.where(mask, jnp.exp(s - m_safe[:, :1]), 0.0)  # [R, kv]
+    alpha = jnp.exp(m_prev - m_safe)  # 0 while nothing was seen
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    m_ref[...] = m_new
+    # Rows outside [lo, hi) may be stale, NaN or never-written VMEM: zero them, never multiply.
+    v = jnp.where((p_row >= lo) & (p_row < hi), v, jnp.zeros((), v.dtype))
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)  # [R, head_dim]
+    acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+    return carry
+
+  lax.fori_loop(0, num_kv_blocks, body, 0)
+
+  l = l_ref[...]
+  seen = l > 0.0
+  inv = 1.0 / jnp.where(seen, l, 1.0)
+  o_ref[...] = jnp.where(seen[:, :1], acc_ref[...] * inv[:, :1], 0.0).astype(o_ref.dtype)
+  if return_lse:
+    lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
+                        scale: float, soft_cap: float | None = None,
+                        sliding_window: int | None = None, return_lse: bool = False,
+                        pages_per_compute_block: int | None = None,
+                        queries_per_block: int | None = None, interpret=None):
+  """Paged attention as one Mosaic TPU kernel (contract: ``reference.py``).
+
+  Args:
+    q: ``[batch, q_len, q_heads, head_dim]``.
+    k_pool, v_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]``.
+    layer: ``int32[]``, may be traced.
+    block_tables: ``int32[batch, max_blocks]``.
+    kv_lens, q_lens: ``int32[batch]``.
+    scale, soft_cap, sliding_window, return_lse: as in the contract.
+    pages_per_compute_block: pages fetched and attended per inner step (default: about 256
+      keys, at most ``max_blocks``).
+    queries_per_block: queries per grid step (default: all ``q_len`` queries, capped so that a
+      tile holds about 256 query rows).
+    interpret: ``None``/``False`` to compile for a TPU; ``pltpu.InterpretParams(...)`` (or
+      ``True``) to run the TPU interpreter on any backend.
+
+  Returns:
+    ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
+    ``lse float32[batch, q_len, q_heads]``.
+
+  Raises:
+    ValueError: an unsupported pool dtype or block size (see the module docstring), bad knobs,
+      or no TPU and no ``interpret``.
+  """
+  b, q_len, qh, d = q.shape
+  _, kvh, _, bs, dk = k_pool.shape
+  if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+    raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype} vs "
+                     f"{v_pool.shape} {v_pool.dtype}")
+  if dk != d:
+    raise ValueError(f"q head_dim={d} does not match the pools' head_dim={dk}")
+  if qh % kvh:
+    raise ValueError(f"{qh=} query heads must be a multiple of {kvh=} KV heads")
+  max_blocks = block_tables.shape[1]
+  if block_tables.shape != (b, max_blocks) or kv_lens.shape != (b,) or q_lens.shape != (b,):
+    raise ValueError(f"block_tables {block_tables.shape}, kv_lens {kv_lens.shape}, q_lens "
+                     f"{q_lens.shape} do not match batch={b}")
+  check_supported(k_pool.dtype, bs, d)
+  interpret = _interpret_params(interpret)
+  group = qh // kvh
+  if pages_per_compute_block is None:
+    pages_per_compute_block = min(max_blocks, max(1, _TARGET_KV_PER_BLOCK // bs))
+  pages = _positive_int("pages_per_compute_block", pages_per_compute_block)
+  if pages > max_blocks:
+    raise ValueError(f"pages_per_compute_block={pages} exceeds the block tables' "
+                     f"{max_blocks=}")
+  if queries_per_block is None:
+    queries_per_block = min(q_len, max(1, _TARGET_Q_ROWS // group))
+  tq = _positive_int("queries_per_block", queries_per_block)
+  tq = min(tq, q_len)
+  num_q_blocks = pl.cdiv(q_len, tq)
+
+  # Compute dtype: bfloat16 q and pools feed the MXU directly (f32 accumulation); any other
+  # mix (float16 pools, f32 queries) is computed in float32 like the reference.
+  bf16 = jnp.dtype(jnp.bfloat16)
+  cdt = bf16 if k_pool.dtype == bf16 and q.dtype == bf16 else jnp.dtype(jnp.float32)
+  odt = q.dtype if q.dtype in _SUPPORTED_DTYPES else jnp.dtype(jnp.float32)
+  tile = max(sublane_tile(cdt), sublane_tile(odt))  # q and out tiles are whole sublane tiles
+  rows = math.ceil(tq * group / tile) * tile
+
+  # q [batch, q_len, q_heads, D] -> [batch, kv_heads, q_blocks, R, D]; row = query * G + head.
+  qg = q.astype(cdt).reshape(b, q_len, kvh, group, d).transpose(0, 2, 1, 3, 4)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, num_q_blocks * tq - q_len), (0, 0), (0, 0)))
+  qg = qg.reshape(b, kvh, num_q_blocks, tq * group, d)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, rows - tq * group), (0, 0)))
+
+  def tile_spec(width):
+    return pl.BlockSpec((_SQUEEZED, _SQUEEZED, _SQUEEZED, rows, width),
+                        lambda b, h, i, *_: (b, h, i, 0, 0))
+
+  out_shape = [jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, d), odt)]
+  out_specs = [tile_spec(d)]
+  if return_lse:
+    out_shape.append(jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, _LANES), jnp.float32))
+    out_specs.append(tile_spec(_LANES))
+  kernel = functools.partial(
+      _paged_attention_kernel, max_blocks=max_blocks, pages=pages, block_size=bs,
+      queries_per_block=tq, group=group, scale=float(scale), soft_cap=soft_cap,
+      sliding_window=sliding_window, return_lse=return_lse, compute_dtype=cdt)
+  outs = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(b, kvh, num_q_blocks),
+          in_specs=[tile_spec(d), pl.BlockSpec(memory_space=_ANY),
+                    pl.BlockSpec(memory_space=_ANY)],
+          out_specs=out_specs,
+          scratch_shapes=[
+              pltpu.VMEM((2, pages, bs, d), k_pool.dtype),  # K pages, double-buffered
+              pltpu.VMEM((2, pages, bs, d), v_pool.dtype),  # V pages, double-buffered
+              pltpu.SemaphoreType.DMA((2, 2)),  # [k/v, slot]
+              pltpu.VMEM((rows, _LANES), jnp.float32),  # running max m
+              pltpu.VMEM((rows, _LANES), jnp.float32),  # running denominator l
+              pltpu.VMEM((rows, d), jnp.float32),  # running numerator
+          ]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=(_PARALLEL,) * 3),
+      out_shape=out_shape,
+      interpret=interpret,
+  )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+    block_tables.astype(jnp.int32).reshape(-1), kv_lens.astype(jnp.int32),
+    q_lens.astype(jnp.int32), qg, k_pool, v_pool)
+
+  def unpack(x):  # [batch, kv_heads, q_blocks, R, w] -> [batch, q_len, q_heads, w]
+    w = x.shape[-1]
+    x = x[:, :, :, :tq * group].reshape(b, kvh, num_q_blocks * tq, group, w)[:, :, :q_len]
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, q_len, qh, w)
+
+  out = unpack(outs[0]).astype(q.dtype)
+  if not return_lse:
+    return out
+  return out, unpack(outs[1])[..., 0]
