@@ -76,6 +76,10 @@ _SMEM_BUDGET = 160 * 1024  # bytes of K/V pipeline stages we allow per program (
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
+def _backend() -> str:
+  return jax.default_backend()
+
+
 def _pow2_ceil(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -287,10 +291,10 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     ValueError: a non-GPU backend without ``interpret=True``, bad knobs, or shapes the kernel
       cannot tile.
   """
-  if not interpret and jax.default_backend() not in GPU_BACKENDS:
+  if not interpret and _backend() not in GPU_BACKENDS:
     raise ValueError(
         f"implementation='pallas_gpu' compiles a Triton GPU kernel, but JAX's default backend "
-        f"is {jax.default_backend()!r}. Pass interpret=True to run it in Pallas interpret mode "
+        f"is {_backend()!r}. Pass interpret=True to run it in Pallas interpret mode "
         "(slow; for tests), or use implementation='xla' (or None) on this backend.")
   batch, q_len, q_heads, head_dim = q.shape
   num_layers, kv_heads, num_blocks, block_size, _ = k_pool.shape
