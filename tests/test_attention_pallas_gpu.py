@@ -190,6 +190,15 @@ def test_matches_oracle_with_a_custom_scale():
   _assert_matches(case, got, want)
 
 
+def test_float32_queries_over_a_bfloat16_cache():
+  case = Case((3, 40, 17), ratio=4, block_size=16, dtype="bfloat16")
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  q32 = q.astype(jnp.float32) * 1.3  # not representable in bfloat16: the kernel rounds it
+  out, lse = _call(case, cache, q32, seq_ids, q_lens, layer)
+  assert out.dtype == jnp.float32
+  _assert_matches(case, (out, lse), oracle(case, cache, q32, seq_ids, q_lens, layer))
+
+
 def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw):
   """Lowers the compiled (non-interpret) kernel for CUDA on this CPU machine."""
   batch, max_blocks = 3, 40

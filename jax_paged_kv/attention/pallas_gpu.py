@@ -165,6 +165,7 @@ def _attention_kernel(
     lse_ref,  # [block_rows]
     *,
     group: int,
+    num_rows: int,
     pages: int,
     k_splits: int,
     scale: float,
@@ -249,8 +250,12 @@ def _attention_kernel(
   acc, m, l = lax.fori_loop(cb_lo, cb_hi, body, (acc, m, l))
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
-  _triton_store(o_ref, jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype))
-  _triton_store(lse_ref, jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf))
+  # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
+  # the wrapper slices them off, and skipping them saves most of the partials' traffic in GQA.
+  real = rows < num_rows  # [block_rows]
+  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+  _triton_store(o_ref, out, mask=jnp.broadcast_to(real[:, None], out.shape))
+  _triton_store(lse_ref, jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf), mask=real)
 
 
 def _whole(shape):
@@ -331,7 +336,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   rows = q_len * group
   tiles = -(-rows // tile)
   # [batch, q_len, q_heads, D] -> [batch, kv_heads, rows (token-major), D], padded to the tiles.
-  qr = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  # tl.dot needs both operands in one dtype: queries are rounded to the cache's dtype.
+  qr = q.astype(k_pool.dtype).reshape(batch, q_len, kv_heads, group, head_dim)
+  qr = qr.transpose(0, 2, 1, 3, 4)
   qr = qr.reshape(batch, kv_heads, rows, head_dim)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, tiles * tile - rows), (0, 0)))
   # Room for the last compute block to read past the table end (masked: null-block entries).
@@ -342,8 +349,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
 
   part_dtype = q.dtype if splits == 1 else jnp.float32
   kernel = functools.partial(
-      _attention_kernel, group=group, pages=pages, k_splits=splits, scale=float(scale),
-      soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window)
+      _attention_kernel, group=group, num_rows=rows, pages=pages, k_splits=splits,
+      scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
+      sliding_window=sliding_window)
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, tiles, splits),
@@ -370,14 +378,15 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       name=f"paged_attention_gpu_p{pages}_s{splits}_r{tile}",
   )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool)
 
+  o, lse = o[..., :rows, :], lse[..., :rows]  # padding rows were never written
   if splits == 1:
     o, lse = o[0], lse[0]
   else:
     o, lse = merge_partials(o, lse)
-  # [batch, kv_heads, rows_pad, D] -> [batch, q_len, q_heads, D]
-  o = o[:, :, :rows].reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
+  # [batch, kv_heads, rows, D] -> [batch, q_len, q_heads, D]
+  o = o.reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   out = o.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
   if not return_lse:
     return out
-  lse = lse[:, :, :rows].reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
+  lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
   return out, lse.reshape(batch, q_len, q_heads)
