@@ -21,14 +21,18 @@ Design
   (``P * block_size`` tokens); the ``k_splits`` programs of a tile take contiguous, equal shares
   of those blocks (flash-decoding), so a long row is spread over many SMs and a short row's
   surplus splits exit at once.
-* **Inner loop** (an ``scf.for`` that Triton software-pipelines with ``num_stages``): load ``P``
-  table entries, gather ``[P, block_size, head_dim]`` of K and V of layer ``layer`` and head
-  ``h`` with one masked load each (tokens outside the tile's range are never fetched, so stale
-  or NaN slots are never read), ``q @ k.T`` with float32 accumulation, scale, soft cap, causal +
-  window mask with ``where`` (-inf), an online softmax in base 2, and ``p @ v``.
-* **Merge.** Each program writes its normalised partial output and its log-sum-exp. With
-  ``k_splits == 1`` that is the result (written in ``q.dtype``); otherwise the partials are
-  float32 and an XLA epilogue merges them with their LSE weights. A query that sees nothing gets
+* **Inner loop** (an ``scf.for`` that Triton software-pipelines with ``num_stages``): look up
+  the physical block of each of the ``P * block_size`` keys in the table, load K and V of layer
+  ``layer`` and head ``h`` as 2-D ``[block_k, head_dim]`` tiles with one masked load each (keys
+  outside the tile's range are never fetched, so stale or NaN slots are never read, and the
+  tiles feed ``tl.dot`` with no reshape in between), ``q @ k.T`` with float32 accumulation,
+  scale, soft cap, causal + window mask with ``where`` (-inf), an online softmax in base 2, and
+  ``p @ v``. Queries are rounded to the cache dtype (``tl.dot`` needs one operand dtype); f32
+  dots use IEEE precision (``Precision.HIGHEST``), not TF32.
+* **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
+  real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
+  the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
+  merges them with their LSE weights (:func:`merge_partials`). A query that sees nothing gets
   output 0 and LSE -inf, and no NaN is ever produced (max of an all -inf row is replaced by 0
   before ``exp2``).
 
@@ -46,7 +50,7 @@ defaults are *provisional*: they were chosen by reasoning about tile sizes and o
 measured on a GPU, and should be revisited with ``benchmarks/gpu_decode.py``.
 
 * ``pages_per_compute_block``: pages per inner-loop step (power of two; ``P * block_size`` must
-  be >= 16). Default: ``128 // block_size`` tokens-worth for ``head_dim <= 128``, 64 for 256.
+  be >= 16). Default: 128 keys per step for ``head_dim <= 128``, 64 for 256 (at least 1 page).
 * ``k_splits``: KV-sequence splits per tile (>= 1). Default: enough programs to fill about 512
   CTAs, at most one per compute block of the widest table, at most 32.
 * ``block_rows``: rows per tile (power of two >= 16). Default: ``group`` rounded up for decode,
