@@ -1,0 +1,508 @@
+"""GPU paged-attention benchmark: our Pallas kernel against the peers, in one run.
+
+Checks every implementation against the XLA reference, then times, side by side in the same run
+and on the same data:
+
+* ``ours``: ``jax_paged_kv.attention.pallas_gpu.paged_attention_gpu`` (default knobs);
+* ``jax_pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
+  8/16 x pages_per_compute_block 4/8; its layout is one layer ``[kv_heads, pages, page_size,
+  head_dim]`` and q must be pre-scaled, both prepared outside the timing; decode only);
+* ``xla_gather``: our XLA reference (gather the pages to a dense copy, then attend);
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on a contiguous copy;
+* ``torch_sdpa``: torch ``scaled_dot_product_attention`` on a contiguous copy (optional);
+* ``copy``: the device's copy ceiling (read + write of a ~2 GiB array).
+
+Reports the median time per call (after warmup; each sample times ``--inner`` back-to-back
+calls ended by one ``block_until_ready``), the effective bandwidth (KV bytes read / time) and
+the fraction of the copy ceiling. Prints a table, writes JSON (``--out``) and prints a markdown
+table for ``benchmarks/RESULTS.md``.
+
+Usage (GPU machine, from the checkout)::
+
+    PYTHONPATH=. python benchmarks/gpu_decode.py
+    PYTHONPATH=. python benchmarks/gpu_decode.py --sweep     # also time a grid of our knobs
+
+CPU smoke test (interpret mode, tiny shapes; times are meaningless there)::
+
+    PYTHONPATH=. python benchmarks/gpu_decode.py --interpret --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for torch
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_paged_kv.attention import pallas_gpu  # noqa: E402
+from jax_paged_kv.attention.reference import paged_attention_xla  # noqa: E402
+
+GOALS = "H100 goals: >= 0.85 of copy, >= 1.5x JAX Pallas, faster than cuDNN, <= 1.15x torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str
+  lengths: tuple[int, ...]  # kv length per row (after the new tokens)
+  block_size: int
+  q_len: int = 1
+  q_heads: int = 32
+  kv_heads: int = 8
+  head_dim: int = 128
+
+  @property
+  def batch(self):
+    return len(self.lengths)
+
+
+def make_configs(tiny: bool) -> list[Config]:
+  rng = np.random.default_rng(0)
+  if tiny:
+    shapes = [(2, 64), (4, 32)]
+    mixed = tuple(int(n) for n in rng.integers(1, 200, size=4))
+    heads = dict(q_heads=8, kv_heads=2, head_dim=64)
+    prefill = dict(lengths=(96, 64), q_len=32)
+    block_sizes = (16,)
+  else:
+    shapes = [(32, 2048), (8, 8192), (128, 512), (64, 1024)]
+    mixed = tuple(int(n) for n in rng.integers(1, 4097, size=48))
+    heads = {}
+    prefill = dict(lengths=(2048,) * 4, q_len=512)  # a 512-token chunk after 1536 cached
+    block_sizes = (16, 64)
+  out = []
+  for bs in block_sizes:
+    for b, n in shapes:
+      out.append(Config(f"B{b} L{n}", (n,) * b, bs, **heads))
+    out.append(Config(f"mixed B{len(mixed)}", mixed, bs, **heads))
+    out.append(Config(f"prefill B{len(prefill['lengths'])} T{prefill['q_len']}", block_size=bs,
+                      **prefill, **heads))
+  return out
+
+
+@dataclasses.dataclass
+class Inputs:
+  q: jax.Array  # [batch, q_len, q_heads, head_dim]
+  k_pool: jax.Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
+  v_pool: jax.Array
+  layer: jax.Array  # int32[]
+  tables: jax.Array  # int32[batch, max_blocks]
+  kv_lens: jax.Array  # int32[batch]
+  q_lens: jax.Array  # int32[batch]
+  scale: float
+  kv_bytes: int  # K and V bytes the attention must read
+  flops: int
+
+
+def make_inputs(cfg: Config, dtype, seed=0) -> Inputs:
+  bs = cfg.block_size
+  lengths = np.array(cfg.lengths, np.int32)
+  max_blocks = int(-(-lengths.max() // bs))
+  blocks = -(-lengths // bs)
+  num_blocks = 1 + int(blocks.sum())
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(np.arange(1, num_blocks))
+  tables = np.zeros((cfg.batch, max_blocks), np.int32)  # unused entries: null block 0
+  start = 0
+  for r, nb in enumerate(blocks):
+    tables[r, :nb] = perm[start:start + nb]
+    start += nb
+  key = jax.random.key(seed)
+  kq, kk, kv = jax.random.split(key, 3)
+  shape = (2, cfg.kv_heads, num_blocks, bs, cfg.head_dim)  # layer 1 is the one we read
+  k_pool = jax.random.normal(kk, shape, dtype)
+  v_pool = jax.random.normal(kv, shape, dtype)
+  q = jax.random.normal(kq, (cfg.batch, cfg.q_len, cfg.q_heads, cfg.head_dim), dtype)
+  itemsize = jnp.dtype(dtype).itemsize
+  kv_bytes = int(lengths.sum()) * cfg.kv_heads * cfg.head_dim * 2 * itemsize
+  seen = sum(sum(int(n) - cfg.q_len + i + 1 for i in range(cfg.q_len)) for n in lengths)
+  flops = 4 * seen * cfg.q_heads * cfg.head_dim
+  return Inputs(q, k_pool, v_pool, jnp.int32(1), jnp.asarray(tables), jnp.asarray(lengths),
+                jnp.full((cfg.batch,), cfg.q_len, jnp.int32), cfg.head_dim ** -0.5, kv_bytes,
+                flops)
+
+
+def dense_kv(x: Inputs):
+  """Contiguous ``[batch, S, kv_heads, head_dim]`` copies of layer 1 (made once, not timed)."""
+  from jax_paged_kv.attention.reference import gather_kv
+
+  k = gather_kv(x.k_pool, x.layer, x.tables)
+  v = gather_kv(x.v_pool, x.layer, x.tables)
+  return k, v
+
+
+def time_fn(fn, sync, *, warmup, repeats, inner):
+  """Median seconds per call; each sample runs ``inner`` calls back to back."""
+  out = None
+  for _ in range(warmup):
+    out = fn()
+  sync(out)
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn()
+    sync(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples), out
+
+
+def jax_sync(out):
+  jax.block_until_ready(out)
+
+
+def max_err(got, want) -> float:
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  if got.shape != want.shape:
+    return float("inf")
+  if np.isnan(got).any():
+    return float("nan")
+  return float(np.abs(got - want).max())
+
+
+# ---- implementations: each returns (callable, sync, note) or raises Skip -------------------
+
+
+class Skip(Exception):
+  pass
+
+
+def impl_ours(x: Inputs, interpret: bool, **knobs):
+  f = jax.jit(functools.partial(pallas_gpu.paged_attention_gpu, scale=x.scale,
+                                interpret=interpret, **knobs))
+  args = (x.q, x.k_pool, x.v_pool, x.layer, x.tables, x.kv_lens, x.q_lens)
+  return (lambda: f(*args)), jax_sync, ""
+
+
+def impl_xla(x: Inputs, interpret: bool):
+  del interpret
+  f = jax.jit(functools.partial(paged_attention_xla, scale=x.scale))
+  args = (x.q, x.k_pool, x.v_pool, x.layer, x.tables, x.kv_lens, x.q_lens)
+  return (lambda: f(*args)), jax_sync, ""
+
+
+def jax_pallas_variants(x: Inputs, interpret: bool):
+  """JAX's paged kernel for each (k_splits, pages_per_compute_block); decode only."""
+  if x.q.shape[1] != 1:
+    raise Skip("decode only (no q_len > 1)")
+  try:
+    from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+  except ImportError as e:
+    raise Skip(f"not importable: {e}") from e
+  k_pages = x.k_pool[1]  # [kv_heads, pages, page_size, head_dim]: its one-layer layout
+  v_pages = x.v_pool[1]
+  q = (x.q[:, 0].astype(jnp.float32) * x.scale).astype(x.q.dtype)  # it wants q pre-scaled
+  out = []
+  for ks in (8, 16):
+    for ppcb in (4, 8):
+      width = x.tables.shape[1]
+      width = -(-width // (ks * ppcb)) * ks * ppcb  # divisibility it asserts; pad with null
+      tables = jnp.pad(x.tables, ((0, 0), (0, width - x.tables.shape[1])))
+      f = jax.jit(functools.partial(jpa.paged_attention, k_splits=ks,
+                                    pages_per_compute_block=ppcb, interpret=interpret))
+      args = (q, k_pages, v_pages, tables, x.kv_lens)
+      out.append((f"k_splits={ks} ppcb={ppcb}",
+                  (lambda f=f, args=args: f(*args)[:, None])))
+  return out
+
+
+def impl_cudnn(x: Inputs, interpret: bool, dense):
+  if interpret or jax.default_backend() not in pallas_gpu.GPU_BACKENDS:
+    raise Skip("needs cuDNN on a GPU")
+  k, v = dense
+  batch, q_len = x.q.shape[:2]
+  s = k.shape[1]
+  kwargs = {}
+  note = ""
+  if q_len > 1:  # bottom-right causal chunk: explicit mask
+    i = jnp.arange(q_len)[:, None]
+    p = jnp.arange(s)[None, :]
+    kwargs["mask"] = (p <= (x.kv_lens[:, None, None] - q_len + i))[:, None]
+    note = "explicit mask"
+  elif bool(jnp.any(x.kv_lens != s)):
+    kwargs["key_value_seq_lengths"] = x.kv_lens
+    note = "kv_seq_lengths"
+  f = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=x.scale,
+                                implementation="cudnn", **kwargs))
+  return (lambda: f(x.q, k, v)), jax_sync, note
+
+
+def impl_torch(x: Inputs, interpret: bool, dense):
+  del interpret
+  try:
+    import torch
+    import torch.nn.functional as F
+  except ImportError as e:
+    raise Skip(f"torch not importable: {e}") from e
+  k, v = dense
+  on_gpu = jax.default_backend() in pallas_gpu.GPU_BACKENDS
+  if on_gpu and not torch.cuda.is_available():
+    raise Skip("torch has no CUDA here")
+  device = "cuda" if on_gpu else "cpu"
+
+  def to_torch(a):  # [batch, S, heads, D] -> [batch, heads, S, D] contiguous
+    if on_gpu:
+      t = torch.from_dlpack(a)
+    else:  # NumPy has no bfloat16 DLPack export: go through float32
+      t = torch.from_numpy(np.asarray(a, np.float32)).to(getattr(torch, a.dtype.name))
+    return t.to(device).permute(0, 2, 1, 3).contiguous()
+
+  qt, kt, vt = to_torch(x.q), to_torch(k), to_torch(v)
+  q_len, s = qt.shape[2], kt.shape[2]
+  lens = torch.as_tensor(np.array(x.kv_lens), device=device)
+  kwargs = dict(scale=x.scale, enable_gqa=True)
+  note = ""
+  if q_len > 1:
+    i = torch.arange(q_len, device=device)[:, None]
+    p = torch.arange(s, device=device)[None, :]
+    kwargs["attn_mask"] = (p <= (lens[:, None, None] - q_len + i))[:, None]
+    note = "bool mask"
+  elif bool((lens != s).any()):
+    kwargs["attn_mask"] = (torch.arange(s, device=device)[None, :] < lens[:, None])[:, None, None]
+    note = "bool mask"
+
+  def call():
+    return F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+
+  def sync(out):
+    del out
+    if on_gpu:
+      torch.cuda.synchronize()
+
+  def run():
+    return call()
+
+  def result(out):
+    return jnp.asarray(out.permute(0, 2, 1, 3).float().cpu().numpy())
+
+  run.result = result
+  return run, sync, note
+
+
+def copy_ceiling(tiny: bool, args) -> float:
+  n = (1 << 24) if tiny else (1 << 30)  # bf16 elements: 32 MiB or 2 GiB
+  x = jnp.ones((n,), jnp.bfloat16)
+  f = jax.jit(lambda a: a + jnp.bfloat16(1))
+  t, _ = time_fn(lambda: f(x), jax_sync, warmup=2, repeats=args.repeats, inner=args.inner)
+  return 2 * n * 2 / t  # bytes read + written per second
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
+  p.add_argument("--tiny", action="store_true", help="tiny shapes (with --interpret on CPU)")
+  p.add_argument("--out", default="benchmarks/out/gpu_decode.json")
+  p.add_argument("--time-budget", type=float, default=270.0,
+                 help="seconds; configs not started by then are skipped")
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--inner", type=int, default=None)
+  p.add_argument("--sweep", action="store_true", help="also time a grid of our kernel's knobs")
+  p.add_argument("--dtype", default="bfloat16")
+  args = p.parse_args(argv)
+  slow = args.interpret or args.tiny
+  args.repeats = args.repeats or (3 if slow else 15)
+  args.inner = args.inner or (1 if slow else 10)
+  warmup = 1 if slow else 3
+  dtype = jnp.dtype(args.dtype)
+  t_start = time.perf_counter()
+  tol = {jnp.dtype(jnp.bfloat16): 3e-2, jnp.dtype(jnp.float16): 5e-3}.get(dtype, 1e-4)
+  warnings.filterwarnings("ignore", category=DeprecationWarning)  # Triton lowering, 0.11
+
+  def log(msg):
+    print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", str(device))
+  log(f"device {kind} backend={jax.default_backend()} jax={jax.__version__} "
+      f"dtype={dtype.name} interpret={args.interpret} tiny={args.tiny}")
+  if args.interpret:
+    log("interpret mode: correctness smoke test; the times are NOT kernel performance")
+  if not args.interpret and jax.default_backend() not in pallas_gpu.GPU_BACKENDS:
+    sys.exit("no GPU backend: run on a GPU machine, or pass --interpret --tiny")
+
+  ceiling = copy_ceiling(args.tiny, args)
+  log(f"copy ceiling (read+write) {ceiling / 1e9:.1f} GB/s")
+  results = []
+
+  def record(cfg, x, impl, t, err, note="", knobs=None, status="ok"):
+    row = dict(config=cfg.name, block_size=cfg.block_size, batch=cfg.batch, q_len=cfg.q_len,
+               impl=impl, status=status, note=note, kv_bytes=x.kv_bytes if x else None)
+    if t is not None:
+      gbps = x.kv_bytes / t / 1e9
+      row.update(time_us=t * 1e6, gbps=gbps, fraction=gbps * 1e9 / ceiling,
+                 tflops=x.flops / t / 1e12, max_err=err,
+                 correct=bool(err is not None and err <= tol))
+    if knobs:
+      row["knobs"] = knobs
+    results.append(row)
+    if t is not None:
+      ok = "ok" if row["correct"] else f"WRONG (max err {err:.3g})"
+      log(f"  {cfg.name} bs{cfg.block_size} {impl:>11}: {t * 1e6:9.1f} us "
+          f"{row['gbps']:8.1f} GB/s {row['fraction']:5.2f} of copy  {ok}  {note}")
+    else:
+      log(f"  {cfg.name} bs{cfg.block_size} {impl:>11}: {status} {note}")
+
+  def run_timed(fn, sync):
+    return time_fn(fn, sync, warmup=warmup, repeats=args.repeats, inner=args.inner)
+
+  for cfg in make_configs(args.tiny):
+    if time.perf_counter() - t_start > args.time_budget:
+      record(cfg, None, "all", None, None, status="skipped", note="time budget exhausted")
+      continue
+    log(f"config {cfg.name} block {cfg.block_size} q_len {cfg.q_len}")
+    x = make_inputs(cfg, dtype)
+    ref_out = jax.jit(functools.partial(paged_attention_xla, scale=x.scale))(
+        x.q.astype(jnp.float32), x.k_pool.astype(jnp.float32), x.v_pool.astype(jnp.float32),
+        x.layer, x.tables, x.kv_lens, x.q_lens)
+    ref_out = jax.block_until_ready(ref_out)
+
+    # ours
+    knobs = pallas_gpu.default_knobs(
+        head_dim=cfg.head_dim, block_size=cfg.block_size, q_len=cfg.q_len,
+        group=cfg.q_heads // cfg.kv_heads, batch=cfg.batch, kv_heads=cfg.kv_heads,
+        max_blocks=x.tables.shape[1], itemsize=dtype.itemsize)
+    fn, sync, note = impl_ours(x, args.interpret)
+    t, out = run_timed(fn, sync)
+    record(cfg, x, "ours", t, max_err(out, ref_out), note, knobs=knobs)
+    if args.sweep and not args.interpret:
+      base = knobs["pages_per_compute_block"]
+      grid = {(max(1, base // 2), knobs["k_splits"]), (base * 2, knobs["k_splits"]),
+              (base, max(1, knobs["k_splits"] // 2)), (base, knobs["k_splits"] * 2),
+              (base, 1)}
+      for ppcb, ks in sorted(grid):
+        if ppcb * cfg.block_size < 16 or (ppcb, ks) == (base, knobs["k_splits"]):
+          continue
+        kn = dict(pages_per_compute_block=ppcb, k_splits=ks)
+        fn, sync, _ = impl_ours(x, False, **kn)
+        t, out = run_timed(fn, sync)
+        record(cfg, x, "ours_sweep", t, max_err(out, ref_out), f"ppcb={ppcb} ks={ks}", kn)
+
+    # JAX's Pallas paged kernel: best variant
+    try:
+      best = None
+      for label, fn in jax_pallas_variants(x, args.interpret):
+        try:
+          t, out = run_timed(fn, jax_sync)
+        except Exception as e:  # noqa: BLE001 - a variant the kernel rejects
+          log(f"  jax_pallas {label}: failed: {type(e).__name__}: {str(e)[:120]}")
+          continue
+        if best is None or t < best[0]:
+          best = (t, out, label)
+      if best is None:
+        raise Skip("every variant failed")
+      record(cfg, x, "jax_pallas", best[0], max_err(best[1], ref_out), f"best: {best[2]}")
+    except Skip as e:
+      record(cfg, x, "jax_pallas", None, None, status="skipped", note=str(e))
+
+    # XLA gather + dense
+    fn, sync, note = impl_xla(x, args.interpret)
+    t, out = run_timed(fn, sync)
+    record(cfg, x, "xla_gather", t, max_err(out, ref_out), note)
+
+    dense = dense_kv(x)
+    for name, make in (("cudnn", impl_cudnn), ("torch_sdpa", impl_torch)):
+      try:
+        fn, sync, note = make(x, args.interpret, dense)
+        t, out = run_timed(fn, sync)
+        if hasattr(fn, "result"):
+          out = fn.result(out)
+        record(cfg, x, name, t, max_err(out, ref_out), note)
+      except Skip as e:
+        record(cfg, x, name, None, None, status="skipped", note=str(e))
+      except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape
+        record(cfg, x, name, None, None, status="failed",
+               note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    del x, dense, ref_out
+
+  elapsed = time.perf_counter() - t_start
+  log(f"done in {elapsed:.1f}s")
+  cfg0 = make_configs(args.tiny)[0]
+  heads = f"{cfg0.q_heads} q heads / {cfg0.kv_heads} kv heads, head_dim {cfg0.head_dim}"
+  summary = dict(heads=heads, device_kind=kind, backend=jax.default_backend(),
+                 jax_version=jax.__version__,
+                 dtype=dtype.name, interpret=args.interpret, tiny=args.tiny,
+                 copy_ceiling_gbps=ceiling / 1e9, elapsed_s=elapsed, goals=GOALS,
+                 results=results)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(summary, f, indent=1)
+  print_tables(summary)
+  log(f"wrote {args.out}")
+  wrong = [f"{r['config']} bs{r['block_size']} {r['impl']} (max err {r['max_err']:.3g})"
+           for r in results if r.get("correct") is False]
+  if wrong:
+    print("RESULTS THAT DISAGREE WITH THE REFERENCE: " + "; ".join(wrong))
+  if any(r["impl"] == "ours" and r.get("correct") is False for r in results):
+    sys.exit(1)
+
+
+IMPLS = ("ours", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
+
+
+def print_tables(summary):
+  by = {}
+  for r in summary["results"]:
+    by.setdefault((r["config"], r["block_size"]), {})[r["impl"]] = r
+
+  def cell(r, frac=False):
+    if r is None or r.get("time_us") is None:
+      return "n/a" if r is None else r["status"]
+    s = f"{r['time_us']:.1f} us"
+    if frac:
+      s += f" ({r['fraction']:.2f})"
+    return s + ("" if r["correct"] else " WRONG")
+
+  def ratio(ours, other):
+    if not ours or not other or ours.get("time_us") is None or other.get("time_us") is None:
+      return "-"
+    return f"{other['time_us'] / ours['time_us']:.2f}x"
+
+  print()
+  print(f"{summary['device_kind']}  jax {summary['jax_version']}  {summary['dtype']}  copy "
+        f"ceiling {summary['copy_ceiling_gbps']:.1f} GB/s"
+        + ("  [INTERPRET MODE: not performance]" if summary["interpret"] else ""))
+  head = ["config", "bs"] + list(IMPLS) + ["vs jax", "vs cudnn", "vs torch"]
+  rows = []
+  for (name, bs), impls in by.items():
+    o = impls.get("ours")
+    rows.append([name, str(bs)] + [cell(impls.get(i), frac=True) for i in IMPLS]
+                + [ratio(o, impls.get("jax_pallas")), ratio(o, impls.get("cudnn")),
+                   ratio(o, impls.get("torch_sdpa"))])
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+  print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
+  for r in rows:
+    print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+  print("(time per call, fraction of the copy ceiling in parentheses; 'vs X' = X time / ours)")
+  print()
+  print(f"### Paged decode attention, {summary['device_kind']} (JAX {summary['jax_version']}, "
+        f"{summary['dtype']}, {summary['heads']}"
+        + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
+        + ")")
+  print()
+  print(f"Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. "
+        "Cells: time per call (fraction of copy ceiling).")
+  print()
+  print("| " + " | ".join(head) + " |")
+  print("|" + "---|" * len(head))
+  for r in rows:
+    print("| " + " | ".join(r) + " |")
+  print()
+  print(GOALS)
+
+
+if __name__ == "__main__":
+  main()

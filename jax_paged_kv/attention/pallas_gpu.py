@@ -1,0 +1,396 @@
+"""Pallas GPU paged attention (Triton lowering): decode, chunked prefill and mixed batches.
+
+Implements the kernel contract of :mod:`jax_paged_kv.attention.reference` (same signature, same
+semantics) and reads K/V straight from the pools through the block tables: no dense copy, and the
+``layer`` index (possibly traced) is applied inside the kernel, so no ``pool[layer]`` slice is
+materialised either.
+
+Design
+------
+* **Rows = (query, head) pairs of one KV group.** For each batch row ``b`` and KV head ``h`` the
+  ``q_len * group`` queries that read that head (``group = q_heads // kv_heads``) are flattened,
+  token-major, into ``rows``, padded to a multiple of ``block_rows`` (a power of two >= 16, the
+  smallest ``tl.dot`` tile). Decode packs all query heads of a group into one tile (GQA 4 -> 16
+  rows, GQA 20 -> 32 rows); prefill tiles ``q_len * group`` rows by ``block_rows``. Row ``r``
+  holds query ``r // group``, whose position is ``kv_len - q_lens[b] + r // group``.
+* **Grid** ``(batch, kv_heads, row_tiles, k_splits)``. One program loads its ``[block_rows,
+  head_dim]`` query tile once, then walks the pages its tile can see: from the start of the
+  sliding window (or 0) to the last query's position, *clipped per row* from the dynamic
+  ``kv_lens`` / ``q_lens``, so work past each row's length and outside its window is skipped,
+  not masked. That page range is cut into compute blocks of ``pages_per_compute_block`` pages
+  (``P * block_size`` tokens); the ``k_splits`` programs of a tile take contiguous, equal shares
+  of those blocks (flash-decoding), so a long row is spread over many SMs and a short row's
+  surplus splits exit at once.
+* **Inner loop** (an ``scf.for`` that Triton software-pipelines with ``num_stages``): look up
+  the physical block of each of the ``P * block_size`` keys in the table, load K and V of layer
+  ``layer`` and head ``h`` as 2-D ``[block_k, head_dim]`` tiles with one masked load each (keys
+  outside the tile's range are never fetched, so stale or NaN slots are never read, and the
+  tiles feed ``tl.dot`` with no reshape in between), ``q @ k.T`` with float32 accumulation,
+  scale, soft cap, causal + window mask with ``where`` (-inf), an online softmax in base 2, and
+  ``p @ v``. Queries are rounded to the cache dtype (``tl.dot`` needs one operand dtype); f32
+  dots use IEEE precision (``Precision.HIGHEST``), not TF32.
+* **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
+  real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
+  the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
+  merges them with their LSE weights (:func:`merge_partials`). A query that sees nothing gets
+  output 0 and LSE -inf, and no NaN is ever produced (max of an all -inf row is replaced by 0
+  before ``exp2``).
+
+Why the Triton lowering and not Mosaic GPU: it runs on both JAX 0.10 (CPU CI) and 0.11 (the GPU
+machine), on Ampere as well as Hopper, and it is testable here on CPU with ``interpret=True``
+(the whole suite runs that way); the gathered, page-granular loads of a paged cache map directly
+onto pointer arithmetic in Triton, whereas Mosaic GPU wants TMA descriptors and barriers per page
+that could not be checked without a GPU in this session. It is deprecated since JAX 0.11 (Mosaic
+GPU is its successor on Hopper): ``benchmarks/gpu_decode.py`` measures this kernel against the
+copy ceiling, JAX's own paged kernel, cuDNN and torch SDPA so that a GPU session can confirm the
+choice or revisit it.
+
+Tuning knobs (keyword-only; ``None`` picks the default from :func:`default_knobs`). The
+defaults are *provisional*: they were chosen by reasoning about tile sizes and occupancy, not
+measured on a GPU, and should be revisited with ``benchmarks/gpu_decode.py``.
+
+* ``pages_per_compute_block``: pages per inner-loop step (power of two; ``P * block_size`` must
+  be >= 16). Default: 128 keys per step for ``head_dim <= 128``, 64 for 256 (at least 1 page).
+* ``k_splits``: KV-sequence splits per tile (>= 1). Default: enough programs to fill about 512
+  CTAs, at most one per compute block of the widest table, at most 32.
+* ``block_rows``: rows per tile (power of two >= 16). Default: ``group`` rounded up for decode,
+  64 (32 for ``head_dim`` 256) for prefill.
+* ``num_warps`` (default 4, 8 for big tiles), ``num_stages`` (default 3, fewer if the K/V
+  stages would not fit in ~160 KiB of shared memory).
+* ``interpret``: run in Pallas interpret mode (CPU tests). Without it a non-GPU backend raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# The Triton backend is deprecated since JAX 0.11; bind what we use once, here, so that a
+# deprecation warning on import or attribute access never fires from inside our calls (our
+# test setup turns warnings attributed to this package into errors).
+with warnings.catch_warnings():
+  warnings.simplefilter("ignore", DeprecationWarning)
+  from jax.experimental.pallas import triton as plgpu
+
+  _triton_load = plgpu.load
+  _triton_store = plgpu.store
+  _TritonCompilerParams = plgpu.CompilerParams
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_MIN_DOT = 16  # smallest tl.dot extent (M, N and K) on NVIDIA tensor cores
+_TARGET_PROGRAMS = 512  # provisional: ~4 CTAs per SM on a 132-SM H100
+_MAX_SPLITS = 32
+_SMEM_BUDGET = 160 * 1024  # bytes of K/V pipeline stages we allow per program (H100: 227 KiB)
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _pow2_ceil(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _is_pow2(n) -> bool:
+  return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
+
+
+def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, batch: int,
+                  kv_heads: int, max_blocks: int, itemsize: int) -> dict:
+  """Provisional default tuning knobs for one call (not yet measured on a GPU).
+
+  Args:
+    head_dim, block_size: cache geometry.
+    q_len: queries per row (1 = decode); group: ``q_heads // kv_heads``.
+    batch, kv_heads: grid extents; max_blocks: block-table width.
+    itemsize: bytes per K/V element.
+
+  Returns:
+    dict with ``pages_per_compute_block``, ``k_splits``, ``block_rows``, ``num_warps``,
+    ``num_stages``.
+  """
+  rows = q_len * group
+  if q_len == 1:
+    block_rows = max(_MIN_DOT, _pow2_ceil(min(rows, 64)))
+  else:
+    block_rows = max(_MIN_DOT, min(_pow2_ceil(rows), 64 if head_dim <= 128 else 32))
+  tokens = 128 if head_dim <= 128 else 64
+  pages = max(1, tokens // block_size, _MIN_DOT // block_size)
+  block_k = pages * block_size
+  n_cb = -(-max_blocks // pages)
+  programs = batch * kv_heads * (-(-rows // block_rows))
+  k_splits = max(1, min(-(-_TARGET_PROGRAMS // programs), n_cb, _MAX_SPLITS))
+  num_warps = 8 if block_rows * head_dim > 64 * 128 or block_k * head_dim > 128 * 128 else 4
+  stage_bytes = 2 * block_k * head_dim * itemsize
+  num_stages = max(1, min(3, _SMEM_BUDGET // stage_bytes))
+  return dict(pages_per_compute_block=pages, k_splits=k_splits, block_rows=block_rows,
+              num_warps=num_warps, num_stages=num_stages)
+
+
+def _check_knobs(*, pages_per_compute_block, k_splits, block_rows, num_warps, num_stages,
+                 block_size, head_dim):
+  if not _is_pow2(pages_per_compute_block):
+    raise ValueError(f"{pages_per_compute_block=} must be a power of two >= 1 (Triton tiles are "
+                     "powers of two)")
+  if pages_per_compute_block * block_size < _MIN_DOT:
+    raise ValueError(f"{pages_per_compute_block=} x {block_size=} must be >= {_MIN_DOT} tokens "
+                     "(the smallest tl.dot tile)")
+  if isinstance(k_splits, bool) or not isinstance(k_splits, int) or k_splits < 1:
+    raise ValueError(f"{k_splits=} must be an int >= 1")
+  if not _is_pow2(block_rows) or block_rows < _MIN_DOT:
+    raise ValueError(f"{block_rows=} must be a power of two >= {_MIN_DOT}")
+  if not _is_pow2(num_warps) or num_warps > 32:
+    raise ValueError(f"{num_warps=} must be a power of two in [1, 32]")
+  if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+    raise ValueError(f"{num_stages=} must be an int >= 1")
+  if not _is_pow2(block_size):
+    raise ValueError(f"pallas_gpu needs a power-of-two block_size, got {block_size=}")
+  if not _is_pow2(head_dim) or head_dim < _MIN_DOT:
+    raise ValueError(f"pallas_gpu needs a power-of-two head_dim >= {_MIN_DOT}, got {head_dim=}")
+
+
+def _attention_kernel(
+    layer_ref,  # [1] int32
+    kv_lens_ref,  # [batch] int32
+    q_lens_ref,  # [batch] int32
+    tables_ref,  # [batch, max_blocks + pages_per_compute_block] int32
+    q_ref,  # [block_rows, head_dim]
+    k_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
+    v_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
+    o_ref,  # [block_rows, head_dim]
+    lse_ref,  # [block_rows]
+    *,
+    group: int,
+    num_rows: int,
+    pages: int,
+    k_splits: int,
+    scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+):
+  b, h, t, s = (pl.program_id(i) for i in range(4))
+  block_rows, head_dim = q_ref.shape
+  num_blocks, block_size = k_ref.shape[2], k_ref.shape[3]
+  block_k = pages * block_size
+  layer = layer_ref[0]
+  kv_len = kv_lens_ref[b]
+  q_count = q_lens_ref[b]
+  q_start = kv_len - q_count  # position of query 0 of this row
+
+  # Queries this tile holds and the key range [lo, hi) any of them may see.
+  row0 = t * block_rows
+  i_lo = row0 // group
+  i_hi = jnp.minimum((row0 + block_rows - 1) // group, q_count - 1)
+  hi = jnp.minimum(q_start + i_hi + 1, kv_len)
+  lo = jnp.int32(0)
+  if sliding_window is not None:
+    lo = jnp.maximum(q_start + i_lo - sliding_window + 1, 0)
+  first_page = lo // block_size
+  n_pages = jnp.where(hi > lo, pl.cdiv(hi, block_size) - first_page, 0)
+  n_cb = pl.cdiv(n_pages, pages)
+  per_split = pl.cdiv(n_cb, k_splits)
+  cb_lo = jnp.minimum(s * per_split, n_cb)
+  cb_hi = jnp.minimum(cb_lo + per_split, n_cb)
+
+  rows = row0 + jnp.arange(block_rows, dtype=jnp.int32)
+  tok = rows // group
+  row_ok = tok < q_count  # [block_rows]
+  row_pos = q_start + tok  # [block_rows]
+  q = q_ref[...]  # [block_rows, head_dim]
+  logit_scale = scale if soft_cap is not None else scale * _LOG2E
+  key_iota = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
+  page_of_key = key_iota // block_size  # [block_k]: which page of the compute block
+  slot_of_key = (key_iota % block_size)[:, None]  # [block_k, 1]
+  dim_iota = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, head_dim]
+
+  def body(cb, carry):
+    acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
+    page0 = first_page + cb * pages
+    # The physical block of every key of this compute block (P distinct table entries, each
+    # read block_size times from cache), so K and V are loaded as 2-D [block_k, head_dim]
+    # tiles that feed tl.dot directly (no reshape between the load and the dot, which keeps
+    # Triton's software pipeliner on its async-copy path).
+    ids = tables_ref[b, page0 + page_of_key]  # [block_k]
+    ids = jnp.clip(ids, 0, num_blocks - 1)
+    kpos = page0 * block_size + key_iota  # [block_k]
+    kv_ok = (kpos >= lo) & (kpos < hi)  # [block_k]: never fetch a key outside the tile's range
+    load_mask = jnp.broadcast_to(kv_ok[:, None], (block_k, head_dim))
+    # Every index is an array (broadcast to [block_k, head_dim]): one gathered, masked load
+    # per operand, which interpret mode can discharge as well as Triton can lower.
+    idx = (layer, h, ids[:, None], slot_of_key, dim_iota)
+    zero = jnp.zeros((), k_ref.dtype)
+    k = _triton_load(k_ref.at[idx], mask=load_mask, other=zero)  # [block_k, head_dim]
+    v = _triton_load(v_ref.at[idx], mask=load_mask, other=zero)  # [block_k, head_dim]
+    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)  # [block_rows, block_k]
+    logits = logits * logit_scale
+    if soft_cap is not None:
+      logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
+    visible = row_ok[:, None] & (kpos[None, :] <= row_pos[:, None])
+    if sliding_window is not None:
+      visible = visible & (kpos[None, :] > row_pos[:, None] - sliding_window)
+    logits = jnp.where(visible, logits, -jnp.inf)
+    m_new = jnp.maximum(m, logits.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(logits - m_safe[:, None])  # exactly 0 where masked
+    l = alpha * l + p.sum(axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)  # [block_rows, head_dim]
+    return alpha[:, None] * acc + pv, m_new, l
+
+  acc = jnp.zeros((block_rows, head_dim), jnp.float32)
+  m = jnp.full((block_rows,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((block_rows,), jnp.float32)
+  acc, m, l = lax.fori_loop(cb_lo, cb_hi, body, (acc, m, l))
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
+  # the wrapper slices them off, and skipping them saves most of the partials' traffic in GQA.
+  real = rows < num_rows  # [block_rows]
+  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+  _triton_store(o_ref, out, mask=jnp.broadcast_to(real[:, None], out.shape))
+  _triton_store(lse_ref, jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf), mask=real)
+
+
+def _whole(shape):
+  """A BlockSpec that hands the kernel the whole array (indexed inside the kernel)."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def merge_partials(o, lse):
+  """Merges ``k_splits`` partial attentions by their log-sum-exp.
+
+  Args:
+    o: ``float32[k_splits, ..., head_dim]`` normalised partial outputs (0 where empty).
+    lse: ``float32[k_splits, ...]`` their log-sum-exp (-inf where empty).
+
+  Returns:
+    ``(out float32[..., head_dim], lse float32[...])``; 0 and -inf where every split was empty.
+  """
+  m = lse.max(axis=0)
+  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m_safe[None])  # [k_splits, ...]; 0 for empty splits
+  denom = w.sum(axis=0)
+  seen = denom > 0.0
+  denom_safe = jnp.where(seen, denom, 1.0)
+  out = jnp.einsum("s...,s...d->...d", w, o, precision=lax.Precision.HIGHEST)
+  out = jnp.where(seen[..., None], out / denom_safe[..., None], 0.0)
+  return out, jnp.where(seen, m_safe + jnp.log(denom_safe), -jnp.inf)
+
+
+def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
+                        scale: float, soft_cap: float | None = None,
+                        sliding_window: int | None = None, return_lse: bool = False,
+                        pages_per_compute_block: int | None = None, k_splits: int | None = None,
+                        block_rows: int | None = None, num_warps: int | None = None,
+                        num_stages: int | None = None, interpret: bool = False):
+  """Paged attention with a Pallas (Triton) GPU kernel; contract in ``reference.py``.
+
+  Args:
+    q: ``[batch, q_len, q_heads, head_dim]``.
+    k_pool, v_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]``.
+    layer: ``int32[]``, may be traced.
+    block_tables: ``int32[batch, max_blocks]``; kv_lens, q_lens: ``int32[batch]``.
+    scale, soft_cap, sliding_window, return_lse: as in the contract.
+    pages_per_compute_block, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
+      for the provisional defaults of :func:`default_knobs`.
+    interpret: run in Pallas interpret mode (any backend; slow, for tests).
+
+  Returns:
+    ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
+    ``lse float32[batch, q_len, q_heads]``.
+
+  Raises:
+    ValueError: a non-GPU backend without ``interpret=True``, bad knobs, or shapes the kernel
+      cannot tile.
+  """
+  if not interpret and _backend() not in GPU_BACKENDS:
+    raise ValueError(
+        f"implementation='pallas_gpu' compiles a Triton GPU kernel, but JAX's default backend "
+        f"is {_backend()!r}. Pass interpret=True to run it in Pallas interpret mode "
+        "(slow; for tests), or use implementation='xla' (or None) on this backend.")
+  batch, q_len, q_heads, head_dim = q.shape
+  num_layers, kv_heads, num_blocks, block_size, _ = k_pool.shape
+  if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+    raise ValueError(f"k_pool {k_pool.shape} {k_pool.dtype} and v_pool {v_pool.shape} "
+                     f"{v_pool.dtype} must match")
+  if k_pool.shape[-1] != head_dim or q_heads % kv_heads:
+    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
+  max_blocks = block_tables.shape[1]
+  group = q_heads // kv_heads
+  knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
+                        batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
+                        itemsize=jnp.dtype(k_pool.dtype).itemsize)
+  given = dict(pages_per_compute_block=pages_per_compute_block, k_splits=k_splits,
+               block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
+  knobs.update({k: v for k, v in given.items() if v is not None})
+  _check_knobs(block_size=block_size, head_dim=head_dim, **knobs)
+  pages, splits, tile = knobs["pages_per_compute_block"], knobs["k_splits"], knobs["block_rows"]
+
+  rows = q_len * group
+  tiles = -(-rows // tile)
+  # [batch, q_len, q_heads, D] -> [batch, kv_heads, rows (token-major), D], padded to the tiles.
+  # tl.dot needs both operands in one dtype: queries are rounded to the cache's dtype.
+  qr = q.astype(k_pool.dtype).reshape(batch, q_len, kv_heads, group, head_dim)
+  qr = qr.transpose(0, 2, 1, 3, 4)
+  qr = qr.reshape(batch, kv_heads, rows, head_dim)
+  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, tiles * tile - rows), (0, 0)))
+  # Room for the last compute block to read past the table end (masked: null-block entries).
+  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pages)))
+  kv_lens = jnp.clip(kv_lens.astype(jnp.int32), 0, max_blocks * block_size)
+  q_lens = jnp.clip(q_lens.astype(jnp.int32), 0, jnp.minimum(kv_lens, q_len))
+  layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+
+  part_dtype = q.dtype if splits == 1 else jnp.float32
+  kernel = functools.partial(
+      _attention_kernel, group=group, num_rows=rows, pages=pages, k_splits=splits,
+      scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
+      sliding_window=sliding_window)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, tiles, splits),
+      in_specs=[
+          _whole(layer.shape),
+          _whole(kv_lens.shape),
+          _whole(q_lens.shape),
+          _whole(tables.shape),
+          pl.BlockSpec((None, None, tile, head_dim), lambda b, h, t, s: (b, h, t, 0)),
+          _whole(k_pool.shape),
+          _whole(v_pool.shape),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, tile, head_dim), lambda b, h, t, s: (s, b, h, t, 0)),
+          pl.BlockSpec((None, None, None, tile), lambda b, h, t, s: (s, b, h, t)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((splits, batch, kv_heads, tiles * tile, head_dim), part_dtype),
+          jax.ShapeDtypeStruct((splits, batch, kv_heads, tiles * tile), jnp.float32),
+      ],
+      compiler_params=_TritonCompilerParams(num_warps=knobs["num_warps"],
+                                            num_stages=knobs["num_stages"]),
+      interpret=interpret,
+      name=f"paged_attention_gpu_p{pages}_s{splits}_r{tile}",
+  )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool)
+
+  o, lse = o[..., :rows, :], lse[..., :rows]  # padding rows were never written
+  if splits == 1:
+    o, lse = o[0], lse[0]
+  else:
+    o, lse = merge_partials(o, lse)
+  # [batch, kv_heads, rows, D] -> [batch, q_len, q_heads, D]
+  o = o.reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
+  out = o.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
+  if not return_lse:
+    return out
+  lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
+  return out, lse.reshape(batch, q_len, q_heads)

@@ -1,0 +1,231 @@
+"""The shared attention cases, plus kernel-specific tests, on the Pallas GPU kernel.
+
+Everything runs in Pallas interpret mode (``interpret=True``) so that it runs on CPU. On a GPU
+machine, ``JAX_PAGED_KV_GPU_COMPILED=1`` runs the same cases with the compiled Triton kernel.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_paged_kv as pk
+from jax_paged_kv.attention import pallas_gpu
+from tests.attention_cases import (
+    DECODE_CASES,
+    ODD_LENGTHS,
+    PREFILL_CASES,
+    TOLERANCES,
+    AttentionCases,
+    Case,
+    build_case,
+    oracle,
+)
+from tests.oracle import attention_np
+
+COMPILED = os.environ.get("JAX_PAGED_KV_GPU_COMPILED") == "1"
+KNOBS = {} if COMPILED else {"interpret": True}
+
+# Beyond the shared grid: decode tiles wider than one row tile (GQA 80 -> 2 tiles of 64 rows),
+# head_dim 256 with block 128, GQA 5 prefill that straddles tiles, and a larger slow sweep.
+EXTRA_DECODE = [
+    Case((5, 40, 0), ratio=80, kv_heads=1, head_dim=64, block_size=16),
+    Case((1, 129, 300), block_size=128, ratio=4, head_dim=256, dtype="bfloat16"),
+]
+EXTRA_PREFILL = [
+    Case((7, 200), q_len=7, q_lens=(7, 5), block_size=128, ratio=2, head_dim=256),
+    Case((40, 90), q_len=33, q_lens=(30, 33), block_size=8, ratio=5, sliding_window=16),
+]
+SLOW_DECODE = [
+    pytest.param(Case(ODD_LENGTHS + (513, 1023), block_size=bs, ratio=r, head_dim=d, seed=3),
+                 marks=pytest.mark.slow)
+    for bs, r, d in [(8, 20, 64), (64, 4, 128), (128, 1, 256), (32, 5, 128)]
+]
+SLOW_PREFILL = [
+    pytest.param(Case((2048, 513, 100), q_len=64, q_lens=(64, 37, 64), block_size=bs, ratio=r,
+                      sliding_window=w, dtype="bfloat16", seed=4), marks=pytest.mark.slow)
+    for bs, r, w in [(16, 4, None), (64, 20, 300), (8, 1, 33)]
+]
+
+
+class TestPallasGPU(AttentionCases):
+  implementation = "pallas_gpu"
+  knobs = KNOBS
+  decode_cases = DECODE_CASES + EXTRA_DECODE + SLOW_DECODE
+  prefill_cases = PREFILL_CASES + EXTRA_PREFILL + SLOW_PREFILL
+
+
+def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
+  return pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, soft_cap=case.soft_cap,
+                            sliding_window=case.sliding_window, return_lse=True,
+                            implementation="pallas_gpu", **KNOBS, **knobs)
+
+
+def _assert_matches(case, got, want):
+  atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+  (out, lse), (want_out, want_lse) = got, want
+  out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+  assert not np.isnan(out).any()
+  np.testing.assert_allclose(out, want_out, atol=atol, rtol=rtol)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+  fin = np.isfinite(want_lse)
+  np.testing.assert_allclose(lse[fin], want_lse[fin], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("q_len, knobs", [
+    (1, dict(k_splits=1, pages_per_compute_block=2)),
+    (1, dict(k_splits=3, pages_per_compute_block=1)),
+    (6, dict(k_splits=7, pages_per_compute_block=4)),
+    (6, dict(k_splits=64, pages_per_compute_block=1)),  # more splits than blocks: most exit at once
+], ids=str)
+def test_knobs_do_not_change_the_answer(q_len, knobs):
+  case = Case((0, 3, 17, 130), block_size=16, ratio=4, q_len=q_len, sliding_window=50)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  got = _call(case, cache, q, seq_ids, q_lens, layer, **knobs)
+  _assert_matches(case, got, oracle(case, cache, q, seq_ids, q_lens, layer))
+
+
+def test_prefill_row_tiles_of_any_size():
+  """Rows (query, head) split over several tiles, a tile boundary inside a query's heads."""
+  case = Case((20, 45), q_len=20, q_lens=(20, 11), ratio=3, block_size=16)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  want = oracle(case, cache, q, seq_ids, q_lens, layer)
+  for rows in (16, 32, 64):
+    _assert_matches(case, _call(case, cache, q, seq_ids, q_lens, layer, block_rows=rows,
+                                k_splits=2), want)
+
+
+@pytest.mark.parametrize("knobs, match", [
+    (dict(pages_per_compute_block=3), "power of two"),
+    (dict(pages_per_compute_block=1), "smallest tl.dot tile"),  # 1 page x block 8 < 16
+    (dict(k_splits=0), "k_splits"),
+    (dict(block_rows=8), "block_rows"),
+    (dict(num_warps=3), "num_warps"),
+    (dict(num_stages=0), "num_stages"),
+], ids=str)
+def test_invalid_knobs_raise(knobs, match):
+  case = Case((3, 17), block_size=8, ratio=2)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  with pytest.raises(ValueError, match=match):
+    _call(case, cache, q, seq_ids, q_lens, layer, **knobs)
+
+
+@pytest.mark.skipif(jax.default_backend() in pallas_gpu.GPU_BACKENDS, reason="needs a non-GPU")
+def test_non_gpu_backend_without_interpret_raises():
+  case = Case((3, 17), ratio=2)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  with pytest.raises(ValueError, match="interpret=True"):
+    pk.paged_attention(q, cache, seq_ids, layer, implementation="pallas_gpu")
+
+
+def test_traced_layer_under_jit():
+  """The layer is a traced value indexed inside the kernel; each layer reads its own data."""
+  case = Case((5, 40, 17), block_size=8, ratio=2)
+  cache, q, seq_ids, q_lens, _ = build_case(case, layer=1)
+  # Layer 0: the negated data of layer 1 (NaN where layer 1 is NaN).
+  cache = cache.replace(k_pool=cache.k_pool.at[0].set(-cache.k_pool[1]),
+                        v_pool=cache.v_pool.at[0].set(2.0 * cache.v_pool[1]))
+  f = jax.jit(lambda c, layer: pk.paged_attention(
+      q, c, seq_ids, layer, q_lens=q_lens, return_lse=True, implementation="pallas_gpu",
+      **KNOBS))
+  for layer in (0, 1):
+    got = f(cache, jnp.int32(layer))
+    _assert_matches(case, got, oracle(case, cache, q, seq_ids, q_lens, layer))
+
+
+def test_out_of_window_blocks_are_never_read():
+  """Blocks wholly before every query's sliding window may be freed (NaN): never read."""
+  case = Case((100, 64), q_len=4, ratio=2, block_size=8, sliding_window=12)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  tables = np.asarray(cache.block_tables)
+  k_pool, v_pool = np.array(cache.k_pool), np.array(cache.v_pool)
+  for r, n in enumerate(case.lengths):
+    first_seen = n - int(q_lens[r]) - case.sliding_window + 1
+    for j in range(first_seen // case.block_size):  # blocks entirely out of every window
+      k_pool[layer, :, tables[r, j]] = np.nan
+      v_pool[layer, :, tables[r, j]] = np.nan
+  cache = cache.replace(k_pool=jnp.asarray(k_pool), v_pool=jnp.asarray(v_pool))
+  got = _call(case, cache, q, seq_ids, q_lens, layer, k_splits=2, pages_per_compute_block=2)
+  _assert_matches(case, got, oracle(case, cache, q, seq_ids, q_lens, layer))
+
+
+def test_merge_partials_matches_a_float64_softmax_over_the_union():
+  rng = np.random.default_rng(0)
+  splits, rows, d = 4, 6, 8
+  logits = [rng.standard_normal((rows, 5)) * 3 for _ in range(splits)]
+  values = [rng.standard_normal((5, d)) for _ in range(splits)]
+  empty = np.zeros((splits, rows), bool)
+  empty[1, :] = True  # a split that saw nothing
+  empty[:, 4] = True  # a row that saw nothing in any split
+  o = np.zeros((splits, rows, d))
+  lse = np.full((splits, rows), -np.inf)
+  for s in range(splits):
+    w = np.exp(logits[s])
+    o[s] = np.where(empty[s][:, None], 0.0, (w @ values[s]) / w.sum(1, keepdims=True))
+    lse[s] = np.where(empty[s], -np.inf, np.log(w.sum(1)))
+  out, got_lse = pallas_gpu.merge_partials(jnp.asarray(o, jnp.float32),
+                                           jnp.asarray(lse, jnp.float32))
+  for r in range(rows):
+    seen = [s for s in range(splits) if not empty[s, r]]
+    if not seen:
+      np.testing.assert_array_equal(np.asarray(out[r]), 0.0)
+      assert np.isneginf(got_lse[r])
+      continue
+    all_logits = np.concatenate([logits[s][r] for s in seen])
+    all_values = np.concatenate([values[s] for s in seen])
+    w = np.exp(all_logits - all_logits.max())
+    np.testing.assert_allclose(out[r], w @ all_values / w.sum(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got_lse[r], all_logits.max() + np.log(w.sum()), atol=1e-5)
+
+
+def test_matches_oracle_with_a_custom_scale():
+  case = Case((9, 33), ratio=4, block_size=16)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  got = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, scale=0.37, return_lse=True,
+                           implementation="pallas_gpu", **KNOBS)
+  want = attention_np(q, cache.k_pool, cache.v_pool, layer, np.asarray(cache.block_tables),
+                      np.array(case.lengths), q_lens, scale=0.37)
+  _assert_matches(case, got, want)
+
+
+def test_float32_queries_over_a_bfloat16_cache():
+  case = Case((3, 40, 17), ratio=4, block_size=16, dtype="bfloat16")
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  q32 = q.astype(jnp.float32) * 1.3  # not representable in bfloat16: the kernel rounds it
+  out, lse = _call(case, cache, q32, seq_ids, q_lens, layer)
+  assert out.dtype == jnp.float32
+  _assert_matches(case, (out, lse), oracle(case, cache, q32, seq_ids, q_lens, layer))
+
+
+def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw):
+  """Lowers the compiled (non-interpret) kernel for CUDA on this CPU machine."""
+  batch, max_blocks = 3, 40
+  q = jax.ShapeDtypeStruct((batch, q_len, q_heads, head_dim), dtype)
+  pool = jax.ShapeDtypeStruct((2, kv_heads, 97, block_size, head_dim), dtype)
+  tables = jax.ShapeDtypeStruct((batch, max_blocks), jnp.int32)
+  lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  f = jax.jit(lambda *a: pallas_gpu.paged_attention_gpu(*a, scale=0.1, return_lse=True, **kw))
+  exported = jax.export.export(
+      f, platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(q, pool, pool, layer, tables, lens, lens)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("args", [
+    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16),
+    dict(q_len=1, q_heads=20, kv_heads=1, head_dim=64, block_size=8, dtype=jnp.float32,
+         soft_cap=30.0),
+    dict(q_len=1, q_heads=8, kv_heads=2, head_dim=256, block_size=128, dtype=jnp.float16),
+    dict(q_len=48, q_heads=40, kv_heads=8, head_dim=128, block_size=32, dtype=jnp.bfloat16,
+         sliding_window=100),
+], ids=lambda a: f"q{a['q_len']}_h{a['q_heads']}/{a['kv_heads']}_d{a['head_dim']}"
+                 f"_bs{a['block_size']}")
+def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
+  """The Triton lowering (not interpret mode) accepts every op and tile shape we emit."""
+  monkeypatch.setattr(pallas_gpu, "_backend", lambda: "cuda")
+  text = _lower_for_cuda(**args)
+  assert "__gpu$xla.gpu.triton" in text and 'name = "paged_attention_gpu' in text
