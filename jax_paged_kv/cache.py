@@ -246,11 +246,10 @@ _reserve = _eager_or_traced(_reserve_impl, static_argnames=("max_new",))
 
 
 def _reserve_context(cache, seq_ids, num_new, max_new):
-  lens = np.asarray(cache.seq_lens)
-  ids = np.asarray(seq_ids)
-  counts = np.asarray(num_new)
+  """Lazy message details for eager errors (nothing is read back unless an error is raised)."""
 
   def too_long(row):
+    lens, ids, counts = np.asarray(cache.seq_lens), np.asarray(seq_ids), np.asarray(num_new)
     return (f"length {lens[ids[row]]} + {counts[row]} new tokens > "
             f"max_seq_len={cache.config.max_seq_len}")
 
@@ -258,7 +257,7 @@ def _reserve_context(cache, seq_ids, num_new, max_new):
     return f"{int(cache.allocator.num_free)} blocks free"
 
   def count(row):
-    return f"num_new={counts[row]} is not in [0, max_new={max_new}]"
+    return f"num_new={np.asarray(num_new)[row]} is not in [0, max_new={max_new}]"
 
   return {Status.SEQUENCE_TOO_LONG: too_long, Status.POOL_EXHAUSTED: exhausted,
           Status.INVALID_COUNT: count}
