@@ -245,6 +245,11 @@ class Engine:
     return bool(self._waiting or self._running)
 
   @property
+  def finished(self) -> dict[int, RequestOutput]:
+    """Every request finished so far, by request id."""
+    return dict(self._finished)
+
+  @property
   def num_running(self) -> int:
     return len(self._running)
 
