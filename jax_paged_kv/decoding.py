@@ -77,9 +77,62 @@ def _token_keys(keys: Array, index: Array) -> Array:
   return jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(keys, index)
 
 
+def _ordered_bits(x: Array) -> Array:
+  """``uint32`` keys with the order of the float32 values ``x`` (NaN-free)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+  return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _bisect(lo: Array, hi: Array, go_up) -> Array:
+  """32 bisection steps over ``uint32`` per row: ``go_up(mid)`` moves ``lo`` up, else ``hi``
+  down. Returns ``hi``, the smallest value where ``go_up`` is False."""
+  def body(_, lh):
+    lo, hi = lh
+    mid = lo + (hi - lo) // 2
+    up = go_up(mid)
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+  return jax.lax.fori_loop(0, 32, body, (lo, hi))[1]
+
+
+def _top_k_mask(bits: Array, k: Array) -> Array:
+  """``bool[batch, vocab]``: values at least the ``k``-th largest of each row (all if k == 0).
+
+  The ``k``-th largest value is found by bisection over the float bits (32 passes, no sort:
+  XLA's sort of a whole vocabulary costs more than the model on CPU). Ties at the threshold
+  are all kept.
+  """
+  v = bits.shape[-1]
+  k = jnp.where(k > 0, jnp.minimum(k, v), v).astype(jnp.int32)
+  lo = jnp.min(bits, axis=-1) - 1  # >= 0: real floats (even -inf) never map to 0
+  hi = jnp.max(bits, axis=-1)
+  # The smallest t with fewer than k values above it is the k-th largest value.
+  thresh = _bisect(lo, hi, lambda t: jnp.sum(bits > t[:, None], -1, dtype=jnp.int32) >= k)
+  return bits >= thresh[:, None]
+
+
+def _top_p_mask(bits: Array, probs: Array, top_p: Array) -> Array:
+  """``bool[batch, vocab]``: tokens whose strictly more likely tokens hold less than ``top_p``.
+
+  That is the smallest set of most likely tokens whose mass reaches ``top_p`` (HF / vLLM
+  nucleus semantics), found by bisection on the threshold, without sorting.
+  """
+  lo = jnp.zeros(bits.shape[:1], jnp.uint32)
+  hi = jnp.max(bits, axis=-1)
+  def mass_above(t):
+    return jnp.sum(jnp.where(bits > t[:, None], probs, 0.0), axis=-1)
+  thresh = _bisect(lo, hi, lambda t: mass_above(t) >= top_p)
+  return (bits >= thresh[:, None]) | (top_p >= 1)[:, None]
+
+
 def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
                   top_p: Array) -> Array:
   """Samples one token per row with per-row temperature, top-k and top-p.
+
+  Filters are applied in the usual order: temperature, then top-k, then top-p on the
+  renormalised top-k distribution. Thresholds are found by bisection over the float bits
+  rather than by sorting the vocabulary (32 vectorised passes; each filter only runs when some
+  row uses it, and an all-greedy batch only takes an argmax).
 
   Args:
     logits: ``float32[batch, vocab]``.
@@ -91,21 +144,28 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
   Returns:
     ``int32[batch]`` token ids.
   """
-  b, v = logits.shape
   logits = logits.astype(jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
-  vals, idx = jax.lax.top_k(logits / t[:, None], v)  # [batch, vocab], descending
-  rank = jnp.arange(v, dtype=jnp.int32)[None, :]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  keep = rank < k[:, None]
-  probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-  keep = keep & ((before < top_p[:, None]) | (rank == 0))
-  masked = jnp.where(keep, vals, -jnp.inf)
-  choice = jax.vmap(jax.random.categorical)(keys, masked)  # [batch]
-  sampled = jnp.take_along_axis(idx, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+  sampling = temperature > 0
+
+  def sample(_):
+    t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
+    z = logits / t[:, None]
+    bits = _ordered_bits(z)
+    keep = jax.lax.cond(jnp.any(sampling & (top_k > 0)), lambda: _top_k_mask(bits, top_k),
+                        lambda: jnp.ones(z.shape, bool))
+    z = jnp.where(keep, z, -jnp.inf)
+
+    def nucleus():
+      probs = jax.nn.softmax(z, axis=-1)
+      return keep & _top_p_mask(bits, probs, jnp.where(sampling, top_p, 1.0))
+
+    keep = jax.lax.cond(jnp.any(sampling & (top_p < 1)), nucleus, lambda: keep)
+    z = jnp.where(keep, z, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+    return jnp.where(sampling, sampled, greedy)
+
+  return jax.lax.cond(jnp.any(sampling), sample, lambda _: greedy, None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,7 +158,12 @@ class Engine:
       ``max_batch`` (``batch_bucket_min=max_batch`` and ``bucket_blocks=False`` give one
       compiled shape per step kind).
     block_bucket_min, bucket_factor: see above; coarser buckets mean fewer compilations.
-    watermark: fraction of the pool kept free at admission (PAGED), to limit preemptions.
+    watermark: fraction of the pool kept free at admission (PAGED).
+    reserve_ratio: at admission (PAGED), every running request is expected to still need
+      ``reserve_ratio`` times its remaining ``max_new_tokens`` (SGLang's "new token ratio"),
+      and a request is admitted only if its prompt plus that share of its own budget fits
+      beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
+      whenever the prompt fits (vLLM's policy) and relies on preemption.
     track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
   """
 
@@ -167,7 +172,8 @@ class Engine:
                prefill_token_budget: int | None = None, decode_steps: int = 8,
                implementation: str | None = None, bucket_blocks: bool = True,
                batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
-               watermark: float = 0.01, track_stats: bool = True):
+               watermark: float = 0.01, reserve_ratio: float = 0.5,
+               track_stats: bool = True):
     c, cc = model_config, cache_config
     if (cc.num_layers, cc.num_kv_heads, cc.head_dim, cc.dtype) != (
         c.num_layers, c.num_kv_heads, c.head_dim, c.dtype):
@@ -192,6 +198,9 @@ class Engine:
       raise ValueError(f"{bucket_factor=} must be >= 2")
     self.bucket_factor = int(bucket_factor)
     self.watermark_blocks = int(watermark * cc.usable_blocks)
+    if not 0 <= reserve_ratio <= 1:
+      raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
+    self.reserve_ratio = float(reserve_ratio)
     self.track_stats = track_stats
     self.cache: PagedKVCache = init_cache(cc)
     self.metrics = EngineMetrics()
@@ -337,12 +346,20 @@ class Engine:
     self._seen_shapes.add(key)
     return res
 
+  def _expected_blocks(self, r: _Request) -> int:
+    """Blocks ``r`` will hold by its end under the ``reserve_ratio`` estimate."""
+    left = r.sampling.max_new_tokens - len(r.out.tokens)
+    return int(self._blocks(len(r.out.prompt) + len(r.out.tokens)
+                            + math.ceil(self.reserve_ratio * left)))
+
   def _admit(self) -> None:
     while self._waiting and self._free_slots and len(self._running) < self.max_batch:
       req = self._waiting[0]
-      need = int(self._blocks(len(req.context)))
+      need = self._expected_blocks(req)
       if self._paged():
-        room = self._free_blocks() - self._promised_blocks()
+        expected = sum(max(0, self._expected_blocks(r) - int(self._blocks(self._lens[r.slot])))
+                       for r in self._running)
+        room = self._free_blocks() - expected
         wm = self.watermark_blocks if self._running else 0
         if room - need < wm:
           break

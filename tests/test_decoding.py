@@ -5,21 +5,24 @@ import numpy as np
 from llama_reference import reference_greedy
 
 from jax_paged_kv import (
-    Status,
-    allocate_sequences,
-    cache_stats,
-    check_invariants,
-    fork_sequence,
-    init_cache,
-    truncate_sequences,
+  Status,
+  allocate_sequences,
+  cache_stats,
+  check_invariants,
+  fork_sequence,
+  init_cache,
+  truncate_sequences,
 )
 from jax_paged_kv.decoding import (
-    DecodeState,
-    SamplingParams,
-    decode_loop,
-    make_key,
-    prefill_step,
-    sample_tokens,
+  DecodeState,
+  SamplingParams,
+  _ordered_bits,
+  _top_k_mask,
+  _top_p_mask,
+  decode_loop,
+  make_key,
+  prefill_step,
+  sample_tokens,
 )
 from jax_paged_kv.models import LlamaConfig, init_params
 
@@ -104,7 +107,7 @@ def test_sample_tokens_matches_numpy_distribution():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 10)).astype(np.float32) * 2
   temp = np.asarray([0.0, 1.0, 0.7, 1.0, 1.0, 2.0], np.float32)
-  top_k = np.asarray([0, 0, 3, 1, 0, 4], np.int32)
+  top_k = np.asarray([0, 0, 3, 1, 0, 4], np.int32)  # rows with 0 share a batch with k > 0
   top_p = np.asarray([1.0, 1.0, 1.0, 1.0, 0.6, 0.9], np.float32)
   n = 6000
   keys = jax.random.split(jax.random.key(3), n * 6).reshape(n, 6)
@@ -118,6 +121,33 @@ def test_sample_tokens_matches_numpy_distribution():
     assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), row
     sigma = np.sqrt(probs * (1 - probs) / n)
     assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-9), (row, freq, probs)
+
+
+def test_filter_masks_match_numpy_exactly():
+  """The sort-free top-k / top-p thresholds against numpy's sorted definition, every k."""
+  rng = np.random.default_rng(5)
+  v = 33
+  logits = rng.normal(size=(v + 1, v)).astype(np.float32) * 3
+  logits[0, :5] = -np.inf  # masked entries (as after an earlier filter)
+  ks = np.arange(v + 1, dtype=np.int32)  # 0 (off) .. v
+  bits = _ordered_bits(logits)
+  got_k = np.asarray(_top_k_mask(bits, ks))
+  for row, k in enumerate(ks):
+    order = np.argsort(-logits[row], kind="stable")
+    want = np.zeros(v, bool)
+    want[order[:k if k else v]] = True
+    np.testing.assert_array_equal(got_k[row], want, err_msg=f"k={k}")
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  for p in (0.05, 0.3, 0.9, 0.999, 1.0):
+    got_p = np.asarray(_top_p_mask(bits, probs, np.full(v + 1, p, np.float32)))
+    for row in range(v + 1):
+      order = np.argsort(-logits[row], kind="stable")
+      sp = probs[row][order].astype(np.float64)
+      before = np.cumsum(sp) - sp
+      want = np.zeros(v, bool)
+      want[order[(before < p) | (np.arange(v) == 0)]] = True
+      want = want & (probs[row] > 0) if p < 1 else np.ones(v, bool)  # p = 1: no filter
+      np.testing.assert_array_equal(got_p[row], want, err_msg=f"p={p} row={row}")
 
 
 # ---- the decode loop ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_batch_invariance_and_late_admission():
 def test_preemption_under_tiny_pool_completes_with_same_output():
   # 16 usable blocks of 4 tokens: the longest request alone needs 10.
   cc = cache_config(1 + 16)
-  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, **FIXED)
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, **FIXED)
   for p in PROMPTS:
     engine.add_request(p, SamplingParams(max_new_tokens=NEW))
   outs = engine.run()
