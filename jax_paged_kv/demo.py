@@ -32,6 +32,8 @@ MODELS = {
     "tiny": (512, 128, 256, 2, 4, 2),
     "small": (1024, 256, 512, 4, 8, 2),
     "base": (4096, 512, 1376, 8, 8, 4),
+    # A Llama-sized vocabulary and MQA: weight reads, not per-row attention, dominate a step.
+    "wide": (32000, 512, 2048, 2, 8, 1),
 }
 
 
