@@ -58,7 +58,7 @@ def main(argv=None):
         model, slabs=args.slabs, max_seq_len=args.max_seq_len, block_size=bs,
         paged_max_seqs=max(args.max_batch, args.slabs))
     common = dict(prefill_chunk=128, prefill_token_budget=512, decode_steps=args.decode_steps,
-                  batch_bucket_min=8, block_bucket_min=8, bucket_factor=2)
+                  batch_bucket_min=8, block_bucket_min=8, bucket_factor=2, decode_width_step=8)
     results = {"paged": [], "contiguous": []}
     for rep in range(args.repeats):
       for name, cc, batch in (("paged", paged_cc, args.max_batch),

@@ -182,7 +182,7 @@ COLUMNS = ["strategy", "slots", "KV MiB", "tokens/s", "vs contiguous", "peak seq
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jax_paged_kv.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--requests", type=int, default=48, help="number of requests")
+  p.add_argument("--requests", type=int, default=100, help="number of requests")
   p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="model size")
   p.add_argument("--slabs", type=int, default=6,
                  help="KV memory = this many contiguous max_seq_len slabs (both strategies)")
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-batch", type=int, default=64, help="most sequences per paged step")
   p.add_argument("--prefill-chunk", type=int, default=128)
   p.add_argument("--decode-steps", type=int, default=16, help="decode steps per jitted loop")
+  p.add_argument("--reserve-ratio", type=float, default=0.5,
+                 help="admission: share of running requests' remaining budget kept free")
   p.add_argument("--prompt-mean", type=float, default=SHAREGPT_PROMPT_MEAN)
   p.add_argument("--output-mean", type=float, default=SHAREGPT_OUTPUT_MEAN)
   p.add_argument("--seed", type=int, default=0)
@@ -226,11 +228,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   common = dict(prefill_chunk=args.prefill_chunk, prefill_token_budget=4 * args.prefill_chunk,
                 decode_steps=args.decode_steps, batch_bucket_min=8, block_bucket_min=8,
-                bucket_factor=2)
+                bucket_factor=2, decode_width_step=8)
   results = []
   for cc, batch in ((paged_cc, args.max_batch), (contig_cc, args.slabs)):
     results.append(run_engine(params, model, cc, requests, desc=cc.strategy.value,
-                              progress=not args.quiet, max_batch=batch, **common))
+                              progress=not args.quiet, max_batch=batch,
+                              reserve_ratio=args.reserve_ratio, **common))
   rows = summary_rows(results)
   print()
   print(format_table(rows, COLUMNS))

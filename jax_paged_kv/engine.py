@@ -158,6 +158,8 @@ class Engine:
       ``max_batch`` (``batch_bucket_min=max_batch`` and ``bucket_blocks=False`` give one
       compiled shape per step kind).
     block_bucket_min, bucket_factor: see above; coarser buckets mean fewer compilations.
+    decode_width_step: if set, decode batch widths are multiples of it instead of geometric
+      buckets (less padding: padding rows cost as much as live ones; more compilations).
     watermark: fraction of the pool kept free at admission (PAGED).
     reserve_ratio: at admission (PAGED), every running request is expected to still need
       ``reserve_ratio`` times its remaining ``max_new_tokens`` (SGLang's "new token ratio"),
@@ -172,6 +174,7 @@ class Engine:
                prefill_token_budget: int | None = None, decode_steps: int = 8,
                implementation: str | None = None, bucket_blocks: bool = True,
                batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
+               decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
                track_stats: bool = True):
     c, cc = model_config, cache_config
@@ -197,6 +200,7 @@ class Engine:
     if bucket_factor < 2:
       raise ValueError(f"{bucket_factor=} must be >= 2")
     self.bucket_factor = int(bucket_factor)
+    self.decode_width_step = decode_width_step
     self.watermark_blocks = int(watermark * cc.usable_blocks)
     if not 0 <= reserve_ratio <= 1:
       raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
@@ -377,7 +381,10 @@ class Engine:
     cap = self.cache_config.max_blocks_per_seq
     return bucket(int(self._blocks(max_len)), cap, self.block_bucket_min, self.bucket_factor)
 
-  def _width(self, rows: int) -> int:
+  def _width(self, rows: int, decode: bool = False) -> int:
+    if decode and self.decode_width_step:
+      step = self.decode_width_step
+      return min(self.max_batch, step * math.ceil(rows / step))
     return bucket(rows, self.max_batch, self.batch_bucket_min, self.bucket_factor)
 
   def _sampling_rows(self, reqs: Sequence[_Request], width: int):
@@ -498,7 +505,7 @@ class Engine:
       if steps > 0:
         break
       self._preempt_newest()
-    width = self._width(len(reqs))
+    width = self._width(len(reqs), decode=True)
     samp, *_ = self._sampling_rows(reqs, width)
     pad = width - len(reqs)
     state = DecodeState.create(
