@@ -42,15 +42,28 @@ def sharegpt_like_lengths(n: int, rng: np.random.Generator, *,
                           output_mean: float = SHAREGPT_OUTPUT_MEAN,
                           max_prompt: int = 1024, max_output: int = 1024,
                           sigma: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-  """Log-normal prompt and output lengths with the given means (before clipping to [4, max]).
+  """Log-normal prompt and output lengths whose means *after* clipping to ``[4, max]`` are the
+  given ones (the location parameter is calibrated on a fixed large sample).
 
   ShareGPT conversations are heavy-tailed: most prompts and answers are short, a few are long.
 
   Returns:
     ``(prompt_lens int64[n], output_lens int64[n])``.
   """
+  z = np.random.default_rng(12345).standard_normal(100_000)
+
+  def calibrated_mu(mean, hi):
+    lo_mu, hi_mu = np.log(4.0) - 3 * sigma, np.log(hi) + 3 * sigma
+    for _ in range(40):
+      mu = (lo_mu + hi_mu) / 2
+      if np.clip(np.exp(mu + sigma * z), 4, hi).mean() < mean:
+        lo_mu = mu
+      else:
+        hi_mu = mu
+    return mu
+
   def draw(mean, hi):
-    mu = np.log(mean) - sigma ** 2 / 2
+    mu = calibrated_mu(mean, hi)
     return np.clip(np.round(rng.lognormal(mu, sigma, n)), 4, hi).astype(np.int64)
   return draw(prompt_mean, max_prompt), draw(output_mean, max_output)
 
