@@ -322,11 +322,14 @@ def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Ar
   layer_ok = (layer >= 0) & (layer < L)
   flat = _drop_index(layer_ok, slots.reshape(-1), NB * BS)
   layer = jnp.clip(layer, 0, L - 1)
+  kf = k.reshape(-1, H, D)  # [batch * T, kv_heads, head_dim]
+  vf = v.reshape(-1, H, D)
   # Scatter straight into the 5-D pool: reshaping it to [.., NB * BS, ..] around the scatter
-  # makes XLA:CPU copy the whole pool instead of updating the donated buffer in place.
+  # makes XLA:CPU copy the whole pool instead of updating the donated buffer in place (and, with
+  # a single index, rewrite the scatter into an update plus a pool-sized select).
   blk, off = flat // BS, flat % BS
-  k_pool = cache.k_pool.at[layer, :, blk, off].set(k.reshape(-1, H, D), mode="drop")
-  v_pool = cache.v_pool.at[layer, :, blk, off].set(v.reshape(-1, H, D), mode="drop")
+  k_pool = cache.k_pool.at[layer, :, blk, off].set(kf, mode="drop")
+  v_pool = cache.v_pool.at[layer, :, blk, off].set(vf, mode="drop")
   status = jnp.where(layer_ok, Status.OK, Status.INVALID_LAYER).astype(jnp.int32)
   return cache.replace(k_pool=k_pool, v_pool=v_pool), status
 
@@ -364,9 +367,9 @@ def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
   cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
   L, H, NB, BS, D = cache.k_pool.shape
   flat = slots.reshape(-1)  # already out of range for failed or padding rows
-  blk, off = flat // BS, flat % BS
   kf = k.reshape(L, -1, H, D).transpose(0, 2, 1, 3)  # [layers, kv_heads, batch * T, head_dim]
   vf = v.reshape(L, -1, H, D).transpose(0, 2, 1, 3)
+  blk, off = flat // BS, flat % BS
   k_pool = cache.k_pool.at[:, :, blk, off].set(kf, mode="drop")
   v_pool = cache.v_pool.at[:, :, blk, off].set(vf, mode="drop")
   return cache.replace(k_pool=k_pool, v_pool=v_pool), status

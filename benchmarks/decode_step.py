@@ -1,0 +1,123 @@
+"""One jitted decode step of the model, paged vs contiguous cache, same model and batch.
+
+For each batch size and context length: every row holds ``context`` tokens. The contiguous
+cache gives each slot its own slab; the paged cache is measured with two table layouts:
+*interleaved* (row ``b``'s ``j``-th block is ``1 + j * batch + b``, what rows that grow together
+during decoding get from the free list) and *shuffled* (random permutations of the pool, the
+worst case for memory locality). Both run the same jitted
+:func:`jax_paged_kv.decoding.decode_step` (cache donated, ``max_blocks`` covering the context)
+and the time is the median of repeats. Goal: paged / contiguous <= 1.3.
+
+    python benchmarks/decode_step.py [--model small] [--batch 1 8 32] [--context 128 512 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine_name, markdown, median, repeat, table, write_json  # noqa: E402
+
+from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve  # noqa: E402
+from jax_paged_kv.decoding import decode_step  # noqa: E402
+from jax_paged_kv.demo import MODELS, model_config  # noqa: E402
+from jax_paged_kv.models import init_params  # noqa: E402
+from jax_paged_kv.state import AllocatorState  # noqa: E402
+
+
+def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="shuffled"):
+  max_seq_len = block_size * math.ceil((context + 64) / block_size)
+  per_seq = math.ceil(max_seq_len / block_size)
+  cc = model.cache_config(num_blocks=1 + batch * per_seq, max_seqs=batch,
+                          max_seq_len=max_seq_len, block_size=block_size, strategy=strategy)
+  cache = init_cache(cc)
+  if strategy is CacheStrategy.PAGED:  # order the free list to get the wanted table layout
+    a = cache.allocator
+    stack = np.asarray(a.free_stack)
+    if layout == "shuffled":
+      stack = np.random.default_rng(seed).permutation(stack)
+    else:  # interleaved: pop i = b * n + j must give block 1 + j * batch + b
+      n = math.ceil(context / block_size)
+      b, j = np.divmod(np.arange(batch * n), n)
+      pops = 1 + j * batch + b
+      rest = np.setdiff1d(stack, pops)
+      stack = np.concatenate([rest, pops[::-1]]).astype(np.int32)  # top of the stack is last
+    cache = cache.replace(allocator=AllocatorState(jnp.asarray(stack), a.num_free, a.ref_counts))
+  ids = np.arange(batch, dtype=np.int32)
+  cache, _ = allocate_sequences(cache, ids)
+  cache, _, _ = reserve(cache, ids, context, max_new=context)
+  k = jax.random.normal(jax.random.key(seed), cache.k_pool.shape, cache.k_pool.dtype)
+  return cache.replace(k_pool=k, v_pool=k * 0.5), ids
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", choices=sorted(MODELS), default="small")
+  p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+  p.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048])
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--repeats", type=int, default=20)
+  args = p.parse_args(argv)
+  model = model_config(args.model)
+  params = init_params(model, jax.random.PRNGKey(0))
+  machine = machine_name()
+  rows = []
+  combos = [(b, c) for b in args.batch for c in args.context]
+  for batch, context in tqdm(combos, desc="decode step", unit="shape"):
+    steps = {}
+    for strategy, layout in ((CacheStrategy.CONTIGUOUS, None),
+                             (CacheStrategy.PAGED, "interleaved"),
+                             (CacheStrategy.PAGED, "shuffled")):
+      cache, ids = filled_cache(model, strategy, batch, context, args.block_size,
+                                layout=layout)
+      mb = math.ceil((context + 64) / args.block_size)  # covers the appended tokens
+      tokens = np.ones(batch, np.int32)
+      state = {"cache": cache}
+
+      def step(state=state, tokens=tokens, ids=ids, mb=mb):
+        # Every call appends one token (the cache has room for repeats + warmup).
+        state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids,
+                                                config=model, max_blocks=mb)
+        return logits
+
+      repeat(step, repeats=0, warmup=2)
+      steps[layout] = step
+    # Round-robin repeats: load from other processes hits all three alike.
+    samples = {k: [] for k in steps}
+    for _ in range(args.repeats):
+      for k, step in steps.items():
+        samples[k] += repeat(step, repeats=1, warmup=0)
+    times = {k: 1e3 * median(v) for k, v in samples.items()}
+    c_ms, i_ms, s_ms = times[None], times["interleaved"], times["shuffled"]
+    rows.append({"batch": batch, "context": context, "contiguous ms": f"{c_ms:.3f}",
+                 "paged ms (interleaved)": f"{i_ms:.3f}",
+                 "ratio (interleaved)": f"{i_ms / c_ms:.2f}",
+                 "paged ms (shuffled)": f"{s_ms:.3f}", "ratio (shuffled)": f"{s_ms / c_ms:.2f}"})
+  cols = ["batch", "context", "contiguous ms", "paged ms (interleaved)", "ratio (interleaved)",
+          "paged ms (shuffled)", "ratio (shuffled)"]
+  print(f"\nmodel {args.model} {MODELS[args.model]}, block {args.block_size}, "
+        f"median of {args.repeats}; machine: {machine}\n")
+  print(table(rows, cols))
+  for layout in ("interleaved", "shuffled"):
+    ratios = [float(r[f"ratio ({layout})"]) for r in rows]
+    print(f"paged ({layout}) / contiguous: median {np.median(ratios):.2f}, worst "
+          f"{max(ratios):.2f} (goal <= 1.3)")
+  path = write_json("decode_step", {"machine": machine, "model": args.model,
+                                    "block_size": args.block_size, "rows": rows})
+  print(f"wrote {path}\n\nRESULTS.md rows ({machine}):\n")
+  print(markdown(rows, cols))
+
+
+if __name__ == "__main__":
+  main()

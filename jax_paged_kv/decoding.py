@@ -1,0 +1,353 @@
+"""Jitted prefill and decoding on the paged cache: chunked prefill, a multi-step decode loop
+inside one ``jit`` (``lax.while_loop``, cache donated), and sampling.
+
+Sampling is per row, so requests with different settings share one compiled step: greedy
+(``temperature == 0``), temperature, top-k and top-p (nucleus), each row with its own explicit
+PRNG key. The key of a row's ``n``-th generated token is ``fold_in(row_key, n)``, so a sequence
+samples the same tokens whatever else is in the batch, and again after it was preempted and
+recomputed.
+
+Three jitted entry points, all donating the cache (``donate_argnames="cache"``):
+
+* :func:`prefill_step`: one chunk of up to ``T`` prompt tokens per row (ragged ``num_new``), then
+  samples a token from each row's last logits (used for rows whose prompt is complete).
+* :func:`decode_step`: one token per row, returns the logits (benchmarks, export).
+* :func:`decode_loop`: up to ``num_steps`` decode steps in one ``lax.while_loop``; stops early
+  when every row is done (stop token, per-row ``max_new_tokens``) or when a step fails (e.g.
+  the pool ran dry: that step is not applied and its status comes back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from jax_paged_kv.models.llama import LlamaConfig, Params, forward
+from jax_paged_kv.state import PagedKVCache
+
+_JIT_STATIC = ("config", "implementation", "max_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How one request picks its tokens.
+
+  Attributes:
+    temperature: ``0`` is greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the ``top_k`` most likely tokens (``0``: no limit).
+    top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+      (``1.0``: no limit). Applied after ``top_k``.
+    max_new_tokens: generate at most this many tokens.
+    stop_tokens: generation ends after any of these (it is included in the output).
+    seed: the request's PRNG seed (``fold_in(key(seed), n)`` samples its ``n``-th token).
+  """
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 16
+  stop_tokens: tuple[int, ...] = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if int(self.top_k) < 0:
+      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if int(self.max_new_tokens) < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+
+def make_key(seed: int) -> np.ndarray:
+  """Raw ``uint32`` key data of ``jax.random.key(seed)`` (rows of a batch stack these)."""
+  return np.asarray(jax.random.key_data(jax.random.key(int(seed))))
+
+
+def _token_keys(keys: Array, index: Array) -> Array:
+  """Typed keys ``[batch]``: row ``b``'s ``key`` folded with ``index[b]``."""
+  return jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(keys, index)
+
+
+def _ordered_bits(x: Array) -> Array:
+  """``uint32`` keys with the order of the float32 values ``x`` (NaN-free)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+  return jax.lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _bisect(lo: Array, hi: Array, go_up) -> Array:
+  """32 bisection steps over ``uint32`` per row: ``go_up(mid)`` moves ``lo`` up, else ``hi``
+  down. Returns ``hi``, the smallest value where ``go_up`` is False."""
+  def body(_, lh):
+    lo, hi = lh
+    mid = lo + (hi - lo) // 2
+    up = go_up(mid)
+    return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+  return jax.lax.fori_loop(0, 32, body, (lo, hi))[1]
+
+
+def _top_k_mask(bits: Array, k: Array) -> Array:
+  """``bool[batch, vocab]``: values at least the ``k``-th largest of each row (all if k == 0).
+
+  The ``k``-th largest value is found by bisection over the float bits (32 passes, no sort:
+  XLA's sort of a whole vocabulary costs more than the model on CPU). Ties at the threshold
+  are all kept.
+  """
+  v = bits.shape[-1]
+  k = jnp.where(k > 0, jnp.minimum(k, v), v).astype(jnp.int32)
+  lo = jnp.min(bits, axis=-1) - 1  # >= 0: real floats (even -inf) never map to 0
+  hi = jnp.max(bits, axis=-1)
+  # The smallest t with fewer than k values above it is the k-th largest value.
+  thresh = _bisect(lo, hi, lambda t: jnp.sum(bits > t[:, None], -1, dtype=jnp.int32) >= k)
+  return bits >= thresh[:, None]
+
+
+def _top_p_mask(bits: Array, probs: Array, top_p: Array) -> Array:
+  """``bool[batch, vocab]``: tokens whose strictly more likely tokens hold less than ``top_p``.
+
+  That is the smallest set of most likely tokens whose mass reaches ``top_p`` (HF / vLLM
+  nucleus semantics), found by bisection on the threshold, without sorting.
+  """
+  lo = jnp.zeros(bits.shape[:1], jnp.uint32)
+  hi = jnp.max(bits, axis=-1)
+  def mass_above(t):
+    return jnp.sum(jnp.where(bits > t[:, None], probs, 0.0), axis=-1)
+  thresh = _bisect(lo, hi, lambda t: mass_above(t) >= top_p)
+  return (bits >= thresh[:, None]) | (top_p >= 1)[:, None]
+
+
+def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
+                  top_p: Array) -> Array:
+  """Samples one token per row with per-row temperature, top-k and top-p.
+
+  Filters are applied in the usual order: temperature, then top-k, then top-p on the
+  renormalised top-k distribution. Thresholds are found by bisection over the float bits
+  rather than by sorting the vocabulary (32 vectorised passes; each filter only runs when some
+  row uses it, and an all-greedy batch only takes an argmax).
+
+  Args:
+    logits: ``float32[batch, vocab]``.
+    keys: ``[batch]`` typed PRNG keys (e.g. ``jax.random.split``), one per row.
+    temperature: ``float32[batch]``; ``0`` picks the argmax.
+    top_k: ``int32[batch]``; ``0`` keeps every token.
+    top_p: ``float32[batch]`` in ``(0, 1]``.
+
+  Returns:
+    ``int32[batch]`` token ids.
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  sampling = temperature > 0
+
+  def sample(_):
+    t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
+    z = logits / t[:, None]
+    bits = _ordered_bits(z)
+    keep = jax.lax.cond(jnp.any(sampling & (top_k > 0)), lambda: _top_k_mask(bits, top_k),
+                        lambda: jnp.ones(z.shape, bool))
+    z = jnp.where(keep, z, -jnp.inf)
+
+    def nucleus():
+      probs = jax.nn.softmax(z, axis=-1)
+      return keep & _top_p_mask(bits, probs, jnp.where(sampling, top_p, 1.0))
+
+    keep = jax.lax.cond(jnp.any(sampling & (top_p < 1)), nucleus, lambda: keep)
+    z = jnp.where(keep, z, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+    return jnp.where(sampling, sampled, greedy)
+
+  return jax.lax.cond(jnp.any(sampling), sample, lambda _: greedy, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """Per-row state of the decode loop (a pytree of arrays).
+
+  Attributes:
+    tokens: ``int32[batch]``, each row's last generated token (not yet in the cache).
+    seq_ids: ``int32[batch]`` cache slots; negative: padding row.
+    num_generated: ``int32[batch]`` tokens generated so far (``tokens`` included).
+    max_new_tokens: ``int32[batch]`` per-row limit.
+    done: ``bool[batch]`` rows that finished (stop token or limit) or are padding.
+    stop_tokens: ``int32[batch, num_stop]``, ``-1`` padded.
+    temperature: ``float32[batch]``.
+    top_k: ``int32[batch]``.
+    top_p: ``float32[batch]``.
+    keys: ``uint32[batch, key_words]`` raw key data (see :func:`make_key`).
+  """
+
+  tokens: Array
+  seq_ids: Array
+  num_generated: Array
+  max_new_tokens: Array
+  done: Array
+  stop_tokens: Array
+  temperature: Array
+  top_k: Array
+  top_p: Array
+  keys: Array
+
+  def replace(self, **kwargs) -> DecodeState:
+    return dataclasses.replace(self, **kwargs)
+
+  @classmethod
+  def create(cls, tokens: Sequence[int], seq_ids: Sequence[int],
+             sampling: Sequence[SamplingParams], num_generated: Sequence[int] | None = None,
+             *, num_stop: int | None = None) -> DecodeState:
+    """Host-side constructor from per-row :class:`SamplingParams`.
+
+    Args:
+      tokens: each row's last generated token.
+      seq_ids: each row's cache slot (negative: padding).
+      sampling: each row's sampling parameters.
+      num_generated: tokens generated so far per row (default 1: the token from prefill).
+      num_stop: width of ``stop_tokens`` (default: the longest list, at least 1).
+    """
+    n = len(seq_ids)
+    if not (len(tokens) == len(sampling) == n):
+      raise ValueError(f"{len(tokens)} tokens, {n} seq_ids and {len(sampling)} sampling params "
+                       "must match")
+    gen = np.ones(n, np.int32) if num_generated is None else np.asarray(num_generated, np.int32)
+    width = max([1, *(len(s.stop_tokens) for s in sampling)]) if num_stop is None else num_stop
+    stops = np.full((n, width), -1, np.int32)
+    for i, s in enumerate(sampling):
+      stops[i, :len(s.stop_tokens)] = s.stop_tokens
+    ids = np.asarray(seq_ids, np.int32)
+    max_new = np.asarray([s.max_new_tokens for s in sampling], np.int32)
+    last = np.asarray(tokens, np.int32)
+    done = (ids < 0) | (gen >= max_new) | np.any(stops == last[:, None], axis=1)
+    return cls(
+        tokens=jnp.asarray(last), seq_ids=jnp.asarray(ids), num_generated=jnp.asarray(gen),
+        max_new_tokens=jnp.asarray(max_new), done=jnp.asarray(done),
+        stop_tokens=jnp.asarray(stops),
+        temperature=jnp.asarray([s.temperature for s in sampling], jnp.float32),
+        top_k=jnp.asarray([s.top_k for s in sampling], jnp.int32),
+        top_p=jnp.asarray([s.top_p for s in sampling], jnp.float32),
+        keys=jnp.asarray(np.stack([make_key(s.seed) for s in sampling])))
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[])
+
+
+@functools.partial(jax.jit, static_argnames=_JIT_STATIC, donate_argnames=("cache",))
+def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
+                 num_new: Array, temperature: Array, top_k: Array, top_p: Array, keys: Array,
+                 key_index: Array, *, config: LlamaConfig, implementation: str | None = None,
+                 max_blocks: int | None = None):
+  """One chunk of prefill for a batch of rows, then one sampled token per row.
+
+  Args:
+    params: model parameters.
+    cache: the cache (donated).
+    tokens: ``int32[batch, T]`` prompt chunk; row ``b`` uses its first ``num_new[b]`` tokens.
+    seq_ids: ``int32[batch]`` active slots (negative: padding).
+    num_new: ``int32[batch]`` valid tokens per row, in ``[0, T]``.
+    temperature, top_k, top_p: per-row sampling parameters (see :func:`sample_tokens`).
+    keys: ``uint32[batch, key_words]`` per-row raw key data.
+    key_index: ``int32[batch]`` index folded into each key (tokens generated so far).
+    config: the model config (static).
+    implementation: paged attention implementation (static).
+    max_blocks: static bound on block-table columns read (XLA attention).
+
+  Returns:
+    ``(cache, next_tokens int32[batch], logits float32[batch, vocab], status int32[batch])``;
+    ``next_tokens`` is only meaningful for rows whose prompt this chunk completed.
+  """
+  cache, logits, status = forward(params, cache, tokens, seq_ids, num_new, config=config,
+                                  implementation=implementation, max_blocks=max_blocks)
+  nxt = sample_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p)
+  return cache, nxt, logits, status
+
+
+@functools.partial(jax.jit, static_argnames=_JIT_STATIC, donate_argnames=("cache",))
+def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array, *,
+                config: LlamaConfig, implementation: str | None = None,
+                max_blocks: int | None = None):
+  """One decode step: appends ``tokens[b]`` to each row's sequence and returns the next logits.
+
+  Args:
+    params: model parameters.
+    cache: the cache (donated).
+    tokens: ``int32[batch]``, one new token per row.
+    seq_ids: ``int32[batch]`` active slots (negative: padding).
+    config, implementation, max_blocks: static, as for :func:`prefill_step`.
+
+  Returns:
+    ``(cache, logits float32[batch, vocab], status int32[batch])``.
+  """
+  return forward(params, cache, tokens[:, None], seq_ids, config=config,
+                 implementation=implementation, max_blocks=max_blocks)
+
+
+@functools.partial(jax.jit, static_argnames=(*_JIT_STATIC, "max_steps"),
+                   donate_argnames=("cache",))
+def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_steps, *,
+                config: LlamaConfig, max_steps: int, implementation: str | None = None,
+                max_blocks: int | None = None):
+  """Up to ``num_steps`` decode steps inside one ``jit`` (a ``lax.while_loop``).
+
+  Each step appends every live row's last token to the cache, runs the model and samples the
+  next token. A row is done after a stop token or ``max_new_tokens``; done rows are treated as
+  padding (nothing written, nothing read). The loop ends after ``num_steps`` steps, when every
+  row is done, or when a step fails: then that step is not applied (the cache is as after the
+  previous step) and ``status`` says why (e.g. ``POOL_EXHAUSTED``, ``SEQUENCE_TOO_LONG``).
+
+  Args:
+    params: model parameters.
+    cache: the cache (donated).
+    state: the :class:`DecodeState`.
+    num_steps: ``int32[]``, at most ``max_steps`` (may be traced: one compilation serves all).
+    config: the model config (static).
+    max_steps: static size of the output buffer.
+    implementation: paged attention implementation (static).
+    max_blocks: static bound on block-table columns read (XLA attention); every row's length
+      must stay ``<= max_blocks * block_size`` for the steps taken.
+
+  Returns:
+    ``(cache, state, out_tokens int32[batch, max_steps], steps int32[], status int32[batch])``:
+    ``out_tokens[b, s]`` is the token row ``b`` generated at step ``s`` or ``-1``; ``steps`` is
+    the number of steps applied; ``status`` is the failing step's (zeros if none failed).
+  """
+  b = state.seq_ids.shape[0]
+  num_steps = jnp.minimum(jnp.asarray(num_steps, jnp.int32), max_steps)
+  state = state.replace(done=state.done | (state.seq_ids < 0)
+                        | (state.num_generated >= state.max_new_tokens))
+  out = jnp.full((b, max_steps), -1, jnp.int32)
+  status0 = jnp.zeros((b,), jnp.int32)
+
+  def cond(carry):
+    _, st, _, step, status = carry
+    return (step < num_steps) & ~jnp.all(st.done) & jnp.all(status == 0)
+
+  def body(carry):
+    cache, st, out, step, _ = carry
+    live = ~st.done
+    ids = jnp.where(live, st.seq_ids, -1)
+    new_cache, logits, status = forward(params, cache, st.tokens[:, None], ids,
+                                        live.astype(jnp.int32), config=config,
+                                        implementation=implementation, max_blocks=max_blocks)
+    ok = jnp.all(status == 0)
+    nxt = sample_tokens(logits, _token_keys(st.keys, st.num_generated), st.temperature,
+                        st.top_k, st.top_p)
+    take = live & ok
+    gen = st.num_generated + take.astype(jnp.int32)
+    stop = jnp.any(nxt[:, None] == st.stop_tokens, axis=1)
+    done = st.done | (take & (stop | (gen >= st.max_new_tokens)))
+    st = st.replace(tokens=jnp.where(take, nxt, st.tokens), num_generated=gen, done=done)
+    out = out.at[:, step].set(jnp.where(take, nxt, -1))
+    # On failure forward already returned the cache unchanged (but for telemetry).
+    return new_cache, st, out, step + ok.astype(jnp.int32), status
+
+  cache, state, out, steps, status = jax.lax.while_loop(
+      cond, body, (cache, state, out, jnp.zeros((), jnp.int32), status0))
+  return cache, state, out, steps, status

@@ -1,0 +1,580 @@
+"""Continuous batching on the host around the jitted steps of :mod:`jax_paged_kv.decoding`.
+
+The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
+
+1. admits waiting requests while a sequence slot is free and the pool has room for their prompt
+   (plus a small watermark), in arrival order;
+2. runs one chunked-prefill call: every admitted request with prompt left contributes up to
+   ``prefill_chunk`` tokens, at most ``prefill_token_budget`` tokens in all; a request whose
+   prompt completes samples its first token;
+3. runs one :func:`~jax_paged_kv.decoding.decode_loop` of up to ``decode_steps`` steps over every
+   decoding request (ragged lengths, one compiled step); the number of steps is cut so the
+   blocks the rows may need fit in the pool. If not even one step fits, the most recently
+   admitted request is *preempted*: its blocks are freed and it goes back to the front of the
+   queue, to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
+4. frees every finished request's slot at once.
+
+Batch shapes are bucketed (rows, and with the XLA attention path the block-table columns read;
+powers of two by default), so a handful of compilations serve a whole run. Host-side slot ids
+are the cache's sequence ids; padding rows use ``-1``.
+
+:func:`generate` is the one-call convenience for a list of prompts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_paged_kv.cache import allocate_sequences, free_sequences
+from jax_paged_kv.config import CacheConfig, CacheStrategy
+from jax_paged_kv.decoding import (
+    DecodeState,
+    SamplingParams,
+    decode_loop,
+    make_key,
+    prefill_step,
+)
+from jax_paged_kv.errors import (
+    PoolExhaustedError,
+    SequenceTooLongError,
+    Status,
+    raise_for_status,
+)
+from jax_paged_kv.models.llama import LlamaConfig, Params, attention_knobs
+from jax_paged_kv.state import PagedKVCache, init_cache
+from jax_paged_kv.stats import cache_stats
+
+
+def bucket(n: int, cap: int, minimum: int = 1, factor: int = 2) -> int:
+  """The smallest ``minimum * factor**i >= n``, capped at ``cap`` (static shapes for jit)."""
+  b = max(1, minimum)
+  while b < n:
+    b *= factor
+  return min(b, cap)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """A finished (or in-flight) request.
+
+  Attributes:
+    request_id: the id :meth:`Engine.add_request` returned.
+    prompt: the prompt tokens.
+    tokens: generated tokens (a stop token, if hit, is the last one).
+    finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
+    num_preemptions: times the request was preempted and recomputed.
+    arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
+  """
+
+  request_id: int
+  prompt: list[int]
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  num_preemptions: int = 0
+  arrival_time: float = 0.0
+  first_token_time: float | None = None
+  finish_time: float | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+  out: RequestOutput
+  sampling: SamplingParams
+  slot: int = -1
+  context: list[int] = dataclasses.field(default_factory=list)  # tokens to prefill
+  prefilled: int = 0  # tokens of ``context`` in the cache
+  admit_order: int = 0
+
+  @property
+  def prefilling(self) -> bool:
+    return self.prefilled < len(self.context)
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+  """Counters of an engine run (host-side numbers).
+
+  Attributes:
+    steps: engine steps taken.
+    prefill_calls / decode_calls: jitted calls of each kind.
+    decode_steps: decode iterations executed inside the decode loops.
+    prompt_tokens: prompt tokens prefilled (recomputation included).
+    generated_tokens: tokens generated.
+    peak_running: most sequences in the cache at once.
+    preemptions: requests preempted (each is recomputed later).
+    util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
+      (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
+    running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
+    compile_seconds: wall time of calls that compiled a new shape (first use of a bucket).
+    wall_seconds: wall time inside :meth:`Engine.step`.
+  """
+
+  steps: int = 0
+  prefill_calls: int = 0
+  decode_calls: int = 0
+  decode_steps: int = 0
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  peak_running: int = 0
+  preemptions: int = 0
+  util_tokens: int = 0
+  util_slots: int = 0
+  running_trace: list[int] = dataclasses.field(default_factory=list)
+  util_trace: list[float] = dataclasses.field(default_factory=list)
+  time_trace: list[float] = dataclasses.field(default_factory=list)
+  compile_seconds: float = 0.0
+  wall_seconds: float = 0.0
+
+  @property
+  def utilization(self) -> float:
+    """``sum(tokens_stored) / sum(allocated_slots)`` over the sampled steps."""
+    return self.util_tokens / self.util_slots if self.util_slots else 1.0
+
+
+class Engine:
+  """A continuous-batching server loop on one cache.
+
+  Args:
+    params: model parameters.
+    model_config: the model config.
+    cache_config: the cache config (``PAGED`` or ``CONTIGUOUS``); must fit the model.
+    max_batch: most sequences decoded at once (default ``cache_config.max_seqs``).
+    prefill_chunk: prompt tokens per row per prefill call (the static ``T`` of prefill).
+    prefill_token_budget: prompt tokens per prefill call over all rows (default
+      ``4 * prefill_chunk``).
+    decode_steps: decode steps per :func:`~jax_paged_kv.decoding.decode_loop` call.
+    implementation: paged attention implementation (None: the backend's best).
+    bucket_blocks: with XLA attention, read only a bucket of block-table columns (at least
+      ``block_bucket_min``, growing by ``bucket_factor``) instead of all ``max_blocks``.
+    batch_bucket_min: smallest batch width; widths grow by ``bucket_factor`` up to
+      ``max_batch`` (``batch_bucket_min=max_batch`` and ``bucket_blocks=False`` give one
+      compiled shape per step kind).
+    block_bucket_min, bucket_factor: see above; coarser buckets mean fewer compilations.
+    decode_width_step: if set, decode batch widths are multiples of it instead of geometric
+      buckets (less padding: padding rows cost as much as live ones; more compilations).
+    watermark: fraction of the pool kept free at admission (PAGED).
+    reserve_ratio: at admission (PAGED), every running request is expected to still need
+      ``reserve_ratio`` times its remaining ``max_new_tokens`` (SGLang's "new token ratio"),
+      and a request is admitted only if its prompt plus that share of its own budget fits
+      beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
+      whenever the prompt fits (vLLM's policy) and relies on preemption.
+    track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
+  """
+
+  def __init__(self, params: Params, model_config: LlamaConfig, cache_config: CacheConfig, *,
+               max_batch: int | None = None, prefill_chunk: int = 64,
+               prefill_token_budget: int | None = None, decode_steps: int = 8,
+               implementation: str | None = None, bucket_blocks: bool = True,
+               batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
+               decode_width_step: int | None = None,
+               watermark: float = 0.01, reserve_ratio: float = 0.5,
+               track_stats: bool = True):
+    c, cc = model_config, cache_config
+    if (cc.num_layers, cc.num_kv_heads, cc.head_dim, cc.dtype) != (
+        c.num_layers, c.num_kv_heads, c.head_dim, c.dtype):
+      raise ValueError(f"cache config {cc} does not fit the model {c}")
+    if prefill_chunk < 1 or decode_steps < 1:
+      raise ValueError(f"{prefill_chunk=} and {decode_steps=} must be >= 1")
+    self.params = params
+    self.model_config = c
+    self.cache_config = cc
+    self.max_batch = min(max_batch or cc.max_seqs, cc.max_seqs)
+    self.prefill_chunk = int(prefill_chunk)
+    self.prefill_token_budget = int(prefill_token_budget or 4 * prefill_chunk)
+    if self.prefill_token_budget < self.prefill_chunk:
+      raise ValueError(f"prefill_token_budget={self.prefill_token_budget} < "
+                       f"prefill_chunk={self.prefill_chunk}")
+    self.decode_steps = int(decode_steps)
+    self.implementation = implementation
+    self.bucket_blocks = bucket_blocks and bool(attention_knobs(implementation, 1))
+    self.batch_bucket_min = int(batch_bucket_min)
+    self.block_bucket_min = int(block_bucket_min)
+    if bucket_factor < 2:
+      raise ValueError(f"{bucket_factor=} must be >= 2")
+    self.bucket_factor = int(bucket_factor)
+    self.decode_width_step = decode_width_step
+    self.watermark_blocks = int(watermark * cc.usable_blocks)
+    if not 0 <= reserve_ratio <= 1:
+      raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
+    self.reserve_ratio = float(reserve_ratio)
+    self.track_stats = track_stats
+    self.cache: PagedKVCache = init_cache(cc)
+    self.metrics = EngineMetrics()
+    self._waiting: collections.deque[_Request] = collections.deque()
+    self._running: list[_Request] = []
+    self._free_slots = list(range(cc.max_seqs - 1, -1, -1))  # pop() gives slot 0 first
+    self._lens = np.zeros(cc.max_seqs, np.int64)  # host mirror of seq_lens
+    self._next_id = 0
+    self._admitted = 0
+    self._finished: dict[int, RequestOutput] = {}
+    self._seen_shapes: set[tuple] = set()
+
+  # ---- requests ------------------------------------------------------------------------------
+
+  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None) -> int:
+    """Queues a request; returns its id.
+
+    Raises:
+      ValueError: an empty prompt or a token outside ``[0, vocab_size)``.
+      SequenceTooLongError: ``len(prompt) + max_new_tokens > max_seq_len``.
+      PoolExhaustedError: the sequence could never fit in the pool, even alone.
+    """
+    sampling = sampling or SamplingParams()
+    prompt = [int(t) for t in prompt]
+    cc = self.cache_config
+    if not prompt:
+      raise ValueError("empty prompt: a request needs at least one token")
+    bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+    if bad:
+      raise ValueError(f"prompt token {bad[0]} is outside [0, {self.model_config.vocab_size})")
+    total = len(prompt) + sampling.max_new_tokens
+    if total > cc.max_seq_len:
+      raise SequenceTooLongError(
+          f"add_request: {len(prompt)} prompt tokens + max_new_tokens="
+          f"{sampling.max_new_tokens} > max_seq_len={cc.max_seq_len}",
+          status=Status.SEQUENCE_TOO_LONG)
+    if (cc.strategy is CacheStrategy.PAGED
+        and math.ceil(total / cc.block_size) > cc.usable_blocks):
+      raise PoolExhaustedError(
+          f"add_request: {total} tokens need {math.ceil(total / cc.block_size)} blocks, the "
+          f"pool has {cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
+    rid = self._next_id
+    self._next_id += 1
+    req = _Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
+                   sampling=sampling, context=list(prompt))
+    self._waiting.append(req)
+    return rid
+
+  @property
+  def has_work(self) -> bool:
+    return bool(self._waiting or self._running)
+
+  @property
+  def finished(self) -> dict[int, RequestOutput]:
+    """Every request finished so far, by request id."""
+    return dict(self._finished)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  # ---- block accounting (host side) ----------------------------------------------------------
+
+  def _blocks(self, n) -> np.ndarray:
+    return -(-np.asarray(n) // self.cache_config.block_size)
+
+  def _paged(self) -> bool:
+    return self.cache_config.strategy is CacheStrategy.PAGED
+
+  def _free_blocks(self) -> int:
+    if not self._paged():
+      return self.cache_config.usable_blocks  # every slot owns its slab
+    return self.cache_config.usable_blocks - int(self._blocks(self._lens).sum())
+
+  def _promised_blocks(self) -> int:
+    """Blocks the admitted but not fully prefilled requests will still take."""
+    if not self._paged():
+      return 0
+    return sum(int(self._blocks(len(r.context)) - self._blocks(r.prefilled))
+               for r in self._running if r.prefilling)
+
+  # ---- the step ------------------------------------------------------------------------------
+
+  def step(self) -> list[RequestOutput]:
+    """One engine step: admit, one prefill call, one decode loop, free finished requests.
+
+    Returns:
+      The requests that finished during this step.
+    """
+    t0 = time.perf_counter()
+    finished: list[RequestOutput] = []
+    self._admit()
+    if any(r.prefilling for r in self._running):
+      finished += self._prefill()
+    if any(not r.prefilling for r in self._running):
+      finished += self._decode()
+    m = self.metrics
+    m.steps += 1
+    m.peak_running = max(m.peak_running, len(self._running))
+    m.running_trace.append(len(self._running))
+    if self.track_stats:
+      s = cache_stats(self.cache)
+      tokens, slots = int(s.tokens_stored), int(s.allocated_slots)
+      m.util_tokens += tokens
+      m.util_slots += slots
+      m.util_trace.append(tokens / slots if slots else float("nan"))
+    m.wall_seconds += time.perf_counter() - t0
+    m.time_trace.append(m.wall_seconds)
+    return finished
+
+  def run(self, progress: Callable[[int], object] | None = None) -> list[RequestOutput]:
+    """Steps until every queued request finished.
+
+    Args:
+      progress: called with the number of requests that finished in each step (e.g. a tqdm
+        bar's ``update``).
+
+    Returns:
+      Every request finished during the run, ordered by request id.
+    """
+    done = []
+    while self.has_work:
+      fin = self.step()
+      done += fin
+      if progress is not None and fin:
+        progress(len(fin))
+    return sorted(done, key=lambda o: o.request_id)
+
+  # ---- pieces --------------------------------------------------------------------------------
+
+  def _timed(self, key: tuple, fn, *args, **kwargs):
+    """Calls ``fn``; the first call per static shape counts as compile time."""
+    if key in self._seen_shapes:
+      return fn(*args, **kwargs)
+    t0 = time.perf_counter()
+    res = fn(*args, **kwargs)
+    jax.block_until_ready(res)
+    self.metrics.compile_seconds += time.perf_counter() - t0
+    self._seen_shapes.add(key)
+    return res
+
+  def _expected_blocks(self, r: _Request) -> int:
+    """Blocks ``r`` will hold by its end under the ``reserve_ratio`` estimate."""
+    left = r.sampling.max_new_tokens - len(r.out.tokens)
+    return int(self._blocks(len(r.out.prompt) + len(r.out.tokens)
+                            + math.ceil(self.reserve_ratio * left)))
+
+  def _admit(self) -> None:
+    while self._waiting and self._free_slots and len(self._running) < self.max_batch:
+      req = self._waiting[0]
+      need = self._expected_blocks(req)
+      if self._paged():
+        expected = sum(max(0, self._expected_blocks(r) - int(self._blocks(self._lens[r.slot])))
+                       for r in self._running)
+        room = self._free_blocks() - expected
+        wm = self.watermark_blocks if self._running else 0
+        if room - need < wm:
+          break
+      self._waiting.popleft()
+      req.slot = self._free_slots.pop()
+      req.prefilled = 0
+      req.admit_order = self._admitted
+      self._admitted += 1
+      self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
+      self._running.append(req)
+
+  def _max_blocks(self, max_len: int) -> int | None:
+    if not self.bucket_blocks:
+      return None
+    cap = self.cache_config.max_blocks_per_seq
+    return bucket(int(self._blocks(max_len)), cap, self.block_bucket_min, self.bucket_factor)
+
+  def _width(self, rows: int, decode: bool = False) -> int:
+    if decode and self.decode_width_step:
+      step = self.decode_width_step
+      return min(self.max_batch, step * math.ceil(rows / step))
+    return bucket(rows, self.max_batch, self.batch_bucket_min, self.bucket_factor)
+
+  def _sampling_rows(self, reqs: Sequence[_Request], width: int):
+    pad = SamplingParams()
+    samp = [r.sampling for r in reqs] + [pad] * (width - len(reqs))
+    temp = np.asarray([s.temperature for s in samp], np.float32)
+    top_k = np.asarray([s.top_k for s in samp], np.int32)
+    top_p = np.asarray([s.top_p for s in samp], np.float32)
+    keys = np.stack([make_key(s.seed) for s in samp])
+    return samp, temp, top_k, top_p, keys
+
+  def _prefill(self) -> list[RequestOutput]:
+    chunk, budget = self.prefill_chunk, self.prefill_token_budget
+    rows: list[tuple[_Request, int]] = []
+    for r in self._running:
+      if not r.prefilling or budget <= 0:
+        continue
+      n = min(chunk, len(r.context) - r.prefilled, budget)
+      if self._paged():
+        grow = int(self._blocks(r.prefilled + n) - self._blocks(r.prefilled))
+        if grow > self._free_blocks():
+          continue
+      rows.append((r, n))
+      budget -= n
+    if not rows:
+      # Nothing fits: make room by preempting the newest request, then retry next step.
+      self._preempt_newest()
+      return []
+    width = self._width(len(rows))
+    tokens = np.zeros((width, chunk), np.int32)
+    seq_ids = np.full(width, -1, np.int32)
+    num_new = np.zeros(width, np.int32)
+    key_index = np.zeros(width, np.int32)
+    for i, (r, n) in enumerate(rows):
+      tokens[i, :n] = r.context[r.prefilled:r.prefilled + n]
+      seq_ids[i] = r.slot
+      num_new[i] = n
+      key_index[i] = len(r.out.tokens)
+    _, temp, top_k, top_p, keys = self._sampling_rows([r for r, _ in rows], width)
+    max_len = max(r.prefilled + n for r, n in rows)
+    mb = self._max_blocks(max_len)
+    self.cache, nxt, _, status = self._timed(
+        ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
+        num_new, temp, top_k, top_p, keys, key_index, config=self.model_config,
+        implementation=self.implementation, max_blocks=mb)
+    raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
+    nxt = np.asarray(nxt)
+    self.metrics.prefill_calls += 1
+    finished = []
+    now = time.perf_counter()
+    for i, (r, n) in enumerate(rows):
+      r.prefilled += n
+      self._lens[r.slot] += n
+      self.metrics.prompt_tokens += n
+      if not r.prefilling:
+        if r.out.first_token_time is None:
+          r.out.first_token_time = now
+        if self._emit(r, [int(nxt[i])]):
+          finished.append(self._finish(r))
+    return finished
+
+  def _emit(self, r: _Request, toks: Iterable[int]) -> bool:
+    """Appends generated tokens; True if the request is now finished."""
+    s = r.sampling
+    for t in toks:
+      r.out.tokens.append(t)
+      self.metrics.generated_tokens += 1
+      if t in s.stop_tokens:
+        r.out.finish_reason = "stop"
+        return True
+      if len(r.out.tokens) >= s.max_new_tokens:
+        r.out.finish_reason = "length"
+        return True
+    return False
+
+  def _finish(self, r: _Request) -> RequestOutput:
+    self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+    self._lens[r.slot] = 0
+    self._free_slots.append(r.slot)
+    self._running.remove(r)
+    r.out.finish_time = time.perf_counter()
+    self._finished[r.out.request_id] = r.out
+    return r.out
+
+  def _preempt_newest(self) -> None:
+    victim = max(self._running, key=lambda r: r.admit_order)
+    self.cache, _ = free_sequences(self.cache, np.int32(victim.slot))
+    self._lens[victim.slot] = 0
+    self._free_slots.append(victim.slot)
+    self._running.remove(victim)
+    victim.slot = -1
+    victim.context = victim.out.prompt + victim.out.tokens
+    victim.prefilled = 0
+    victim.out.num_preemptions += 1
+    self.metrics.preemptions += 1
+    self._waiting.appendleft(victim)
+
+  def _decode_budget(self, reqs: Sequence[_Request]) -> int:
+    """Most decode steps (<= ``decode_steps``) whose worst-case block needs fit the pool."""
+    k = self.decode_steps
+    if not self._paged():
+      return k
+    lens = self._lens[[r.slot for r in reqs]]
+    left = np.asarray([r.sampling.max_new_tokens - len(r.out.tokens) for r in reqs])
+    room = self._free_blocks() - self._promised_blocks()
+    for steps in range(k, 0, -1):
+      grow = self._blocks(lens + np.minimum(steps, left)) - self._blocks(lens)
+      if int(grow.sum()) <= room:
+        return steps
+    return 0
+
+  def _decode(self) -> list[RequestOutput]:
+    while True:
+      reqs = [r for r in self._running if not r.prefilling]
+      if not reqs:
+        return []
+      steps = self._decode_budget(reqs)
+      if steps > 0:
+        break
+      self._preempt_newest()
+    width = self._width(len(reqs), decode=True)
+    samp, *_ = self._sampling_rows(reqs, width)
+    pad = width - len(reqs)
+    state = DecodeState.create(
+        tokens=[r.out.tokens[-1] for r in reqs] + [0] * pad,
+        seq_ids=[r.slot for r in reqs] + [-1] * pad,
+        sampling=samp,
+        num_generated=[len(r.out.tokens) for r in reqs] + [0] * pad,
+        num_stop=max([1, *(len(s.stop_tokens) for s in samp)]))
+    max_len = max(int(self._lens[r.slot]) for r in reqs) + steps
+    mb = self._max_blocks(max_len)
+    key = ("decode", width, mb, state.stop_tokens.shape[1])
+    self.cache, state, out, n_steps, status = self._timed(
+        key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
+        config=self.model_config, max_steps=self.decode_steps,
+        implementation=self.implementation, max_blocks=mb)
+    out, n_steps = np.asarray(out), int(n_steps)
+    raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
+    self.metrics.decode_calls += 1
+    self.metrics.decode_steps += n_steps
+    finished = []
+    for i, r in enumerate(reqs):
+      toks = [int(t) for t in out[i, :n_steps] if t >= 0]
+      self._lens[r.slot] += len(toks)  # each step wrote the previous token
+      if self._emit(r, toks):
+        finished.append(self._finish(r))
+    return finished
+
+
+def generate(params: Params, model_config: LlamaConfig, prompts: Sequence[Sequence[int]],
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             cache_config: CacheConfig | None = None, block_size: int = 16,
+             progress: bool = False, **engine_kwargs) -> list[list[int]]:
+  """Generates a continuation of every prompt with continuous batching.
+
+  Args:
+    params: model parameters.
+    model_config: the model config.
+    prompts: token-id lists.
+    sampling: one :class:`~jax_paged_kv.decoding.SamplingParams` for all prompts, or one each
+      (default: greedy, 16 new tokens).
+    cache_config: the cache (default: a paged cache with room for every request at once).
+    block_size: block size of the default cache.
+    progress: show a tqdm progress bar.
+    **engine_kwargs: passed to :class:`Engine`.
+
+  Returns:
+    The generated tokens of each prompt, in order.
+  """
+  prompts = [list(p) for p in prompts]
+  if isinstance(sampling, SamplingParams) or sampling is None:
+    sampling = [sampling or SamplingParams()] * len(prompts)
+  if len(sampling) != len(prompts):
+    raise ValueError(f"{len(sampling)} sampling params for {len(prompts)} prompts")
+  if not prompts:
+    return []
+  if cache_config is None:
+    totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True)]
+    max_len = block_size * math.ceil(max(totals) / block_size)
+    blocks = sum(math.ceil(t / block_size) for t in totals)
+    cache_config = model_config.cache_config(
+        num_blocks=1 + blocks, max_seqs=min(len(prompts), 256), max_seq_len=max_len,
+        block_size=block_size)
+  engine = Engine(params, model_config, cache_config, **engine_kwargs)
+  ids = [engine.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(prompts), desc="generate", unit="req")
+  outs = {o.request_id: o for o in engine.run(bar.update if bar else None)}
+  if bar:
+    bar.close()
+  return [outs[i].tokens for i in ids]

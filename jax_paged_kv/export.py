@@ -1,0 +1,124 @@
+"""The decode step as a serialisable ``jax.export`` artifact (StableHLO).
+
+``export_decode_step`` traces :func:`~jax_paged_kv.decoding.decode_step` for one batch width and
+cache layout and returns an :class:`ExportedDecodeStep`; ``serialize()`` gives bytes that
+``ExportedDecodeStep.deserialize`` turns back into a callable in another process (no Python
+model code needed to run it, only this small wrapper)::
+
+    step = export_decode_step(params, cache, batch=8, config=model_config)
+    blob = step.serialize()                     # bytes: store or ship them
+    step2 = ExportedDecodeStep.deserialize(blob)
+    cache, logits, status = step2(params, cache, tokens, seq_ids)
+
+The exported function takes the flat leaves of ``params`` and ``cache`` (plain lists), so no
+custom pytree registration is needed to deserialise it; the wrapper flattens and unflattens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_paged_kv.decoding import decode_step
+from jax_paged_kv.errors import CacheShapeError
+from jax_paged_kv.models.llama import LlamaConfig, Params
+from jax_paged_kv.state import PagedKVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedDecodeStep:
+  """A decode step exported with ``jax.export``.
+
+  Attributes:
+    exported: the ``jax.export.Exported`` of ``(param_leaves, cache_leaves, tokens, seq_ids) ->
+      (cache_leaves, logits, status)``.
+  """
+
+  exported: jax.export.Exported
+
+  @property
+  def batch(self) -> int:
+    """Batch width the step was exported for."""
+    return int(self.exported.in_avals[-1].shape[0])
+
+  def __call__(self, params: Params, cache: PagedKVCache, tokens, seq_ids):
+    """Runs the exported step.
+
+    Args:
+      params: parameters with the exported shapes.
+      cache: a cache with the exported config (only its leaves are passed).
+      tokens: ``int32[batch]``.
+      seq_ids: ``int32[batch]``.
+
+    Returns:
+      ``(cache, logits float32[batch, vocab], status int32[batch])``.
+    """
+    p_leaves = jax.tree_util.tree_leaves(params)
+    c_leaves, c_tree = jax.tree_util.tree_flatten(cache)
+    n_p, n_c = (x.num_leaves for x in self.exported.in_tree.children()[0].children()[:2])
+    if (len(p_leaves), len(c_leaves)) != (n_p, n_c):
+      raise CacheShapeError(f"exported step expects {n_p} parameter and {n_c} cache leaves, "
+                            f"got {len(p_leaves)} and {len(c_leaves)}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    seq_ids = jnp.asarray(seq_ids, jnp.int32)
+    new_leaves, logits, status = self.exported.call(p_leaves, c_leaves, tokens, seq_ids)
+    return jax.tree_util.tree_unflatten(c_tree, new_leaves), logits, status
+
+  def serialize(self) -> bytes:
+    """The StableHLO artifact as bytes (``jax.export`` serialisation format)."""
+    return bytes(self.exported.serialize())
+
+  @classmethod
+  def deserialize(cls, data: bytes | bytearray) -> ExportedDecodeStep:
+    """Inverse of :meth:`serialize`."""
+    return cls(jax.export.deserialize(bytearray(data)))
+
+  def mlir_module(self) -> str:
+    """The StableHLO text (for inspection)."""
+    return self.exported.mlir_module()
+
+
+def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
+                       config: LlamaConfig, implementation: str | None = None,
+                       max_blocks: int | None = None,
+                       platforms: Sequence[str] | None = None) -> ExportedDecodeStep:
+  """Exports :func:`~jax_paged_kv.decoding.decode_step` for a batch width and cache layout.
+
+  Args:
+    params: model parameters (only shapes and dtypes are used).
+    cache: a cache (only its config, shapes and dtypes are used).
+    batch: rows per step.
+    config: the model config.
+    implementation: paged attention implementation baked into the artifact.
+    max_blocks: static bound on block-table columns read (XLA attention).
+    platforms: target platforms, e.g. ``("cpu", "cuda")`` (default: the current backend).
+
+  Returns:
+    An :class:`ExportedDecodeStep`.
+  """
+  if batch < 1:
+    raise ValueError(f"{batch=} must be >= 1")
+  p_tree = jax.tree_util.tree_structure(params)
+  c_tree = jax.tree_util.tree_structure(cache)
+
+  def step(p_leaves, c_leaves, tokens, seq_ids):
+    p = jax.tree_util.tree_unflatten(p_tree, p_leaves)
+    c = jax.tree_util.tree_unflatten(c_tree, c_leaves)
+    c, logits, status = decode_step.__wrapped__(p, c, tokens, seq_ids, config=config,
+                                                implementation=implementation,
+                                                max_blocks=max_blocks)
+    return jax.tree_util.tree_leaves(c), logits, status
+
+  def spec(x):
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+  args = ([spec(x) for x in jax.tree_util.tree_leaves(params)],
+          [spec(x) for x in jax.tree_util.tree_leaves(cache)],
+          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+  exported = jax.export.export(jax.jit(step, donate_argnums=1), **kwargs)(*args)
+  return ExportedDecodeStep(exported)

@@ -1,0 +1,239 @@
+"""Sampling, chunked prefill and the jitted decode loop, against numpy and full recomputation."""
+
+import jax
+import numpy as np
+from llama_reference import reference_greedy
+
+from jax_paged_kv import (
+  Status,
+  allocate_sequences,
+  cache_stats,
+  check_invariants,
+  fork_sequence,
+  init_cache,
+  truncate_sequences,
+)
+from jax_paged_kv.decoding import (
+  DecodeState,
+  SamplingParams,
+  _ordered_bits,
+  _top_k_mask,
+  _top_p_mask,
+  decode_loop,
+  make_key,
+  prefill_step,
+  sample_tokens,
+)
+from jax_paged_kv.models import LlamaConfig, init_params
+
+SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
+CACHE = SMALL.cache_config(num_blocks=40, max_seqs=4, max_seq_len=48, block_size=4)
+WIDTH, CHUNK, STEPS = 4, 8, 8
+PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
+
+
+def prefill(cache, prompts, slots, sampling):
+  """Chunked prefill of every prompt (rows padded to WIDTH); returns (cache, first tokens)."""
+  cache, _ = allocate_sequences(cache, np.asarray(slots, np.int32))
+  pos = [0] * len(prompts)
+  first = [None] * len(prompts)
+  pad = [SamplingParams()] * (WIDTH - len(prompts))
+  samp = list(sampling) + pad
+  temp = np.asarray([s.temperature for s in samp], np.float32)
+  top_k = np.asarray([s.top_k for s in samp], np.int32)
+  top_p = np.asarray([s.top_p for s in samp], np.float32)
+  keys = np.stack([make_key(s.seed) for s in samp])
+  while any(p < len(t) for p, t in zip(pos, prompts, strict=True)):
+    toks = np.zeros((WIDTH, CHUNK), np.int32)
+    num = np.zeros(WIDTH, np.int32)
+    ids = np.full(WIDTH, -1, np.int32)
+    for i, t in enumerate(prompts):
+      piece = t[pos[i]:pos[i] + CHUNK]
+      toks[i, :len(piece)] = piece
+      num[i] = len(piece)
+      ids[i] = slots[i] if piece else -1
+    cache, nxt, _, status = prefill_step(PARAMS, cache, toks, ids, num, temp, top_k, top_p, keys,
+                                         np.zeros(WIDTH, np.int32), config=SMALL)
+    assert not np.any(np.asarray(status))
+    for i, t in enumerate(prompts):
+      pos[i] += num[i]
+      if num[i] and pos[i] == len(t):
+        first[i] = int(nxt[i])
+  return cache, first
+
+
+def run_loop(cache, state, num_steps=STEPS):
+  return decode_loop(PARAMS, cache, state, np.int32(num_steps), config=SMALL, max_steps=STEPS)
+
+
+def decode_all(cache, first, slots, sampling, calls):
+  """``calls`` decode loops; returns (cache, generated tokens per row, final state)."""
+  n = len(first)
+  pad = WIDTH - n
+  state = DecodeState.create(first + [0] * pad, list(slots) + [-1] * pad,
+                             list(sampling) + [SamplingParams()] * pad)
+  outs = [[t] for t in first]
+  for _ in range(calls):
+    cache, state, out, steps, status = run_loop(cache, state)
+    assert not np.any(np.asarray(status))
+    out = np.asarray(out)
+    for i in range(n):
+      outs[i] += [int(t) for t in out[i, :int(steps)] if t >= 0]
+  return cache, outs, state
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+
+def numpy_filtered_probs(logits, temperature, top_k, top_p):
+  """The distribution sample_tokens draws from, in float64 numpy (HF/vLLM filter semantics)."""
+  z = logits.astype(np.float64) / temperature
+  order = np.argsort(-z, kind="stable")
+  keep = np.zeros_like(z, bool)
+  k = top_k if top_k > 0 else z.size
+  keep[order[:k]] = True
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  sp = p[order]
+  before = np.cumsum(sp) - sp
+  drop = order[(before >= top_p) & (np.arange(z.size) > 0)]
+  keep[drop] = False
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  return p / p.sum()
+
+
+def test_sample_tokens_matches_numpy_distribution():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 10)).astype(np.float32) * 2
+  temp = np.asarray([0.0, 1.0, 0.7, 1.0, 1.0, 2.0], np.float32)
+  top_k = np.asarray([0, 0, 3, 1, 0, 4], np.int32)  # rows with 0 share a batch with k > 0
+  top_p = np.asarray([1.0, 1.0, 1.0, 1.0, 0.6, 0.9], np.float32)
+  n = 6000
+  keys = jax.random.split(jax.random.key(3), n * 6).reshape(n, 6)
+  draw = jax.jit(jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None)))
+  samples = np.asarray(draw(logits, keys, temp, top_k, top_p))  # [n, 6]
+  assert np.all(samples[:, 0] == np.argmax(logits[0]))  # temperature 0: greedy
+  assert np.all(samples[:, 3] == np.argmax(logits[3]))  # top_k 1: greedy
+  for row in (1, 2, 4, 5):
+    probs = numpy_filtered_probs(logits[row], temp[row], top_k[row], top_p[row])
+    freq = np.bincount(samples[:, row], minlength=10) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), row
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-9), (row, freq, probs)
+
+
+def test_filter_masks_match_numpy_exactly():
+  """The sort-free top-k / top-p thresholds against numpy's sorted definition, every k."""
+  rng = np.random.default_rng(5)
+  v = 33
+  logits = rng.normal(size=(v + 1, v)).astype(np.float32) * 3
+  logits[0, :5] = -np.inf  # masked entries (as after an earlier filter)
+  ks = np.arange(v + 1, dtype=np.int32)  # 0 (off) .. v
+  bits = _ordered_bits(logits)
+  got_k = np.asarray(_top_k_mask(bits, ks))
+  for row, k in enumerate(ks):
+    order = np.argsort(-logits[row], kind="stable")
+    want = np.zeros(v, bool)
+    want[order[:k if k else v]] = True
+    np.testing.assert_array_equal(got_k[row], want, err_msg=f"k={k}")
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  for p in (0.05, 0.3, 0.9, 0.999, 1.0):
+    got_p = np.asarray(_top_p_mask(bits, probs, np.full(v + 1, p, np.float32)))
+    for row in range(v + 1):
+      order = np.argsort(-logits[row], kind="stable")
+      sp = probs[row][order].astype(np.float64)
+      before = np.cumsum(sp) - sp
+      want = np.zeros(v, bool)
+      want[order[(before < p) | (np.arange(v) == 0)]] = True
+      want = want & (probs[row] > 0) if p < 1 else np.ones(v, bool)  # p = 1: no filter
+      np.testing.assert_array_equal(got_p[row], want, err_msg=f"p={p} row={row}")
+
+
+# ---- the decode loop ---------------------------------------------------------------------------
+
+
+def test_decode_loop_greedy_matches_recomputation_with_stops_and_limits():
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, 128, n).tolist() for n in (5, 9, 2)]
+  refs = [reference_greedy(PARAMS, SMALL, p, 20) for p in prompts]
+  stop = refs[2][6]  # row 2 must stop at the first occurrence of this token
+  sampling = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=4),
+              SamplingParams(max_new_tokens=20, stop_tokens=(stop, 127))]
+  cache = init_cache(CACHE, pool_fill=float("nan"))
+  cache, first = prefill(cache, prompts, [2, 0, 3], sampling)
+  cache, outs, state = decode_all(cache, first, [2, 0, 3], sampling, calls=3)
+  assert outs[0] == refs[0]
+  assert outs[1] == refs[1][:4]
+  cut = refs[2].index(stop) + 1
+  assert outs[2] == refs[2][:cut] and outs[2][-1] == stop
+  assert np.asarray(state.done).tolist() == [True, True, True, True]
+  # The last generated token is never written: lengths are prompt + generated - 1.
+  lens = np.asarray(cache.seq_lens)
+  assert [lens[s] for s in (2, 0, 3)] == [len(p) + len(o) - 1 for p, o in
+                                          zip(prompts, outs, strict=True)]
+
+
+def test_decode_loop_stops_on_pool_exhaustion_and_reports_status():
+  rng = np.random.default_rng(2)
+  # 39 usable blocks of 4: three prompts of 38 tokens (10 blocks, 2 free slots each) and one of
+  # 34 (9 blocks, 2 free slots) fill the pool; two steps fit, the third needs 4 new blocks.
+  prompts = [rng.integers(0, 128, n).tolist() for n in (38, 38, 38, 34)]
+  sampling = [SamplingParams(max_new_tokens=9)] * 4
+  cache = init_cache(CACHE)
+  cache, first = prefill(cache, prompts, [0, 1, 2, 3], sampling)
+  assert int(cache.allocator.num_free) == 0
+  state = DecodeState.create(first, [0, 1, 2, 3], sampling)
+  cache, state, out, steps, status = run_loop(cache, state)
+  assert int(steps) == 2
+  assert np.asarray(status).tolist() == [Status.POOL_EXHAUSTED] * 4  # every row asked
+  assert np.asarray(cache.seq_lens).tolist() == [40, 40, 40, 36]
+  assert int(cache.telemetry.failed_allocations) == 1
+  assert np.all(np.asarray(out)[:, :2] >= 0) and np.all(np.asarray(out)[:, 2:] == -1)
+  assert bool(check_invariants(cache).ok)
+  for i in range(4):  # the two applied steps are the greedy continuation
+    ref = reference_greedy(PARAMS, SMALL, prompts[i], 3)
+    assert [first[i], *np.asarray(out)[i, :2].tolist()] == ref
+
+
+def test_fork_gives_identical_continuations():
+  prompt = np.random.default_rng(3).integers(0, 128, 6).tolist()  # 1.5 blocks: a shared tail
+  samp = SamplingParams(temperature=1.0, top_k=20, seed=11, max_new_tokens=12)
+  # Oracle: the same prompt decoded alone, no fork.
+  solo_cache = init_cache(CACHE)
+  solo_cache, first = prefill(solo_cache, [prompt], [0], [samp])
+  _, solo, _ = decode_all(solo_cache, first, [0], [samp], calls=2)
+  cache = init_cache(CACHE)
+  cache, first = prefill(cache, [prompt], [1], [samp])
+  cache, _ = fork_sequence(cache, np.int32(1), np.int32(3))
+  cache, _ = fork_sequence(cache, np.int32(1), np.int32(0))
+  assert int(cache_stats(cache).shared_blocks) == 2
+  greedy = SamplingParams(max_new_tokens=12)
+  cache, outs, _ = decode_all(cache, first * 3, [1, 3, 0], [samp, samp, greedy], calls=2)
+  assert outs[0] == outs[1] == solo[0]
+  assert outs[2][1:] == reference_greedy(PARAMS, SMALL, prompt + [first[0]], 11)
+  assert bool(check_invariants(cache).ok)
+
+
+def test_truncate_and_redecode_reproduces_tokens():
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 128, n).tolist() for n in (7, 3)]
+  sampling = [SamplingParams(max_new_tokens=12),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=12)]
+  cache = init_cache(CACHE)
+  cache, first = prefill(cache, prompts, [0, 1], sampling)
+  cache, outs, _ = decode_all(cache, first, [0, 1], sampling, calls=2)
+  assert outs[0] == reference_greedy(PARAMS, SMALL, prompts[0], 12)
+  free_before = int(cache.allocator.num_free)
+  # The cache holds prompt + outs[:11]; roll back 9 tokens (across block boundaries).
+  cache, status = truncate_sequences(cache, np.asarray([0, 1], np.int32), 9)
+  assert np.asarray(status).tolist() == [0, 0]
+  assert int(cache.allocator.num_free) > free_before
+  state = DecodeState.create([o[2] for o in outs] + [0, 0], [0, 1, -1, -1],
+                             sampling + [SamplingParams()] * 2, num_generated=[3, 3, 0, 0])
+  cache, state, out, steps, status = run_loop(cache, state)
+  out = np.asarray(out)
+  assert int(steps) == 8 and not np.any(np.asarray(status))
+  for i in range(2):
+    again = outs[i][:3] + [int(t) for t in out[i] if t >= 0]
+    assert again == outs[i][:11]
