@@ -30,10 +30,38 @@ from jax_paged_kv.errors import (
 from jax_paged_kv.state import AllocatorState, PagedKVCache, Telemetry, init_cache
 from jax_paged_kv.stats import InvariantReport, KVCacheStats, cache_stats, check_invariants
 
+# The model, decoding loop and engine build on the cache (imported last: data flows one way).
+from jax_paged_kv.decoding import (  # noqa: E402  isort: skip
+    DecodeState,
+    SamplingParams,
+    decode_loop,
+    decode_step,
+    prefill_step,
+    sample_tokens,
+)
+from jax_paged_kv.engine import Engine, EngineMetrics, RequestOutput, generate  # noqa: E402
+from jax_paged_kv.export import ExportedDecodeStep, export_decode_step  # noqa: E402
+from jax_paged_kv.models import LlamaConfig, init_params, load_hf_checkpoint  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "NULL_BLOCK",
+    "DecodeState",
+    "Engine",
+    "EngineMetrics",
+    "ExportedDecodeStep",
+    "LlamaConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "decode_loop",
+    "decode_step",
+    "export_decode_step",
+    "generate",
+    "init_params",
+    "load_hf_checkpoint",
+    "prefill_step",
+    "sample_tokens",
     "AllocatorState",
     "CacheConfig",
     "CacheShapeError",

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-from llama_reference import reference_greedy
 
 from jax_paged_kv import (
   Status,
@@ -25,6 +24,7 @@ from jax_paged_kv.decoding import (
   sample_tokens,
 )
 from jax_paged_kv.models import LlamaConfig, init_params
+from tests.llama_reference import reference_greedy
 
 SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, rope_theta=500.0)

@@ -3,18 +3,18 @@
 import jax
 import numpy as np
 import pytest
-from llama_reference import reference_greedy
 
 from jax_paged_kv import (
-    CacheStrategy,
-    PoolExhaustedError,
-    SequenceTooLongError,
-    cache_stats,
-    check_invariants,
+  CacheStrategy,
+  PoolExhaustedError,
+  SequenceTooLongError,
+  cache_stats,
+  check_invariants,
 )
 from jax_paged_kv.decoding import SamplingParams
 from jax_paged_kv.engine import Engine, generate
 from jax_paged_kv.models import LlamaConfig, init_params
+from tests.llama_reference import reference_greedy
 
 SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, rope_theta=500.0)

@@ -7,19 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from llama_reference import reference_logits
 
 from jax_paged_kv import CacheShapeError, CacheStrategy, allocate_sequences, init_cache
 from jax_paged_kv.models import (
-    LlamaConfig,
-    check_params,
-    forward,
-    init_params,
-    load_hf_checkpoint,
-    params_from_hf,
-    params_to_hf,
-    read_safetensors,
+  LlamaConfig,
+  check_params,
+  forward,
+  init_params,
+  load_hf_checkpoint,
+  params_from_hf,
+  params_to_hf,
+  read_safetensors,
 )
+from tests.llama_reference import reference_logits
 
 forward_jit = jax.jit(forward, static_argnames=("config", "implementation", "max_blocks",
                                                 "all_logits"), donate_argnums=1)
