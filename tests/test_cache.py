@@ -452,6 +452,28 @@ def test_vmap_over_independent_caches_matches_separate_calls():
   assert np.all(np.asarray(st) == 0)
 
 
+def test_pmap_over_per_device_caches_matches_separate_calls():
+  """One independent cache per device (data parallel serving), updated under pmap."""
+  rng = np.random.default_rng(18)
+  cfg = small_config()
+  caches = [filled_cache(rng, cfg) for _ in range(2)]
+  stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *caches)
+  k, v = rand_kv(rng, cfg, 2, 2)
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, cfg.head_dim)), jnp.float32)
+
+  def step(c, k, v, q):
+    c, st = pk.append_kv(c, k, v, jnp.array([1, 0]), num_new=jnp.array([2, 1]))
+    return c, pk.paged_attention(q, c, jnp.array([0, 1]), 1), st
+
+  out, att, st = jax.pmap(step, in_axes=(0, None, None, None))(stacked, k, v, q)
+  for i, c in enumerate(caches):
+    want_cache, want_att, _ = jax.jit(step)(c, k, v, q)
+    got = jax.tree_util.tree_map(lambda x, i=i: x[i], out)
+    assert leaves_equal(got, want_cache, skip_telemetry=False)
+    np.testing.assert_allclose(np.asarray(att[i]), np.asarray(want_att), rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(st) == 0)
+
+
 def test_shard_map_over_kv_heads_matches_unsharded():
   """Pools sharded on the kv-head axis; allocator metadata replicated and updated identically."""
   from jax.sharding import Mesh, NamedSharding
