@@ -152,10 +152,9 @@ def conclusion(rows) -> tuple[int, str]:
           f"{DEFAULT_BLOCK} keeps {100 * d['utilization']:.1f}% of the allocated slots busy "
           f"(block 8: {100 * by[8]['utilization']:.1f}%, 32: {100 * by[32]['utilization']:.1f}%, "
           f"128: {100 * by[128]['utilization']:.1f}%; the waste is about half a block per "
-          f"sequence) at {d['step_ms']:.2f} ms per step; on this CPU the step time barely depends "
-          f"on the block size (block 8: {by[8]['step_ratio']:.2f}x, 128: "
-          f"{by[128]['step_ratio']:.2f}x of block {DEFAULT_BLOCK}), so utilisation decides. At "
-          "equal KV memory the sequences that fit scale with utilisation.")
+          f"sequence) at {d['step_ms']:.2f} ms per step (block 8: {by[8]['step_ratio']:.2f}x, 32: "
+          f"{by[32]['step_ratio']:.2f}x, 128: {by[128]['step_ratio']:.2f}x of it). At equal KV "
+          "memory the sequences that fit scale with utilisation.")
   if best["block"] != DEFAULT_BLOCK:
     text += (f" On this machine the rule favours {best['block']} over the default "
              f"{DEFAULT_BLOCK}.")

@@ -81,17 +81,18 @@ def main(argv=None):
           "vs contiguous": f"{tps / base:.2f}x", "peak seqs": r0["peak_running"],
           "mean seqs": f"{r0['mean_running']:.1f}",
           "KV util": f"{100 * report.median([r['kv_utilization'] for r in rs]):.1f}%",
-          "preempt": r0["preemptions"],
+          "preempt": r0["preemptions"], "decode steps": r0["decode_steps"],
           "wall s": f"{report.median([r['wall_s'] for r in rs]):.1f}",
           "compile s": f"{r0['compile_s']:.1f}",
       })
   cols = ["strategy", "block", "slots", "KV MiB", "tokens/s", "vs contiguous", "peak seqs",
-          "mean seqs", "KV util", "preempt", "wall s", "compile s"]
+          "mean seqs", "KV util", "preempt", "decode steps", "wall s", "compile s"]
   print(f"\n{args.requests} requests (prompt mean {p_mean:.0f}, output mean {o_mean:.0f}), "
         f"model {args.model} {demo.MODELS[args.model]}, median of {args.repeats}; "
         f"machine: {machine}\n")
   print(report.text_table(cols, rows))
   paged = next(r for r in rows if r["strategy"] == "paged")
+  contig = next(r for r in rows if r["strategy"] == "contiguous")
   notes = (f"{args.requests} ShareGPT-like requests (log-normal lengths, prompt mean "
            f"{p_mean:.0f}, output mean {o_mean:.0f} tokens, sampled, no stop token) through the "
            f"continuous-batching engine, `{args.model}` model, float32. Both strategies get the "
@@ -100,7 +101,10 @@ def main(argv=None):
            f"{args.repeats} interleaved repeats. Paged / contiguous throughput "
            f"**{paged['vs contiguous']}** (goal >= 2x), paged KV utilisation "
            f"**{paged['KV util']}** (tokens stored / slots allocated, mean over engine steps; "
-           "goal >= 97%).")
+           "goal >= 97%). Paged runs "
+           f"{contig['decode steps'] / paged['decode steps']:.1f}x fewer decode steps (more "
+           "sequences per step); whether that buys throughput depends on how much a step's "
+           "cost grows with its batch, which on a small CPU is nearly linear.")
   print(notes)
   path = report.save("serving", title="Serving a request mix: paged vs contiguous at equal "
                      "KV memory", markdown=report.markdown_table(cols, rows), notes=notes,
