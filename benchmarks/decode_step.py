@@ -8,31 +8,27 @@ worst case for memory locality). Both run the same jitted
 :func:`jax_paged_kv.decoding.decode_step` (cache donated, ``max_blocks`` covering the context)
 and the time is the median of repeats. Goal: paged / contiguous <= 1.3.
 
-    python benchmarks/decode_step.py [--model small] [--batch 1 8 32] [--context 128 512 2048]
+    python -m benchmarks.decode_step [--quick] [--model small] [--batch 1 8 32] [--context ...]
+
+Saves ``benchmarks/results/decode_step.json`` and the RESULTS.md section (``benchmarks.report``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import machine_name, markdown, median, repeat, table, write_json  # noqa: E402
-
-from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve  # noqa: E402
-from jax_paged_kv.decoding import decode_step  # noqa: E402
-from jax_paged_kv.demo import MODELS, model_config  # noqa: E402
-from jax_paged_kv.models import init_params  # noqa: E402
-from jax_paged_kv.state import AllocatorState  # noqa: E402
+from benchmarks import report
+from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
+from jax_paged_kv.decoding import decode_step
+from jax_paged_kv.demo import MODELS, model_config
+from jax_paged_kv.models import init_params
+from jax_paged_kv.state import AllocatorState
 
 
 def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="shuffled"):
@@ -63,15 +59,20 @@ def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="sh
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true",
+                 help="batch 1 and 8, context 128 and 512, 7 repeats")
   p.add_argument("--model", choices=sorted(MODELS), default="small")
-  p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-  p.add_argument("--context", type=int, nargs="+", default=[128, 512, 2048])
+  p.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 8 32")
+  p.add_argument("--context", type=int, nargs="+", default=None, help="default 128 512 2048")
   p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=None, help="default 20 (7 with --quick)")
   args = p.parse_args(argv)
+  args.batch = args.batch or ([1, 8] if args.quick else [1, 8, 32])
+  args.context = args.context or ([128, 512] if args.quick else [128, 512, 2048])
+  args.repeats = args.repeats or (7 if args.quick else 20)
   model = model_config(args.model)
   params = init_params(model, jax.random.PRNGKey(0))
-  machine = machine_name()
+  machine = report.machine_name()
   rows = []
   combos = [(b, c) for b in args.batch for c in args.context]
   for batch, context in tqdm(combos, desc="decode step", unit="shape"):
@@ -91,14 +92,14 @@ def main(argv=None):
                                                 config=model, max_blocks=mb)
         return logits
 
-      repeat(step, repeats=0, warmup=2)
+      report.repeat(step, repeats=0, warmup=2)
       steps[layout] = step
     # Round-robin repeats: load from other processes hits all three alike.
     samples = {k: [] for k in steps}
     for _ in range(args.repeats):
       for k, step in steps.items():
-        samples[k] += repeat(step, repeats=1, warmup=0)
-    times = {k: 1e3 * median(v) for k, v in samples.items()}
+        samples[k] += report.repeat(step, repeats=1, warmup=0)
+    times = {k: 1e3 * report.median(v) for k, v in samples.items()}
     c_ms, i_ms, s_ms = times[None], times["interleaved"], times["shuffled"]
     rows.append({"batch": batch, "context": context, "contiguous ms": f"{c_ms:.3f}",
                  "paged ms (interleaved)": f"{i_ms:.3f}",
@@ -108,15 +109,28 @@ def main(argv=None):
           "paged ms (shuffled)", "ratio (shuffled)"]
   print(f"\nmodel {args.model} {MODELS[args.model]}, block {args.block_size}, "
         f"median of {args.repeats}; machine: {machine}\n")
-  print(table(rows, cols))
+  print(report.text_table(cols, rows))
+  summary = {}
   for layout in ("interleaved", "shuffled"):
     ratios = [float(r[f"ratio ({layout})"]) for r in rows]
-    print(f"paged ({layout}) / contiguous: median {np.median(ratios):.2f}, worst "
-          f"{max(ratios):.2f} (goal <= 1.3)")
-  path = write_json("decode_step", {"machine": machine, "model": args.model,
-                                    "block_size": args.block_size, "rows": rows})
-  print(f"wrote {path}\n\nRESULTS.md rows ({machine}):\n")
-  print(markdown(rows, cols))
+    summary[layout] = {"median": float(np.median(ratios)), "worst": max(ratios)}
+  notes = (f"One jitted `decode_step` of the `{args.model}` model "
+           f"({model.num_layers} layers, {model.num_kv_heads} kv heads, head_dim "
+           f"{model.head_dim}, float32), every row holding `context` tokens, block "
+           f"{args.block_size}; median of {args.repeats} round-robin repeats. Paged tables are "
+           "*interleaved* (what rows growing together get from the free list) or *shuffled* "
+           "(random permutation of the pool, worst locality). Paged / contiguous: interleaved "
+           f"median **{summary['interleaved']['median']:.2f}** (worst "
+           f"{summary['interleaved']['worst']:.2f}), shuffled median "
+           f"**{summary['shuffled']['median']:.2f}** (worst {summary['shuffled']['worst']:.2f}); "
+           "goal <= 1.3.")
+  print(notes)
+  path = report.save("decode_step", title="Decode step: paged vs contiguous cache",
+                     markdown=report.markdown_table(cols, rows), notes=notes,
+                     data={"model": args.model, "block_size": args.block_size,
+                           "repeats": args.repeats, "rows": rows, "summary": summary})
+  print(f"wrote {path}")
+  return rows
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ and on the same data:
 
 Reports the median time per call (after warmup; each sample times ``--inner`` back-to-back
 calls ended by one ``block_until_ready``), the effective bandwidth (KV bytes read / time) and
-the fraction of the copy ceiling. Prints a table, writes JSON (``--out``) and prints a markdown
-table for ``benchmarks/RESULTS.md``.
+the fraction of the copy ceiling. Prints a table and saves through :mod:`benchmarks.report`: on a
+GPU, ``benchmarks/results/gpu_decode.json`` plus the GPU section of ``benchmarks/RESULTS.md``; in
+interpret mode (or with ``--tiny``) ``benchmarks/out/gpu_decode_interpret.json`` only, so a CPU
+smoke run never replaces the GPU numbers. ``--out PATH`` also writes the raw summary there.
 
 Usage (GPU machine, from the checkout)::
 
@@ -45,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from jax_paged_kv.attention import pallas_gpu  # noqa: E402
 from jax_paged_kv.attention.reference import paged_attention_xla  # noqa: E402
 
@@ -305,7 +308,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU)")
   p.add_argument("--tiny", action="store_true", help="tiny shapes (with --interpret on CPU)")
-  p.add_argument("--out", default="benchmarks/out/gpu_decode.json")
+  p.add_argument("--out", default=None, help="also write the raw summary JSON here")
   p.add_argument("--time-budget", type=float, default=270.0,
                  help="seconds; configs not started by then are skipped")
   p.add_argument("--repeats", type=int, default=None)
@@ -437,11 +440,17 @@ def main(argv=None):
                  dtype=dtype.name, interpret=args.interpret, tiny=args.tiny,
                  copy_ceiling_gbps=ceiling / 1e9, elapsed_s=elapsed, goals=GOALS,
                  results=results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(summary, f, indent=1)
-  print_tables(summary)
-  log(f"wrote {args.out}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(summary, f, indent=1)
+    log(f"wrote {args.out}")
+  text, md, notes = print_tables(summary)
+  smoke = args.interpret or args.tiny  # never replaces the GPU numbers in results/
+  path = report.save("gpu_decode_interpret" if smoke else "gpu_decode",
+                     title="Paged decode attention on GPU: ours vs peers", markdown=md,
+                     notes=notes, data=summary, directory=report.OUT_DIR if smoke else None)
+  log(f"wrote {path}")
   wrong = [f"{r['config']} bs{r['block_size']} {r['impl']} (max err {r['max_err']:.3g})"
            for r in results if r.get("correct") is False]
   if wrong:
@@ -453,7 +462,8 @@ def main(argv=None):
 IMPLS = ("ours", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
 
 
-def print_tables(summary):
+def print_tables(summary) -> tuple[str, str, str]:
+  """Prints the tables; returns ``(text table, markdown table, notes)`` for the report."""
   by = {}
   for r in summary["results"]:
     by.setdefault((r["config"], r["block_size"]), {})[r["impl"]] = r
@@ -471,10 +481,6 @@ def print_tables(summary):
       return "-"
     return f"{other['time_us'] / ours['time_us']:.2f}x"
 
-  print()
-  print(f"{summary['device_kind']}  jax {summary['jax_version']}  {summary['dtype']}  copy "
-        f"ceiling {summary['copy_ceiling_gbps']:.1f} GB/s"
-        + ("  [INTERPRET MODE: not performance]" if summary["interpret"] else ""))
   head = ["config", "bs"] + list(IMPLS) + ["vs jax", "vs cudnn", "vs torch"]
   rows = []
   for (name, bs), impls in by.items():
@@ -482,26 +488,22 @@ def print_tables(summary):
     rows.append([name, str(bs)] + [cell(impls.get(i), frac=True) for i in IMPLS]
                 + [ratio(o, impls.get("jax_pallas")), ratio(o, impls.get("cudnn")),
                    ratio(o, impls.get("torch_sdpa"))])
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-  print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-  for r in rows:
-    print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+  text = report.text_table(head, rows)
+  md = report.markdown_table(head, rows)
+  notes = (f"{summary['dtype']}, {summary['heads']}"
+           + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
+           + f". Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. Cells: "
+           "median time per call (fraction of the copy ceiling); 'vs X' = X time / ours, "
+           f"measured in the same run. {summary['goals']}.")
+  print()
+  print(f"{summary['device_kind']}  jax {summary['jax_version']}  {summary['dtype']}  copy "
+        f"ceiling {summary['copy_ceiling_gbps']:.1f} GB/s"
+        + ("  [INTERPRET MODE: not performance]" if summary["interpret"] else ""))
+  print(text)
   print("(time per call, fraction of the copy ceiling in parentheses; 'vs X' = X time / ours)")
   print()
-  print(f"### Paged decode attention, {summary['device_kind']} (JAX {summary['jax_version']}, "
-        f"{summary['dtype']}, {summary['heads']}"
-        + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
-        + ")")
-  print()
-  print(f"Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. "
-        "Cells: time per call (fraction of copy ceiling).")
-  print()
-  print("| " + " | ".join(head) + " |")
-  print("|" + "---|" * len(head))
-  for r in rows:
-    print("| " + " | ".join(r) + " |")
-  print()
-  print(GOALS)
+  print(notes)
+  return text, md, notes
 
 
 if __name__ == "__main__":

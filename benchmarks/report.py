@@ -1,8 +1,13 @@
-"""Shared plumbing of the benchmark programs: machine description, timing, JSON and RESULTS.md.
+"""The one shared module of the benchmark programs: machine, timing, tables, saving, RESULTS.md.
 
-Every benchmark writes ``benchmarks/results/<name>.json`` with a ``markdown`` table; RESULTS.md
-is regenerated from all of them (``python -m benchmarks`` or :func:`write_results_md`), so the
-file always holds the latest table of each benchmark, GPU ones included.
+Every benchmark ends with :func:`save`, which writes ``benchmarks/results/<name>.json`` (title,
+machine, markdown table, notes, plot, raw data) and regenerates ``benchmarks/RESULTS.md`` from
+all of them, so the file always holds the latest table of each benchmark, the GPU one included
+(``gpu_decode`` saves here when it runs on a GPU; interpret-mode smoke runs go to
+``benchmarks/out/`` instead and never replace GPU numbers).
+
+``python -m benchmarks`` runs every CPU benchmark; ``python -m benchmarks.report`` only
+regenerates RESULTS.md from the saved JSON.
 """
 
 from __future__ import annotations
@@ -14,29 +19,45 @@ import pathlib
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 
 HERE = pathlib.Path(__file__).resolve().parent
-RESULTS_DIR = HERE / "results"
-PLOTS_DIR = HERE / "plots"
+RESULTS_DIR = HERE / "results"  # committed: the latest run of each benchmark
+PLOTS_DIR = HERE / "plots"  # committed: figures referenced from RESULTS.md
+OUT_DIR = HERE / "out"  # ignored by git: scratch output (smoke runs, demo plots)
+RESULTS_MD = HERE / "RESULTS.md"
+
+# Section order in RESULTS.md; any other results/*.json follow, sorted by name.
+CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size")
+GPU_BENCHMARKS = ("gpu_decode",)
 
 
-def machine() -> dict:
-  """Where the numbers came from."""
-  dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
+# ---- machine ----------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+  model = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
+  return model
+
+
+def machine() -> dict:
+  """Where the numbers come from: device, backend, JAX and Python versions, date."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    device = f"CPU ({_cpu_model()}, {os.cpu_count()} cores)"
+  else:
+    device = getattr(dev, "device_kind", str(dev))
   return {
-      "device": dev.device_kind if dev.platform != "cpu" else f"CPU ({cpu}, {os.cpu_count()} "
-                                                             "cores)",
+      "device": device,
       "backend": dev.platform,
       "jax": jax.__version__,
       "python": platform.python_version(),
@@ -44,7 +65,17 @@ def machine() -> dict:
   }
 
 
-def time_fn(fn, *, repeats: int = 7, number: int = 10, warmup: int = 2) -> float:
+def machine_name() -> str:
+  """One line, e.g. ``"CPU (AMD EPYC 7B13, 2 cores), jax 0.10.2"``."""
+  m = machine()
+  return f"{m['device']}, jax {m['jax']}"
+
+
+# ---- timing -----------------------------------------------------------------------------------
+
+
+def time_fn(fn: Callable[[], object], *, repeats: int = 7, number: int = 10,
+            warmup: int = 2) -> float:
   """Median over ``repeats`` of the mean seconds per call of ``fn()`` over ``number`` calls.
 
   ``fn`` must block until its result is ready (call ``.block_until_ready()`` inside).
@@ -60,41 +91,153 @@ def time_fn(fn, *, repeats: int = 7, number: int = 10, warmup: int = 2) -> float
   return statistics.median(samples)
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-  out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-  out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def repeat(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+  """Wall seconds of each of ``repeats`` calls of ``fn`` (its result blocked until ready),
+  after ``warmup`` untimed calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs))
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def _cells(rows: Sequence[dict | Sequence], columns: Sequence[str]) -> list[list[str]]:
+  return [[str(r.get(c, "")) for c in columns] if isinstance(r, dict) else [str(x) for x in r]
+          for r in rows]
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict | Sequence]) -> str:
+  """A markdown table; ``rows`` are dicts keyed by column or sequences in column order."""
+  out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  out += ["| " + " | ".join(r) + " |" for r in _cells(rows, columns)]
   return "\n".join(out)
 
 
+def text_table(columns: Sequence[str], rows: Sequence[dict | Sequence]) -> str:
+  """The same table as plain, right-aligned text for the terminal."""
+  cells = _cells(rows, columns)
+  widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+  line = "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))
+  out = [line, "-" * len(line)]
+  out += ["  ".join(x.rjust(w) for x, w in zip(r, widths, strict=True)) for r in cells]
+  return "\n".join(out)
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+
+def pyplot():
+  """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_figure(fig, name: str) -> str:
+  """Saves ``fig`` as ``benchmarks/plots/<name>.png``; returns the path relative to
+  ``benchmarks/`` (what RESULTS.md links)."""
+  PLOTS_DIR.mkdir(exist_ok=True)
+  fig.savefig(PLOTS_DIR / f"{name}.png", dpi=100)
+  pyplot().close(fig)
+  return f"plots/{name}.png"
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+
 def save(name: str, *, title: str, markdown: str, data: dict, notes: str = "",
-         plot: str | None = None) -> pathlib.Path:
-  """Writes ``results/<name>.json`` and regenerates RESULTS.md."""
-  RESULTS_DIR.mkdir(exist_ok=True)
+         plot: str | None = None, directory: pathlib.Path | None = None) -> pathlib.Path:
+  """Writes ``<directory>/<name>.json`` (default ``results/``) and regenerates RESULTS.md.
+
+  Args:
+    name: the benchmark's name (its module in ``benchmarks/``).
+    title: section title in RESULTS.md.
+    markdown: the result table.
+    data: raw numbers (JSON-serialisable; numpy scalars are converted).
+    notes: a paragraph printed above the table (what was measured, the conclusion).
+    plot: a figure path relative to ``benchmarks/`` (see :func:`save_figure`).
+    directory: where to write; anything but ``results/`` leaves RESULTS.md alone (smoke runs).
+  """
+  directory = RESULTS_DIR if directory is None else pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   record = {"name": name, "title": title, "machine": machine(), "markdown": markdown,
             "notes": notes, "plot": plot, "data": data}
-  path = RESULTS_DIR / f"{name}.json"
-  path.write_text(json.dumps(record, indent=1, default=float))
-  write_results_md()
+  path = directory / f"{name}.json"
+  path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+  if directory.resolve() == RESULTS_DIR.resolve():
+    write_results_md()
   return path
+
+
+def _jsonable(x):
+  if hasattr(x, "item"):  # numpy / jax scalars
+    return x.item()
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  return str(x)
+
+
+def load_results() -> dict[str, dict]:
+  """Every ``results/*.json`` by name."""
+  return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))}
+
+
+def _section(r: dict) -> list[str]:
+  m = r["machine"]
+  parts = [f"### {r['title']}", "",
+           f"`benchmarks/{r['name']}.py` on **{m['device']}**, JAX {m['jax']}, "
+           f"Python {m['python']}, {m['date']}.", ""]
+  if r.get("notes"):
+    parts += [r["notes"], ""]
+  parts += [r["markdown"], ""]
+  if r.get("plot"):
+    parts += [f"![{r['title']}]({r['plot']})", ""]
+  return parts
 
 
 def write_results_md() -> pathlib.Path:
   """Regenerates ``benchmarks/RESULTS.md`` from every ``results/*.json``."""
+  results = load_results()
+  cpu = [results[n] for n in CPU_BENCHMARKS if n in results]
+  gpu = [results[n] for n in GPU_BENCHMARKS if n in results]
+  other = [r for n, r in results.items() if n not in CPU_BENCHMARKS + GPU_BENCHMARKS]
   parts = ["# Benchmark results", "",
-           "Generated by `python -m benchmarks` from `benchmarks/results/*.json`; each section is "
-           "the latest run of one benchmark, with the machine it ran on. Ratios compare against "
-           "a baseline measured in the same run. Do not edit by hand.", ""]
-  for path in sorted(RESULTS_DIR.glob("*.json")):
-    r = json.loads(path.read_text())
-    m = r["machine"]
-    parts += [f"## {r['title']}", "",
-              f"`benchmarks/{r['name']}.py` on **{m['device']}**, JAX {m['jax']}, "
-              f"Python {m['python']}, {m['date']}.", ""]
-    if r.get("notes"):
-      parts += [r["notes"], ""]
-    parts += [r["markdown"], ""]
-    if r.get("plot"):
-      parts += [f"![{r['title']}]({r['plot']})", ""]
-  out = HERE / "RESULTS.md"
-  out.write_text("\n".join(parts))
-  return out
+           "Generated from `benchmarks/results/*.json` by `python -m benchmarks` (every CPU "
+           "benchmark; `--quick`, `--only NAME`) or `python -m benchmarks.report` (this file "
+           "only). Each section is the latest run of one benchmark, with the machine it ran on; "
+           "ratios compare against a baseline measured in the same run, times are medians of "
+           "repeats. Do not edit by hand.", ""]
+  runs = sorted({(r["machine"]["device"], r["machine"]["jax"], r["machine"]["date"])
+                 for r in cpu + other})
+  if runs:
+    parts += ["## CPU benchmarks", ""]
+    parts += [f"Machine: **{d}**, JAX {j}, {day}." for d, j, day in runs] + [""]
+    for r in cpu + other:
+      parts += _section(r)
+  parts += ["## GPU benchmarks", "",
+            "Run on the GPU machine from the checkout: `PYTHONPATH=. python "
+            "benchmarks/gpu_decode.py`; it saves `results/gpu_decode.json` and regenerates "
+            "this file. (`--interpret --tiny` is a CPU smoke test that writes "
+            "`benchmarks/out/` only.)", ""]
+  if gpu:
+    for r in gpu:
+      parts += _section(r)
+  else:
+    parts += ["_No GPU result saved yet._", ""]
+  RESULTS_MD.write_text("\n".join(parts).rstrip("\n") + "\n")
+  return RESULTS_MD
+
+
+if __name__ == "__main__":
+  print(f"wrote {write_results_md()}")
