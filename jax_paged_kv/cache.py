@@ -185,7 +185,6 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   new_len = old_len + n
   old_nb = _ceil_div(old_len, bs)
   new_nb = _ceil_div(new_len, bs)
-  rows = jnp.arange(seq_ids.shape[0])
 
   # Copy-on-write: the first write into a partly filled block that another table shares.
   last_j = jnp.maximum(old_nb - 1, 0)
@@ -202,10 +201,10 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   ok_rows = jnp.all(status == 0)
 
   alloc = cache.allocator
+  k = jnp.arange(max_per_row, dtype=jnp.int32)
   if cfg.strategy is CacheStrategy.PAGED:
     alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
   else:
-    k = jnp.arange(max_per_row, dtype=jnp.int32)
     valid = k[None, :] < need[:, None]
     new_blocks = jnp.where(valid, 1 + sid[:, None] * cfg.max_blocks_per_seq + first_j[:, None]
                            + k[None, :], NULL_BLOCK)
@@ -215,7 +214,6 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   ok = ok_rows & enough
 
   # New table entries.
-  k = jnp.arange(max_per_row, dtype=jnp.int32)
   tj = first_j[:, None] + k[None, :]
   write = ok & (k[None, :] < need[:, None])
   t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
@@ -238,7 +236,6 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   has = ok & (i[None, :] < n[:, None])
   blk = cache.block_tables[sid[:, None], jnp.clip(pos // bs, 0, cfg.max_blocks_per_seq - 1)]
   slots = jnp.where(has, blk * bs + pos % bs, cfg.num_blocks * bs)
-  del rows
   return cache, slots.astype(jnp.int32), status
 
 
