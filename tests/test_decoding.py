@@ -23,11 +23,10 @@ from jax_paged_kv.decoding import (
   prefill_step,
   sample_tokens,
 )
-from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.models import init_params
+from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy
 
-SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
 CACHE = SMALL.cache_config(num_blocks=40, max_seqs=4, max_seq_len=48, block_size=4)
 WIDTH, CHUNK, STEPS = 4, 8, 8
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)

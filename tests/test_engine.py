@@ -13,11 +13,10 @@ from jax_paged_kv import (
 )
 from jax_paged_kv.decoding import SamplingParams
 from jax_paged_kv.engine import Engine, generate
-from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.models import init_params
+from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy
 
-SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 # One compiled shape per step kind (batch width = max_batch, all table columns).
 FIXED = dict(prefill_chunk=8, decode_steps=4, batch_bucket_min=4, bucket_blocks=False)

@@ -7,10 +7,8 @@ import pytest
 from jax_paged_kv import CacheShapeError, allocate_sequences, init_cache
 from jax_paged_kv.decoding import decode_step
 from jax_paged_kv.export import ExportedDecodeStep, export_decode_step
-from jax_paged_kv.models import LlamaConfig, init_params
-
-SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
+from jax_paged_kv.models import init_params
+from tests.llama_fixtures import SMALL
 
 
 def filled_cache(params):

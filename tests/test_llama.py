@@ -19,13 +19,12 @@ from jax_paged_kv.models import (
   params_to_hf,
   read_safetensors,
 )
+from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_logits
 
 forward_jit = jax.jit(forward, static_argnames=("config", "implementation", "max_blocks",
                                                 "all_logits"), donate_argnums=1)
 
-SMALL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=4, num_kv_heads=2, rope_theta=500.0)
 
 
 def run_chunked(params, config, cache, prompts, slots, chunk, max_blocks=None):
