@@ -206,8 +206,8 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
     alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
   else:
     valid = k[None, :] < need[:, None]
-    new_blocks = jnp.where(valid, 1 + sid[:, None] * cfg.max_blocks_per_seq + first_j[:, None]
-                           + k[None, :], NULL_BLOCK)
+    new_blocks = jnp.where(valid, cfg.contiguous_block(sid[:, None], first_j[:, None] + k[None, :]),
+                           NULL_BLOCK)
     enough = jnp.asarray(True)
     alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
   status = jnp.where((status == 0) & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
@@ -563,8 +563,7 @@ def _fork_impl(cache: PagedKVCache, parents: Array, children: Array):
   if cfg.strategy is CacheStrategy.PAGED:
     ctables = jnp.where(held, ptables, NULL_BLOCK)
   else:
-    ctables = jnp.where(held, 1 + csid[:, None] * cfg.max_blocks_per_seq + j[None, :],
-                        NULL_BLOCK)
+    ctables = jnp.where(held, cfg.contiguous_block(csid[:, None], j[None, :]), NULL_BLOCK)
     cache = _copy_blocks(cache, ptables, ctables, held)
   alloc = alloc_lib.retain_blocks(cache.allocator, ctables, held)
   idx = _drop_index(rows, csid, cfg.max_seqs)

@@ -148,8 +148,8 @@ class CacheConfig:
     return pool_shape(self.num_layers, self.num_kv_heads, self.num_blocks, self.block_size,
                       self.head_dim)
 
-  def contiguous_block(self, slot: int, j: int) -> int:
-    """The block a ``CONTIGUOUS`` cache assigns to table entry ``j`` of ``slot``."""
+  def contiguous_block(self, slot, j):
+    """The block a ``CONTIGUOUS`` cache gives entry ``j`` of ``slot`` (ints or arrays)."""
     return 1 + slot * self.max_blocks_per_seq + j
 
   # ---- constructors --------------------------------------------------------------------------

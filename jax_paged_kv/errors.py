@@ -114,11 +114,6 @@ def is_tracing(*args) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args))
 
 
-def status_message(code: int) -> str:
-  """Human-readable text for a status code."""
-  return _MESSAGES.get(Status(int(code)), "ok")
-
-
 def raise_for_status(status, seq_ids=None, *, op: str = "cache update", context=None) -> None:
   """Raises the named exception for the first failing row of a concrete ``status``.
 

@@ -178,7 +178,7 @@ def check_invariants(cache: PagedKVCache) -> InvariantReport:
   else:
     s = jnp.arange(cfg.max_seqs)[:, None]
     j = jnp.arange(cfg.max_blocks_per_seq)[None, :]
-    layout = jnp.all(~held | (cache.block_tables == 1 + s * cfg.max_blocks_per_seq + j))
+    layout = jnp.all(~held | (cache.block_tables == cfg.contiguous_block(s, j)))
   return InvariantReport(
       num_free_in_range=num_free_ok,
       free_stack_valid=stack_valid,
