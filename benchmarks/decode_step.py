@@ -10,7 +10,8 @@ and the time is the median of repeats. Goal: paged / contiguous <= 1.3.
 
     python -m benchmarks.decode_step [--quick] [--model small] [--batch 1 8 32] [--context ...]
 
-Saves ``benchmarks/results/decode_step.json`` and the RESULTS.md section (``benchmarks.report``).
+Saves ``benchmarks/results/decode_step.json`` (``decode_step_gpu.json`` on a GPU) and the
+RESULTS.md section (``benchmarks.report``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import report
 from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
+from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.decoding import decode_step
 from jax_paged_kv.demo import MODELS, model_config
 from jax_paged_kv.models import init_params
@@ -116,7 +118,8 @@ def main(argv=None):
     summary[layout] = {"median": float(np.median(ratios)), "worst": max(ratios)}
   notes = (f"One jitted `decode_step` of the `{args.model}` model "
            f"({model.num_layers} layers, {model.num_kv_heads} kv heads, head_dim "
-           f"{model.head_dim}, float32), every row holding `context` tokens, block "
+           f"{model.head_dim}, float32, `{default_implementation()}` attention), every row "
+           "holding `context` tokens, block "
            f"{args.block_size}; median of {args.repeats} round-robin repeats. Paged tables are "
            "*interleaved* (what rows growing together get from the free list) or *shuffled* "
            "(random permutation of the pool, worst locality). Paged / contiguous: interleaved "
@@ -125,7 +128,8 @@ def main(argv=None):
            f"**{summary['shuffled']['median']:.2f}** (worst {summary['shuffled']['worst']:.2f}); "
            "goal <= 1.3.")
   print(notes)
-  path = report.save("decode_step", title="Decode step: paged vs contiguous cache",
+  path = report.save(report.result_name("decode_step"), script="decode_step",
+                     title="Decode step: paged vs contiguous cache",
                      markdown=report.markdown_table(cols, rows), notes=notes,
                      data={"model": args.model, "block_size": args.block_size,
                            "repeats": args.repeats, "rows": rows, "summary": summary})

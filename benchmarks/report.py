@@ -31,7 +31,16 @@ RESULTS_MD = HERE / "RESULTS.md"
 
 # Section order in RESULTS.md; any other results/*.json follow, sorted by name.
 CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size")
-GPU_BENCHMARKS = ("gpu_decode",)
+GPU_BENCHMARKS = ("gpu_decode", "decode_step_gpu", "serving_gpu")
+
+
+def result_name(script: str) -> str:
+  """The results name of ``script``'s run here: ``script``, or ``script_gpu`` on a GPU.
+
+  The CPU benchmarks also run on the GPU machine; their GPU runs are kept beside (not over)
+  the CPU ones, in the GPU section of RESULTS.md.
+  """
+  return f"{script}_gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else script
 
 
 # ---- machine ----------------------------------------------------------------------------------
@@ -157,7 +166,8 @@ def save_figure(fig, name: str) -> str:
 
 
 def save(name: str, *, title: str, markdown: str, data: dict, notes: str = "",
-         plot: str | None = None, directory: pathlib.Path | None = None) -> pathlib.Path:
+         plot: str | None = None, directory: pathlib.Path | None = None,
+         script: str | None = None) -> pathlib.Path:
   """Writes ``<directory>/<name>.json`` (default ``results/``) and regenerates RESULTS.md.
 
   Args:
@@ -168,11 +178,12 @@ def save(name: str, *, title: str, markdown: str, data: dict, notes: str = "",
     notes: a paragraph printed above the table (what was measured, the conclusion).
     plot: a figure path relative to ``benchmarks/`` (see :func:`save_figure`).
     directory: where to write; anything but ``results/`` leaves RESULTS.md alone (smoke runs).
+    script: the program that produced it (default ``name``), as ``benchmarks/<script>.py``.
   """
   directory = RESULTS_DIR if directory is None else pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  record = {"name": name, "title": title, "machine": machine(), "markdown": markdown,
-            "notes": notes, "plot": plot, "data": data}
+  record = {"name": name, "script": script or name, "title": title, "machine": machine(),
+            "markdown": markdown, "notes": notes, "plot": plot, "data": data}
   path = directory / f"{name}.json"
   path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
   if directory.resolve() == RESULTS_DIR.resolve():
@@ -196,7 +207,7 @@ def load_results() -> dict[str, dict]:
 def _section(r: dict) -> list[str]:
   m = r["machine"]
   parts = [f"### {r['title']}", "",
-           f"`benchmarks/{r['name']}.py` on **{m['device']}**, JAX {m['jax']}, "
+           f"`benchmarks/{r.get('script', r['name'])}.py` on **{m['device']}**, JAX {m['jax']}, "
            f"Python {m['python']}, {m['date']}.", ""]
   if r.get("notes"):
     parts += [r["notes"], ""]
@@ -227,9 +238,11 @@ def write_results_md() -> pathlib.Path:
       parts += _section(r)
   parts += ["## GPU benchmarks", "",
             "Run on the GPU machine from the checkout: `PYTHONPATH=. python "
-            "benchmarks/gpu_decode.py`; it saves `results/gpu_decode.json` and regenerates "
-            "this file. (`--interpret --tiny` is a CPU smoke test that writes "
-            "`benchmarks/out/` only.)", ""]
+            "benchmarks/gpu_decode.py` saves `results/gpu_decode.json` and regenerates "
+            "this file (`--interpret --tiny` is a CPU smoke test that writes "
+            "`benchmarks/out/` only); `decode_step` and `serving` run there save as "
+            "`decode_step_gpu` and `serving_gpu`. `benchmarks/gpu_session.sh` runs them all "
+            "with the compiled-kernel tests in one go.", ""]
   if gpu:
     for r in gpu:
       parts += _section(r)

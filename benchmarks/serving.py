@@ -10,7 +10,8 @@ Goals: throughput ratio >= 2 (from fitting more sequences), paged KV utilisation
     python -m benchmarks.serving [--quick] [--requests 100] [--model tiny] [--slabs 6]
 
 Saves ``benchmarks/results/serving.json``, ``benchmarks/plots/serving.png`` (concurrency and KV
-utilisation over time, throughput) and the RESULTS.md section (``benchmarks.report``).
+utilisation over time, throughput) and the RESULTS.md section (``benchmarks.report``); on a GPU
+the name is ``serving_gpu``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from benchmarks import report
 from jax_paged_kv import demo
+from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.models import init_params
 
 
@@ -71,7 +73,8 @@ def main(argv=None):
         runs.append({k: v for k, v in r.items() if not isinstance(v, list)} | {"block": bs})
     base = report.median([r["tokens_per_s"] for r in results["contiguous"]])
     if bs == args.block_size[0]:
-      plot = save_plot([results["paged"][0], results["contiguous"][0]], args, bs, paged_cc)
+      plot = save_plot([results["paged"][0], results["contiguous"][0]], args, bs, paged_cc,
+                       report.result_name("serving"))
     for name, rs in results.items():
       tps = report.median([r["tokens_per_s"] for r in rs])
       r0 = rs[0]
@@ -95,7 +98,8 @@ def main(argv=None):
   contig = next(r for r in rows if r["strategy"] == "contiguous")
   notes = (f"{args.requests} ShareGPT-like requests (log-normal lengths, prompt mean "
            f"{p_mean:.0f}, output mean {o_mean:.0f} tokens, sampled, no stop token) through the "
-           f"continuous-batching engine, `{args.model}` model, float32. Both strategies get the "
+           f"continuous-batching engine, `{args.model}` model, float32, "
+           f"`{default_implementation()}` attention. Both strategies get the "
            f"same KV memory ({args.slabs} contiguous slabs of {args.max_seq_len} tokens); "
            "tokens/s exclude compilation, median of "
            f"{args.repeats} interleaved repeats. Paged / contiguous throughput "
@@ -104,24 +108,27 @@ def main(argv=None):
            "goal >= 97%). Paged runs "
            f"{contig['decode steps'] / paged['decode steps']:.1f}x fewer decode steps (more "
            "sequences per step); whether that buys throughput depends on how much a step's "
-           "cost grows with its batch, which on a small CPU is nearly linear.")
+           "cost grows with its batch (nearly linear on a small CPU; nearly flat on a GPU, "
+           "where a step's fixed cost dominates).")
   print(notes)
-  path = report.save("serving", title="Serving a request mix: paged vs contiguous at equal "
+  name = report.result_name("serving")
+  path = report.save(name, script="serving",
+                     title="Serving a request mix: paged vs contiguous at equal "
                      "KV memory", markdown=report.markdown_table(cols, rows), notes=notes,
                      plot=plot, data={"args": vars(args), "rows": rows, "runs": runs})
   print(f"wrote {path}")
   return rows
 
 
-def save_plot(results, args, block_size, cache_config) -> str:
+def save_plot(results, args, block_size, cache_config, name) -> str:
   """Concurrency and utilisation over time plus throughput (the demo's figure)."""
-  path = report.PLOTS_DIR / "serving.png"
+  path = report.PLOTS_DIR / f"{name}.png"
   report.PLOTS_DIR.mkdir(exist_ok=True)
   demo.save_plot(results, os.fspath(path),
                  f"{args.requests} ShareGPT-like requests, "
                  f"{cache_config.pool_bytes / 2**20:.0f} MiB KV, {args.model} model, "
                  f"block {block_size}")
-  return "plots/serving.png"
+  return f"plots/{name}.png"
 
 
 if __name__ == "__main__":

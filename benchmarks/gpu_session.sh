@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one call (the GPU machine is lent for minutes at a time):
+#   1. the compiled Triton kernel against the float64 oracle (the GPU kernel's test file, slow
+#      cases included) and the model/decoding tests, which pick the kernel on a GPU by default;
+#   2. benchmarks/gpu_decode.py: our kernel vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
+#   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu).
+# Each part has its own time limit and a failure does not stop the next one. Logs and a tarball
+# of benchmarks/results, plots and RESULTS.md go to $OUT (default benchmarks/out/gpu_session).
+#
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh            # on the GPU machine, from the checkout
+#   GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh     # CPU rehearsal: interpret mode, tiny
+set -u
+export PYTHONPATH=.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes (pytest -n) share one GPU
+OUT=${OUT:-benchmarks/out/gpu_session}
+mkdir -p "$OUT"
+SMOKE=${GPU_SESSION_SMOKE:-0}
+T0=$(date +%s)
+log() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+part() {  # part NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, show its tail
+  local name=$1 limit=$2
+  shift 2
+  log "$name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+  log "$name rc=$rc"
+}
+
+log "machine"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total \
+  --format=csv 2>&1 || echo "no nvidia-smi"
+python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
+
+if [ "$SMOKE" = 1 ]; then
+  part tests 600 python -m pytest tests/test_attention_pallas_gpu.py -q -x -k "decode and bs16"
+  part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny
+  part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
+  part serving 300 python -m benchmarks.serving --quick --requests 6
+else
+  TAIL=15 part tests 150 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
+    python -m pytest -m "" -q -n 6 \
+    --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py \
+    tests/test_llama.py
+  TAIL=40 part gpu_decode 200 python benchmarks/gpu_decode.py --time-budget 110 --repeats 9 \
+    --out "$OUT/gpu_decode_raw.json"
+  part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
+    --repeats 9
+  part serving 150 python -m benchmarks.serving --repeats 2
+fi
+tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md
+log "done"
