@@ -301,6 +301,28 @@ def copy_ceiling(tiny: bool, args) -> float:
   return 2 * n * 2 / t  # bytes read + written per second
 
 
+def sweep_grid(knobs: dict) -> list[dict]:
+  """Variants of the default knobs, one or two changed at a time (``--sweep``)."""
+  bk, ks, nw, ns = (knobs[k] for k in ("block_k", "k_splits", "num_warps", "num_stages"))
+  grid = [dict(block_k=bk // 2), dict(block_k=bk * 2, num_stages=max(1, ns - 1)),
+          dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2), dict(k_splits=1),
+          dict(num_warps=4 if nw == 8 else 8), dict(num_warps=2),
+          dict(num_stages=ns + 1), dict(num_stages=max(1, ns - 1)),
+          dict(block_k=bk // 2, num_warps=2)]
+  out, seen = [], {tuple(sorted(knobs.items()))}
+  for g in grid:
+    kn = {k: knobs[k] for k in ("block_k", "k_splits", "num_warps", "num_stages")} | g
+    key = tuple(sorted((knobs | kn).items()))
+    if kn["block_k"] >= 16 and key not in seen:
+      seen.add(key)
+      out.append(kn)
+  return out
+
+
+def knob_label(kn: dict) -> str:
+  return f"bk={kn['block_k']} ks={kn['k_splits']} w={kn['num_warps']} st={kn['num_stages']}"
+
+
 # ---- driver ---------------------------------------------------------------------------------
 
 
@@ -314,6 +336,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--inner", type=int, default=None)
   p.add_argument("--sweep", action="store_true", help="also time a grid of our kernel's knobs")
+  p.add_argument("--sweep-block-size", type=int, default=16,
+                 help="sweep the knobs on the configs of this block size only")
   p.add_argument("--dtype", default="bfloat16")
   args = p.parse_args(argv)
   slow = args.interpret or args.tiny
@@ -381,18 +405,16 @@ def main(argv=None):
     fn, sync, note = impl_ours(x, args.interpret)
     t, out = run_timed(fn, sync)
     record(cfg, x, "ours", t, max_err(out, ref_out), note, knobs=knobs)
-    if args.sweep and not args.interpret:
-      base = knobs["pages_per_compute_block"]
-      grid = {(max(1, base // 2), knobs["k_splits"]), (base * 2, knobs["k_splits"]),
-              (base, max(1, knobs["k_splits"] // 2)), (base, knobs["k_splits"] * 2),
-              (base, 1)}
-      for ppcb, ks in sorted(grid):
-        if ppcb * cfg.block_size < 16 or (ppcb, ks) == (base, knobs["k_splits"]):
+    if args.sweep and cfg.block_size == args.sweep_block_size:
+      for kn in sweep_grid(knobs):
+        fn, sync, _ = impl_ours(x, args.interpret, **kn)
+        try:
+          t, out = run_timed(fn, sync)
+        except Exception as e:  # noqa: BLE001 - e.g. a variant over the shared-memory limit
+          record(cfg, x, "ours_sweep", None, None, status="failed", knobs=kn,
+                 note=f"{knob_label(kn)}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
           continue
-        kn = dict(pages_per_compute_block=ppcb, k_splits=ks)
-        fn, sync, _ = impl_ours(x, False, **kn)
-        t, out = run_timed(fn, sync)
-        record(cfg, x, "ours_sweep", t, max_err(out, ref_out), f"ppcb={ppcb} ks={ks}", kn)
+        record(cfg, x, "ours_sweep", t, max_err(out, ref_out), knob_label(kn), kn)
 
     # JAX's Pallas paged kernel: best variant
     try:
@@ -488,6 +510,17 @@ def print_tables(summary) -> tuple[str, str, str]:
     rows.append([name, str(bs)] + [cell(impls.get(i), frac=True) for i in IMPLS]
                 + [ratio(o, impls.get("jax_pallas")), ratio(o, impls.get("cudnn")),
                    ratio(o, impls.get("torch_sdpa"))])
+  sweep = {}
+  for r in summary["results"]:
+    if r["impl"] == "ours_sweep" and r.get("time_us") is not None and r["correct"]:
+      k = (r["config"], r["block_size"])
+      if k not in sweep or r["time_us"] < sweep[k]["time_us"]:
+        sweep[k] = r
+  if sweep:
+    print("best knob variant per config (--sweep): " + "; ".join(
+        f"{n} bs{b}: {r['note']} {r['time_us']:.1f} us "
+        f"({by[(n, b)]['ours']['time_us'] / r['time_us']:.2f}x default)"
+        for (n, b), r in sweep.items() if by[(n, b)].get("ours", {}).get("time_us")))
   text = report.text_table(head, rows)
   md = report.markdown_table(head, rows)
   notes = (f"{summary['dtype']}, {summary['heads']}"

@@ -38,15 +38,17 @@ if [ "$SMOKE" = 1 ]; then
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
   part serving 300 python -m benchmarks.serving --quick --requests 6
 else
-  TAIL=15 part tests 150 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
+  TAIL=15 part tests 110 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -m "" -q -n 6 \
     --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py \
     tests/test_llama.py
-  TAIL=40 part gpu_decode 200 python benchmarks/gpu_decode.py --time-budget 110 --repeats 9 \
-    --out "$OUT/gpu_decode_raw.json"
-  part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
-    --repeats 9
-  part serving 150 python -m benchmarks.serving --repeats 2
+  TAIL=30 part gpu_decode 170 python benchmarks/gpu_decode.py --time-budget 115 --repeats 9 \
+    --sweep --out "$OUT/gpu_decode_raw.json"
+  if [ "${GPU_SESSION_DECODE_STEP:-0}" = 1 ]; then
+    part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
+      --repeats 9
+  fi
+  TAIL=12 part serving 130 python -m benchmarks.serving --repeats 2
 fi
 tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md
 log "done"

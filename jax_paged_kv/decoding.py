@@ -68,8 +68,20 @@ class SamplingParams:
 
 
 def make_key(seed: int) -> np.ndarray:
-  """Raw ``uint32`` key data of ``jax.random.key(seed)`` (rows of a batch stack these)."""
-  return np.asarray(jax.random.key_data(jax.random.key(int(seed))))
+  """Raw ``uint32`` key data of ``jax.random.key(seed)`` (rows of a batch stack these).
+
+  Cached per seed and PRNG implementation (a read-only array): the engine builds every row's
+  key before every call, and an eager ``jax.random.key`` costs several dispatches.
+  """
+  return _make_key(int(seed), str(jax.config.jax_default_prng_impl))
+
+
+@functools.lru_cache(maxsize=4096)
+def _make_key(seed: int, impl: str) -> np.ndarray:
+  del impl  # part of the cache key only
+  data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  data.flags.writeable = False
+  return data
 
 
 def _token_keys(keys: Array, index: Array) -> Array:
@@ -225,14 +237,14 @@ class DecodeState:
     max_new = np.asarray([s.max_new_tokens for s in sampling], np.int32)
     last = np.asarray(tokens, np.int32)
     done = (ids < 0) | (gen >= max_new) | np.any(stops == last[:, None], axis=1)
-    return cls(
-        tokens=jnp.asarray(last), seq_ids=jnp.asarray(ids), num_generated=jnp.asarray(gen),
-        max_new_tokens=jnp.asarray(max_new), done=jnp.asarray(done),
-        stop_tokens=jnp.asarray(stops),
-        temperature=jnp.asarray([s.temperature for s in sampling], jnp.float32),
-        top_k=jnp.asarray([s.top_k for s in sampling], jnp.int32),
-        top_p=jnp.asarray([s.top_p for s in sampling], jnp.float32),
-        keys=jnp.asarray(np.stack([make_key(s.seed) for s in sampling])))
+    state = cls(
+        tokens=last, seq_ids=ids, num_generated=gen, max_new_tokens=max_new, done=done,
+        stop_tokens=stops,
+        temperature=np.asarray([s.temperature for s in sampling], np.float32),
+        top_k=np.asarray([s.top_k for s in sampling], np.int32),
+        top_p=np.asarray([s.top_p for s in sampling], np.float32),
+        keys=np.stack([make_key(s.seed) for s in sampling]))
+    return jax.device_put(state)  # one batched transfer, not ten
 
 
 jax.tree_util.register_dataclass(

@@ -194,7 +194,7 @@ class Engine:
                        f"prefill_chunk={self.prefill_chunk}")
     self.decode_steps = int(decode_steps)
     self.implementation = implementation
-    self.bucket_blocks = bucket_blocks and bool(attention_knobs(implementation, 1))
+    self.bucket_blocks = bucket_blocks and bool(attention_knobs(implementation, 1, cache_config))
     self.batch_bucket_min = int(batch_bucket_min)
     self.block_bucket_min = int(block_bucket_min)
     if bucket_factor < 2:

@@ -74,14 +74,16 @@ def _assert_matches(case, got, want):
   np.testing.assert_allclose(lse[fin], want_lse[fin], atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("q_len, knobs", [
-    (1, dict(k_splits=1, pages_per_compute_block=2)),
-    (1, dict(k_splits=3, pages_per_compute_block=1)),
-    (6, dict(k_splits=7, pages_per_compute_block=4)),
-    (6, dict(k_splits=64, pages_per_compute_block=1)),  # more splits than blocks: most exit at once
+@pytest.mark.parametrize("q_len, block_size, knobs", [
+    (1, 16, dict(k_splits=1, block_k=32)),
+    (1, 16, dict(k_splits=3, block_k=16)),
+    (6, 16, dict(k_splits=7, block_k=64)),
+    (6, 16, dict(k_splits=64, block_k=16)),  # more splits than steps: most exit at once
+    (1, 64, dict(k_splits=3, block_k=16)),  # steps of a quarter page
+    (6, 32, dict(k_splits=2, block_k=16, num_stages=1)),  # half pages, window inside a page
 ], ids=str)
-def test_knobs_do_not_change_the_answer(q_len, knobs):
-  case = Case((0, 3, 17, 130), block_size=16, ratio=4, q_len=q_len, sliding_window=50)
+def test_knobs_do_not_change_the_answer(q_len, block_size, knobs):
+  case = Case((0, 3, 17, 130), block_size=block_size, ratio=4, q_len=q_len, sliding_window=50)
   cache, q, seq_ids, q_lens, layer = build_case(case)
   got = _call(case, cache, q, seq_ids, q_lens, layer, **knobs)
   _assert_matches(case, got, oracle(case, cache, q, seq_ids, q_lens, layer))
@@ -98,8 +100,8 @@ def test_prefill_row_tiles_of_any_size():
 
 
 @pytest.mark.parametrize("knobs, match", [
-    (dict(pages_per_compute_block=3), "power of two"),
-    (dict(pages_per_compute_block=1), "smallest tl.dot tile"),  # 1 page x block 8 < 16
+    (dict(block_k=24), "power of two"),
+    (dict(block_k=8), "smallest tl.dot tile"),
     (dict(k_splits=0), "k_splits"),
     (dict(block_rows=8), "block_rows"),
     (dict(num_warps=3), "num_warps"),
@@ -147,8 +149,22 @@ def test_out_of_window_blocks_are_never_read():
       k_pool[layer, :, tables[r, j]] = np.nan
       v_pool[layer, :, tables[r, j]] = np.nan
   cache = cache.replace(k_pool=jnp.asarray(k_pool), v_pool=jnp.asarray(v_pool))
-  got = _call(case, cache, q, seq_ids, q_lens, layer, k_splits=2, pages_per_compute_block=2)
+  got = _call(case, cache, q, seq_ids, q_lens, layer, k_splits=2, block_k=16)
   _assert_matches(case, got, oracle(case, cache, q, seq_ids, q_lens, layer))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 16, 128, 256])
+def test_default_knobs_fit_shared_memory(dtype, head_dim, block_size):
+  """The first GPU run failed float32 head_dim 256 / block 128: a one-page step of 128 keys
+  needs 256 KiB of K/V staging, over the H100's 227 KiB. Steps may now be part of a page."""
+  itemsize = jnp.dtype(dtype).itemsize
+  kn = pallas_gpu.default_knobs(head_dim=head_dim, block_size=block_size, q_len=1, group=4,
+                                batch=4, kv_heads=2, max_blocks=64, itemsize=itemsize)
+  stage = 2 * kn["block_k"] * head_dim * itemsize
+  assert stage * kn["num_stages"] <= pallas_gpu._SMEM_BUDGET
+  assert kn["block_k"] >= 16 and kn["block_k"] & (kn["block_k"] - 1) == 0
 
 
 def test_merge_partials_matches_a_float64_softmax_over_the_union():
@@ -229,3 +245,22 @@ def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
   monkeypatch.setattr(pallas_gpu, "_backend", lambda: "cuda")
   text = _lower_for_cuda(**args)
   assert "__gpu$xla.gpu.triton" in text and 'name = "paged_attention_gpu' in text
+
+
+@pytest.mark.parametrize("backend, head_dim, block_size, dtype, want", [
+    ("gpu", 64, 16, "float32", "pallas_gpu"),
+    ("cuda", 256, 128, "bfloat16", "pallas_gpu"),
+    ("gpu", 8, 16, "float32", "xla"),  # the first GPU run: a test Llama with head_dim 8 failed
+    ("gpu", 48, 16, "bfloat16", "xla"),  # not a power of two
+    ("gpu", 64, 12, "bfloat16", "xla"),
+    ("tpu", 64, 8, "float32", "pallas_tpu"),
+    ("tpu", 64, 8, "bfloat16", "xla"),  # bf16 pages need 16 rows on a TPU
+    ("cpu", 64, 16, "float32", "xla"),
+], ids=str)
+def test_default_implementation_falls_back_to_xla_for_geometries_a_kernel_cannot_tile(
+    backend, head_dim, block_size, dtype, want):
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=head_dim, num_blocks=8,
+                       max_seqs=2, max_seq_len=64, block_size=block_size, dtype=jnp.dtype(dtype))
+  assert pk.default_implementation(backend, cfg) == want
+  assert pk.default_implementation(backend) == {"cpu": "xla", "tpu": "pallas_tpu"}.get(
+      backend, "pallas_gpu")

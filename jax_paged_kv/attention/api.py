@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_paged_kv.cache import check_readable, gather_tables
+from jax_paged_kv.config import CacheConfig
 from jax_paged_kv.errors import CacheShapeError
 from jax_paged_kv.state import PagedKVCache
 
@@ -21,10 +22,33 @@ IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def default_implementation(backend: str | None = None) -> str:
-  """The implementation ``implementation=None`` picks on ``backend`` (default: JAX's default)."""
+_BACKEND_KERNELS = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
+                    "tpu": "pallas_tpu"}
+
+
+def default_implementation(backend: str | None = None, config: CacheConfig | None = None) -> str:
+  """The implementation ``implementation=None`` picks.
+
+  Args:
+    backend: a JAX backend name (default: JAX's default backend).
+    config: the cache's config. The backend's kernel is picked only for pool geometries it can
+      tile (e.g. the GPU kernel needs power-of-two ``head_dim >= 16`` and ``block_size``);
+      other caches fall back to ``"xla"``, which takes any geometry. Without a config the
+      backend's kernel is named.
+
+  Returns:
+    ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.
+  """
   backend = backend or jax.default_backend()
-  return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla")
+  name = _BACKEND_KERNELS.get(backend, "xla")
+  if name != "xla" and config is not None:
+    try:
+      get_implementation(name)  # loads the module
+      module = importlib.import_module(IMPLEMENTATIONS[name][0])
+      module.check_supported(config.dtype, config.block_size, config.head_dim)
+    except (ValueError, RuntimeError):
+      return "xla"
+  return name
 
 
 def get_implementation(name: str):
@@ -65,7 +89,8 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
       included).
     return_lse: also return the float32 log-sum-exp ``[batch, q_len, q_heads]``, for merging
       partial attention (``-inf`` where a query sees nothing).
-    implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or None (the backend's best).
+    implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or None: the backend's
+      kernel where it takes this cache's geometry, else ``"xla"`` (:func:`default_implementation`).
     **knobs: keyword-only tuning options of the chosen kernel (e.g. ``interpret=True``).
 
   Returns:
@@ -101,7 +126,7 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   else:
     q_lens = jnp.broadcast_to(jnp.asarray(q_lens, jnp.int32), (b,))
   scale = float(d ** -0.5 if scale is None else scale)
-  name = implementation or default_implementation()
+  name = implementation or default_implementation(config=cfg)
   get_implementation(name)  # fail early, outside the trace, for an unknown name
   return _paged_attention(
       q, cache, seq_ids, jnp.asarray(layer, jnp.int32), q_lens, scale=scale,

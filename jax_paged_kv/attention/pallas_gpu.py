@@ -17,12 +17,12 @@ Design
   head_dim]`` query tile once, then walks the pages its tile can see: from the start of the
   sliding window (or 0) to the last query's position, *clipped per row* from the dynamic
   ``kv_lens`` / ``q_lens``, so work past each row's length and outside its window is skipped,
-  not masked. That page range is cut into compute blocks of ``pages_per_compute_block`` pages
-  (``P * block_size`` tokens); the ``k_splits`` programs of a tile take contiguous, equal shares
-  of those blocks (flash-decoding), so a long row is spread over many SMs and a short row's
-  surplus splits exit at once.
+  not masked. That key range is cut into steps of ``block_k`` keys (several whole pages, or a
+  part of one page when pages are larger than ``block_k``); the ``k_splits`` programs of a tile
+  take contiguous, equal shares of those steps (flash-decoding), so a long row is spread over
+  many SMs and a short row's surplus splits exit at once.
 * **Inner loop** (an ``scf.for`` that Triton software-pipelines with ``num_stages``): look up
-  the physical block of each of the ``P * block_size`` keys in the table, load K and V of layer
+  the physical block of each of the ``block_k`` keys in the table, load K and V of layer
   ``layer`` and head ``h`` as 2-D ``[block_k, head_dim]`` tiles with one masked load each (keys
   outside the tile's range are never fetched, so stale or NaN slots are never read, and the
   tiles feed ``tl.dot`` with no reshape in between), ``q @ k.T`` with float32 accumulation,
@@ -49,8 +49,10 @@ Tuning knobs (keyword-only; ``None`` picks the default from :func:`default_knobs
 defaults are *provisional*: they were chosen by reasoning about tile sizes and occupancy, not
 measured on a GPU, and should be revisited with ``benchmarks/gpu_decode.py``.
 
-* ``pages_per_compute_block``: pages per inner-loop step (power of two; ``P * block_size`` must
-  be >= 16). Default: 128 keys per step for ``head_dim <= 128``, 64 for 256 (at least 1 page).
+* ``block_k``: keys per inner-loop step (power of two >= 16). It may be smaller than
+  ``block_size`` (a page is then read in several steps) or span several pages. Default: 128
+  keys for ``head_dim <= 128``, 64 for 256, halved until one K/V stage fits the shared-memory
+  budget (float32 ``head_dim`` 256 pools need 64: a 128-key f32 stage alone would be 256 KiB).
 * ``k_splits``: KV-sequence splits per tile (>= 1). Default: enough programs to fill about 512
   CTAs, at most one per compute block of the widest table, at most 32.
 * ``block_rows``: rows per tile (power of two >= 16). Default: ``group`` rounded up for decode,
@@ -114,7 +116,7 @@ def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, bat
     itemsize: bytes per K/V element.
 
   Returns:
-    dict with ``pages_per_compute_block``, ``k_splits``, ``block_rows``, ``num_warps``,
+    dict with ``block_k``, ``k_splits``, ``block_rows``, ``num_warps``,
     ``num_stages``.
   """
   rows = q_len * group
@@ -122,27 +124,40 @@ def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, bat
     block_rows = max(_MIN_DOT, _pow2_ceil(min(rows, 64)))
   else:
     block_rows = max(_MIN_DOT, min(_pow2_ceil(rows), 64 if head_dim <= 128 else 32))
-  tokens = 128 if head_dim <= 128 else 64
-  pages = max(1, tokens // block_size, _MIN_DOT // block_size)
-  block_k = pages * block_size
-  n_cb = -(-max_blocks // pages)
+  block_k = 128 if head_dim <= 128 else 64
+  while block_k > _MIN_DOT and 2 * block_k * head_dim * itemsize > _SMEM_BUDGET:
+    block_k //= 2
+  n_steps = -(-max_blocks * block_size // block_k)
   programs = batch * kv_heads * (-(-rows // block_rows))
-  k_splits = max(1, min(-(-_TARGET_PROGRAMS // programs), n_cb, _MAX_SPLITS))
+  k_splits = max(1, min(-(-_TARGET_PROGRAMS // programs), n_steps, _MAX_SPLITS))
   num_warps = 8 if block_rows * head_dim > 64 * 128 or block_k * head_dim > 128 * 128 else 4
   stage_bytes = 2 * block_k * head_dim * itemsize
   num_stages = max(1, min(3, _SMEM_BUDGET // stage_bytes))
-  return dict(pages_per_compute_block=pages, k_splits=k_splits, block_rows=block_rows,
+  return dict(block_k=block_k, k_splits=k_splits, block_rows=block_rows,
               num_warps=num_warps, num_stages=num_stages)
 
 
-def _check_knobs(*, pages_per_compute_block, k_splits, block_rows, num_warps, num_stages,
-                 block_size, head_dim):
-  if not _is_pow2(pages_per_compute_block):
-    raise ValueError(f"{pages_per_compute_block=} must be a power of two >= 1 (Triton tiles are "
-                     "powers of two)")
-  if pages_per_compute_block * block_size < _MIN_DOT:
-    raise ValueError(f"{pages_per_compute_block=} x {block_size=} must be >= {_MIN_DOT} tokens "
-                     "(the smallest tl.dot tile)")
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_supported(dtype, block_size: int, head_dim: int) -> None:
+  """Raises ``ValueError`` for pool layouts this kernel cannot tile."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in _SUPPORTED_DTYPES:
+    raise ValueError(f"pallas_gpu supports float32, bfloat16 and float16 pools, got {dtype}; "
+                     "use implementation='xla'")
+  if not _is_pow2(block_size):
+    raise ValueError(f"pallas_gpu needs a power-of-two block_size, got {block_size=}; use "
+                     "implementation='xla'")
+  if not _is_pow2(head_dim) or head_dim < _MIN_DOT:
+    raise ValueError(f"pallas_gpu needs a power-of-two head_dim >= {_MIN_DOT} (Triton tiles), "
+                     f"got {head_dim=}; use implementation='xla'")
+
+
+def _check_knobs(*, block_k, k_splits, block_rows, num_warps, num_stages):
+  if not _is_pow2(block_k) or block_k < _MIN_DOT:
+    raise ValueError(f"{block_k=} must be a power of two >= {_MIN_DOT} (Triton tiles are "
+                     "powers of two; the smallest tl.dot tile is 16)")
   if isinstance(k_splits, bool) or not isinstance(k_splits, int) or k_splits < 1:
     raise ValueError(f"{k_splits=} must be an int >= 1")
   if not _is_pow2(block_rows) or block_rows < _MIN_DOT:
@@ -151,17 +166,13 @@ def _check_knobs(*, pages_per_compute_block, k_splits, block_rows, num_warps, nu
     raise ValueError(f"{num_warps=} must be a power of two in [1, 32]")
   if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
     raise ValueError(f"{num_stages=} must be an int >= 1")
-  if not _is_pow2(block_size):
-    raise ValueError(f"pallas_gpu needs a power-of-two block_size, got {block_size=}")
-  if not _is_pow2(head_dim) or head_dim < _MIN_DOT:
-    raise ValueError(f"pallas_gpu needs a power-of-two head_dim >= {_MIN_DOT}, got {head_dim=}")
 
 
 def _attention_kernel(
     layer_ref,  # [1] int32
     kv_lens_ref,  # [batch] int32
     q_lens_ref,  # [batch] int32
-    tables_ref,  # [batch, max_blocks + pages_per_compute_block] int32
+    tables_ref,  # [batch, max_blocks + max(1, block_k // block_size)] int32
     q_ref,  # [block_rows, head_dim]
     k_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
     v_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
@@ -170,7 +181,7 @@ def _attention_kernel(
     *,
     group: int,
     num_rows: int,
-    pages: int,
+    block_k: int,
     k_splits: int,
     scale: float,
     soft_cap: float | None,
@@ -179,7 +190,6 @@ def _attention_kernel(
   b, h, t, s = (pl.program_id(i) for i in range(4))
   block_rows, head_dim = q_ref.shape
   num_blocks, block_size = k_ref.shape[2], k_ref.shape[3]
-  block_k = pages * block_size
   layer = layer_ref[0]
   kv_len = kv_lens_ref[b]
   q_count = q_lens_ref[b]
@@ -193,9 +203,11 @@ def _attention_kernel(
   lo = jnp.int32(0)
   if sliding_window is not None:
     lo = jnp.maximum(q_start + i_lo - sliding_window + 1, 0)
-  first_page = lo // block_size
-  n_pages = jnp.where(hi > lo, pl.cdiv(hi, block_size) - first_page, 0)
-  n_cb = pl.cdiv(n_pages, pages)
+  # Steps of block_k keys from `first`: whole pages when block_k >= block_size, else aligned
+  # parts of one page (both are powers of two, so a step never straddles pages then).
+  align = min(block_k, block_size)
+  first = (lo // align) * align
+  n_cb = jnp.where(hi > lo, pl.cdiv(hi - first, block_k), 0)
   per_split = pl.cdiv(n_cb, k_splits)
   cb_lo = jnp.minimum(s * per_split, n_cb)
   cb_hi = jnp.minimum(cb_lo + per_split, n_cb)
@@ -207,20 +219,18 @@ def _attention_kernel(
   q = q_ref[...]  # [block_rows, head_dim]
   logit_scale = scale if soft_cap is not None else scale * _LOG2E
   key_iota = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
-  page_of_key = key_iota // block_size  # [block_k]: which page of the compute block
-  slot_of_key = (key_iota % block_size)[:, None]  # [block_k, 1]
   dim_iota = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, head_dim]
 
   def body(cb, carry):
     acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
-    page0 = first_page + cb * pages
-    # The physical block of every key of this compute block (P distinct table entries, each
-    # read block_size times from cache), so K and V are loaded as 2-D [block_k, head_dim]
-    # tiles that feed tl.dot directly (no reshape between the load and the dot, which keeps
-    # Triton's software pipeliner on its async-copy path).
-    ids = tables_ref[b, page0 + page_of_key]  # [block_k]
+    kpos = first + cb * block_k + key_iota  # [block_k]
+    # The physical block of every key of this step (block_k / block_size distinct table
+    # entries, each read many times from cache), so K and V are loaded as 2-D [block_k,
+    # head_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
+    # which keeps Triton's software pipeliner on its async-copy path).
+    ids = tables_ref[b, kpos // block_size]  # [block_k]
     ids = jnp.clip(ids, 0, num_blocks - 1)
-    kpos = page0 * block_size + key_iota  # [block_k]
+    slot_of_key = (kpos % block_size)[:, None]  # [block_k, 1]
     kv_ok = (kpos >= lo) & (kpos < hi)  # [block_k]: never fetch a key outside the tile's range
     load_mask = jnp.broadcast_to(kv_ok[:, None], (block_k, head_dim))
     # Every index is an array (broadcast to [block_k, head_dim]): one gathered, masked load
@@ -291,7 +301,7 @@ def merge_partials(o, lse):
 def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
                         scale: float, soft_cap: float | None = None,
                         sliding_window: int | None = None, return_lse: bool = False,
-                        pages_per_compute_block: int | None = None, k_splits: int | None = None,
+                        block_k: int | None = None, k_splits: int | None = None,
                         block_rows: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, interpret: bool = False):
   """Paged attention with a Pallas (Triton) GPU kernel; contract in ``reference.py``.
@@ -302,7 +312,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     layer: ``int32[]``, may be traced.
     block_tables: ``int32[batch, max_blocks]``; kv_lens, q_lens: ``int32[batch]``.
     scale, soft_cap, sliding_window, return_lse: as in the contract.
-    pages_per_compute_block, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
+    block_k, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
       for the provisional defaults of :func:`default_knobs`.
     interpret: run in Pallas interpret mode (any backend; slow, for tests).
 
@@ -331,11 +341,12 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
                         batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
                         itemsize=jnp.dtype(k_pool.dtype).itemsize)
-  given = dict(pages_per_compute_block=pages_per_compute_block, k_splits=k_splits,
+  given = dict(block_k=block_k, k_splits=k_splits,
                block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
   knobs.update({k: v for k, v in given.items() if v is not None})
-  _check_knobs(block_size=block_size, head_dim=head_dim, **knobs)
-  pages, splits, tile = knobs["pages_per_compute_block"], knobs["k_splits"], knobs["block_rows"]
+  check_supported(k_pool.dtype, block_size, head_dim)
+  _check_knobs(**knobs)
+  block_k, splits, tile = knobs["block_k"], knobs["k_splits"], knobs["block_rows"]
 
   rows = q_len * group
   tiles = -(-rows // tile)
@@ -346,14 +357,14 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   qr = qr.reshape(batch, kv_heads, rows, head_dim)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, tiles * tile - rows), (0, 0)))
   # Room for the last compute block to read past the table end (masked: null-block entries).
-  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, pages)))
+  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, max(1, block_k // block_size))))
   kv_lens = jnp.clip(kv_lens.astype(jnp.int32), 0, max_blocks * block_size)
   q_lens = jnp.clip(q_lens.astype(jnp.int32), 0, jnp.minimum(kv_lens, q_len))
   layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
 
   part_dtype = q.dtype if splits == 1 else jnp.float32
   kernel = functools.partial(
-      _attention_kernel, group=group, num_rows=rows, pages=pages, k_splits=splits,
+      _attention_kernel, group=group, num_rows=rows, block_k=block_k, k_splits=splits,
       scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
       sliding_window=sliding_window)
   o, lse = pl.pallas_call(
@@ -379,7 +390,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       compiler_params=_TritonCompilerParams(num_warps=knobs["num_warps"],
                                             num_stages=knobs["num_stages"]),
       interpret=interpret,
-      name=f"paged_attention_gpu_p{pages}_s{splits}_r{tile}",
+      name=f"paged_attention_gpu_k{block_k}_s{splits}_r{tile}",
   )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool)
 
   o, lse = o[..., :rows, :], lse[..., :rows]  # padding rows were never written

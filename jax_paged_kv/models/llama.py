@@ -318,9 +318,10 @@ def lm_head(params: Params, config: LlamaConfig, x: Array) -> Array:
 # the forward pass on the cache
 
 
-def attention_knobs(implementation: str | None, max_blocks: int | None) -> dict[str, Any]:
+def attention_knobs(implementation: str | None, max_blocks: int | None,
+                    cache_config: CacheConfig | None = None) -> dict[str, Any]:
   """Keyword knobs for :func:`paged_attention`: ``max_blocks`` only reaches the XLA path."""
-  name = implementation or default_implementation()
+  name = implementation or default_implementation(config=cache_config)
   return {"max_blocks": int(max_blocks)} if (max_blocks and name == "xla") else {}
 
 
@@ -382,7 +383,7 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
   _, lens = gather_tables(cache, seq_ids)  # [batch], lengths including the new tokens
   q_lens = jnp.where(ok & (seq_ids >= 0), num_new, 0)
   positions = (lens - q_lens)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, T]
-  knobs = attention_knobs(implementation, max_blocks)
+  knobs = attention_knobs(implementation, max_blocks, cache.config)
   nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
 
   x = params["embed"][jnp.clip(tokens, 0, c.vocab_size - 1)]  # [batch, T, hidden]
