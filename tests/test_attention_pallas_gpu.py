@@ -156,14 +156,16 @@ def test_out_of_window_blocks_are_never_read():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
 @pytest.mark.parametrize("block_size", [8, 16, 128, 256])
-def test_default_knobs_fit_shared_memory(dtype, head_dim, block_size):
+@pytest.mark.parametrize("q_len", [1, 64])
+def test_default_knobs_fit_shared_memory(dtype, head_dim, block_size, q_len):
   """The first GPU run failed float32 head_dim 256 / block 128: a one-page step of 128 keys
   needs 256 KiB of K/V staging, over the H100's 227 KiB. Steps may now be part of a page."""
   itemsize = jnp.dtype(dtype).itemsize
-  kn = pallas_gpu.default_knobs(head_dim=head_dim, block_size=block_size, q_len=1, group=4,
+  kn = pallas_gpu.default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=4,
                                 batch=4, kv_heads=2, max_blocks=64, itemsize=itemsize)
   stage = 2 * kn["block_k"] * head_dim * itemsize
-  assert stage * kn["num_stages"] <= pallas_gpu._SMEM_BUDGET
+  q_tile = kn["block_rows"] * head_dim * itemsize
+  assert stage * kn["num_stages"] + q_tile <= 196 * 1024  # measured to fit on an H100
   assert kn["block_k"] >= 16 and kn["block_k"] & (kn["block_k"] - 1) == 0
 
 
