@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_paged_kv.cache import check_readable, gather_tables
-from jax_paged_kv.config import CacheConfig
+from jax_paged_kv.config import CacheConfig, CacheStrategy
 from jax_paged_kv.errors import CacheShapeError
 from jax_paged_kv.state import PagedKVCache
 
@@ -128,6 +128,8 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   scale = float(d ** -0.5 if scale is None else scale)
   name = implementation or default_implementation(config=cfg)
   get_implementation(name)  # fail early, outside the trace, for an unknown name
+  if name == "xla" and cfg.strategy is CacheStrategy.CONTIGUOUS:
+    knobs.setdefault("interleave", 1)  # one slab per sequence: read it in order
   return _paged_attention(
       q, cache, seq_ids, jnp.asarray(layer, jnp.int32), q_lens, scale=scale,
       soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,

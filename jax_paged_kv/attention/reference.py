@@ -32,11 +32,17 @@ import jax.numpy as jnp
 from jax import Array
 
 
-def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, kv_len: int,
+def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, positions: Array | int,
                     sliding_window: int | None) -> Array:
-  """``bool[batch, q_len, kv_len]``: which key position each query may see."""
+  """``bool[batch, q_len, S]``: which key each query may see.
+
+  ``positions``: the position of each of the ``S`` keys (``int32[S]``, any order), or an int
+  ``S`` for keys at positions ``0 .. S-1``.
+  """
+  if isinstance(positions, int):
+    positions = jnp.arange(positions)
   i = jnp.arange(q_len)[None, :, None]
-  p = jnp.arange(kv_len)[None, None, :]
+  p = positions[None, None, :]
   q_pos = (kv_lens - q_lens)[:, None, None] + i
   mask = (p < kv_lens[:, None, None]) & (p <= q_pos) & (i < q_lens[:, None, None])
   if sliding_window is not None:
@@ -45,18 +51,19 @@ def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, kv_len: int,
 
 
 def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
-  """Attention of ``q [batch, q_len, q_heads, D]`` over dense ``k, v [batch, S, kv_heads, D]``.
+  """Attention of ``q [batch, q_len, q_heads, D]`` over dense ``k, v [batch, kv_heads, S, D]``.
 
-  ``mask``: ``bool[batch, q_len, S]``. Accumulates in float32; NaN-safe for masked entries.
+  ``mask``: ``bool[batch, q_len, S]``; the keys may be in any order (softmax does not care).
+  Accumulates in float32; NaN-safe for masked entries.
   """
   b, q_len, qh, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1]
   g = qh // kvh
-  valid_kv = jnp.any(mask, axis=1)  # [batch, S]: positions some query may read
-  k = jnp.where(valid_kv[:, :, None, None], k, jnp.zeros((), k.dtype))
-  v = jnp.where(valid_kv[:, :, None, None], v, jnp.zeros((), v.dtype))
+  valid_kv = jnp.any(mask, axis=1)[:, None, :, None]  # [batch, 1, S, 1]: keys some query reads
+  k = jnp.where(valid_kv, k, jnp.zeros((), k.dtype))
+  v = jnp.where(valid_kv, v, jnp.zeros((), v.dtype))
   qg = q.reshape(b, q_len, kvh, g, d)
-  logits = jnp.einsum("bqhgd,bshd->bhgqs", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("bqhgd,bhsd->bhgqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits * scale
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
@@ -66,7 +73,7 @@ def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   p = jnp.where(m4, jnp.exp(logits - mx), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
-  acc = jnp.einsum("bhgqs,bshd->bhgqd", p, v.astype(jnp.float32),
+  acc = jnp.einsum("bhgqs,bhsd->bhgqd", p, v.astype(jnp.float32),
                    preferred_element_type=jnp.float32)
   out = jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d).astype(q.dtype)
@@ -87,22 +94,59 @@ def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | 
   return x.reshape(h, b, nb * bs, d).transpose(1, 2, 0, 3)
 
 
+_NO_POSITION = jnp.iinfo(jnp.int32).max  # padding keys: past every kv_len, so always masked
+
+
+def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int = 1):
+  """The tables' pages as ``[batch, kv_heads, S, head_dim]`` plus each key's position ``int32[S]``.
+
+  With ``interleave == 1`` the keys are in position order. With ``interleave = n > 1`` the
+  copy interleaves the slots of ``n`` consecutive table entries (key order: group of ``n``
+  blocks, slot, block in the group), so the copy loop reads ``n`` pages at once instead of one
+  after another. On a CPU that hides most of the memory latency of scattered pages (their order
+  is arbitrary in a paged pool; a contiguous slab reads fastest with ``interleave=1``).
+  Attention is invariant to the order of the keys, and the returned positions drive the mask.
+  The table is padded with the null block to a multiple of ``n``; padding keys get a position
+  past every length (always masked).
+  """
+  batch, nb = block_tables.shape
+  pad = -nb % interleave
+  if pad:
+    block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
+  nbp = nb + pad
+  x = pool[layer][:, block_tables]  # [kv_heads, batch, nbp, block_size, head_dim]
+  h, _, _, bs, d = x.shape
+  x = x.reshape(h, batch, nbp // interleave, interleave, bs, d).transpose(1, 0, 2, 4, 3, 5)
+  s = jnp.arange(nbp * bs, dtype=jnp.int32)
+  group, rest = s // (bs * interleave), s % (bs * interleave)
+  block = group * interleave + rest % interleave
+  positions = jnp.where(block < nb, block * bs + rest // interleave, _NO_POSITION)
+  return x.reshape(batch, h, nbp * bs, d), positions
+
+
 def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
                         scale: float, soft_cap: float | None = None,
                         sliding_window: int | None = None, return_lse: bool = False,
-                        max_blocks: int | None = None):
+                        max_blocks: int | None = None, interleave: int = 4):
   """Reference implementation: gather the pages to a dense copy, then masked attention.
 
   ``max_blocks`` (static, optional) reads only the first ``max_blocks`` table entries, for
-  callers that know every row is shorter than ``max_blocks * block_size``.
+  callers that know every row is shorter than ``max_blocks * block_size``. ``interleave``
+  (static): pages copied at once (:func:`gather_pages`); 4 is fastest for scattered pages on
+  the CPUs measured (``benchmarks/decode_step.py``), 1 for a contiguous slab.
   """
-  k = gather_kv(k_pool, layer, block_tables, max_blocks)
-  v = gather_kv(v_pool, layer, block_tables, max_blocks)
-  mask = attention_masks(kv_lens, q_lens, q.shape[1], k.shape[1], sliding_window)
+  if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
+    raise ValueError(f"interleave must be a positive int, got {interleave!r}")
+  if max_blocks is not None:
+    block_tables = block_tables[:, :max_blocks]
+  k, positions = gather_pages(k_pool, layer, block_tables, interleave)
+  v, _ = gather_pages(v_pool, layer, block_tables, interleave)
+  mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
   return masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
                                   return_lse=return_lse)
 
 
 paged_attention_xla_jit = jax.jit(
     paged_attention_xla,
-    static_argnames=("scale", "soft_cap", "sliding_window", "return_lse", "max_blocks"))
+    static_argnames=("scale", "soft_cap", "sliding_window", "return_lse", "max_blocks",
+                     "interleave"))
