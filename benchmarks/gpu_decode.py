@@ -339,7 +339,11 @@ def main(argv=None):
   p.add_argument("--sweep-block-size", type=int, default=16,
                  help="sweep the knobs on the configs of this block size only")
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--replot", action="store_true",
+                 help="only redraw plots/gpu_decode.png from results/gpu_decode.json (no GPU)")
   args = p.parse_args(argv)
+  if args.replot:
+    return replot()
   slow = args.interpret or args.tiny
   args.repeats = args.repeats or (3 if slow else 15)
   args.inner = args.inner or (1 if slow else 10)
@@ -469,9 +473,11 @@ def main(argv=None):
     log(f"wrote {args.out}")
   text, md, notes = print_tables(summary)
   smoke = args.interpret or args.tiny  # never replaces the GPU numbers in results/
+  plot = None if smoke else save_plot(summary)
   path = report.save("gpu_decode_interpret" if smoke else "gpu_decode",
                      title="Paged decode attention on GPU: ours vs peers", markdown=md,
-                     notes=notes, data=summary, directory=report.OUT_DIR if smoke else None)
+                     notes=notes, data=summary, plot=plot,
+                     directory=report.OUT_DIR if smoke else None)
   log(f"wrote {path}")
   wrong = [f"{r['config']} bs{r['block_size']} {r['impl']} (max err {r['max_err']:.3g})"
            for r in results if r.get("correct") is False]
@@ -482,6 +488,43 @@ def main(argv=None):
 
 
 IMPLS = ("ours", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
+
+
+def save_plot(summary) -> str:
+  """Fraction of the copy ceiling per implementation, decode configs, one panel per block size."""
+  plt = report.pyplot()
+  rows = [r for r in summary["results"] if r.get("time_us") is not None and r["q_len"] == 1]
+  block_sizes = sorted({r["block_size"] for r in rows})
+  configs = list(dict.fromkeys(r["config"] for r in rows))
+  fig, axes = plt.subplots(1, len(block_sizes), figsize=(6 * len(block_sizes), 4), sharey=True,
+                           squeeze=False)
+  width = 0.8 / len(IMPLS)
+  for ax, bs in zip(axes[0], block_sizes, strict=True):
+    for i, impl in enumerate(IMPLS):
+      frac = [next((r["fraction"] for r in rows if r["config"] == c and r["block_size"] == bs
+                    and r["impl"] == impl), 0.0) for c in configs]
+      ax.bar([x + (i - len(IMPLS) / 2 + 0.5) * width for x in range(len(configs))], frac,
+             width, label=impl)
+    ax.axhline(0.85, color="k", ls="--", lw=1, label="goal (0.85)")
+    ax.set_xticks(range(len(configs)), configs, rotation=20)
+    ax.set_title(f"block {bs}")
+    ax.set_ylabel("fraction of the copy ceiling")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+  fig.suptitle(f"Decode attention on {summary['device_kind']} ({summary['dtype']}, "
+               f"{summary['heads']}; contiguous copies for cudnn/torch)")
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  return report.save_figure(fig, "gpu_decode")
+
+
+def replot():
+  """Redraws the plot of the saved GPU run and relinks it in RESULTS.md (keeps its machine)."""
+  path = report.RESULTS_DIR / "gpu_decode.json"
+  record = json.loads(path.read_text())
+  record["plot"] = save_plot(record["data"])
+  path.write_text(json.dumps(record, indent=1) + "\n")
+  report.write_results_md()
+  print(f"wrote {report.PLOTS_DIR / 'gpu_decode.png'} and {report.RESULTS_MD}")
 
 
 def print_tables(summary) -> tuple[str, str, str]:
