@@ -94,34 +94,37 @@ def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | 
   return x.reshape(h, b, nb * bs, d).transpose(1, 2, 0, 3)
 
 
-_NO_POSITION = jnp.iinfo(jnp.int32).max  # padding keys: past every kv_len, so always masked
-
-
 def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int = 1):
   """The tables' pages as ``[batch, kv_heads, S, head_dim]`` plus each key's position ``int32[S]``.
 
   With ``interleave == 1`` the keys are in position order. With ``interleave = n > 1`` the
   copy interleaves the slots of ``n`` consecutive table entries (key order: group of ``n``
   blocks, slot, block in the group), so the copy loop reads ``n`` pages at once instead of one
-  after another. On a CPU that hides most of the memory latency of scattered pages (their order
+  after another. On a CPU that hides much of the memory latency of scattered pages (their order
   is arbitrary in a paged pool; a contiguous slab reads fastest with ``interleave=1``).
   Attention is invariant to the order of the keys, and the returned positions drive the mask.
-  The table is padded with the null block to a multiple of ``n``; padding keys get a position
-  past every length (always masked).
+  Table entries past the last multiple of ``n`` are copied in order after the groups.
   """
   batch, nb = block_tables.shape
-  pad = -nb % interleave
-  if pad:
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, pad)))
-  nbp = nb + pad
-  x = pool[layer][:, block_tables]  # [kv_heads, batch, nbp, block_size, head_dim]
-  h, _, _, bs, d = x.shape
-  x = x.reshape(h, batch, nbp // interleave, interleave, bs, d).transpose(1, 0, 2, 4, 3, 5)
-  s = jnp.arange(nbp * bs, dtype=jnp.int32)
-  group, rest = s // (bs * interleave), s % (bs * interleave)
-  block = group * interleave + rest % interleave
-  positions = jnp.where(block < nb, block * bs + rest // interleave, _NO_POSITION)
-  return x.reshape(batch, h, nbp * bs, d), positions
+  bs = pool.shape[3]
+  main = nb - nb % interleave if interleave > 1 else 0
+  parts, positions = [], []
+  if main:
+    x = pool[layer][:, block_tables[:, :main]]  # [kv_heads, batch, main, block_size, head_dim]
+    h, _, _, _, d = x.shape
+    x = x.reshape(h, batch, main // interleave, interleave, bs, d).transpose(1, 0, 2, 4, 3, 5)
+    parts.append(x.reshape(batch, h, main * bs, d))
+    s = jnp.arange(main * bs, dtype=jnp.int32)
+    group, rest = s // (bs * interleave), s % (bs * interleave)
+    positions.append((group * interleave + rest % interleave) * bs + rest // interleave)
+  if main < nb:
+    x = pool[layer][:, block_tables[:, main:]]  # [kv_heads, batch, nb - main, block_size, d]
+    h, _, _, _, d = x.shape
+    parts.append(x.transpose(1, 0, 2, 3, 4).reshape(batch, h, (nb - main) * bs, d))
+    positions.append(jnp.arange(main * bs, nb * bs, dtype=jnp.int32))
+  if len(parts) == 1:
+    return parts[0], positions[0]
+  return jnp.concatenate(parts, axis=2), jnp.concatenate(positions)
 
 
 def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
