@@ -3,6 +3,7 @@
 #   1. the compiled Triton kernel against the float64 oracle (the GPU kernel's test file, slow
 #      cases included) and the model/decoding tests, which pick the kernel on a GPU by default;
 #   2. benchmarks/gpu_decode.py: our kernel vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
+#      benchmarks/gpu_kernel_ab.py: our kernel's variants against its defaults (round-robin);
 #   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu).
 # Each part has its own time limit and a failure does not stop the next one. Logs and a tarball
 # of benchmarks/results, plots and RESULTS.md go to $OUT (default benchmarks/out/gpu_session).
@@ -35,6 +36,7 @@ python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 if [ "$SMOKE" = 1 ]; then
   part tests 600 python -m pytest tests/test_attention_pallas_gpu.py -q -x -k "decode and bs16"
   part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny
+  part gpu_kernel_ab 300 python benchmarks/gpu_kernel_ab.py --interpret --tiny
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
   part serving 300 python -m benchmarks.serving --quick --requests 6
 else
@@ -44,6 +46,7 @@ else
     tests/test_llama.py
   TAIL=30 part gpu_decode 170 python benchmarks/gpu_decode.py --time-budget 115 --repeats 9 \
     --sweep --out "$OUT/gpu_decode_raw.json"
+  TAIL=15 part gpu_kernel_ab 60 python benchmarks/gpu_kernel_ab.py
   if [ "${GPU_SESSION_DECODE_STEP:-0}" = 1 ]; then
     part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
       --repeats 9

@@ -81,8 +81,6 @@ def _assert_matches(case, got, want):
     (6, 16, dict(k_splits=64, block_k=16)),  # more splits than steps: most exit at once
     (1, 64, dict(k_splits=3, block_k=16)),  # steps of a quarter page
     (6, 32, dict(k_splits=2, block_k=16, num_stages=1)),  # half pages, window inside a page
-    (1, 16, dict(k_splits=3, block_k=32, prefetch_tables=True)),
-    (6, 64, dict(k_splits=2, block_k=16, prefetch_tables=True)),
 ], ids=str)
 def test_knobs_do_not_change_the_answer(q_len, block_size, knobs):
   case = Case((0, 3, 17, 130), block_size=block_size, ratio=4, q_len=q_len, sliding_window=50)
@@ -108,7 +106,6 @@ def test_prefill_row_tiles_of_any_size():
     (dict(block_rows=8), "block_rows"),
     (dict(num_warps=3), "num_warps"),
     (dict(num_stages=0), "num_stages"),
-    (dict(prefetch_tables=1), "prefetch_tables"),
 ], ids=str)
 def test_invalid_knobs_raise(knobs, match):
   case = Case((3, 17), block_size=8, ratio=2)
@@ -243,10 +240,8 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw)
     dict(q_len=1, q_heads=8, kv_heads=2, head_dim=256, block_size=128, dtype=jnp.float16),
     dict(q_len=48, q_heads=40, kv_heads=8, head_dim=128, block_size=32, dtype=jnp.bfloat16,
          sliding_window=100),
-    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
-         prefetch_tables=True),
 ], ids=lambda a: f"q{a['q_len']}_h{a['q_heads']}/{a['kv_heads']}_d{a['head_dim']}"
-                 f"_bs{a['block_size']}" + ("_prefetch" if a.get("prefetch_tables") else ""))
+                 f"_bs{a['block_size']}")
 def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
   """The Triton lowering (not interpret mode) accepts every op and tile shape we emit."""
   monkeypatch.setattr(pallas_gpu, "_backend", lambda: "cuda")

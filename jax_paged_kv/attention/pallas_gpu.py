@@ -62,10 +62,6 @@ stage (286 vs 333 us), which the defaults now use.
   64 (32 for ``head_dim`` 256) for prefill.
 * ``num_warps`` (default 4, 8 for big tiles), ``num_stages`` (decode: 3, fewer if the K/V
   stages and the query tile would not fit in 196 KiB of shared memory; prefill: 1).
-* ``prefetch_tables`` (default False): load the next step's table entries during the current
-  step (carried through the loop), so the K/V loads of a step never wait on its table lookup.
-  An experiment for the GPU: whether Triton's pipeliner already hides that dependent load is
-  what ``benchmarks/gpu_kernel_ab.py`` measures.
 * ``interpret``: run in Pallas interpret mode (CPU tests). Without it a non-GPU backend raises.
 """
 
@@ -145,7 +141,7 @@ def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, bat
   q_bytes = block_rows * head_dim * itemsize
   num_stages = max(1, min(3, (_SMEM_BUDGET - q_bytes) // stage_bytes)) if q_len == 1 else 1
   return dict(block_k=block_k, k_splits=k_splits, block_rows=block_rows,
-              num_warps=num_warps, num_stages=num_stages, prefetch_tables=False)
+              num_warps=num_warps, num_stages=num_stages)
 
 
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -165,9 +161,7 @@ def check_supported(dtype, block_size: int, head_dim: int) -> None:
                      f"got {head_dim=}; use implementation='xla'")
 
 
-def _check_knobs(*, block_k, k_splits, block_rows, num_warps, num_stages, prefetch_tables):
-  if not isinstance(prefetch_tables, bool):
-    raise ValueError(f"{prefetch_tables=} must be a bool")
+def _check_knobs(*, block_k, k_splits, block_rows, num_warps, num_stages):
   if not _is_pow2(block_k) or block_k < _MIN_DOT:
     raise ValueError(f"{block_k=} must be a power of two >= {_MIN_DOT} (Triton tiles are "
                      "powers of two; the smallest tl.dot tile is 16)")
@@ -199,7 +193,6 @@ def _attention_kernel(
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
-    prefetch_tables: bool,
 ):
   b, h, t, s = (pl.program_id(i) for i in range(4))
   block_rows, head_dim = q_ref.shape
@@ -235,24 +228,15 @@ def _attention_kernel(
   key_iota = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
   dim_iota = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, head_dim]
 
-  table_width = tables_ref.shape[1]
-
-  def table_ids(cb):
-    # The physical block of every key of step `cb` (block_k / block_size distinct table
+  def body(cb, carry):
+    acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
+    kpos = first + cb * block_k + key_iota  # [block_k]
+    # The physical block of every key of this step (block_k / block_size distinct table
     # entries, each read many times from cache), so K and V are loaded as 2-D [block_k,
     # head_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
     # which keeps Triton's software pipeliner on its async-copy path).
-    page = jnp.minimum((first + cb * block_k + key_iota) // block_size, table_width - 1)
-    return jnp.clip(tables_ref[b, page], 0, num_blocks - 1)  # [block_k]
-
-  def body(cb, carry):
-    if prefetch_tables:  # this step's ids were loaded during the previous step
-      acc, m, l, ids = carry
-      ids_next = table_ids(cb + 1)
-    else:
-      acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
-      ids = table_ids(cb)
-    kpos = first + cb * block_k + key_iota  # [block_k]
+    ids = tables_ref[b, kpos // block_size]  # [block_k]
+    ids = jnp.clip(ids, 0, num_blocks - 1)
     slot_of_key = (kpos % block_size)[:, None]  # [block_k, 1]
     kv_ok = (kpos >= lo) & (kpos < hi)  # [block_k]: never fetch a key outside the tile's range
     load_mask = jnp.broadcast_to(kv_ok[:, None], (block_k, head_dim))
@@ -279,14 +263,12 @@ def _attention_kernel(
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)  # [block_rows, head_dim]
-    out = (alpha[:, None] * acc + pv, m_new, l)
-    return out + (ids_next,) if prefetch_tables else out
+    return alpha[:, None] * acc + pv, m_new, l
 
   acc = jnp.zeros((block_rows, head_dim), jnp.float32)
   m = jnp.full((block_rows,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_rows,), jnp.float32)
-  init = (acc, m, l) + ((table_ids(cb_lo),) if prefetch_tables else ())
-  acc, m, l = lax.fori_loop(cb_lo, cb_hi, body, init)[:3]
+  acc, m, l = lax.fori_loop(cb_lo, cb_hi, body, (acc, m, l))
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
@@ -328,8 +310,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
                         sliding_window: int | None = None, return_lse: bool = False,
                         block_k: int | None = None, k_splits: int | None = None,
                         block_rows: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, prefetch_tables: bool | None = None,
-                        interpret: bool = False):
+                        num_stages: int | None = None, interpret: bool = False):
   """Paged attention with a Pallas (Triton) GPU kernel; contract in ``reference.py``.
 
   Args:
@@ -338,8 +319,8 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     layer: ``int32[]``, may be traced.
     block_tables: ``int32[batch, max_blocks]``; kv_lens, q_lens: ``int32[batch]``.
     scale, soft_cap, sliding_window, return_lse: as in the contract.
-    block_k, k_splits, block_rows, num_warps, num_stages, prefetch_tables: tuning knobs,
-      ``None`` for the defaults of :func:`default_knobs`.
+    block_k, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
+      for the provisional defaults of :func:`default_knobs`.
     interpret: run in Pallas interpret mode (any backend; slow, for tests).
 
   Returns:
@@ -367,7 +348,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
                         batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
                         itemsize=jnp.dtype(k_pool.dtype).itemsize)
-  given = dict(block_k=block_k, k_splits=k_splits, prefetch_tables=prefetch_tables,
+  given = dict(block_k=block_k, k_splits=k_splits,
                block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
   knobs.update({k: v for k, v in given.items() if v is not None})
   check_supported(k_pool.dtype, block_size, head_dim)
@@ -392,7 +373,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   kernel = functools.partial(
       _attention_kernel, group=group, num_rows=rows, block_k=block_k, k_splits=splits,
       scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
-      sliding_window=sliding_window, prefetch_tables=knobs["prefetch_tables"])
+      sliding_window=sliding_window)
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, tiles, splits),
