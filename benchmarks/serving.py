@@ -64,19 +64,19 @@ def main(argv=None):
         paged_max_seqs=max(args.max_batch, args.slabs))
     common = dict(prefill_chunk=128, prefill_token_budget=512, decode_steps=args.decode_steps,
                   batch_bucket_min=8, block_bucket_min=8, bucket_factor=2, decode_width_step=8)
-    results = {"paged": [], "contiguous": []}
+    strategies = (("paged", paged_cc, args.max_batch), ("contiguous", contig_cc, args.slabs))
+
+    def serve(name, cc, batch, desc, common=common):
+      kw = dict(common, reserve_ratio=args.reserve_ratio) if name == "paged" else common
+      return demo.run_engine(params, model, cc, requests, desc=desc, max_batch=batch, **kw)
+
     if not args.no_warmup:  # compile every shape; the timed repeats are then all warm
-      for name, cc, batch in (("paged", paged_cc, args.max_batch),
-                              ("contiguous", contig_cc, args.slabs)):
-        kw = dict(common, reserve_ratio=args.reserve_ratio) if name == "paged" else common
-        demo.run_engine(params, model, cc, requests, desc=f"{name} bs{bs} warm-up",
-                        max_batch=batch, **kw)
+      for name, cc, batch in strategies:
+        serve(name, cc, batch, f"{name} bs{bs} warm-up")
+    results = {"paged": [], "contiguous": []}
     for rep in range(args.repeats):
-      for name, cc, batch in (("paged", paged_cc, args.max_batch),
-                              ("contiguous", contig_cc, args.slabs)):
-        kw = dict(common, reserve_ratio=args.reserve_ratio) if name == "paged" else common
-        r = demo.run_engine(params, model, cc, requests, desc=f"{name} bs{bs} #{rep + 1}",
-                            max_batch=batch, **kw)
+      for name, cc, batch in strategies:
+        r = serve(name, cc, batch, f"{name} bs{bs} #{rep + 1}")
         results[name].append(r)
         runs.append({k: v for k, v in r.items() if not isinstance(v, list)} | {"block": bs})
     base = report.median([r["tokens_per_s"] for r in results["contiguous"]])

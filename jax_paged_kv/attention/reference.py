@@ -89,9 +89,8 @@ def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | 
   """Dense ``[batch, num_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
   if num_blocks is not None:
     block_tables = block_tables[:, :num_blocks]
-  x = pool[layer][:, block_tables]  # [kv_heads, batch, blocks, block_size, head_dim]
-  h, b, nb, bs, d = x.shape
-  return x.reshape(h, b, nb * bs, d).transpose(1, 2, 0, 3)
+  x, _ = gather_pages(pool, layer, block_tables)  # in position order
+  return x.transpose(0, 2, 1, 3)
 
 
 def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int = 1):
