@@ -34,32 +34,22 @@ from jax import Array
 
 from jax_paged_kv import allocator as alloc_lib
 from jax_paged_kv.config import NULL_BLOCK, CacheStrategy
-from jax_paged_kv.errors import CacheShapeError, Status, is_tracing, raise_for_status
+from jax_paged_kv.errors import (
+    CacheShapeError,
+    Status,
+    check_report,
+    check_status,
+    checking_enabled,
+    is_tracing,
+    raise_for_report,
+    raise_for_status,
+)
+from jax_paged_kv.inputs import as_counts, as_ids, as_layer, to_int32
 from jax_paged_kv.state import PagedKVCache, Telemetry
+from jax_paged_kv.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _as_ids(x, name: str) -> Array:
-  x = jnp.asarray(x)
-  if x.ndim > 1:
-    raise CacheShapeError(f"{name} must be a scalar or 1-D array of sequence ids, got shape "
-                          f"{x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise CacheShapeError(f"{name} must have an integer dtype, got {x.dtype}")
-  return jnp.atleast_1d(x).astype(jnp.int32)
-
-
-def _as_counts(x, batch: int, name: str) -> Array:
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise CacheShapeError(f"{name} must have an integer dtype, got {x.dtype}")
-  if x.ndim == 0:
-    x = jnp.broadcast_to(x, (batch,))
-  if x.shape != (batch,):
-    raise CacheShapeError(f"{name} must be a scalar or have shape ({batch},), got {x.shape}")
-  return x.astype(jnp.int32)
 
 
 def _ceil_div(a: Array, b: int) -> Array:
@@ -69,6 +59,8 @@ def _ceil_div(a: Array, b: int) -> Array:
 def _duplicates(ids: Array, valid: Array) -> Array:
   """``bool[batch]``: True for every valid row whose id also appears on an earlier valid row."""
   n = ids.shape[0]
+  if n == 0:
+    return jnp.zeros((0,), bool)
   big = jnp.iinfo(jnp.int32).max
   keys = jnp.where(valid, ids, big)
   order = jnp.argsort(keys, stable=True)
@@ -77,8 +69,12 @@ def _duplicates(ids: Array, valid: Array) -> Array:
   return jnp.zeros((n,), bool).at[order].set(dup_sorted)
 
 
-def _row_checks(cache: PagedKVCache, seq_ids: Array, *, want_active: bool = True):
-  """Common per-row checks. Returns ``(sid, pad, status)``; ``sid`` is clipped to be gatherable."""
+def _row_checks(cache: PagedKVCache, seq_ids: Array, *, want_active: bool = True,
+                duplicates: bool = True):
+  """Common per-row checks. Returns ``(sid, pad, status)``; ``sid`` is clipped to be gatherable.
+
+  ``duplicates=False`` allows one id on several rows (a parent forked into several children).
+  """
   cfg = cache.config
   pad = seq_ids < 0
   in_range = seq_ids < cfg.max_seqs
@@ -90,8 +86,9 @@ def _row_checks(cache: PagedKVCache, seq_ids: Array, *, want_active: bool = True
     status = jnp.where((status == 0) & ~pad & ~act, Status.INACTIVE_SLOT, status)
   else:
     status = jnp.where((status == 0) & ~pad & act, Status.SLOT_IN_USE, status)
-  dup = _duplicates(seq_ids, ~pad & in_range)
-  status = jnp.where((status == 0) & dup, Status.DUPLICATE_SLOT, status)
+  if duplicates:
+    dup = _duplicates(seq_ids, ~pad & in_range)
+    status = jnp.where((status == 0) & dup, Status.DUPLICATE_SLOT, status)
   return sid, pad, status
 
 
@@ -110,23 +107,47 @@ def _copy_blocks(cache: PagedKVCache, src: Array, dst: Array, mask: Array) -> Pa
   return cache.replace(k_pool=k_pool, v_pool=v_pool)
 
 
-def _eager_or_traced(impl, static_argnames=()):
+def _eager_or_traced(impl, op: str, *, ids=None, context=None, static_argnames=()):
   """Builds the eager/traced front door of a cache update.
 
-  ``impl(cache, *args, **static) -> (cache, *outputs, status)``. Returns ``run(op_name, ids,
-  cache, *args, donate=..., **static)`` which calls ``impl`` directly under a trace, and
-  eagerly runs a metadata-only check (XLA drops the pool updates of the status-only program),
-  raises for bad rows, then runs the donated jitted update.
+  Args:
+    impl: ``impl(cache, *args, **static) -> (cache, *outputs, status)``.
+    op: the public name, for messages.
+    ids: ``ids(cache, *args) -> int32[batch]``, the id each row's message names (default: the
+      first argument after the cache); ``False`` for ops whose rows name no sequence.
+    context: ``context(cache, *args, **static) -> Context``, detail for the messages.
+    static_argnames: static keyword arguments of ``impl``.
+
+  Returns:
+    ``run(cache, *args, donate=..., **static)``. Under a trace it calls ``impl`` directly (plus,
+    in checking mode, ``checkify`` checks of the status and of every invariant). Eagerly it runs
+    a metadata-only check (XLA drops the pool updates of the status-only program), raises for
+    bad rows, then runs the donated jitted update.
   """
   check = jax.jit(lambda *a, **s: impl(*a, **s)[-1], static_argnames=static_argnames)
   donated = jax.jit(impl, static_argnames=static_argnames, donate_argnums=0)
   kept = jax.jit(impl, static_argnames=static_argnames)
 
-  def run(op, ids, cache, *args, donate=True, context=None, **static):
+  def message_args(cache, args, static):
+    row_ids = None if ids is False else (ids(cache, *args) if ids else args[0])  # may be None
+    return row_ids, (None if context is None else context(cache, *args, **static))
+
+  def run(cache, *args, donate=True, **static):
     if is_tracing(cache, args):
-      return impl(cache, *args, **static)
-    raise_for_status(check(cache, *args, **static), ids, op=op, context=context)
-    return (donated if donate else kept)(cache, *args, **static)
+      out = impl(cache, *args, **static)
+      if checking_enabled():
+        row_ids, ctx = message_args(cache, args, static)
+        check_status(out[-1], row_ids, op=op, context=ctx)
+        check_report(check_invariants(out[0]), op=op)
+      return out
+    status = check(cache, *args, **static)
+    if np.any(np.asarray(status)):
+      row_ids, ctx = message_args(cache, args, static)
+      raise_for_status(status, row_ids, op=op, context=ctx)
+    out = (donated if donate else kept)(cache, *args, **static)
+    if checking_enabled():
+      raise_for_report(check_invariants(out[0]), op=op)
+    return out
 
   return run
 
@@ -144,7 +165,7 @@ def _allocate_impl(cache: PagedKVCache, seq_ids: Array):
   return cache.replace(active=active), status
 
 
-_allocate = _eager_or_traced(_allocate_impl)
+_allocate = _eager_or_traced(_allocate_impl, "allocate_sequences")
 
 
 def allocate_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
@@ -162,12 +183,31 @@ def allocate_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
   Raises:
     InvalidSlotError, SlotInUseError, DuplicateSlotError: eager calls with bad rows.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
-  return _allocate("allocate_sequences", seq_ids, cache, seq_ids, donate=donate)
+  return _allocate(cache, as_ids(seq_ids), donate=donate)
 
 
 # ---------------------------------------------------------------------------------------------
 # reserve + write
+
+
+def _blocks_needed(cache: PagedKVCache, sid: Array, n: Array):
+  """Blocks each row needs to grow by ``n`` tokens (copy-on-write included).
+
+  Returns ``(need int32[batch], cow bool[batch], last_block int32[batch])``: ``cow`` marks rows
+  whose partly filled last block is shared and must be copied before the first write.
+  """
+  cfg = cache.config
+  bs = cfg.block_size
+  old_len = cache.seq_lens[sid]
+  old_nb = _ceil_div(old_len, bs)
+  last_block = cache.block_tables[sid, jnp.maximum(old_nb - 1, 0)]
+  if cfg.strategy is CacheStrategy.PAGED:
+    shared = cache.allocator.ref_counts[last_block] > 1
+    cow = (n > 0) & ((old_len % bs) != 0) & shared
+  else:
+    cow = jnp.zeros(sid.shape, bool)
+  need = _ceil_div(old_len + n, bs) - old_nb + cow.astype(jnp.int32)
+  return need, cow, last_block
 
 
 def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_new: int):
@@ -184,18 +224,7 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   n = jnp.where(row_ok, n, 0)
   new_len = old_len + n
   old_nb = _ceil_div(old_len, bs)
-  new_nb = _ceil_div(new_len, bs)
-
-  # Copy-on-write: the first write into a partly filled block that another table shares.
-  last_j = jnp.maximum(old_nb - 1, 0)
-  last_block = cache.block_tables[sid, last_j]
-  partial = (old_len % bs) != 0
-  shared = cache.allocator.ref_counts[last_block] > 1
-  if cfg.strategy is CacheStrategy.PAGED:
-    cow = row_ok & (n > 0) & partial & shared
-  else:
-    cow = jnp.zeros_like(row_ok)
-  need = new_nb - old_nb + cow.astype(jnp.int32)
+  need, cow, last_block = _blocks_needed(cache, sid, n)
   first_j = old_nb - cow.astype(jnp.int32)  # first table entry that receives a new block
   max_per_row = math.ceil(max_new / bs) + 1
   ok_rows = jnp.all(status == 0)
@@ -210,7 +239,8 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
                            NULL_BLOCK)
     enough = jnp.asarray(True)
     alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
-  status = jnp.where((status == 0) & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
+  # The pool running dry is reported only for a batch whose every row is otherwise valid.
+  status = jnp.where(ok_rows & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
   ok = ok_rows & enough
 
   # New table entries.
@@ -239,25 +269,34 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   return cache, slots.astype(jnp.int32), status
 
 
-_reserve = _eager_or_traced(_reserve_impl, static_argnames=("max_new",))
+def _reserve_context(cache, seq_ids, num_new, *args, max_new=None):
+  """Message details of :func:`reserve` and :func:`append_kv` (``max_new`` defaults to T)."""
+  cfg = cache.config
+  if max_new is None:
+    max_new = args[-1].shape[2]  # append_kv(cache, seq_ids, num_new, k, v): k's T
 
-
-def _reserve_context(cache, seq_ids, num_new, max_new):
-  """Lazy message details for eager errors (nothing is read back unless an error is raised)."""
-
-  def too_long(row):
-    lens, ids, counts = np.asarray(cache.seq_lens), np.asarray(seq_ids), np.asarray(num_new)
-    return (f"length {lens[ids[row]]} + {counts[row]} new tokens > "
-            f"max_seq_len={cache.config.max_seq_len}")
+  def sid(row):
+    return jnp.clip(seq_ids[row], 0, cfg.max_seqs - 1)
 
   def exhausted(row):
-    return f"{int(cache.allocator.num_free)} blocks free"
+    rows = jnp.clip(seq_ids, 0, cfg.max_seqs - 1)
+    n = jnp.where(seq_ids < 0, 0, num_new)
+    return {"needed": jnp.sum(_blocks_needed(cache, rows, n)[0]),
+            "free": cache.allocator.num_free}
 
-  def count(row):
-    return f"num_new={np.asarray(num_new)[row]} is not in [0, max_new={max_new}]"
+  return {
+      Status.SEQUENCE_TOO_LONG: (
+          "length {length} + {num_new} new tokens > max_seq_len={max_seq_len}",
+          lambda row: {"length": cache.seq_lens[sid(row)], "num_new": num_new[row],
+                       "max_seq_len": cfg.max_seq_len}),
+      Status.POOL_EXHAUSTED: ("the batch needs {needed} new blocks, {free} are free", exhausted),
+      Status.INVALID_COUNT: ("num_new={num_new} is not in [0, max_new={max_new}]",
+                             lambda row: {"num_new": num_new[row], "max_new": max_new}),
+  }
 
-  return {Status.SEQUENCE_TOO_LONG: too_long, Status.POOL_EXHAUSTED: exhausted,
-          Status.INVALID_COUNT: count}
+
+_reserve = _eager_or_traced(_reserve_impl, "reserve", context=_reserve_context,
+                            static_argnames=("max_new",))
 
 
 def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = None,
@@ -285,18 +324,16 @@ def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = No
     PoolExhaustedError, InvalidSlotError, InactiveSlotError, SequenceTooLongError,
     DuplicateSlotError, InvalidCountError: eager calls with bad rows.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
+  seq_ids = as_ids(seq_ids)
   if max_new is None:
-    if not isinstance(num_new, (int, np.integer)):
-      raise CacheShapeError("reserve needs a static max_new when num_new is an array")
+    if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)):
+      raise CacheShapeError("reserve needs a static max_new when num_new is not a Python int")
     max_new = int(num_new)
-  if not isinstance(max_new, (int, np.integer)) or max_new < 0:
+  if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or not (
+      0 <= max_new < 2**31):
     raise CacheShapeError(f"max_new must be a non-negative int, got {max_new!r}")
-  num_new = _as_counts(num_new, seq_ids.shape[0], "num_new")
-  ctx = None if is_tracing(cache, seq_ids, num_new) else _reserve_context(
-      cache, seq_ids, num_new, max_new)
-  return _reserve("reserve", seq_ids, cache, seq_ids, num_new, donate=donate, context=ctx,
-                  max_new=int(max_new))
+  num_new = as_counts(num_new, seq_ids.shape[0], "num_new")
+  return _reserve(cache, seq_ids, num_new, donate=donate, max_new=int(max_new))
 
 
 def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
@@ -314,52 +351,111 @@ def _check_kv(cache: PagedKVCache, k, v, lead: tuple[int, ...], name: str):
   return k, v
 
 
-def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array):
+def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) -> Array:
+  """``bool[batch, T]``: entries of ``slots`` that :func:`write_kv` must not write.
+
+  A token slot may be written only if it is the "no token" value ``num_blocks * block_size``
+  (skipped) or lies in a real block that exactly one live block-table entry references (so never
+  the null block, a free block, or a block shared by a fork). With ``seq_ids``, it must also be a
+  position ``< seq_len`` of the row's own sequence (which must be active): exactly the slots
+  :func:`reserve` hands out.
+  """
+  cfg = cache.config
+  bs, nb = cfg.block_size, cfg.num_blocks
+  none = slots == nb * bs
+  blk = jnp.clip(slots // bs, 0, nb - 1)
+  owned = ((slots >= 0) & (slots < nb * bs) & (blk != NULL_BLOCK)
+           & (cache.allocator.ref_counts[blk] == 1))
+  if seq_ids is not None:
+    sid, pad, status = _row_checks(cache, seq_ids, duplicates=False)
+    row_ok = (status == 0) & ~pad
+    tables = cache.block_tables[sid]  # [batch, max_blocks]
+    lens = cache.seq_lens[sid]  # [batch]
+    start = jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32) * bs  # [max_blocks]
+    pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, max_blocks]
+    mine = (tables[:, None, :] == blk[:, :, None]) & (pos < lens[:, None, None])
+    owned = owned & row_ok[:, None] & jnp.any(mine, axis=-1)
+  return ~none & ~owned
+
+
+def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array,
+                seq_ids: Array | None):
   L, H, NB, BS, D = cache.k_pool.shape
+  bad = _unreserved_slots(cache, slots, seq_ids)  # [batch, T]
   layer_ok = (layer >= 0) & (layer < L)
-  flat = _drop_index(layer_ok, slots.reshape(-1), NB * BS)
+  status = jnp.where(jnp.any(bad, axis=1), Status.INVALID_TOKEN_SLOT, Status.OK)
+  status = jnp.where(layer_ok, status, Status.INVALID_LAYER).astype(jnp.int32)  # [batch]
+  ok = jnp.all(status == 0)
+  flat = _drop_index(ok & (slots < NB * BS), slots, NB * BS).reshape(-1)
   layer = jnp.clip(layer, 0, L - 1)
   kf = k.reshape(-1, H, D)  # [batch * T, kv_heads, head_dim]
   vf = v.reshape(-1, H, D)
   # Scatter straight into the 5-D pool: reshaping it to [.., NB * BS, ..] around the scatter
   # makes XLA:CPU copy the whole pool instead of updating the donated buffer in place (and, with
-  # a single index, rewrite the scatter into an update plus a pool-sized select).
+  # a single index, rewrite the scatter into an update plus a pool-sized select). ``flat`` is
+  # never negative here (JAX would wrap a negative index into the last block before "drop").
   blk, off = flat // BS, flat % BS
   k_pool = cache.k_pool.at[layer, :, blk, off].set(kf, mode="drop")
   v_pool = cache.v_pool.at[layer, :, blk, off].set(vf, mode="drop")
-  status = jnp.where(layer_ok, Status.OK, Status.INVALID_LAYER).astype(jnp.int32)
   return cache.replace(k_pool=k_pool, v_pool=v_pool), status
 
 
-_write = _eager_or_traced(_write_impl)
+def _write_context(cache, slots, k, v, layer, seq_ids):
+  def bad_slot(row):
+    bad = _unreserved_slots(cache, slots, seq_ids)[row]
+    col = jnp.argmax(bad)
+    return {"col": col, "slot": slots[row, col]}
+
+  return {
+      Status.INVALID_TOKEN_SLOT: ("slots[{row}, {col}]={slot}", bad_slot),
+      Status.INVALID_LAYER: ("layer={layer}, num_layers={num_layers}",
+                             lambda row: {"layer": layer, "num_layers": cache.config.num_layers}),
+  }
 
 
-def write_kv(cache: PagedKVCache, slots, k, v, layer, *, donate: bool = True):
-  """Writes one layer's new K/V into the slots that :func:`reserve` returned.
+_write = _eager_or_traced(
+    _write_impl, "write_kv", context=_write_context,
+    ids=lambda cache, slots, k, v, layer, seq_ids: seq_ids)
+
+
+def write_kv(cache: PagedKVCache, slots, k, v, layer, *, seq_ids=None, donate: bool = True):
+  """Writes one layer's new K/V into the token slots that :func:`reserve` returned.
 
   Args:
     cache: the cache.
-    slots: ``int32[batch, T]`` from :func:`reserve` (out-of-range entries are skipped).
+    slots: ``int32[batch, T]`` token slots from :func:`reserve`; the value
+      ``num_blocks * block_size`` (what :func:`reserve` gives unused entries) is skipped.
     k: ``[batch, T, kv_heads, head_dim]`` in ``cache.config.dtype``.
     v: same shape and dtype.
     layer: ``int32[]`` layer index; may be traced (models scan over layers).
+    seq_ids: optional ``int32[batch]``, the sequence each row belongs to (what was passed to
+      :func:`reserve`). With it every slot must be a position of that row's own active sequence;
+      without it, a slot of a block that exactly one live sequence holds. Pass it: it is what
+      makes a wrong slot unable to touch another sequence.
     donate: eager calls only: donate the input cache.
 
   Returns:
-    ``(cache, status)``; ``status`` is a scalar ``INVALID_LAYER`` if ``layer`` is out of range
-    (then nothing is written).
+    ``(cache, status)``; ``status`` is ``int32[batch]``: ``INVALID_TOKEN_SLOT`` for a row with a
+    slot that is negative, past the pool, in the null block, in a free or shared block, or (with
+    ``seq_ids``) not its own sequence's; ``INVALID_LAYER`` on every row if ``layer`` is out of
+    range. On any failure nothing is written.
+
+  Raises:
+    InvalidTokenSlotError, InvalidLayerError, InvalidSlotError, InactiveSlotError: eager calls.
   """
-  slots = jnp.asarray(slots)
-  if slots.ndim != 2 or not jnp.issubdtype(slots.dtype, jnp.integer):
-    raise CacheShapeError(f"slots must be int32[batch, T], got {slots.dtype}{list(slots.shape)}")
+  slots = to_int32(slots, "slots", "ids")
+  if slots.ndim != 2:
+    raise CacheShapeError(f"slots must be int32[batch, T], got shape {list(slots.shape)}")
   k, v = _check_kv(cache, k, v, slots.shape, "write_kv")
-  layer = jnp.asarray(layer, jnp.int32)
-  if layer.ndim:
-    raise CacheShapeError(f"layer must be a scalar, got shape {layer.shape}")
-  return _write("write_kv", None, cache, slots.astype(jnp.int32), k, v, layer, donate=donate)
+  layer = as_layer(layer)
+  if seq_ids is not None:
+    seq_ids = as_ids(seq_ids)
+    if seq_ids.shape != slots.shape[:1]:
+      raise CacheShapeError(f"write_kv: {seq_ids.shape[0]} seq_ids for {slots.shape[0]} rows")
+  return _write(cache, slots, k, v, layer, seq_ids, donate=donate)
 
 
-def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
+def _append_impl(cache: PagedKVCache, seq_ids, num_new, k, v):
   max_new = k.shape[2]
   cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
   L, H, NB, BS, D = cache.k_pool.shape
@@ -372,7 +468,7 @@ def _append_impl(cache: PagedKVCache, k, v, seq_ids, num_new):
   return cache.replace(k_pool=k_pool, v_pool=v_pool), status
 
 
-_append = _eager_or_traced(_append_impl)
+_append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
 
 
 def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
@@ -409,15 +505,12 @@ def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool 
     raise CacheShapeError(f"append_kv: k must be [layers, batch, T, kv_heads, head_dim], got "
                           f"shape {k.shape}")
   k, v = _check_kv(cache, k, v, (cfg.num_layers, *k.shape[1:3]), "append_kv")
-  seq_ids = _as_ids(seq_ids, "seq_ids")
+  seq_ids = as_ids(seq_ids)
   if seq_ids.shape[0] != k.shape[1]:
     raise CacheShapeError(f"append_kv: {seq_ids.shape[0]} seq_ids for a batch of {k.shape[1]}")
   T = k.shape[2]
-  num_new = _as_counts(T if num_new is None else num_new, seq_ids.shape[0], "num_new")
-  ctx = None if is_tracing(cache, seq_ids, num_new) else _reserve_context(
-      cache, seq_ids, num_new, T)
-  return _append("append_kv", seq_ids, cache, k, v, seq_ids, num_new, donate=donate,
-                 context=ctx)
+  num_new = as_counts(T if num_new is None else num_new, seq_ids.shape[0], "num_new")
+  return _append(cache, seq_ids, num_new, k, v, donate=donate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +528,7 @@ def gather_tables(cache: PagedKVCache, seq_ids) -> tuple[Array, Array]:
     ``(block_tables int32[batch, max_blocks], kv_lens int32[batch])``. Rows that do not name an
     active slot get length 0 and an all-null table, so nothing can be read through them.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
+  seq_ids = as_ids(seq_ids)
   cfg = cache.config
   valid = (seq_ids >= 0) & (seq_ids < cfg.max_seqs)
   sid = jnp.clip(seq_ids, 0, cfg.max_seqs - 1)
@@ -445,23 +538,42 @@ def gather_tables(cache: PagedKVCache, seq_ids) -> tuple[Array, Array]:
   return tables, lens
 
 
-def check_readable(cache: PagedKVCache, seq_ids, layer=None, *, op: str) -> None:
-  """Eager calls only: raises for ids that name no active slot, or a bad concrete layer."""
+def readable_status(cache: PagedKVCache, seq_ids: Array, layer: Array) -> Array:
+  """``int32[batch]``: why a read of each row would come back empty (0: it reads its data).
+
+  ``INVALID_SLOT`` or ``INACTIVE_SLOT`` for ids that name no active sequence, then
+  ``INVALID_LAYER`` for every row if ``layer`` is out of range. Padding rows are 0.
+  """
+  sid, pad, status = _row_checks(cache, seq_ids, duplicates=False)
+  layer_ok = (layer >= 0) & (layer < cache.config.num_layers)
+  return jnp.where((status == 0) & ~layer_ok, Status.INVALID_LAYER, status).astype(jnp.int32)
+
+
+def _readable_context(cache, seq_ids, layer):
+  return {Status.INVALID_LAYER: ("layer={layer}, num_layers={num_layers}",
+                                 lambda row: {"layer": layer,
+                                              "num_layers": cache.config.num_layers})}
+
+
+_readable_status = jax.jit(readable_status)
+
+
+def check_readable(cache: PagedKVCache, seq_ids: Array, layer: Array, *, op: str) -> None:
+  """Raises (eager) or, in checking mode, checks (traced) that every row can be read.
+
+  Inside a trace without checking mode this does nothing: unreadable rows read as empty.
+  """
   if is_tracing(cache, seq_ids, layer):
+    if checking_enabled():
+      check_status(readable_status(cache, seq_ids, layer), seq_ids, op=op,
+                   context=_readable_context(cache, seq_ids, layer))
     return
   ids = np.atleast_1d(np.asarray(seq_ids))
-  active = np.asarray(cache.active)
-  max_seqs = cache.config.max_seqs
-  status = np.where(ids >= max_seqs, Status.INVALID_SLOT, 0)
-  ok_ids = np.clip(ids, 0, max_seqs - 1)
-  status = np.where((status == 0) & (ids >= 0) & ~active[ok_ids], Status.INACTIVE_SLOT, status)
-  raise_for_status(status, ids, op=op)
-  if layer is not None:
-    lay = int(np.asarray(layer))
-    if not 0 <= lay < cache.config.num_layers:
-      raise_for_status(np.asarray([Status.INVALID_LAYER]), op=op,
-                       context={Status.INVALID_LAYER: lambda r: f"{lay=}, "
-                                f"num_layers={cache.config.num_layers}"})
+  lay = int(np.asarray(layer))
+  if not 0 <= lay < cache.config.num_layers:  # even for an empty batch
+    raise_for_status(np.asarray([Status.INVALID_LAYER]), op=op,
+                     context=_readable_context(cache, seq_ids, lay))
+  raise_for_status(_readable_status(cache, ids, layer), ids, op=op)
 
 
 @functools.partial(jax.jit, static_argnames=("max_len",))
@@ -496,12 +608,19 @@ def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None
     slot come back empty (inside ``jit``); eager calls raise instead.
 
   Raises:
+    CacheShapeError: ``max_len`` is not a non-negative int; ids or layer of a non-integer type.
     InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
+  seq_ids = as_ids(seq_ids)
+  layer = as_layer(layer)
+  if max_len is None:
+    max_len = cache.config.max_seq_len
+  if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or not (
+      0 <= max_len < 2**31):
+    raise CacheShapeError(f"lookup_kv: max_len must be a non-negative int, got {max_len!r}")
   check_readable(cache, seq_ids, layer, op="lookup_kv")
-  max_len = cache.config.max_seq_len if max_len is None else int(max_len)
-  k, v, lens = _lookup_impl(cache, seq_ids, jnp.asarray(layer, jnp.int32), max_len=max_len)
+  max_len = int(max_len)
+  k, v, lens = _lookup_impl(cache, seq_ids, layer, max_len=max_len)
   return k, v, jnp.minimum(lens, max_len)
 
 
@@ -528,7 +647,7 @@ def _free_impl(cache: PagedKVCache, seq_ids: Array):
   ), status
 
 
-_free = _eager_or_traced(_free_impl)
+_free = _eager_or_traced(_free_impl, "free_sequences")
 
 
 def free_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
@@ -543,16 +662,46 @@ def free_sequences(cache: PagedKVCache, seq_ids, *, donate: bool = True):
     ``(cache, status)``; ``status`` ``int32[batch]``: ``INVALID_SLOT``, ``INACTIVE_SLOT``
     (double free) or ``DUPLICATE_SLOT``.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
-  return _free("free_sequences", seq_ids, cache, seq_ids, donate=donate)
+  return _free(cache, as_ids(seq_ids), donate=donate)
+
+
+def _fork_checks(cache: PagedKVCache, parents: Array, children: Array):
+  """Per-row ``(status, parent_at_fault)`` of a fork; one parent may be on several rows."""
+  _, ppad, pstatus = _row_checks(cache, parents, duplicates=False)
+  _, cpad, cstatus = _row_checks(cache, children, want_active=False)
+  parent_bad = pstatus != 0
+  status = jnp.where(parent_bad, pstatus, cstatus)
+  status = jnp.where((status == 0) & (ppad != cpad), Status.INVALID_SLOT, status)
+  return status, parent_bad
+
+
+def _fork_context(cache, parents, children):
+  return {
+      Status.INVALID_SLOT: (
+          "parent {parent}, child {child}: both must be in [0, max_seqs={max_seqs}), or both "
+          "negative (padding)",
+          lambda row: {"parent": parents[row], "child": children[row],
+                       "max_seqs": cache.config.max_seqs}),
+      Status.INACTIVE_SLOT: ("parent {parent} is not active",
+                             lambda row: {"parent": parents[row]}),
+      Status.SLOT_IN_USE: ("child {child} is already active",
+                           lambda row: {"child": children[row]}),
+      Status.DUPLICATE_SLOT: ("child {child} appears on more than one row",
+                              lambda row: {"child": children[row]}),
+  }
+
+
+def _fork_culprits(cache, parents, children):
+  """The id each row's message names: the parent if it is at fault, else the child."""
+  return jnp.where(_fork_checks(cache, parents, children)[1], parents, children)
 
 
 def _fork_impl(cache: PagedKVCache, parents: Array, children: Array):
   cfg = cache.config
-  psid, ppad, status = _row_checks(cache, parents)
-  csid, cpad, cstatus = _row_checks(cache, children, want_active=False)
-  status = jnp.where(status == 0, cstatus, status)
-  status = jnp.where((status == 0) & (ppad != cpad), Status.INVALID_SLOT, status)
+  status, _ = _fork_checks(cache, parents, children)
+  psid = jnp.clip(parents, 0, cfg.max_seqs - 1)
+  csid = jnp.clip(children, 0, cfg.max_seqs - 1)
+  ppad = parents < 0
   ok = jnp.all(status == 0)
   rows = ok & ~ppad
   lens = cache.seq_lens[psid]
@@ -575,7 +724,7 @@ def _fork_impl(cache: PagedKVCache, parents: Array, children: Array):
   ), status
 
 
-_fork = _eager_or_traced(_fork_impl)
+_fork = _eager_or_traced(_fork_impl, "fork_sequence", ids=_fork_culprits, context=_fork_context)
 
 
 def fork_sequence(cache: PagedKVCache, parent_ids, child_ids, *, donate: bool = True):
@@ -596,13 +745,13 @@ def fork_sequence(cache: PagedKVCache, parent_ids, child_ids, *, donate: bool = 
     ``(cache, status)``; ``status`` has the shape of ``parent_ids`` (``INVALID_SLOT``,
     ``INACTIVE_SLOT`` parent, ``SLOT_IN_USE`` child, ``DUPLICATE_SLOT`` child).
   """
-  scalar = jnp.ndim(parent_ids) == 0
-  parents = _as_ids(parent_ids, "parent_ids")
-  children = _as_ids(child_ids, "child_ids")
+  scalar = np.ndim(parent_ids) == 0
+  parents = as_ids(parent_ids, "parent_ids")
+  children = as_ids(child_ids, "child_ids")
   if parents.shape != children.shape:
     raise CacheShapeError(f"fork_sequence: parent_ids {parents.shape} and child_ids "
                           f"{children.shape} differ in shape")
-  cache, status = _fork("fork_sequence", children, cache, parents, children, donate=donate)
+  cache, status = _fork(cache, parents, children, donate=donate)
   return cache, (status[0] if scalar else status)
 
 
@@ -630,7 +779,14 @@ def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
   ), status
 
 
-_truncate = _eager_or_traced(_truncate_impl)
+def _truncate_context(cache, seq_ids, num_tokens):
+  sid = jnp.clip(seq_ids, 0, cache.config.max_seqs - 1)
+  return {Status.INVALID_COUNT: ("num_tokens={num_tokens} is not in [0, length={length}]",
+                                 lambda row: {"num_tokens": num_tokens[row],
+                                              "length": cache.seq_lens[sid[row]]})}
+
+
+_truncate = _eager_or_traced(_truncate_impl, "truncate_sequences", context=_truncate_context)
 
 
 def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, donate: bool = True):
@@ -648,6 +804,6 @@ def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, donate: bool
   Returns:
     ``(cache, status)``; ``status`` ``int32[batch]``.
   """
-  seq_ids = _as_ids(seq_ids, "seq_ids")
-  num_tokens = _as_counts(num_tokens, seq_ids.shape[0], "num_tokens")
-  return _truncate("truncate_sequences", seq_ids, cache, seq_ids, num_tokens, donate=donate)
+  seq_ids = as_ids(seq_ids)
+  num_tokens = as_counts(num_tokens, seq_ids.shape[0], "num_tokens")
+  return _truncate(cache, seq_ids, num_tokens, donate=donate)

@@ -138,7 +138,8 @@ class CacheMachine(RuleBasedStateMachine):
     free = CFG.usable_blocks - self.live_blocks()
     ok_rows = not any(codes)
     exhausted = sum(need) > free
-    codes = [Status.POOL_EXHAUSTED if (c == 0 and exhausted and need[r]) else c
+    # Exhaustion is reported only when every row is otherwise valid (errors.py's rule).
+    codes = [Status.POOL_EXHAUSTED if (ok_rows and exhausted and need[r]) else c
              for r, c in enumerate(codes)]
     vals = np.zeros((BATCH, T), np.float32)
     for r in range(BATCH):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax_paged_kv.cache import check_readable, gather_tables
 from jax_paged_kv.config import CacheConfig, CacheStrategy
 from jax_paged_kv.errors import CacheShapeError
+from jax_paged_kv.inputs import as_counts, as_ids, as_layer
 from jax_paged_kv.state import PagedKVCache
 
 # name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
@@ -113,25 +114,26 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     raise CacheShapeError(f"q_heads={qh} must be a multiple of num_kv_heads={kv_heads}")
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise CacheShapeError(f"q must be floating point, got {q.dtype}")
-  seq_ids = jnp.atleast_1d(jnp.asarray(seq_ids, jnp.int32))
+  seq_ids = as_ids(seq_ids)
+  layer = as_layer(layer)
   if seq_ids.shape != (b,):
     raise CacheShapeError(f"seq_ids must have shape ({b},), got {seq_ids.shape}")
-  if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+  if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
+      sliding_window, int) or sliding_window < 1):
     raise CacheShapeError(f"sliding_window must be a positive int, got {sliding_window!r}")
-  if soft_cap is not None and not soft_cap > 0:
+  if soft_cap is not None and not 0 < soft_cap < float("inf"):
     raise CacheShapeError(f"soft_cap must be positive, got {soft_cap!r}")
   check_readable(cache, seq_ids, layer, op="paged_attention")
-  if q_lens is None:
-    q_lens = jnp.full((b,), q_len, jnp.int32)
-  else:
-    q_lens = jnp.broadcast_to(jnp.asarray(q_lens, jnp.int32), (b,))
+  q_lens = as_counts(q_len if q_lens is None else q_lens, b, "q_lens")
   scale = float(d ** -0.5 if scale is None else scale)
+  if not abs(scale) < float("inf"):  # also NaN
+    raise CacheShapeError(f"scale must be finite, got {scale!r}")
   name = implementation or default_implementation(config=cfg)
   get_implementation(name)  # fail early, outside the trace, for an unknown name
   if name == "xla" and cfg.strategy is CacheStrategy.CONTIGUOUS:
     knobs.setdefault("interleave", 1)  # one slab per sequence: read it in order
   return _paged_attention(
-      q, cache, seq_ids, jnp.asarray(layer, jnp.int32), q_lens, scale=scale,
+      q, cache, seq_ids, layer, q_lens, scale=scale,
       soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
       return_lse=return_lse, implementation=name, knobs=tuple(sorted(knobs.items())))
 
