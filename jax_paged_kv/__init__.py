@@ -14,17 +14,21 @@ from jax_paged_kv.cache import (
 )
 from jax_paged_kv.config import NULL_BLOCK, CacheConfig, CacheStrategy
 from jax_paged_kv.errors import (
+    CacheInvariantError,
     CacheShapeError,
     DuplicateSlotError,
     InactiveSlotError,
     InvalidCountError,
     InvalidLayerError,
     InvalidSlotError,
+    InvalidTokenSlotError,
     PagedKVCacheError,
     PoolExhaustedError,
     SequenceTooLongError,
     SlotInUseError,
     Status,
+    checked,
+    checking,
     raise_for_status,
 )
 from jax_paged_kv.state import AllocatorState, PagedKVCache, Telemetry, init_cache
@@ -64,6 +68,7 @@ __all__ = [
     "sample_tokens",
     "AllocatorState",
     "CacheConfig",
+    "CacheInvariantError",
     "CacheShapeError",
     "CacheStrategy",
     "DuplicateSlotError",
@@ -71,6 +76,7 @@ __all__ = [
     "InvalidCountError",
     "InvalidLayerError",
     "InvalidSlotError",
+    "InvalidTokenSlotError",
     "InvariantReport",
     "KVCacheStats",
     "PagedKVCache",
@@ -84,6 +90,8 @@ __all__ = [
     "append_kv",
     "cache_stats",
     "check_invariants",
+    "checked",
+    "checking",
     "default_implementation",
     "fork_sequence",
     "free_sequences",

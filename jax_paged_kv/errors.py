@@ -4,8 +4,9 @@ Every cache update returns ``(cache, status)``. ``status`` is an ``int32`` array
 batch row (a scalar for single-sequence ops such as ``fork_sequence``). ``0`` means OK. When any
 row fails, the *whole* update is rejected and the returned cache is bitwise equal to the input.
 Rows that did nothing wrong but were rejected because another row failed carry ``0``; the pool
-running dry is reported on every row that asked for a block, and only when every row is otherwise valid (a batch with a bad
-row reports that row's code; its healthy rows carry ``0`` whatever the pool holds).
+running dry is reported on every row that asked for a block, and only when every row is
+otherwise valid (a batch with a bad row reports that row's code; its healthy rows carry ``0``
+whatever the pool holds).
 
 Called eagerly (no tracer among the arguments), the public functions validate first and raise the
 exception below for the first failing row, leaving the caller's cache untouched (and not donated).

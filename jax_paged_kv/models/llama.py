@@ -398,7 +398,8 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     q = rope(q.reshape(b, t, nh, d), positions, c.rope_theta)  # [batch, T, q_heads, head_dim]
     k = rope(k.reshape(b, t, nkv, d), positions, c.rope_theta)  # [batch, T, kv_heads, head_dim]
     v = v.reshape(b, t, nkv, d)
-    cache, _ = write_kv(cache, slots, k.astype(cc.dtype), v.astype(cc.dtype), layer)
+    cache, _ = write_kv(cache, slots, k.astype(cc.dtype), v.astype(cc.dtype), layer,
+                       seq_ids=seq_ids)
     attn = paged_attention(q, cache, seq_ids, layer, q_lens=q_lens,
                            implementation=implementation, **knobs)
     x = x + _dot(attn.reshape(b, t, nh * d), w["wo"])
