@@ -611,13 +611,13 @@ def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None
     CacheShapeError: ``max_len`` is not a non-negative int; ids or layer of a non-integer type.
     InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
   """
-  seq_ids = as_ids(seq_ids)
-  layer = as_layer(layer)
   if max_len is None:
     max_len = cache.config.max_seq_len
   if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or not (
       0 <= max_len < 2**31):
     raise CacheShapeError(f"lookup_kv: max_len must be a non-negative int, got {max_len!r}")
+  seq_ids = as_ids(seq_ids)
+  layer = as_layer(layer)
   check_readable(cache, seq_ids, layer, op="lookup_kv")
   max_len = int(max_len)
   k, v, lens = _lookup_impl(cache, seq_ids, layer, max_len=max_len)

@@ -55,6 +55,8 @@ def _host_ints(x, name: str) -> np.ndarray:
     a = np.asarray(x)
   except (TypeError, ValueError) as e:  # ragged lists and the like
     raise CacheShapeError(f"{name} must be integers, got {x!r}") from e
+  if a.size == 0 and not isinstance(x, (np.ndarray, np.generic, jax.Array)):
+    return a.astype(np.int32)  # an empty Python list is an empty batch (NumPy calls it float)
   if a.dtype == object:
     flat = a.reshape(-1).tolist()
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in flat):

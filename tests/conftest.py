@@ -18,3 +18,39 @@ def pytest_generate_tests(metafunc):
   cases = getattr(cls, f"{name}_cases", None)
   if cases is not None:
     metafunc.parametrize("case", cases, ids=str)
+
+
+def pytest_configure(config):
+  """The controller names a folder for the fuzz counts before any xdist worker starts."""
+  import tempfile
+
+  from tests.fuzz_report import ENV
+
+  if not hasattr(config, "workerinput"):
+    os.environ[ENV] = tempfile.mkdtemp(prefix="pk-fuzz-")
+
+
+def pytest_sessionfinish(session):
+  from tests.fuzz_report import flush
+
+  worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+  flush(worker)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  """Prints how many boundary-fuzz cases ran and held (a broken one fails its test)."""
+  if hasattr(config, "workerinput"):
+    return
+  from tests.fuzz_report import ENV, collect
+
+  counts = collect(os.environ.get(ENV, ""))
+  if not counts:
+    return
+  total = sum(counts.values())
+  broken = sum(1 for rep in terminalreporter.stats.get("failed", [])
+               if "test_boundary_fuzz" in rep.nodeid)
+  terminalreporter.write_sep(
+      "-", f"boundary fuzz: {total} cases held (matched the specification); {broken} fuzz "
+           "test(s) found a broken case")
+  for key, n in sorted(counts.items()):
+    terminalreporter.write_line(f"  {n:6d}  {key}")
