@@ -365,3 +365,104 @@ def test_default_path_has_no_callback_or_check():
   with pk.checking():
     checked_text = str(jax.make_jaxpr(checkify.checkify(step))(cache, jnp.asarray([0, 1])))
   assert "check" in checked_text or "cond" in checked_text  # the checks are really there
+
+
+# ---------------------------------------------------------------------------------------------
+# isolation property: unowned memory and masked positions cannot change any output
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+# Geometry every kernel takes (the GPU kernel wants head_dim >= 16, the TPU one 8-token pages).
+ISO_CFG = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=16, max_seqs=5,
+                         max_seq_len=48, block_size=8)
+_iso_append = jax.jit(lambda c, k, v, ids, n: pk.append_kv(c, k, v, ids, num_new=n))
+_iso_fork = jax.jit(pk.fork_sequence)
+_iso_trunc = jax.jit(pk.truncate_sequences)
+_iso_free = jax.jit(pk.free_sequences)
+
+
+def _workload(rng, steps):
+  """A random history of appends, forks, truncations and frees (bad calls included)."""
+  cache = pk.init_cache(ISO_CFG)
+  cache, _ = pk.allocate_sequences(cache, [0, 1, 2])
+  for _ in range(steps):
+    op = rng.integers(4)
+    ids = jnp.asarray(rng.choice(ISO_CFG.max_seqs, 2, replace=False), jnp.int32)
+    if op == 0:
+      shape = (1, 2, 6, 2, 16)
+      cache, _ = _iso_append(cache, jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                             jnp.asarray(rng.standard_normal(shape), jnp.float32), ids,
+                             jnp.asarray(rng.integers(0, 7, 2), jnp.int32))
+    elif op == 1:
+      cache, _ = _iso_fork(cache, ids[0], ids[1])
+    elif op == 2:
+      cache, _ = _iso_trunc(cache, ids[:1], jnp.int32(rng.integers(0, 5)))
+    else:
+      cache, _ = _iso_free(cache, ids[:1])
+  return cache
+
+
+def _with_unowned(cache, value):
+  """``cache`` with every unowned token slot (free blocks, the null block, the tail of each
+  sequence's last block past its length) set to ``value`` in both pools."""
+  cfg = cache.config
+  owned = np.zeros((cfg.num_blocks, cfg.block_size), bool)
+  tables, lens = np.asarray(cache.block_tables), np.asarray(cache.seq_lens)
+  for s in np.flatnonzero(np.asarray(cache.active)):
+    for p in range(lens[s]):
+      owned[tables[s, p // cfg.block_size], p % cfg.block_size] = True
+  mask = jnp.asarray(owned)[None, None, :, :, None]
+  return cache.replace(k_pool=jnp.where(mask, cache.k_pool, value),
+                       v_pool=jnp.where(mask, cache.v_pool, value))
+
+
+def _reads(cache, q, ids, q_lens, window, implementation):
+  """lookup_kv and paged_attention of every slot, under jit (inactive rows read as empty)."""
+  kw = {"interpret": True} if implementation != "xla" else {}
+
+  def read(cache, q, ids, q_lens):
+    k, v, _ = pk.lookup_kv(cache, ids, 0)
+    out = pk.paged_attention(q, cache, ids, 0, q_lens=q_lens, sliding_window=window,
+                             implementation=implementation, **kw)
+    return k, v, out
+
+  return tuple(np.asarray(x) for x in jax.jit(read)(cache, q, ids, q_lens))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), window=st.sampled_from([None, 3, 6]),
+       implementation=st.sampled_from(["xla", "xla", "pallas_gpu", "pallas_tpu"]))
+def test_unowned_memory_and_masked_v_never_reach_an_output(seed, window, implementation):
+  rng = np.random.default_rng(seed)
+  cache = _workload(rng, 12)
+  ids = jnp.arange(ISO_CFG.max_seqs, dtype=jnp.int32)
+  lens = np.asarray(cache.seq_lens) * np.asarray(cache.active)
+  q_len = 4
+  q_lens = jnp.asarray(np.minimum(lens, q_len), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((ISO_CFG.max_seqs, q_len, 4, 16)), jnp.float32)
+  clean = _reads(_with_unowned(cache, 0.0), q, ids, q_lens, window, implementation)
+  poisoned = _reads(_with_unowned(cache, jnp.nan), q, ids, q_lens, window, implementation)
+  for a, b in zip(clean, poisoned, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert np.all(np.isfinite(clean[2]))
+  # A sequence's own V poisoned at a position some of its chunk's queries cannot see (later
+  # in the chunk, or before their window): those queries are unchanged, and so is everyone else.
+  live = [s for s in range(ISO_CFG.max_seqs) if lens[s] >= 2]
+  if not live:
+    return
+  s = int(rng.choice(live))
+  p = int(lens[s]) - 1  # the chunk's last token: queries before it cannot see it
+  tables = np.asarray(cache.block_tables)
+  blk, off = tables[s, p // ISO_CFG.block_size], p % ISO_CFG.block_size
+  if np.asarray(cache.allocator.ref_counts)[blk] > 1:
+    return  # a block shared by a fork: poisoning it would change the other sequence's data
+  bad = cache.replace(v_pool=cache.v_pool.at[0, :, blk, off].set(jnp.nan))
+  ref = _reads(cache, q, ids, q_lens, window, implementation)[2]
+  got = _reads(bad, q, ids, q_lens, window, implementation)[2]
+  n_q = int(q_lens[s])
+  blind = np.ones(ref.shape[:2], bool)
+  blind[s, n_q - 1] = False  # only the last query of row s sees position p
+  np.testing.assert_array_equal(got[blind], ref[blind])
+  assert np.all(np.isnan(got[s, n_q - 1]))
