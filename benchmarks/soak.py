@@ -256,10 +256,10 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
 def kv_values(token_ids, layers: int, heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
   """The K and V a token id stands for: ``float32[..., layers, heads, head_dim]``, exact.
 
-  ``k = id + c / 64`` with ``c`` the flat (layer, head, dim) index and ``v = -k``; ids are kept
-  below ``2**16`` so every value is exact in float32.
+  ``k = id + c / 64`` with ``c`` the flat (layer, head, dim) index (< 64 here) and ``v = -k``;
+  ids are taken modulo ``2**17`` so every value is exact in float32.
   """
-  ids = np.asarray(token_ids, np.float64) % 2**16
+  ids = np.asarray(token_ids, np.float64) % 2**17
   c = np.arange(layers * heads * head_dim).reshape(layers, heads, head_dim) / 64
   k = ids[..., None, None, None] + c
   return k.astype(np.float32), (-k).astype(np.float32)
@@ -270,7 +270,7 @@ class CacheModel:
 
   Logical blocks are integers (never the cache's physical ids); forks share them and hold one
   reference each; a write into a shared partly filled block first moves the writer to a fresh
-  block (copy-on-write). Each ``*`` method returns whether the call must be accepted and, if
+  block (copy-on-write). Each op method returns whether the cache must accept the call and, if
   so, applies it.
   """
 
@@ -508,7 +508,7 @@ def cache_soak(steps: int = 400, *, seed: int = 0, num_blocks: int = 1 + 14, max
     elif op == "append":
       ids = pick(live)
       if bad:
-        ids = (ids + [int(rng.choice(idle or live))])[-width:]  # inactive or duplicate row
+        ids = (ids + [int(rng.choice(idle or live))])[-width:]  # inactive, or live (maybe a repeat)
       counts = [int(rng.integers(0, max_new + 1)) for _ in ids]
       new = [fresh_tokens(n) for n in counts]
       # Stale values past num_new (and in padding rows) must never be stored.
