@@ -16,7 +16,7 @@ is preempted). Sampled requests are compared too: a request's ``n``-th token is 
 often it was recomputed.
 
 **Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence``
-(distinct parents per call), ``truncate_sequences`` and ``free_sequences`` on a small pool, every
+(a parent may get several children in one call), ``truncate_sequences`` and ``free_sequences`` on a small pool, every
 op under ``jax.jit`` (they return ``(cache, status)`` and never raise), some calls invalid on
 purpose or too big for the pool. A plain-Python model keeps, per live sequence, the token ids
 appended to it and its logical blocks with reference counts (forks share blocks,
@@ -334,7 +334,8 @@ class CacheModel:
     return True
 
   def fork(self, parents, children) -> bool:
-    if (not self._distinct(parents) or not self._distinct(children)
+    # One parent may be forked into several children (beam search); children are distinct.
+    if (not self._distinct(children)
         or any(p not in self.tokens for p in parents) or any(c in self.tokens for c in children)):
       return False
     for p, c in zip(parents, children, strict=True):
@@ -523,7 +524,8 @@ def cache_soak(steps: int = 400, *, seed: int = 0, num_blocks: int = 1 + 14, max
       cache, failed = call(op, k, v, _pad(ids, width), _pad(counts, width, 0))
     elif op == "fork":
       n = int(rng.integers(1, min(width, len(live), len(idle)) + 1))
-      parents = [int(x) for x in rng.choice(live, n, replace=False)]
+      # Half the time one parent gets several children in the same call (beam search).
+      parents = [int(x) for x in rng.choice(live, n, replace=bool(rng.integers(2)))]
       children = [int(x) for x in rng.choice(idle, n, replace=False)]
       if bad:
         children[-1] = int(rng.choice(live))  # an active child: SLOT_IN_USE
