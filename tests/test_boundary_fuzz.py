@@ -13,6 +13,7 @@ The number of cases run is reported at the end of the test session.
 from __future__ import annotations
 
 import itertools
+import os
 
 import hypothesis.strategies as st
 import jax
@@ -39,7 +40,9 @@ EXC = {Status.POOL_EXHAUSTED: pk.PoolExhaustedError, Status.INVALID_SLOT: pk.Inv
 RANGE_ERROR = {"ids": pk.InvalidSlotError, "counts": pk.InvalidCountError,
                "layer": pk.InvalidLayerError}
 TRACED_FALLBACK = {"ids": 2**31 - 1, "counts": -1, "layer": -1}
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+# CI: 60 examples per test; ``benchmarks/reliability.py`` runs more through the environment.
+EXAMPLES = int(os.environ.get("JAX_PAGED_KV_FUZZ_EXAMPLES", "60"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ---------------------------------------------------------------------------------------------
