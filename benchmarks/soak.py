@@ -15,13 +15,13 @@ is preempted). Sampled requests are compared too: a request's ``n``-th token is 
 ``fold_in(key(seed), n)`` (:mod:`jax_paged_kv.decoding`), whatever its batch-mates and however
 often it was recomputed.
 
-**Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence``
-(a parent may get several children in one call), ``truncate_sequences`` and
-``free_sequences`` on a small pool, every op under ``jax.jit`` (they return ``(cache,
-status)`` and never raise), some calls invalid on purpose or too big for the pool. A
-plain-Python model keeps, per live sequence, the token ids appended to it and its logical blocks with reference counts (forks share blocks,
-copy-on-write separates them). After every op: the status says "rejected" exactly when the
-model does, a rejected call left the cache bitwise unchanged (telemetry aside),
+**Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence`` (a
+parent may get several children in one call), ``truncate_sequences`` and ``free_sequences`` on
+a small pool, every op under ``jax.jit`` (they return ``(cache, status)`` and never raise),
+some calls invalid on purpose or too big for the pool. A plain-Python model keeps, per live
+sequence, the token ids appended to it and its logical blocks with reference counts (forks
+share blocks, copy-on-write separates them). After every op: the status says "rejected" exactly
+when the model does, a rejected call left the cache bitwise unchanged (telemetry aside),
 ``check_invariants`` holds, the free count and every block's reference count match the model,
 the block tables share physical blocks exactly where the model shares logical ones, and
 ``lookup_kv`` of every slot returns the K/V values of the model's token ids. At the end
