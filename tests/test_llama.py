@@ -19,48 +19,8 @@ from jax_paged_kv.models import (
   params_to_hf,
   read_safetensors,
 )
-from tests.llama_fixtures import SMALL
+from tests.llama_fixtures import SMALL, decode_greedy, forward_jit, run_chunked
 from tests.llama_reference import reference_logits
-
-forward_jit = jax.jit(forward, static_argnames=("config", "implementation", "max_blocks",
-                                                "all_logits"), donate_argnums=1)
-
-
-
-def run_chunked(params, config, cache, prompts, slots, chunk, max_blocks=None):
-  """Interleaved chunked prefill of every prompt; returns (cache, per-prompt logits [S, vocab])."""
-  cache, st = allocate_sequences(cache, np.asarray(slots, np.int32))
-  pos = [0] * len(prompts)
-  out = [[] for _ in prompts]
-  while any(p < len(t) for p, t in zip(pos, prompts, strict=True)):
-    toks = np.zeros((len(prompts), chunk), np.int32)
-    num = np.zeros(len(prompts), np.int32)
-    for i, t in enumerate(prompts):
-      piece = t[pos[i]:pos[i] + chunk]
-      toks[i, :len(piece)] = piece
-      num[i] = len(piece)
-      pos[i] += len(piece)
-    ids = np.where(num > 0, np.asarray(slots), -1).astype(np.int32)
-    cache, logits, status = forward_jit(params, cache, toks, ids, num, config=config,
-                                        all_logits=True, max_blocks=max_blocks)
-    assert not np.any(np.asarray(status))
-    for i in range(len(prompts)):
-      out[i].append(np.asarray(logits[i, :num[i]]))
-  return cache, [np.concatenate(o) for o in out]
-
-
-def decode_greedy(params, config, cache, slots, last_logits, steps, max_blocks=None):
-  """Greedy single-token steps for every slot; returns (tokens, logits per step)."""
-  toks, logs = [], []
-  cur = np.argmax(np.stack(last_logits), -1).astype(np.int32)
-  for _ in range(steps):
-    toks.append(cur)
-    cache, logits, status = forward_jit(params, cache, cur[:, None], np.asarray(slots, np.int32),
-                                        config=config, max_blocks=max_blocks)
-    assert not np.any(np.asarray(status))
-    logs.append(np.asarray(logits))
-    cur = np.argmax(logs[-1], -1).astype(np.int32)
-  return cache, np.stack(toks, 1), np.stack(logs, 1)
 
 
 def test_logits_match_full_recomputation_and_contiguous():
@@ -144,7 +104,9 @@ def test_config_validation():
                 num_kv_heads=5)
   hf = SMALL.to_hf()
   assert LlamaConfig.from_hf(hf) == SMALL
-  with pytest.raises(ValueError, match="rope scaling"):
+  with pytest.raises(ValueError, match="RoPE type 'yarn' is not implemented"):
+    LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+  with pytest.raises(ValueError, match="without 'low_freq_factor'"):
     LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
   with pytest.raises(ValueError, match="hidden_act"):
     LlamaConfig.from_hf({**hf, "hidden_act": "gelu"})
