@@ -294,16 +294,18 @@ def scan_layers(layer_fn: Callable[[Any, Any, Array, Any], Any], carry: Any, lay
   """
   n = len(windows)
   p = layer_period(windows)
-  grouped = jax.tree_util.tree_map(lambda a: a.reshape(n // p, p, *a.shape[1:]), layers)
 
-  def body(carry, inputs):
-    w, group = inputs
+  def body(carry, group):
     for j in range(p):
-      one = jax.tree_util.tree_map(lambda a, j=j: a[j], w)
-      carry = layer_fn(carry, one, group * p + j, windows[j])
+      layer = group * p + j
+      # Index the stacked weights in place (a reshape to [n / p, p, ...] would make XLA copy
+      # every weight on every call).
+      one = jax.tree_util.tree_map(
+          lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
+      carry = layer_fn(carry, one, layer, windows[j])
     return carry, None
 
-  carry, _ = jax.lax.scan(body, carry, (grouped, jnp.arange(n // p, dtype=jnp.int32)))
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n // p, dtype=jnp.int32))
   return carry
 
 
