@@ -84,6 +84,7 @@ def test_reads_each_family():
     (cfg("gemma2", attention_bias=True), "attention_bias"),
     (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),
     (cfg("gemma2", sliding_window=8, sliding_window_size=16), "sliding_window_size"),
+    (cfg("gemma2", sliding_window=None), "without a window"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_refuses_what_it_does_not_run(hf, match):
   with pytest.raises(ValueError, match=match):

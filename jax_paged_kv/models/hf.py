@@ -255,7 +255,10 @@ def _gemma2(r: _Reader, dtype) -> Gemma2Config:
     raise r.refuse("use_bidirectional_attention=True is not implemented (causal only)")
   if r.get("mlp_bias", False):
     raise r.refuse("mlp_bias=True is not implemented")
-  window = r.get("sliding_window", 4096)
+  window = r.hf.get("sliding_window", 4096)
+  r.read.add("sliding_window")
+  if window is None:  # transformers' Gemma 2 cannot build its sliding mask either
+    raise r.refuse("sliding_window=None leaves the sliding layers without a window")
   legacy = r.get("sliding_window_size")
   if legacy is not None and legacy != window:
     raise r.refuse(f"sliding_window_size={legacy} differs from sliding_window={window}")
