@@ -103,7 +103,7 @@ def step_timers(model, params, lengths: np.ndarray, block_sizes, extra: int):
 
     def step(state=state, ids=ids, max_blocks=max_blocks):
       # Each call appends one token per row; ``extra`` leaves room for warmup and repeats.
-      state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids, config=model,
+      state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids, model=model,
                                               max_blocks=max_blocks)
       return logits
 

@@ -91,7 +91,7 @@ def main(argv=None):
       def step(state=state, tokens=tokens, ids=ids, mb=mb):
         # Every call appends one token (the cache has room for repeats + warmup).
         state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids,
-                                                config=model, max_blocks=mb)
+                                                model=model, max_blocks=mb)
         return logits
 
       report.repeat(step, repeats=0, warmup=2)

@@ -45,7 +45,15 @@ from jax_paged_kv.decoding import (  # noqa: E402  isort: skip
 )
 from jax_paged_kv.engine import Engine, EngineMetrics, RequestOutput, generate  # noqa: E402
 from jax_paged_kv.export import ExportedDecodeStep, export_decode_step  # noqa: E402
-from jax_paged_kv.models import LlamaConfig, init_params, load_hf_checkpoint  # noqa: E402
+from jax_paged_kv.models import (  # noqa: E402
+    Gemma2Config,
+    LlamaConfig,
+    Model,
+    RopeScaling,
+    cache_config_for,
+    init_params,
+    load_hf_checkpoint,
+)
 
 __version__ = "0.1.0"
 
@@ -55,9 +63,13 @@ __all__ = [
     "Engine",
     "EngineMetrics",
     "ExportedDecodeStep",
+    "Gemma2Config",
     "LlamaConfig",
+    "Model",
     "RequestOutput",
+    "RopeScaling",
     "SamplingParams",
+    "cache_config_for",
     "decode_loop",
     "decode_step",
     "export_decode_step",

@@ -19,6 +19,10 @@ powers of two by default), so a handful of compilations serve a whole run. Host-
 are the cache's sequence ids; padding rows use ``-1``.
 
 :func:`generate` is the one-call convenience for a list of prompts.
+
+Both serve any model that implements the model protocol (:mod:`jax_paged_kv.models.base`); the
+engine never looks inside the model: it checks the cache against the model's geometry and the
+prompts against its ``vocab_size``, and calls the jitted steps with it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from jax_paged_kv.cache import allocate_sequences, free_sequences
 from jax_paged_kv.config import CacheConfig, CacheStrategy
 from jax_paged_kv.decoding import (
     DecodeState,
+    Params,
     SamplingParams,
     decode_loop,
     make_key,
@@ -48,7 +53,13 @@ from jax_paged_kv.errors import (
     Status,
     raise_for_status,
 )
-from jax_paged_kv.models.llama import LlamaConfig, Params, attention_knobs
+from jax_paged_kv.models.base import (
+    Model,
+    attention_knobs,
+    cache_config_for,
+    check_cache_fits,
+    check_model,
+)
 from jax_paged_kv.state import PagedKVCache, init_cache
 from jax_paged_kv.stats import cache_stats
 
@@ -144,7 +155,8 @@ class Engine:
 
   Args:
     params: model parameters.
-    model_config: the model config.
+    model: the model (:class:`~jax_paged_kv.models.base.Model`, e.g. a
+      :class:`~jax_paged_kv.LlamaConfig` or your own).
     cache_config: the cache config (``PAGED`` or ``CONTIGUOUS``); must fit the model.
     max_batch: most sequences decoded at once (default ``cache_config.max_seqs``).
     prefill_chunk: prompt tokens per row per prefill call (the static ``T`` of prefill).
@@ -169,7 +181,7 @@ class Engine:
     track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
   """
 
-  def __init__(self, params: Params, model_config: LlamaConfig, cache_config: CacheConfig, *,
+  def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
                max_batch: int | None = None, prefill_chunk: int = 64,
                prefill_token_budget: int | None = None, decode_steps: int = 8,
                implementation: str | None = None, bucket_blocks: bool = True,
@@ -177,14 +189,12 @@ class Engine:
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
                track_stats: bool = True):
-    c, cc = model_config, cache_config
-    if (cc.num_layers, cc.num_kv_heads, cc.head_dim, cc.dtype) != (
-        c.num_layers, c.num_kv_heads, c.head_dim, c.dtype):
-      raise ValueError(f"cache config {cc} does not fit the model {c}")
+    cc = cache_config
+    check_cache_fits(check_model(model), cc)
     if prefill_chunk < 1 or decode_steps < 1:
       raise ValueError(f"{prefill_chunk=} and {decode_steps=} must be >= 1")
     self.params = params
-    self.model_config = c
+    self.model = model
     self.cache_config = cc
     self.max_batch = min(max_batch or cc.max_seqs, cc.max_seqs)
     self.prefill_chunk = int(prefill_chunk)
@@ -217,6 +227,11 @@ class Engine:
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
 
+  @property
+  def model_config(self) -> Model:
+    """The model (its earlier name)."""
+    return self.model
+
   # ---- requests ------------------------------------------------------------------------------
 
   def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None) -> int:
@@ -232,9 +247,9 @@ class Engine:
     cc = self.cache_config
     if not prompt:
       raise ValueError("empty prompt: a request needs at least one token")
-    bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+    bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
     if bad:
-      raise ValueError(f"prompt token {bad[0]} is outside [0, {self.model_config.vocab_size})")
+      raise ValueError(f"prompt token {bad[0]} is outside [0, {self.model.vocab_size})")
     total = len(prompt) + sampling.max_new_tokens
     if total > cc.max_seq_len:
       raise SequenceTooLongError(
@@ -428,7 +443,7 @@ class Engine:
     mb = self._max_blocks(max_len)
     self.cache, nxt, _, status = self._timed(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
-        num_new, temp, top_k, top_p, keys, key_index, config=self.model_config,
+        num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     nxt = np.asarray(nxt)
@@ -519,7 +534,7 @@ class Engine:
     key = ("decode", width, mb, state.stop_tokens.shape[1])
     self.cache, state, out, n_steps, status = self._timed(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
-        config=self.model_config, max_steps=self.decode_steps,
+        model=self.model, max_steps=self.decode_steps,
         implementation=self.implementation, max_blocks=mb)
     out, n_steps = np.asarray(out), int(n_steps)
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
@@ -534,7 +549,7 @@ class Engine:
     return finished
 
 
-def generate(params: Params, model_config: LlamaConfig, prompts: Sequence[Sequence[int]],
+def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
              cache_config: CacheConfig | None = None, block_size: int = 16,
              progress: bool = False, **engine_kwargs) -> list[list[int]]:
@@ -542,7 +557,7 @@ def generate(params: Params, model_config: LlamaConfig, prompts: Sequence[Sequen
 
   Args:
     params: model parameters.
-    model_config: the model config.
+    model: the model (:class:`~jax_paged_kv.models.base.Model`).
     prompts: token-id lists.
     sampling: one :class:`~jax_paged_kv.decoding.SamplingParams` for all prompts, or one each
       (default: greedy, 16 new tokens).
@@ -565,10 +580,10 @@ def generate(params: Params, model_config: LlamaConfig, prompts: Sequence[Sequen
     totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True)]
     max_len = block_size * math.ceil(max(totals) / block_size)
     blocks = sum(math.ceil(t / block_size) for t in totals)
-    cache_config = model_config.cache_config(
-        num_blocks=1 + blocks, max_seqs=min(len(prompts), 256), max_seq_len=max_len,
-        block_size=block_size)
-  engine = Engine(params, model_config, cache_config, **engine_kwargs)
+    cache_config = cache_config_for(
+        check_model(model), num_blocks=1 + blocks, max_seqs=min(len(prompts), 256),
+        max_seq_len=max_len, block_size=block_size)
+  engine = Engine(params, model, cache_config, **engine_kwargs)
   ids = [engine.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
   bar = None
   if progress:
