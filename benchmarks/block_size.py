@@ -9,7 +9,7 @@ gather; large blocks are the opposite. Measured for each block size:
   mid-flight: each of ``--seqs`` sequences holds its prompt plus a uniformly drawn part of its
   output, averaged over ``--snapshots`` draws. Checked against the hand count
   ``sum(len) / sum(ceil(len / block) * block)``.
-* **Decode-step time** of the model's jitted :func:`jax_paged_kv.decoding.decode_step` (the
+* **Decode-step time** of the model's jitted :func:`jax_paged_kv.serving.decoding.decode_step` (the
   ``small`` model, XLA attention, cache donated) on ``--batch`` rows at those lengths, median of
   round-robin repeats, as a ratio to block 16 (the default) measured in the same run.
 
@@ -30,16 +30,16 @@ from tqdm.auto import tqdm
 
 from benchmarks import report
 from jax_paged_kv import (
-    CacheConfig,
-    allocate_sequences,
-    cache_stats,
-    check_invariants,
-    init_cache,
-    reserve,
+  CacheConfig,
+  allocate_sequences,
+  cache_stats,
+  check_invariants,
+  init_cache,
+  reserve,
 )
-from jax_paged_kv.decoding import decode_step
 from jax_paged_kv.demo import MODELS, model_config, sharegpt_like_lengths
 from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import decode_step
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_BLOCK = 16

@@ -12,7 +12,8 @@ recomputed. After every step :func:`~jax_paged_kv.check_invariants` must hold; a
 block must be free and every reference count zero, and every request's tokens must equal an
 unconstrained run of the same requests (all queued at once, on a pool big enough that nothing
 is preempted). Sampled requests are compared too: a request's ``n``-th token is sampled with
-``fold_in(key(seed), n)`` (:mod:`jax_paged_kv.decoding`), whatever its batch-mates and however
+``fold_in(key(seed), n)`` (:mod:`jax_paged_kv.serving.decoding`),
+whatever its batch-mates and however
 often it was recomputed.
 
 **Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence`` (a
@@ -60,9 +61,9 @@ from jax_paged_kv import (
   lookup_kv,
   truncate_sequences,
 )
-from jax_paged_kv.decoding import SamplingParams
-from jax_paged_kv.engine import Engine
 from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.serving.decoding import SamplingParams
+from jax_paged_kv.serving.engine import Engine
 
 # The shape of tests/llama_fixtures.SMALL: 2 layers, GQA 2:1, a tiny vocabulary.
 SOAK_MODEL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -1,51 +1,47 @@
 """jax_paged_kv: a functional, jittable paged KV cache for LLM inference in JAX."""
 
-from jax_paged_kv.attention import default_implementation, paged_attention
+# Data flows one way: cache -> attention -> models -> serving; each layer is a subpackage.
 from jax_paged_kv.cache import (
-    allocate_sequences,
-    append_kv,
-    fork_sequence,
-    free_sequences,
-    gather_tables,
-    lookup_kv,
-    reserve,
-    truncate_sequences,
-    write_kv,
-)
-from jax_paged_kv.config import NULL_BLOCK, CacheConfig, CacheStrategy
-from jax_paged_kv.errors import (
+    NULL_BLOCK,
+    AllocatorState,
+    CacheConfig,
     CacheInvariantError,
     CacheShapeError,
+    CacheStrategy,
     DuplicateSlotError,
     InactiveSlotError,
     InvalidCountError,
     InvalidLayerError,
     InvalidSlotError,
     InvalidTokenSlotError,
+    InvariantReport,
+    KVCacheStats,
+    PagedKVCache,
     PagedKVCacheError,
     PoolExhaustedError,
     SequenceTooLongError,
     SlotInUseError,
     Status,
+    Telemetry,
+    allocate_sequences,
+    append_kv,
+    cache_stats,
+    check_invariants,
     checked,
     checking,
+    fork_sequence,
+    free_sequences,
+    gather_tables,
+    init_cache,
+    lookup_kv,
     raise_for_status,
+    reserve,
+    truncate_sequences,
+    write_kv,
 )
-from jax_paged_kv.state import AllocatorState, PagedKVCache, Telemetry, init_cache
-from jax_paged_kv.stats import InvariantReport, KVCacheStats, cache_stats, check_invariants
 
-# The model, decoding loop and engine build on the cache (imported last: data flows one way).
-from jax_paged_kv.decoding import (  # noqa: E402  isort: skip
-    DecodeState,
-    SamplingParams,
-    decode_loop,
-    decode_step,
-    prefill_step,
-    sample_tokens,
-)
-from jax_paged_kv.engine import Engine, EngineMetrics, RequestOutput, generate  # noqa: E402
-from jax_paged_kv.export import ExportedDecodeStep, export_decode_step  # noqa: E402
-from jax_paged_kv.models import (  # noqa: E402
+from jax_paged_kv.attention import default_implementation, paged_attention  # isort: skip
+from jax_paged_kv.models import (  # isort: skip
     Gemma2Config,
     LlamaConfig,
     Model,
@@ -53,6 +49,20 @@ from jax_paged_kv.models import (  # noqa: E402
     cache_config_for,
     init_params,
     load_hf_checkpoint,
+)
+from jax_paged_kv.serving import (  # isort: skip
+    DecodeState,
+    Engine,
+    EngineMetrics,
+    ExportedDecodeStep,
+    RequestOutput,
+    SamplingParams,
+    decode_loop,
+    decode_step,
+    export_decode_step,
+    generate,
+    prefill_step,
+    sample_tokens,
 )
 
 __version__ = "0.1.0"

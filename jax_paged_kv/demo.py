@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.decoding import SamplingParams
-from jax_paged_kv.engine import Engine
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.models.llama import LlamaConfig, init_params
+from jax_paged_kv.serving.decoding import SamplingParams
+from jax_paged_kv.serving.engine import Engine
 
 SHAREGPT_PROMPT_MEAN = 161
 SHAREGPT_OUTPUT_MEAN = 338

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 import jax_paged_kv as pk
-from jax_paged_kv.decoding import DecodeState, decode_loop, decode_step, make_key, prefill_step
-from jax_paged_kv.export import ExportedDecodeStep, export_decode_step
+from jax_paged_kv.serving.decoding import (
+  DecodeState,
+  decode_loop,
+  decode_step,
+  make_key,
+  prefill_step,
+)
+from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 
 
 def layer_norm(x):

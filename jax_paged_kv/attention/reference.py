@@ -8,7 +8,7 @@ Kernel contract (every implementation in this package has this signature)::
 * ``q``: ``[batch, q_len, q_heads, head_dim]``; ``q_heads`` a multiple of ``kv_heads``; query head
   ``h`` reads KV head ``h // (q_heads // kv_heads)``.
 * ``k_pool``, ``v_pool``: the whole pools, ``[layers, kv_heads, num_blocks, block_size, head_dim]``
-  (see :mod:`jax_paged_kv.config`); ``layer``: ``int32[]``, may be traced.
+  (see :mod:`jax_paged_kv.cache.config`); ``layer``: ``int32[]``, may be traced.
 * ``block_tables``: ``int32[batch, max_blocks]``; ``kv_lens``: ``int32[batch]``, tokens in the
   cache per row *including* the new ones; ``q_lens``: ``int32[batch]``, valid queries per row
   (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position

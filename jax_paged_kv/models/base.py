@@ -44,10 +44,10 @@ import numpy as np
 from jax import Array
 
 from jax_paged_kv.attention import default_implementation
-from jax_paged_kv.cache import gather_tables, reserve
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.errors import CacheShapeError
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.ops import gather_tables, reserve
+from jax_paged_kv.cache.state import PagedKVCache
 
 _GEOMETRY = ("num_layers", "num_kv_heads", "head_dim", "dtype")
 LAYER_TYPES = ("full_attention", "sliding_attention")

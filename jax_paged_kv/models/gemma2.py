@@ -43,29 +43,29 @@ import numpy as np
 from jax import Array
 
 from jax_paged_kv.attention import paged_attention
-from jax_paged_kv.cache import write_kv
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.errors import CacheShapeError
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.ops import write_kv
+from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import (
-    attention_knobs,
-    begin_step,
-    cache_config_for,
-    check_param_tree,
-    check_positive_ints,
-    check_windows,
-    last_token,
-    layer_windows,
-    scan_layers,
+  attention_knobs,
+  begin_step,
+  cache_config_for,
+  check_param_tree,
+  check_positive_ints,
+  check_windows,
+  last_token,
+  layer_windows,
+  scan_layers,
 )
 from jax_paged_kv.models.layers import (
-    RopeScaling,
-    check_rope_context,
-    dot,
-    rms_norm,
-    rope,
-    soft_cap,
+  RopeScaling,
+  check_rope_context,
+  dot,
+  rms_norm,
+  rope,
+  soft_cap,
 )
-from jax_paged_kv.state import PagedKVCache
 
 Params = dict[str, Any]
 

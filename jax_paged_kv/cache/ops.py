@@ -1,10 +1,10 @@
 """Cache operations: allocate, reserve, write, append, lookup, free, fork, truncate.
 
-All are pure functions ``(cache, ...) -> (cache, ..., status)``. Inside a trace (``jit``,
-``vmap``, ``scan``, ...) they never raise on dynamic values: ``status`` (``int32``, one code per
-row, see :class:`~jax_paged_kv.errors.Status`) says what failed, and on any failure the returned
-cache is bitwise equal to the input (only ``cache.telemetry`` counts the failure). Shape and
-dtype errors are static and raise :class:`~jax_paged_kv.errors.CacheShapeError` at trace time.
+All are pure functions ``(cache, ...) -> (cache, ..., status)``. Inside a trace (``jit``, ``vmap``,
+``scan``, ...) they never raise on dynamic values: ``status`` (``int32``, one code per row, see
+:class:`~jax_paged_kv.cache.errors.Status`) says what failed, and on any failure the returned cache
+is bitwise equal to the input (only ``cache.telemetry`` counts the failure). Shape and dtype errors
+are static and raise :class:`~jax_paged_kv.cache.errors.CacheShapeError` at trace time.
 
 Called eagerly, each function first validates (a small jitted check that reads only metadata),
 raises the named exception for the first failing row and leaves the caller's cache untouched;
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv import allocator as alloc_lib
-from jax_paged_kv.config import NULL_BLOCK, CacheStrategy
-from jax_paged_kv.errors import (
+from jax_paged_kv.cache import allocator as alloc_lib
+from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
+from jax_paged_kv.cache.errors import (
     CacheShapeError,
     Status,
     check_report,
@@ -44,9 +44,9 @@ from jax_paged_kv.errors import (
     raise_for_report,
     raise_for_status,
 )
-from jax_paged_kv.inputs import as_counts, as_ids, as_layer, to_int32
-from jax_paged_kv.state import PagedKVCache, Telemetry
-from jax_paged_kv.stats import check_invariants
+from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer, to_int32
+from jax_paged_kv.cache.state import PagedKVCache, Telemetry
+from jax_paged_kv.cache.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -1,9 +1,9 @@
 """The decode step as a serialisable ``jax.export`` artifact (StableHLO).
 
-``export_decode_step`` traces :func:`~jax_paged_kv.decoding.decode_step` for one batch width and
-cache layout and returns an :class:`ExportedDecodeStep`; ``serialize()`` gives bytes that
-``ExportedDecodeStep.deserialize`` turns back into a callable in another process (no Python
-model code needed to run it, only this small wrapper)::
+``export_decode_step`` traces :func:`~jax_paged_kv.serving.decoding.decode_step` for one batch width
+and cache layout and returns an :class:`ExportedDecodeStep`; ``serialize()`` gives bytes that
+``ExportedDecodeStep.deserialize`` turns back into a callable in another process (no Python model
+code needed to run it, only this small wrapper)::
 
     step = export_decode_step(params, cache, batch=8, model=model)
     blob = step.serialize()                     # bytes: store or ship them
@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_paged_kv.decoding import Params, decode_step, resolve_model
-from jax_paged_kv.errors import CacheShapeError
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.serving.decoding import Params, decode_step, resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
                        model: Model | None = None, config: Model | None = None,
                        implementation: str | None = None, max_blocks: int | None = None,
                        platforms: Sequence[str] | None = None) -> ExportedDecodeStep:
-  """Exports :func:`~jax_paged_kv.decoding.decode_step` for a batch width and cache layout.
+  """Exports :func:`~jax_paged_kv.serving.decoding.decode_step` for a batch width and cache layout.
 
   Args:
     params: model parameters (only shapes and dtypes are used).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jax_paged_kv.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jax_paged_kv.config import NULL_BLOCK, CacheStrategy
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
+from jax_paged_kv.cache.state import PagedKVCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Continuous batching on the host around the jitted steps of :mod:`jax_paged_kv.decoding`.
+"""Continuous batching on the host around the jitted steps of :mod:`jax_paged_kv.serving.decoding`.
 
 The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
 
@@ -7,10 +7,10 @@ The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
 2. runs one chunked-prefill call: every admitted request with prompt left contributes up to
    ``prefill_chunk`` tokens, at most ``prefill_token_budget`` tokens in all; a request whose
    prompt completes samples its first token;
-3. runs one :func:`~jax_paged_kv.decoding.decode_loop` of up to ``decode_steps`` steps over every
-   decoding request (ragged lengths, one compiled step); the number of steps is cut so the
-   blocks the rows may need fit in the pool. If not even one step fits, the most recently
-   admitted request is *preempted*: its blocks are freed and it goes back to the front of the
+3. runs one :func:`~jax_paged_kv.serving.decoding.decode_loop` of up to ``decode_steps``
+   steps over every decoding request (ragged lengths, one compiled step); the number of steps
+   is cut so the blocks the rows may need fit in the pool. If not even one step fits, the most
+   recently admitted request is *preempted*: its blocks are freed and it goes back to the front of the
    queue, to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
 4. frees every finished request's slot at once.
 
@@ -37,31 +37,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_paged_kv.cache import allocate_sequences, free_sequences
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.decoding import (
-    DecodeState,
-    Params,
-    SamplingParams,
-    decode_loop,
-    make_key,
-    prefill_step,
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import (
+  PoolExhaustedError,
+  SequenceTooLongError,
+  Status,
+  raise_for_status,
 )
-from jax_paged_kv.errors import (
-    PoolExhaustedError,
-    SequenceTooLongError,
-    Status,
-    raise_for_status,
-)
+from jax_paged_kv.cache.ops import allocate_sequences, free_sequences
+from jax_paged_kv.cache.state import PagedKVCache, init_cache
+from jax_paged_kv.cache.stats import cache_stats
 from jax_paged_kv.models.base import (
-    Model,
-    attention_knobs,
-    cache_config_for,
-    check_cache_fits,
-    check_model,
+  Model,
+  attention_knobs,
+  cache_config_for,
+  check_cache_fits,
+  check_model,
 )
-from jax_paged_kv.state import PagedKVCache, init_cache
-from jax_paged_kv.stats import cache_stats
+from jax_paged_kv.serving.decoding import (
+  DecodeState,
+  Params,
+  SamplingParams,
+  decode_loop,
+  make_key,
+  prefill_step,
+)
 
 
 def bucket(n: int, cap: int, minimum: int = 1, factor: int = 2) -> int:
@@ -162,7 +162,7 @@ class Engine:
     prefill_chunk: prompt tokens per row per prefill call (the static ``T`` of prefill).
     prefill_token_budget: prompt tokens per prefill call over all rows (default
       ``4 * prefill_chunk``).
-    decode_steps: decode steps per :func:`~jax_paged_kv.decoding.decode_loop` call.
+    decode_steps: decode steps per :func:`~jax_paged_kv.serving.decoding.decode_loop` call.
     implementation: paged attention implementation (None: the backend's best).
     bucket_blocks: with XLA attention, read only a bucket of block-table columns (at least
       ``block_bucket_min``, growing by ``bucket_factor``) instead of all ``max_blocks``.
@@ -559,8 +559,8 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
     params: model parameters.
     model: the model (:class:`~jax_paged_kv.models.base.Model`).
     prompts: token-id lists.
-    sampling: one :class:`~jax_paged_kv.decoding.SamplingParams` for all prompts, or one each
-      (default: greedy, 16 new tokens).
+    sampling: one :class:`~jax_paged_kv.serving.decoding.SamplingParams` for all prompts, or
+      one each (default: greedy, 16 new tokens).
     cache_config: the cache (default: a paged cache with room for every request at once).
     block_size: block size of the default cache.
     progress: show a tqdm progress bar.

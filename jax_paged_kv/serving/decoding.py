@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model, check_model
-from jax_paged_kv.state import PagedKVCache
 
 Params = Any  # the model's parameter pytree
 _JIT_STATIC = ("model", "config", "implementation", "max_blocks")
