@@ -7,11 +7,11 @@ The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
 2. runs one chunked-prefill call: every admitted request with prompt left contributes up to
    ``prefill_chunk`` tokens, at most ``prefill_token_budget`` tokens in all; a request whose
    prompt completes samples its first token;
-3. runs one :func:`~jax_paged_kv.serving.decoding.decode_loop` of up to ``decode_steps``
-   steps over every decoding request (ragged lengths, one compiled step); the number of steps
-   is cut so the blocks the rows may need fit in the pool. If not even one step fits, the most
-   recently admitted request is *preempted*: its blocks are freed and it goes back to the front of the
-   queue, to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
+3. runs one :func:`~jax_paged_kv.serving.decoding.decode_loop` of up to ``decode_steps`` steps
+   over every decoding request (ragged lengths, one compiled step); the number of steps is cut so
+   the blocks the rows may need fit in the pool. If not even one step fits, the most recently
+   admitted request is *preempted*: its blocks are freed and it goes back to the front of the queue,
+   to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
 4. frees every finished request's slot at once.
 
 Batch shapes are bucketed (rows, and with the XLA attention path the block-table columns read;
