@@ -642,5 +642,6 @@ def test_fuzz_paged_attention(data):
   rows = slice(1, None) if poison_q else slice(None)
   np.testing.assert_allclose(out[rows], want[rows], rtol=1e-5, atol=1e-5)
   if poison_q:
-    assert np.all(np.isnan(out[0, :qlens[0]])) and np.all(out[0, qlens[0]:] == 0)
+    # The kernel contract (reference.py): NaN logits give output 0 and LSE -inf, in that row only.
+    assert np.all(out[0] == 0)
   record("paged_attention", "ok" + (" (NaN q)" if poison_q else ""))
