@@ -4,6 +4,10 @@ Checks every implementation against the XLA reference, then times, side by side 
 and on the same data:
 
 * ``ours``: ``jax_paged_kv.attention.pallas_gpu.paged_attention_gpu`` (default knobs);
+* ``ours_int8`` / ``ours_fp8``: the same kernel on int8 / float8_e4m3fn pools with float32
+  scales per (token, KV head) (``CacheConfig(kv_quant=...)``; the pools are quantised once,
+  outside the timing). Correct means a relative L2 error against the unquantised reference
+  within the README's bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
 * ``jax_pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
   8/16 x pages_per_compute_block 4/8; its layout is one layer ``[kv_heads, pages, page_size,
   head_dim]`` and q must be pre-scaled, both prepared outside the timing; decode only);
@@ -188,6 +192,26 @@ def impl_ours(x: Inputs, interpret: bool, **knobs):
   return (lambda: f(*args)), jax_sync, ""
 
 
+def quantized_inputs(x: Inputs, kv_quant: str) -> tuple[Inputs, dict]:
+  """``x`` with int8 / fp8 pools, and the scales (made once, not timed)."""
+  from jax_paged_kv.cache import quant
+
+  (kq, ks), (vq, vs) = quant.quantize(x.k_pool, kv_quant), quant.quantize(x.v_pool, kv_quant)
+  per_token = x.kv_bytes // (jnp.dtype(x.k_pool.dtype).itemsize * x.k_pool.shape[-1])
+  kv_bytes = per_token * (x.k_pool.shape[-1] * kq.dtype.itemsize + 4)  # + a float32 scale
+  return dataclasses.replace(x, k_pool=kq, v_pool=vq, kv_bytes=kv_bytes), dict(k_scale=ks,
+                                                                             v_scale=vs)
+
+
+def rel_l2(got, want) -> float:
+  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+QUANT_TOL = {"int8": 1.5e-2, "fp8": 6e-2}  # relative L2 (README: quantised KV cache)
+
+
 def impl_xla(x: Inputs, interpret: bool):
   del interpret
   f = jax.jit(functools.partial(paged_attention_xla, scale=x.scale))
@@ -369,7 +393,7 @@ def main(argv=None):
   log(f"copy ceiling (read+write) {ceiling / 1e9:.1f} GB/s")
   results = []
 
-  def record(cfg, x, impl, t, err, note="", knobs=None, status="ok"):
+  def record(cfg, x, impl, t, err, note="", knobs=None, status="ok", tol=tol):
     row = dict(config=cfg.name, block_size=cfg.block_size, batch=cfg.batch, q_len=cfg.q_len,
                impl=impl, status=status, note=note, kv_bytes=x.kv_bytes if x else None)
     if t is not None:
@@ -419,6 +443,20 @@ def main(argv=None):
                  note=f"{knob_label(kn)}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
           continue
         record(cfg, x, "ours_sweep", t, max_err(out, ref_out), knob_label(kn), kn)
+
+    # ours on int8 / fp8 pools (scales per token and KV head)
+    for kv_quant, qtol in QUANT_TOL.items():
+      xq, scales = quantized_inputs(x, kv_quant)
+      fn, sync, _ = impl_ours(xq, args.interpret, **scales)
+      try:
+        t, out = run_timed(fn, sync)
+      except Exception as e:  # noqa: BLE001 - keep the other rows
+        record(cfg, xq, f"ours_{kv_quant}", None, None, status="failed",
+               note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        continue
+      err = rel_l2(out, ref_out)
+      record(cfg, xq, f"ours_{kv_quant}", t, err, f"rel. L2 {err:.2e}", tol=qtol)
+      del xq, scales
 
     # JAX's Pallas paged kernel: best variant
     try:
@@ -487,7 +525,7 @@ def main(argv=None):
     sys.exit(1)
 
 
-IMPLS = ("ours", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
+IMPLS = ("ours", "ours_int8", "ours_fp8", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
 
 
 def save_plot(summary) -> str:
@@ -546,13 +584,15 @@ def print_tables(summary) -> tuple[str, str, str]:
       return "-"
     return f"{other['time_us'] / ours['time_us']:.2f}x"
 
-  head = ["config", "bs"] + list(IMPLS) + ["vs jax", "vs cudnn", "vs torch"]
+  head = ["config", "bs"] + list(IMPLS) + ["vs jax", "vs cudnn", "vs torch", "int8 / ours",
+                                            "fp8 / ours"]
   rows = []
   for (name, bs), impls in by.items():
     o = impls.get("ours")
     rows.append([name, str(bs)] + [cell(impls.get(i), frac=True) for i in IMPLS]
                 + [ratio(o, impls.get("jax_pallas")), ratio(o, impls.get("cudnn")),
-                   ratio(o, impls.get("torch_sdpa"))])
+                   ratio(o, impls.get("torch_sdpa")),
+                   ratio(o, impls.get("ours_int8")), ratio(o, impls.get("ours_fp8"))])
   sweep = {}
   for r in summary["results"]:
     if r["impl"] == "ours_sweep" and r.get("time_us") is not None and r["correct"]:
@@ -570,7 +610,8 @@ def print_tables(summary) -> tuple[str, str, str]:
            + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
            + f". Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. Cells: "
            "median time per call (fraction of the copy ceiling); 'vs X' = X time / ours, "
-           f"measured in the same run. {summary['goals']}.")
+           f"measured in the same run; 'int8 / ours' = int8 time / unquantised time (goal "
+           f"<= 0.6x). {summary['goals']}.")
   print()
   print(f"{summary['device_kind']}  jax {summary['jax_version']}  {summary['dtype']}  copy "
         f"ceiling {summary['copy_ceiling_gbps']:.1f} GB/s"

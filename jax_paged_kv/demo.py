@@ -91,15 +91,27 @@ def model_config(name: str) -> LlamaConfig:
 
 
 def equal_memory_configs(model: LlamaConfig, *, slabs: int, max_seq_len: int,
-                         block_size: int, paged_max_seqs: int) -> tuple[CacheConfig,
-                                                                        CacheConfig]:
-  """A paged and a contiguous cache with the same pool bytes: ``slabs`` contiguous slots."""
+                         block_size: int, paged_max_seqs: int,
+                         kv_quant: str | None = None) -> tuple[CacheConfig, CacheConfig]:
+  """A paged and a contiguous cache with the same pool bytes: ``slabs`` contiguous slots.
+
+  With ``kv_quant`` both keep the KV memory of ``slabs`` unquantised slabs and fit more
+  blocks (paged) or slabs (contiguous) into it.
+  """
   contiguous = model.cache_config(
       num_blocks=1 + slabs * -(-max_seq_len // block_size), max_seqs=slabs,
       max_seq_len=max_seq_len, block_size=block_size, strategy=CacheStrategy.CONTIGUOUS)
   paged = model.cache_config(num_blocks=contiguous.num_blocks, max_seqs=paged_max_seqs,
                              max_seq_len=max_seq_len, block_size=block_size)
   assert paged.pool_bytes == contiguous.pool_bytes
+  if kv_quant is not None:
+    budget = paged.pool_bytes
+    common = dict(num_layers=paged.num_layers, num_kv_heads=paged.num_kv_heads,
+                  head_dim=paged.head_dim, max_seq_len=max_seq_len, block_size=block_size,
+                  dtype=paged.dtype, kv_quant=kv_quant)
+    paged = CacheConfig.from_memory_budget(budget, max_seqs=paged_max_seqs, **common)
+    contiguous = CacheConfig.from_memory_budget(budget, strategy=CacheStrategy.CONTIGUOUS,
+                                                **common)
   return paged, contiguous
 
 
@@ -217,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-warmup", action="store_true",
                  help="skip the untimed first pass that compiles every shape (then tokens/s "
                       "only subtract each shape's first call, which misestimates a cold run)")
+  p.add_argument("--kv-quant", choices=["none", "int8", "fp8", "int4"], default="none",
+                 help="store K/V quantised (same KV memory, more tokens; see the README)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   return p
 
@@ -236,18 +250,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   o_lens = np.asarray([s.max_new_tokens for _, s in requests])
   paged_cc, contig_cc = equal_memory_configs(
       model, slabs=args.slabs, max_seq_len=args.max_seq_len, block_size=args.block_size,
-      paged_max_seqs=max(args.max_batch, args.slabs))
+      paged_max_seqs=max(args.max_batch, args.slabs),
+      kv_quant=None if args.kv_quant == "none" else args.kv_quant)
   print(f"model: {args.model} {dataclasses.asdict(model)}")
   print(f"workload: {len(requests)} requests, prompt mean {p_lens.mean():.0f} "
         f"(max {p_lens.max()}), output mean {o_lens.mean():.0f} (max {o_lens.max()}) tokens")
   print(f"KV memory: {paged_cc.pool_bytes / 2**20:.1f} MiB for both strategies "
         f"({paged_cc.usable_blocks} blocks of {args.block_size} tokens = "
-        f"{args.slabs} contiguous slabs of {args.max_seq_len})")
+        f"{contig_cc.max_seqs} contiguous slabs of {args.max_seq_len}; "
+        f"K/V stored as {paged_cc.kv_quant or paged_cc.dtype.name})")
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   common = dict(prefill_chunk=args.prefill_chunk, prefill_token_budget=4 * args.prefill_chunk,
                 decode_steps=args.decode_steps, batch_bucket_min=8, block_bucket_min=8,
                 bucket_factor=2, decode_width_step=8)
-  runs = [(paged_cc, args.max_batch), (contig_cc, args.slabs)]
+  runs = [(paged_cc, args.max_batch), (contig_cc, contig_cc.max_seqs)]
   if not args.no_warmup:  # compile every shape both strategies use; the timed pass is warm
     for cc, batch in runs:
       run_engine(params, model, cc, requests, desc=f"{cc.strategy.value} (warm-up)",

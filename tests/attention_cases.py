@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 import jax_paged_kv as pk
-from tests.oracle import attention_np
+from tests.oracle import (
+    attention_np,
+    pack_int4_np,
+    quantize_int4_np,
+    quantize_np,
+    unpack_int4_np,
+)
 
 TOLERANCES = {  # (atol, rtol) for outputs; LSE uses the same atol
     jnp.dtype(jnp.float32): (2e-5, 2e-5),
@@ -241,6 +247,70 @@ def oracle(case: Case, cache, q, seq_ids, q_lens, layer):
                       sliding_window=case.sliding_window)
 
 
+QUANT_FORMATS = ("int8", "fp8", "int4")
+# Relative L2 error bound of the output vs float64 attention on the unquantised data (issue 12).
+QUANT_BOUNDS = {
+    ("int8", "normal"): 1.5e-2, ("fp8", "normal"): 6e-2,
+    ("int8", "heavy"): 5e-2, ("fp8", "heavy"): 6e-2,
+    ("int4", "normal"): 0.2, ("int4", "heavy"): 0.3,
+}
+QUANT_CASES = [  # GQA decode and chunked prefill; block 32 is one int8 / fp8 TPU tile per page
+    Case((1, 37, 100), block_size=32, ratio=4, head_dim=64),
+    Case((8, 45, 70), q_len=8, block_size=32, ratio=2, head_dim=64, seed=1),
+]
+
+
+def heavy_tailed(cache, case: Case):
+  """``cache`` with K outlier channels (x12, +6 on 4 channels) and log-normal V token norms."""
+  rng = np.random.default_rng(case.seed + 7)
+  k = np.asarray(cache.k_pool, np.float64).copy()
+  v = np.asarray(cache.v_pool, np.float64)
+  channels = rng.choice(case.head_dim, 4, replace=False)
+  k[..., channels] = k[..., channels] * 12.0 + 6.0
+  v = v * np.exp(rng.standard_normal(v.shape[:-1]))[..., None]
+  dtype = jnp.dtype(case.dtype)
+  return cache.replace(k_pool=jnp.asarray(k, dtype), v_pool=jnp.asarray(v, dtype))
+
+
+def quantized_cache(cache, kv_quant: str):
+  """The same cache stored in ``kv_quant`` by the NumPy format model (NaN slots: NaN scale)."""
+  cfg = dataclasses.replace(cache.config, kv_quant=kv_quant)
+  out = {}
+  if kv_quant == "int4":
+    kc, ks, vc, vs = quantize_int4_np(cache.k_pool, cache.v_pool)
+    for name, c, sc in (("k", kc, ks), ("v", vc, vs)):
+      out[f"{name}_pool"] = jnp.asarray(pack_int4_np(c))
+      out[f"{name}_scale"] = jnp.asarray(sc, jnp.bfloat16)
+    return cache.replace(config=cfg, **out)
+  for name in ("k", "v"):
+    codes, scale = quantize_np(getattr(cache, f"{name}_pool"), kv_quant)
+    codes = np.where(np.isfinite(codes), codes, 0.0)
+    out[f"{name}_pool"] = jnp.asarray(codes, cfg.storage_dtype)
+    out[f"{name}_scale"] = jnp.asarray(scale, jnp.float32)
+  return cache.replace(config=cfg, **out)
+
+
+def dequantized_pools(qcache):
+  """float64 ``(k_pool, v_pool)`` of a quantised cache, decoded in NumPy (the format model)."""
+  def f64(x):
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+  if qcache.config.kv_quant != "int4":
+    return tuple(f64(getattr(qcache, f"{n}_pool")) * f64(getattr(qcache, f"{n}_scale"))[..., None]
+                 for n in ("k", "v"))
+  k = unpack_int4_np(qcache.k_pool) * f64(qcache.k_scale)[..., None, :]
+  vc = unpack_int4_np(qcache.v_pool)
+  vs = f64(qcache.v_scale)
+  d, groups = vc.shape[-1], vs.shape[-1]
+  v = (vc.reshape(*vc.shape[:-1], groups, d // groups) * vs[..., None]).reshape(vc.shape)
+  return k, v
+
+
+def relative_l2(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 class AttentionCases:
   """Subclass with ``implementation`` / ``knobs`` to run every case on one implementation.
 
@@ -255,9 +325,15 @@ class AttentionCases:
   knobs: dict = {}
   decode_cases = DECODE_CASES
   prefill_cases = PREFILL_CASES
+  quantized_cases = QUANT_CASES
 
   def unsupported(self, case: Case) -> str | None:
     del case
+    return None
+
+  def unsupported_format(self, kv_quant: str) -> str | None:
+    """A reason (regex) when the implementation must reject this ``kv_quant`` at trace time."""
+    del kv_quant
     return None
 
   def attend(self, case: Case, cache, q, seq_ids, q_lens, layer, *, return_lse=True):
@@ -341,3 +417,31 @@ class AttentionCases:
     cache2 = cache.replace(k_pool=junk_k, v_pool=junk_v)
     out2, _ = self.attend(case, cache2, q, seq_ids, q_lens, layer)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+
+  @pytest.mark.parametrize("data", ["normal", "heavy"])
+  @pytest.mark.parametrize("kv_quant", QUANT_FORMATS)
+  def test_quantized(self, case, kv_quant, data):
+    """An int8 / fp8 cache vs float64 attention on the unquantised data (issue-12 bounds)."""
+    cache, q, seq_ids, q_lens, layer = build_case(case)
+    if data == "heavy":
+      cache = heavy_tailed(cache, case)
+    want_out, want_lse = oracle(case, cache, q, seq_ids, q_lens, layer)
+    qcache = quantized_cache(cache, kv_quant)
+    reason = self.unsupported_format(kv_quant)
+    if reason is not None:  # rejected at trace time, with the reason
+      with pytest.raises(ValueError, match=reason):
+        self.attend(case, qcache, q, seq_ids, q_lens, layer)
+      return
+    out, lse = self.attend(case, qcache, q, seq_ids, q_lens, layer)
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    assert np.isfinite(out).all(), "quantised attention produced NaN / Inf"
+    err = relative_l2(out, want_out)
+    assert err <= QUANT_BOUNDS[kv_quant, data], f"relative L2 error {err:.4g}"
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    # The exact answer on the dequantised data (independent oracle on the format model's values).
+    deq_k, deq_v = dequantized_pools(qcache)
+    exact_out, _ = attention_np(q, deq_k, deq_v, layer, np.asarray(cache.block_tables),
+                                [max(n, 0) for n in case.lengths], q_lens,
+                                scale=case.head_dim ** -0.5)
+    atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+    np.testing.assert_allclose(out, exact_out, atol=atol, rtol=rtol)

@@ -58,3 +58,79 @@ def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, so
         out[r, i, h] = np.where(nan, np.nan, o)
         lse[r, i, h] = m + np.log(w.sum())
   return out, lse
+
+
+def quantize_np(x, kv_quant: str):
+  """A NumPy model of the quantised formats (see ``jax_paged_kv/cache/quant.py``), in float64.
+
+  Per vector along the last axis: ``scale = max|x| / qmax`` (``qmax`` 127 for int8, 448 for
+  fp8), codes ``round(x / scale)`` (int8) or ``x / scale`` rounded to float8_e4m3fn (fp8).
+
+  Returns:
+    ``(codes float64[...], scale float64[...])``: ``x ~= codes * scale[..., None]``.
+  """
+  import ml_dtypes
+
+  x = np.asarray(x, np.float64)
+  qmax = {"int8": 127.0, "fp8": 448.0}[kv_quant]
+  amax = np.abs(x).max(axis=-1)
+  scale = amax / qmax
+  with np.errstate(invalid="ignore", divide="ignore"):
+    y = np.where(amax[..., None] > 0, x / np.where(amax > 0, amax, 1.0)[..., None] * qmax, 0.0)
+  if kv_quant == "int8":
+    codes = np.clip(np.round(y), -127, 127)
+  else:
+    codes = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  return codes, scale
+
+
+def quantize_int4_np(k_pool, v_pool, group: int = 32):
+  """A NumPy model of the int4 format on whole pools ``[layers, kv_heads, num_blocks,
+  block_size, head_dim]``, all tokens of a block known at once (NaN cells are unused slots).
+
+  K: a bfloat16 scale per (block, channel) = max over the block's tokens of ``|x| / 7``; V: a
+  bfloat16 scale per (token, group of ``group`` channels); scales rounded toward zero. Codes
+  ``round(x / scale)`` in [-7, 7].
+
+  Returns:
+    ``(k_codes, k_scale, v_codes, v_scale)`` float64; ``k_scale [..., num_blocks, head_dim]``,
+    ``v_scale [..., block_size, head_dim / group]``.
+  """
+  import ml_dtypes
+
+  def bf16(x):  # rounded toward zero (the format's choice: 7 * scale never overflows)
+    bits = np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+  def codes(x, s):
+    with np.errstate(invalid="ignore", divide="ignore"):
+      c = np.clip(np.round(np.where(s > 0, x / np.where(s > 0, s, 1.0), 0.0)), -7, 7)
+    return np.where(np.isfinite(c), c, 0.0)
+
+  k = np.asarray(k_pool, np.float64)
+  v = np.asarray(v_pool, np.float64)
+  with np.errstate(invalid="ignore"):
+    import warnings
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (unused) blocks
+      k_scale = bf16(np.nanmax(np.abs(k), axis=-2) / 7.0)  # [..., num_blocks, head_dim]
+  k_codes = codes(k, k_scale[..., None, :])
+  d = v.shape[-1]
+  g = min(group, d)
+  vg = v.reshape(*v.shape[:-1], d // g, g)
+  v_scale = bf16(np.abs(vg).max(axis=-1) / 7.0)
+  v_codes = codes(vg, v_scale[..., None]).reshape(v.shape)
+  return k_codes, k_scale, v_codes, v_scale
+
+
+def pack_int4_np(codes):
+  """int4 codes ``[..., head_dim]`` -> ``uint8[..., head_dim / 2]`` (channel ``j`` low nibble,
+  ``j + head_dim / 2`` high nibble, each stored as ``code + 8``)."""
+  c = (np.asarray(codes).astype(np.int64) + 8).astype(np.uint8)
+  half = c.shape[-1] // 2
+  return c[..., :half] | (c[..., half:] << 4)
+
+
+def unpack_int4_np(packed):
+  p = np.asarray(packed).astype(np.int64)
+  return np.concatenate([(p & 15) - 8, (p >> 4) - 8], axis=-1).astype(np.float64)

@@ -8,6 +8,7 @@ sequence's contents and exactly which table entries share a physical block.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import hypothesis.strategies as st
@@ -44,10 +45,12 @@ class Seq:
 
 
 class CacheMachine(RuleBasedStateMachine):
+  cfg = CFG
+
 
   @initialize(lens=st.lists(st.integers(0, T), min_size=2, max_size=2))
   def setup(self, lens):
-    self.cache = pk.init_cache(CFG, pool_fill=np.nan)
+    self.cache = pk.init_cache(self.cfg, pool_fill=np.nan)
     self.seqs: dict[int, Seq] = {}
     self.counter = itertools.count(1)
     self.failed = 0
@@ -60,7 +63,7 @@ class CacheMachine(RuleBasedStateMachine):
 
   def pick(self, data, want_active=True):
     """Mostly a slot the op accepts; sometimes any id (inactive, padding, out of range)."""
-    pool = sorted(self.seqs) if want_active else [s for s in range(CFG.max_seqs)
+    pool = sorted(self.seqs) if want_active else [s for s in range(self.cfg.max_seqs)
                                                    if s not in self.seqs]
     if pool and data.draw(st.integers(0, 4)) > 0:
       return data.draw(st.sampled_from(pool))
@@ -77,7 +80,7 @@ class CacheMachine(RuleBasedStateMachine):
     for s in ids:
       if s < 0:
         codes.append(Status.OK)
-      elif s >= CFG.max_seqs:
+      elif s >= self.cfg.max_seqs:
         codes.append(Status.INVALID_SLOT)
       elif want_active and s not in self.seqs:
         codes.append(Status.INACTIVE_SLOT)
@@ -87,7 +90,7 @@ class CacheMachine(RuleBasedStateMachine):
         codes.append(Status.DUPLICATE_SLOT)
       else:
         codes.append(Status.OK)
-      if 0 <= s < CFG.max_seqs:
+      if 0 <= s < self.cfg.max_seqs:
         seen.add(s)
     return codes
 
@@ -120,7 +123,7 @@ class CacheMachine(RuleBasedStateMachine):
     self.do_append([r[0] for r in rows], [r[1] for r in rows])
 
   def do_append(self, ids, counts):
-    bs = CFG.block_size
+    bs = self.cfg.block_size
     codes = self.row_status(ids)
     need = [0] * BATCH
     for r, (s, n) in enumerate(zip(ids, counts, strict=True)):
@@ -129,13 +132,13 @@ class CacheMachine(RuleBasedStateMachine):
       seq = self.seqs[s]
       if n < 0 or n > T:
         codes[r] = Status.INVALID_COUNT
-      elif len(seq.tokens) + n > CFG.max_seq_len:
+      elif len(seq.tokens) + n > self.cfg.max_seq_len:
         codes[r] = Status.SEQUENCE_TOO_LONG
       else:
         old = len(seq.tokens)
         cow = n > 0 and old % bs and self.refcount(seq.blocks[-1]) > 1
         need[r] = -(-(old + n) // bs) - -(-old // bs) + int(bool(cow))
-    free = CFG.usable_blocks - self.live_blocks()
+    free = self.cfg.usable_blocks - self.live_blocks()
     ok_rows = not any(codes)
     exhausted = sum(need) > free
     # Exhaustion is reported only when every row is otherwise valid (errors.py's rule).
@@ -216,7 +219,7 @@ class CacheMachine(RuleBasedStateMachine):
       if s >= 0 and n:
         seq = self.seqs[s]
         del seq.tokens[len(seq.tokens) - n:]
-        del seq.blocks[-(-len(seq.tokens) // CFG.block_size):]
+        del seq.blocks[-(-len(seq.tokens) // self.cfg.block_size):]
 
   # --- invariants -------------------------------------------------------------------------
 
@@ -228,21 +231,26 @@ class CacheMachine(RuleBasedStateMachine):
   @invariant()
   def model_agrees(self):
     c = self.cache
-    assert int(c.allocator.num_free) == CFG.usable_blocks - self.live_blocks()
+    assert int(c.allocator.num_free) == self.cfg.usable_blocks - self.live_blocks()
     active = np.asarray(c.active)
     lens = np.asarray(c.seq_lens)
     tables = np.asarray(c.block_tables)
-    for s in range(CFG.max_seqs):
+    for s in range(self.cfg.max_seqs):
       assert active[s] == (s in self.seqs)
       assert lens[s] == (len(self.seqs[s].tokens) if s in self.seqs else 0)
-    ids = jnp.arange(CFG.max_seqs)
-    for layer in range(CFG.num_layers):
+    ids = jnp.arange(self.cfg.max_seqs)
+    for layer in range(self.cfg.num_layers):
       k, v, _ = _lookup(c, ids, layer)
       k, v = np.asarray(k), np.asarray(v)
       for s, seq in self.seqs.items():
         n = len(seq.tokens)
-        np.testing.assert_array_equal(k[s, :n, 0, 0], seq.tokens)
-        np.testing.assert_array_equal(v[s, :n, 0, 1], -np.asarray(seq.tokens, np.float32))
+        want = np.asarray(seq.tokens, np.float32)
+        if self.cfg.kv_quant is None:
+          np.testing.assert_array_equal(k[s, :n, 0, 0], want)
+          np.testing.assert_array_equal(v[s, :n, 0, 1], -want)
+        else:  # both dims hold the token's value: code +-127, scale |value| / 127
+          np.testing.assert_allclose(k[s, :n, 0, 0], want, rtol=1e-6)
+          np.testing.assert_allclose(v[s, :n, 0, 1], -want, rtol=1e-6)
     # Sharing structure: two table entries name the same block iff the model says they share.
     entries = [(s, j, b) for s, seq in self.seqs.items() for j, b in enumerate(seq.blocks)]
     for (s1, j1, b1), (s2, j2, b2) in itertools.combinations(entries, 2):
@@ -256,3 +264,14 @@ CacheMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestCacheMachine = CacheMachine.TestCase
+
+
+class Int8CacheMachine(CacheMachine):
+  """The same machine on an int8 cache: scales follow forks, copy-on-write, truncate, free."""
+  cfg = dataclasses.replace(CFG, kv_quant="int8")
+
+
+Int8CacheMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestInt8CacheMachine = Int8CacheMachine.TestCase

@@ -3,7 +3,7 @@
 import pytest
 
 import jax_paged_kv as pk
-from tests.attention_cases import AttentionCases, Case, build_case
+from tests.attention_cases import QUANT_CASES, AttentionCases, Case, build_case
 
 
 class TestXLA(AttentionCases):
@@ -18,6 +18,7 @@ class TestXLAInOrder(AttentionCases):
 
   implementation = "xla"
   knobs = {"interleave": 1}
+  quantized_cases = QUANT_CASES[:1]
 
 
 class TestXLAInterleave3(AttentionCases):
@@ -25,6 +26,7 @@ class TestXLAInterleave3(AttentionCases):
 
   implementation = "xla"
   knobs = {"interleave": 3}
+  quantized_cases = QUANT_CASES[1:]
 
 
 @pytest.mark.parametrize("interleave", [0, -2, 1.5, True])

@@ -46,7 +46,8 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
     try:
       get_implementation(name)  # loads the module
       module = importlib.import_module(IMPLEMENTATIONS[name][0])
-      module.check_supported(config.dtype, config.block_size, config.head_dim)
+      module.check_supported(config.storage_dtype, config.block_size, config.head_dim,
+                             kv_quant=config.kv_quant)
     except (ValueError, RuntimeError):
       return "xla"
   return name
@@ -150,6 +151,7 @@ def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, slidi
   # A row may not claim more queries than it has tokens or than q holds.
   q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
   fn = get_implementation(implementation)
+  scales = {} if cfg.kv_quant is None else {"k_scale": cache.k_scale, "v_scale": cache.v_scale}
   return fn(q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens, scale=scale,
             soft_cap=soft_cap, sliding_window=sliding_window, return_lse=return_lse,
-            **dict(knobs))
+            **scales, **dict(knobs))

@@ -85,6 +85,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jax_paged_kv.cache import quant
+
 # The Triton backend is deprecated since JAX 0.11; bind what we use once, here, so that a
 # deprecation warning on import or attribute access never fires from inside our calls (our
 # test setup turns warnings attributed to this package into errors).
@@ -154,14 +156,24 @@ def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, bat
 
 
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_QUANT_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 
 
-def check_supported(dtype, block_size: int, head_dim: int) -> None:
-  """Raises ``ValueError`` for pool layouts this kernel cannot tile."""
+def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None) -> None:
+  """Raises ``ValueError`` for pool layouts this kernel cannot tile.
+
+  ``dtype`` is the pools' element dtype; with ``kv_quant`` (``"int8"`` / ``"fp8"``) it must be
+  that format's storage dtype, and the kernel dequantises the tiles it loads.
+  """
   dtype = jnp.dtype(dtype)
-  if dtype not in _SUPPORTED_DTYPES:
-    raise ValueError(f"pallas_gpu supports float32, bfloat16 and float16 pools, got {dtype}; "
-                     "use implementation='xla'")
+  if kv_quant is not None:
+    if _QUANT_DTYPES.get(kv_quant) != dtype:
+      raise ValueError(f"pallas_gpu supports kv_quant in {sorted(_QUANT_DTYPES)} (int8 / "
+                       f"float8_e4m3fn pools), got {kv_quant=} with {dtype} pools; use "
+                       "implementation='xla'")
+  elif dtype not in _SUPPORTED_DTYPES:
+    raise ValueError(f"pallas_gpu supports float32, bfloat16 and float16 pools (and int8 / fp8 "
+                     f"quantised ones with their scales), got {dtype}; use implementation='xla'")
   if not _is_pow2(block_size):
     raise ValueError(f"pallas_gpu needs a power-of-two block_size, got {block_size=}; use "
                      "implementation='xla'")
@@ -192,9 +204,9 @@ def _attention_kernel(
     q_ref,  # [block_rows, head_dim]
     k_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
     v_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
-    o_ref,  # [block_rows, head_dim]
-    lse_ref,  # [block_rows]
-    *,
+    *refs,  # (k_scale_ref, v_scale_ref [layers, kv_heads, num_blocks, block_size] if
+    #         quantised), o_ref [block_rows, head_dim], lse_ref [block_rows]
+    quantized: bool,
     group: int,
     num_rows: int,
     block_k: int,
@@ -203,8 +215,13 @@ def _attention_kernel(
     soft_cap: float | None,
     sliding_window: int | None,
 ):
+  if quantized:
+    ks_ref, vs_ref, o_ref, lse_ref = refs
+  else:
+    o_ref, lse_ref = refs
   b, h, t, s = (pl.program_id(i) for i in range(4))
   block_rows, head_dim = q_ref.shape
+  cdt = q_ref.dtype  # the dots' operand dtype: the pools' dtype, or q's for a quantised cache
   num_blocks, block_size = k_ref.shape[2], k_ref.shape[3]
   layer = layer_ref[0]
   kv_len = kv_lens_ref[b]
@@ -255,8 +272,15 @@ def _attention_kernel(
     zero = jnp.zeros((), k_ref.dtype)
     k = _triton_load(k_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
     v = _triton_load(v_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
+    if quantized:  # int8 / fp8 -> cdt is exact; scales apply per key to logits and to p
+      k, v = k.astype(cdt), v.astype(cdt)
+      sidx = (layer, h, ids, kpos % block_size)
+      k_sc = _triton_load(ks_ref.at[sidx], mask=kv_ok, other=0.0)  # [step_k] float32
+      v_sc = _triton_load(vs_ref.at[sidx], mask=kv_ok, other=0.0)  # [step_k] float32
     logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)  # [block_rows, step_k]
+    if quantized:
+      logits = logits * k_sc[None, :]
     logits = logits * logit_scale
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
@@ -270,7 +294,8 @@ def _attention_kernel(
     p = jnp.exp2(logits - m_safe[:, None])  # exactly 0 where masked
     l = alpha * l + p.sum(axis=1)
     if not exact:
-      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+      pw = p * v_sc[None, :] if quantized else p  # V's scales weight the probabilities
+      pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                            precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)  # [block_rows, head_dim]
       return alpha[:, None] * acc + pv, m_new, l
@@ -279,6 +304,8 @@ def _attention_kernel(
     # the NaN), counted with two 0/1 dots of the same shape as p @ v. Non-finite acc entries
     # are final: alpha (0 after underflow) never multiplies them.
     v32 = v.astype(jnp.float32)
+    if quantized:  # the dequantised tile (a NaN scale makes the whole key NaN)
+      v32 = v32 * v_sc[:, None]
     v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
     pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
                          precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
@@ -360,7 +387,8 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
                         sliding_window: int | None = None, return_lse: bool = False,
                         block_k: int | None = None, k_splits: int | None = None,
                         block_rows: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, interpret: bool = False):
+                        num_stages: int | None = None, interpret: bool = False,
+                        k_scale=None, v_scale=None):
   """Paged attention with a Pallas (Triton) GPU kernel; contract in ``reference.py``.
 
   Args:
@@ -372,6 +400,10 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     block_k, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
       for the provisional defaults of :func:`default_knobs`.
     interpret: run in Pallas interpret mode (any backend; slow, for tests).
+    k_scale, v_scale: ``float32[layers, kv_heads, num_blocks, block_size]`` scales of an int8 /
+      fp8 cache (both or neither). The kernel loads int8 / fp8 tiles, converts them exactly to
+      q's dtype, multiplies the logits by the K scales per key and the probabilities by the V
+      scales before ``p @ v``.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
@@ -388,6 +420,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
         "(slow; for tests), or use implementation='xla' (or None) on this backend.")
   batch, q_len, q_heads, head_dim = q.shape
   num_layers, kv_heads, num_blocks, block_size, _ = k_pool.shape
+  if k_scale is not None:  # the format first: int4 pools also have a packed head_dim
+    check_supported(k_pool.dtype, k_pool.shape[3], q.shape[-1],
+                    kv_quant=quant.format_of(k_pool.dtype) or "?")
   if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
     raise ValueError(f"k_pool {k_pool.shape} {k_pool.dtype} and v_pool {v_pool.shape} "
                      f"{v_pool.dtype} must match")
@@ -401,7 +436,15 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   given = dict(block_k=block_k, k_splits=k_splits,
                block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
   knobs.update({k: v for k, v in given.items() if v is not None})
-  check_supported(k_pool.dtype, block_size, head_dim)
+  quantized = k_scale is not None
+  if quantized != (v_scale is not None):
+    raise ValueError("pass both k_scale and v_scale, or neither")
+  kv_quant = None
+  if quantized:
+    kv_quant = quant.format_of(k_pool.dtype) or "?"
+    if k_scale.shape != k_pool.shape[:4] or v_scale.shape != k_pool.shape[:4]:
+      raise ValueError(f"scales {k_scale.shape} / {v_scale.shape} must be {k_pool.shape[:4]}")
+  check_supported(k_pool.dtype, block_size, head_dim, kv_quant=kv_quant)
   _check_knobs(**knobs)
   block_k, splits, tile = knobs["block_k"], knobs["k_splits"], knobs["block_rows"]
 
@@ -409,7 +452,11 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   tiles = -(-rows // tile)
   # [batch, q_len, q_heads, D] -> [batch, kv_heads, rows (token-major), D], padded to the tiles.
   # tl.dot needs both operands in one dtype: queries are rounded to the cache's dtype.
-  qr = q.astype(k_pool.dtype).reshape(batch, q_len, kv_heads, group, head_dim)
+  # A quantised cache's tiles are converted to q's dtype instead (float32 for other q dtypes).
+  cdt = k_pool.dtype
+  if quantized:
+    cdt = q.dtype if q.dtype in _SUPPORTED_DTYPES else jnp.dtype(jnp.float32)
+  qr = q.astype(cdt).reshape(batch, q_len, kv_heads, group, head_dim)
   qr = qr.transpose(0, 2, 1, 3, 4)
   qr = qr.reshape(batch, kv_heads, rows, head_dim)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, tiles * tile - rows), (0, 0)))
@@ -423,7 +470,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   kernel = functools.partial(
       _attention_kernel, group=group, num_rows=rows, block_k=block_k, k_splits=splits,
       scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
-      sliding_window=sliding_window)
+      sliding_window=sliding_window, quantized=quantized)
+  scale_specs = [_whole(k_scale.shape), _whole(v_scale.shape)] if quantized else []
+  scale_args = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if quantized else ()
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, tiles, splits),
@@ -435,6 +484,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
           pl.BlockSpec((None, None, tile, head_dim), lambda b, h, t, s: (b, h, t, 0)),
           _whole(k_pool.shape),
           _whole(v_pool.shape),
+          *scale_specs,
       ],
       out_specs=[
           pl.BlockSpec((None, None, None, tile, head_dim), lambda b, h, t, s: (s, b, h, t, 0)),
@@ -448,7 +498,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
                                             num_stages=knobs["num_stages"]),
       interpret=interpret,
       name=f"paged_attention_gpu_k{block_k}_s{splits}_r{tile}",
-  )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool)
+  )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool, *scale_args)
 
   o, lse = o[..., :rows, :], lse[..., :rows]  # padding rows were never written
   if splits == 1:

@@ -71,6 +71,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jax_paged_kv.cache import quant
+
 # `pl.ANY` is the memory space "leave it where XLA put it" (HBM for the pools); newer JAX may
 # only spell it on the TPU module.
 _ANY = getattr(pl, "ANY", None) or pltpu.MemorySpace.ANY
@@ -78,8 +80,9 @@ _ANY = getattr(pl, "ANY", None) or pltpu.MemorySpace.ANY
 _SQUEEZED = getattr(pl, "squeezed", None)
 _PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
 _LANES = 128
-_SUBLANES = {4: 8, 2: 16}  # itemsize -> rows of one (packed) [rows, 128] tile
+_SUBLANES = {4: 8, 2: 16, 1: 32}  # itemsize -> rows of one (packed) [rows, 128] tile
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_QUANT_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 _TARGET_KV_PER_BLOCK = 256  # default keys per compute block
 _TARGET_Q_ROWS = 256  # default q rows (queries x group heads) per tile
 
@@ -89,11 +92,20 @@ def sublane_tile(dtype) -> int:
   return _SUBLANES[jnp.dtype(dtype).itemsize]
 
 
-def check_supported(dtype, block_size: int, head_dim: int) -> None:
-  """Raises ``ValueError`` for pool layouts this kernel cannot tile on a TPU."""
+def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None) -> None:
+  """Raises ``ValueError`` for pool layouts this kernel cannot tile on a TPU.
+
+  With ``kv_quant`` (``"int8"`` / ``"fp8"``) ``dtype`` must be that format's storage dtype,
+  whose packed tiles are 32 rows.
+  """
   del head_dim  # any head_dim: blocks always span the full (lane-padded) head_dim axis
   dtype = jnp.dtype(dtype)
-  if dtype not in _SUPPORTED_DTYPES:
+  if kv_quant is not None:
+    if _QUANT_DTYPES.get(kv_quant) != dtype:
+      raise ValueError(f"pallas_tpu supports kv_quant in {sorted(_QUANT_DTYPES)} (int8 / "
+                       f"float8_e4m3fn pools), got {kv_quant=} with {dtype} pools; use "
+                       "implementation='xla'")
+  elif dtype not in _SUPPORTED_DTYPES:
     raise ValueError(
         f"pallas_tpu paged attention supports float32, bfloat16 and float16 pools, got "
         f"{dtype}; use implementation='xla'")
@@ -149,9 +161,8 @@ def _paged_attention_kernel(
     q_ref,  # [R, head_dim] (this row, KV head and query block)
     k_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
     v_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
-    # outputs
-    o_ref,  # [R, head_dim]
-    *rest,  # (lse_ref [R, 128] if return_lse), then scratch
+    *rest,  # (ks_hbm, vs_hbm [layers, kv_heads, num_blocks, block_size] if quantized), then
+    #         outputs o_ref [R, head_dim] (and lse_ref [R, 128] if return_lse), then scratch
     max_blocks: int,
     pages: int,
     block_size: int,
@@ -162,11 +173,18 @@ def _paged_attention_kernel(
     sliding_window: int | None,
     return_lse: bool,
     compute_dtype,
+    quantized: bool,
 ):
+  ks_hbm = vs_hbm = ks_buf = vs_buf = None
+  if quantized:
+    ks_hbm, vs_hbm, *rest = rest
+  o_ref, *rest = rest
   if return_lse:
     lse_ref, *rest = rest
-  k_buf, v_buf, sems, m_ref, l_ref, acc_ref = rest
-  # k_buf, v_buf: [2, pages, block_size, head_dim]; sems: DMA[2 (k/v), 2 (slot)]
+  k_buf, v_buf, sems, m_ref, l_ref, acc_ref, *rest = rest
+  if quantized:
+    ks_buf, vs_buf = rest  # [2, pages, block_size] float32 scales of the pages in k/v_buf
+  # k_buf, v_buf: [2, pages, block_size, head_dim]; sems: DMA[4 (k/v/k scale/v scale), 2]
   # m_ref, l_ref: f32[R, 128] (lane-broadcast); acc_ref: f32[R, head_dim]
   b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = q_ref.shape[0]
@@ -191,8 +209,11 @@ def _paged_attention_kernel(
     for i in range(pages):
       page = first_page + c * pages + i
       blk = tables_ref[b * max_blocks + jnp.minimum(page, max_blocks - 1)]
+      pairs = [(k_hbm, k_buf), (v_hbm, v_buf)]
+      if quantized:
+        pairs += [(ks_hbm, ks_buf), (vs_hbm, vs_buf)]
       copies = [pltpu.make_async_copy(hbm.at[layer, h, blk], buf.at[slot, i], sems.at[kv, slot])
-                for kv, (hbm, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf)))]
+                for kv, (hbm, buf) in enumerate(pairs)]
       # Never copy a page past the block's last visible key (nor wait for one).
       pl.when(page < end_page)(functools.partial(_run_all, copies, method))
 
@@ -224,6 +245,11 @@ def _paged_attention_kernel(
     p_row = pos0 + lax.broadcasted_iota(jnp.int32, (kv_per_block, 1), 0)  # [kv, 1]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32) * scale  # [R, kv]
+    if quantized:  # int8 / fp8 -> compute dtype is exact; K's scales apply per key
+      k_sc = ks_buf[slot].reshape(1, kv_per_block)  # [1, kv]
+      # Pages' slots outside [lo, hi) may hold stale or NaN scales: 0 * NaN must not reach p.
+      v_sc = jnp.where((p_col >= lo) & (p_col < hi), vs_buf[slot].reshape(1, kv_per_block), 0.0)
+      s = s * k_sc
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
     mask = row_ok & (p_col <= q_pos) & (p_col < hi)  # p <= q_pos < kv_len: never past length
@@ -240,7 +266,8 @@ def _paged_attention_kernel(
     # Rows outside [lo, hi) may be stale, NaN or never-written VMEM: zero them, never multiply.
     v = jnp.where((p_row >= lo) & (p_row < hi), v, jnp.zeros((), v.dtype))
     if not exact:
-      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+      pw = p * v_sc if quantized else p  # V's scales weight the probabilities
+      pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                            preferred_element_type=jnp.float32)  # [R, head_dim]
       acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
       return carry
@@ -249,6 +276,9 @@ def _paged_attention_kernel(
     # the NaN), counted with two 0/1 matmuls of the same shape as p @ v. Non-finite acc
     # entries are final: alpha (0 after underflow) never multiplies them.
     v32 = v.astype(jnp.float32)
+    if quantized:  # the dequantised block (a NaN scale makes the whole key NaN)
+      v_col = vs_buf[slot].reshape(kv_per_block, 1)
+      v32 = v32 * jnp.where((p_row >= lo) & (p_row < hi), v_col, 0.0)
     v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
     pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32)  # [R, head_dim]
@@ -297,7 +327,8 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
                         scale: float, soft_cap: float | None = None,
                         sliding_window: int | None = None, return_lse: bool = False,
                         pages_per_compute_block: int | None = None,
-                        queries_per_block: int | None = None, interpret=None):
+                        queries_per_block: int | None = None, interpret=None,
+                        k_scale=None, v_scale=None):
   """Paged attention as one Mosaic TPU kernel (contract: ``reference.py``).
 
   Args:
@@ -313,6 +344,10 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       tile holds about 256 query rows).
     interpret: ``None``/``False`` to compile for a TPU; ``pltpu.InterpretParams(...)`` (or
       ``True``) to run the TPU interpreter on any backend.
+    k_scale, v_scale: ``float32[layers, kv_heads, num_blocks, block_size]`` scales of an int8 /
+      fp8 cache (both or neither): each page's scales are copied beside it, the int8 / fp8
+      page is converted exactly to the compute dtype in VMEM, the logits are multiplied by the
+      K scales per key and the probabilities by the V scales before ``p @ v``.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
@@ -324,6 +359,9 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   """
   b, q_len, qh, d = q.shape
   _, kvh, _, bs, dk = k_pool.shape
+  if k_scale is not None:  # the format first: int4 pools also have a packed head_dim
+    check_supported(k_pool.dtype, k_pool.shape[3], q.shape[-1],
+                    kv_quant=quant.format_of(k_pool.dtype) or "?")
   if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
     raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype} vs "
                      f"{v_pool.shape} {v_pool.dtype}")
@@ -335,7 +373,15 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   if block_tables.shape != (b, max_blocks) or kv_lens.shape != (b,) or q_lens.shape != (b,):
     raise ValueError(f"block_tables {block_tables.shape}, kv_lens {kv_lens.shape}, q_lens "
                      f"{q_lens.shape} do not match batch={b}")
-  check_supported(k_pool.dtype, bs, d)
+  quantized = k_scale is not None
+  if quantized != (v_scale is not None):
+    raise ValueError("pass both k_scale and v_scale, or neither")
+  kv_quant = None
+  if quantized:
+    kv_quant = quant.format_of(k_pool.dtype) or "?"
+    if k_scale.shape != k_pool.shape[:4] or v_scale.shape != k_pool.shape[:4]:
+      raise ValueError(f"scales {k_scale.shape} / {v_scale.shape} must be {k_pool.shape[:4]}")
+  check_supported(k_pool.dtype, bs, d, kv_quant=kv_quant)
   interpret = _interpret_params(interpret)
   group = qh // kvh
   if pages_per_compute_block is None:
@@ -353,7 +399,9 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   # Compute dtype: bfloat16 q and pools feed the MXU directly (f32 accumulation); any other
   # mix (float16 pools, f32 queries) is computed in float32 like the reference.
   bf16 = jnp.dtype(jnp.bfloat16)
-  cdt = bf16 if k_pool.dtype == bf16 and q.dtype == bf16 else jnp.dtype(jnp.float32)
+  # A quantised cache computes in q's dtype (bfloat16 q: bfloat16 on the MXU).
+  pool_dt = q.dtype if quantized else k_pool.dtype
+  cdt = bf16 if pool_dt == bf16 and q.dtype == bf16 else jnp.dtype(jnp.float32)
   odt = q.dtype if q.dtype in _SUPPORTED_DTYPES else jnp.dtype(jnp.float32)
   tile = max(sublane_tile(cdt), sublane_tile(odt))  # q and out tiles are whole sublane tiles
   rows = math.ceil(tq * group / tile) * tile
@@ -376,22 +424,27 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   kernel = functools.partial(
       _paged_attention_kernel, max_blocks=max_blocks, pages=pages, block_size=bs,
       queries_per_block=tq, group=group, scale=float(scale), soft_cap=soft_cap,
-      sliding_window=sliding_window, return_lse=return_lse, compute_dtype=cdt)
+      sliding_window=sliding_window, return_lse=return_lse, compute_dtype=cdt,
+      quantized=quantized)
+  scale_specs = [pl.BlockSpec(memory_space=_ANY)] * 2 if quantized else []
+  scale_scratch = [pltpu.VMEM((2, pages, bs), jnp.float32)] * 2 if quantized else []
+  scale_args = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if quantized else ()
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(b, kvh, num_q_blocks),
           in_specs=[tile_spec(d), pl.BlockSpec(memory_space=_ANY),
-                    pl.BlockSpec(memory_space=_ANY)],
+                    pl.BlockSpec(memory_space=_ANY), *scale_specs],
           out_specs=out_specs,
           scratch_shapes=[
               pltpu.VMEM((2, pages, bs, d), k_pool.dtype),  # K pages, double-buffered
               pltpu.VMEM((2, pages, bs, d), v_pool.dtype),  # V pages, double-buffered
-              pltpu.SemaphoreType.DMA((2, 2)),  # [k/v, slot]
+              pltpu.SemaphoreType.DMA((4, 2)),  # [k/v/k scale/v scale, slot]
               pltpu.VMEM((rows, _LANES), jnp.float32),  # running max m
               pltpu.VMEM((rows, _LANES), jnp.float32),  # running denominator l
               pltpu.VMEM((rows, d), jnp.float32),  # running numerator
+              *scale_scratch,  # K, V scales of the pages, double-buffered
           ]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL,) * 3),
@@ -399,7 +452,7 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       interpret=interpret,
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
     block_tables.astype(jnp.int32).reshape(-1), kv_lens.astype(jnp.int32),
-    q_lens.astype(jnp.int32), qg, k_pool, v_pool)
+    q_lens.astype(jnp.int32), qg, k_pool, v_pool, *scale_args)
 
   def unpack(x):  # [batch, kv_heads, q_blocks, R, w] -> [batch, q_len, q_heads, w]
     w = x.shape[-1]

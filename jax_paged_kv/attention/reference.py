@@ -14,6 +14,12 @@ Kernel contract (every implementation in this package has this signature)::
   (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position
   ``kv_lens[b] - q_lens[b] + i`` and sees keys at positions ``p`` with
   ``p <= its position`` (causal) and, with a sliding window ``w``, ``p > position - w``.
+* ``k_scale``, ``v_scale`` (keyword, optional): a quantised cache's float32 scales
+  in the pools' block layout (:mod:`jax_paged_kv.cache.quant`); the pools then hold ``int8`` /
+  ``float8_e4m3fn`` values (key ``p`` of head ``h`` is ``pool[layer, h, blk, off] *
+  scale[layer, h, blk, off]``) or packed int4 (``uint8[..., head_dim / 2]``, K scales per
+  block and channel, V scales per token and group of 32 channels). Implementations dequantise
+  the pages they read, on the fly: never a dequantised copy of the pool.
 * ``scale``: multiplies ``q . k`` (default ``head_dim ** -0.5``); ``soft_cap``: logits become
   ``soft_cap * tanh(logits / soft_cap)`` after scaling.
 * Returns ``out``: ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype``; with ``return_lse`` also
@@ -40,6 +46,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import Array, lax
+
+from jax_paged_kv.cache import quant
 
 
 def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, positions: Array | int,
@@ -158,6 +166,28 @@ def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | 
   return x.transpose(0, 2, 1, 3)
 
 
+def gather_dequantized(pool: Array, scale: Array | None, layer: Array, block_tables: Array,
+                       interleave: int = 1, *, key: bool = True):
+  """:func:`gather_pages`, dequantised (float32) when ``scale`` is given.
+
+  ``key``: int4 K scales are per block and channel (``[layers, kv_heads, num_blocks,
+  head_dim]``), V's per token and channel group; int8 / fp8 scales are per token either way.
+  """
+  x, positions = gather_pages(pool, layer, block_tables, interleave)
+  if scale is None:
+    return x, positions
+  if quant.format_of(pool.dtype) != "int4":
+    s, _ = gather_pages(scale[..., None], layer, block_tables, interleave)  # [batch, h, S, 1]
+    return x.astype(jnp.float32) * s, positions
+  if key:
+    bs = pool.shape[3]
+    blocks = block_tables[:, positions // bs]  # [batch, S]: each key's block
+    s = scale[layer][:, blocks].transpose(1, 0, 2, 3)  # [batch, kv_heads, S, head_dim]
+    return quant.dequantize_int4_k(x, s), positions
+  s, _ = gather_pages(scale, layer, block_tables, interleave)  # [batch, h, S, groups]
+  return quant.dequantize_int4_v(x, s), positions
+
+
 def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int = 1):
   """The tables' pages as ``[batch, kv_heads, S, head_dim]`` plus each key's position ``int32[S]``.
 
@@ -194,8 +224,12 @@ def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int
 def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *,
                         scale: float, soft_cap: float | None = None,
                         sliding_window: int | None = None, return_lse: bool = False,
-                        max_blocks: int | None = None, interleave: int = 4):
+                        max_blocks: int | None = None, interleave: int = 4,
+                        k_scale: Array | None = None, v_scale: Array | None = None):
   """Reference implementation: gather the pages to a dense copy, then masked attention.
+
+  A quantised cache's pages are dequantised (float32) as they are gathered: the dense copy of
+  the rows' pages is the only one, as for any cache.
 
   ``max_blocks`` (static, optional) reads only the first ``max_blocks`` table entries, for
   callers that know every row is shorter than ``max_blocks * block_size``. ``interleave``
@@ -215,8 +249,8 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     raise ValueError(f"interleave must be a positive int, got {interleave!r}")
   if max_blocks is not None:
     block_tables = block_tables[:, :max_blocks]
-  k, positions = gather_pages(k_pool, layer, block_tables, interleave)
-  v, _ = gather_pages(v_pool, layer, block_tables, interleave)
+  k, positions = gather_dequantized(k_pool, k_scale, layer, block_tables, interleave)
+  v, _ = gather_dequantized(v_pool, v_scale, layer, block_tables, interleave, key=False)
   mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
   out, lse = masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
                                       return_lse=True)
@@ -225,15 +259,15 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   exact = functools.partial(_nonfinite_v_paged, scale=scale, soft_cap=soft_cap,
                             sliding_window=sliding_window)
   out = lax.cond(jnp.any(~jnp.isfinite(out)), exact, lambda *_: out,
-                 q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse)
+                 q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, k_scale, v_scale)
   return (out, lse) if return_lse else out
 
 
 _SLOW_PATH_CHUNK = 512  # keys per step of the slow path's loop (rounded to whole pages)
 
 
-def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, *, scale,
-                       soft_cap, sliding_window):
+def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, k_scale,
+                       v_scale, *, scale, soft_cap, sliding_window):
   """:func:`nonfinite_v_attention` from the pools.
 
   It gathers its own copies (in position order): passing the fast path's into the conditional
@@ -243,8 +277,8 @@ def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, 
   nb, bs = block_tables.shape[1], k_pool.shape[3]
   pages = max(1, min(nb, _SLOW_PATH_CHUNK // bs))
   block_tables = jnp.pad(block_tables, ((0, 0), (0, -nb % pages)))
-  k, positions = gather_pages(k_pool, layer, block_tables)
-  v, _ = gather_pages(v_pool, layer, block_tables)
+  k, positions = gather_dequantized(k_pool, k_scale, layer, block_tables)
+  v, _ = gather_dequantized(v_pool, v_scale, layer, block_tables, key=False)
   mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
   return nonfinite_v_attention(q, k, v, mask, lse, scale=scale, soft_cap=soft_cap,
                                chunk=pages * bs)

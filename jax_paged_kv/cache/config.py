@@ -33,6 +33,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from jax_paged_kv.cache import quant
+
 NULL_BLOCK = 0
 
 
@@ -71,6 +73,9 @@ class CacheConfig:
     block_size: tokens per block (default 16).
     dtype: storage dtype of the pools (e.g. ``jnp.bfloat16``).
     strategy: ``CacheStrategy.PAGED`` (default) or ``CacheStrategy.CONTIGUOUS``.
+    kv_quant: ``None`` (store K/V in ``dtype``), ``"int8"``, ``"fp8"`` or ``"int4"``: store
+      them quantised with scales beside the pools (see :mod:`jax_paged_kv.cache.quant`). K/V
+      are still written and read in ``dtype``.
   """
 
   num_layers: int
@@ -82,8 +87,14 @@ class CacheConfig:
   block_size: int = 16
   dtype: jnp.dtype = jnp.float32
   strategy: CacheStrategy = CacheStrategy.PAGED
+  kv_quant: str | None = None
 
   def __post_init__(self):
+    quant.check_format(self.kv_quant)
+    if self.kv_quant == "int4" and isinstance(self.head_dim, int) and (
+        self.head_dim % 2 or self.head_dim % quant.int4_group(self.head_dim)):
+      raise ValueError(f"kv_quant='int4' needs an even head_dim that is a multiple of "
+                       f"{quant.INT4_GROUP} (or below it), got {self.head_dim=}")
     for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "max_seqs",
                  "max_seq_len", "block_size"):
       value = getattr(self, name)
@@ -128,14 +139,28 @@ class CacheConfig:
     return self.num_blocks - 1
 
   @property
-  def bytes_per_token(self) -> int:
-    """K and V bytes of one token over all layers and heads."""
-    return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+  def storage_dtype(self) -> jnp.dtype:
+    """Element dtype of the pools: ``dtype``, or the quantised format's."""
+    return self.dtype if self.kv_quant is None else quant.storage_dtype(self.kv_quant)
+
+  @property
+  def bytes_per_token(self) -> int | float:
+    """Stored K and V bytes of one token over all layers and heads (scales included).
+
+    An int when it is whole; int4's per-block K scales can make it a fraction.
+    """
+    b = self.block_bytes
+    return b // self.block_size if b % self.block_size == 0 else b / self.block_size
 
   @property
   def block_bytes(self) -> int:
-    """K and V bytes of one block over all layers and heads."""
-    return self.bytes_per_token * self.block_size
+    """Stored K and V bytes of one block over all layers and heads (scales included)."""
+    per_block = 2 * self.block_size * self.stored_head_dim * self.storage_dtype.itemsize
+    if self.kv_quant is not None:
+      k_shape, v_shape = quant.scale_shapes(self.kv_quant, self.pool_shape)
+      per_block += (math.prod(k_shape[3:]) + math.prod(v_shape[3:])) * quant.scale_dtype(
+          self.kv_quant).itemsize
+    return self.num_layers * self.num_kv_heads * per_block
 
   @property
   def pool_bytes(self) -> int:
@@ -147,6 +172,29 @@ class CacheConfig:
     """``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
     return pool_shape(self.num_layers, self.num_kv_heads, self.num_blocks, self.block_size,
                       self.head_dim)
+
+  @property
+  def stored_head_dim(self) -> int:
+    """Elements per (token, KV head) in the pools: ``head_dim`` (int4: ``head_dim / 2``)."""
+    return quant.stored_head_dim(self.kv_quant, self.head_dim)
+
+  @property
+  def stored_pool_shape(self) -> tuple[int, int, int, int, int]:
+    """The pools' array shape: :attr:`pool_shape` with :attr:`stored_head_dim`."""
+    return (*self.pool_shape[:4], self.stored_head_dim)
+
+  @property
+  def k_scale_shape(self) -> tuple[int, ...]:
+    """``k_scale``'s shape: ``[layers, kv_heads, num_blocks, block_size]`` (a scale per token
+    and head) for int8 / fp8; ``[layers, kv_heads, num_blocks, head_dim]`` (per block and
+    channel) for int4."""
+    return quant.scale_shapes(self.kv_quant, self.pool_shape)[0]
+
+  @property
+  def v_scale_shape(self) -> tuple[int, ...]:
+    """``v_scale``'s shape: as ``k_scale`` for int8 / fp8; ``[layers, kv_heads, num_blocks,
+    block_size, head_dim / 32]`` (per token and group of 32 channels) for int4."""
+    return quant.scale_shapes(self.kv_quant, self.pool_shape)[1]
 
   def contiguous_block(self, slot, j):
     """The block a ``CONTIGUOUS`` cache gives entry ``j`` of ``slot`` (ints or arrays)."""
@@ -167,20 +215,22 @@ class CacheConfig:
       block_size: int = 16,
       dtype=jnp.float32,
       strategy: CacheStrategy = CacheStrategy.PAGED,
+      kv_quant: str | None = None,
   ) -> CacheConfig:
     """Sizes the pools to fit ``budget_bytes`` (K and V together, null block included).
 
     For ``PAGED`` the pool gets ``floor(budget / block_bytes)`` blocks and ``max_seqs`` defaults
     to as many slots as could each hold one block. For ``CONTIGUOUS`` every slot needs a whole
     ``max_seq_len`` slab, so ``max_seqs`` is derived from the budget (an explicit ``max_seqs``
-    larger than fits raises).
+    larger than fits raises). With ``kv_quant`` a block holds fewer bytes (scales included),
+    so the same budget buys more blocks.
 
     Raises:
       ValueError: the budget cannot hold the null block plus one usable block (or one slab).
     """
     probe = cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 num_blocks=2, max_seqs=1, max_seq_len=max_seq_len, block_size=block_size,
-                dtype=dtype)
+                dtype=dtype, kv_quant=kv_quant)
     num_blocks = int(budget_bytes) // probe.block_bytes
     if num_blocks < 2:
       raise ValueError(
@@ -202,4 +252,4 @@ class CacheConfig:
       max_seqs = num_blocks - 1
     return cls(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                num_blocks=num_blocks, max_seqs=max_seqs, max_seq_len=max_seq_len,
-               block_size=block_size, dtype=dtype, strategy=strategy)
+               block_size=block_size, dtype=dtype, strategy=strategy, kv_quant=kv_quant)

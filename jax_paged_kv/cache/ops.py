@@ -33,6 +33,7 @@ import numpy as np
 from jax import Array
 
 from jax_paged_kv.cache import allocator as alloc_lib
+from jax_paged_kv.cache import quant
 from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
 from jax_paged_kv.cache.errors import (
     CacheShapeError,
@@ -104,7 +105,58 @@ def _copy_blocks(cache: PagedKVCache, src: Array, dst: Array, mask: Array) -> Pa
   dst = _drop_index(mask.reshape(-1), dst.reshape(-1), oob)
   k_pool = cache.k_pool.at[:, :, dst].set(cache.k_pool[:, :, src], mode="drop")
   v_pool = cache.v_pool.at[:, :, dst].set(cache.v_pool[:, :, src], mode="drop")
-  return cache.replace(k_pool=k_pool, v_pool=v_pool)
+  cache = cache.replace(k_pool=k_pool, v_pool=v_pool)
+  if cache.config.kv_quant is not None:  # scales move with their block
+    cache = cache.replace(
+        k_scale=cache.k_scale.at[:, :, dst].set(cache.k_scale[:, :, src], mode="drop"),
+        v_scale=cache.v_scale.at[:, :, dst].set(cache.v_scale[:, :, src], mode="drop"))
+  return cache
+
+
+def _scatter_tokens(cache: PagedKVCache, lead: tuple, blk: Array, off: Array, k: Array,
+                    v: Array) -> PagedKVCache:
+  """Stores new tokens' ``k, v [..., head_dim]`` (in ``config.dtype``) at pool ``lead + (blk,
+  off)``.
+
+  ``lead`` is ``(layer, slice(None))`` (``k``: ``[batch * T, kv_heads, head_dim]``) or
+  ``(slice(None), slice(None))`` (``k``: ``[layers, kv_heads, batch * T, head_dim]``); ``blk``
+  is ``num_blocks`` (dropped) for tokens not to write. A quantised cache quantises them and
+  stores their scales in the same layout: only the written slots change, and for int4 K (whose
+  scales are per block and channel) the blocks written into, whose older tokens are
+  requantised when a new token widens a channel's range: O(block_size) per written token.
+  """
+  kv_quant = cache.config.kv_quant
+  index = (*lead, blk, off)
+  if kv_quant is None:
+    return cache.replace(k_pool=cache.k_pool.at[index].set(k, mode="drop"),
+                         v_pool=cache.v_pool.at[index].set(v, mode="drop"))
+  if kv_quant != "int4":
+    (kq, ks), (vq, vs) = quant.quantize(k, kv_quant), quant.quantize(v, kv_quant)
+    return cache.replace(k_pool=cache.k_pool.at[index].set(kq, mode="drop"),
+                         v_pool=cache.v_pool.at[index].set(vq, mode="drop"),
+                         k_scale=cache.k_scale.at[index].set(ks, mode="drop"),
+                         v_scale=cache.v_scale.at[index].set(vs, mode="drop"))
+  vq, vs = quant.quantize_int4_v(v)
+  cache = cache.replace(v_pool=cache.v_pool.at[index].set(vq, mode="drop"),
+                        v_scale=cache.v_scale.at[index].set(vs, mode="drop"))
+  # K: widen the channel scales of every block written into (a scatter-max, so several new
+  # tokens of one block combine), requantise those blocks' tokens to the new scales (blocks
+  # gathered once per new token; duplicates write identical values), then write the new codes.
+  nb = cache.config.num_blocks
+  gblk = jnp.clip(blk, 0, nb - 1)
+  old_s = cache.k_scale[(*lead, gblk)]  # like k: [..., head_dim]
+  need = cache.k_scale.at[(*lead, blk)].max(quant.int4_scale(jnp.abs(k)), mode="drop")
+  need = need[(*lead, gblk)]
+  # A widened scale at least doubles: requantising to a scale only slightly larger would round
+  # most codes back to themselves and drift their values upwards, step after step; doubling
+  # bounds the sum of all requantisation errors of a token by its block's final step.
+  new_s = jnp.where(need > old_s, jnp.maximum(need, 2 * old_s), old_s)
+  k_scale = cache.k_scale.at[(*lead, blk)].set(new_s, mode="drop")
+  block = quant.dequantize_int4_k(cache.k_pool[(*lead, gblk)], old_s[..., None, :])
+  requant = quant.pack_int4(quant.int4_codes(block, new_s[..., None, :]))
+  k_pool = cache.k_pool.at[(*lead, blk)].set(requant, mode="drop")
+  k_pool = k_pool.at[index].set(quant.pack_int4(quant.int4_codes(k, new_s)), mode="drop")
+  return cache.replace(k_pool=k_pool, k_scale=k_scale)
 
 
 def _eager_or_traced(impl, op: str, *, ids=None, context=None, static_argnames=()):
@@ -249,6 +301,9 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
   block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
   cache = cache.replace(block_tables=block_tables, allocator=alloc)
+  if cfg.kv_quant == "int4":  # per-block K scales start from 0 in a fresh block
+    fresh = _drop_index(write, new_blocks, cfg.num_blocks).reshape(-1)
+    cache = cache.replace(k_scale=cache.k_scale.at[:, :, fresh].set(0, mode="drop"))
 
   # Copy the shared partial block into its private copy, then drop one reference to it.
   cow = cow & ok
@@ -380,7 +435,8 @@ def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) 
 
 def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array,
                 seq_ids: Array | None):
-  L, H, NB, BS, D = cache.k_pool.shape
+  L, H, NB, BS, _ = cache.k_pool.shape
+  D = cache.config.head_dim  # the unpacked head_dim (int4 pools hold two values per byte)
   bad = _unreserved_slots(cache, slots, seq_ids)  # [batch, T]
   layer_ok = (layer >= 0) & (layer < L)
   status = jnp.where(jnp.any(bad, axis=1), Status.INVALID_TOKEN_SLOT, Status.OK)
@@ -395,9 +451,7 @@ def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Ar
   # a single index, rewrite the scatter into an update plus a pool-sized select). ``flat`` is
   # never negative here (JAX would wrap a negative index into the last block before "drop").
   blk, off = flat // BS, flat % BS
-  k_pool = cache.k_pool.at[layer, :, blk, off].set(kf, mode="drop")
-  v_pool = cache.v_pool.at[layer, :, blk, off].set(vf, mode="drop")
-  return cache.replace(k_pool=k_pool, v_pool=v_pool), status
+  return _scatter_tokens(cache, (layer, slice(None)), blk, off, kf, vf), status
 
 
 def _write_context(cache, slots, k, v, layer, seq_ids):
@@ -458,14 +512,13 @@ def write_kv(cache: PagedKVCache, slots, k, v, layer, *, seq_ids=None, donate: b
 def _append_impl(cache: PagedKVCache, seq_ids, num_new, k, v):
   max_new = k.shape[2]
   cache, slots, status = _reserve_impl(cache, seq_ids, num_new, max_new=max_new)
-  L, H, NB, BS, D = cache.k_pool.shape
+  L, H, NB, BS, _ = cache.k_pool.shape
+  D = cache.config.head_dim  # the unpacked head_dim (int4 pools hold two values per byte)
   flat = slots.reshape(-1)  # already out of range for failed or padding rows
   kf = k.reshape(L, -1, H, D).transpose(0, 2, 1, 3)  # [layers, kv_heads, batch * T, head_dim]
   vf = v.reshape(L, -1, H, D).transpose(0, 2, 1, 3)
   blk, off = flat // BS, flat % BS
-  k_pool = cache.k_pool.at[:, :, blk, off].set(kf, mode="drop")
-  v_pool = cache.v_pool.at[:, :, blk, off].set(vf, mode="drop")
-  return cache.replace(k_pool=k_pool, v_pool=v_pool), status
+  return _scatter_tokens(cache, (slice(None), slice(None)), blk, off, kf, vf), status
 
 
 _append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
@@ -586,11 +639,17 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
   bs = cfg.block_size
   pos = jnp.arange(max_len)
   blk = tables[:, pos // bs]  # [batch, max_len]
-  def read(pool):
-    x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, head_dim]
+  def read(pool, scale, which):
+    x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, stored head_dim]
+    if cfg.kv_quant == "int4" and which == "k":  # dequantise the gathered tokens only
+      x = quant.dequantize_int4_k(x, scale[layer][:, blk], cfg.dtype)
+    elif cfg.kv_quant == "int4":
+      x = quant.dequantize_int4_v(x, scale[layer][:, blk, pos % bs], cfg.dtype)
+    elif scale is not None:
+      x = quant.dequantize(x, scale[layer][:, blk, pos % bs], cfg.dtype)
     x = jnp.moveaxis(x, 0, 2)  # [batch, max_len, kv_heads, head_dim]
     return jnp.where((pos[None, :] < lens[:, None])[:, :, None, None], x, jnp.zeros((), x.dtype))
-  return read(cache.k_pool), read(cache.v_pool), lens
+  return read(cache.k_pool, cache.k_scale, "k"), read(cache.v_pool, cache.v_scale, "v"), lens
 
 
 def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None):
@@ -604,7 +663,8 @@ def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None
 
   Returns:
     ``(k, v, lens)``: ``k`` and ``v`` are ``[batch, max_len, kv_heads, head_dim]`` in the cache
-    dtype, zero past each row's length; ``lens`` is ``int32[batch]``. Rows that name no active
+    dtype (dequantised for a quantised cache), zero past each row's length; ``lens`` is
+    ``int32[batch]``. Rows that name no active
     slot come back empty (inside ``jit``); eager calls raise instead.
 
   Raises:

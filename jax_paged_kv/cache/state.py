@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jax_paged_kv.cache import quant
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 
 
@@ -51,8 +52,15 @@ class PagedKVCache:
   (pytree metadata): two caches with different configs are different pytree structures.
 
   Attributes:
-    k_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]`` keys, ``config.dtype``.
+    k_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]`` keys, in
+      ``config.storage_dtype`` (``config.dtype`` unless ``config.kv_quant`` is set).
     v_pool: same shape and dtype, values.
+    k_scale: the key scales of a quantised cache, in the pool's block layout (``None``, an
+      empty subtree, otherwise): ``float32[layers, kv_heads, num_blocks, block_size]`` for int8
+      / fp8, ``bfloat16[layers, kv_heads, num_blocks, head_dim]`` (per block and channel) for
+      int4 (whose pools are ``uint8[..., head_dim / 2]``).
+    v_scale: the value scales: as ``k_scale`` for int8 / fp8, ``bfloat16[layers, kv_heads,
+      num_blocks, block_size, head_dim / 32]`` for int4.
     block_tables: ``int32[max_seqs, max_blocks]``; entry ``j`` of slot ``s`` is the physical block
       holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
       exactly ``ceil(n / block_size)`` blocks; every other entry is the null block 0.
@@ -71,6 +79,8 @@ class PagedKVCache:
   allocator: AllocatorState
   telemetry: Telemetry
   config: CacheConfig
+  k_scale: Array | None = None  # [layers, kv_heads, num_blocks, block_size | head_dim]
+  v_scale: Array | None = None  # [layers, kv_heads, num_blocks, block_size(, groups)]
 
   def replace(self, **kwargs) -> PagedKVCache:
     """A copy with some fields replaced (no arrays are copied)."""
@@ -83,7 +93,7 @@ jax.tree_util.register_dataclass(Telemetry, data_fields=["failed_allocations"], 
 jax.tree_util.register_dataclass(
     PagedKVCache,
     data_fields=["k_pool", "v_pool", "block_tables", "seq_lens", "active", "allocator",
-                 "telemetry"],
+                 "telemetry", "k_scale", "v_scale"],
     meta_fields=["config"],
 )
 
@@ -94,6 +104,8 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
   Args:
     config: the static configuration.
     pool_fill: value the pools start with (tests use NaN to prove unused memory is never read).
+      A quantised cache's pools start at 0 and its scales at ``pool_fill`` (so NaN poisons
+      every unused slot there too).
 
   Returns:
     A :class:`PagedKVCache`. Free blocks are popped in increasing id order (1, 2, 3, ...).
@@ -103,10 +115,18 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
   nb = config.num_blocks
   # A contiguous cache has no shared free list: every slot owns its slab (see CacheStrategy).
   num_free = nb - 1 if config.strategy is CacheStrategy.PAGED else 0
-  pool = jnp.full(config.pool_shape, pool_fill, dtype=config.dtype)
+  scales = {}
+  if config.kv_quant is None:
+    pool_value = pool_fill
+  else:
+    pool_value = 0
+    sdt = quant.scale_dtype(config.kv_quant)
+    scales = {"k_scale": jnp.full(config.k_scale_shape, pool_fill, dtype=sdt),
+              "v_scale": jnp.full(config.v_scale_shape, pool_fill, dtype=sdt)}
+  pool = jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype)
   return PagedKVCache(
       k_pool=pool,
-      v_pool=jnp.full(config.pool_shape, pool_fill, dtype=config.dtype),
+      v_pool=jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype),
       block_tables=jnp.zeros((config.max_seqs, config.max_blocks_per_seq), jnp.int32),
       seq_lens=jnp.zeros((config.max_seqs,), jnp.int32),
       active=jnp.zeros((config.max_seqs,), jnp.bool_),
@@ -118,4 +138,5 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
       ),
       telemetry=Telemetry(failed_allocations=jnp.zeros((), jnp.int32)),
       config=config,
+      **scales,
   )

@@ -27,6 +27,8 @@ class KVCacheStats:
     allocated_slots: token slots in the blocks held: ``used_blocks * block_size``.
     utilization: ``tokens_stored / allocated_slots`` (1.0 when nothing is allocated).
     failed_allocations: updates rejected because the pool ran dry, since ``init_cache``.
+    bytes_per_token: stored K and V bytes of one token over all layers and heads, quantisation
+      scales included (``config.bytes_per_token``).
   """
 
   total_blocks: Array
@@ -39,6 +41,7 @@ class KVCacheStats:
   allocated_slots: Array
   utilization: Array
   failed_allocations: Array
+  bytes_per_token: Array
 
   def as_dict(self) -> dict[str, float]:
     """Host-side ``{name: python number}``."""
@@ -98,6 +101,7 @@ def cache_stats(cache: PagedKVCache) -> KVCacheStats:
       allocated_slots=allocated,
       utilization=util,
       failed_allocations=cache.telemetry.failed_allocations,
+      bytes_per_token=jnp.asarray(cfg.bytes_per_token, jnp.float32),
   )
 
 

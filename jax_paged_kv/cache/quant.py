@@ -1,0 +1,179 @@
+"""Quantised KV storage: the formats, quantise on write, dequantise on read.
+
+A quantised cache (``CacheConfig(kv_quant=...)``) stores K and V in a narrow storage dtype in the
+usual pools, plus scales in ``k_scale`` / ``v_scale`` beside them, in the pool's block layout
+(block axis 2, so block copies, forks and frees move them with their block).
+
+int8 and fp8: one float32 scale per (layer, KV head, block, token slot), ``[layers, kv_heads,
+num_blocks, block_size]``; a stored token is ``x ~= x_q * scale`` (symmetric absmax scaling):
+
+* ``"int8"``: ``x_q = round(x / s)`` in ``[-127, 127]`` with ``s = max|x| / 127``. 1 byte per
+  value plus 4 bytes per (token, head). Rounding error <= ``s / 2`` per value.
+* ``"fp8"``: ``x_q = float8_e4m3fn(x / s)`` with ``s = max|x| / 448`` (E4M3's largest finite
+  value), so the token's largest value lands at the top of the range and small values keep 3
+  mantissa bits of relative precision instead of flushing to E4M3's subnormals. Same size as
+  int8.
+
+int4: codes in [-7, 7], two per byte (``uint8[..., head_dim / 2]``; byte ``j`` holds channels
+``j`` and ``j + head_dim / 2``). K: a bfloat16 scale per (block, channel), ``[layers, kv_heads,
+num_blocks, head_dim]``, the max over the block's tokens (keys have outlier channels, which a
+per-token scale would let flatten every other channel); when a write widens a channel's range
+the block's older tokens are requantised (O(block_size) per written token) and the scale at
+least doubles (see ``_scatter_tokens`` in ``ops.py``). V: a bfloat16 scale per (token, group of
+32 channels), ``[layers, kv_heads, num_blocks, block_size, head_dim / 32]``. bfloat16 scales
+keep float32's range in 2 bytes; they are rounded toward zero so ``7 * scale`` never overflows.
+
+Why per token for int8 / fp8: a token's scale is fixed when it is written and never changes, so
+a write touches only its own slots (O(tokens written)), forks / copy-on-write / truncate / free keep
+their meaning (scales move with their block), and appending to a partly filled block never
+rescales its older tokens.
+
+No NaN or Inf from finite input: an all-zero token gets scale 0 (and dequantises to exactly 0),
+values are divided by ``max|x|`` (after an exact power-of-two normalisation) before the
+format's range is applied, so a huge ``max|x|`` cannot overflow or flush ``1 / s``, and codes are
+clipped into the format's range. A non-finite input value makes its token's scale non-finite,
+so that (token, KV head) reads back as all NaN: the attention
+contract for non-finite V then applies to the whole head vector (quantisation cannot keep one
+dim's NaN apart from its neighbours; an Inf reads back as NaN too).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array, lax
+
+FORMATS = ("int8", "fp8", "int4")
+
+_STORAGE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
+            "int4": jnp.dtype(jnp.uint8)}
+_QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
+SCALE_DTYPE = jnp.dtype(jnp.float32)
+INT4_SCALE_DTYPE = jnp.dtype(jnp.bfloat16)  # float32's range in 2 bytes: 3.4x the tokens of bf16
+INT4_GROUP = 32  # V values per scale along head_dim
+
+
+def check_format(kv_quant) -> str | None:
+  """``kv_quant`` if it names a format (or None); raises ``ValueError`` otherwise."""
+  if kv_quant is not None and kv_quant not in FORMATS:
+    raise ValueError(f"kv_quant must be None or one of {FORMATS}, got {kv_quant!r}")
+  return kv_quant
+
+
+def format_of(pool_dtype) -> str | None:
+  """The format whose storage dtype is ``pool_dtype`` (None for a float pool)."""
+  return {v: k for k, v in _STORAGE.items()}.get(jnp.dtype(pool_dtype))
+
+
+def storage_dtype(kv_quant: str) -> jnp.dtype:
+  """The pools' element dtype for a format."""
+  return _STORAGE[kv_quant]
+
+
+def stored_head_dim(kv_quant: str | None, head_dim: int) -> int:
+  """Elements per (token, KV head) in the pool's last axis (int4: two values per byte)."""
+  return head_dim // 2 if kv_quant == "int4" else head_dim
+
+
+def scale_dtype(kv_quant: str) -> jnp.dtype:
+  return INT4_SCALE_DTYPE if kv_quant == "int4" else SCALE_DTYPE
+
+
+def int4_group(head_dim: int) -> int:
+  """V values per int4 scale: ``INT4_GROUP``, or the whole head if it is smaller."""
+  return min(INT4_GROUP, head_dim)
+
+
+def scale_shapes(kv_quant: str, pool_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(k_scale shape, v_scale shape)`` for a pool of ``[layers, kv_heads, num_blocks,
+  block_size, head_dim]`` (the unpacked head_dim)."""
+  L, H, NB, BS, D = pool_shape
+  if kv_quant == "int4":  # K: per block and channel; V: per token and group of channels
+    return (L, H, NB, D), (L, H, NB, BS, D // int4_group(D))
+  return (L, H, NB, BS), (L, H, NB, BS)
+
+
+# ---- int4 ---------------------------------------------------------------------------------------
+# Codes are signed in [-7, 7], stored as ``code + 8`` in a nibble. Byte ``j`` of a token holds
+# channel ``j`` (low nibble) and channel ``j + head_dim / 2`` (high nibble), so unpacking is two
+# halves, not an interleave.
+
+
+def pack_int4(codes: Array) -> Array:
+  """``codes [..., head_dim]`` (integers in [-7, 7], any dtype) -> ``uint8[..., head_dim / 2]``."""
+  c = (codes.astype(jnp.int32) + 8).astype(jnp.uint8)
+  half = c.shape[-1] // 2
+  return c[..., :half] | (c[..., half:] << 4)
+
+
+def unpack_int4(packed: Array) -> Array:
+  """``uint8[..., head_dim / 2]`` -> ``float32[..., head_dim]`` codes in [-7, 7]."""
+  p = packed.astype(jnp.int32)
+  return jnp.concatenate([(p & 15) - 8, (p >> 4) - 8], axis=-1).astype(jnp.float32)
+
+
+def int4_codes(x: Array, scale: Array) -> Array:
+  """``round(x / scale)`` in [-7, 7] (0 where the scale is 0), float32."""
+  s = scale.astype(jnp.float32)
+  y = jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
+  y = jnp.clip(jnp.round(y), -7.0, 7.0)
+  return jnp.where(jnp.isfinite(y), y, 0.0)
+
+
+def int4_scale(amax: Array) -> Array:
+  """The int4 scale ``max|x| / 7`` in ``INT4_SCALE_DTYPE``, rounded toward zero (so ``7 *
+  scale`` never overflows to Inf; values just above it clip to 7). NaN / Inf stay non-finite."""
+  s = amax.astype(jnp.float32) / 7.0
+  bits = lax.bitcast_convert_type(s, jnp.uint32) & jnp.uint32(0xFFFF0000)
+  return lax.bitcast_convert_type(bits, jnp.float32).astype(INT4_SCALE_DTYPE)
+
+
+def quantize_int4_v(x: Array) -> tuple[Array, Array]:
+  """V: ``x [..., head_dim]`` -> ``(uint8[..., head_dim / 2], scale[..., head_dim / group])``."""
+  d = x.shape[-1]
+  g = int4_group(d)
+  xg = x.astype(jnp.float32).reshape(*x.shape[:-1], d // g, g)
+  scale = int4_scale(jnp.max(jnp.abs(xg), axis=-1))
+  codes = int4_codes(xg, scale[..., None]).reshape(x.shape)
+  return pack_int4(codes), scale
+
+
+def dequantize_int4_v(packed: Array, scale: Array, dtype=jnp.float32) -> Array:
+  codes = unpack_int4(packed)
+  d = codes.shape[-1]
+  g = d // scale.shape[-1]
+  x = codes.reshape(*codes.shape[:-1], d // g, g) * scale.astype(jnp.float32)[..., None]
+  return x.reshape(codes.shape).astype(dtype)
+
+
+def dequantize_int4_k(packed: Array, scale: Array, dtype=jnp.float32) -> Array:
+  """K: ``packed [..., head_dim / 2]`` with its block's channel scales ``scale [..., head_dim]``."""
+  return (unpack_int4(packed) * scale.astype(jnp.float32)).astype(dtype)
+
+
+def quantize(x: Array, kv_quant: str) -> tuple[Array, Array]:
+  """Quantises ``x [..., head_dim]`` per vector along the last axis (int8 / fp8).
+
+  Returns:
+    ``(x_q [..., head_dim] in storage_dtype(kv_quant), scale float32[...])``.
+  """
+  qmax = _QMAX[kv_quant]
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # NaN if any value is NaN
+  # Normalise by a power of two first (exact): XLA turns x / amax into x * (1 / amax), whose
+  # reciprocal is a denormal (flushed to 0) for max|x| > 2^126.
+  mant, expo = jnp.frexp(amax)  # amax = mant * 2^expo, mant in [0.5, 1)
+  xs = jnp.ldexp(x, -expo)  # |xs| <= 1
+  nonzero = mant > 0
+  unit = xs / jnp.where(nonzero, mant, 1.0)  # in [-1, 1]
+  y = jnp.clip(unit * qmax, -qmax, qmax)
+  if kv_quant == "int8":
+    y = jnp.round(y)
+  # amax / qmax underflows to 0 only for denormal tokens: they read back as 0.
+  scale = jnp.where(nonzero | ~jnp.isfinite(amax), amax / qmax, 0.0)
+  y = jnp.where(jnp.isfinite(y), y, 0.0)  # the non-finite scale carries a non-finite token
+  return y.astype(_STORAGE[kv_quant]), scale[..., 0].astype(SCALE_DTYPE)
+
+
+def dequantize(x_q: Array, scale: Array, dtype=jnp.float32) -> Array:
+  """``x_q [..., head_dim] * scale[..., None]`` in ``dtype`` (float32 arithmetic)."""
+  return (x_q.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
