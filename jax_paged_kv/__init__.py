@@ -47,9 +47,41 @@ from jax_paged_kv.engine import Engine, EngineMetrics, RequestOutput, generate  
 from jax_paged_kv.export import ExportedDecodeStep, export_decode_step  # noqa: E402
 from jax_paged_kv.models import LlamaConfig, init_params, load_hf_checkpoint  # noqa: E402
 
+# Multi-device: placement and per-shard execution, then serving on a mesh.
+from jax_paged_kv import sharding  # noqa: E402  isort: skip
+from jax_paged_kv.sharding import (  # noqa: E402  isort: skip
+    MeshLayout,
+    cache_shardings,
+    host_mesh,
+    init_sharded_cache,
+    local_mesh,
+    map_shards,
+    param_shardings,
+    place_cache,
+    use_layout,
+)
+from jax_paged_kv.mesh_serving import (  # noqa: E402  isort: skip
+    MeshEngine,
+    decode_loop_on_mesh,
+    prefill_step_on_mesh,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "MeshEngine",
+    "MeshLayout",
+    "cache_shardings",
+    "decode_loop_on_mesh",
+    "host_mesh",
+    "init_sharded_cache",
+    "local_mesh",
+    "map_shards",
+    "param_shardings",
+    "place_cache",
+    "prefill_step_on_mesh",
+    "sharding",
+    "use_layout",
     "NULL_BLOCK",
     "DecodeState",
     "Engine",
