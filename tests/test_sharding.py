@@ -535,3 +535,32 @@ def test_process_local_meshes():
   assert [len(layout.shard_mesh(i).devices.flat) for i in range(4)] == [2] * 4
   with pytest.raises(ValueError, match="must divide"):
     shd.host_mesh(model=3)
+
+
+def test_two_processes_with_jax_distributed():
+  """The same code on two processes (4 CPU devices each) after jax.distributed.initialize():
+  data shards across the processes, tensor parallel inside each (tests/multihost_worker.py)."""
+  import os
+  import pathlib
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=str(root), XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port)],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+    assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
