@@ -30,8 +30,9 @@ OUT_DIR = HERE / "out"  # ignored by git: scratch output (smoke runs, demo plots
 RESULTS_MD = HERE / "RESULTS.md"
 
 # Section order in RESULTS.md; any other results/*.json follow, sorted by name.
-CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size")
-GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu")
+CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "sharding")
+GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu",
+                  "sharding_gpu")
 
 
 def result_name(script: str) -> str:
