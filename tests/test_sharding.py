@@ -564,3 +564,18 @@ def test_two_processes_with_jax_distributed():
       raise
   for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
     assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
+
+
+def test_readme_multi_device_example_runs():
+  import pathlib
+  import re
+
+  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = text[text.index("## Multi-device"):]
+  code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+  namespace: dict = {}
+  exec(compile(code, "README.md:multi-device", "exec"), namespace)  # noqa: S102
+  assert spec(namespace["cache"].k_pool) == (None, "model")
+  assert spec(namespace["out"]) == (None, None, "model")
+  assert not np.any(np.asarray(namespace["status"]))
+  np.testing.assert_array_equal(namespace["seq_ids"], [[0, -1], [0, 3]])
