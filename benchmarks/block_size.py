@@ -37,9 +37,9 @@ from jax_paged_kv import (
   init_cache,
   reserve,
 )
-from jax_paged_kv.demo import MODELS, model_config, sharegpt_like_lengths
 from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config, sharegpt_like_lengths
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_BLOCK = 16

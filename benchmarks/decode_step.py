@@ -29,9 +29,9 @@ from benchmarks import report
 from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
 from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.cache.state import AllocatorState
-from jax_paged_kv.demo import MODELS, model_config
 from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config
 
 
 def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="shuffled"):
