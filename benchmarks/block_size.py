@@ -172,6 +172,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.snapshots = args.snapshots or (4 if args.quick else 16)
   args.batch = args.batch or (8 if args.quick else 32)
   args.repeats = args.repeats or (5 if args.quick else 15)

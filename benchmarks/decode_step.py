@@ -70,6 +70,7 @@ def main(argv=None):
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=None, help="default 20 (7 with --quick)")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.batch = args.batch or ([1, 8] if args.quick else [1, 8, 32])
   args.context = args.context or ([128, 512] if args.quick else [128, 512, 2048])
   args.repeats = args.repeats or (7 if args.quick else 20)

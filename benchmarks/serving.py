@@ -45,6 +45,7 @@ def main(argv=None):
   p.add_argument("--no-warmup", action="store_true",
                  help="skip the untimed first pass of each strategy that compiles every shape")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.requests = args.requests or (24 if args.quick else 100)
   args.repeats = args.repeats or (1 if args.quick else 3)
   jax.config.update("jax_compilation_cache_dir",
