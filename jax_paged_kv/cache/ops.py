@@ -472,7 +472,7 @@ _append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
 
 
 def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
-  """Reserve + write: appends new tokens' K/V to a batch of sequences (the seed's appendKV).
+  """Reserve + write: appends new tokens' K/V to a batch of sequences (the LLMIR design's appendKV op).
 
   Args:
     cache: the cache.
@@ -594,7 +594,7 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
 
 
 def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None):
-  """Dense, padded keys and values of a batch of sequences (the seed's lookupKV).
+  """Dense, padded keys and values of a batch of sequences (the LLMIR design's lookupKV op).
 
   Args:
     cache: the cache.
