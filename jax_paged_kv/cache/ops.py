@@ -472,7 +472,7 @@ _append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
 
 
 def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
-  """Reserve + write: appends new tokens' K/V to a batch of sequences (the LLMIR design's appendKV op).
+  """Reserve + write: appends new tokens' K/V to a batch of sequences (LLMIR's appendKV op).
 
   Args:
     cache: the cache.
