@@ -28,6 +28,7 @@ BENCHMARKS = {
     "decode_step": "one decode step, paged vs contiguous cache",
     "serving": "request mix through the engine, paged vs contiguous at equal memory",
     "block_size": "KV utilisation and step time for block sizes 8..128",
+    "reliability": "bad-input fuzz cases held/broken, soak steps, blocks leaked, mismatches",
     "sharding": "decode step on 1-8 devices, tensor / data parallel, equal per-device work",
 }
 

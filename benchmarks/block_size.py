@@ -9,7 +9,7 @@ gather; large blocks are the opposite. Measured for each block size:
   mid-flight: each of ``--seqs`` sequences holds its prompt plus a uniformly drawn part of its
   output, averaged over ``--snapshots`` draws. Checked against the hand count
   ``sum(len) / sum(ceil(len / block) * block)``.
-* **Decode-step time** of the model's jitted :func:`jax_paged_kv.decoding.decode_step` (the
+* **Decode-step time** of the model's jitted :func:`jax_paged_kv.serving.decoding.decode_step` (the
   ``small`` model, XLA attention, cache donated) on ``--batch`` rows at those lengths, median of
   round-robin repeats, as a ratio to block 16 (the default) measured in the same run.
 
@@ -30,16 +30,16 @@ from tqdm.auto import tqdm
 
 from benchmarks import report
 from jax_paged_kv import (
-    CacheConfig,
-    allocate_sequences,
-    cache_stats,
-    check_invariants,
-    init_cache,
-    reserve,
+  CacheConfig,
+  allocate_sequences,
+  cache_stats,
+  check_invariants,
+  init_cache,
+  reserve,
 )
-from jax_paged_kv.decoding import decode_step
-from jax_paged_kv.demo import MODELS, model_config, sharegpt_like_lengths
 from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config, sharegpt_like_lengths
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_BLOCK = 16
@@ -103,7 +103,7 @@ def step_timers(model, params, lengths: np.ndarray, block_sizes, extra: int):
 
     def step(state=state, ids=ids, max_blocks=max_blocks):
       # Each call appends one token per row; ``extra`` leaves room for warmup and repeats.
-      state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids, config=model,
+      state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids, model=model,
                                               max_blocks=max_blocks)
       return logits
 
@@ -172,6 +172,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.snapshots = args.snapshots or (4 if args.quick else 16)
   args.batch = args.batch or (8 if args.quick else 32)
   args.repeats = args.repeats or (5 if args.quick else 15)

@@ -5,7 +5,8 @@ cache gives each slot its own slab; the paged cache is measured with two table l
 *interleaved* (row ``b``'s ``j``-th block is ``1 + j * batch + b``, what rows that grow together
 during decoding get from the free list) and *shuffled* (random permutations of the pool, the
 worst case for memory locality). Both run the same jitted
-:func:`jax_paged_kv.decoding.decode_step` (cache donated, ``max_blocks`` covering the context)
+:func:`~jax_paged_kv.serving.decoding.decode_step`
+(cache donated, ``max_blocks`` covering the context)
 and the time is the median of repeats. Goal: paged / contiguous <= 1.3.
 
     python -m benchmarks.decode_step [--quick] [--model small] [--batch 1 8 32] [--context ...]
@@ -27,10 +28,10 @@ from tqdm.auto import tqdm
 from benchmarks import report
 from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
 from jax_paged_kv.attention.api import default_implementation
-from jax_paged_kv.decoding import decode_step
-from jax_paged_kv.demo import MODELS, model_config
+from jax_paged_kv.cache.state import AllocatorState
 from jax_paged_kv.models import init_params
-from jax_paged_kv.state import AllocatorState
+from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config
 
 
 def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="shuffled"):
@@ -69,6 +70,7 @@ def main(argv=None):
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=None, help="default 20 (7 with --quick)")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.batch = args.batch or ([1, 8] if args.quick else [1, 8, 32])
   args.context = args.context or ([128, 512] if args.quick else [128, 512, 2048])
   args.repeats = args.repeats or (7 if args.quick else 20)
@@ -91,7 +93,7 @@ def main(argv=None):
       def step(state=state, tokens=tokens, ids=ids, mb=mb):
         # Every call appends one token (the cache has room for repeats + warmup).
         state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids,
-                                                config=model, max_blocks=mb)
+                                                model=model, max_blocks=mb)
         return logits
 
       report.repeat(step, repeats=0, warmup=2)

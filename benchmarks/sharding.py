@@ -24,7 +24,7 @@ weights). On a 2-core CPU this measures the sharded program's cost, not a speedu
 On CPU it runs with 8 virtual devices (``JAX_NUM_CPU_DEVICES=8``; it restarts itself with
 that setting when JAX already started with fewer). On a GPU/TPU machine it takes the devices it
 has (``benchmarks/gpu_session.sh``). Saves ``benchmarks/results/sharding.json``
-(``sharding_gpu`` on a GPU) and the RESULTS.md section.
+(``sharding_gpu`` on a GPU) and the RESULTS.md section; ``--quick`` writes to ``benchmarks/out``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from benchmarks import report
 from jax_paged_kv import allocate_sequences, init_cache, reserve
 from jax_paged_kv import sharding as shd
 from jax_paged_kv.attention import default_implementation
-from jax_paged_kv.decoding import decode_step
 from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.serving.decoding import decode_step
 
 CPU_DEVICES = 8
 
@@ -92,7 +92,7 @@ def setup(args, layout_name: str, n: int):
     tokens = np.ones((n, args.batch), np.int32)
   params = init_params(model, jax.random.PRNGKey(0))
   params = jax.device_put(params, shd.param_shardings(params, model, layout))
-  fn = shd.on_mesh(functools.partial(decode_step, config=model), layout, shared_argnums=(0,))
+  fn = shd.on_mesh(functools.partial(decode_step, model=model), layout, shared_argnums=(0,))
   run = jax.jit(fn, donate_argnums=1)
   state = {"cache": cache}
 
@@ -123,6 +123,7 @@ def main(argv=None):
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   argv = sys.argv[1:] if argv is None else list(argv)
   if jax.default_backend() == "cpu" and jax.device_count() < CPU_DEVICES:
     # JAX started with fewer CPU devices (e.g. under `python -m benchmarks`): run again.

@@ -12,16 +12,17 @@ recomputed. After every step :func:`~jax_paged_kv.check_invariants` must hold; a
 block must be free and every reference count zero, and every request's tokens must equal an
 unconstrained run of the same requests (all queued at once, on a pool big enough that nothing
 is preempted). Sampled requests are compared too: a request's ``n``-th token is sampled with
-``fold_in(key(seed), n)`` (:mod:`jax_paged_kv.decoding`), whatever its batch-mates and however
+``fold_in(key(seed), n)`` (:mod:`jax_paged_kv.serving.decoding`),
+whatever its batch-mates and however
 often it was recomputed.
 
-**Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence``
-(a parent may get several children in one call), ``truncate_sequences`` and ``free_sequences`` on a small pool, every
-op under ``jax.jit`` (they return ``(cache, status)`` and never raise), some calls invalid on
-purpose or too big for the pool. A plain-Python model keeps, per live sequence, the token ids
-appended to it and its logical blocks with reference counts (forks share blocks,
-copy-on-write separates them). After every op: the status says "rejected" exactly when the
-model does, a rejected call left the cache bitwise unchanged (telemetry aside),
+**Cache soak.** A random mix of ``allocate_sequences``, ``append_kv``, ``fork_sequence`` (a
+parent may get several children in one call), ``truncate_sequences`` and ``free_sequences`` on
+a small pool, every op under ``jax.jit`` (they return ``(cache, status)`` and never raise),
+some calls invalid on purpose or too big for the pool. A plain-Python model keeps, per live
+sequence, the token ids appended to it and its logical blocks with reference counts (forks
+share blocks, copy-on-write separates them). After every op: the status says "rejected" exactly
+when the model does, a rejected call left the cache bitwise unchanged (telemetry aside),
 ``check_invariants`` holds, the free count and every block's reference count match the model,
 the block tables share physical blocks exactly where the model shares logical ones, and
 ``lookup_kv`` of every slot returns the K/V values of the model's token ids. At the end
@@ -60,9 +61,9 @@ from jax_paged_kv import (
   lookup_kv,
   truncate_sequences,
 )
-from jax_paged_kv.decoding import SamplingParams
-from jax_paged_kv.engine import Engine
 from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.serving.decoding import SamplingParams
+from jax_paged_kv.serving.engine import Engine
 
 # The shape of tests/llama_fixtures.SMALL: 2 layers, GQA 2:1, a tiny vocabulary.
 SOAK_MODEL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,

@@ -48,10 +48,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_paged_kv.attention.per_shard import KERNEL_SHARDING, KernelSharding
-from jax_paged_kv.config import CacheConfig
-from jax_paged_kv.errors import CacheInvariantError
-from jax_paged_kv.state import PagedKVCache, init_cache
-from jax_paged_kv.stats import InvariantReport, check_invariants
+from jax_paged_kv.cache import (
+    CacheConfig,
+    CacheInvariantError,
+    InvariantReport,
+    PagedKVCache,
+    check_invariants,
+    init_cache,
+)
 
 _POOLS = ("k_pool", "v_pool")
 
@@ -314,7 +318,10 @@ _PARAM_RULES = {
 
 
 def param_specs(params: Any, model_config: Any, layout: MeshLayout) -> Any:
-  """``PartitionSpec`` s that split a Llama-style model's projections over ``model_axis``.
+  """``PartitionSpec`` s that split a model's projections over ``model_axis``.
+
+  Knows the weight names of the bundled models (Llama 2/3, Mistral, Qwen2, Gemma 2:
+  ``wq, wk, wv, wo, w_gate, w_up, w_down`` and the biases ``bq, bk, bv``).
 
   Query/key/value projections (and biases) are split by heads on their output axis, the output
   projection on its input axis; the MLP's gate/up by columns and down by rows (Megatron style,
@@ -327,6 +334,11 @@ def param_specs(params: Any, model_config: Any, layout: MeshLayout) -> Any:
   n, axis = layout.model_shards, layout.model_axis
   c = model_config
   if axis is not None:
+    missing = [a for a in ("num_heads", "num_kv_heads", "intermediate_size") if not hasattr(c, a)]
+    if missing:
+      raise TypeError(f"param_specs splits Llama-style weights and needs the model's "
+                      f"{', '.join(missing)}; {type(c).__name__} has none: place its weights "
+                      "with shardings of your own")
     for name in ("num_heads", "num_kv_heads"):
       if getattr(c, name) % n:
         raise ValueError(f"tensor parallel over mesh axis {axis!r} of size {n} splits the "

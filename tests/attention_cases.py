@@ -80,6 +80,115 @@ PREFILL_CASES = [
 ]
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Poison:
+  """A non-finite value written into V of one cached token (a valid position of a row)."""
+  row: int
+  pos: int
+  value: float
+  kv_head: int | None = None  # None: every KV head
+  dims: tuple[int, ...] | None = None  # None: every dim
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedV:
+  """A case plus the non-finite V values written into it (``test_nonfinite_v``)."""
+  name: str
+  case: Case
+  poisons: tuple[Poison, ...]
+  # Every query is one vector u and the poisoned tokens' K is -1000 u: their probability
+  # underflows to exactly 0 (IEEE would turn an Inf V into NaN; the contract reports the Inf).
+  underflow: bool = False
+
+  def __str__(self):
+    return self.name
+
+
+NONFINITE_V_CASES = [
+    # Chunked prefill, causal, GQA. Row 0: a whole token NaN, queries before it clean. Row 1: one
+    # dim of one KV head, ragged q_lens. Row 2: two dims of the last token (only the last query).
+    PoisonedV("nan_causal", Case((40, 29, 12), q_len=12, q_lens=(12, 9, 12), block_size=8,
+                                 ratio=2, head_dim=16), (
+        Poison(0, 31, NAN),
+        Poison(1, 22, NAN, kv_head=1, dims=(3,)),
+        Poison(2, 11, NAN, kv_head=0, dims=(0, 5)),
+    )),
+    # Sliding window 5, bfloat16: +Inf and -Inf on overlapping dims, so queries see neither,
+    # one, both (NaN where they overlap) or, past the window, neither again. Row 1: a NaN token
+    # before every window and a -Inf one that some queries see.
+    PoisonedV("inf_window", Case((45, 30), q_len=10, block_size=16, ratio=2, head_dim=16,
+                                 sliding_window=5, dtype="bfloat16"), (
+        Poison(0, 37, INF, dims=(0, 1, 2, 3)),
+        Poison(0, 39, -INF, dims=(2, 3, 4, 5)),
+        Poison(1, 10, NAN),
+        Poison(1, 24, -INF, kv_head=0, dims=(7,)),
+    )),
+    # One sequence's V entirely NaN; the other rows of the batch must not notice.
+    PoisonedV("nan_row", Case((20, 33, 7), q_len=8, block_size=8, kv_heads=1, ratio=4,
+                              head_dim=16), tuple(Poison(1, p, NAN) for p in range(33))),
+    # Decode with a window: a visible NaN, an Inf outside the window, a visible -Inf.
+    PoisonedV("decode_window", Case((20, 9, 30), block_size=8, ratio=3, head_dim=16,
+                                    sliding_window=6), (
+        Poison(0, 19, NAN, kv_head=1, dims=(1, 2)),
+        Poison(2, 10, INF),
+        Poison(2, 27, -INF, kv_head=0, dims=(0,)),
+    )),
+    # +-Inf whose probability underflows to 0: the sign is reported, not NaN.
+    PoisonedV("inf_underflow", Case((24, 16), q_len=6, block_size=8, kv_heads=1, ratio=2,
+                                    head_dim=16), (
+        Poison(0, 20, INF, dims=(0, 1)),
+        Poison(1, 12, -INF, dims=(1, 2)),
+    ), underflow=True),
+    PoisonedV("decode_inf_underflow", Case((24, 16, 9), block_size=8, kv_heads=1, ratio=2,
+                                           head_dim=16), (
+        Poison(0, 20, INF, dims=(0, 1)),
+        Poison(1, 12, -INF, dims=(1, 2)),
+        Poison(1, 13, INF, dims=(2, 3)),
+    ), underflow=True),
+]
+
+
+def poison_v(pv: PoisonedV, cache, q, layer, *, write_v: bool = True):
+  """``(cache, q)`` with ``pv``'s values written into V (and, for ``underflow``, K and q)."""
+  case = pv.case
+  tables = np.asarray(cache.block_tables)
+  k_pool = np.asarray(cache.k_pool, np.float32).copy()
+  v_pool = np.asarray(cache.v_pool, np.float32).copy()
+  if pv.underflow:
+    u = np.random.default_rng(case.seed + 1).standard_normal(case.head_dim)
+    q = jnp.asarray(np.broadcast_to(u, q.shape), q.dtype)
+  for p in pv.poisons:
+    assert 0 <= p.pos < case.lengths[p.row]
+    blk, off = tables[p.row, p.pos // case.block_size], p.pos % case.block_size
+    heads = range(case.kv_heads) if p.kv_head is None else [p.kv_head]
+    dims = list(range(case.head_dim) if p.dims is None else p.dims)
+    for h in heads:
+      if write_v:
+        v_pool[layer, h, blk, off, dims] = p.value
+      if pv.underflow:
+        k_pool[layer, h, blk, off] = -1000.0 * u
+  dtype = jnp.dtype(case.dtype)
+  return cache.replace(k_pool=jnp.asarray(k_pool, dtype), v_pool=jnp.asarray(v_pool, dtype)), q
+
+
+def sees_poison(pv: PoisonedV, q_lens) -> np.ndarray:
+  """``bool[batch, q_len, q_heads]``: outputs whose query may see a poisoned token."""
+  case = pv.case
+  out = np.zeros((len(case.lengths), case.q_len, case.kv_heads * case.ratio), bool)
+  for p in pv.poisons:
+    n, ql = case.lengths[p.row], int(q_lens[p.row])
+    heads = (slice(None) if p.kv_head is None
+             else slice(p.kv_head * case.ratio, (p.kv_head + 1) * case.ratio))
+    for i in range(ql):
+      pos = n - ql + i
+      if p.pos <= pos and (case.sliding_window is None or p.pos > pos - case.sliding_window):
+        out[p.row, i, heads] = True
+  return out
+
+
 def build_case(case: Case, *, num_layers: int = 2, layer: int = 1, spare_blocks: int = 5):
   """A cache holding random data for each row, with every other memory cell NaN.
 
@@ -190,6 +299,37 @@ class AttentionCases:
     out1 = self.attend(case, cache, q, seq_ids, q_lens, layer, return_lse=False)
     out2, _ = self.attend(case, cache, q, seq_ids, q_lens, layer)
     np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
+
+  @pytest.mark.parametrize("pv", NONFINITE_V_CASES, ids=str)
+  def test_nonfinite_v(self, pv: PoisonedV):
+    """NaN / Inf in V reaches exactly the queries that may see that token (the contract)."""
+    case = pv.case
+    assert self.unsupported(case) is None
+    cache, q0, seq_ids, q_lens, layer = build_case(case)
+    cache, q = poison_v(pv, cache, q0, layer, write_v=False)  # same K and q, clean V
+    bad_cache, _ = poison_v(pv, cache, q0, layer)
+    clean_out, clean_lse = oracle(case, cache, q, seq_ids, q_lens, layer)
+    want_out, _ = oracle(case, bad_cache, q, seq_ids, q_lens, layer)
+    sees = sees_poison(pv, q_lens)
+    # The scenario tests something: poisoned outputs, and valid clean ones beside them.
+    valid = np.arange(case.q_len)[None, :, None] < np.asarray(q_lens)[:, None, None]
+    assert (~np.isfinite(want_out[sees])).any(axis=-1).all()
+    assert (valid & ~sees).any() and np.isfinite(want_out[~sees]).all()
+    out, lse = self.attend(case, bad_cache, q, seq_ids, q_lens, layer)
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+    # Queries that cannot see a poisoned token: the answer on the clean data.
+    assert np.isfinite(out[~sees]).all(), "a non-finite V leaked to queries that cannot see it"
+    np.testing.assert_allclose(out[~sees], clean_out[~sees], atol=atol, rtol=rtol)
+    # Queries that see one: NaN / +Inf / -Inf exactly where the oracle has them.
+    for what in (np.isnan, np.isposinf, np.isneginf):
+      np.testing.assert_array_equal(what(out), what(want_out), err_msg=what.__name__)
+    fin = np.isfinite(want_out)
+    np.testing.assert_allclose(out[fin], want_out[fin], atol=atol, rtol=rtol)
+    # V never changes the log-sum-exp.
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(clean_lse))
+    fin = np.isfinite(clean_lse)
+    np.testing.assert_allclose(lse[fin], clean_lse[fin], atol=atol, rtol=rtol)
 
   def test_stale_finite_data_is_never_read(self):
     """Garbage that is *finite* (not NaN) past each length would change a wrong kernel's output."""

@@ -1,10 +1,13 @@
-"""Independent float64 numpy oracle of the Llama model: full recomputation, no cache.
+"""Independent float64 numpy oracles of the bundled models: full recomputation, no cache.
 
-Shared by tests/test_llama.py, test_decoding.py and test_engine.py. Written from the Llama
-definition (HF ``modeling_llama``), not from ``jax_paged_kv.models.llama``.
+Shared by tests/test_llama.py, test_families.py, test_decoding.py and test_engine.py. Written
+from the Hugging Face definitions (``modeling_llama``, ``modeling_mistral``, ``modeling_qwen2``,
+``modeling_gemma2``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -13,10 +16,33 @@ def _rms(x, w, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def _rope(x, theta):
+def _inv_freq(config):
+  """HF's inverse frequencies: default, linear, dynamic (within the context) or llama3."""
+  d = config.head_dim
+  inv = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+  s = getattr(config, "rope_scaling", None)
+  if s is None or s.rope_type == "dynamic":
+    return inv
+  if s.rope_type == "linear":
+    return inv / s.factor
+  assert s.rope_type == "llama3"
+  old = s.original_max_position_embeddings
+  out = []
+  for f in inv:
+    wavelen = 2 * math.pi / f
+    if wavelen < old / s.high_freq_factor:
+      out.append(f)
+    elif wavelen > old / s.low_freq_factor:
+      out.append(f / s.factor)
+    else:
+      smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+      out.append((1 - smooth) * f / s.factor + smooth * f)
+  return np.asarray(out)
+
+
+def _rope(x, inv):
   # x: [S, heads, head_dim]; positions 0..S-1, rotate-half convention.
   s, _, d = x.shape
-  inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
   ang = np.arange(s, dtype=np.float64)[:, None] * inv[None, :]
   cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]
   sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
@@ -24,31 +50,59 @@ def _rope(x, theta):
   return x * cos + rot * sin
 
 
-def reference_logits(params, config, tokens) -> np.ndarray:
-  """float64 logits ``[S, vocab]`` of one sequence ``tokens`` (list of ints), no cache."""
-  c = config
+def _windows(config):
+  """Per-layer sliding windows from HF's fields (None: global)."""
+  w, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+  if w is None:
+    return [None] * config.num_layers
+  if types is None:
+    return [w] * config.num_layers
+  return [w if t == "sliding_attention" else None for t in types]
+
+
+def _attention(q, k, v, window, scale, cap=None):
+  """Causal (optionally windowed, soft-capped) attention: q [S, H, D], k/v [S, KV, D]."""
+  s, nh, _ = q.shape
+  rep = nh // k.shape[1]
+  k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+  qi, ki = np.arange(s)[:, None], np.arange(s)[None, :]
+  mask = ki <= qi
+  if window is not None:
+    mask &= ki > qi - window  # HF's sliding_window_overlay
+  logits = np.einsum("qhd,khd->hqk", q, k) * scale
+  if cap is not None:
+    logits = cap * np.tanh(logits / cap)
+  logits = np.where(mask[None], logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("hqk,khd->qhd", w, v).reshape(s, -1)
+
+
+def _f64(params):
   p = {k: np.asarray(v, np.float64) for k, v in params.items() if k != "layers"}
   lay = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
+  return p, lay
+
+
+def reference_logits(params, config, tokens) -> np.ndarray:
+  """float64 logits ``[S, vocab]`` of one sequence ``tokens`` (list of ints), no cache."""
+  if type(config).__name__ == "Gemma2Config":
+    return gemma2_reference_logits(params, config, tokens)
+  c = config
+  p, lay = _f64(params)
   toks = np.asarray(tokens)
   s = toks.shape[0]
   d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+  inv = _inv_freq(c)
   x = p["embed"][toks]
-  causal = np.tril(np.ones((s, s), bool))
-  for i in range(c.num_layers):
+  for i, window in enumerate(_windows(c)):
     h = _rms(x, lay["attn_norm"][i], c.rms_norm_eps)
     q, k, v = h @ lay["wq"][i], h @ lay["wk"][i], h @ lay["wv"][i]
     if c.attention_bias:
       q, k, v = q + lay["bq"][i], k + lay["bk"][i], v + lay["bv"][i]
-    q = _rope(q.reshape(s, nh, d), c.rope_theta)
-    k = _rope(k.reshape(s, nkv, d), c.rope_theta)
-    v = v.reshape(s, nkv, d)
-    k = np.repeat(k, nh // nkv, axis=1)
-    v = np.repeat(v, nh // nkv, axis=1)
-    logits = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
-    logits = np.where(causal[None], logits, -np.inf)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    o = np.einsum("hqk,khd->qhd", w, v).reshape(s, nh * d)
+    q = _rope(q.reshape(s, nh, d), inv)
+    k = _rope(k.reshape(s, nkv, d), inv)
+    o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d))
     x = x + o @ lay["wo"][i]
     h = _rms(x, lay["mlp_norm"][i], c.rms_norm_eps)
     g = h @ lay["w_gate"][i]
@@ -56,6 +110,39 @@ def reference_logits(params, config, tokens) -> np.ndarray:
   h = _rms(x, p["final_norm"], c.rms_norm_eps)
   head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
   return h @ head
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def gemma2_reference_logits(params, config, tokens) -> np.ndarray:
+  """float64 logits ``[S, vocab]`` of Gemma 2 (HF ``modeling_gemma2``), no cache."""
+  c = config
+  p, lay = _f64(params)
+  toks = np.asarray(tokens)
+  s = toks.shape[0]
+  d, nh, nkv, eps = c.head_dim, c.num_heads, c.num_kv_heads, c.rms_norm_eps
+  inv = _inv_freq(c)
+
+  def norm(x, w):
+    return _rms(x, 1.0 + w, eps)
+
+  x = p["embed"][toks] * float(np.asarray(np.sqrt(c.hidden_size), c.dtype))
+  for i, window in enumerate(_windows(c)):
+    h = norm(x, lay["attn_norm"][i])
+    q = _rope((h @ lay["wq"][i]).reshape(s, nh, d), inv)
+    k = _rope((h @ lay["wk"][i]).reshape(s, nkv, d), inv)
+    v = (h @ lay["wv"][i]).reshape(s, nkv, d)
+    o = _attention(q, k, v, window, c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping)
+    x = x + norm(o @ lay["wo"][i], lay["post_attn_norm"][i])
+    h = norm(x, lay["mlp_norm"][i])
+    mlp = (_gelu_tanh(h @ lay["w_gate"][i]) * (h @ lay["w_up"][i])) @ lay["w_down"][i]
+    x = x + norm(mlp, lay["post_mlp_norm"][i])
+  h = norm(x, p["final_norm"])
+  logits = h @ (p["embed"].T if c.tie_word_embeddings else p["lm_head"])
+  cap = c.final_logit_softcapping
+  return logits if cap is None else cap * np.tanh(logits / cap)
 
 
 def reference_greedy(params, config, prompt, max_new_tokens, stop_tokens=()) -> list[int]:

@@ -9,6 +9,12 @@ def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, so
                  sliding_window=None):
   """Paged attention, one row / head / query at a time, in float64.
 
+  Only the keys a query may see (``lo .. pos``, see below) are sliced out; masked keys never
+  enter the arithmetic. Non-finite values (the contract in ``reference.py``): per output dim,
+  NaN if a visible key's V is NaN there or visible keys hold both +Inf and -Inf there, else
+  +Inf / -Inf if a visible key holds that infinity (whatever its probability, even 0 after
+  underflow), else the softmax average of the visible keys' (finite) values.
+
   Args:
     q: ``[batch, q_len, q_heads, head_dim]``.
     k_pool, v_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]``.
@@ -45,6 +51,10 @@ def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, so
           s = soft_cap * np.tanh(s / soft_cap)
         m = s.max()
         w = np.exp(s - m)
-        out[r, i, h] = w @ V / w.sum()
+        o = w @ np.where(np.isfinite(V), V, 0.0) / w.sum()
+        pos_inf, neg_inf = np.isposinf(V).any(axis=0), np.isneginf(V).any(axis=0)
+        nan = np.isnan(V).any(axis=0) | (pos_inf & neg_inf)
+        o = np.where(pos_inf, np.inf, np.where(neg_inf, -np.inf, o))
+        out[r, i, h] = np.where(nan, np.nan, o)
         lse[r, i, h] = m + np.log(w.sum())
   return out, lse

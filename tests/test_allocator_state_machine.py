@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import jax_paged_kv as pk
-from jax_paged_kv.errors import Status
+from jax_paged_kv.cache.errors import Status
 
 CFG = pk.CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, num_blocks=13, max_seqs=4,
                      max_seq_len=20, block_size=4, dtype=jnp.float32)

@@ -15,11 +15,15 @@ import jax_paged_kv as pk
 from jax_paged_kv.attention import pallas_gpu
 from tests.attention_cases import (
     DECODE_CASES,
+    INF,
+    NONFINITE_V_CASES,
     ODD_LENGTHS,
     PREFILL_CASES,
     TOLERANCES,
     AttentionCases,
     Case,
+    Poison,
+    PoisonedV,
     build_case,
     oracle,
 )
@@ -266,3 +270,24 @@ def test_default_implementation_falls_back_to_xla_for_geometries_a_kernel_cannot
   assert pk.default_implementation(backend, cfg) == want
   assert pk.default_implementation(backend) == {"cpu": "xla", "tpu": "pallas_tpu"}.get(
       backend, "pallas_gpu")
+
+
+# A whole 16-key step of +Inf keys whose probabilities underflow: with one step per split, that
+# split's LSE is ~-4000 and its merge weight exactly 0 (0 * Inf would be NaN).
+SPLIT_UNDERFLOW = PoisonedV("inf_split_underflow", Case((40, 9), q_len=4, block_size=16,
+                                                        kv_heads=1, ratio=2, head_dim=16), tuple(
+    Poison(0, p, INF, dims=(0,)) for p in range(16, 32)), underflow=True)
+
+
+@pytest.mark.parametrize("knobs", [dict(k_splits=3, block_k=16), dict(k_splits=1, block_k=16)],
+                         ids=str)
+@pytest.mark.parametrize("pv", [c for c in NONFINITE_V_CASES
+                                if c.name in ("nan_causal", "inf_window", "inf_underflow")]
+                         + [SPLIT_UNDERFLOW], ids=str)
+def test_nonfinite_v_over_steps_and_splits(pv, knobs):
+  """The shared non-finite V cases with many key steps per split and several splits: the rule
+  holds across the online softmax (alpha never multiplies a final NaN / Inf) and the merge (a
+  split whose weight underflows to 0 still passes its Inf on)."""
+  t = TestPallasGPU()
+  t.knobs = {**KNOBS, **knobs}
+  t.test_nonfinite_v(pv)

@@ -21,6 +21,7 @@ import jax_paged_kv as pk
 from jax_paged_kv.attention import pallas_tpu
 from tests.attention_cases import (
     DECODE_CASES,
+    NONFINITE_V_CASES,
     PREFILL_CASES,
     TOLERANCES,
     AttentionCases,
@@ -303,3 +304,20 @@ SWEEP = [
 @pytest.mark.parametrize("case", SWEEP, ids=str)
 def test_sweep_slow(case):
   TestPallasTPU().check(case)
+
+
+@pytest.mark.parametrize(("name", "knobs"), [
+    pytest.param("nan_causal", {"interpret": RACES, "pages_per_compute_block": 2,
+                                "queries_per_block": 5}, id="nan_causal-races-pages2-q5"),
+    pytest.param("inf_underflow", {"pages_per_compute_block": 1, "queries_per_block": 4},
+                 id="inf_underflow-pages1-q4"),
+])
+def test_nonfinite_v_over_blocks(name, knobs):
+  """The shared non-finite V cases over several compute and query blocks: the rerun by the
+  contract's rule refetches the pages (no races with the race detector on) and carries the
+  NaN / Inf across blocks (alpha never multiplies them)."""
+  t = TestPallasTPU()
+  t.knobs = {"interpret": STRICT, **knobs}
+  t.test_nonfinite_v(next(c for c in NONFINITE_V_CASES if c.name == name))
+  if knobs.get("interpret") is RACES:
+    assert not races_found(), "the TPU interpreter found a data race"

@@ -13,6 +13,7 @@ The number of cases run is reported at the end of the test session.
 from __future__ import annotations
 
 import itertools
+import os
 
 import hypothesis.strategies as st
 import jax
@@ -39,7 +40,9 @@ EXC = {Status.POOL_EXHAUSTED: pk.PoolExhaustedError, Status.INVALID_SLOT: pk.Inv
 RANGE_ERROR = {"ids": pk.InvalidSlotError, "counts": pk.InvalidCountError,
                "layer": pk.InvalidLayerError}
 TRACED_FALLBACK = {"ids": 2**31 - 1, "counts": -1, "layer": -1}
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+# CI: 60 examples per test; ``benchmarks/reliability.py`` runs more through the environment.
+EXAMPLES = int(os.environ.get("JAX_PAGED_KV_FUZZ_EXAMPLES", "60"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ---------------------------------------------------------------------------------------------
@@ -639,5 +642,6 @@ def test_fuzz_paged_attention(data):
   rows = slice(1, None) if poison_q else slice(None)
   np.testing.assert_allclose(out[rows], want[rows], rtol=1e-5, atol=1e-5)
   if poison_q:
-    assert np.all(np.isnan(out[0, :qlens[0]])) and np.all(out[0, qlens[0]:] == 0)
+    # The kernel contract (reference.py): NaN logits give output 0 and LSE -inf, in that row only.
+    assert np.all(out[0] == 0)
   record("paged_attention", "ok" + (" (NaN q)" if poison_q else ""))

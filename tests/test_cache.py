@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jax_paged_kv as pk
-from jax_paged_kv.config import CacheStrategy
+from jax_paged_kv.cache.config import CacheStrategy
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -12,7 +12,8 @@ from jax_paged_kv import (
   init_cache,
   truncate_sequences,
 )
-from jax_paged_kv.decoding import (
+from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import (
   DecodeState,
   SamplingParams,
   _ordered_bits,
@@ -23,7 +24,6 @@ from jax_paged_kv.decoding import (
   prefill_step,
   sample_tokens,
 )
-from jax_paged_kv.models import init_params
 from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy
 

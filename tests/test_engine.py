@@ -11,9 +11,9 @@ from jax_paged_kv import (
   cache_stats,
   check_invariants,
 )
-from jax_paged_kv.decoding import SamplingParams
-from jax_paged_kv.engine import Engine, generate
 from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import SamplingParams
+from jax_paged_kv.serving.engine import Engine, generate
 from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from jax_paged_kv import CacheShapeError, allocate_sequences, init_cache
-from jax_paged_kv.decoding import decode_step
-from jax_paged_kv.export import ExportedDecodeStep, export_decode_step
 from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 from tests.llama_fixtures import SMALL
 
 

@@ -1,5 +1,6 @@
-"""The Llama model on the paged cache against full recomputation (float64 numpy), the contiguous
-strategy, and Hugging Face ``transformers`` with the same weights."""
+"""The Llama model on the paged cache against full recomputation (float64 numpy) and the contiguous
+strategy; config and checkpoint round trips. The comparison with Hugging Face ``transformers``
+for every family is tests/test_families.py."""
 
 import json
 
@@ -19,48 +20,8 @@ from jax_paged_kv.models import (
   params_to_hf,
   read_safetensors,
 )
-from tests.llama_fixtures import SMALL
+from tests.llama_fixtures import SMALL, decode_greedy, forward_jit, run_chunked
 from tests.llama_reference import reference_logits
-
-forward_jit = jax.jit(forward, static_argnames=("config", "implementation", "max_blocks",
-                                                "all_logits"), donate_argnums=1)
-
-
-
-def run_chunked(params, config, cache, prompts, slots, chunk, max_blocks=None):
-  """Interleaved chunked prefill of every prompt; returns (cache, per-prompt logits [S, vocab])."""
-  cache, st = allocate_sequences(cache, np.asarray(slots, np.int32))
-  pos = [0] * len(prompts)
-  out = [[] for _ in prompts]
-  while any(p < len(t) for p, t in zip(pos, prompts, strict=True)):
-    toks = np.zeros((len(prompts), chunk), np.int32)
-    num = np.zeros(len(prompts), np.int32)
-    for i, t in enumerate(prompts):
-      piece = t[pos[i]:pos[i] + chunk]
-      toks[i, :len(piece)] = piece
-      num[i] = len(piece)
-      pos[i] += len(piece)
-    ids = np.where(num > 0, np.asarray(slots), -1).astype(np.int32)
-    cache, logits, status = forward_jit(params, cache, toks, ids, num, config=config,
-                                        all_logits=True, max_blocks=max_blocks)
-    assert not np.any(np.asarray(status))
-    for i in range(len(prompts)):
-      out[i].append(np.asarray(logits[i, :num[i]]))
-  return cache, [np.concatenate(o) for o in out]
-
-
-def decode_greedy(params, config, cache, slots, last_logits, steps, max_blocks=None):
-  """Greedy single-token steps for every slot; returns (tokens, logits per step)."""
-  toks, logs = [], []
-  cur = np.argmax(np.stack(last_logits), -1).astype(np.int32)
-  for _ in range(steps):
-    toks.append(cur)
-    cache, logits, status = forward_jit(params, cache, cur[:, None], np.asarray(slots, np.int32),
-                                        config=config, max_blocks=max_blocks)
-    assert not np.any(np.asarray(status))
-    logs.append(np.asarray(logits))
-    cur = np.argmax(logs[-1], -1).astype(np.int32)
-  return cache, np.stack(toks, 1), np.stack(logs, 1)
 
 
 def test_logits_match_full_recomputation_and_contiguous():
@@ -144,7 +105,9 @@ def test_config_validation():
                 num_kv_heads=5)
   hf = SMALL.to_hf()
   assert LlamaConfig.from_hf(hf) == SMALL
-  with pytest.raises(ValueError, match="rope scaling"):
+  with pytest.raises(ValueError, match="RoPE type 'yarn' is not implemented"):
+    LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+  with pytest.raises(ValueError, match="without 'low_freq_factor'"):
     LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
   with pytest.raises(ValueError, match="hidden_act"):
     LlamaConfig.from_hf({**hf, "hidden_act": "gelu"})
@@ -181,33 +144,3 @@ def test_hf_state_dict_and_safetensors_roundtrip(tmp_path):
   bad = dict(params, final_norm=jnp.ones((3,)))
   with pytest.raises(ValueError, match="final_norm"):
     check_params(SMALL, bad)
-
-
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_matches_transformers(tmp_path, tied):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  torch.manual_seed(0)
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-6,
-      max_position_embeddings=64, tie_word_embeddings=tied)
-  hf_model = transformers.LlamaForCausalLM(hf_cfg).eval()
-  with torch.no_grad():  # default init is tiny (std 0.02): make logits discriminative
-    for p in hf_model.parameters():
-      if p.ndim == 2:
-        p.mul_(8.0)
-  hf_model.save_pretrained(tmp_path, safe_serialization=True)
-  config, params = load_hf_checkpoint(tmp_path)
-  assert config.tie_word_embeddings == tied and config.rope_theta == 5000.0
-  prompt = np.random.default_rng(3).integers(0, 128, 13).tolist()
-  cc = config.cache_config(num_blocks=12, max_seqs=1, max_seq_len=24, block_size=4)
-  cache = init_cache(cc, pool_fill=float("nan"))
-  cache, pre = run_chunked(params, config, cache, [prompt], [0], chunk=5)
-  _, toks, dec = decode_greedy(params, config, cache, [0], [pre[0][-1]], 4)
-  full = prompt + toks[0].tolist()
-  with torch.no_grad():
-    ref = hf_model(torch.tensor([full])).logits[0].double().numpy()
-  got = np.concatenate([pre[0], dec[0]])
-  assert np.abs(ref).max() > 1.0
-  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 import jax_paged_kv as pk
-from jax_paged_kv.decoding import (
+from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import (
   DecodeState,
   SamplingParams,
   decode_loop,
@@ -32,8 +33,7 @@ from jax_paged_kv.decoding import (
   make_key,
   prefill_step,
 )
-from jax_paged_kv.engine import Engine
-from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.engine import Engine
 from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy, reference_logits
 from tests.oracle import attention_np

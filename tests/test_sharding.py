@@ -20,9 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 import jax_paged_kv as pk
 from jax_paged_kv import sharding as shd
-from jax_paged_kv.decoding import DecodeState, SamplingParams, make_key, prefill_step
-from jax_paged_kv.mesh_serving import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 from jax_paged_kv.models import LlamaConfig, init_params
+from jax_paged_kv.serving.decoding import DecodeState, SamplingParams, make_key, prefill_step
+from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 from tests.llama_reference import reference_greedy
 from tests.oracle import attention_np
 
@@ -182,7 +182,7 @@ def test_invalid_layouts_raise_clearly():
     shd.param_shardings(params, model, mesh, model_axis="model")
   with pytest.raises(ValueError, match="auto axes"):
     decode_loop_on_mesh(params, None, None, 1, layout=shd.MeshLayout(mesh_2x4(True)),
-                        config=model, max_steps=1)
+                        model=model, max_steps=1)
 
 
 def test_shard_seq_ids_addresses_shard_and_slot():
@@ -446,7 +446,7 @@ def prefilled_on_one_device(prompts: list[int]):
   """A one-device cache holding ``prompts`` in slots 0.. and each one's first token."""
   batch = shard_batch(prompts)
   cache, _ = pk.allocate_sequences(pk.init_cache(MODEL_CACHE), batch[1])
-  cache, first, _, status = prefill_step(PARAMS, cache, *batch, config=MODEL)
+  cache, first, _, status = prefill_step(PARAMS, cache, *batch, model=MODEL)
   assert not np.any(np.asarray(status))
   return cache, np.asarray(first)
 
@@ -467,7 +467,7 @@ def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
     cache, _ = jax.jit(shd.on_mesh(pk.allocate_sequences, layout))(cache, ids)
     cache, first, _, status = prefill_step_on_mesh(
         params, cache, *stack([shard_batch(a) for a in assignment]), layout=layout,
-        config=MODEL)
+        model=MODEL)
     assert not np.any(np.asarray(status))
   else:
     caches, first = zip(*(prefilled_on_one_device(a) for a in assignment), strict=True)
@@ -478,7 +478,7 @@ def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
   state = states[0] if data is None else stack(states)
   num_steps = np.int32(STEPS) if data is None else np.full(shards, STEPS, np.int32)
   (cache, _, out, _, status), text = run_compiled(
-      decode_loop_on_mesh, params, cache, state, num_steps, layout=layout, config=MODEL,
+      decode_loop_on_mesh, params, cache, state, num_steps, layout=layout, model=MODEL,
       max_steps=STEPS)
   assert not np.any(np.asarray(status))
   out = np.asarray(out).reshape(shards, 4, STEPS)

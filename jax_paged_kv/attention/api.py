@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from jax_paged_kv.attention import per_shard
-from jax_paged_kv.cache import check_readable, gather_tables
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.errors import CacheShapeError
-from jax_paged_kv.inputs import as_counts, as_ids, as_layer
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
+from jax_paged_kv.cache.ops import check_readable, gather_tables
+from jax_paged_kv.cache.state import PagedKVCache
 
 # name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
 # backends that a CPU-only user never needs.

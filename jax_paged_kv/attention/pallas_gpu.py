@@ -35,6 +35,15 @@ Design
   merges them with their LSE weights (:func:`merge_partials`). A query that sees nothing gets
   output 0 and LSE -inf, and no NaN is ever produced (max of an all -inf row is replaced by 0
   before ``exp2``).
+* **Non-finite V** (the contract: NaN / Inf reaches exactly the queries that see that key).
+  The inner loop's ``p @ v`` would spread a NaN / Inf to every row of the tile, masked ones
+  too (``0 * NaN``), so it leaves ``acc`` non-finite; after the loop one reduction checks for
+  that, and only then (``lax.cond``, an ``scf.if``) the program runs its steps again by the
+  rule: finite values through ``p``, plus +-Inf per row and dim from two 0/1 dots (visible
+  keys x V's +Inf/NaN and -Inf/NaN flags), in quarter-size steps so that the rerun's pipeline
+  and extra dot operands fit the fast loop's shared-memory plan. The fast loop is unchanged;
+  :func:`merge_partials` passes a split's NaN / Inf on unweighted. Checked in interpret mode
+  and by lowering for CUDA here; not yet compiled or timed on a GPU.
 
 Why the Triton lowering and not Mosaic GPU: it runs on both JAX 0.10 (CPU CI) and 0.11 (the GPU
 machine), on Ampere as well as Hopper, and it is testable here on CPU with ``interpret=True``
@@ -225,29 +234,29 @@ def _attention_kernel(
   row_pos = q_start + tok  # [block_rows]
   q = q_ref[...]  # [block_rows, head_dim]
   logit_scale = scale if soft_cap is not None else scale * _LOG2E
-  key_iota = jnp.arange(block_k, dtype=jnp.int32)  # [block_k]
   dim_iota = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, head_dim]
 
-  def body(cb, carry):
+  def body(cb, carry, *, key_iota, exact: bool):
     acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
-    kpos = first + cb * block_k + key_iota  # [block_k]
-    # The physical block of every key of this step (block_k / block_size distinct table
-    # entries, each read many times from cache), so K and V are loaded as 2-D [block_k,
+    step_k = key_iota.shape[0]
+    kpos = first + cb * step_k + key_iota  # [step_k]
+    # The physical block of every key of this step (step_k / block_size distinct table
+    # entries, each read many times from cache), so K and V are loaded as 2-D [step_k,
     # head_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
     # which keeps Triton's software pipeliner on its async-copy path).
-    ids = tables_ref[b, kpos // block_size]  # [block_k]
+    ids = tables_ref[b, kpos // block_size]  # [step_k]
     ids = jnp.clip(ids, 0, num_blocks - 1)
-    slot_of_key = (kpos % block_size)[:, None]  # [block_k, 1]
-    kv_ok = (kpos >= lo) & (kpos < hi)  # [block_k]: never fetch a key outside the tile's range
-    load_mask = jnp.broadcast_to(kv_ok[:, None], (block_k, head_dim))
-    # Every index is an array (broadcast to [block_k, head_dim]): one gathered, masked load
+    slot_of_key = (kpos % block_size)[:, None]  # [step_k, 1]
+    kv_ok = (kpos >= lo) & (kpos < hi)  # [step_k]: never fetch a key outside the tile's range
+    load_mask = jnp.broadcast_to(kv_ok[:, None], (step_k, head_dim))
+    # Every index is an array (broadcast to [step_k, head_dim]): one gathered, masked load
     # per operand, which interpret mode can discharge as well as Triton can lower.
     idx = (layer, h, ids[:, None], slot_of_key, dim_iota)
     zero = jnp.zeros((), k_ref.dtype)
-    k = _triton_load(k_ref.at[idx], mask=load_mask, other=zero)  # [block_k, head_dim]
-    v = _triton_load(v_ref.at[idx], mask=load_mask, other=zero)  # [block_k, head_dim]
+    k = _triton_load(k_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
+    v = _triton_load(v_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
     logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)  # [block_rows, block_k]
+                             preferred_element_type=jnp.float32)  # [block_rows, step_k]
     logits = logits * logit_scale
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
@@ -260,15 +269,51 @@ def _attention_kernel(
     alpha = jnp.exp2(m - m_safe)
     p = jnp.exp2(logits - m_safe[:, None])  # exactly 0 where masked
     l = alpha * l + p.sum(axis=1)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)  # [block_rows, head_dim]
-    return alpha[:, None] * acc + pv, m_new, l
+    if not exact:
+      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                           precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)  # [block_rows, head_dim]
+      return alpha[:, None] * acc + pv, m_new, l
+    # The contract for non-finite V: the finite values through p, then per row and dim +Inf
+    # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition makes
+    # the NaN), counted with two 0/1 dots of the same shape as p @ v. Non-finite acc entries
+    # are final: alpha (0 after underflow) never multiplies them.
+    v32 = v.astype(jnp.float32)
+    v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
+    pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    acc = jnp.where(jnp.isfinite(acc), alpha[:, None] * acc, acc) + pv
+    seen = jnp.where(visible, 1.0, 0.0).astype(v.dtype)  # [block_rows, step_k]
+    nan = jnp.isnan(v32)
+    for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
+      hits = lax.dot_general(seen, jnp.where(hit, 1.0, 0.0).astype(v.dtype),
+                             (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)  # [block_rows, head_dim]
+      acc = jnp.where(hits > 0.0, acc + inf, acc)
+    return acc, m_new, l
 
   acc = jnp.zeros((block_rows, head_dim), jnp.float32)
   m = jnp.full((block_rows,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_rows,), jnp.float32)
-  acc, m, l = lax.fori_loop(cb_lo, cb_hi, body, (acc, m, l))
+  init = (acc, m, l)
+  key_iota = jnp.arange(block_k, dtype=jnp.int32)
+  acc, m, l = lax.fori_loop(cb_lo, cb_hi, functools.partial(body, key_iota=key_iota, exact=False),
+                            init)
+  # A non-finite V anywhere in the steps makes acc non-finite (p @ v multiplies it by every
+  # row's p, 0 included: 0 * NaN and 0 * Inf are NaN), and so does nothing else but a
+  # visible NaN K or an overflow. Only then run the steps again by the contract's rule: the
+  # fast loop stays as it was, and the check costs one reduction over acc. The rerun takes
+  # quarter steps, so that its pipeline stages plus the shared-memory tiles of its extra dot
+  # operands fit where the fast loop's stages did, and its registers stay under the fast one's.
+  exact_k = max(_MIN_DOT, block_k // 4)
+  sub = block_k // exact_k
+  exact_iota = jnp.arange(exact_k, dtype=jnp.int32)
+  nonfinite = jnp.max(jnp.max(jnp.where(jnp.isfinite(acc), 0.0, 1.0), axis=1)) > 0.0
+  acc, m, l = lax.cond(
+      nonfinite,
+      lambda: lax.fori_loop(cb_lo * sub, cb_hi * sub,
+                            functools.partial(body, key_iota=exact_iota, exact=True), init),
+      lambda: (acc, m, l))
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
@@ -293,6 +338,8 @@ def merge_partials(o, lse):
 
   Returns:
     ``(out float32[..., head_dim], lse float32[...])``; 0 and -inf where every split was empty.
+    A partial's NaN / +-Inf (a non-finite V it saw, see the contract) is final: it is passed
+    on unweighted (its weight may underflow to 0), and the splits' ones add up by IEEE rules.
   """
   m = lse.max(axis=0)
   m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -300,8 +347,11 @@ def merge_partials(o, lse):
   denom = w.sum(axis=0)
   seen = denom > 0.0
   denom_safe = jnp.where(seen, denom, 1.0)
-  out = jnp.einsum("s...,s...d->...d", w, o, precision=lax.Precision.HIGHEST)
-  out = jnp.where(seen[..., None], out / denom_safe[..., None], 0.0)
+  finite = jnp.isfinite(o)
+  out = jnp.einsum("s...,s...d->...d", w, jnp.where(finite, o, 0.0),
+                   precision=lax.Precision.HIGHEST)
+  nonfinite = jnp.where(finite, 0.0, o).sum(axis=0)  # 0, NaN or +-Inf
+  out = jnp.where(seen[..., None], out / denom_safe[..., None] + nonfinite, 0.0)
   return out, jnp.where(seen, m_safe + jnp.log(denom_safe), -jnp.inf)
 
 

@@ -21,9 +21,16 @@ Design
 * **Skipped pages**: a query block only visits pages that hold a key some query in it may see
   (``[window start, last query position]``), so pages past a row's length (and pages before a
   sliding window) are never copied; empty rows and query blocks past ``q_lens`` copy nothing.
-* **Masking** is ``where`` on the logits *and* on the value rows, so NaN or stale data in
-  unused slots, skipped pages or never-written VMEM cannot leak (``0 * NaN`` never happens).
-  Online softmax in float32; a query that sees nothing gives 0 and LSE ``-inf``.
+* **Masking** is ``where`` on the logits *and* on the value rows outside the block's key range
+  ``[lo, hi)``, so NaN or stale data in unused slots, skipped pages or never-written VMEM
+  cannot leak. Online softmax in float32; a query that sees nothing gives 0 and LSE ``-inf``.
+* **Non-finite V** (the contract: NaN / Inf reaches exactly the queries that see that key).
+  Zeroing value rows is per block, not per query: inside ``[lo, hi)`` a prefill tile's rows
+  see different keys (causal, window), and ``p @ v`` gives ``0 * NaN = NaN`` to the rows that
+  do not see it. That leaves ``acc`` non-finite, which one reduction checks after the loop;
+  only then (``pl.when``) the grid step fetches and attends its blocks again by the rule:
+  finite values through ``p``, plus +-Inf per row and dim from two 0/1 matmuls (visible keys
+  x V's +Inf/NaN and -Inf/NaN flags). The fast loop is unchanged.
 
 Supported configurations (checked at trace time with a ``ValueError``)
 ----------------------------------------------------------------------
@@ -195,14 +202,6 @@ def _paged_attention_kernel(
   def wait(c, slot):
     dma(c, slot, "wait")
 
-  m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-  @pl.when(num_kv_blocks > 0)
-  def _():
-    start(0, 0)
-
   # Per-row query positions; padding rows (r >= queries_per_block * group) see nothing.
   r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
   q_idx = lax.div(r, group)  # query index within the block
@@ -210,7 +209,7 @@ def _paged_attention_kernel(
   row_ok = (r < queries_per_block * group) & (q_idx < n_q)
   q = q_ref[...]  # [R, head_dim]
 
-  def body(c, carry):
+  def body(c, carry, *, exact: bool):
     slot = lax.rem(c, 2)
 
     @pl.when(c + 1 < num_kv_blocks)
@@ -240,12 +239,51 @@ def _paged_attention_kernel(
     m_ref[...] = m_new
     # Rows outside [lo, hi) may be stale, NaN or never-written VMEM: zero them, never multiply.
     v = jnp.where((p_row >= lo) & (p_row < hi), v, jnp.zeros((), v.dtype))
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+    if not exact:
+      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [R, head_dim]
+      acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+      return carry
+    # The contract for non-finite V: the finite values through p, then per row and dim +Inf
+    # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition makes
+    # the NaN), counted with two 0/1 matmuls of the same shape as p @ v. Non-finite acc
+    # entries are final: alpha (0 after underflow) never multiplies them.
+    v32 = v.astype(jnp.float32)
+    v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
+    pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32)  # [R, head_dim]
-    acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+    acc = acc_ref[...]
+    acc = jnp.where(jnp.isfinite(acc), alpha[:, :1] * acc, acc) + pv
+    seen = jnp.where(mask, 1.0, 0.0).astype(v.dtype)  # [R, kv]
+    nan = jnp.isnan(v32)
+    for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
+      hits = lax.dot_general(seen, jnp.where(hit, 1.0, 0.0).astype(v.dtype),
+                             (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [R, head_dim]
+      acc = jnp.where(hits > 0.0, acc + inf, acc)
+    acc_ref[...] = acc
     return carry
 
-  lax.fori_loop(0, num_kv_blocks, body, 0)
+  def run(exact: bool):
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(num_kv_blocks > 0)
+    def _():
+      start(0, 0)
+
+    lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=exact), 0)
+
+  run(exact=False)
+
+  # A non-finite V in any block makes acc non-finite (p @ v multiplies it by every row's p, 0
+  # included: 0 * NaN and 0 * Inf are NaN), and so does nothing else but a visible NaN K or an
+  # overflow. Only then fetch and attend the blocks again by the contract's rule: the fast
+  # loop stays as it was, and the check costs one reduction over acc.
+  @pl.when(jnp.any(~jnp.isfinite(acc_ref[...])))
+  def _():
+    run(exact=True)
 
   l = l_ref[...]
   seen = l > 0.0

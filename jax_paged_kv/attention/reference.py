@@ -8,8 +8,8 @@ Kernel contract (every implementation in this package has this signature)::
 * ``q``: ``[batch, q_len, q_heads, head_dim]``; ``q_heads`` a multiple of ``kv_heads``; query head
   ``h`` reads KV head ``h // (q_heads // kv_heads)``.
 * ``k_pool``, ``v_pool``: the whole pools, ``[layers, kv_heads, num_blocks, block_size, head_dim]``
-  (see :mod:`jax_paged_kv.config`); ``layer``: ``int32[]``, may be traced.
-* ``block_tables``: ``int32[batch, max_blocks]``; ``kv_lens``: ``int32[batch]``, tokens in the
+  (see :mod:`jax_paged_kv.cache.config`); ``layer``: ``int32[]``, may be traced.
+* ``block_tables``: ``int32[batch, table_width]``; ``kv_lens``: ``int32[batch]``, tokens in the
   cache per row *including* the new ones; ``q_lens``: ``int32[batch]``, valid queries per row
   (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position
   ``kv_lens[b] - q_lens[b] + i`` and sees keys at positions ``p`` with
@@ -23,13 +23,23 @@ Kernel contract (every implementation in this package has this signature)::
 * Only positions ``< kv_lens[b]`` are ever read into the result: stale or NaN data in unused
   slots or free blocks cannot change any output (masks are applied with ``where`` to both the
   logits and the values, never by multiplying).
+* Non-finite V: masked probabilities never multiply V, so a NaN or Inf in V reaches exactly the
+  queries that may see that key (causal, window, ``kv_lens``, ``q_lens``), and in a visible
+  key it is propagated per output dim ``d``: ``out[..., d]`` is NaN if a visible key has NaN at
+  ``d`` or visible keys hold both +Inf and -Inf there; else +Inf (-Inf) if a visible key holds
+  +Inf (-Inf) there; else the usual softmax average. Visibility decides, not the probability:
+  an Inf whose probability underflows to 0 still gives its sign (IEEE's ``0 * Inf`` would be
+  NaN), the same in every implementation. The LSE does not depend on V. (A NaN in the K of a
+  *visible* key makes that query's logits NaN: it gets output 0 and LSE -inf.)
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 
 def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, positions: Array | int,
@@ -50,28 +60,37 @@ def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, positions: Array 
   return mask
 
 
-def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
-  """Attention of ``q [batch, q_len, q_heads, D]`` over dense ``k, v [batch, kv_heads, S, D]``.
-
-  ``mask``: ``bool[batch, q_len, S]``; the keys may be in any order (softmax does not care).
-  Accumulates in float32; NaN-safe for masked entries.
-  """
+def _grouped_logits(q, k, mask, *, scale, soft_cap):
+  """Scaled, capped logits ``float32[batch, kv_heads, group, q_len, S]``, -inf where masked."""
   b, q_len, qh, d = q.shape
   kvh = k.shape[1]
-  g = qh // kvh
-  valid_kv = jnp.any(mask, axis=1)[:, None, :, None]  # [batch, 1, S, 1]: keys some query reads
-  k = jnp.where(valid_kv, k, jnp.zeros((), k.dtype))
-  v = jnp.where(valid_kv, v, jnp.zeros((), v.dtype))
-  qg = q.reshape(b, q_len, kvh, g, d)
+  qg = q.reshape(b, q_len, kvh, qh // kvh, d)
   logits = jnp.einsum("bqhgd,bhsd->bhgqs", qg, k, preferred_element_type=jnp.float32)
   logits = logits * scale
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
-  m4 = mask[:, None, None, :, :]
-  logits = jnp.where(m4, logits, -jnp.inf)
+  return jnp.where(mask[:, None, None, :, :], logits, -jnp.inf)
+
+
+def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
+  """Attention of ``q [batch, q_len, q_heads, D]`` over dense ``k, v [batch, kv_heads, S, D]``.
+
+  ``mask``: ``bool[batch, q_len, S]``; the keys may be in any order (softmax does not care).
+  Accumulates in float32; NaN-safe for masked entries. Keys no query sees are zeroed, but
+  ``p @ v`` multiplies the others as they are, so this is the contract only while the values
+  of the keys some query reads are finite: a NaN / Inf there reaches every query of its row
+  (``0 * NaN`` is NaN), and an Inf whose probability underflows gives NaN. All outputs finite
+  proves that case; :func:`paged_attention_xla` checks it and otherwise recomputes the output
+  with :func:`nonfinite_v_attention`.
+  """
+  b, q_len, qh, d = q.shape
+  valid_kv = jnp.any(mask, axis=1)[:, None, :, None]  # [batch, 1, S, 1]: keys some query reads
+  k = jnp.where(valid_kv, k, jnp.zeros((), k.dtype))
+  v = jnp.where(valid_kv, v, jnp.zeros((), v.dtype))
+  logits = _grouped_logits(q, k, mask, scale=scale, soft_cap=soft_cap)
   mx = jnp.max(logits, axis=-1, keepdims=True)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-  p = jnp.where(m4, jnp.exp(logits - mx), 0.0)
+  p = jnp.where(mask[:, None, None, :, :], jnp.exp(logits - mx), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   acc = jnp.einsum("bhgqs,bhsd->bhgqd", p, v.astype(jnp.float32),
                    preferred_element_type=jnp.float32)
@@ -85,10 +104,56 @@ def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
   return out, lse
 
 
-def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | None = None):
-  """Dense ``[batch, num_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
-  if num_blocks is not None:
-    block_tables = block_tables[:, :num_blocks]
+def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
+  """The contract's output for any V: masked probabilities never multiply V.
+
+  Same ``q``, ``k``, ``v``, ``mask`` as :func:`masked_softmax_attention`, plus that call's
+  ``lse`` (V never changes it); returns ``out`` ``[batch, q_len, q_heads, D]`` in
+  ``q.dtype``. The finite values are averaged with the normalised probabilities; then every
+  query adds +Inf at the dims where a key it sees holds +Inf or NaN, and -Inf where one holds
+  -Inf or NaN, so IEEE addition yields the contract's NaN / +-Inf whatever the probabilities
+  (0 after underflow included).
+
+  A loop over (row, KV head, ``chunk`` keys) keeps the buffers beyond the probabilities and
+  the float32 copy of V (which the fast path has too) to a few ``[chunk, D]`` tiles: see
+  :func:`paged_attention_xla`. ``chunk`` (static) must divide ``S``; default ``S``.
+  """
+  b, q_len, qh, d = q.shape
+  kvh, s = k.shape[1], k.shape[2]
+  g = qh // kvh
+  chunk = s if chunk is None else chunk
+  n_chunks = s // chunk
+  if n_chunks * chunk != s:
+    raise ValueError(f"chunk={chunk} must divide the {s} keys")
+  lse_g = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, q_len, kvh, g)
+  logits = _grouped_logits(q, k, mask, scale=scale, soft_cap=soft_cap)
+  p = jnp.where(mask[:, None, None, :, :],
+                jnp.exp(logits - lse_g.transpose(0, 2, 3, 1)[..., None]), 0.0)
+  v = v.astype(jnp.float32)
+  seen = mask.astype(jnp.float32)
+
+  def step(i, acc):  # row r, KV head h, keys [c * chunk, (c + 1) * chunk)
+    r, h, c = i // (kvh * n_chunks), i // n_chunks % kvh, i % n_chunks
+    vc = lax.dynamic_slice_in_dim(v[r, h], c * chunk, chunk)  # [chunk, D]
+    pc = lax.dynamic_slice_in_dim(p[r, h], c * chunk, chunk, axis=2)  # [g, q_len, chunk]
+    sc = lax.dynamic_slice_in_dim(seen[r], c * chunk, chunk, axis=1)  # [q_len, chunk]
+    part = jnp.einsum("gqs,sd->gqd", pc, jnp.where(jnp.isfinite(vc), vc, 0.0),
+                      preferred_element_type=jnp.float32)
+    nan = jnp.isnan(vc)
+    hits_pos = sc @ (nan | (vc == jnp.inf)).astype(jnp.float32)  # [q_len, D]
+    hits_neg = sc @ (nan | (vc == -jnp.inf)).astype(jnp.float32)
+    inf = jnp.where(hits_pos > 0, jnp.inf, 0.0) + jnp.where(hits_neg > 0, -jnp.inf, 0.0)
+    return acc.at[r, h].add(part + inf[None])
+
+  acc = lax.fori_loop(0, b * kvh * n_chunks, step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32))
+  out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
+  return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
+
+
+def gather_kv(pool: Array, layer: Array, block_tables: Array, max_blocks: int | None = None):
+  """Dense ``[batch, max_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
+  if max_blocks is not None:
+    block_tables = block_tables[:, :max_blocks]
   x, _ = gather_pages(pool, layer, block_tables)  # in position order
   return x.transpose(0, 2, 1, 3)
 
@@ -136,6 +201,15 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   callers that know every row is shorter than ``max_blocks * block_size``. ``interleave``
   (static): pages copied at once (:func:`gather_pages`); 4 is fastest for scattered pages on
   the CPUs measured (``benchmarks/decode_step.py``), 1 for a contiguous slab.
+
+  Non-finite V: the fast path (:func:`masked_softmax_attention`) is exact when all its outputs
+  are finite; otherwise a ``lax.cond`` recomputes the output with
+  :func:`nonfinite_v_attention`. That slow path is a loop over (row, KV head, key chunk)
+  because XLA sizes a call's scratch memory for its largest branch, taken or not: done for the
+  whole batch at once (float32 V, its NaN / Inf flags) it tripled the scratch of a small CPU
+  decode step, which then ran 2x slower every call (the buffer no longer fit under the
+  allocator's mmap threshold). The loop reads float32 copies only: XLA:CPU converts a bfloat16
+  array read inside a loop to float32 as a whole, outside the loop.
   """
   if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
     raise ValueError(f"interleave must be a positive int, got {interleave!r}")
@@ -144,8 +218,36 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   k, positions = gather_pages(k_pool, layer, block_tables, interleave)
   v, _ = gather_pages(v_pool, layer, block_tables, interleave)
   mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
-  return masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
-                                  return_lse=return_lse)
+  out, lse = masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
+                                      return_lse=True)
+  # All outputs finite: no key any query reads held a non-finite V, and the result is exact.
+  # Otherwise (or if a finite V overflowed) recompute the output by the contract's rule.
+  exact = functools.partial(_nonfinite_v_paged, scale=scale, soft_cap=soft_cap,
+                            sliding_window=sliding_window)
+  out = lax.cond(jnp.any(~jnp.isfinite(out)), exact, lambda *_: out,
+                 q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse)
+  return (out, lse) if return_lse else out
+
+
+_SLOW_PATH_CHUNK = 512  # keys per step of the slow path's loop (rounded to whole pages)
+
+
+def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, *, scale,
+                       soft_cap, sliding_window):
+  """:func:`nonfinite_v_attention` from the pools.
+
+  It gathers its own copies (in position order): passing the fast path's into the conditional
+  kept them alive past it, which grew the scratch memory as well. The table is padded with
+  null entries (never visible) to whole chunks.
+  """
+  nb, bs = block_tables.shape[1], k_pool.shape[3]
+  pages = max(1, min(nb, _SLOW_PATH_CHUNK // bs))
+  block_tables = jnp.pad(block_tables, ((0, 0), (0, -nb % pages)))
+  k, positions = gather_pages(k_pool, layer, block_tables)
+  v, _ = gather_pages(v_pool, layer, block_tables)
+  mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
+  return nonfinite_v_attention(q, k, v, mask, lse, scale=scale, soft_cap=soft_cap,
+                               chunk=pages * bs)
 
 
 paged_attention_xla_jit = jax.jit(

@@ -1,26 +1,45 @@
-"""Loading Hugging Face Llama-style checkpoints (safetensors or a dict of arrays), offline.
+"""Loading Hugging Face checkpoints (safetensors or a dict of arrays), offline, and only what
+this package runs exactly.
 
 Reads ``config.json`` and the ``*.safetensors`` shards of a local checkpoint directory (or a
 single ``.safetensors`` file plus a config dict) and maps the usual parameter names
-(``model.layers.{i}.self_attn.q_proj.weight``, ...) onto :mod:`~jax_paged_kv.models.llama`'s
-layout. ``torch.nn.Linear`` stores ``[out, in]``; our projections are ``[in, out]``, so every
-projection is transposed. The safetensors reader is a few lines of numpy (``bfloat16`` through
-``ml_dtypes``, which ships with JAX), so neither ``torch`` nor ``safetensors`` is needed.
+(``model.layers.{i}.self_attn.q_proj.weight``, ...) onto the layout of
+:mod:`~jax_paged_kv.models.llama` or :mod:`~jax_paged_kv.models.gemma2`. ``torch.nn.Linear``
+stores ``[out, in]``; our projections are ``[in, out]``, so every projection is transposed. The
+safetensors reader is a few lines of numpy (``bfloat16`` through ``ml_dtypes``, which ships with
+JAX), so neither ``torch`` nor ``safetensors`` is needed.
+
+**Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
+``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``qwen2`` (Qwen2 / 2.5) and
+``gemma2``. Every ``config.json`` field is either read and implemented, known not to change the
+outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a ``ValueError`` naming it:
+an unknown ``model_type``, a RoPE type other than default / ``linear`` / ``dynamic`` /
+``llama3``, ``partial_rotary_factor``, MoE or multimodal fields, biases the model does not have,
+a window a family's Hugging Face code would ignore, and any field this module does not know. The
+semantics followed are those of ``transformers`` 5 (e.g. Qwen2's window applies to the layers at
+index ``>= max_window_layers``, only with ``use_sliding_window``). Tensors the mapping does not
+consume are refused too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jax_paged_kv.models.llama import LlamaConfig, Params, check_params
+from jax_paged_kv.models import gemma2, llama
+from jax_paged_kv.models.gemma2 import Gemma2Config
+from jax_paged_kv.models.layers import ROPE_TYPES, RopeScaling
+from jax_paged_kv.models.llama import LlamaConfig, Params
+
+ModelConfig = LlamaConfig | Gemma2Config
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -29,21 +48,279 @@ _ST_DTYPES = {
 }
 
 # our name (inside "layers") -> HF name inside "model.layers.{i}."
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight",
+_PROJECTIONS = {
     "wq": "self_attn.q_proj.weight",
     "wk": "self_attn.k_proj.weight",
     "wv": "self_attn.v_proj.weight",
     "wo": "self_attn.o_proj.weight",
-    "bq": "self_attn.q_proj.bias",
-    "bk": "self_attn.k_proj.bias",
-    "bv": "self_attn.v_proj.bias",
-    "mlp_norm": "post_attention_layernorm.weight",
     "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
 }
-_TRANSPOSED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+_LLAMA_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight",
+    **_PROJECTIONS,
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "mlp_norm": "post_attention_layernorm.weight",
+}
+_GEMMA2_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight",
+    **_PROJECTIONS,
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+_TRANSPOSED = set(_PROJECTIONS)
+
+# Fields that never change a causal LM's outputs at inference.
+_NEUTRAL_FIELDS = frozenset({
+    "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
+    "dtype", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+    "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
+    "tokenizer_class", "id2label", "label2id", "problem_type",
+})
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+
+
+class _Reader:
+  """Reads a ``config.json`` dict, remembering which fields were looked at."""
+
+  def __init__(self, hf: Mapping[str, Any], model_type: str):
+    self.hf = dict(hf)
+    self.model_type = model_type
+    self.read: set[str] = set()
+
+  def get(self, key: str, default: Any = None) -> Any:
+    self.read.add(key)
+    value = self.hf.get(key)
+    return default if value is None else value
+
+  def has(self, key: str) -> bool:
+    self.read.add(key)
+    return self.hf.get(key) is not None
+
+  def require(self, key: str) -> Any:
+    value = self.get(key)
+    if value is None:
+      raise ValueError(f"{self.model_type} config has no {key!r}")
+    return value
+
+  def refuse(self, why: str) -> ValueError:
+    return ValueError(f"model_type={self.model_type!r}: {why}; refusing to load a model this "
+                      "package would not run exactly")
+
+  def check_all_read(self, neutral: frozenset[str] = frozenset()) -> None:
+    unknown = sorted(set(self.hf) - self.read - _NEUTRAL_FIELDS - neutral)
+    if unknown:
+      raise self.refuse(
+          f"config field(s) {unknown} are not implemented (if they do not change the model's "
+          "outputs, drop them from the config)")
+
+
+def _rope(r: _Reader, max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
+  """``(rope_theta, scaling)`` from ``rope_parameters`` / ``rope_scaling`` / ``rope_theta``."""
+  scaling, params = r.get("rope_scaling"), r.get("rope_parameters")
+  for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+    if value is not None and not isinstance(value, Mapping):
+      raise r.refuse(f"{name}={value!r} is not a dict")
+  rope = dict(scaling or params or {})  # transformers: rope_scaling wins over rope_parameters
+  if any(isinstance(v, Mapping) for v in rope.values()):
+    raise r.refuse(f"per-layer-type RoPE parameters {sorted(rope)} are not implemented")
+  rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+  rope.pop("type", None)
+  theta = rope.pop("rope_theta", None)
+  theta = float(theta if theta is not None else r.get("rope_theta", 10000.0))
+  r.read.add("rope_theta")
+  partial = rope.pop("partial_rotary_factor", None) or r.get("partial_rotary_factor")
+  if partial is not None and float(partial) != 1.0:
+    raise r.refuse(f"partial_rotary_factor={partial} (RoPE on part of each head) is not "
+                   "implemented")
+  original = rope.pop("original_max_position_embeddings", None)
+  original = r.get("original_max_position_embeddings", original)  # top level wins (Phi-3 rule)
+  if rope_type == "default":
+    out = None
+  elif rope_type in ROPE_TYPES:
+    try:
+      if rope_type == "llama3":
+        out = RopeScaling("llama3", float(rope.pop("factor")), float(rope.pop("low_freq_factor")),
+                          float(rope.pop("high_freq_factor")),
+                          int(original or max_position_embeddings))
+      else:  # linear, dynamic: transformers ignores original_max_position_embeddings here
+        out = RopeScaling(rope_type, float(rope.pop("factor")))
+    except KeyError as e:
+      raise r.refuse(f"{rope_type} RoPE scaling without {e}") from None
+  else:
+    raise r.refuse(f"RoPE type {rope_type!r} is not implemented (only default, "
+                   f"{', '.join(ROPE_TYPES)})")
+  if rope:
+    raise r.refuse(f"RoPE parameter(s) {sorted(rope)} of type {rope_type!r} are not implemented")
+  return theta, out
+
+
+def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """The shape fields every family shares, with Hugging Face's per-family defaults."""
+  heads = int(r.require("num_attention_heads"))
+  hidden = int(r.require("hidden_size"))
+  max_pos = int(r.get("max_position_embeddings", defaults["max_position_embeddings"]))
+  theta, scaling = _rope(r, max_pos)
+  for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
+              "num_experts_per_tok"):
+    if r.has(key):
+      raise r.refuse(f"{key} (mixture of experts) is not implemented")
+  return dict(
+      vocab_size=int(r.require("vocab_size")), hidden_size=hidden,
+      intermediate_size=int(r.require("intermediate_size")),
+      num_layers=int(r.require("num_hidden_layers")), num_heads=heads,
+      num_kv_heads=int(r.get("num_key_value_heads", heads)),
+      head_dim=int(r.get("head_dim", defaults.get("head_dim") or hidden // heads)),
+      rope_theta=theta, rope_scaling=scaling,
+      rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
+      tie_word_embeddings=bool(r.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+      max_position_embeddings=max_pos)
+
+
+def _llama_family(r: _Reader, dtype) -> LlamaConfig:
+  """``llama``, ``mistral`` and ``qwen2``: one model, three ways to spell its options."""
+  t = r.model_type
+  defaults = {"llama": dict(max_position_embeddings=2048),
+              "mistral": dict(max_position_embeddings=131072),
+              "qwen2": dict(max_position_embeddings=32768)}[t]
+  fields = _common(r, dict(defaults, tie_word_embeddings=False))
+  act = r.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    raise r.refuse(f"hidden_act={act!r} is not implemented (SwiGLU with SiLU only)")
+  if r.get("mlp_bias", False):
+    raise r.refuse("mlp_bias=True is not implemented")
+  window = r.get("sliding_window")
+  use_window = r.get("use_sliding_window")
+  layer_types = r.get("layer_types")
+  max_window_layers = r.get("max_window_layers")
+  n = fields["num_layers"]
+  bias = r.get("attention_bias")
+  if t == "llama":
+    if bias:
+      raise r.refuse("attention_bias=True (Llama puts biases on q/k/v *and* o_proj) is not "
+                     "implemented")
+    if window is not None or use_window or layer_types is not None or (
+        max_window_layers is not None):
+      raise r.refuse("Hugging Face's Llama ignores sliding_window / use_sliding_window / "
+                     "layer_types / max_window_layers; a Llama config that sets them is "
+                     "ambiguous")
+    r.read.add("pretraining_tp")  # a tensor-parallel split of the same matmuls
+  elif t == "mistral":
+    if bias:
+      raise r.refuse("attention_bias=True is not part of Mistral")
+    if layer_types is not None or max_window_layers is not None:
+      raise r.refuse("layer_types / max_window_layers are ignored by Hugging Face's Mistral "
+                     "(Ministral-style checkpoints); refusing the ambiguity")
+    if use_window is not None and bool(use_window) != (window is not None):
+      raise r.refuse(f"use_sliding_window={use_window} contradicts sliding_window={window} "
+                     "(Hugging Face's Mistral applies sliding_window whenever it is set)")
+  else:  # qwen2: q/k/v biases always
+    if bias is False:
+      raise r.refuse("attention_bias=False contradicts Qwen2 (q/k/v biases always)")
+    if r.get("use_mrope", False):
+      raise r.refuse("use_mrope=True (multimodal RoPE) is not implemented")
+    window = window if use_window else None
+    if layer_types is None:
+      first = int(max_window_layers if max_window_layers is not None else 28)
+      layer_types = ["sliding_attention" if window is not None and i >= first
+                     else "full_attention" for i in range(n)]
+    if "sliding_attention" in layer_types and window is None:
+      raise r.refuse(f"layer_types {layer_types} has sliding layers but the window is off "
+                     f"(use_sliding_window={use_window}, sliding_window={r.get('sliding_window')})")
+    if "sliding_attention" not in layer_types:
+      window, layer_types = None, None
+  if window is not None and layer_types is not None:
+    layer_types = tuple(layer_types)
+  r.check_all_read()
+  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), sliding_window=window,
+                     layer_types=layer_types if window is not None else None, dtype=dtype)
+
+
+def _gemma2(r: _Reader, dtype) -> Gemma2Config:
+  fields = _common(r, dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256))
+  act = r.get("hidden_activation", "gelu_pytorch_tanh")
+  r.read.add("hidden_act")  # transformers' Gemma 2 reads hidden_activation only
+  if act != "gelu_pytorch_tanh":
+    raise r.refuse(f"hidden_activation={act!r} is not implemented (gelu_pytorch_tanh only)")
+  if r.get("attention_bias", False):
+    raise r.refuse("attention_bias=True is not implemented")
+  if r.get("use_bidirectional_attention", False):
+    raise r.refuse("use_bidirectional_attention=True is not implemented (causal only)")
+  if r.get("mlp_bias", False):
+    raise r.refuse("mlp_bias=True is not implemented")
+  window = r.hf.get("sliding_window", 4096)
+  r.read.add("sliding_window")
+  if window is None:  # transformers' Gemma 2 cannot build its sliding mask either
+    raise r.refuse("sliding_window=None leaves the sliding layers without a window")
+  legacy = r.get("sliding_window_size")
+  if legacy is not None and legacy != window:
+    raise r.refuse(f"sliding_window_size={legacy} differs from sliding_window={window}")
+  caps = {k: r.hf.get(k, default) for k, default in (("attn_logit_softcapping", 50.0),
+                                                      ("final_logit_softcapping", 30.0))}
+  r.read.update(caps)
+  layer_types = r.get("layer_types")
+  scalar = float(r.get("query_pre_attn_scalar", 256))
+  r.check_all_read(frozenset({"cache_implementation"}))  # which HF cache class to build
+  return Gemma2Config(**fields, query_pre_attn_scalar=scalar, sliding_window=window, dtype=dtype,
+                      layer_types=None if layer_types is None else tuple(layer_types), **caps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  architecture: str
+  parse: Callable[[_Reader, Any], ModelConfig]
+
+
+_FAMILIES = {
+    "llama": _Family("LlamaForCausalLM", _llama_family),
+    "mistral": _Family("MistralForCausalLM", _llama_family),
+    "qwen2": _Family("Qwen2ForCausalLM", _llama_family),
+    "gemma2": _Family("Gemma2ForCausalLM", _gemma2),
+}
+
+
+def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32) -> ModelConfig:
+  """The model config of a Hugging Face ``config.json`` dict, or a ``ValueError`` saying why not.
+
+  Args:
+    hf: the ``config.json`` contents.
+    dtype: dtype of the model's weights, activations and cache.
+
+  Returns:
+    A :class:`~jax_paged_kv.models.llama.LlamaConfig` (``llama``, ``mistral``, ``qwen2``) or a
+    :class:`~jax_paged_kv.models.gemma2.Gemma2Config` (``gemma2``).
+
+  Raises:
+    ValueError: an unknown ``model_type`` or architecture, or any field that changes the
+      model's math and is not implemented (see the module docstring).
+  """
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  if model_type is None:
+    guess = [t for t, f in _FAMILIES.items() if f.architecture in archs]
+    if len(guess) != 1:
+      raise ValueError(f"config has no model_type and architectures={archs} name no supported "
+                       f"family ({sorted(_FAMILIES)})")
+    model_type = guess[0]
+  if model_type not in _FAMILIES:
+    raise ValueError(f"model_type={model_type!r} is not implemented; supported: "
+                     f"{sorted(_FAMILIES)}")
+  family = _FAMILIES[model_type]
+  if archs and list(archs) != [family.architecture]:
+    raise ValueError(f"architectures={archs} for model_type={model_type!r}: only "
+                     f"{family.architecture} (a causal LM head) is implemented")
+  return family.parse(_Reader(hf, model_type), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -75,55 +352,86 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return out
 
 
-def params_from_hf(state: Mapping[str, Any], config: LlamaConfig) -> Params:
-  """Maps a Hugging Face Llama state dict onto this package's parameter layout.
+def _layer_names(config: ModelConfig) -> dict[str, str]:
+  if isinstance(config, Gemma2Config):
+    return _GEMMA2_LAYER_NAMES
+  names = dict(_LLAMA_LAYER_NAMES)
+  if not config.attention_bias:
+    for k in ("bq", "bk", "bv"):
+      del names[k]
+  return names
+
+
+def check_params(config: ModelConfig, params: Params) -> None:
+  """Raises ``ValueError`` naming the first parameter whose presence, shape or dtype is wrong."""
+  module = gemma2 if isinstance(config, Gemma2Config) else llama
+  module.check_params(config, params)
+
+
+def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
+  """Maps a Hugging Face state dict onto this package's parameter layout.
 
   Args:
     state: ``{hf_name: array}`` (numpy, JAX or anything ``np.asarray`` takes; torch tensors
       via ``.numpy()`` first). Names may carry the ``model.`` prefix or not.
-    config: the model config (e.g. :meth:`LlamaConfig.from_hf`).
+    config: the model config (e.g. from :func:`config_from_hf`).
 
   Returns:
     The parameter dict, cast to ``config.dtype``.
 
   Raises:
-    ValueError: a missing tensor or a wrong shape (naming it).
+    ValueError: a missing tensor, a wrong shape, or a tensor the model would not use (e.g. a
+      bias the config does not declare), naming it.
   """
-  def get(name):
+  used: set[str] = set()
+
+  def find(name):
     for key in (name, name.removeprefix("model.")):
       if key in state:
-        return np.asarray(state[key])
-    raise ValueError(f"checkpoint has no tensor {name!r}")
+        return key
+    return None
+
+  def get(name):
+    key = find(name)
+    if key is None:
+      raise ValueError(f"checkpoint has no tensor {name!r}")
+    used.add(key)
+    return np.asarray(state[key])
 
   c = config
   dt = c.dtype
   layers = {}
-  for ours, theirs in _LAYER_NAMES.items():
-    if ours in ("bq", "bk", "bv") and not c.attention_bias:
-      continue
+  for ours, theirs in _layer_names(c).items():
     per_layer = [get(f"model.layers.{i}.{theirs}") for i in range(c.num_layers)]
     if ours in _TRANSPOSED:
       per_layer = [w.T for w in per_layer]
     layers[ours] = jnp.asarray(np.stack(per_layer).astype(np.float32), dt)
+  embed = get("model.embed_tokens.weight")
   params = {
-      "embed": jnp.asarray(get("model.embed_tokens.weight").astype(np.float32), dt),
+      "embed": jnp.asarray(embed.astype(np.float32), dt),
       "layers": layers,
       "final_norm": jnp.asarray(get("model.norm.weight").astype(np.float32), dt),
   }
   if not c.tie_word_embeddings:
     params["lm_head"] = jnp.asarray(get("lm_head.weight").T.astype(np.float32), dt)
+  else:
+    head = find("lm_head.weight")
+    if head is not None and np.array_equal(np.asarray(state[head]), embed):
+      used.add(head)  # a tied head saved twice
+  unused = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
+  if unused:
+    raise ValueError(f"checkpoint tensors {unused[:5]}{' ...' if len(unused) > 5 else ''} are "
+                     f"not used by {type(c).__name__} (a feature the config does not declare?)")
   check_params(c, params)
   return params
 
 
-def params_to_hf(params: Params, config: LlamaConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
   """The inverse of :func:`params_from_hf`: ``{hf_name: float32 numpy array}``."""
   c = config
   out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
          "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
-  for ours, theirs in _LAYER_NAMES.items():
-    if ours not in params["layers"]:
-      continue
+  for ours, theirs in _layer_names(c).items():
     stacked = np.asarray(params["layers"][ours], np.float32)
     for i in range(c.num_layers):
       w = stacked[i]
@@ -134,22 +442,24 @@ def params_to_hf(params: Params, config: LlamaConfig) -> dict[str, np.ndarray]:
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] | None = None,
-                       dtype=jnp.float32) -> tuple[LlamaConfig, Params]:
-  """Loads a local Hugging Face Llama-style checkpoint; never touches the network.
+                       dtype=jnp.float32) -> tuple[ModelConfig, Params]:
+  """Loads a local Hugging Face checkpoint of a supported family; never touches the network.
 
   Args:
     path: a checkpoint directory (``config.json`` plus ``model.safetensors`` or sharded
       ``model-0000x-of-0000y.safetensors``), or one ``.safetensors`` file (then give
       ``hf_config``).
     hf_config: the ``config.json`` contents, overriding the directory's.
-    dtype: dtype of the returned weights.
+    dtype: dtype of the returned weights (and of the model's activations and cache).
 
   Returns:
-    ``(config, params)``.
+    ``(model, params)``: ``model`` is a :class:`~jax_paged_kv.models.llama.LlamaConfig` or a
+    :class:`~jax_paged_kv.models.gemma2.Gemma2Config`, both implementing the model protocol.
 
   Raises:
     FileNotFoundError: no config or no safetensors file.
-    ValueError: an unsupported architecture feature or a missing/mis-shaped tensor.
+    ValueError: an unsupported family or feature (:func:`config_from_hf`), or a missing,
+      mis-shaped or unused tensor.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -167,8 +477,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
     raise FileNotFoundError(f"{path} is a single file: pass hf_config (the config.json dict)")
   if not files:
     raise FileNotFoundError(f"no .safetensors files in {path}")
+  config = config_from_hf(dict(hf_config), dtype=dtype)  # refuse before reading any tensor
   state: dict[str, np.ndarray] = {}
   for f in files:
     state.update(read_safetensors(f))
-  config = LlamaConfig.from_hf(dict(hf_config), dtype=dtype)
   return config, params_from_hf(state, config)

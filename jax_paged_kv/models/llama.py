@@ -1,12 +1,15 @@
-"""A Llama-family decoder in plain JAX that keeps its keys and values in the paged cache.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5) in plain JAX on the paged cache.
 
-Token embedding, RMSNorm, rotary embeddings (configurable base), grouped-query attention through
-:func:`~jax_paged_kv.paged_attention`, a SwiGLU MLP and optionally tied embeddings. The layers'
-weights are stacked on a leading ``layers`` axis and the model scans over them with a *traced*
-layer index, so one compiled layer body writes every layer's K/V into the cache.
+Token embedding, RMSNorm, rotary embeddings (configurable base, optional Llama 3 / linear /
+dynamic frequency scaling), grouped-query attention through :func:`~jax_paged_kv.paged_attention`
+(optionally with a sliding window on all or some layers), a SwiGLU MLP and optionally tied
+embeddings. The layers' weights are stacked on a leading ``layers`` axis and the model scans
+over them with a *traced* layer index, so one compiled layer body writes every layer's K/V into
+the cache (layers with different windows are scanned in groups: :func:`~.base.scan_layers`).
 
-One call of :func:`forward` is one engine step for a batch of rows: it reserves room for the new
-tokens once (:func:`~jax_paged_kv.reserve`), then per layer writes the new K/V
+:class:`LlamaConfig` implements the model protocol (:mod:`jax_paged_kv.models.base`): one call
+of :meth:`LlamaConfig.forward` is one engine step for a batch of rows: it reserves room for the
+new tokens once (:func:`~jax_paged_kv.reserve`), then per layer writes the new K/V
 (:func:`~jax_paged_kv.write_kv`) *before* attending over the cache
 (:func:`~jax_paged_kv.paged_attention`). Rows may be prefill chunks or single decode tokens: row
 ``b`` contributes ``num_new[b] <= T`` tokens (ragged), and a row whose sequence id is negative is
@@ -39,18 +42,42 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.attention import default_implementation, paged_attention
-from jax_paged_kv.cache import gather_tables, reserve, write_kv
-from jax_paged_kv.config import CacheConfig, CacheStrategy
-from jax_paged_kv.errors import CacheShapeError
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.attention import paged_attention
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.ops import write_kv
+from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.models.base import (
+  attention_knobs,
+  begin_step,
+  cache_config_for,
+  check_param_tree,
+  check_positive_ints,
+  check_windows,
+  last_token,
+  layer_windows,
+  scan_layers,
+)
+from jax_paged_kv.models.layers import (
+  RopeScaling,
+  check_rope_context,
+  dot,
+  rms_norm,
+  rope,
+)
 
 Params = dict[str, Any]
+
+__all__ = ["LlamaConfig", "Params", "RopeScaling", "attention_knobs",
+           "check_params", "forward", "init_params", "lm_head", "param_shapes", "rms_norm", "rope"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Static, hashable hyperparameters of a Llama-family decoder.
+  """Static, hashable hyperparameters of a Llama-family decoder; the model itself.
+
+  Implements the model protocol (:mod:`jax_paged_kv.models.base`): pass it wherever a model is
+  taken (:class:`~jax_paged_kv.Engine`, :func:`~jax_paged_kv.generate`, the jitted steps).
 
   Attributes:
     vocab_size: tokens in the vocabulary.
@@ -63,9 +90,16 @@ class LlamaConfig:
     rope_theta: rotary embedding base.
     rms_norm_eps: RMSNorm epsilon.
     tie_word_embeddings: the LM head reuses the token embedding.
-    attention_bias: q/k/v projections have biases (Qwen2-style).
-    max_position_embeddings: longest context the model was trained for (informational).
+    attention_bias: q/k/v projections have biases (Qwen2-style; no output-projection bias).
+    max_position_embeddings: longest context the model was trained for (informational, but for
+      ``dynamic`` RoPE scaling, which is exact only up to it).
     dtype: dtype of weights and activations (the cache's dtype must match).
+    rope_scaling: optional rotary frequency scaling (:class:`RopeScaling`: Llama 3, linear,
+      dynamic).
+    sliding_window: optional attention window ``w`` (Mistral, Qwen2 with
+      ``use_sliding_window``): a query sees the last ``w`` positions, itself included.
+    layer_types: which layers use the window (Hugging Face's names, ``"sliding_attention"`` or
+      ``"full_attention"`` per layer); None: every layer does when ``sliding_window`` is set.
   """
 
   vocab_size: int
@@ -81,14 +115,13 @@ class LlamaConfig:
   attention_bias: bool = False
   max_position_embeddings: int = 4096
   dtype: Any = jnp.float32
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "max_position_embeddings"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {name}={value!r}")
-      object.__setattr__(self, name, int(value))
+    check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                               "num_heads", "num_kv_heads", "max_position_embeddings"))
     if self.head_dim is None:
       if self.hidden_size % self.num_heads:
         raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
@@ -109,83 +142,86 @@ class LlamaConfig:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"LlamaConfig.dtype must be floating, got {dtype}")
     object.__setattr__(self, "dtype", dtype)
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+    check_windows(self)
+
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: global attention)."""
+    return layer_windows(self)
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], *, dtype=jnp.float32) -> LlamaConfig:
-    """Builds the config from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2 style).
+    """Builds the config from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2).
 
-    Reads ``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
-    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``rope_theta`` (or
-    ``rope_parameters["rope_theta"]``), ``rms_norm_eps``, ``tie_word_embeddings``,
-    ``attention_bias`` and ``max_position_embeddings``.
+    See :func:`~jax_paged_kv.models.hf.config_from_hf` for what is read and what is refused.
 
     Raises:
-      ValueError: a feature this model does not implement (non-SiLU activation, RoPE scaling,
-        MLP bias, sliding-window attention).
+      ValueError: a ``model_type`` this class does not cover, or any field that changes the
+        model's math and is not implemented.
     """
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-      raise ValueError(f"hidden_act={act!r} is not supported (SwiGLU with SiLU only)")
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-      raise ValueError(f"rope scaling {rope_type!r} is not supported (plain RoPE only)")
-    if hf.get("mlp_bias"):
-      raise ValueError("mlp_bias=True is not supported")
-    if hf.get("use_sliding_window"):
-      raise ValueError("sliding-window attention checkpoints are not supported")
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    heads = hf["num_attention_heads"]
-    return cls(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rope_theta=theta,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        dtype=dtype,
-    )
+    from jax_paged_kv.models.hf import config_from_hf  # hf imports this module
+
+    config = config_from_hf(hf, dtype=dtype)
+    if not isinstance(config, cls):
+      raise ValueError(f"model_type={hf.get('model_type')!r} is a {type(config).__name__}, "
+                       f"not a {cls.__name__}")
+    return config
 
   def to_hf(self) -> dict[str, Any]:
-    """The Hugging Face ``LlamaConfig`` fields describing this model."""
-    return dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
-        hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-        num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-        num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
-        rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
-        tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+    """The Hugging Face config fields describing this model.
+
+    ``model_type`` is ``"qwen2"`` with ``attention_bias`` (Hugging Face's Llama would add an
+    output-projection bias), ``"mistral"`` with a window on every layer, else ``"llama"``.
+
+    Raises:
+      ValueError: a window on some layers only (no Hugging Face family spells it that way).
+    """
+    windows = set(self.layer_windows)
+    if len(windows) > 1:
+      raise ValueError("a sliding window on some layers only has no to_hf spelling")
+    out = dict(
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+        num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+        head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+        tie_word_embeddings=self.tie_word_embeddings,
         max_position_embeddings=self.max_position_embeddings, hidden_act="silu")
+    if self.rope_scaling is not None:
+      out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
+                             if v is not None}
+    if self.attention_bias:
+      window = self.sliding_window
+      out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                 use_sliding_window=window is not None, sliding_window=window,
+                 max_window_layers=0)
+    elif self.sliding_window is not None:
+      out.update(model_type="mistral", architectures=["MistralForCausalLM"],
+                 sliding_window=self.sliding_window)
+    else:
+      out.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False)
+    return out
 
   def cache_config(self, *, num_blocks: int | None = None, max_seqs: int, max_seq_len: int,
                    block_size: int = 16, budget_bytes: int | None = None,
                    strategy: CacheStrategy = CacheStrategy.PAGED) -> CacheConfig:
-    """A :class:`~jax_paged_kv.CacheConfig` matching this model's layers, heads and dtype.
+    """A :class:`~jax_paged_kv.CacheConfig` matching this model (:func:`~.base.cache_config_for`).
 
     Give either ``num_blocks`` or ``budget_bytes`` (then
     :meth:`~jax_paged_kv.CacheConfig.from_memory_budget` sizes the pool; for ``CONTIGUOUS``
     ``max_seqs`` is capped at the slabs that fit).
     """
-    common = dict(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-                  head_dim=self.head_dim, max_seq_len=max_seq_len, block_size=block_size,
-                  dtype=self.dtype)
-    if budget_bytes is not None:
-      strategy = CacheStrategy(strategy)
-      if strategy is CacheStrategy.CONTIGUOUS:
-        probe = CacheConfig(num_blocks=2, max_seqs=1, **common)
-        fit = (budget_bytes // probe.block_bytes - 1) // probe.max_blocks_per_seq
-        max_seqs = min(max_seqs, max(fit, 1))
-      return CacheConfig.from_memory_budget(budget_bytes, max_seqs=max_seqs, strategy=strategy,
-                                            **common)
-    if num_blocks is None:
-      raise ValueError("give num_blocks or budget_bytes")
-    return CacheConfig(num_blocks=num_blocks, max_seqs=max_seqs, strategy=strategy, **common)
+    return cache_config_for(self, num_blocks=num_blocks, max_seqs=max_seqs,
+                            max_seq_len=max_seq_len, block_size=block_size,
+                            budget_bytes=budget_bytes, strategy=strategy)
+
+  def forward(self, params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
+              num_new: Array | None = None, *, implementation: str | None = None,
+              max_blocks: int | None = None, all_logits: bool = False):
+    """The model protocol's step: :func:`forward` with ``config=self``."""
+    return forward(params, cache, tokens, seq_ids, num_new, config=self,
+                   implementation=implementation, max_blocks=max_blocks, all_logits=all_logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,66 +281,11 @@ def param_shapes(config: LlamaConfig) -> Params:
 
 def check_params(config: LlamaConfig, params: Params) -> None:
   """Raises ``ValueError`` naming the first parameter whose presence, shape or dtype is wrong."""
-  want = param_shapes(config)
-  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-  flat_have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  for path in flat_want.keys() | flat_have.keys():
-    name = jax.tree_util.keystr(path)
-    if path not in flat_have:
-      raise ValueError(f"parameter {name} is missing")
-    if path not in flat_want:
-      raise ValueError(f"unexpected parameter {name}")
-    w, h = flat_want[path], flat_have[path]
-    if tuple(h.shape) != tuple(w.shape) or jnp.dtype(h.dtype) != w.dtype:
-      raise ValueError(f"parameter {name} is {jnp.dtype(h.dtype)}{list(h.shape)}, expected "
-                       f"{w.dtype}{list(w.shape)}")
+  check_param_tree(param_shapes(config), params)
 
 
 # ---------------------------------------------------------------------------------------------
-# building blocks
-
-
-def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-  """``x / rms(x) * weight`` over the last axis, computed in float32.
-
-  Args:
-    x: ``[..., hidden]``.
-    weight: ``[hidden]``.
-    eps: added to the mean square.
-
-  Returns:
-    ``[..., hidden]`` in ``x.dtype``.
-  """
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  w = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-  return (w * y).astype(x.dtype)
-
-
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary position embedding, "rotate half" convention (as Hugging Face Llama).
-
-  Args:
-    x: ``[batch, T, heads, head_dim]``.
-    positions: ``int32[batch, T]`` absolute token positions.
-    theta: the rotary base.
-
-  Returns:
-    ``[batch, T, heads, head_dim]`` in ``x.dtype``.
-  """
-  d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # [head_dim / 2]
-  ang = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
-  cos = jnp.cos(ang)[:, :, None, :]  # [batch, T, 1, head_dim / 2]
-  sin = jnp.sin(ang)[:, :, None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def _dot(x: Array, w: Array) -> Array:
-  """``x @ w`` with float32 accumulation, result in ``x.dtype``."""
-  return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+# the forward pass on the cache
 
 
 def lm_head(params: Params, config: LlamaConfig, x: Array) -> Array:
@@ -312,17 +293,6 @@ def lm_head(params: Params, config: LlamaConfig, x: Array) -> Array:
   h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
   w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
   return jnp.einsum("...i,io->...o", h, w, preferred_element_type=jnp.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# the forward pass on the cache
-
-
-def attention_knobs(implementation: str | None, max_blocks: int | None,
-                    cache_config: CacheConfig | None = None) -> dict[str, Any]:
-  """Keyword knobs for :func:`paged_attention`: ``max_blocks`` only reaches the XLA path."""
-  name = implementation or default_implementation(config=cache_config)
-  return {"max_blocks": int(max_blocks)} if (max_blocks and name == "xla") else {}
 
 
 def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
@@ -333,7 +303,8 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
 
   Reserves room for ``num_new[b]`` tokens of each row once, then scans the layers: each layer
   writes its new K/V with :func:`~jax_paged_kv.write_kv` and then attends with
-  :func:`~jax_paged_kv.paged_attention` (causal over the row's whole cached sequence).
+  :func:`~jax_paged_kv.paged_attention` (causal over the row's whole cached sequence, or over
+  the last ``sliding_window`` positions on sliding layers).
 
   Args:
     params: the parameters.
@@ -358,58 +329,35 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     CacheShapeError: the cache or token shapes do not fit the model (trace time).
   """
   c = config
-  cc = cache.config
-  if (cc.num_layers, cc.num_kv_heads, cc.head_dim) != (c.num_layers, c.num_kv_heads,
-                                                        c.head_dim):
-    raise CacheShapeError(
-        f"cache ({cc.num_layers=}, {cc.num_kv_heads=}, {cc.head_dim=}) does not fit the model "
-        f"({c.num_layers=}, {c.num_kv_heads=}, {c.head_dim=})")
-  if cc.dtype != c.dtype:
-    raise CacheShapeError(f"cache dtype {cc.dtype} differs from the model dtype {c.dtype}")
-  tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise CacheShapeError(f"tokens must be int32[batch, T], got {tokens.dtype}"
-                          f"{list(tokens.shape)}")
-  b, t = tokens.shape
-  seq_ids = jnp.asarray(seq_ids, jnp.int32)
-  if seq_ids.shape != (b,):
-    raise CacheShapeError(f"seq_ids must have shape ({b},), got {seq_ids.shape}")
-  num_new = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
-  if num_new.shape != (b,):
-    raise CacheShapeError(f"num_new must have shape ({b},), got {num_new.shape}")
-
-  cache, slots, status = reserve(cache, seq_ids, num_new, max_new=t)  # slots [batch, T]
-  ok = jnp.all(status == 0)
-  _, lens = gather_tables(cache, seq_ids)  # [batch], lengths including the new tokens
-  q_lens = jnp.where(ok & (seq_ids >= 0), num_new, 0)
-  positions = (lens - q_lens)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, T]
+  why = check_rope_context(c.rope_scaling, c.max_position_embeddings, cache.config.max_seq_len)
+  if why:
+    raise CacheShapeError(why)
+  step = begin_step(c, cache, tokens, seq_ids, num_new)
+  b, t = step.tokens.shape
   knobs = attention_knobs(implementation, max_blocks, cache.config)
   nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim
 
-  x = params["embed"][jnp.clip(tokens, 0, c.vocab_size - 1)]  # [batch, T, hidden]
-
-  def layer_fn(carry, inputs):
+  def layer_fn(carry, w, layer, window):
     x, cache = carry
-    w, layer = inputs
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    q, k, v = _dot(h, w["wq"]), _dot(h, w["wk"]), _dot(h, w["wv"])
+    q, k, v = dot(h, w["wq"]), dot(h, w["wk"]), dot(h, w["wv"])
     if c.attention_bias:
       q, k, v = q + w["bq"][None, None], k + w["bk"][None, None], v + w["bv"][None, None]
-    q = rope(q.reshape(b, t, nh, d), positions, c.rope_theta)  # [batch, T, q_heads, head_dim]
-    k = rope(k.reshape(b, t, nkv, d), positions, c.rope_theta)  # [batch, T, kv_heads, head_dim]
+    # [batch, T, q_heads, head_dim] and [batch, T, kv_heads, head_dim]
+    q = rope(q.reshape(b, t, nh, d), step.positions, c.rope_theta, c.rope_scaling)
+    k = rope(k.reshape(b, t, nkv, d), step.positions, c.rope_theta, c.rope_scaling)
     v = v.reshape(b, t, nkv, d)
-    cache, _ = write_kv(cache, slots, k.astype(cc.dtype), v.astype(cc.dtype), layer,
-                       seq_ids=seq_ids)
-    attn = paged_attention(q, cache, seq_ids, layer, q_lens=q_lens,
-                           implementation=implementation, **knobs)
-    x = x + _dot(attn.reshape(b, t, nh * d), w["wo"])
+    cache, _ = write_kv(cache, step.slots, k.astype(cache.config.dtype),
+                        v.astype(cache.config.dtype), layer, seq_ids=step.seq_ids)
+    attn = paged_attention(q, cache, step.seq_ids, layer, q_lens=step.q_lens,
+                           sliding_window=window, implementation=implementation, **knobs)
+    x = x + dot(attn.reshape(b, t, nh * d), w["wo"])
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    x = x + _dot(jax.nn.silu(_dot(h, w["w_gate"])) * _dot(h, w["w_up"]), w["w_down"])
-    return (x, cache), None
+    x = x + dot(jax.nn.silu(dot(h, w["w_gate"])) * dot(h, w["w_up"]), w["w_down"])
+    return x, cache
 
-  layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-  (x, cache), _ = jax.lax.scan(layer_fn, (x, cache), (params["layers"], layer_ids))
+  x = params["embed"][jnp.clip(step.tokens, 0, c.vocab_size - 1)]  # [batch, T, hidden]
+  x, cache = scan_layers(layer_fn, (x, step.cache), params["layers"], c.layer_windows)
   if not all_logits:
-    last = jnp.clip(num_new - 1, 0, t - 1)
-    x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]  # [batch, hidden]
-  return cache, lm_head(params, c, x), status
+    x = last_token(x, step.num_new)  # [batch, hidden]
+  return cache, lm_head(params, c, x), step.status

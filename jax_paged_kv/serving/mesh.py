@@ -1,7 +1,8 @@
 """Decoding and continuous batching on a device mesh, composed from the one-device pieces.
 
 * :func:`decode_loop_on_mesh` / :func:`prefill_step_on_mesh`: the jitted steps of
-  :mod:`jax_paged_kv.decoding` as one program on a :class:`~jax_paged_kv.sharding.MeshLayout`.
+  :mod:`jax_paged_kv.serving.decoding` as one program on a
+  :class:`~jax_paged_kv.sharding.MeshLayout`.
   Tensor parallel: one cache and one model instance over the model axis (weights placed with
   :func:`~jax_paged_kv.sharding.param_shardings`). Data parallel: every shard runs its own
   step on its own cache slice (leading ``[data_shards]`` axis on every per-shard argument).
@@ -27,9 +28,10 @@ from typing import Any
 
 import jax
 
-from jax_paged_kv.config import CacheConfig
-from jax_paged_kv.decoding import SamplingParams, decode_loop, prefill_step
-from jax_paged_kv.engine import Engine, EngineMetrics, RequestOutput
+from jax_paged_kv.cache import CacheConfig, PagedKVCache
+from jax_paged_kv.models.base import Model
+from jax_paged_kv.serving.decoding import SamplingParams, decode_loop, prefill_step
+from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput
 from jax_paged_kv.sharding import (
     MeshLayout,
     on_mesh,
@@ -37,7 +39,6 @@ from jax_paged_kv.sharding import (
     place_cache,
     use_layout,
 )
-from jax_paged_kv.state import PagedKVCache
 
 
 def _check_auto(layout: MeshLayout) -> None:
@@ -47,10 +48,10 @@ def _check_auto(layout: MeshLayout) -> None:
                      "matmuls are partitioned by XLA")
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "config", "max_steps", "implementation",
+@functools.partial(jax.jit, static_argnames=("layout", "model", "max_steps", "implementation",
                                              "max_blocks"), donate_argnames=("cache",))
 def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps, *,
-                        layout: MeshLayout, config: Any, max_steps: int,
+                        layout: MeshLayout, model: Model, max_steps: int,
                         implementation: str | None = None, max_blocks: int | None = None):
   """:func:`~jax_paged_kv.decode_loop` on a mesh layout, as one jitted program.
 
@@ -66,23 +67,23 @@ def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps,
     state: the :class:`~jax_paged_kv.DecodeState` (stacked per shard with ``data_axis``).
     num_steps: steps to run (``int32[data_shards]`` with ``data_axis``).
     layout: the :class:`~jax_paged_kv.sharding.MeshLayout` (static).
-    config, max_steps, implementation, max_blocks: as for ``decode_loop`` (static).
+    model, max_steps, implementation, max_blocks: as for ``decode_loop`` (static).
 
   Returns:
     ``(cache, state, out_tokens, steps, status)`` as ``decode_loop`` (per shard with
     ``data_axis``).
   """
   _check_auto(layout)
-  fn = functools.partial(decode_loop, config=config, max_steps=max_steps,
+  fn = functools.partial(decode_loop, model=model, max_steps=max_steps,
                          implementation=implementation, max_blocks=max_blocks)
   return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, state, num_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "config", "implementation", "max_blocks"),
+@functools.partial(jax.jit, static_argnames=("layout", "model", "implementation", "max_blocks"),
                    donate_argnames=("cache",))
 def prefill_step_on_mesh(params: Any, cache: PagedKVCache, tokens, seq_ids, num_new,
                          temperature, top_k, top_p, keys, key_index, *, layout: MeshLayout,
-                         config: Any, implementation: str | None = None,
+                         model: Model, implementation: str | None = None,
                          max_blocks: int | None = None):
   """:func:`~jax_paged_kv.prefill_step` on a mesh layout, as one jitted program.
 
@@ -90,7 +91,7 @@ def prefill_step_on_mesh(params: Any, cache: PagedKVCache, tokens, seq_ids, num_
   ``params``, and every result, has a leading ``[data_shards]`` axis.
   """
   _check_auto(layout)
-  fn = functools.partial(prefill_step, config=config, implementation=implementation,
+  fn = functools.partial(prefill_step, model=model, implementation=implementation,
                          max_blocks=max_blocks)
   return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, tokens, seq_ids, num_new,
                                                   temperature, top_k, top_p, keys, key_index)
@@ -101,7 +102,9 @@ class MeshEngine:
 
   Args:
     params: model weights (host or any device: each shard gets its own placed copy).
-    model: the model config (e.g. a :class:`~jax_paged_kv.LlamaConfig`), as for ``Engine``.
+    model: the model (:class:`~jax_paged_kv.Model`, e.g. a :class:`~jax_paged_kv.LlamaConfig`),
+      as for ``Engine``; :func:`~jax_paged_kv.sharding.param_shardings` splits Llama-style
+      weights (a model with other weight names gets its weights replicated).
     cache_config: the config of *each* shard's cache.
     layout: a :class:`~jax_paged_kv.sharding.MeshLayout` with auto axes. ``data_axis``: one
       cache shard (and one :class:`~jax_paged_kv.Engine`) per index; ``model_axis``: each shard
@@ -112,7 +115,7 @@ class MeshEngine:
   than its shard).
   """
 
-  def __init__(self, params: Any, model: Any, cache_config: CacheConfig, layout: MeshLayout,
+  def __init__(self, params: Any, model: Model, cache_config: CacheConfig, layout: MeshLayout,
                **engine_kwargs):
     _check_auto(layout)
     layout.check(cache_config)

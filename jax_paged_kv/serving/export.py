@@ -1,17 +1,18 @@
 """The decode step as a serialisable ``jax.export`` artifact (StableHLO).
 
-``export_decode_step`` traces :func:`~jax_paged_kv.decoding.decode_step` for one batch width and
-cache layout and returns an :class:`ExportedDecodeStep`; ``serialize()`` gives bytes that
-``ExportedDecodeStep.deserialize`` turns back into a callable in another process (no Python
-model code needed to run it, only this small wrapper)::
+``export_decode_step`` traces :func:`~jax_paged_kv.serving.decoding.decode_step` for one batch width
+and cache layout and returns an :class:`ExportedDecodeStep`; ``serialize()`` gives bytes that
+``ExportedDecodeStep.deserialize`` turns back into a callable in another process (no Python model
+code needed to run it, only this small wrapper)::
 
-    step = export_decode_step(params, cache, batch=8, config=model_config)
+    step = export_decode_step(params, cache, batch=8, model=model)
     blob = step.serialize()                     # bytes: store or ship them
     step2 = ExportedDecodeStep.deserialize(blob)
     cache, logits, status = step2(params, cache, tokens, seq_ids)
 
 The exported function takes the flat leaves of ``params`` and ``cache`` (plain lists), so no
 custom pytree registration is needed to deserialise it; the wrapper flattens and unflattens.
+Any model that implements the model protocol (:mod:`jax_paged_kv.models.base`) exports.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_paged_kv.decoding import decode_step
-from jax_paged_kv.errors import CacheShapeError
-from jax_paged_kv.models.llama import LlamaConfig, Params
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.models.base import Model
+from jax_paged_kv.serving.decoding import Params, decode_step, resolve_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +84,17 @@ class ExportedDecodeStep:
 
 
 def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
-                       config: LlamaConfig, implementation: str | None = None,
-                       max_blocks: int | None = None,
+                       model: Model | None = None, config: Model | None = None,
+                       implementation: str | None = None, max_blocks: int | None = None,
                        platforms: Sequence[str] | None = None) -> ExportedDecodeStep:
-  """Exports :func:`~jax_paged_kv.decoding.decode_step` for a batch width and cache layout.
+  """Exports :func:`~jax_paged_kv.serving.decoding.decode_step` for a batch width and cache layout.
 
   Args:
     params: model parameters (only shapes and dtypes are used).
     cache: a cache (only its config, shapes and dtypes are used).
     batch: rows per step.
-    config: the model config.
+    model: the model (:class:`~jax_paged_kv.models.base.Model`).
+    config: earlier name of ``model``.
     implementation: paged attention implementation baked into the artifact.
     max_blocks: static bound on block-table columns read (XLA attention).
     platforms: target platforms, e.g. ``("cpu", "cuda")`` (default: the current backend).
@@ -102,13 +104,14 @@ def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
   """
   if batch < 1:
     raise ValueError(f"{batch=} must be >= 1")
+  model = resolve_model(model, config)
   p_tree = jax.tree_util.tree_structure(params)
   c_tree = jax.tree_util.tree_structure(cache)
 
   def step(p_leaves, c_leaves, tokens, seq_ids):
     p = jax.tree_util.tree_unflatten(p_tree, p_leaves)
     c = jax.tree_util.tree_unflatten(c_tree, c_leaves)
-    c, logits, status = decode_step.__wrapped__(p, c, tokens, seq_ids, config=config,
+    c, logits, status = decode_step.__wrapped__(p, c, tokens, seq_ids, model=model,
                                                 implementation=implementation,
                                                 max_blocks=max_blocks)
     return jax.tree_util.tree_leaves(c), logits, status

@@ -6,10 +6,10 @@ must not become the padding id ``-1``, and ``layer=1.7`` must not become layer 1
 
 * Concrete inputs (Python ints, lists, NumPy arrays, concrete ``jax.Array``\\ s) are checked on the
   host: a bool, float, complex or non-numeric value raises
-  :class:`~jax_paged_kv.errors.CacheShapeError`; a value that does not fit in ``int32`` raises
-  the named error of the argument (:class:`~jax_paged_kv.errors.InvalidSlotError` for ids,
-  :class:`~jax_paged_kv.errors.InvalidCountError` for counts,
-  :class:`~jax_paged_kv.errors.InvalidLayerError` for layers), naming the entry.
+  :class:`~jax_paged_kv.cache.errors.CacheShapeError`; a value that does not fit in ``int32`` raises
+  the named error of the argument (:class:`~jax_paged_kv.cache.errors.InvalidSlotError` for ids,
+  :class:`~jax_paged_kv.cache.errors.InvalidCountError` for counts,
+  :class:`~jax_paged_kv.cache.errors.InvalidLayerError` for layers), naming the entry.
 * Traced inputs (inside ``jit``) must have an integer dtype (checked at trace time). ``int32`` is
   used as it is; a wider or unsigned dtype is narrowed with every value outside ``int32`` mapped
   to one that the op rejects with a status (an id ``>= max_seqs``, a count ``-1``, a layer
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.errors import (
+from jax_paged_kv.cache.errors import (
     CacheShapeError,
     InvalidCountError,
     InvalidLayerError,

@@ -1,10 +1,10 @@
 """Cache operations: allocate, reserve, write, append, lookup, free, fork, truncate.
 
-All are pure functions ``(cache, ...) -> (cache, ..., status)``. Inside a trace (``jit``,
-``vmap``, ``scan``, ...) they never raise on dynamic values: ``status`` (``int32``, one code per
-row, see :class:`~jax_paged_kv.errors.Status`) says what failed, and on any failure the returned
-cache is bitwise equal to the input (only ``cache.telemetry`` counts the failure). Shape and
-dtype errors are static and raise :class:`~jax_paged_kv.errors.CacheShapeError` at trace time.
+All are pure functions ``(cache, ...) -> (cache, ..., status)``. Inside a trace (``jit``, ``vmap``,
+``scan``, ...) they never raise on dynamic values: ``status`` (``int32``, one code per row, see
+:class:`~jax_paged_kv.cache.errors.Status`) says what failed, and on any failure the returned cache
+is bitwise equal to the input (only ``cache.telemetry`` counts the failure). Shape and dtype errors
+are static and raise :class:`~jax_paged_kv.cache.errors.CacheShapeError` at trace time.
 
 Called eagerly, each function first validates (a small jitted check that reads only metadata),
 raises the named exception for the first failing row and leaves the caller's cache untouched;
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv import allocator as alloc_lib
-from jax_paged_kv.config import NULL_BLOCK, CacheStrategy
-from jax_paged_kv.errors import (
+from jax_paged_kv.cache import allocator as alloc_lib
+from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
+from jax_paged_kv.cache.errors import (
     CacheShapeError,
     Status,
     check_report,
@@ -44,9 +44,9 @@ from jax_paged_kv.errors import (
     raise_for_report,
     raise_for_status,
 )
-from jax_paged_kv.inputs import as_counts, as_ids, as_layer, to_int32
-from jax_paged_kv.state import PagedKVCache, Telemetry
-from jax_paged_kv.stats import check_invariants
+from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer, to_int32
+from jax_paged_kv.cache.state import PagedKVCache, Telemetry
+from jax_paged_kv.cache.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -369,10 +369,10 @@ def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) 
   if seq_ids is not None:
     sid, pad, status = _row_checks(cache, seq_ids, duplicates=False)
     row_ok = (status == 0) & ~pad
-    tables = cache.block_tables[sid]  # [batch, max_blocks]
+    tables = cache.block_tables[sid]  # [batch, table_width]
     lens = cache.seq_lens[sid]  # [batch]
-    start = jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32) * bs  # [max_blocks]
-    pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, max_blocks]
+    start = jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32) * bs  # [table_width]
+    pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, table_width]
     mine = (tables[:, None, :] == blk[:, :, None]) & (pos < lens[:, None, None])
     owned = owned & row_ok[:, None] & jnp.any(mine, axis=-1)
   return ~none & ~owned
@@ -472,7 +472,7 @@ _append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
 
 
 def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
-  """Reserve + write: appends new tokens' K/V to a batch of sequences (the seed's appendKV).
+  """Reserve + write: appends new tokens' K/V to a batch of sequences (LLMIR's appendKV op).
 
   Args:
     cache: the cache.
@@ -525,7 +525,7 @@ def gather_tables(cache: PagedKVCache, seq_ids) -> tuple[Array, Array]:
     seq_ids: ``int32[batch]``.
 
   Returns:
-    ``(block_tables int32[batch, max_blocks], kv_lens int32[batch])``. Rows that do not name an
+    ``(block_tables int32[batch, table_width], kv_lens int32[batch])``. Rows that do not name an
     active slot get length 0 and an all-null table, so nothing can be read through them.
   """
   seq_ids = as_ids(seq_ids)
@@ -594,7 +594,7 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
 
 
 def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None):
-  """Dense, padded keys and values of a batch of sequences (the seed's lookupKV).
+  """Dense, padded keys and values of a batch of sequences (the LLMIR design's lookupKV op).
 
   Args:
     cache: the cache.

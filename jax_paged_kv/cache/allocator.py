@@ -1,11 +1,11 @@
 """Pure free-list and reference-count updates.
 
-The allocator is a stack of free block ids plus a count plus per-block reference counts, all
-arrays (see :class:`~jax_paged_kv.state.AllocatorState`). Both operations are vectorised over the
+The allocator is a stack of free block ids plus a count plus per-block reference counts, all arrays
+(see :class:`~jax_paged_kv.cache.state.AllocatorState`). Both operations are vectorised over the
 whole request: popping blocks for a batch is one exclusive prefix sum over the per-row counts and
-one gather from the top of the stack; releasing is one scatter-add of ``-1`` plus one compaction
-of the blocks that reached zero. Work is proportional to the request, never to the pool (no
-argmax scan over the pool per block, as MaxText's page manager did).
+one gather from the top of the stack; releasing is one scatter-add of ``-1`` plus one compaction of
+the blocks that reached zero. Work is proportional to the request, never to the pool (no argmax scan
+over the pool per block, as MaxText's page manager did).
 
 Every update takes a traced ``enable`` flag: when it is False the state comes back unchanged,
 by redirecting every scatter to an out-of-range index that ``mode="drop"`` discards (a ``where``
@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from jax_paged_kv.config import NULL_BLOCK
-from jax_paged_kv.state import AllocatorState
+from jax_paged_kv.cache.config import NULL_BLOCK
+from jax_paged_kv.cache.state import AllocatorState
 
 
 def pop_blocks(

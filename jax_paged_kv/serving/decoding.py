@@ -7,6 +7,11 @@ PRNG key. The key of a row's ``n``-th generated token is ``fold_in(row_key, n)``
 samples the same tokens whatever else is in the batch, and again after it was preempted and
 recomputed.
 
+The steps take any model that implements the model protocol (:mod:`jax_paged_kv.models.base`:
+a hashable object with the cache geometry, ``vocab_size`` and a pure ``forward``), passed as the
+static ``model=`` argument; a :class:`~jax_paged_kv.LlamaConfig` is one. ``config=`` is the
+earlier name of the same argument and still accepted.
+
 Three jitted entry points, all donating the cache (``donate_argnames="cache"``):
 
 * :func:`prefill_step`: one chunk of up to ``T`` prompt tokens per row (ragged ``num_new``), then
@@ -22,16 +27,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.models.llama import LlamaConfig, Params, forward
-from jax_paged_kv.state import PagedKVCache
+from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.models.base import Model, check_model
 
-_JIT_STATIC = ("config", "implementation", "max_blocks")
+Params = Any  # the model's parameter pytree
+_JIT_STATIC = ("model", "config", "implementation", "max_blocks")
+
+
+def resolve_model(model: Model | None, config: Model | None) -> Model:
+  """The model given as ``model=`` or under its earlier name ``config=`` (checked)."""
+  if model is None and config is None:
+    raise TypeError("pass the model as model=... (any object implementing "
+                    "jax_paged_kv.models.base.Model, e.g. a LlamaConfig)")
+  if model is not None and config is not None and model != config:
+    raise TypeError("model= and config= name the same argument; pass one")
+  return check_model(model if model is not None else config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +271,8 @@ jax.tree_util.register_dataclass(
 @functools.partial(jax.jit, static_argnames=_JIT_STATIC, donate_argnames=("cache",))
 def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
                  num_new: Array, temperature: Array, top_k: Array, top_p: Array, keys: Array,
-                 key_index: Array, *, config: LlamaConfig, implementation: str | None = None,
-                 max_blocks: int | None = None):
+                 key_index: Array, *, model: Model | None = None, config: Model | None = None,
+                 implementation: str | None = None, max_blocks: int | None = None):
   """One chunk of prefill for a batch of rows, then one sampled token per row.
 
   Args:
@@ -267,7 +284,8 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
     temperature, top_k, top_p: per-row sampling parameters (see :func:`sample_tokens`).
     keys: ``uint32[batch, key_words]`` per-row raw key data.
     key_index: ``int32[batch]`` index folded into each key (tokens generated so far).
-    config: the model config (static).
+    model: the model (static; :class:`~jax_paged_kv.models.base.Model`).
+    config: earlier name of ``model``.
     implementation: paged attention implementation (static).
     max_blocks: static bound on block-table columns read (XLA attention).
 
@@ -275,16 +293,17 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
     ``(cache, next_tokens int32[batch], logits float32[batch, vocab], status int32[batch])``;
     ``next_tokens`` is only meaningful for rows whose prompt this chunk completed.
   """
-  cache, logits, status = forward(params, cache, tokens, seq_ids, num_new, config=config,
-                                  implementation=implementation, max_blocks=max_blocks)
+  model = resolve_model(model, config)
+  cache, logits, status = model.forward(params, cache, tokens, seq_ids, num_new,
+                                        implementation=implementation, max_blocks=max_blocks)
   nxt = sample_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p)
   return cache, nxt, logits, status
 
 
 @functools.partial(jax.jit, static_argnames=_JIT_STATIC, donate_argnames=("cache",))
 def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array, *,
-                config: LlamaConfig, implementation: str | None = None,
-                max_blocks: int | None = None):
+                model: Model | None = None, config: Model | None = None,
+                implementation: str | None = None, max_blocks: int | None = None):
   """One decode step: appends ``tokens[b]`` to each row's sequence and returns the next logits.
 
   Args:
@@ -292,20 +311,22 @@ def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Arr
     cache: the cache (donated).
     tokens: ``int32[batch]``, one new token per row.
     seq_ids: ``int32[batch]`` active slots (negative: padding).
-    config, implementation, max_blocks: static, as for :func:`prefill_step`.
+    model, config, implementation, max_blocks: static, as for :func:`prefill_step`.
 
   Returns:
     ``(cache, logits float32[batch, vocab], status int32[batch])``.
   """
-  return forward(params, cache, tokens[:, None], seq_ids, config=config,
-                 implementation=implementation, max_blocks=max_blocks)
+  model = resolve_model(model, config)
+  num_new = jnp.ones(jnp.shape(seq_ids), jnp.int32)
+  return model.forward(params, cache, tokens[:, None], seq_ids, num_new,
+                       implementation=implementation, max_blocks=max_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=(*_JIT_STATIC, "max_steps"),
                    donate_argnames=("cache",))
 def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_steps, *,
-                config: LlamaConfig, max_steps: int, implementation: str | None = None,
-                max_blocks: int | None = None):
+                max_steps: int, model: Model | None = None, config: Model | None = None,
+                implementation: str | None = None, max_blocks: int | None = None):
   """Up to ``num_steps`` decode steps inside one ``jit`` (a ``lax.while_loop``).
 
   Each step appends every live row's last token to the cache, runs the model and samples the
@@ -319,8 +340,9 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     cache: the cache (donated).
     state: the :class:`DecodeState`.
     num_steps: ``int32[]``, at most ``max_steps`` (may be traced: one compilation serves all).
-    config: the model config (static).
     max_steps: static size of the output buffer.
+    model: the model (static; :class:`~jax_paged_kv.models.base.Model`).
+    config: earlier name of ``model``.
     implementation: paged attention implementation (static).
     max_blocks: static bound on block-table columns read (XLA attention); every row's length
       must stay ``<= max_blocks * block_size`` for the steps taken.
@@ -330,6 +352,7 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     ``out_tokens[b, s]`` is the token row ``b`` generated at step ``s`` or ``-1``; ``steps`` is
     the number of steps applied; ``status`` is the failing step's (zeros if none failed).
   """
+  model = resolve_model(model, config)
   b = state.seq_ids.shape[0]
   num_steps = jnp.minimum(jnp.asarray(num_steps, jnp.int32), max_steps)
   state = state.replace(done=state.done | (state.seq_ids < 0)
@@ -345,9 +368,10 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     cache, st, out, step, _ = carry
     live = ~st.done
     ids = jnp.where(live, st.seq_ids, -1)
-    new_cache, logits, status = forward(params, cache, st.tokens[:, None], ids,
-                                        live.astype(jnp.int32), config=config,
-                                        implementation=implementation, max_blocks=max_blocks)
+    new_cache, logits, status = model.forward(params, cache, st.tokens[:, None], ids,
+                                              live.astype(jnp.int32),
+                                              implementation=implementation,
+                                              max_blocks=max_blocks)
     ok = jnp.all(status == 0)
     nxt = sample_tokens(logits, _token_keys(st.keys, st.num_generated), st.temperature,
                         st.top_k, st.top_p)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jax_paged_kv.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PagedKVCache:
   Attributes:
     k_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]`` keys, ``config.dtype``.
     v_pool: same shape and dtype, values.
-    block_tables: ``int32[max_seqs, max_blocks]``; entry ``j`` of slot ``s`` is the physical block
+    block_tables: ``int32[max_seqs, table_width]``; entry ``j`` of slot ``s`` is the physical block
       holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
       exactly ``ceil(n / block_size)`` blocks; every other entry is the null block 0.
     seq_lens: ``int32[max_seqs]``, tokens stored per slot (0 for inactive slots).
@@ -65,7 +65,7 @@ class PagedKVCache:
 
   k_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
   v_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
-  block_tables: Array  # [max_seqs, max_blocks] int32
+  block_tables: Array  # [max_seqs, table_width] int32
   seq_lens: Array  # [max_seqs] int32
   active: Array  # [max_seqs] bool
   allocator: AllocatorState

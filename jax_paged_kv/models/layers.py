@@ -1,0 +1,152 @@
+"""Building blocks shared by the bundled models: RMSNorm, rotary embeddings with the Hugging Face
+frequency rules, and projections with float32 accumulation.
+
+Shapes use the package's vocabulary: ``batch`` rows, ``T`` new tokens per row, ``hidden`` model
+width, ``heads`` attention heads, ``head_dim`` size of one head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+ROPE_TYPES = ("linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How the rotary frequencies are rescaled (a Hugging Face ``rope_type`` other than default).
+
+  Attributes:
+    rope_type: ``"linear"`` divides every frequency by ``factor``; ``"llama3"`` divides the low
+      frequencies by ``factor`` and smooths the middle band (Llama 3.1+); ``"dynamic"`` (dynamic
+      NTK) equals plain RoPE up to ``max_position_embeddings``, beyond which Hugging Face
+      recomputes the frequencies per call from the current length, so the keys already cached
+      would no longer match; a model with it refuses caches longer than
+      ``max_position_embeddings`` (:func:`check_rope_context`).
+    factor: the scaling factor (``> 0``).
+    low_freq_factor, high_freq_factor: ``llama3`` only: wavelengths above
+      ``original_max_position_embeddings / low_freq_factor`` are scaled, below
+      ``original_max_position_embeddings / high_freq_factor`` kept, interpolated in between.
+    original_max_position_embeddings: ``llama3`` only: the pretraining context.
+  """
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
+    if not self.factor > 0:
+      raise ValueError(f"rope scaling factor={self.factor!r} must be positive")
+    object.__setattr__(self, "factor", float(self.factor))
+    llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings)
+    if self.rope_type == "llama3":
+      if any(v is None for v in llama3):
+        raise ValueError("llama3 rope scaling needs low_freq_factor, high_freq_factor and "
+                         f"original_max_position_embeddings, got {llama3}")
+      if not 0 < self.low_freq_factor < self.high_freq_factor:
+        raise ValueError(f"llama3 rope scaling needs 0 < {self.low_freq_factor=} < "
+                         f"{self.high_freq_factor=}")
+      object.__setattr__(self, "low_freq_factor", float(self.low_freq_factor))
+      object.__setattr__(self, "high_freq_factor", float(self.high_freq_factor))
+      object.__setattr__(self, "original_max_position_embeddings",
+                         int(self.original_max_position_embeddings))
+    elif any(v is not None for v in llama3):
+      raise ValueError(f"rope_type={self.rope_type!r} takes only a factor, got {self}")
+
+
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: RopeScaling | None = None) -> np.ndarray:
+  """The rotary inverse frequencies, float64 ``[head_dim / 2]`` (Hugging Face's formulas).
+
+  Args:
+    head_dim: size of one head (even).
+    theta: the rotary base.
+    scaling: an optional :class:`RopeScaling`.
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling is None or scaling.rope_type == "dynamic":
+    return inv_freq
+  s = scaling
+  if s.rope_type == "linear":
+    return inv_freq / s.factor
+  # llama3: low frequencies (long wavelengths) divided by factor, high ones kept, a smooth
+  # interpolation between the two bands.
+  old = s.original_max_position_embeddings
+  low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled)
+
+
+def check_rope_context(scaling: RopeScaling | None, max_position_embeddings: int,
+                       max_seq_len: int) -> str | None:
+  """Why a cache of ``max_seq_len`` tokens cannot run this RoPE exactly (None if it can)."""
+  if scaling is not None and scaling.rope_type == "dynamic" and (
+      max_seq_len > max_position_embeddings):
+    return (f"dynamic RoPE scaling is exact only up to max_position_embeddings="
+            f"{max_position_embeddings} tokens (beyond it Hugging Face recomputes the "
+            f"frequencies per call); the cache allows max_seq_len={max_seq_len}")
+  return None
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
+  """Rotary position embedding, "rotate half" convention (as Hugging Face Llama).
+
+  Args:
+    x: ``[batch, T, heads, head_dim]``.
+    positions: ``int32[batch, T]`` absolute token positions.
+    theta: the rotary base.
+    scaling: optional frequency scaling (:class:`RopeScaling`).
+
+  Returns:
+    ``[batch, T, heads, head_dim]`` in ``x.dtype``.
+  """
+  d = x.shape[-1]
+  inv_freq = rope_frequencies(d, theta, scaling)  # [head_dim / 2]
+  ang = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
+  cos = jnp.cos(ang)[:, :, None, :]  # [batch, T, 1, head_dim / 2]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x: Array, weight: Array, eps: float, *, offset: float = 0.0) -> Array:
+  """``x / rms(x) * (offset + weight)`` over the last axis, computed in float32.
+
+  Args:
+    x: ``[..., hidden]``.
+    weight: ``[hidden]``.
+    eps: added to the mean square.
+    offset: added to the weight (Gemma stores ``weight - 1``: ``offset=1``).
+
+  Returns:
+    ``[..., hidden]`` in ``x.dtype``.
+  """
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  w = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,)) + offset
+  return (w * y).astype(x.dtype)
+
+
+def dot(x: Array, w: Array) -> Array:
+  """``x [..., in] @ w [in, out]`` with float32 accumulation, result in ``x.dtype``."""
+  return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
+  return x if cap is None else cap * jnp.tanh(x / cap)

@@ -1,0 +1,34 @@
+"""The serving layer: the jitted prefill/decode steps and loop, the continuous-batching engine,
+and ``jax.export`` of a decode step. It depends on the model *protocol*
+(:class:`~jax_paged_kv.models.base.Model`), never on one model.
+"""
+
+from jax_paged_kv.serving.decoding import (
+    DecodeState,
+    SamplingParams,
+    decode_loop,
+    decode_step,
+    prefill_step,
+    sample_tokens,
+)
+from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput, generate
+from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
+from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
+
+__all__ = [
+    "DecodeState",
+    "Engine",
+    "EngineMetrics",
+    "ExportedDecodeStep",
+    "MeshEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "decode_loop",
+    "decode_loop_on_mesh",
+    "decode_step",
+    "export_decode_step",
+    "generate",
+    "prefill_step",
+    "prefill_step_on_mesh",
+    "sample_tokens",
+]

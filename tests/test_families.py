@@ -1,0 +1,201 @@
+"""Every supported model family on the paged cache, against two oracles: the float64 numpy
+reference (tests/llama_reference.py, always runs) and Hugging Face ``transformers`` with the same
+random weights saved by ``save_pretrained`` (skips without torch and transformers).
+
+Prompts are longer than every sliding window, prefill is chunked across block and window
+boundaries, and the greedy continuation is decoded one token at a time.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_paged_kv import CacheShapeError, init_cache
+from jax_paged_kv.models import (
+  Gemma2Config,
+  LlamaConfig,
+  RopeScaling,
+  gemma2,
+  llama,
+  load_hf_checkpoint,
+)
+from tests.llama_fixtures import decode_greedy, run_chunked
+from tests.llama_reference import reference_logits
+
+WINDOW = 5
+PROMPT_LEN, CHUNK, NEW = 13, 5, 6
+
+
+def run_model(params, config, prompts, *, block_size=4):
+  """Chunked prefill + greedy decode of ``prompts``; returns (tokens [n, NEW], logits list)."""
+  max_len = PROMPT_LEN + NEW + 3
+  cc = config.cache_config(num_blocks=1 + len(prompts) * -(-max_len // block_size),
+                           max_seqs=len(prompts), max_seq_len=max_len, block_size=block_size)
+  cache = init_cache(cc, pool_fill=float("nan"))  # unwritten slots must never be read
+  slots = list(range(len(prompts)))[::-1]
+  cache, pre = run_chunked(params, config, cache, prompts, slots, chunk=CHUNK)
+  _, toks, dec = decode_greedy(params, config, cache, slots, [p[-1] for p in pre], NEW)
+  return toks, [np.concatenate([p, d]) for p, d in zip(pre, dec, strict=True)]
+
+
+# ---- the float64 reference: features without transformers ------------------------------------
+
+REFERENCE_CASES = {
+    # Llama 3 RoPE, q/k/v biases, a window on layers 0 and 2 only (scanned as one group of 3).
+    "llama3-bias-mixed-window": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
+        num_kv_heads=2, head_dim=12, rope_theta=500.0, attention_bias=True,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16), sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention")),
+    "linear-rope-all-window": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+        num_kv_heads=1, rope_scaling=RopeScaling("linear", 2.5), sliding_window=WINDOW),
+    # Gemma 2 with an odd number of layers (no whole pairs: one group of 3).
+    "gemma2-3-layers": Gemma2Config(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
+        num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+        final_logit_softcapping=3.0, sliding_window=WINDOW),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_matches_float64_reference(name):
+  config = REFERENCE_CASES[name]
+  module = gemma2 if isinstance(config, Gemma2Config) else llama
+  params = module.init_params(config, jax.random.PRNGKey(0), scale=2.0)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (PROMPT_LEN, 9)]
+  toks, logits = run_model(params, config, prompts)
+  for i, prompt in enumerate(prompts):
+    ref = reference_logits(params, config, prompt + toks[i].tolist())
+    np.testing.assert_allclose(logits[i], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
+                               err_msg=name)
+
+
+def test_windows_really_apply():
+  """A window shorter than the prompt changes the logits (the test above would notice a
+  model that ignored it, this one that the prompt is long enough for it to matter)."""
+  config = REFERENCE_CASES["linear-rope-all-window"]
+  params = llama.init_params(config, jax.random.PRNGKey(0), scale=2.0)
+  prompt = np.random.default_rng(1).integers(0, 96, PROMPT_LEN).tolist()
+  unwindowed = dataclasses.replace(config, sliding_window=None)
+  a = reference_logits(params, config, prompt)
+  b = reference_logits(params, unwindowed, prompt)
+  assert np.allclose(a[:WINDOW], b[:WINDOW]) and not np.allclose(a[WINDOW:], b[WINDOW:])
+
+
+def test_dynamic_rope_refuses_caches_past_its_context():
+  config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=2, max_position_embeddings=16,
+                       rope_scaling=RopeScaling("dynamic", 2.0))
+  params = llama.init_params(config, jax.random.PRNGKey(0))
+  cache = init_cache(config.cache_config(num_blocks=9, max_seqs=1, max_seq_len=32,
+                                         block_size=4))
+  with pytest.raises(CacheShapeError, match="dynamic RoPE"):
+    config.forward(params, cache, np.zeros((1, 2), np.int32), np.zeros(1, np.int32))
+
+
+# ---- Hugging Face transformers ---------------------------------------------------------------
+
+
+def hf_case(name, transformers):
+  """(HF config, extra checks on our config) of each family checked against transformers."""
+  small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+               max_position_embeddings=64)
+  if name == "llama2":
+    return transformers.LlamaConfig(**small, rope_theta=5000.0), lambda c: (
+        c.rope_scaling is None and c.layer_windows == (None, None))
+  if name == "llama3":
+    rope = dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=16)
+    return transformers.LlamaConfig(**small, rope_parameters=rope, tie_word_embeddings=True), (
+        lambda c: c.rope_scaling.rope_type == "llama3" and c.tie_word_embeddings)
+  if name in ("llama-linear", "llama-dynamic"):
+    kind = name.split("-")[1]
+    rope = dict(rope_type=kind, rope_theta=500.0, factor=2.5)
+    return transformers.LlamaConfig(**small, rope_parameters=rope), (
+        lambda c: c.rope_scaling.rope_type == kind)
+  if name == "mistral":
+    return transformers.MistralConfig(**small, sliding_window=WINDOW, rope_theta=800.0), (
+        lambda c: c.layer_windows == (WINDOW, WINDOW) and not c.attention_bias)
+  if name == "qwen2":
+    return transformers.Qwen2Config(**small, rope_theta=700.0), (
+        lambda c: c.attention_bias and c.layer_windows == (None, None))
+  if name == "qwen2-window":  # layer 0 global, layer 1 sliding (max_window_layers=1)
+    return transformers.Qwen2Config(**small, use_sliding_window=True, sliding_window=WINDOW,
+                                    max_window_layers=1), (
+        lambda c: c.layer_windows == (None, WINDOW))
+  if name == "gemma2":
+    cfg = dict(small, num_hidden_layers=4, head_dim=16)
+    return transformers.Gemma2Config(
+        **cfg, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+        final_logit_softcapping=3.0), (
+        lambda c: c.layer_windows == (WINDOW, None, WINDOW, None) and c.tie_word_embeddings)
+  raise KeyError(name)
+
+
+HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
+            "qwen2-window", "gemma2"]
+
+
+def hf_model(name, tmp_path):
+  """A random-weight transformers model of the case, saved to ``tmp_path``."""
+  torch = pytest.importorskip("torch", reason="the transformers comparison needs torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_cfg, check = hf_case(name, transformers)
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+  model = model.eval()
+  with torch.no_grad():  # the default init (std 0.02, unit norms) gives near-uniform logits
+    for p in model.parameters():
+      if p.ndim == 2:
+        p.mul_(8.0)
+      else:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  return torch, model, check
+
+
+@pytest.mark.parametrize("name", HF_CASES)
+def test_matches_transformers_float32(tmp_path, name):
+  torch, hf, check = hf_model(name, tmp_path)
+  config, params = load_hf_checkpoint(tmp_path)
+  assert check(config), config
+  prompt = np.random.default_rng(3).integers(0, 128, PROMPT_LEN).tolist()
+  toks, (logits,) = run_model(params, config, [prompt])
+  with torch.no_grad():
+    ids = torch.tensor([prompt])
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                       do_sample=False, pad_token_id=0)[0, PROMPT_LEN:].tolist()
+    ref = hf(torch.tensor([prompt + toks[0].tolist()])).logits[0].double().numpy()
+  assert toks[0].tolist() == want  # token for token, HF's own cached generation
+  assert np.abs(ref).max() > 1.0  # discriminative logits
+  # 1e-4 of the logits' scale (atol) on top of 1e-4 relative.
+  np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "gemma2"])
+def test_matches_transformers_bfloat16(tmp_path, name):
+  """bf16 weights, activations and cache, the same tokens fed to both sides. bf16 keeps 8
+  bits and the two sides round in different places, so both are held to the float32 model:
+  ours may stray from it at most 1.5x as far as transformers' own bf16 run does (both stray
+  about 2% of the logits' scale), and the two bf16 runs stay within 4% of each other."""
+  torch, hf, _ = hf_model(name, tmp_path)
+  config, params = load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+  assert params["embed"].dtype == jnp.bfloat16 and config.dtype == jnp.bfloat16
+  seq = np.random.default_rng(4).integers(0, 128, PROMPT_LEN + NEW).tolist()
+  cache = init_cache(config.cache_config(num_blocks=8, max_seqs=1, max_seq_len=len(seq),
+                                         block_size=4), pool_fill=float("nan"))
+  _, (logits,) = run_chunked(params, config, cache, [seq], [0], chunk=CHUNK)
+  with torch.no_grad():
+    exact = hf(torch.tensor([seq])).logits[0].double().numpy()
+    hf_bf16 = hf.to(torch.bfloat16)(torch.tensor([seq])).logits[0].double().numpy()
+  scale = np.abs(exact).max()
+  ours_err = np.abs(logits - exact).max() / scale
+  hf_err = np.abs(hf_bf16 - exact).max() / scale
+  assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+  assert np.abs(logits - hf_bf16).max() / scale < 0.04

@@ -1,0 +1,113 @@
+"""The Hugging Face loader reads what it implements and refuses everything else, by name."""
+
+import jax
+import numpy as np
+import pytest
+
+from jax_paged_kv.models import (
+  Gemma2Config,
+  LlamaConfig,
+  RopeScaling,
+  config_from_hf,
+  gemma2,
+  llama,
+  params_from_hf,
+  params_to_hf,
+)
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+
+
+def cfg(model_type, **kw):
+  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+          "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM"}.get(model_type, "X")
+  return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
+
+
+def test_reads_each_family():
+  c = config_from_hf(cfg("llama", rope_theta=5e5, torch_dtype="bfloat16", pretraining_tp=1,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}))
+  assert isinstance(c, LlamaConfig) and c.rope_theta == 5e5
+  assert c.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+  # The transformers 5 spelling: theta inside rope_parameters; old "type" key for linear.
+  c = config_from_hf(cfg("llama", rope_parameters={"rope_type": "default", "rope_theta": 7.0}))
+  assert c.rope_theta == 7.0 and c.rope_scaling is None
+  c = config_from_hf(cfg("llama", rope_scaling={"type": "linear", "factor": 2.0}))
+  assert c.rope_scaling == RopeScaling("linear", 2.0)
+  # llama3 without original_max_position_embeddings falls back to max_position_embeddings.
+  c = config_from_hf(cfg("llama", max_position_embeddings=99, rope_scaling={
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}))
+  assert c.rope_scaling.original_max_position_embeddings == 99
+  assert isinstance(config_from_hf({**cfg("llama"), "model_type": None}), LlamaConfig)
+  assert config_from_hf(cfg("mistral", sliding_window=4096)).layer_windows == (4096, 4096)
+  assert config_from_hf(cfg("mistral", sliding_window=None)).layer_windows == (None, None)
+  # Qwen2: the window only with use_sliding_window, on layers >= max_window_layers.
+  old_style = cfg("qwen2", sliding_window=131072, use_sliding_window=False, max_window_layers=28)
+  c = config_from_hf(old_style)
+  assert c.attention_bias and c.layer_windows == (None, None)
+  c = config_from_hf(cfg("qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=1))
+  assert c.layer_windows == (None, 8)
+  c = config_from_hf(cfg("gemma2", head_dim=16, sliding_window=8, sliding_window_size=8,
+                         hidden_act="gelu_pytorch_tanh", cache_implementation="hybrid",
+                         final_logit_softcapping=None))
+  assert isinstance(c, Gemma2Config) and c.layer_windows == (8, None)
+  assert c.final_logit_softcapping is None and c.attn_logit_softcapping == 50.0
+  assert c.query_pre_attn_scalar == 256.0 and c.tie_word_embeddings
+
+
+@pytest.mark.parametrize("hf, match", [
+    (cfg("gpt2"), "model_type='gpt2' is not implemented"),
+    ({**cfg("llama"), "architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+    ({**cfg("llama"), "model_type": None, "architectures": ["FooForCausalLM"]}, "no model_type"),
+    (cfg("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}), "RoPE type 'yarn'"),
+    (cfg("llama", rope_scaling={"rope_type": "linear"}), "without 'factor'"),
+    (cfg("llama", rope_scaling={"rope_type": "linear", "factor": 2.0, "beta": 1}),
+     r"RoPE parameter\(s\) \['beta'\]"),
+    (cfg("llama", partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (cfg("llama", rope_parameters={"full_attention": {"rope_type": "default"}}),
+     "per-layer-type RoPE"),
+    (cfg("llama", attention_bias=True), "o_proj"),
+    (cfg("llama", mlp_bias=True), "mlp_bias"),
+    (cfg("llama", hidden_act="gelu"), "hidden_act"),
+    (cfg("llama", sliding_window=16), "ignores sliding_window"),
+    (cfg("llama", some_new_field=3), r"\['some_new_field'\] are not implemented"),
+    (cfg("llama", quantization_config={"bits": 4}), "quantization_config"),
+    (cfg("mistral", sliding_window=16, use_sliding_window=False), "contradicts"),
+    (cfg("mistral", layer_types=["full_attention"] * 2), "Ministral"),
+    (cfg("qwen2", use_mrope=True), "use_mrope"),
+    (cfg("qwen2", num_experts=8), "mixture of experts"),
+    (cfg("qwen2", layer_types=["sliding_attention"] * 2), "window is off"),
+    (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
+    (cfg("gemma2", attention_bias=True), "attention_bias"),
+    (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),
+    (cfg("gemma2", sliding_window=8, sliding_window_size=16), "sliding_window_size"),
+    (cfg("gemma2", sliding_window=None), "without a window"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_refuses_what_it_does_not_run(hf, match):
+  with pytest.raises(ValueError, match=match):
+    config_from_hf(hf)
+
+
+@pytest.mark.parametrize("config", [
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, attention_bias=True),
+    Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=8),
+], ids=["qwen2-style", "gemma2"])
+def test_state_dict_roundtrip_and_unused_tensors(config):
+  module = gemma2 if isinstance(config, Gemma2Config) else llama
+  params = module.init_params(config, jax.random.PRNGKey(0))
+  state = params_to_hf(params, config)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_from_hf(state, config), params)
+  # A tensor the config does not declare (here an output-projection bias) is never dropped.
+  extra = dict(state, **{"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)})
+  with pytest.raises(ValueError, match="o_proj.bias"):
+    params_from_hf(extra, config)
+  if config.tie_word_embeddings:  # a tied head saved twice is fine; a different one is not
+    embed = state["model.embed_tokens.weight"]
+    params_from_hf(dict(state, **{"lm_head.weight": embed}), config)
+    with pytest.raises(ValueError, match="lm_head"):
+      params_from_hf(dict(state, **{"lm_head.weight": embed + 1}), config)
