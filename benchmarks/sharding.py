@@ -184,6 +184,11 @@ def main(argv=None):
       f"**{worst['data']:.2f}x**. Cache bytes per device stay those of one device's share in "
       "both layouts; tensor parallel also splits the weights (embedding and LM head "
       "replicated).")
+  if cpu:
+    load = os.getloadavg()[0]
+    notes += (f" Load average at the end of the run: {load:.1f} on {cores} cores (other "
+              "processes share the cores; the round-robin repeats expose every layout to it "
+              "alike).")
   print(notes)
   path = report.save(report.result_name("sharding"), script="sharding",
                      title="Multi-device decode step: tensor and data parallel",
