@@ -145,24 +145,9 @@ def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
     inf = jnp.where(hits_pos > 0, jnp.inf, 0.0) + jnp.where(hits_neg > 0, -jnp.inf, 0.0)
     return acc.at[r, h].add(part + inf[None])
 
-  acc = jnp.zeros((b, kvh, g, q_len, d), jnp.float32)
-  # Under shard_map the loop's result varies over the manual axes its operands vary over (a
-  # kv-head shard); the initial carry must say so too.
-  vma = tuple(sorted(_varying_axes(p) | _varying_axes(v)))
-  if vma:
-    acc = lax.pcast(acc, vma, to="varying")
-  acc = lax.fori_loop(0, b * kvh * n_chunks, step, acc)
+  acc = lax.fori_loop(0, b * kvh * n_chunks, step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32))
   out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
   return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
-
-
-def _varying_axes(x) -> frozenset:
-  """Manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
-  aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)  # newer JAX
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-  return frozenset(vma)
 
 
 def gather_kv(pool: Array, layer: Array, block_tables: Array, max_blocks: int | None = None):
