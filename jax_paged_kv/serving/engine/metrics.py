@@ -36,7 +36,11 @@ class EngineMetrics:
     steps: engine steps taken.
     prefill_calls / decode_calls: jitted calls of each kind.
     decode_steps: decode iterations executed inside the decode loops.
-    prompt_tokens: prompt tokens prefilled (recomputation included).
+    prompt_tokens: prompt tokens prefilled (recomputation included; prefix-cache hits
+      excluded).
+    cached_prompt_tokens: prompt tokens taken from the prefix cache instead of prefilled.
+    prefix_hits: admissions that shared at least one cached block.
+    evicted_blocks: blocks that cached-prefix eviction returned to the free list.
     generated_tokens: tokens generated.
     peak_running: most sequences in the cache at once.
     preemptions: requests preempted (each is recomputed later).
@@ -52,6 +56,9 @@ class EngineMetrics:
   decode_calls: int = 0
   decode_steps: int = 0
   prompt_tokens: int = 0
+  cached_prompt_tokens: int = 0
+  prefix_hits: int = 0
+  evicted_blocks: int = 0
   generated_tokens: int = 0
   peak_running: int = 0
   preemptions: int = 0
@@ -62,6 +69,12 @@ class EngineMetrics:
   time_trace: list[float] = dataclasses.field(default_factory=list)
   compile_seconds: float = 0.0
   wall_seconds: float = 0.0
+
+  @property
+  def prefix_hit_rate(self) -> float:
+    """Share of prompt tokens (recomputation included) served from the prefix cache."""
+    total = self.cached_prompt_tokens + self.prompt_tokens
+    return self.cached_prompt_tokens / total if total else 0.0
 
   @property
   def utilization(self) -> float:
