@@ -69,9 +69,8 @@ def test_system_prompt_matches_recomputation():
   assert plain == refs
   assert [o.tokens for o in outs] == refs
   m = engine.metrics
-  # 4 slots: the first 4 prompts are admitted together (nothing written yet), the next 3 hit
-  # the 3 full system-prompt blocks.
-  assert m.prefix_hits == 3 and m.cached_prompt_tokens == 3 * 3 * BS
+  # The others wait until the first request wrote the 3 full system-prompt blocks, then hit.
+  assert m.prefix_hits == 6 and m.cached_prompt_tokens == 6 * 3 * BS
   assert m.prompt_tokens + m.cached_prompt_tokens == sum(len(p) for p in prompts)
   assert 0 < m.prefix_hit_rate < 1
   assert_all_free_or_cached(engine)
@@ -106,21 +105,37 @@ def test_multi_turn_continuation_reuses_the_generated_blocks():
   assert_all_free_or_cached(engine)
 
 
-def test_identical_prompts_in_one_step_and_block_boundary():
+def test_identical_prompts_arriving_together_and_block_boundary():
   rng = np.random.default_rng(4)
   prompt = tokens(rng, 3 * BS)  # ends exactly on a block boundary
   ref = reference_greedy(PARAMS, SMALL, prompt, NEW)
   engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
   for _ in range(3):
     engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
-  engine.step()  # all three admitted in one step: nothing was written yet, no hit
-  assert engine.metrics.prefix_hits == 0
+  engine.step()
+  # One is admitted; the others wait for its blocks to be written rather than compute them too.
+  assert engine.num_running == 1 and engine.metrics.prefix_hits == 0
   engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
   outs = run_checked(engine)
   assert [o.tokens for o in outs] == [ref] * 4
-  # The last prompt token is always computed: the hit stops one block short.
-  assert engine.metrics.prefix_hits == 1
-  assert engine.metrics.cached_prompt_tokens == 2 * BS
+  # The last prompt token is always computed: each hit stops one block short.
+  assert engine.metrics.prefix_hits == 3
+  assert engine.metrics.cached_prompt_tokens == 3 * 2 * BS
+  assert engine.metrics.prompt_tokens == 3 * BS + 3 * BS
+  assert_all_free_or_cached(engine)
+
+
+def test_prompts_too_short_to_share_are_admitted_together():
+  rng = np.random.default_rng(11)
+  prompt = tokens(rng, BS)  # the only full block holds the last token: nothing to share
+  engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
+  for _ in range(3):
+    engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
+  engine.step()
+  assert engine.metrics.peak_running == 3
+  outs = run_checked(engine)
+  assert [o.tokens for o in outs] == [reference_greedy(PARAMS, SMALL, prompt, NEW)] * 3
+  assert engine.metrics.prefix_hits == 0
   assert_all_free_or_cached(engine)
 
 

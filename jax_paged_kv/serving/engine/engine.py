@@ -155,6 +155,7 @@ class Engine:
       self.ledger.device_free = cc.usable_blocks
       self.scheduler.hit_blocks = lambda r: self._match(r)[0]
       self.scheduler.reclaim = self._reclaim
+      self.scheduler.defer = self._defer
 
   @property
   def model_config(self) -> Model:
@@ -305,6 +306,7 @@ class Engine:
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
+    self._note_peak()
     finished = []
     now = time.perf_counter()
     for i, (r, n) in enumerate(rows):
@@ -319,6 +321,13 @@ class Engine:
         if self._emit(r, [int(nxt[i])]):
           finished.append(self._finish(r))
     return finished
+
+  def _note_peak(self) -> None:
+    """Updates ``peak_blocks`` from the device's free count (its outputs were just read)."""
+    cc = self.cache_config
+    if cc.strategy is CacheStrategy.PAGED:
+      used = cc.usable_blocks - int(self.cache.allocator.num_free)
+      self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
     """Appends generated tokens; True if the request is now finished."""
@@ -381,6 +390,7 @@ class Engine:
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
     self._sync_free()
+    self._note_peak()
     self.metrics.decode_steps += n_steps
     finished = []
     for i, r in enumerate(reqs):
@@ -412,8 +422,20 @@ class Engine:
     cap = (len(r.context) - 1) // self.cache_config.block_size
     return self.prefix.match(r.context, r.cache_salt, cap)
 
+  def _defer(self, r: Request) -> bool:
+    """Whether ``r`` should wait: its next uncached block is being prefilled by a running
+    request (a block is shared only once its K/V are written; waiting a few steps for it beats
+    computing it twice, e.g. many requests with one system prompt arriving together)."""
+    k = self._match(r)[0]
+    cap = (len(r.context) - 1) // self.cache_config.block_size
+    if k >= cap:
+      return False
+    h = self.prefix.hashes(r.context, r.cache_salt, k + 1)[-1]
+    return any(h in q.pending for q in self.scheduler.running if q.prefilling)
+
   def _install(self, r: Request) -> None:
     """Puts an admitted request in the cache, sharing its cached prefix blocks."""
+    r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
     k, holder = self._match(r)
     slot = np.int32(r.slot)
     if not k:

@@ -43,6 +43,8 @@ class EngineMetrics:
     evicted_blocks: blocks that cached-prefix eviction returned to the free list.
     generated_tokens: tokens generated.
     peak_running: most sequences in the cache at once.
+    peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
+      cached prefix blocks included).
     preemptions: requests preempted (each is recomputed later).
     util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
       (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
@@ -61,6 +63,7 @@ class EngineMetrics:
   evicted_blocks: int = 0
   generated_tokens: int = 0
   peak_running: int = 0
+  peak_blocks: int = 0
   preemptions: int = 0
   util_tokens: int = 0
   util_slots: int = 0

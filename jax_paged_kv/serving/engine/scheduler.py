@@ -39,6 +39,7 @@ class Request:
   prefilled: int = 0  # tokens of ``context`` in the cache
   admit_order: int = 0
   cache_salt: str | None = None  # prefix caching: requests share blocks only with equal salts
+  pending: frozenset = frozenset()  # prefix caching: hashes of the full blocks it will write
 
   @property
   def prefilling(self) -> bool:
@@ -69,6 +70,7 @@ class Scheduler:
     # Prefix caching hooks (set by the engine): blocks of a request already cached, and a way
     # to evict cached blocks: ``reclaim(req, blocks_short, need_slot)``.
     self.hit_blocks: Callable[[Request], int] = lambda r: 0
+    self.defer: Callable[[Request], bool] = lambda r: False
     self.reclaim: Callable[[Request, int, bool], None] | None = None
 
   # ---- accounting ----------------------------------------------------------------------------
@@ -101,7 +103,7 @@ class Scheduler:
       req = self.waiting[0]
       if not self.free_slots and self.reclaim is not None:
         self.reclaim(req, 0, True)
-      if not self.free_slots:
+      if not self.free_slots or self.defer(req):
         break
       if self.ledger.paged:
         short = self._shortfall(req)
