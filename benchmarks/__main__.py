@@ -29,6 +29,7 @@ BENCHMARKS = {
     "serving": "request mix through the engine, paged vs contiguous at equal memory",
     "block_size": "KV utilisation and step time for block sizes 8..128",
     "reliability": "bad-input fuzz cases held/broken, soak steps, blocks leaked, mismatches",
+    "prefix_cache": "shared system prompt with and without prefix caching; no-hit overhead",
     "sharding": "decode step on 1-8 devices, tensor / data parallel, equal per-device work",
 }
 

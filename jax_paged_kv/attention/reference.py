@@ -145,7 +145,10 @@ def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
     inf = jnp.where(hits_pos > 0, jnp.inf, 0.0) + jnp.where(hits_neg > 0, -jnp.inf, 0.0)
     return acc.at[r, h].add(part + inf[None])
 
-  acc = lax.fori_loop(0, b * kvh * n_chunks, step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32))
+  # zeros_like keeps the operands' varying mesh axes (under shard_map the loop's carry must).
+  shape = (b, kvh, g, q_len, d)
+  acc = lax.fori_loop(0, b * kvh * n_chunks, step,
+                      jnp.zeros_like(p, shape=shape) + jnp.zeros_like(v, shape=shape))
   out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
   return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
 

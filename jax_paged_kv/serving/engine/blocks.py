@@ -23,6 +23,9 @@ class BlockLedger:
   def __init__(self, config: CacheConfig):
     self.config = config
     self.lens = np.zeros(config.max_seqs, np.int64)  # host mirror of seq_lens
+    # With prefix caching blocks are shared, so lengths no longer give the free count: the
+    # engine reads the device's ``num_free`` after each update instead (a scalar).
+    self.device_free: int | None = None
 
   @property
   def paged(self) -> bool:
@@ -36,6 +39,8 @@ class BlockLedger:
     """Blocks not held by any sequence (``CONTIGUOUS``: every slot's slab counts as free)."""
     if not self.paged:
       return self.config.usable_blocks
+    if self.device_free is not None:
+      return self.device_free
     return self.config.usable_blocks - int(self.blocks(self.lens).sum())
 
   def held(self, slot: int) -> int:

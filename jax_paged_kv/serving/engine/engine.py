@@ -15,6 +15,12 @@ The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
    to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
 4. frees every finished request's slot at once.
 
+With ``enable_prefix_caching=True`` (``PAGED`` only) a request whose prompt starts with full
+blocks already in the cache (same tokens, same ``cache_salt``) shares them by reference count and
+prefills only the rest; a finished request's full blocks stay cached until the pool or the
+sequence slots are needed (least recently used first). See
+:mod:`~jax_paged_kv.serving.engine.prefix`.
+
 Batch shapes are bucketed (rows, and with the XLA attention path the block-table columns read;
 powers of two by default), so a handful of compilations serve a whole run. Host-side slot ids
 are the cache's sequence ids; padding rows use ``-1``.
@@ -43,7 +49,12 @@ from jax_paged_kv.cache.errors import (
   Status,
   raise_for_status,
 )
-from jax_paged_kv.cache.ops import allocate_sequences, free_sequences
+from jax_paged_kv.cache.ops import (
+  allocate_sequences,
+  fork_sequence,
+  free_sequences,
+  truncate_sequences,
+)
 from jax_paged_kv.cache.state import PagedKVCache, init_cache
 from jax_paged_kv.cache.stats import cache_stats
 from jax_paged_kv.models.base import (
@@ -57,6 +68,7 @@ from jax_paged_kv.serving.decoding import Params, SamplingParams, decode_loop, p
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
 from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
+from jax_paged_kv.serving.engine.prefix import PrefixIndex
 from jax_paged_kv.serving.engine.scheduler import Request, Scheduler
 
 
@@ -89,6 +101,8 @@ class Engine:
       beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
       whenever the prompt fits (vLLM's policy) and relies on preemption.
     track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
+    enable_prefix_caching: share full prompt blocks already in the cache between requests and
+      keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
@@ -98,7 +112,7 @@ class Engine:
                batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
-               track_stats: bool = True):
+               track_stats: bool = True, enable_prefix_caching: bool = False):
     cc = cache_config
     check_cache_fits(check_model(model), cc)
     if prefill_chunk < 1 or decode_steps < 1:
@@ -133,6 +147,15 @@ class Engine:
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
+    self.prefix: PrefixIndex | None = None
+    if enable_prefix_caching:
+      if cc.strategy is not CacheStrategy.PAGED:
+        raise ValueError("enable_prefix_caching needs a PAGED cache")
+      self.prefix = PrefixIndex(cc.block_size, f"{model!r}|{cc!r}".encode())
+      self.ledger.device_free = cc.usable_blocks
+      self.scheduler.hit_blocks = lambda r: self._match(r)[0]
+      self.scheduler.reclaim = self._reclaim
+      self.scheduler.defer = self._defer
 
   @property
   def model_config(self) -> Model:
@@ -141,8 +164,15 @@ class Engine:
 
   # ---- requests ------------------------------------------------------------------------------
 
-  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None) -> int:
+  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+                  cache_salt: str | None = None) -> int:
     """Queues a request; returns its id.
+
+    Args:
+      prompt: token ids.
+      sampling: sampling parameters (default: greedy, 16 new tokens).
+      cache_salt: with prefix caching, requests share cached blocks only if their salts are
+        equal (e.g. one salt per tenant, so no tenant can probe another's prompts by timing).
 
     Raises:
       ValueError: an empty prompt or a token outside ``[0, vocab_size)``.
@@ -171,7 +201,7 @@ class Engine:
     rid = self._next_id
     self._next_id += 1
     req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
-                  sampling=sampling, context=list(prompt))
+                  sampling=sampling, context=list(prompt), cache_salt=cache_salt)
     self.scheduler.waiting.append(req)
     return rid
 
@@ -202,8 +232,11 @@ class Engine:
     """
     t0 = time.perf_counter()
     finished: list[RequestOutput] = []
-    for req in self.scheduler.admit():
-      self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
+    if self.prefix is not None:
+      self.scheduler.admit(install=self._install)
+    else:
+      for req in self.scheduler.admit():
+        self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
     running = self.scheduler.running
     if any(r.prefilling for r in running):
       finished += self._prefill()
@@ -272,18 +305,29 @@ class Engine:
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
+    self._sync_free()
+    self._note_peak()
     finished = []
     now = time.perf_counter()
     for i, (r, n) in enumerate(rows):
       r.prefilled += n
       self.ledger.grow(r.slot, n)
       self.metrics.prompt_tokens += n
+      if self.prefix is not None:
+        self.prefix.register(r.slot, r.context, r.cache_salt, r.prefilled)
       if not r.prefilling:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
         if self._emit(r, [int(nxt[i])]):
           finished.append(self._finish(r))
     return finished
+
+  def _note_peak(self) -> None:
+    """Updates ``peak_blocks`` from the device's free count (its outputs were just read)."""
+    cc = self.cache_config
+    if cc.strategy is CacheStrategy.PAGED:
+      used = cc.usable_blocks - int(self.cache.allocator.num_free)
+      self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
     """Appends generated tokens; True if the request is now finished."""
@@ -300,15 +344,23 @@ class Engine:
     return False
 
   def _finish(self, r: Request) -> RequestOutput:
-    self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
-    self.scheduler.release(r)
+    if self.prefix is not None:
+      self._park(r)
+    else:
+      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self.scheduler.release(r)
     r.out.finish_time = time.perf_counter()
     self._finished[r.out.request_id] = r.out
     return r.out
 
   def _preempt(self) -> None:
+    if self.prefix is not None:
+      if self._evict_one():  # cached blocks go before running requests
+        return
+      self.prefix.unregister(self.scheduler.victim().slot)
     victim = self.scheduler.victim()
     self.cache, _ = free_sequences(self.cache, np.int32(victim.slot))
+    self._sync_free()
     self.scheduler.release(victim)
     self.scheduler.requeue(victim)
     self.metrics.preemptions += 1
@@ -319,6 +371,9 @@ class Engine:
       if not reqs:
         return []
       steps = self.scheduler.decode_budget(reqs, self.decode_steps)
+      if steps < self.decode_steps and self.prefix is not None and self.prefix.cached:
+        self._evict_one()
+        continue
       if steps > 0:
         break
       self._preempt()
@@ -334,14 +389,134 @@ class Engine:
     out, n_steps = np.asarray(out), int(n_steps)
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
+    self._sync_free()
+    self._note_peak()
     self.metrics.decode_steps += n_steps
     finished = []
     for i, r in enumerate(reqs):
       toks = [int(t) for t in out[i, :n_steps] if t >= 0]
       self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
+      if self.prefix is not None:
+        self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
+                             int(self.ledger.lens[r.slot]))
       if self._emit(r, toks):
         finished.append(self._finish(r))
     return finished
+
+  # ---- prefix caching ------------------------------------------------------------------------
+
+  def reset_prefix_cache(self) -> int:
+    """Evicts every cached (finished) prefix block; returns the blocks freed."""
+    before = self.metrics.evicted_blocks
+    while self.prefix is not None and self._evict_one():
+      pass
+    return self.metrics.evicted_blocks - before
+
+  def _sync_free(self) -> None:
+    """Reads the device's free block count (prefix caching: blocks are shared)."""
+    if self.prefix is not None:
+      self.ledger.device_free = int(self.cache.allocator.num_free)
+
+  def _match(self, r: Request) -> tuple[int, int]:
+    """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
+    cap = (len(r.context) - 1) // self.cache_config.block_size
+    return self.prefix.match(r.context, r.cache_salt, cap)
+
+  def _defer(self, r: Request) -> bool:
+    """Whether ``r`` should wait: its next uncached block is being prefilled by a running
+    request (a block is shared only once its K/V are written; waiting a few steps for it beats
+    computing it twice, e.g. many requests with one system prompt arriving together)."""
+    k = self._match(r)[0]
+    cap = (len(r.context) - 1) // self.cache_config.block_size
+    if k >= cap:
+      return False
+    h = self.prefix.hashes(r.context, r.cache_salt, k + 1)[-1]
+    return any(h in q.pending for q in self.scheduler.running if q.prefilling)
+
+  def _install(self, r: Request) -> None:
+    """Puts an admitted request in the cache, sharing its cached prefix blocks."""
+    r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
+    k, holder = self._match(r)
+    slot = np.int32(r.slot)
+    if not k:
+      self.cache, _ = allocate_sequences(self.cache, slot)
+      return
+    bs = self.cache_config.block_size
+    self.cache, _ = fork_sequence(self.cache, np.int32(holder), slot)
+    extra = int(self.ledger.lens[holder]) - k * bs
+    if extra:
+      self.cache, _ = truncate_sequences(self.cache, slot, np.int32(extra))
+    self.ledger.lens[r.slot] = k * bs
+    r.prefilled = k * bs
+    self.prefix.register(r.slot, r.context, r.cache_salt, k * bs)
+    self.prefix.touch(holder)
+    self.metrics.cached_prompt_tokens += k * bs
+    self.metrics.prefix_hits += 1
+    self._sync_free()
+
+  def _park(self, r: Request) -> None:
+    """A finished request's full blocks stay cached in its slot (the rest is dropped)."""
+    bs = self.cache_config.block_size
+    written = int(self.ledger.lens[r.slot])
+    self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt, written)
+    keep = self.prefix.registered(r.slot)
+    if not keep:
+      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self.scheduler.release(r)
+    else:
+      if written > keep * bs:
+        self.cache, _ = truncate_sequences(self.cache, np.int32(r.slot),
+                                           np.int32(written - keep * bs))
+      self.ledger.lens[r.slot] = keep * bs
+      self.scheduler.running.remove(r)
+      self.prefix.park(r.slot)
+    self._sync_free()
+
+  def _evict(self, slot: int, num_blocks: int) -> None:
+    """Drops the last ``num_blocks`` blocks of cached slot ``slot`` (all: frees the slot)."""
+    bs = self.cache_config.block_size
+    held = self.prefix.registered(slot)
+    before = self.ledger.free_blocks()
+    if num_blocks >= held:
+      self.cache, _ = free_sequences(self.cache, np.int32(slot))
+      self.prefix.unregister(slot)
+      self.ledger.clear(slot)
+      self.scheduler.free_slots.append(slot)
+    else:
+      self.cache, _ = truncate_sequences(self.cache, np.int32(slot), np.int32(num_blocks * bs))
+      self.prefix.unregister(slot, held - num_blocks)
+      self.ledger.lens[slot] = (held - num_blocks) * bs
+    self._sync_free()
+    self.metrics.evicted_blocks += self.ledger.free_blocks() - before
+
+  def _evict_one(self) -> bool:
+    """Frees the least recently used cached slot; False if there is none."""
+    slot = self.prefix.lru()
+    if slot < 0:
+      return False
+    self._evict(slot, self.prefix.registered(slot))
+    return True
+
+  def _reclaim(self, r: Request, blocks_short: int, need_slot: bool) -> None:
+    """Evicts cached blocks, least recently used slot first and its tail blocks first, until
+    ``blocks_short`` more blocks (and, if ``need_slot``, a sequence slot) are free. The cached
+    slot holding ``r``'s own prefix goes last."""
+    keep = self._match(r)[1]
+    target = self.ledger.free_blocks() + blocks_short
+    while True:
+      if need_slot and self.scheduler.free_slots:
+        need_slot = False
+      short = target - self.ledger.free_blocks()
+      if short <= 0 and not need_slot:
+        return
+      slot = self.prefix.lru(exclude=keep)
+      if slot < 0:
+        slot = self.prefix.lru()
+        if slot < 0:
+          return
+        keep = -1
+      held = self.prefix.registered(slot)
+      self._evict(slot, held if need_slot else min(held, short))
 
 
 def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],

@@ -36,9 +36,15 @@ class EngineMetrics:
     steps: engine steps taken.
     prefill_calls / decode_calls: jitted calls of each kind.
     decode_steps: decode iterations executed inside the decode loops.
-    prompt_tokens: prompt tokens prefilled (recomputation included).
+    prompt_tokens: prompt tokens prefilled (recomputation included; prefix-cache hits
+      excluded).
+    cached_prompt_tokens: prompt tokens taken from the prefix cache instead of prefilled.
+    prefix_hits: admissions that shared at least one cached block.
+    evicted_blocks: blocks that cached-prefix eviction returned to the free list.
     generated_tokens: tokens generated.
     peak_running: most sequences in the cache at once.
+    peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
+      cached prefix blocks included).
     preemptions: requests preempted (each is recomputed later).
     util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
       (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
@@ -52,8 +58,12 @@ class EngineMetrics:
   decode_calls: int = 0
   decode_steps: int = 0
   prompt_tokens: int = 0
+  cached_prompt_tokens: int = 0
+  prefix_hits: int = 0
+  evicted_blocks: int = 0
   generated_tokens: int = 0
   peak_running: int = 0
+  peak_blocks: int = 0
   preemptions: int = 0
   util_tokens: int = 0
   util_slots: int = 0
@@ -62,6 +72,12 @@ class EngineMetrics:
   time_trace: list[float] = dataclasses.field(default_factory=list)
   compile_seconds: float = 0.0
   wall_seconds: float = 0.0
+
+  @property
+  def prefix_hit_rate(self) -> float:
+    """Share of prompt tokens (recomputation included) served from the prefix cache."""
+    total = self.cached_prompt_tokens + self.prompt_tokens
+    return self.cached_prompt_tokens / total if total else 0.0
 
   @property
   def utilization(self) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class Request:
   context: list[int] = dataclasses.field(default_factory=list)  # tokens to prefill
   prefilled: int = 0  # tokens of ``context`` in the cache
   admit_order: int = 0
+  cache_salt: str | None = None  # prefix caching: requests share blocks only with equal salts
+  pending: frozenset = frozenset()  # prefix caching: hashes of the full blocks it will write
 
   @property
   def prefilling(self) -> bool:
@@ -65,6 +67,11 @@ class Scheduler:
     self.running: list[Request] = []
     self.free_slots = list(range(ledger.config.max_seqs - 1, -1, -1))  # pop() gives slot 0
     self._admitted = 0
+    # Prefix caching hooks (set by the engine): blocks of a request already cached, and a way
+    # to evict cached blocks: ``reclaim(req, blocks_short, need_slot)``.
+    self.hit_blocks: Callable[[Request], int] = lambda r: 0
+    self.defer: Callable[[Request], bool] = lambda r: False
+    self.reclaim: Callable[[Request, int, bool], None] | None = None
 
   # ---- accounting ----------------------------------------------------------------------------
 
@@ -84,17 +91,26 @@ class Scheduler:
 
   # ---- policies ------------------------------------------------------------------------------
 
-  def admit(self) -> list[Request]:
-    """Moves the waiting requests that fit to ``running``; returns them (slots assigned)."""
+  def admit(self, install: Callable[[Request], None] | None = None) -> list[Request]:
+    """Moves the waiting requests that fit to ``running``; returns them (slots assigned).
+
+    Args:
+      install: called on each admitted request right after its slot is assigned, before the
+        next request is considered (the engine puts it in the cache there).
+    """
     admitted = []
-    while self.waiting and self.free_slots and len(self.running) < self.max_batch:
+    while self.waiting and len(self.running) < self.max_batch:
       req = self.waiting[0]
+      if not self.free_slots and self.reclaim is not None:
+        self.reclaim(req, 0, True)
+      if not self.free_slots or self.defer(req):
+        break
       if self.ledger.paged:
-        expected = sum(max(0, self.expected_blocks(r) - self.ledger.held(r.slot))
-                       for r in self.running)
-        room = self.ledger.free_blocks() - expected
-        wm = self.watermark_blocks if self.running else 0
-        if room - self.expected_blocks(req) < wm:
+        short = self._shortfall(req)
+        if short > 0 and self.reclaim is not None:
+          self.reclaim(req, short, False)
+          short = self._shortfall(req)
+        if short > 0:
           break
       self.waiting.popleft()
       req.slot = self.free_slots.pop()
@@ -103,7 +119,17 @@ class Scheduler:
       self._admitted += 1
       self.running.append(req)
       admitted.append(req)
+      if install is not None:
+        install(req)
     return admitted
+
+  def _shortfall(self, req: Request) -> int:
+    """Blocks missing to admit ``req`` now (<= 0: it fits)."""
+    expected = sum(max(0, self.expected_blocks(r) - self.ledger.held(r.slot))
+                   for r in self.running)
+    room = self.ledger.free_blocks() - expected
+    wm = self.watermark_blocks if self.running else 0
+    return self.expected_blocks(req) - self.hit_blocks(req) + wm - room
 
   def prefill_rows(self, chunk: int, budget: int) -> list[tuple[Request, int]]:
     """``(request, tokens)`` of this step's prefill: only rows whose new blocks fit now."""
