@@ -116,6 +116,7 @@ def main(argv=None):
   p.add_argument("--dtype", default="float32",
                  help="pool dtype (bfloat16 on XLA:CPU shows its O(pool) bf16 updates)")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   dtype = jnp.dtype(args.dtype)
   sizes = [1024, 8192, 65536] if args.quick else [1024, 4096, 16384, 65536]
   repeats, number = (5, 10) if args.quick else (9, 20)

@@ -37,9 +37,9 @@ from jax_paged_kv import (
   init_cache,
   reserve,
 )
-from jax_paged_kv.demo import MODELS, model_config, sharegpt_like_lengths
 from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config, sharegpt_like_lengths
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 DEFAULT_BLOCK = 16
@@ -172,6 +172,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=None, help="default 15 (5 with --quick)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.snapshots = args.snapshots or (4 if args.quick else 16)
   args.batch = args.batch or (8 if args.quick else 32)
   args.repeats = args.repeats or (5 if args.quick else 15)

@@ -29,9 +29,9 @@ from benchmarks import report
 from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
 from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.cache.state import AllocatorState
-from jax_paged_kv.demo import MODELS, model_config
 from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import decode_step
+from jax_paged_kv.workloads import MODELS, model_config
 
 
 def filled_cache(model, strategy, batch, context, block_size, seed=0, layout="shuffled"):
@@ -70,6 +70,7 @@ def main(argv=None):
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=None, help="default 20 (7 with --quick)")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.batch = args.batch or ([1, 8] if args.quick else [1, 8, 32])
   args.context = args.context or ([128, 512] if args.quick else [128, 512, 2048])
   args.repeats = args.repeats or (7 if args.quick else 20)

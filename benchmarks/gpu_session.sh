@@ -4,7 +4,8 @@
 #      cases included) and the model/decoding tests, which pick the kernel on a GPU by default;
 #   2. benchmarks/gpu_decode.py: our kernel vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
 #      benchmarks/gpu_kernel_ab.py: our kernel's variants against its defaults (round-robin);
-#   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu).
+#   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu);
+#   4. benchmarks/sharding.py: decode step per layout on the GPUs there are (sharding_gpu).
 # Each part has its own time limit and a failure does not stop the next one. Logs and a tarball
 # of benchmarks/results, plots and RESULTS.md go to $OUT (default benchmarks/out/gpu_session).
 #
@@ -39,6 +40,7 @@ if [ "$SMOKE" = 1 ]; then
   part gpu_kernel_ab 300 python benchmarks/gpu_kernel_ab.py --interpret --tiny
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
   part serving 300 python -m benchmarks.serving --quick --requests 6
+  part sharding 300 python -m benchmarks.sharding --quick --devices 1 2 --context 64
 else
   TAIL=15 part tests 110 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -m "" -q -n 6 \
@@ -52,6 +54,7 @@ else
       --repeats 9
   fi
   TAIL=12 part serving 130 python -m benchmarks.serving --repeats 2
+  TAIL=12 part sharding 90 python -m benchmarks.sharding --quick
 fi
 tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md
 log "done"

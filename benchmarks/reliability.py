@@ -74,6 +74,7 @@ def main(argv=None) -> int:
                  help="soak steps (default 2000; 300 with --quick)")
   p.add_argument("--seed", type=int, default=1)
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   examples = args.examples or (60 if args.quick else 240)
   steps = args.steps or (300 if args.quick else 2000)
   print(f"machine: {report.machine_name()}", flush=True)

@@ -30,8 +30,21 @@ OUT_DIR = HERE / "out"  # ignored by git: scratch output (smoke runs, demo plots
 RESULTS_MD = HERE / "RESULTS.md"
 
 # Section order in RESULTS.md; any other results/*.json follow, sorted by name.
-CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "reliability")
-GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu")
+CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "reliability",
+                  "prefix_cache", "sharding")
+GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu",
+                  "sharding_gpu")
+
+
+# A quick (smoke) run writes its JSON and plots to ``out/``, never over the committed full
+# results: every benchmark calls :func:`set_quick` with its ``--quick`` flag after parsing.
+_QUICK = False
+
+
+def set_quick(quick: bool) -> None:
+  """Routes this process's :func:`save` and :func:`save_figure` to ``out/`` if ``quick``."""
+  global _QUICK
+  _QUICK = bool(quick)
 
 
 def result_name(script: str) -> str:
@@ -156,10 +169,11 @@ def pyplot():
 def save_figure(fig, name: str) -> str:
   """Saves ``fig`` as ``benchmarks/plots/<name>.png``; returns the path relative to
   ``benchmarks/`` (what RESULTS.md links)."""
-  PLOTS_DIR.mkdir(exist_ok=True)
-  fig.savefig(PLOTS_DIR / f"{name}.png", dpi=100)
+  folder = OUT_DIR if _QUICK else PLOTS_DIR
+  folder.mkdir(parents=True, exist_ok=True)
+  fig.savefig(folder / f"{name}.png", dpi=100)
   pyplot().close(fig)
-  return f"plots/{name}.png"
+  return f"{folder.name}/{name}.png"
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -180,7 +194,9 @@ def save(name: str, *, title: str, markdown: str, data: dict, notes: str = "",
     directory: where to write; anything but ``results/`` leaves RESULTS.md alone (smoke runs).
     script: the program that produced it (default ``name``), as ``benchmarks/<script>.py``.
   """
-  directory = RESULTS_DIR if directory is None else pathlib.Path(directory)
+  if directory is None:
+    directory = OUT_DIR if _QUICK else RESULTS_DIR
+  directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   record = {"name": name, "script": script or name, "title": title, "machine": machine(),
             "markdown": markdown, "notes": notes, "plot": plot, "data": data}

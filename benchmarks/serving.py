@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from benchmarks import report
-from jax_paged_kv import demo
+from jax_paged_kv import workloads
 from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.models import init_params
 
@@ -33,7 +33,7 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="24 requests, one repeat")
   p.add_argument("--requests", type=int, default=None, help="default 100 (24 with --quick)")
-  p.add_argument("--model", choices=sorted(demo.MODELS), default="tiny")
+  p.add_argument("--model", choices=sorted(workloads.MODELS), default="tiny")
   p.add_argument("--slabs", type=int, default=6)
   p.add_argument("--max-seq-len", type=int, default=2048)
   p.add_argument("--block-size", type=int, nargs="+", default=[16])
@@ -45,21 +45,22 @@ def main(argv=None):
   p.add_argument("--no-warmup", action="store_true",
                  help="skip the untimed first pass of each strategy that compiles every shape")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   args.requests = args.requests or (24 if args.quick else 100)
   args.repeats = args.repeats or (1 if args.quick else 3)
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
   machine = report.machine_name()
-  model = demo.model_config(args.model)
+  model = workloads.model_config(args.model)
   params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
   half = args.max_seq_len // 2
-  requests = demo.make_requests(args.requests, model.vocab_size, args.seed, max_prompt=half,
+  requests = workloads.make_requests(args.requests, model.vocab_size, args.seed, max_prompt=half,
                                 max_output=args.max_seq_len - half)
   p_mean = np.mean([len(r[0]) for r in requests])
   o_mean = np.mean([r[1].max_new_tokens for r in requests])
   rows, runs = [], []
   for bs in args.block_size:
-    paged_cc, contig_cc = demo.equal_memory_configs(
+    paged_cc, contig_cc = workloads.equal_memory_configs(
         model, slabs=args.slabs, max_seq_len=args.max_seq_len, block_size=bs,
         paged_max_seqs=max(args.max_batch, args.slabs))
     common = dict(prefill_chunk=128, prefill_token_budget=512, decode_steps=args.decode_steps,
@@ -68,7 +69,7 @@ def main(argv=None):
 
     def serve(name, cc, batch, desc, common=common):
       kw = dict(common, reserve_ratio=args.reserve_ratio) if name == "paged" else common
-      return demo.run_engine(params, model, cc, requests, desc=desc, max_batch=batch, **kw)
+      return workloads.run_engine(params, model, cc, requests, desc=desc, max_batch=batch, **kw)
 
     if not args.no_warmup:  # compile every shape; the timed repeats are then all warm
       for name, cc, batch in strategies:
@@ -101,7 +102,7 @@ def main(argv=None):
   cols = ["strategy", "block", "slots", "KV MiB", "tokens/s", "vs contiguous", "peak seqs",
           "mean seqs", "KV util", "preempt", "decode steps", "wall s", "compile s"]
   print(f"\n{args.requests} requests (prompt mean {p_mean:.0f}, output mean {o_mean:.0f}), "
-        f"model {args.model} {demo.MODELS[args.model]}, median of {args.repeats}; "
+        f"model {args.model} {workloads.MODELS[args.model]}, median of {args.repeats}; "
         f"machine: {machine}\n")
   print(report.text_table(cols, rows))
   paged = next(r for r in rows if r["strategy"] == "paged")
@@ -136,7 +137,7 @@ def save_plot(results, args, block_size, cache_config, name) -> str:
   """Concurrency and utilisation over time plus throughput (the demo's figure)."""
   path = report.PLOTS_DIR / f"{name}.png"
   report.PLOTS_DIR.mkdir(exist_ok=True)
-  demo.save_plot(results, os.fspath(path),
+  workloads.save_plot(results, os.fspath(path),
                  f"{args.requests} ShareGPT-like requests, "
                  f"{cache_config.pool_bytes / 2**20:.0f} MiB KV, {args.model} model, "
                  f"block {block_size}")

@@ -148,6 +148,8 @@ NONFINITE_V_CASES = [
         Poison(0, 20, INF, dims=(0, 1)),
         Poison(1, 12, -INF, dims=(1, 2)),
     ), underflow=True),
+    # The same in decode, where every row's one query sees all its keys; row 1 also gets
+    # -Inf and +Inf on one dim (NaN); row 2 stays clean.
     PoisonedV("decode_inf_underflow", Case((24, 16, 9), block_size=8, kv_heads=1, ratio=2,
                                            head_dim=16), (
         Poison(0, 20, INF, dims=(0, 1)),

@@ -3,7 +3,14 @@
 import pytest
 
 import jax_paged_kv as pk
-from tests.attention_cases import QUANT_CASES, AttentionCases, Case, build_case
+from tests.attention_cases import (
+    NONFINITE_V_CASES,
+    QUANT_CASES,
+    AttentionCases,
+    Case,
+    build_case,
+    poison_v,
+)
 
 
 class TestXLA(AttentionCases):
@@ -35,3 +42,29 @@ def test_bad_interleave_raises(interleave):
   cache, q, seq_ids, q_lens, layer = build_case(case)
   with pytest.raises(ValueError, match="interleave"):
     pk.paged_attention(q, cache, seq_ids, layer, implementation="xla", interleave=interleave)
+
+
+def test_nonfinite_v_under_shard_map_over_kv_heads():
+  """The slow path's loop carry keeps the pools' varying mesh axis (it was traced with an
+  unvarying one at first, which shard_map rejects), and gives the unsharded answer, NaNs
+  included."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  pv = next(c for c in NONFINITE_V_CASES if c.name == "nan_causal")
+  cache, q, seq_ids, q_lens, layer = build_case(pv.case)
+  cache, q = poison_v(pv, cache, q, layer)
+
+  def attend(cache, q):
+    return pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, implementation="xla")
+
+  want = jax.jit(attend)(cache, q)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("heads",))
+  spec = jax.tree_util.tree_map(lambda _: P(), cache).replace(
+      k_pool=P(None, "heads"), v_pool=P(None, "heads"))
+  got = jax.jit(jax.shard_map(attend, mesh=mesh, in_specs=(spec, P(None, None, "heads")),
+                              out_specs=P(None, None, "heads")))(cache, q)
+  assert np.isnan(np.asarray(want)).any()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)  # NaN = NaN

@@ -464,5 +464,9 @@ def test_unowned_memory_and_masked_v_never_reach_an_output(seed, window, impleme
   n_q = int(q_lens[s])
   blind = np.ones(ref.shape[:2], bool)
   blind[s, n_q - 1] = False  # only the last query of row s sees position p
-  np.testing.assert_array_equal(got[blind], ref[blind])
+  # Not bitwise: a visible non-finite V sends the whole call down the exact slow path (see
+  # reference.py), which sums in another order; the blind queries must still equal the clean
+  # result to float32 rounding, and be finite.
+  assert np.all(np.isfinite(got[blind]))
+  np.testing.assert_allclose(got[blind], ref[blind], rtol=1e-5, atol=1e-6)
   assert np.all(np.isnan(got[s, n_q - 1]))

@@ -8,6 +8,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from jax_paged_kv.attention import per_shard
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import CacheShapeError
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
@@ -150,8 +151,9 @@ def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, slidi
   layer = jnp.clip(layer, 0, cfg.num_layers - 1)
   # A row may not claim more queries than it has tokens or than q holds.
   q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
-  fn = get_implementation(implementation)
-  scales = {} if cfg.kv_quant is None else {"k_scale": cache.k_scale, "v_scale": cache.v_scale}
-  return fn(q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens, scale=scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, return_lse=return_lse,
-            **scales, **dict(knobs))
+  call = functools.partial(get_implementation(implementation), scale=scale, soft_cap=soft_cap,
+                           sliding_window=sliding_window, return_lse=return_lse, **dict(knobs))
+  # On pools sharded over kv heads, once per shard (shard_map): never on a gathered pool. A
+  # quantised cache's scales share the pools' [layers, kv_heads, ...] leading axes and go along.
+  return per_shard.run(call, q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens,
+                       return_lse=return_lse, k_scale=cache.k_scale, v_scale=cache.v_scale)

@@ -223,6 +223,17 @@ def _paged_attention_kernel(
   def wait(c, slot):
     dma(c, slot, "wait")
 
+  def init_and_start():
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(num_kv_blocks > 0)
+    def _():
+      start(0, 0)
+
+  init_and_start()
+
   # Per-row query positions; padding rows (r >= queries_per_block * group) see nothing.
   r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
   q_idx = lax.div(r, group)  # query index within the block
@@ -294,18 +305,7 @@ def _paged_attention_kernel(
     acc_ref[...] = acc
     return carry
 
-  def run(exact: bool):
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    @pl.when(num_kv_blocks > 0)
-    def _():
-      start(0, 0)
-
-    lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=exact), 0)
-
-  run(exact=False)
+  lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=False), 0)
 
   # A non-finite V in any block makes acc non-finite (p @ v multiplies it by every row's p, 0
   # included: 0 * NaN and 0 * Inf are NaN), and so does nothing else but a visible NaN K or an
@@ -313,7 +313,8 @@ def _paged_attention_kernel(
   # loop stays as it was, and the check costs one reduction over acc.
   @pl.when(jnp.any(~jnp.isfinite(acc_ref[...])))
   def _():
-    run(exact=True)
+    init_and_start()
+    lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=True), 0)
 
   l = l_ref[...]
   seen = l > 0.0

@@ -9,7 +9,7 @@ Kernel contract (every implementation in this package has this signature)::
   ``h`` reads KV head ``h // (q_heads // kv_heads)``.
 * ``k_pool``, ``v_pool``: the whole pools, ``[layers, kv_heads, num_blocks, block_size, head_dim]``
   (see :mod:`jax_paged_kv.cache.config`); ``layer``: ``int32[]``, may be traced.
-* ``block_tables``: ``int32[batch, max_blocks]``; ``kv_lens``: ``int32[batch]``, tokens in the
+* ``block_tables``: ``int32[batch, table_width]``; ``kv_lens``: ``int32[batch]``, tokens in the
   cache per row *including* the new ones; ``q_lens``: ``int32[batch]``, valid queries per row
   (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position
   ``kv_lens[b] - q_lens[b] + i`` and sees keys at positions ``p`` with
@@ -153,15 +153,18 @@ def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
     inf = jnp.where(hits_pos > 0, jnp.inf, 0.0) + jnp.where(hits_neg > 0, -jnp.inf, 0.0)
     return acc.at[r, h].add(part + inf[None])
 
-  acc = lax.fori_loop(0, b * kvh * n_chunks, step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32))
+  # zeros_like keeps the operands' varying mesh axes (under shard_map the loop's carry must).
+  shape = (b, kvh, g, q_len, d)
+  acc = lax.fori_loop(0, b * kvh * n_chunks, step,
+                      jnp.zeros_like(p, shape=shape) + jnp.zeros_like(v, shape=shape))
   out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
   return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
 
 
-def gather_kv(pool: Array, layer: Array, block_tables: Array, num_blocks: int | None = None):
-  """Dense ``[batch, num_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
-  if num_blocks is not None:
-    block_tables = block_tables[:, :num_blocks]
+def gather_kv(pool: Array, layer: Array, block_tables: Array, max_blocks: int | None = None):
+  """Dense ``[batch, max_blocks * block_size, kv_heads, head_dim]`` copy of the tables' pages."""
+  if max_blocks is not None:
+    block_tables = block_tables[:, :max_blocks]
   x, _ = gather_pages(pool, layer, block_tables)  # in position order
   return x.transpose(0, 2, 1, 3)
 

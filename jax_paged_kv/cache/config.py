@@ -1,15 +1,25 @@
 """Static configuration of a paged KV cache, and the pool layout, defined once.
 
-Dimension vocabulary used across the package (shape comments and docstrings):
+Vocabulary used across the package (code, shape comments, docstrings, errors, README); one word
+per concept:
 
 * ``layers``: transformer layers (``num_layers``).
 * ``kv_heads`` / ``q_heads``: key/value heads and query heads.
 * ``head_dim``: size of one head.
-* ``num_blocks``: physical blocks in the pool, *including* the reserved null block 0.
+* ``num_blocks``: physical blocks in the *pool*, including the reserved null block 0. Never a
+  table's width.
 * ``block_size``: tokens per block.
-* ``max_seqs``: sequence slots; a sequence is identified by its slot id in ``[0, max_seqs)``.
-* ``max_blocks``: block-table width, ``ceil(max_seq_len / block_size)``.
-* ``batch``: rows of one call; ``seq_ids[batch]`` says which slot each row targets and a
+* *slot* (alone) / *sequence slot*: one of ``max_seqs`` places a sequence can live; its id, a
+  ``seq_id`` in ``[0, max_seqs)``, is how every op names the sequence (``InvalidSlotError``,
+  ``SlotInUseError``, ... are about these).
+* *token slot*: one physical place for one token's K/V, the flat index
+  ``block * block_size + offset`` into a pool (what :func:`~jax_paged_kv.reserve` returns and
+  :func:`~jax_paged_kv.write_kv` takes; ``InvalidTokenSlotError``). Always said in full.
+* ``table_width``: block-table columns, ``ceil(max_seq_len / block_size)``
+  (:attr:`CacheConfig.table_width`; ``max_blocks_per_seq`` is the same number).
+* ``max_blocks``: the block-table columns *one call reads* (``<= table_width``), a static hint
+  of the attention paths, the models and the engine's buckets.
+* ``batch``: rows of one call; ``seq_ids[batch]`` says which sequence each row targets and a
   negative id marks a padding row that is ignored.
 * ``T`` / ``q_len``: new tokens (or queries) per row in one call.
 
@@ -132,6 +142,11 @@ class CacheConfig:
   def max_blocks_per_seq(self) -> int:
     """Block-table width: ``ceil(max_seq_len / block_size)``."""
     return math.ceil(self.max_seq_len / self.block_size)
+
+  @property
+  def table_width(self) -> int:
+    """Block-table columns, ``ceil(max_seq_len / block_size)`` (= ``max_blocks_per_seq``)."""
+    return self.max_blocks_per_seq
 
   @property
   def usable_blocks(self) -> int:

@@ -424,10 +424,10 @@ def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) 
   if seq_ids is not None:
     sid, pad, status = _row_checks(cache, seq_ids, duplicates=False)
     row_ok = (status == 0) & ~pad
-    tables = cache.block_tables[sid]  # [batch, max_blocks]
+    tables = cache.block_tables[sid]  # [batch, table_width]
     lens = cache.seq_lens[sid]  # [batch]
-    start = jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32) * bs  # [max_blocks]
-    pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, max_blocks]
+    start = jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32) * bs  # [table_width]
+    pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, table_width]
     mine = (tables[:, None, :] == blk[:, :, None]) & (pos < lens[:, None, None])
     owned = owned & row_ok[:, None] & jnp.any(mine, axis=-1)
   return ~none & ~owned
@@ -525,7 +525,7 @@ _append = _eager_or_traced(_append_impl, "append_kv", context=_reserve_context)
 
 
 def append_kv(cache: PagedKVCache, k, v, seq_ids, *, num_new=None, donate: bool = True):
-  """Reserve + write: appends new tokens' K/V to a batch of sequences (the seed's appendKV).
+  """Reserve + write: appends new tokens' K/V to a batch of sequences (LLMIR's appendKV op).
 
   Args:
     cache: the cache.
@@ -578,7 +578,7 @@ def gather_tables(cache: PagedKVCache, seq_ids) -> tuple[Array, Array]:
     seq_ids: ``int32[batch]``.
 
   Returns:
-    ``(block_tables int32[batch, max_blocks], kv_lens int32[batch])``. Rows that do not name an
+    ``(block_tables int32[batch, table_width], kv_lens int32[batch])``. Rows that do not name an
     active slot get length 0 and an all-null table, so nothing can be read through them.
   """
   seq_ids = as_ids(seq_ids)
@@ -653,7 +653,7 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
 
 
 def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None):
-  """Dense, padded keys and values of a batch of sequences (the seed's lookupKV).
+  """Dense, padded keys and values of a batch of sequences (the LLMIR design's lookupKV op).
 
   Args:
     cache: the cache.

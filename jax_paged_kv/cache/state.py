@@ -61,7 +61,7 @@ class PagedKVCache:
       int4 (whose pools are ``uint8[..., head_dim / 2]``).
     v_scale: the value scales: as ``k_scale`` for int8 / fp8, ``bfloat16[layers, kv_heads,
       num_blocks, block_size, head_dim / 32]`` for int4.
-    block_tables: ``int32[max_seqs, max_blocks]``; entry ``j`` of slot ``s`` is the physical block
+    block_tables: ``int32[max_seqs, table_width]``; entry ``j`` of slot ``s`` is the physical block
       holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
       exactly ``ceil(n / block_size)`` blocks; every other entry is the null block 0.
     seq_lens: ``int32[max_seqs]``, tokens stored per slot (0 for inactive slots).
@@ -73,7 +73,7 @@ class PagedKVCache:
 
   k_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
   v_pool: Array  # [layers, kv_heads, num_blocks, block_size, head_dim]
-  block_tables: Array  # [max_seqs, max_blocks] int32
+  block_tables: Array  # [max_seqs, table_width] int32
   seq_lens: Array  # [max_seqs] int32
   active: Array  # [max_seqs] bool
   allocator: AllocatorState

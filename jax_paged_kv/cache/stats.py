@@ -53,7 +53,7 @@ jax.tree_util.register_dataclass(
 
 
 def _held(cache: PagedKVCache):
-  """``(held bool[max_seqs, max_blocks], fill int32[max_seqs, max_blocks])`` per table entry."""
+  """``(held bool[max_seqs, table_width], fill int32[max_seqs, table_width])`` per table entry."""
   cfg = cache.config
   bs = cfg.block_size
   j = jnp.arange(cfg.max_blocks_per_seq)

@@ -13,18 +13,22 @@ from jax_paged_kv.serving.decoding import (
 )
 from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput, generate
 from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
+from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 
 __all__ = [
     "DecodeState",
     "Engine",
     "EngineMetrics",
     "ExportedDecodeStep",
+    "MeshEngine",
     "RequestOutput",
     "SamplingParams",
     "decode_loop",
+    "decode_loop_on_mesh",
     "decode_step",
     "export_decode_step",
     "generate",
     "prefill_step",
+    "prefill_step_on_mesh",
     "sample_tokens",
 ]

@@ -1,4 +1,5 @@
-"""Continuous batching on the host around the jitted steps of :mod:`jax_paged_kv.serving.decoding`.
+"""The engine: continuous batching on the host around the jitted steps of
+:mod:`jax_paged_kv.serving.decoding`.
 
 The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
 
@@ -14,6 +15,12 @@ The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
    to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
 4. frees every finished request's slot at once.
 
+With ``enable_prefix_caching=True`` (``PAGED`` only) a request whose prompt starts with full
+blocks already in the cache (same tokens, same ``cache_salt``) shares them by reference count and
+prefills only the rest; a finished request's full blocks stay cached until the pool or the
+sequence slots are needed (least recently used first). See
+:mod:`~jax_paged_kv.serving.engine.prefix`.
+
 Batch shapes are bucketed (rows, and with the XLA attention path the block-table columns read;
 powers of two by default), so a handful of compilations serve a whole run. Host-side slot ids
 are the cache's sequence ids; padding rows use ``-1``.
@@ -27,8 +34,6 @@ prompts against its ``vocab_size``, and calls the jitted steps with it.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -44,7 +49,12 @@ from jax_paged_kv.cache.errors import (
   Status,
   raise_for_status,
 )
-from jax_paged_kv.cache.ops import allocate_sequences, free_sequences
+from jax_paged_kv.cache.ops import (
+  allocate_sequences,
+  fork_sequence,
+  free_sequences,
+  truncate_sequences,
+)
 from jax_paged_kv.cache.state import PagedKVCache, init_cache
 from jax_paged_kv.cache.stats import cache_stats
 from jax_paged_kv.models.base import (
@@ -54,100 +64,12 @@ from jax_paged_kv.models.base import (
   check_cache_fits,
   check_model,
 )
-from jax_paged_kv.serving.decoding import (
-  DecodeState,
-  Params,
-  SamplingParams,
-  decode_loop,
-  make_key,
-  prefill_step,
-)
-
-
-def bucket(n: int, cap: int, minimum: int = 1, factor: int = 2) -> int:
-  """The smallest ``minimum * factor**i >= n``, capped at ``cap`` (static shapes for jit)."""
-  b = max(1, minimum)
-  while b < n:
-    b *= factor
-  return min(b, cap)
-
-
-@dataclasses.dataclass
-class RequestOutput:
-  """A finished (or in-flight) request.
-
-  Attributes:
-    request_id: the id :meth:`Engine.add_request` returned.
-    prompt: the prompt tokens.
-    tokens: generated tokens (a stop token, if hit, is the last one).
-    finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
-    num_preemptions: times the request was preempted and recomputed.
-    arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
-  """
-
-  request_id: int
-  prompt: list[int]
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None
-  num_preemptions: int = 0
-  arrival_time: float = 0.0
-  first_token_time: float | None = None
-  finish_time: float | None = None
-
-
-@dataclasses.dataclass
-class _Request:
-  out: RequestOutput
-  sampling: SamplingParams
-  slot: int = -1
-  context: list[int] = dataclasses.field(default_factory=list)  # tokens to prefill
-  prefilled: int = 0  # tokens of ``context`` in the cache
-  admit_order: int = 0
-
-  @property
-  def prefilling(self) -> bool:
-    return self.prefilled < len(self.context)
-
-
-@dataclasses.dataclass
-class EngineMetrics:
-  """Counters of an engine run (host-side numbers).
-
-  Attributes:
-    steps: engine steps taken.
-    prefill_calls / decode_calls: jitted calls of each kind.
-    decode_steps: decode iterations executed inside the decode loops.
-    prompt_tokens: prompt tokens prefilled (recomputation included).
-    generated_tokens: tokens generated.
-    peak_running: most sequences in the cache at once.
-    preemptions: requests preempted (each is recomputed later).
-    util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
-      (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
-    running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
-    compile_seconds: wall time of calls that compiled a new shape (first use of a bucket).
-    wall_seconds: wall time inside :meth:`Engine.step`.
-  """
-
-  steps: int = 0
-  prefill_calls: int = 0
-  decode_calls: int = 0
-  decode_steps: int = 0
-  prompt_tokens: int = 0
-  generated_tokens: int = 0
-  peak_running: int = 0
-  preemptions: int = 0
-  util_tokens: int = 0
-  util_slots: int = 0
-  running_trace: list[int] = dataclasses.field(default_factory=list)
-  util_trace: list[float] = dataclasses.field(default_factory=list)
-  time_trace: list[float] = dataclasses.field(default_factory=list)
-  compile_seconds: float = 0.0
-  wall_seconds: float = 0.0
-
-  @property
-  def utilization(self) -> float:
-    """``sum(tokens_stored) / sum(allocated_slots)`` over the sampled steps."""
-    return self.util_tokens / self.util_slots if self.util_slots else 1.0
+from jax_paged_kv.serving.decoding import Params, SamplingParams, decode_loop, prefill_step
+from jax_paged_kv.serving.engine.batching import Batcher
+from jax_paged_kv.serving.engine.blocks import BlockLedger
+from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
+from jax_paged_kv.serving.engine.prefix import PrefixIndex
+from jax_paged_kv.serving.engine.scheduler import Request, Scheduler
 
 
 class Engine:
@@ -179,6 +101,8 @@ class Engine:
       beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
       whenever the prompt fits (vLLM's policy) and relies on preemption.
     track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
+    enable_prefix_caching: share full prompt blocks already in the cache between requests and
+      keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
@@ -188,11 +112,15 @@ class Engine:
                batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
-               track_stats: bool = True):
+               track_stats: bool = True, enable_prefix_caching: bool = False):
     cc = cache_config
     check_cache_fits(check_model(model), cc)
     if prefill_chunk < 1 or decode_steps < 1:
       raise ValueError(f"{prefill_chunk=} and {decode_steps=} must be >= 1")
+    if bucket_factor < 2:
+      raise ValueError(f"{bucket_factor=} must be >= 2")
+    if not 0 <= reserve_ratio <= 1:
+      raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
     self.params = params
     self.model = model
     self.cache_config = cc
@@ -204,28 +132,30 @@ class Engine:
                        f"prefill_chunk={self.prefill_chunk}")
     self.decode_steps = int(decode_steps)
     self.implementation = implementation
-    self.bucket_blocks = bucket_blocks and bool(attention_knobs(implementation, 1, cache_config))
-    self.batch_bucket_min = int(batch_bucket_min)
-    self.block_bucket_min = int(block_bucket_min)
-    if bucket_factor < 2:
-      raise ValueError(f"{bucket_factor=} must be >= 2")
-    self.bucket_factor = int(bucket_factor)
-    self.decode_width_step = decode_width_step
-    self.watermark_blocks = int(watermark * cc.usable_blocks)
-    if not 0 <= reserve_ratio <= 1:
-      raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
-    self.reserve_ratio = float(reserve_ratio)
     self.track_stats = track_stats
+    self.ledger = BlockLedger(cc)
+    self.scheduler = Scheduler(self.ledger, max_batch=self.max_batch,
+                               watermark_blocks=int(watermark * cc.usable_blocks),
+                               reserve_ratio=float(reserve_ratio))
+    self.batcher = Batcher(
+        max_batch=self.max_batch, table_width=cc.max_blocks_per_seq, block_size=cc.block_size,
+        bucket_blocks=bucket_blocks and bool(attention_knobs(implementation, 1, cc)),
+        batch_bucket_min=int(batch_bucket_min), block_bucket_min=int(block_bucket_min),
+        bucket_factor=int(bucket_factor), decode_width_step=decode_width_step)
     self.cache: PagedKVCache = init_cache(cc)
     self.metrics = EngineMetrics()
-    self._waiting: collections.deque[_Request] = collections.deque()
-    self._running: list[_Request] = []
-    self._free_slots = list(range(cc.max_seqs - 1, -1, -1))  # pop() gives slot 0 first
-    self._lens = np.zeros(cc.max_seqs, np.int64)  # host mirror of seq_lens
     self._next_id = 0
-    self._admitted = 0
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
+    self.prefix: PrefixIndex | None = None
+    if enable_prefix_caching:
+      if cc.strategy is not CacheStrategy.PAGED:
+        raise ValueError("enable_prefix_caching needs a PAGED cache")
+      self.prefix = PrefixIndex(cc.block_size, f"{model!r}|{cc!r}".encode())
+      self.ledger.device_free = cc.usable_blocks
+      self.scheduler.hit_blocks = lambda r: self._match(r)[0]
+      self.scheduler.reclaim = self._reclaim
+      self.scheduler.defer = self._defer
 
   @property
   def model_config(self) -> Model:
@@ -234,8 +164,15 @@ class Engine:
 
   # ---- requests ------------------------------------------------------------------------------
 
-  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None) -> int:
+  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+                  cache_salt: str | None = None) -> int:
     """Queues a request; returns its id.
+
+    Args:
+      prompt: token ids.
+      sampling: sampling parameters (default: greedy, 16 new tokens).
+      cache_salt: with prefix caching, requests share cached blocks only if their salts are
+        equal (e.g. one salt per tenant, so no tenant can probe another's prompts by timing).
 
     Raises:
       ValueError: an empty prompt or a token outside ``[0, vocab_size)``.
@@ -263,14 +200,14 @@ class Engine:
           f"pool has {cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     rid = self._next_id
     self._next_id += 1
-    req = _Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
-                   sampling=sampling, context=list(prompt))
-    self._waiting.append(req)
+    req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
+                  sampling=sampling, context=list(prompt), cache_salt=cache_salt)
+    self.scheduler.waiting.append(req)
     return rid
 
   @property
   def has_work(self) -> bool:
-    return bool(self._waiting or self._running)
+    return bool(self.scheduler.waiting or self.scheduler.running)
 
   @property
   def finished(self) -> dict[int, RequestOutput]:
@@ -279,31 +216,11 @@ class Engine:
 
   @property
   def num_running(self) -> int:
-    return len(self._running)
+    return len(self.scheduler.running)
 
   @property
   def num_waiting(self) -> int:
-    return len(self._waiting)
-
-  # ---- block accounting (host side) ----------------------------------------------------------
-
-  def _blocks(self, n) -> np.ndarray:
-    return -(-np.asarray(n) // self.cache_config.block_size)
-
-  def _paged(self) -> bool:
-    return self.cache_config.strategy is CacheStrategy.PAGED
-
-  def _free_blocks(self) -> int:
-    if not self._paged():
-      return self.cache_config.usable_blocks  # every slot owns its slab
-    return self.cache_config.usable_blocks - int(self._blocks(self._lens).sum())
-
-  def _promised_blocks(self) -> int:
-    """Blocks the admitted but not fully prefilled requests will still take."""
-    if not self._paged():
-      return 0
-    return sum(int(self._blocks(len(r.context)) - self._blocks(r.prefilled))
-               for r in self._running if r.prefilling)
+    return len(self.scheduler.waiting)
 
   # ---- the step ------------------------------------------------------------------------------
 
@@ -315,15 +232,20 @@ class Engine:
     """
     t0 = time.perf_counter()
     finished: list[RequestOutput] = []
-    self._admit()
-    if any(r.prefilling for r in self._running):
+    if self.prefix is not None:
+      self.scheduler.admit(install=self._install)
+    else:
+      for req in self.scheduler.admit():
+        self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
+    running = self.scheduler.running
+    if any(r.prefilling for r in running):
       finished += self._prefill()
-    if any(not r.prefilling for r in self._running):
+    if any(not r.prefilling for r in running):
       finished += self._decode()
     m = self.metrics
     m.steps += 1
-    m.peak_running = max(m.peak_running, len(self._running))
-    m.running_trace.append(len(self._running))
+    m.peak_running = max(m.peak_running, len(running))
+    m.running_trace.append(len(running))
     if self.track_stats:
       s = cache_stats(self.cache)
       tokens, slots = int(s.tokens_stored), int(s.allocated_slots)
@@ -365,82 +287,17 @@ class Engine:
     self._seen_shapes.add(key)
     return res
 
-  def _expected_blocks(self, r: _Request) -> int:
-    """Blocks ``r`` will hold by its end under the ``reserve_ratio`` estimate."""
-    left = r.sampling.max_new_tokens - len(r.out.tokens)
-    return int(self._blocks(len(r.out.prompt) + len(r.out.tokens)
-                            + math.ceil(self.reserve_ratio * left)))
-
-  def _admit(self) -> None:
-    while self._waiting and self._free_slots and len(self._running) < self.max_batch:
-      req = self._waiting[0]
-      need = self._expected_blocks(req)
-      if self._paged():
-        expected = sum(max(0, self._expected_blocks(r) - int(self._blocks(self._lens[r.slot])))
-                       for r in self._running)
-        room = self._free_blocks() - expected
-        wm = self.watermark_blocks if self._running else 0
-        if room - need < wm:
-          break
-      self._waiting.popleft()
-      req.slot = self._free_slots.pop()
-      req.prefilled = 0
-      req.admit_order = self._admitted
-      self._admitted += 1
-      self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
-      self._running.append(req)
-
-  def _max_blocks(self, max_len: int) -> int | None:
-    if not self.bucket_blocks:
-      return None
-    cap = self.cache_config.max_blocks_per_seq
-    return bucket(int(self._blocks(max_len)), cap, self.block_bucket_min, self.bucket_factor)
-
-  def _width(self, rows: int, decode: bool = False) -> int:
-    if decode and self.decode_width_step:
-      step = self.decode_width_step
-      return min(self.max_batch, step * math.ceil(rows / step))
-    return bucket(rows, self.max_batch, self.batch_bucket_min, self.bucket_factor)
-
-  def _sampling_rows(self, reqs: Sequence[_Request], width: int):
-    pad = SamplingParams()
-    samp = [r.sampling for r in reqs] + [pad] * (width - len(reqs))
-    temp = np.asarray([s.temperature for s in samp], np.float32)
-    top_k = np.asarray([s.top_k for s in samp], np.int32)
-    top_p = np.asarray([s.top_p for s in samp], np.float32)
-    keys = np.stack([make_key(s.seed) for s in samp])
-    return samp, temp, top_k, top_p, keys
-
   def _prefill(self) -> list[RequestOutput]:
-    chunk, budget = self.prefill_chunk, self.prefill_token_budget
-    rows: list[tuple[_Request, int]] = []
-    for r in self._running:
-      if not r.prefilling or budget <= 0:
-        continue
-      n = min(chunk, len(r.context) - r.prefilled, budget)
-      if self._paged():
-        grow = int(self._blocks(r.prefilled + n) - self._blocks(r.prefilled))
-        if grow > self._free_blocks():
-          continue
-      rows.append((r, n))
-      budget -= n
+    chunk = self.prefill_chunk
+    rows = self.scheduler.prefill_rows(chunk, self.prefill_token_budget)
     if not rows:
       # Nothing fits: make room by preempting the newest request, then retry next step.
-      self._preempt_newest()
+      self._preempt()
       return []
-    width = self._width(len(rows))
-    tokens = np.zeros((width, chunk), np.int32)
-    seq_ids = np.full(width, -1, np.int32)
-    num_new = np.zeros(width, np.int32)
-    key_index = np.zeros(width, np.int32)
-    for i, (r, n) in enumerate(rows):
-      tokens[i, :n] = r.context[r.prefilled:r.prefilled + n]
-      seq_ids[i] = r.slot
-      num_new[i] = n
-      key_index[i] = len(r.out.tokens)
-    _, temp, top_k, top_p, keys = self._sampling_rows([r for r, _ in rows], width)
-    max_len = max(r.prefilled + n for r, n in rows)
-    mb = self._max_blocks(max_len)
+    width = self.batcher.width(len(rows))
+    tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
+    _, temp, top_k, top_p, keys = self.batcher.sampling_rows([r for r, _ in rows], width)
+    mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows))
     self.cache, nxt, _, status = self._timed(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
@@ -448,12 +305,16 @@ class Engine:
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
+    self._sync_free()
+    self._note_peak()
     finished = []
     now = time.perf_counter()
     for i, (r, n) in enumerate(rows):
       r.prefilled += n
-      self._lens[r.slot] += n
+      self.ledger.grow(r.slot, n)
       self.metrics.prompt_tokens += n
+      if self.prefix is not None:
+        self.prefix.register(r.slot, r.context, r.cache_salt, r.prefilled)
       if not r.prefilling:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
@@ -461,7 +322,14 @@ class Engine:
           finished.append(self._finish(r))
     return finished
 
-  def _emit(self, r: _Request, toks: Iterable[int]) -> bool:
+  def _note_peak(self) -> None:
+    """Updates ``peak_blocks`` from the device's free count (its outputs were just read)."""
+    cc = self.cache_config
+    if cc.strategy is CacheStrategy.PAGED:
+      used = cc.usable_blocks - int(self.cache.allocator.num_free)
+      self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
+
+  def _emit(self, r: Request, toks: Iterable[int]) -> bool:
     """Appends generated tokens; True if the request is now finished."""
     s = r.sampling
     for t in toks:
@@ -475,62 +343,44 @@ class Engine:
         return True
     return False
 
-  def _finish(self, r: _Request) -> RequestOutput:
-    self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
-    self._lens[r.slot] = 0
-    self._free_slots.append(r.slot)
-    self._running.remove(r)
+  def _finish(self, r: Request) -> RequestOutput:
+    if self.prefix is not None:
+      self._park(r)
+    else:
+      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self.scheduler.release(r)
     r.out.finish_time = time.perf_counter()
     self._finished[r.out.request_id] = r.out
     return r.out
 
-  def _preempt_newest(self) -> None:
-    victim = max(self._running, key=lambda r: r.admit_order)
+  def _preempt(self) -> None:
+    if self.prefix is not None:
+      if self._evict_one():  # cached blocks go before running requests
+        return
+      self.prefix.unregister(self.scheduler.victim().slot)
+    victim = self.scheduler.victim()
     self.cache, _ = free_sequences(self.cache, np.int32(victim.slot))
-    self._lens[victim.slot] = 0
-    self._free_slots.append(victim.slot)
-    self._running.remove(victim)
-    victim.slot = -1
-    victim.context = victim.out.prompt + victim.out.tokens
-    victim.prefilled = 0
-    victim.out.num_preemptions += 1
+    self._sync_free()
+    self.scheduler.release(victim)
+    self.scheduler.requeue(victim)
     self.metrics.preemptions += 1
-    self._waiting.appendleft(victim)
-
-  def _decode_budget(self, reqs: Sequence[_Request]) -> int:
-    """Most decode steps (<= ``decode_steps``) whose worst-case block needs fit the pool."""
-    k = self.decode_steps
-    if not self._paged():
-      return k
-    lens = self._lens[[r.slot for r in reqs]]
-    left = np.asarray([r.sampling.max_new_tokens - len(r.out.tokens) for r in reqs])
-    room = self._free_blocks() - self._promised_blocks()
-    for steps in range(k, 0, -1):
-      grow = self._blocks(lens + np.minimum(steps, left)) - self._blocks(lens)
-      if int(grow.sum()) <= room:
-        return steps
-    return 0
 
   def _decode(self) -> list[RequestOutput]:
     while True:
-      reqs = [r for r in self._running if not r.prefilling]
+      reqs = [r for r in self.scheduler.running if not r.prefilling]
       if not reqs:
         return []
-      steps = self._decode_budget(reqs)
+      steps = self.scheduler.decode_budget(reqs, self.decode_steps)
+      if steps < self.decode_steps and self.prefix is not None and self.prefix.cached:
+        self._evict_one()
+        continue
       if steps > 0:
         break
-      self._preempt_newest()
-    width = self._width(len(reqs), decode=True)
-    samp, *_ = self._sampling_rows(reqs, width)
-    pad = width - len(reqs)
-    state = DecodeState.create(
-        tokens=[r.out.tokens[-1] for r in reqs] + [0] * pad,
-        seq_ids=[r.slot for r in reqs] + [-1] * pad,
-        sampling=samp,
-        num_generated=[len(r.out.tokens) for r in reqs] + [0] * pad,
-        num_stop=max([1, *(len(s.stop_tokens) for s in samp)]))
-    max_len = max(int(self._lens[r.slot]) for r in reqs) + steps
-    mb = self._max_blocks(max_len)
+      self._preempt()
+    width = self.batcher.width(len(reqs), decode=True)
+    state = self.batcher.decode_state(reqs, width)
+    max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
+    mb = self.batcher.max_blocks(max_len)
     key = ("decode", width, mb, state.stop_tokens.shape[1])
     self.cache, state, out, n_steps, status = self._timed(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
@@ -539,14 +389,134 @@ class Engine:
     out, n_steps = np.asarray(out), int(n_steps)
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
+    self._sync_free()
+    self._note_peak()
     self.metrics.decode_steps += n_steps
     finished = []
     for i, r in enumerate(reqs):
       toks = [int(t) for t in out[i, :n_steps] if t >= 0]
-      self._lens[r.slot] += len(toks)  # each step wrote the previous token
+      self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
+      if self.prefix is not None:
+        self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
+                             int(self.ledger.lens[r.slot]))
       if self._emit(r, toks):
         finished.append(self._finish(r))
     return finished
+
+  # ---- prefix caching ------------------------------------------------------------------------
+
+  def reset_prefix_cache(self) -> int:
+    """Evicts every cached (finished) prefix block; returns the blocks freed."""
+    before = self.metrics.evicted_blocks
+    while self.prefix is not None and self._evict_one():
+      pass
+    return self.metrics.evicted_blocks - before
+
+  def _sync_free(self) -> None:
+    """Reads the device's free block count (prefix caching: blocks are shared)."""
+    if self.prefix is not None:
+      self.ledger.device_free = int(self.cache.allocator.num_free)
+
+  def _match(self, r: Request) -> tuple[int, int]:
+    """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
+    cap = (len(r.context) - 1) // self.cache_config.block_size
+    return self.prefix.match(r.context, r.cache_salt, cap)
+
+  def _defer(self, r: Request) -> bool:
+    """Whether ``r`` should wait: its next uncached block is being prefilled by a running
+    request (a block is shared only once its K/V are written; waiting a few steps for it beats
+    computing it twice, e.g. many requests with one system prompt arriving together)."""
+    k = self._match(r)[0]
+    cap = (len(r.context) - 1) // self.cache_config.block_size
+    if k >= cap:
+      return False
+    h = self.prefix.hashes(r.context, r.cache_salt, k + 1)[-1]
+    return any(h in q.pending for q in self.scheduler.running if q.prefilling)
+
+  def _install(self, r: Request) -> None:
+    """Puts an admitted request in the cache, sharing its cached prefix blocks."""
+    r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
+    k, holder = self._match(r)
+    slot = np.int32(r.slot)
+    if not k:
+      self.cache, _ = allocate_sequences(self.cache, slot)
+      return
+    bs = self.cache_config.block_size
+    self.cache, _ = fork_sequence(self.cache, np.int32(holder), slot)
+    extra = int(self.ledger.lens[holder]) - k * bs
+    if extra:
+      self.cache, _ = truncate_sequences(self.cache, slot, np.int32(extra))
+    self.ledger.lens[r.slot] = k * bs
+    r.prefilled = k * bs
+    self.prefix.register(r.slot, r.context, r.cache_salt, k * bs)
+    self.prefix.touch(holder)
+    self.metrics.cached_prompt_tokens += k * bs
+    self.metrics.prefix_hits += 1
+    self._sync_free()
+
+  def _park(self, r: Request) -> None:
+    """A finished request's full blocks stay cached in its slot (the rest is dropped)."""
+    bs = self.cache_config.block_size
+    written = int(self.ledger.lens[r.slot])
+    self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt, written)
+    keep = self.prefix.registered(r.slot)
+    if not keep:
+      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self.scheduler.release(r)
+    else:
+      if written > keep * bs:
+        self.cache, _ = truncate_sequences(self.cache, np.int32(r.slot),
+                                           np.int32(written - keep * bs))
+      self.ledger.lens[r.slot] = keep * bs
+      self.scheduler.running.remove(r)
+      self.prefix.park(r.slot)
+    self._sync_free()
+
+  def _evict(self, slot: int, num_blocks: int) -> None:
+    """Drops the last ``num_blocks`` blocks of cached slot ``slot`` (all: frees the slot)."""
+    bs = self.cache_config.block_size
+    held = self.prefix.registered(slot)
+    before = self.ledger.free_blocks()
+    if num_blocks >= held:
+      self.cache, _ = free_sequences(self.cache, np.int32(slot))
+      self.prefix.unregister(slot)
+      self.ledger.clear(slot)
+      self.scheduler.free_slots.append(slot)
+    else:
+      self.cache, _ = truncate_sequences(self.cache, np.int32(slot), np.int32(num_blocks * bs))
+      self.prefix.unregister(slot, held - num_blocks)
+      self.ledger.lens[slot] = (held - num_blocks) * bs
+    self._sync_free()
+    self.metrics.evicted_blocks += self.ledger.free_blocks() - before
+
+  def _evict_one(self) -> bool:
+    """Frees the least recently used cached slot; False if there is none."""
+    slot = self.prefix.lru()
+    if slot < 0:
+      return False
+    self._evict(slot, self.prefix.registered(slot))
+    return True
+
+  def _reclaim(self, r: Request, blocks_short: int, need_slot: bool) -> None:
+    """Evicts cached blocks, least recently used slot first and its tail blocks first, until
+    ``blocks_short`` more blocks (and, if ``need_slot``, a sequence slot) are free. The cached
+    slot holding ``r``'s own prefix goes last."""
+    keep = self._match(r)[1]
+    target = self.ledger.free_blocks() + blocks_short
+    while True:
+      if need_slot and self.scheduler.free_slots:
+        need_slot = False
+      short = target - self.ledger.free_blocks()
+      if short <= 0 and not need_slot:
+        return
+      slot = self.prefix.lru(exclude=keep)
+      if slot < 0:
+        slot = self.prefix.lru()
+        if slot < 0:
+          return
+        keep = -1
+      held = self.prefix.registered(slot)
+      self._evict(slot, held if need_slot else min(held, short))
 
 
 def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],

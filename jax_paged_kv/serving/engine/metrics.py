@@ -1,0 +1,85 @@
+"""What an engine run reports: each request's output and the run's counters (host-side)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """A finished (or in-flight) request.
+
+  Attributes:
+    request_id: the id :meth:`Engine.add_request` returned.
+    prompt: the prompt tokens.
+    tokens: generated tokens (a stop token, if hit, is the last one).
+    finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
+    num_preemptions: times the request was preempted and recomputed.
+    arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
+  """
+
+  request_id: int
+  prompt: list[int]
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  num_preemptions: int = 0
+  arrival_time: float = 0.0
+  first_token_time: float | None = None
+  finish_time: float | None = None
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+  """Counters of an engine run (host-side numbers).
+
+  Attributes:
+    steps: engine steps taken.
+    prefill_calls / decode_calls: jitted calls of each kind.
+    decode_steps: decode iterations executed inside the decode loops.
+    prompt_tokens: prompt tokens prefilled (recomputation included; prefix-cache hits
+      excluded).
+    cached_prompt_tokens: prompt tokens taken from the prefix cache instead of prefilled.
+    prefix_hits: admissions that shared at least one cached block.
+    evicted_blocks: blocks that cached-prefix eviction returned to the free list.
+    generated_tokens: tokens generated.
+    peak_running: most sequences in the cache at once.
+    peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
+      cached prefix blocks included).
+    preemptions: requests preempted (each is recomputed later).
+    util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
+      (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
+    running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
+    compile_seconds: wall time of calls that compiled a new shape (first use of a bucket).
+    wall_seconds: wall time inside :meth:`Engine.step`.
+  """
+
+  steps: int = 0
+  prefill_calls: int = 0
+  decode_calls: int = 0
+  decode_steps: int = 0
+  prompt_tokens: int = 0
+  cached_prompt_tokens: int = 0
+  prefix_hits: int = 0
+  evicted_blocks: int = 0
+  generated_tokens: int = 0
+  peak_running: int = 0
+  peak_blocks: int = 0
+  preemptions: int = 0
+  util_tokens: int = 0
+  util_slots: int = 0
+  running_trace: list[int] = dataclasses.field(default_factory=list)
+  util_trace: list[float] = dataclasses.field(default_factory=list)
+  time_trace: list[float] = dataclasses.field(default_factory=list)
+  compile_seconds: float = 0.0
+  wall_seconds: float = 0.0
+
+  @property
+  def prefix_hit_rate(self) -> float:
+    """Share of prompt tokens (recomputation included) served from the prefix cache."""
+    total = self.cached_prompt_tokens + self.prompt_tokens
+    return self.cached_prompt_tokens / total if total else 0.0
+
+  @property
+  def utilization(self) -> float:
+    """``sum(tokens_stored) / sum(allocated_slots)`` over the sampled steps."""
+    return self.util_tokens / self.util_slots if self.util_slots else 1.0

@@ -1,0 +1,216 @@
+"""Decoding and continuous batching on a device mesh, composed from the one-device pieces.
+
+* :func:`decode_loop_on_mesh` / :func:`prefill_step_on_mesh`: the jitted steps of
+  :mod:`jax_paged_kv.serving.decoding` as one program on a
+  :class:`~jax_paged_kv.sharding.MeshLayout`.
+  Tensor parallel: one cache and one model instance over the model axis (weights placed with
+  :func:`~jax_paged_kv.sharding.param_shardings`). Data parallel: every shard runs its own
+  step on its own cache slice (leading ``[data_shards]`` axis on every per-shard argument).
+* :class:`MeshEngine`: one host scheduler over ``data_shards`` cache shards. It routes each
+  request to the shard with the least outstanding work and runs one
+  :class:`~jax_paged_kv.Engine` per shard, each on its own devices (tensor parallel over the
+  shard's model axis when the layout has one). Greedy outputs equal a one-device engine's:
+  a sequence's tokens do not depend on its batch-mates.
+
+Each shard's engine compiles its own programs (XLA executables are bound to their devices), so
+a first step on ``n`` shards compiles ``n`` times; a persistent compilation cache
+(``jax_compilation_cache_dir``) makes later processes reuse them. Beyond one machine, run one
+``MeshEngine`` per host on :func:`~jax_paged_kv.sharding.local_mesh` (tensor parallel inside
+the host) and balance requests across hosts outside JAX: no traffic crosses hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from jax_paged_kv.cache import CacheConfig, PagedKVCache
+from jax_paged_kv.models.base import Model
+from jax_paged_kv.serving.decoding import SamplingParams, decode_loop, prefill_step
+from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput
+from jax_paged_kv.sharding import (
+    MeshLayout,
+    on_mesh,
+    param_shardings,
+    place_cache,
+    use_layout,
+)
+
+
+def _check_auto(layout: MeshLayout) -> None:
+  if layout.explicit:
+    raise ValueError("decoding on a mesh needs a mesh with auto axes (local_mesh, host_mesh, or "
+                     "jax.sharding.Mesh(..., axis_types=(AxisType.Auto, ...))): the model's "
+                     "matmuls are partitioned by XLA")
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "model", "max_steps", "implementation",
+                                             "max_blocks"), donate_argnames=("cache",))
+def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps, *,
+                        layout: MeshLayout, model: Model, max_steps: int,
+                        implementation: str | None = None, max_blocks: int | None = None):
+  """:func:`~jax_paged_kv.decode_loop` on a mesh layout, as one jitted program.
+
+  Tensor parallel: ``params`` placed with :func:`~jax_paged_kv.sharding.param_shardings` and
+  ``cache`` with :func:`~jax_paged_kv.sharding.cache_shardings`; arguments and results as for
+  ``decode_loop``. Data parallel: the cache, ``state`` (every field), ``num_steps``
+  (``int32[data_shards]``) and every result carry a leading ``[data_shards]`` axis; each shard
+  runs its own loop (its own step count, early exit and status) and ``params`` are shared.
+
+  Args:
+    params: model weights.
+    cache: the cache on the mesh (donated).
+    state: the :class:`~jax_paged_kv.DecodeState` (stacked per shard with ``data_axis``).
+    num_steps: steps to run (``int32[data_shards]`` with ``data_axis``).
+    layout: the :class:`~jax_paged_kv.sharding.MeshLayout` (static).
+    model, max_steps, implementation, max_blocks: as for ``decode_loop`` (static).
+
+  Returns:
+    ``(cache, state, out_tokens, steps, status)`` as ``decode_loop`` (per shard with
+    ``data_axis``).
+  """
+  _check_auto(layout)
+  fn = functools.partial(decode_loop, model=model, max_steps=max_steps,
+                         implementation=implementation, max_blocks=max_blocks)
+  return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, state, num_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "model", "implementation", "max_blocks"),
+                   donate_argnames=("cache",))
+def prefill_step_on_mesh(params: Any, cache: PagedKVCache, tokens, seq_ids, num_new,
+                         temperature, top_k, top_p, keys, key_index, *, layout: MeshLayout,
+                         model: Model, implementation: str | None = None,
+                         max_blocks: int | None = None):
+  """:func:`~jax_paged_kv.prefill_step` on a mesh layout, as one jitted program.
+
+  Arguments and results as for ``prefill_step``; with a ``data_axis`` every argument but
+  ``params``, and every result, has a leading ``[data_shards]`` axis.
+  """
+  _check_auto(layout)
+  fn = functools.partial(prefill_step, model=model, implementation=implementation,
+                         max_blocks=max_blocks)
+  return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, tokens, seq_ids, num_new,
+                                                  temperature, top_k, top_p, keys, key_index)
+
+
+class MeshEngine:
+  """Continuous batching on a mesh: one host scheduler, one cache shard per data index.
+
+  Args:
+    params: model weights (host or any device: each shard gets its own placed copy).
+    model: the model (:class:`~jax_paged_kv.Model`, e.g. a :class:`~jax_paged_kv.LlamaConfig`),
+      as for ``Engine``; :func:`~jax_paged_kv.sharding.param_shardings` splits Llama-style
+      weights (a model with other weight names gets its weights replicated).
+    cache_config: the config of *each* shard's cache.
+    layout: a :class:`~jax_paged_kv.sharding.MeshLayout` with auto axes. ``data_axis``: one
+      cache shard (and one :class:`~jax_paged_kv.Engine`) per index; ``model_axis``: each shard
+      tensor parallel over it.
+    **engine_kwargs: passed to every shard's :class:`~jax_paged_kv.Engine`.
+
+  Each shard's cache is built on the host CPU and then placed (no accelerator ever holds more
+  than its shard).
+  """
+
+  def __init__(self, params: Any, model: Model, cache_config: CacheConfig, layout: MeshLayout,
+               **engine_kwargs):
+    _check_auto(layout)
+    layout.check(cache_config)
+    self.layout = layout
+    self.layouts = [layout.shard_layout(i) for i in range(layout.data_shards)]
+    self.engines: list[Engine] = []
+    host = jax.devices("cpu")[0]
+    for sub in self.layouts:
+      with jax.default_device(host):
+        engine = Engine(params, model, cache_config, **engine_kwargs)
+      engine.cache = place_cache(engine.cache, sub)
+      engine.params = jax.device_put(params, param_shardings(params, model, sub))
+      self.engines.append(engine)
+    self._where: dict[int, tuple[int, int]] = {}  # request id -> (shard, the shard's id)
+    self._load = [0] * layout.data_shards  # outstanding tokens routed to each shard
+    self._cost: dict[int, int] = {}
+    self._next_id = 0
+
+  @property
+  def data_shards(self) -> int:
+    return self.layout.data_shards
+
+  # ---- requests ------------------------------------------------------------------------------
+
+  def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+                  shard: int | None = None) -> int:
+    """Queues a request on ``shard`` (default: the least loaded); returns its id.
+
+    Raises:
+      What :meth:`~jax_paged_kv.Engine.add_request` raises.
+    """
+    sampling = sampling or SamplingParams()
+    if shard is None:
+      shard = min(range(self.data_shards), key=lambda s: (self._load[s], s))
+    if not 0 <= shard < self.data_shards:
+      raise ValueError(f"{shard=} is not in [0, {self.data_shards})")
+    local = self.engines[shard].add_request(prompt, sampling)
+    rid = self._next_id
+    self._next_id += 1
+    self._where[rid] = (shard, local)
+    self._cost[rid] = len(prompt) + sampling.max_new_tokens
+    self._load[shard] += self._cost[rid]
+    return rid
+
+  def shard_of(self, request_id: int) -> tuple[int, int]:
+    """``(shard, the shard engine's request id)`` of a request."""
+    return self._where[request_id]
+
+  @property
+  def has_work(self) -> bool:
+    return any(e.has_work for e in self.engines)
+
+  @property
+  def finished(self) -> dict[int, RequestOutput]:
+    """Every request finished so far, by (mesh-wide) request id."""
+    out = {}
+    for rid, (shard, local) in self._where.items():
+      done = self.engines[shard].finished.get(local)
+      if done is not None:
+        out[rid] = dataclasses.replace(done, request_id=rid)
+    return out
+
+  @property
+  def caches(self) -> list[PagedKVCache]:
+    """Each shard's cache (on that shard's devices)."""
+    return [e.cache for e in self.engines]
+
+  @property
+  def metrics(self) -> list[EngineMetrics]:
+    """Each shard's :class:`~jax_paged_kv.EngineMetrics`."""
+    return [e.metrics for e in self.engines]
+
+  # ---- stepping ------------------------------------------------------------------------------
+
+  def step(self) -> list[RequestOutput]:
+    """One step of every shard that has work; returns the requests that finished."""
+    ids = {v: k for k, v in self._where.items()}
+    finished = []
+    for shard, (engine, sub) in enumerate(zip(self.engines, self.layouts, strict=True)):
+      if not engine.has_work:
+        continue
+      with use_layout(sub):
+        done = engine.step()
+      for out in done:
+        rid = ids[(shard, out.request_id)]
+        self._load[shard] -= self._cost.pop(rid)
+        finished.append(dataclasses.replace(out, request_id=rid))
+    return finished
+
+  def run(self, progress: Callable[[int], object] | None = None) -> list[RequestOutput]:
+    """Steps until every request finished; returns them ordered by request id."""
+    done = []
+    while self.has_work:
+      fin = self.step()
+      done += fin
+      if progress is not None and fin:
+        progress(len(fin))
+    return sorted(done, key=lambda o: o.request_id)
