@@ -47,7 +47,8 @@ def test_batch_invariance_and_late_admission():
   """A sequence's output does not depend on its batch-mates or on when it was admitted."""
   cc = cache_config(1 + 4 * 12)
   # Batch widths bucketed to 1 or 4 rows: the target runs in both shapes.
-  kw = dict(prefill_chunk=8, decode_steps=4, bucket_factor=4, bucket_blocks=False)
+  kw = dict(prefill_chunk=8, decode_steps=4, bucket_factor=4, batch_bucket_min=1,
+            bucket_blocks=False)
   target = PROMPTS[3]
   sampled = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=NEW)
 

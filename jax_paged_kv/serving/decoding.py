@@ -39,6 +39,9 @@ from jax_paged_kv.models.base import Model, check_model
 
 Params = Any  # the model's parameter pytree
 _JIT_STATIC = ("model", "config", "implementation", "max_blocks")
+# Width of every DecodeState's stop-token table: the number of stop tokens a request has is not
+# part of any compiled shape (requests with 0 or 3 stop tokens share one program).
+MAX_STOP_TOKENS = 16
 
 
 def resolve_model(model: Model | None, config: Model | None) -> Model:
@@ -61,7 +64,8 @@ class SamplingParams:
     top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
       (``1.0``: no limit). Applied after ``top_k``.
     max_new_tokens: generate at most this many tokens.
-    stop_tokens: generation ends after any of these (it is included in the output).
+    stop_tokens: generation ends after any of these (it is included in the output); at most
+      :data:`MAX_STOP_TOKENS`.
     seed: the request's PRNG seed (``fold_in(key(seed), n)`` samples its ``n``-th token).
   """
 
@@ -82,6 +86,10 @@ class SamplingParams:
     if int(self.max_new_tokens) < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+    if len(self.stop_tokens) > MAX_STOP_TOKENS:
+      raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
+                       "supported (the stop-token table has one fixed width, so that requests "
+                       "with different numbers of stop tokens share one compiled step)")
 
 
 def make_key(seed: int) -> np.ndarray:
@@ -239,14 +247,18 @@ class DecodeState:
       seq_ids: each row's cache slot (negative: padding).
       sampling: each row's sampling parameters.
       num_generated: tokens generated so far per row (default 1: the token from prefill).
-      num_stop: width of ``stop_tokens`` (default: the longest list, at least 1).
+      num_stop: width of ``stop_tokens`` (default :data:`MAX_STOP_TOKENS`, so the width is the
+        same for every batch).
     """
     n = len(seq_ids)
     if not (len(tokens) == len(sampling) == n):
       raise ValueError(f"{len(tokens)} tokens, {n} seq_ids and {len(sampling)} sampling params "
                        "must match")
     gen = np.ones(n, np.int32) if num_generated is None else np.asarray(num_generated, np.int32)
-    width = max([1, *(len(s.stop_tokens) for s in sampling)]) if num_stop is None else num_stop
+    width = MAX_STOP_TOKENS if num_stop is None else int(num_stop)
+    longest = max([0, *(len(s.stop_tokens) for s in sampling)])
+    if longest > width:
+      raise ValueError(f"a request has {longest} stop tokens, more than {num_stop=}")
     stops = np.full((n, width), -1, np.int32)
     for i, s in enumerate(sampling):
       stops[i, :len(s.stop_tokens)] = s.stop_tokens

@@ -10,7 +10,7 @@
 """
 
 from jax_paged_kv.serving.engine.batching import bucket
-from jax_paged_kv.serving.engine.engine import Engine, generate
+from jax_paged_kv.serving.engine.engine import Engine, default_cache_config, generate
 from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
 
-__all__ = ["Engine", "EngineMetrics", "RequestOutput", "bucket", "generate"]
+__all__ = ["Engine", "EngineMetrics", "RequestOutput", "bucket", "default_cache_config", "generate"]

@@ -21,9 +21,18 @@ prefills only the rest; a finished request's full blocks stay cached until the p
 sequence slots are needed (least recently used first). See
 :mod:`~jax_paged_kv.serving.engine.prefix`.
 
-Batch shapes are bucketed (rows, and with the XLA attention path the block-table columns read;
-powers of two by default), so a handful of compilations serve a whole run. Host-side slot ids
+Batch shapes come from a small set fixed when the engine is built (:meth:`Engine.shapes`): one
+prefill shape (``prefill_rows`` rows of ``prefill_chunk`` tokens) and decode batch widths and
+block-table columns read in powers of two from a floor (8 rows, 256 tokens), whatever the
+workload; so a handful of compilations serve every run of an engine, and every engine with the
+same cache and knobs (compiled programs are shared by the whole process). Host-side slot ids
 are the cache's sequence ids; padding rows use ``-1``.
+
+The host never waits on the device for its bookkeeping: block counts, the peak and the
+utilisation statistics come from the host mirror of every sequence's length
+(:class:`~jax_paged_kv.serving.engine.blocks.BlockLedger`), slots are allocated and freed in one
+fixed-width call per step, and the only reads are the tokens each call generated. (With prefix
+caching blocks are shared, so the free count is read back after each cache update.)
 
 :func:`generate` is the one-call convenience for a list of prompts.
 
@@ -84,14 +93,19 @@ class Engine:
     prefill_chunk: prompt tokens per row per prefill call (the static ``T`` of prefill).
     prefill_token_budget: prompt tokens per prefill call over all rows (default
       ``4 * prefill_chunk``).
+    prefill_rows: rows of every prefill call (its one batch width; default
+      ``prefill_token_budget // prefill_chunk``).
     decode_steps: decode steps per :func:`~jax_paged_kv.serving.decoding.decode_loop` call.
     implementation: paged attention implementation (None: the backend's best).
     bucket_blocks: with XLA attention, read only a bucket of block-table columns (at least
       ``block_bucket_min``, growing by ``bucket_factor``) instead of all ``max_blocks``.
-    batch_bucket_min: smallest batch width; widths grow by ``bucket_factor`` up to
-      ``max_batch`` (``batch_bucket_min=max_batch`` and ``bucket_blocks=False`` give one
-      compiled shape per step kind).
-    block_bucket_min, bucket_factor: see above; coarser buckets mean fewer compilations.
+    batch_bucket_min: smallest decode batch width (capped at ``max_batch``); widths grow by
+      ``bucket_factor`` up to ``max_batch`` (``batch_bucket_min=max_batch`` and
+      ``bucket_blocks=False`` give one compiled shape per step kind). On a CPU a step of 8 rows
+      costs about one of 1 row (the weights' reads dominate), hence the default 8.
+    block_bucket_min: smallest bucket of block-table columns a decode step reads (default: 256
+      tokens' worth); prefill reads every column of tables up to 2048 tokens.
+    bucket_factor: growth of the buckets; coarser buckets mean fewer compilations.
     decode_width_step: if set, decode batch widths are multiples of it instead of geometric
       buckets (less padding: padding rows cost as much as live ones; more compilations).
     watermark: fraction of the pool kept free at admission (PAGED).
@@ -100,16 +114,19 @@ class Engine:
       and a request is admitted only if its prompt plus that share of its own budget fits
       beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
       whenever the prompt fits (vLLM's policy) and relies on preemption.
-    track_stats: sample :func:`~jax_paged_kv.cache_stats` every step (utilisation metrics).
+    track_stats: record the KV utilisation every step (from the host mirror of the lengths;
+      with prefix caching :func:`~jax_paged_kv.cache_stats` is read every ``STATS_EVERY``
+      steps).
     enable_prefix_caching: share full prompt blocks already in the cache between requests and
       keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
                max_batch: int | None = None, prefill_chunk: int = 64,
-               prefill_token_budget: int | None = None, decode_steps: int = 8,
-               implementation: str | None = None, bucket_blocks: bool = True,
-               batch_bucket_min: int = 1, block_bucket_min: int = 1, bucket_factor: int = 2,
+               prefill_token_budget: int | None = None, prefill_rows: int | None = None,
+               decode_steps: int = 8, implementation: str | None = None,
+               bucket_blocks: bool = True, batch_bucket_min: int = 8,
+               block_bucket_min: int | None = None, bucket_factor: int = 2,
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
                track_stats: bool = True, enable_prefix_caching: bool = False):
@@ -140,13 +157,16 @@ class Engine:
     self.batcher = Batcher(
         max_batch=self.max_batch, table_width=cc.max_blocks_per_seq, block_size=cc.block_size,
         bucket_blocks=bucket_blocks and bool(attention_knobs(implementation, 1, cc)),
-        batch_bucket_min=int(batch_bucket_min), block_bucket_min=int(block_bucket_min),
-        bucket_factor=int(bucket_factor), decode_width_step=decode_width_step)
+        batch_bucket_min=int(batch_bucket_min),
+        block_bucket_min=None if block_bucket_min is None else int(block_bucket_min),
+        bucket_factor=int(bucket_factor), decode_width_step=decode_width_step,
+        prefill_rows=int(prefill_rows or self.prefill_token_budget // self.prefill_chunk))
     self.cache: PagedKVCache = init_cache(cc)
     self.metrics = EngineMetrics()
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
+    self._to_free: list[int] = []  # slots finished this step, freed in one call
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -156,6 +176,16 @@ class Engine:
       self.scheduler.hit_blocks = lambda r: self._match(r)[0]
       self.scheduler.reclaim = self._reclaim
       self.scheduler.defer = self._defer
+
+  def shapes(self) -> list[tuple[str, int, int | None]]:
+    """Every ``(kind, batch width, block-table columns read or None)`` the engine can compile
+    (each at its first use): a fixed set, whatever the workload."""
+    return self.batcher.shapes()
+
+  @property
+  def compiled_shapes(self) -> set[tuple[str, int, int | None]]:
+    """The shapes this engine has run so far (a subset of :meth:`shapes`)."""
+    return set(self._seen_shapes)
 
   @property
   def model_config(self) -> Model:
@@ -235,8 +265,9 @@ class Engine:
     if self.prefix is not None:
       self.scheduler.admit(install=self._install)
     else:
-      for req in self.scheduler.admit():
-        self.cache, _ = allocate_sequences(self.cache, np.int32(req.slot))
+      admitted = self.scheduler.admit()
+      if admitted:
+        self.cache, _ = allocate_sequences(self.cache, self._slots([r.slot for r in admitted]))
     running = self.scheduler.running
     if any(r.prefilling for r in running):
       finished += self._prefill()
@@ -247,14 +278,47 @@ class Engine:
     m.peak_running = max(m.peak_running, len(running))
     m.running_trace.append(len(running))
     if self.track_stats:
-      s = cache_stats(self.cache)
-      tokens, slots = int(s.tokens_stored), int(s.allocated_slots)
+      tokens, slots = self._usage()
       m.util_tokens += tokens
       m.util_slots += slots
       m.util_trace.append(tokens / slots if slots else float("nan"))
     m.wall_seconds += time.perf_counter() - t0
     m.time_trace.append(m.wall_seconds)
     return finished
+
+  STATS_EVERY = 16  # steps between reads of the device's statistics (prefix caching)
+
+  def _usage(self) -> tuple[int, int]:
+    """``(tokens stored, token slots allocated)`` in the cache now.
+
+    From the host mirror of the lengths; with prefix caching (blocks shared, so lengths do not
+    give the blocks held) from :func:`~jax_paged_kv.cache_stats`, read every
+    ``STATS_EVERY`` steps (the last reading repeats in between).
+    """
+    cc = self.cache_config
+    if self.prefix is None:
+      lens = self.ledger.lens
+      tokens = int(lens.sum())
+      if cc.strategy is CacheStrategy.PAGED:
+        return tokens, int(self.ledger.blocks(lens).sum()) * cc.block_size
+      held = len(self.scheduler.running)  # a contiguous slot owns its slab until freed
+      return tokens, held * cc.max_blocks_per_seq * cc.block_size
+    if self.metrics.steps % self.STATS_EVERY == 1 or not hasattr(self, "_last_usage"):
+      s = cache_stats(self.cache)
+      self._last_usage = int(s.tokens_stored), int(s.allocated_slots)
+    return self._last_usage
+
+  def _slots(self, slots: Sequence[int]) -> np.ndarray:
+    """``int32[max_batch]`` slot ids padded with ``-1``: one compiled allocate / free."""
+    ids = np.full(max(self.max_batch, len(slots)), -1, np.int32)
+    ids[:len(slots)] = slots
+    return ids
+
+  def _flush_free(self) -> None:
+    """Frees the slots of the requests finished since the last call, in one call."""
+    if self._to_free:
+      self.cache, _ = free_sequences(self.cache, self._slots(self._to_free))
+      self._to_free = []
 
   def run(self, progress: Callable[[int], object] | None = None) -> list[RequestOutput]:
     """Steps until every queued request finished.
@@ -289,7 +353,8 @@ class Engine:
 
   def _prefill(self) -> list[RequestOutput]:
     chunk = self.prefill_chunk
-    rows = self.scheduler.prefill_rows(chunk, self.prefill_token_budget)
+    rows = self.scheduler.prefill_rows(chunk, self.prefill_token_budget,
+                                       self.batcher.prefill_rows)
     if not rows:
       # Nothing fits: make room by preempting the newest request, then retry next step.
       self._preempt()
@@ -297,7 +362,7 @@ class Engine:
     width = self.batcher.width(len(rows))
     tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
     _, temp, top_k, top_p, keys = self.batcher.sampling_rows([r for r, _ in rows], width)
-    mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows))
+    mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
     self.cache, nxt, _, status = self._timed(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
@@ -306,27 +371,29 @@ class Engine:
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
-    self._note_peak()
     finished = []
     now = time.perf_counter()
-    for i, (r, n) in enumerate(rows):
+    for r, n in rows:
       r.prefilled += n
       self.ledger.grow(r.slot, n)
       self.metrics.prompt_tokens += n
       if self.prefix is not None:
         self.prefix.register(r.slot, r.context, r.cache_salt, r.prefilled)
+    self._note_peak()
+    for i, (r, _) in enumerate(rows):
       if not r.prefilling:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
         if self._emit(r, [int(nxt[i])]):
           finished.append(self._finish(r))
+    self._flush_free()
     return finished
 
   def _note_peak(self) -> None:
-    """Updates ``peak_blocks`` from the device's free count (its outputs were just read)."""
+    """Updates ``peak_blocks`` from the host's block accounting (no device read)."""
     cc = self.cache_config
     if cc.strategy is CacheStrategy.PAGED:
-      used = cc.usable_blocks - int(self.cache.allocator.num_free)
+      used = cc.usable_blocks - self.ledger.free_blocks()
       self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
@@ -347,7 +414,7 @@ class Engine:
     if self.prefix is not None:
       self._park(r)
     else:
-      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self._to_free.append(r.slot)  # freed with the others at the end of the call
       self.scheduler.release(r)
     r.out.finish_time = time.perf_counter()
     self._finished[r.out.request_id] = r.out
@@ -381,7 +448,7 @@ class Engine:
     state = self.batcher.decode_state(reqs, width)
     max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
     mb = self.batcher.max_blocks(max_len)
-    key = ("decode", width, mb, state.stop_tokens.shape[1])
+    key = ("decode", width, mb)
     self.cache, state, out, n_steps, status = self._timed(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
@@ -390,17 +457,21 @@ class Engine:
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
     self._sync_free()
-    self._note_peak()
     self.metrics.decode_steps += n_steps
     finished = []
+    r_toks = {}
     for i, r in enumerate(reqs):
       toks = [int(t) for t in out[i, :n_steps] if t >= 0]
+      r_toks[r.slot] = toks
       self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
       if self.prefix is not None:
         self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
                              int(self.ledger.lens[r.slot]))
-      if self._emit(r, toks):
+    self._note_peak()  # the blocks the rows grew into, before the finished ones are freed
+    for r in reqs:
+      if self._emit(r, r_toks[r.slot]):
         finished.append(self._finish(r))
+    self._flush_free()
     return finished
 
   # ---- prefix caching ------------------------------------------------------------------------
@@ -519,6 +590,47 @@ class Engine:
       self._evict(slot, held if need_slot else min(held, short))
 
 
+DEFAULT_MAX_SEQS = 256  # sequence slots of generate's default cache
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def default_cache_config(model: Model, prompts: Sequence[Sequence[int]],
+                         sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                         block_size: int = 16) -> CacheConfig:
+  """The cache :func:`generate` builds when given none: a ``PAGED`` cache with room for every
+  request at once, in sizes from a short ladder.
+
+  Every compiled program depends on the cache's shapes, so they are rounded up to powers of
+  two: ``max_seq_len`` (at least 256 tokens) covers the longest request, the pool the blocks of
+  all the requests (of the first ``DEFAULT_MAX_SEQS``, which is also the sequence slots, fixed).
+  Calls whose longest request and total tokens fall in the same powers of two share one cache
+  shape, so the second such call compiles nothing.
+
+  Args:
+    model: the model.
+    prompts: token-id lists.
+    sampling: one :class:`~jax_paged_kv.serving.decoding.SamplingParams` or one per prompt.
+    block_size: tokens per block (a power of two keeps ``max_seq_len`` a power of two).
+
+  Returns:
+    The :class:`~jax_paged_kv.CacheConfig`.
+  """
+  if isinstance(sampling, SamplingParams) or sampling is None:
+    sampling = [sampling or SamplingParams()] * len(prompts)
+  totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True)]
+  if not totals:
+    raise ValueError("no prompts")
+  max_len = block_size * math.ceil(_pow2(max(256, max(totals))) / block_size)
+  blocks = sorted((math.ceil(t / block_size) for t in totals), reverse=True)
+  need = 1 + sum(blocks[:DEFAULT_MAX_SEQS])  # the null block, then every request at once
+  return cache_config_for(check_model(model), num_blocks=_pow2(need),
+                          max_seqs=DEFAULT_MAX_SEQS, max_seq_len=max_len,
+                          block_size=block_size)
+
+
 def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
              sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
              cache_config: CacheConfig | None = None, block_size: int = 16,
@@ -531,7 +643,9 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
     prompts: token-id lists.
     sampling: one :class:`~jax_paged_kv.serving.decoding.SamplingParams` for all prompts, or
       one each (default: greedy, 16 new tokens).
-    cache_config: the cache (default: a paged cache with room for every request at once).
+    cache_config: the cache (default: :func:`default_cache_config`, a paged cache with room
+      for every request at once, sized by a stable rule so that later calls with other prompts
+      reuse the compiled programs).
     block_size: block size of the default cache.
     progress: show a tqdm progress bar.
     **engine_kwargs: passed to :class:`Engine`.
@@ -547,12 +661,7 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   if not prompts:
     return []
   if cache_config is None:
-    totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True)]
-    max_len = block_size * math.ceil(max(totals) / block_size)
-    blocks = sum(math.ceil(t / block_size) for t in totals)
-    cache_config = cache_config_for(
-        check_model(model), num_blocks=1 + blocks, max_seqs=min(len(prompts), 256),
-        max_seq_len=max_len, block_size=block_size)
+    cache_config = default_cache_config(model, prompts, sampling, block_size=block_size)
   engine = Engine(params, model, cache_config, **engine_kwargs)
   ids = [engine.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
   bar = None

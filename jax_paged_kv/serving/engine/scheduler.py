@@ -131,17 +131,21 @@ class Scheduler:
     wm = self.watermark_blocks if self.running else 0
     return self.expected_blocks(req) - self.hit_blocks(req) + wm - room
 
-  def prefill_rows(self, chunk: int, budget: int) -> list[tuple[Request, int]]:
-    """``(request, tokens)`` of this step's prefill: only rows whose new blocks fit now."""
+  def prefill_rows(self, chunk: int, budget: int,
+                   max_rows: int | None = None) -> list[tuple[Request, int]]:
+    """``(request, tokens)`` of this step's prefill: at most ``max_rows`` rows, only rows whose
+    new blocks fit now (beside the rows before them)."""
     rows = []
+    room = self.ledger.free_blocks() if self.ledger.paged else 0
     for r in self.running:
-      if not r.prefilling or budget <= 0:
+      if not r.prefilling or budget <= 0 or (max_rows is not None and len(rows) >= max_rows):
         continue
       n = min(chunk, len(r.context) - r.prefilled, budget)
       if self.ledger.paged:
         grow = int(self.ledger.blocks(r.prefilled + n) - self.ledger.blocks(r.prefilled))
-        if grow > self.ledger.free_blocks():
+        if grow > room:
           continue
+        room -= grow
       rows.append((r, n))
       budget -= n
     return rows
