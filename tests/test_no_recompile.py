@@ -407,3 +407,80 @@ def test_rejected_update_under_jit_returns_the_input_cache(name):
   # Bitwise the input (NaN-filled free blocks included), but for the rejection counter.
   chex.assert_trees_all_equal(out.replace(telemetry=before.telemetry), before)
   assert int(out.telemetry.failed_allocations) == int(before.telemetry.failed_allocations) + pool
+
+
+# ---------------------------------------------------------------------------------------------
+# generate and the engine's shape set: compile once, for good
+
+
+def test_generate_second_call_with_other_prompts_compiles_nothing():
+  """Two ``generate`` calls with different prompt sets (counts, lengths, stop tokens) under
+  the default cache: the second compiles nothing; greedy outputs equal the float64 greedy
+  recomputation."""
+  rng = np.random.default_rng(11)
+
+  def workload(n, seed0):
+    prompts = [rng.integers(0, SMALL.vocab_size, int(rng.integers(2, 30))).tolist()
+               for _ in range(n)]
+    sampling = [SamplingParams(max_new_tokens=int(rng.integers(1, 12)),
+                               stop_tokens=tuple(int(t) for t in
+                                                 rng.integers(0, SMALL.vocab_size, i % 4)))
+                if i % 2 else
+                SamplingParams(temperature=0.9, top_p=0.8, seed=seed0 + i,
+                               max_new_tokens=int(rng.integers(1, 12)))
+                for i in range(n)]
+    return prompts, sampling
+
+  first = workload(7, 0)
+  second = workload(5, 100)
+  assert (pk.serving.default_cache_config(SMALL, *first)
+          == pk.serving.default_cache_config(SMALL, *second))
+  with count_compilations() as warm_up:
+    pk.generate(PARAMS, SMALL, *first)
+  assert any(ev == COMPILE_EVENT and "decode_loop" in name for ev, name in warm_up), warm_up
+  with count_compilations() as events:
+    outs = pk.generate(PARAMS, SMALL, *second)
+  assert events == []
+  for p, s, got in zip(*second, outs, strict=True):
+    if s.temperature == 0:
+      assert got == reference_greedy(PARAMS, SMALL, p, s.max_new_tokens, s.stop_tokens)
+
+
+def test_engine_compiles_only_shapes_from_its_fixed_set():
+  """A run with a changing number of running requests and lengths compiles only shapes of
+  ``Engine.shapes()`` (one prefill shape), each once; greedy outputs match the oracle."""
+  cc = SMALL.cache_config(num_blocks=1 + 40, max_seqs=8, max_seq_len=64, block_size=4)
+  engine = Engine(PARAMS, SMALL, cc, prefill_chunk=8, decode_steps=4, batch_bucket_min=2,
+                  block_bucket_min=4)
+  shapes = engine.shapes()
+  assert [s for s in shapes if s[0] == "prefill"] == [("prefill", 4, 16)]
+  assert {s[1] for s in shapes if s[0] == "decode"} == {2, 4, 8}
+  assert {s[2] for s in shapes if s[0] == "decode"} == {4, 8, 16}
+  rng = np.random.default_rng(5)
+  reqs = {}
+  for _ in range(12):
+    prompt = rng.integers(0, SMALL.vocab_size, int(rng.integers(1, 30))).tolist()
+    s = SamplingParams(max_new_tokens=int(rng.integers(1, 30)))
+    reqs[engine.add_request(prompt, s)] = (prompt, s)
+  with count_compilations() as events:
+    engine.run()
+  assert engine.compiled_shapes <= set(shapes)
+  compiled = [name for ev, name in events if ev == COMPILE_EVENT]
+  steps = [n for n in compiled if "prefill_step" in n or "decode_loop" in n]
+  # Each step program compiled at most once per shape (another test may have compiled some).
+  assert len(steps) <= len(engine.compiled_shapes)
+  for rid, (prompt, s) in reqs.items():
+    assert engine.finished[rid].tokens == reference_greedy(PARAMS, SMALL, prompt,
+                                                           s.max_new_tokens)
+
+
+def test_stop_token_count_is_not_a_compiled_shape():
+  """Requests with 0, 1 and ``MAX_STOP_TOKENS`` stop tokens share one decode program; more
+  are refused with a clear error."""
+  from jax_paged_kv.serving.decoding import MAX_STOP_TOKENS
+  states = [DecodeState.create([0] * WIDTH, [-1] * WIDTH,
+                               [SamplingParams(stop_tokens=tuple(range(n)))] * WIDTH)
+            for n in (0, 1, MAX_STOP_TOKENS)]
+  assert {s.stop_tokens.shape for s in states} == {(WIDTH, MAX_STOP_TOKENS)}
+  with pytest.raises(ValueError, match="MAX_STOP_TOKENS"):
+    SamplingParams(stop_tokens=tuple(range(MAX_STOP_TOKENS + 1)))

@@ -4,6 +4,7 @@ and ``jax.export`` of a decode step. It depends on the model *protocol*
 """
 
 from jax_paged_kv.serving.decoding import (
+    MAX_STOP_TOKENS,
     DecodeState,
     SamplingParams,
     decode_loop,
@@ -11,11 +12,18 @@ from jax_paged_kv.serving.decoding import (
     prefill_step,
     sample_tokens,
 )
-from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput, generate
+from jax_paged_kv.serving.engine import (
+    Engine,
+    EngineMetrics,
+    RequestOutput,
+    default_cache_config,
+    generate,
+)
 from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 
 __all__ = [
+    "MAX_STOP_TOKENS",
     "DecodeState",
     "Engine",
     "EngineMetrics",
@@ -26,6 +34,7 @@ __all__ = [
     "decode_loop",
     "decode_loop_on_mesh",
     "decode_step",
+    "default_cache_config",
     "export_decode_step",
     "generate",
     "prefill_step",
