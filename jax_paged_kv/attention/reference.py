@@ -241,12 +241,12 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
 
   Non-finite V: the fast path (:func:`masked_softmax_attention`) is exact when all its outputs
   are finite; otherwise a ``lax.cond`` recomputes the output with
-  :func:`nonfinite_v_attention`. That slow path is a loop over (row, KV head, key chunk)
-  because XLA sizes a call's scratch memory for its largest branch, taken or not: done for the
-  whole batch at once (float32 V, its NaN / Inf flags) it tripled the scratch of a small CPU
-  decode step, which then ran 2x slower every call (the buffer no longer fit under the
-  allocator's mmap threshold). The loop reads float32 copies only: XLA:CPU converts a bfloat16
-  array read inside a loop to float32 as a whole, outside the loop.
+  :func:`nonfinite_v_attention`. That slow path is a loop over (row, key chunk) that gathers
+  each chunk's pages from the pools itself, because XLA sizes a call's scratch memory for its
+  largest branch, taken or not: done for the whole batch at once (float32 V, its NaN / Inf
+  flags) it tripled the scratch of a small CPU decode step, which then ran 2x slower every call
+  (the buffer no longer fit under the allocator's mmap threshold); and a small loop body keeps
+  the branch cheap to compile.
   """
   if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
     raise ValueError(f"interleave must be a positive int, got {interleave!r}")
@@ -271,20 +271,69 @@ _SLOW_PATH_CHUNK = 512  # keys per step of the slow path's loop (rounded to whol
 
 def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, k_scale,
                        v_scale, *, scale, soft_cap, sliding_window):
-  """:func:`nonfinite_v_attention` from the pools.
+  """:func:`nonfinite_v_attention` read straight from the pools, one (row, key chunk) at a time.
 
-  It gathers its own copies (in position order): passing the fast path's into the conditional
-  kept them alive past it, which grew the scratch memory as well. The table is padded with
+  Each step of the loop gathers its own ``[kv_heads, chunk, D]`` pages of K and V (in position
+  order), so neither a dense copy of the rows' pages nor their probabilities exist at once:
+  the branch's scratch stays a few tiles (XLA sizes a call's scratch for its largest branch,
+  taken or not), and it compiles to one small loop body (a slow path gathering whole copies
+  first doubled the compile time of every step that holds attention). The table is padded with
   null entries (never visible) to whole chunks.
   """
+  b, q_len, qh, d = q.shape
   nb, bs = block_tables.shape[1], k_pool.shape[3]
+  kvh = k_pool.shape[1]
+  g = qh // kvh
   pages = max(1, min(nb, _SLOW_PATH_CHUNK // bs))
   block_tables = jnp.pad(block_tables, ((0, 0), (0, -nb % pages)))
-  k, positions = gather_dequantized(k_pool, k_scale, layer, block_tables)
-  v, _ = gather_dequantized(v_pool, v_scale, layer, block_tables, key=False)
-  mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
-  return nonfinite_v_attention(q, k, v, mask, lse, scale=scale, soft_cap=soft_cap,
-                               chunk=pages * bs)
+  n_chunks = block_tables.shape[1] // pages
+  chunk = pages * bs
+  # [batch, kv_heads, group, q_len]: the fast path's log-sum-exp normalises every chunk.
+  lse_g = jnp.where(jnp.isfinite(lse), lse, 0.0).reshape(b, q_len, kvh, g).transpose(0, 2, 3, 1)
+  # XLA:CPU converts a 16-bit float array read inside a loop to float32 as a whole, outside the
+  # loop (a pool-sized copy): the loop reads 16-bit pools as their bits and converts its pages.
+  k_bits, v_bits = _float_bits(k_pool, k_scale), _float_bits(v_pool, v_scale)
+
+  def gather(bits, pool, scale_, table, key):
+    if bits is None:
+      return gather_dequantized(pool, scale_, layer, table, key=key)
+    x, positions = gather_pages(bits, layer, table)
+    return lax.bitcast_convert_type(x, pool.dtype), positions
+
+  def step(i, acc):  # row r, keys [c * chunk, (c + 1) * chunk)
+    r, c = i // n_chunks, i % n_chunks
+    table = lax.dynamic_slice(block_tables, (r, c * pages), (1, pages))
+    k, positions = gather(k_bits, k_pool, k_scale, table, True)  # [1, kv_heads, chunk, D]
+    v, _ = gather(v_bits, v_pool, v_scale, table, False)
+    row = functools.partial(lax.dynamic_slice_in_dim, start_index=r, slice_size=1)
+    mask = attention_masks(row(kv_lens), row(q_lens), q_len, positions + c * chunk,
+                           sliding_window)  # [1, q_len, chunk]
+    logits = _grouped_logits(row(q), k, mask, scale=scale, soft_cap=soft_cap)
+    p = jnp.where(mask[:, None, None], jnp.exp(logits - row(lse_g)[..., None]), 0.0)
+    v = v.astype(jnp.float32)
+    part = jnp.einsum("bhgqs,bhsd->bhgqd", p, jnp.where(jnp.isfinite(v), v, 0.0),
+                      preferred_element_type=jnp.float32)
+    seen = mask.astype(jnp.float32)
+    nan = jnp.isnan(v)
+    hits_pos = jnp.einsum("bqs,bhsd->bhqd", seen, (nan | (v == jnp.inf)).astype(jnp.float32))
+    hits_neg = jnp.einsum("bqs,bhsd->bhqd", seen, (nan | (v == -jnp.inf)).astype(jnp.float32))
+    inf = jnp.where(hits_pos > 0, jnp.inf, 0.0) + jnp.where(hits_neg > 0, -jnp.inf, 0.0)
+    return lax.dynamic_update_slice_in_dim(acc, row(acc) + part + inf[:, :, None], r, axis=0)
+
+  # zeros_like keeps the operands' varying mesh axes (under shard_map the loop's carry must).
+  shape = (b, kvh, g, q_len, d)
+  acc = (jnp.zeros_like(lse, jnp.float32, shape=shape)
+         + jnp.zeros_like(v_pool, jnp.float32, shape=shape))
+  acc = lax.fori_loop(0, b * n_chunks, step, acc)
+  out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
+  return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
+
+
+def _float_bits(pool: Array, scale: Array | None) -> Array | None:
+  """``uint16`` bits of an unquantised 16-bit float pool (None for any other pool)."""
+  if scale is None and pool.dtype in (jnp.bfloat16, jnp.float16):
+    return lax.bitcast_convert_type(pool, jnp.uint16)
+  return None
 
 
 paged_attention_xla_jit = jax.jit(

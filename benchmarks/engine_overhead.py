@@ -1,0 +1,134 @@
+"""The engine's wall time per decode step against the jitted decode loop alone, same batch.
+
+For each batch size ``B``: ``B`` greedy requests with equal prompts and output lengths, so every
+decode call of the engine has ``B`` live rows, one batch width and one bucket of block-table
+columns. The engine is warmed up with one such run (compilation), then timed on a second one:
+the wall time of the :meth:`~jax_paged_kv.Engine.step` calls that only decoded (no prefill),
+divided by the decode steps they took. The baseline is
+:func:`~jax_paged_kv.serving.decoding.decode_loop` alone, called the same way (same cache
+shape, batch, block-table columns read, ``decode_steps`` steps per call, outputs fed back and
+each call waited for), nothing around it. Ratio = engine / loop alone; goal <= 1.25 (the host
+work of scheduling, packing and reading the tokens back must stay small next to a step).
+
+    python -m benchmarks.engine_overhead [--quick] [--model small] [--batch 8 32]
+
+Saves ``benchmarks/results/engine_overhead.json`` (``engine_overhead_gpu.json`` on a GPU) and
+its RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from benchmarks import report
+from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import DecodeState, SamplingParams, decode_loop
+from jax_paged_kv.serving.engine import Engine
+from jax_paged_kv.workloads import MODELS, model_config
+
+PROMPT, NEW, BLOCK = 32, 200, 16
+
+
+def engine_per_step(params, model, cc, batch: int, decode_steps: int, repeats: int) -> float:
+  """Median over ``repeats`` runs of the engine's wall seconds per decode step of its
+  decode-only steps (after a warm-up run)."""
+  engine = Engine(params, model, cc, decode_steps=decode_steps, batch_bucket_min=batch)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, model.vocab_size, PROMPT).tolist() for _ in range(batch)]
+
+  def one_run():
+    for p in prompts:
+      engine.add_request(p, SamplingParams(max_new_tokens=NEW))
+    wall, steps = 0.0, 0
+    while engine.has_work:
+      m = engine.metrics
+      prefills, decoded = m.prefill_calls, m.decode_steps
+      t0 = time.perf_counter()
+      engine.step()
+      dt = time.perf_counter() - t0
+      if m.prefill_calls == prefills and m.decode_steps > decoded:
+        wall += dt
+        steps += m.decode_steps - decoded
+    return wall / steps
+
+  one_run()  # compiles
+  return report.median([one_run() for _ in range(repeats)])
+
+
+def loop_per_step(params, model, cc, batch: int, decode_steps: int, repeats: int) -> float:
+  """Median seconds per step of ``decode_loop`` alone at the engine's shape."""
+  from jax_paged_kv import allocate_sequences, init_cache, reserve
+  ids = np.arange(batch, dtype=np.int32)
+  mb = -(-(PROMPT + NEW) // BLOCK)
+  mb = 1 << (mb - 1).bit_length()  # the engine's bucket (a power of two of 256 tokens or more)
+  mb = max(mb, 256 // BLOCK)
+
+  def one_run():
+    cache = init_cache(cc)
+    cache, _ = allocate_sequences(cache, ids)
+    cache, _, _ = reserve(cache, ids, PROMPT, max_new=PROMPT)  # the prompts' room (not timed)
+    state = DecodeState.create([1] * batch, ids.tolist(),
+                               [SamplingParams(max_new_tokens=NEW)] * batch)
+    wall, steps = 0.0, 0
+    while not bool(np.all(np.asarray(state.done))):
+      t0 = time.perf_counter()
+      cache, state, out, n, _ = decode_loop(params, cache, state, jnp.int32(decode_steps),
+                                            model=model, max_steps=decode_steps, max_blocks=mb)
+      n = int(n)
+      np.asarray(out)
+      wall += time.perf_counter() - t0
+      steps += n
+    return wall / steps
+
+  one_run()
+  return report.median([one_run() for _ in range(repeats)])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="batch 8 only, 2 repeats")
+  p.add_argument("--model", choices=sorted(MODELS), default="small")
+  p.add_argument("--batch", type=int, nargs="+", default=None, help="default 8 32")
+  p.add_argument("--decode-steps", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --quick)")
+  args = p.parse_args(argv)
+  report.set_quick(args.quick)
+  batches = args.batch or ([8] if args.quick else [8, 32])
+  repeats = args.repeats or (2 if args.quick else 5)
+  model = model_config(args.model)
+  params = init_params(model, jax.random.PRNGKey(0))
+  machine = report.machine_name()
+  rows = []
+  for b in tqdm(batches, desc="engine_overhead", unit="batch"):
+    cc = model.cache_config(num_blocks=1 + b * -(-(PROMPT + NEW) // BLOCK), max_seqs=b,
+                            max_seq_len=BLOCK * -(-(PROMPT + NEW) // BLOCK), block_size=BLOCK)
+    alone = loop_per_step(params, model, cc, b, args.decode_steps, repeats)
+    eng = engine_per_step(params, model, cc, b, args.decode_steps, repeats)
+    rows.append({"batch": b, "loop_ms": 1e3 * alone, "engine_ms": 1e3 * eng,
+                 "ratio": eng / alone})
+  columns = ["batch", "decode_loop alone ms/step", "engine ms/step", "engine / loop"]
+  table = [[r["batch"], f"{r['loop_ms']:.2f}", f"{r['engine_ms']:.2f}", f"{r['ratio']:.2f}x"]
+           for r in rows]
+  print(report.text_table(columns, table))
+  notes = (f"Model `{args.model}` (random weights), {PROMPT}-token prompts, {NEW} new tokens "
+           f"each, greedy, `decode_steps={args.decode_steps}`; engine: wall time of its "
+           "decode-only steps per decode step; loop alone: the jitted `decode_loop` at the same "
+           f"shape, each call waited for. Medians of {repeats} runs on {machine}. Goal: "
+           "engine / loop <= 1.25.")
+  report.save(report.result_name("engine_overhead"), script="engine_overhead",
+              title="Engine overhead per decode step",
+              markdown=report.markdown_table(columns, table), notes=notes,
+              data={"model": args.model, "rows": rows, "repeats": repeats,
+                    "decode_steps": args.decode_steps})
+  return 0
+
+
+if __name__ == "__main__":
+  main()
