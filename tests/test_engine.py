@@ -106,3 +106,28 @@ def test_engine_rejects_bad_requests_eagerly():
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(top_p=0.0)
   assert not engine.has_work
+
+
+@pytest.mark.parametrize("strategy", [CacheStrategy.PAGED, CacheStrategy.CONTIGUOUS])
+def test_host_mirror_matches_the_device_every_step(strategy):
+  """The engine reads no device statistics: its host figures (tokens stored, slots
+  allocated, blocks in use, the peak) equal ``cache_stats`` of the cache after every step,
+  through admissions, batched frees and preemptions."""
+  paged = strategy is CacheStrategy.PAGED
+  cc = cache_config(1 + 14 if paged else 1 + 4 * 12, strategy)  # paged: tight, preemptions
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, **FIXED)
+  for p in PROMPTS:
+    engine.add_request(p, SamplingParams(max_new_tokens=NEW))
+  peak = 0
+  while engine.has_work:
+    engine.step()
+    s = cache_stats(engine.cache)
+    assert engine._usage() == (int(s.tokens_stored), int(s.allocated_slots))
+    if paged:
+      assert engine.ledger.free_blocks() == int(s.free_blocks)
+      peak = max(peak, int(s.used_blocks))
+  assert engine.metrics.preemptions > 0 or not paged
+  if paged:
+    assert engine.metrics.peak_blocks >= peak  # the peak inside a step is not visible here
+  outs = engine.finished
+  assert [outs[i].tokens for i in range(len(PROMPTS))] == REFS
