@@ -43,11 +43,12 @@ class EngineMetrics:
     evicted_blocks: blocks that cached-prefix eviction returned to the free list.
     generated_tokens: tokens generated.
     peak_running: most sequences in the cache at once.
-    peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
-      cached prefix blocks included).
+    peak_blocks: most blocks held at once (``PAGED``; from the host's block accounting after
+      every prefill and decode call, cached prefix blocks included).
     preemptions: requests preempted (each is recomputed later).
-    util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
-      (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
+    util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots`` (as
+      :func:`~jax_paged_kv.cache_stats` counts them, from the host mirror of the lengths);
+      their ratio is the KV memory utilisation.
     running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
     compile_seconds: wall time of calls that compiled a new shape (first use of a bucket).
     wall_seconds: wall time inside :meth:`Engine.step`.
