@@ -190,6 +190,9 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
   p.add_argument("--dir", help=argparse.SUPPRESS)
+  p.add_argument("--assemble", nargs="+", metavar="DIR",
+                 help="report from worker outputs already in these directories (each holds "
+                      "workload.json, hf.json, ours.json of one repeat); runs nothing")
   args = p.parse_args(argv)
   if args.worker:
     return _worker(args)
@@ -199,13 +202,23 @@ def main(argv=None):
     print(f"vs_transformers: skipped ({' and '.join(missing)} not installed; "
           "pip install torch transformers)")
     return 0
+  if args.assemble:
+    runs = {"ours": [], "hf": []}
+    for d in args.assemble:
+      for side in runs:
+        with open(os.path.join(d, f"{side}.json")) as f:
+          runs[side].append(json.load(f))
+    with open(os.path.join(args.assemble[0], "workload.json")) as f:
+      w = json.load(f)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**HF_CONFIG)).parameters())
+    return summarize(runs, w["prompts"], w["outs"], w["check"], params, len(args.assemble))
   from tqdm.auto import tqdm
   n = args.requests or (8 if args.quick else 32)
   repeats = args.repeats or (1 if args.quick else 3)
   check = min(n, args.check if args.check is not None else (2 if args.quick else 4))
   limits = dict(max_prompt=256, max_output=128) if args.quick else {}
   prompts, outs = make_workload(n, args.seed, **limits)
-  useful = sum(outs)
   runs = {"ours": [], "hf": []}
   with tempfile.TemporaryDirectory(prefix="vs_transformers_") as path:
     params = build_checkpoint(path, args.seed)
@@ -218,6 +231,12 @@ def main(argv=None):
         runs[side].append(spawn(side, path, timeout=1800))
         bar.update()
     bar.close()
+  return summarize(runs, prompts, outs, check, params, repeats)
+
+
+def summarize(runs: dict, prompts, outs, check: int, params: int, repeats: int) -> int:
+  """Prints the table and saves the results of the worker outputs ``runs[side]``."""
+  n, useful = len(prompts), sum(outs)
   med = report.median
   fig = {}
   for side, rs in runs.items():
