@@ -87,7 +87,7 @@ def run_ours(ckpt: str, prompts, outs) -> dict:
     cpu.append(time.process_time() - c0)
   cc = default_cache_config(model, prompts, sampling)
   return {"times": times, "cpu": cpu, "tokens": tokens, "rss_mib": peak_rss_mib(),
-          "kv_pool_mib": cc.total_bytes / 2**20}
+          "kv_pool_mib": cc.pool_bytes / 2**20}
 
 
 def run_hf(ckpt: str, prompts, outs, check: int) -> dict:
