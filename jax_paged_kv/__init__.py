@@ -22,6 +22,7 @@ from jax_paged_kv.cache import (
     SequenceTooLongError,
     SlotInUseError,
     Status,
+    SwappedSequence,
     Telemetry,
     allocate_sequences,
     append_kv,
@@ -36,6 +37,8 @@ from jax_paged_kv.cache import (
     lookup_kv,
     raise_for_status,
     reserve,
+    swap_in,
+    swap_out,
     truncate_sequences,
     write_kv,
 )
@@ -135,6 +138,7 @@ __all__ = [
     "SequenceTooLongError",
     "SlotInUseError",
     "Status",
+    "SwappedSequence",
     "Telemetry",
     "allocate_sequences",
     "append_kv",
@@ -151,6 +155,8 @@ __all__ = [
     "paged_attention",
     "raise_for_status",
     "reserve",
+    "swap_in",
+    "swap_out",
     "truncate_sequences",
     "write_kv",
 ]

@@ -3,7 +3,8 @@ errors. It imports nothing from the layers above (attention, models, serving).
 
 Modules: ``config`` (``CacheConfig`` and the pool layout, defined once), ``state`` (the
 ``PagedKVCache`` pytree and ``init_cache``), ``allocator`` (free stack and reference counts),
-``ops`` (allocate / reserve / write / append / lookup / fork / truncate / free), ``stats``
+``ops`` (allocate / reserve / write / append / lookup / fork / truncate / free), ``swap``
+(``swap_out`` / ``swap_in``: a sequence's blocks to host memory and back), ``stats``
 (``cache_stats``, ``check_invariants``), ``errors`` (status codes, named exceptions, checking
 mode), ``inputs`` (how caller-supplied ids, counts and layers become ``int32``).
 """
@@ -42,6 +43,7 @@ from jax_paged_kv.cache.ops import (  # isort: skip  (ops builds on the modules 
     truncate_sequences,
     write_kv,
 )
+from jax_paged_kv.cache.swap import SwappedSequence, swap_in, swap_out  # isort: skip
 
 __all__ = [
     "NULL_BLOCK",
@@ -64,6 +66,7 @@ __all__ = [
     "SequenceTooLongError",
     "SlotInUseError",
     "Status",
+    "SwappedSequence",
     "Telemetry",
     "allocate_sequences",
     "append_kv",
@@ -79,6 +82,8 @@ __all__ = [
     "lookup_kv",
     "raise_for_status",
     "reserve",
+    "swap_in",
+    "swap_out",
     "truncate_sequences",
     "write_kv",
 ]

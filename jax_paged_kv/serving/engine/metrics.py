@@ -14,7 +14,7 @@ class RequestOutput:
     prompt: the prompt tokens.
     tokens: generated tokens (a stop token, if hit, is the last one).
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
-    num_preemptions: times the request was preempted and recomputed.
+    num_preemptions: times the request was preempted (then recomputed or swapped back in).
     arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
   """
 
@@ -45,7 +45,11 @@ class EngineMetrics:
     peak_running: most sequences in the cache at once.
     peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
       cached prefix blocks included).
-    preemptions: requests preempted (each is recomputed later).
+    preemptions: requests preempted (each is recomputed or swapped back in later).
+    swapped_out_blocks / swapped_bytes: blocks (and their bytes, scales included) that swap
+      preemption copied to host memory; each comes back once.
+    swap_out_seconds / swap_in_seconds: wall time of those copies (out: gather, copy to host
+      and free; in: copy back and scatter into fresh blocks).
     util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots``
       (:func:`~jax_paged_kv.cache_stats`); their ratio is the KV memory utilisation.
     running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
@@ -65,6 +69,10 @@ class EngineMetrics:
   peak_running: int = 0
   peak_blocks: int = 0
   preemptions: int = 0
+  swapped_out_blocks: int = 0
+  swapped_bytes: int = 0
+  swap_out_seconds: float = 0.0
+  swap_in_seconds: float = 0.0
   util_tokens: int = 0
   util_slots: int = 0
   running_trace: list[int] = dataclasses.field(default_factory=list)
