@@ -333,11 +333,23 @@ class Engine:
     return finished
 
   def _note_peak(self) -> None:
-    """Updates ``peak_blocks`` from the device's free count (its outputs were just read)."""
+    """Updates ``peak_blocks`` from the device's free count (its outputs were just read) and
+    ``peak_running_blocks`` (prefix caching: from the running requests' block tables)."""
     cc = self.cache_config
-    if cc.strategy is CacheStrategy.PAGED:
-      used = cc.usable_blocks - int(self.cache.allocator.num_free)
-      self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
+    if cc.strategy is not CacheStrategy.PAGED:
+      return
+    m = self.metrics
+    used = cc.usable_blocks - int(self.cache.allocator.num_free)
+    m.peak_blocks = max(m.peak_blocks, used)
+    if self.prefix is None:  # every held block belongs to a running request
+      m.peak_running_blocks = m.peak_blocks
+      return
+    # The blocks in the running requests' tables (the host lengths are not yet updated here).
+    slots = [r.slot for r in self.scheduler.running]
+    tables = np.asarray(self.cache.block_tables)[slots]  # [running, table_width]
+    nb = self.ledger.blocks(np.asarray(self.cache.seq_lens)[slots])  # [running]
+    held = np.arange(tables.shape[1])[None, :] < nb[:, None]
+    m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
     """Appends generated tokens; True if the request is now finished."""

@@ -45,6 +45,9 @@ class EngineMetrics:
     peak_running: most sequences in the cache at once.
     peak_blocks: most blocks held at once (``PAGED``; read after every prefill and decode call,
       cached prefix blocks included).
+    peak_running_blocks: most distinct blocks referenced by running requests at once (as
+      ``peak_blocks`` but without the cached blocks of finished requests, which are evictable
+      at any time; equal to it without prefix caching).
     preemptions: requests preempted (each is recomputed or swapped back in later).
     swapped_out_blocks / swapped_bytes: blocks (and their bytes, scales included) that swap
       preemption copied to host memory; each comes back once.
@@ -68,6 +71,7 @@ class EngineMetrics:
   generated_tokens: int = 0
   peak_running: int = 0
   peak_blocks: int = 0
+  peak_running_blocks: int = 0
   preemptions: int = 0
   swapped_out_blocks: int = 0
   swapped_bytes: int = 0
