@@ -18,8 +18,8 @@ tokens and peak blocks at most 1/4 of the uncached run.
 Then two preemption measurements:
 
 * **swap throughput**: :func:`~jax_paged_kv.swap_out` / :func:`~jax_paged_kv.swap_in` of one
-  sequence of a larger cache (8 layers, 8 KV heads, head_dim 128, bfloat16 and int8), GB/s of
-  the blocks moved (median of 5);
+  sequence of a larger cache (8 layers, 8 KV heads, head_dim 128; bfloat16, float32 on CPU, and
+  int8), GB/s of the blocks moved (median of 5);
 * **recompute vs swap**: the ``distinct`` prompts cut to ``--preempt-prompt`` tokens, 64 new
   tokens each, in a pool with room for about a quarter of them (``reserve_ratio=0``):
   preemptions, tokens recomputed, bytes swapped, throughput of ``preemption="swap"`` against
@@ -94,16 +94,18 @@ def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | Non
 def swap_throughput(sizes: list[int], repeats: int = 5) -> list[dict]:
   """GB/s of swap_out / swap_in of one sequence of ``sizes`` tokens (median of ``repeats``)."""
   rows = []
+  # XLA:CPU updates bfloat16 arrays through float32, touching the whole pool (README, Limits):
+  # float32 pools there, bfloat16 elsewhere.
+  dtype = jax.numpy.float32 if jax.default_backend() == "cpu" else jax.numpy.bfloat16
   for kv_quant in (None, "int8"):
     bs = 16
     cfg = pk.CacheConfig(num_layers=8, num_kv_heads=8, head_dim=128, block_size=bs,
                          num_blocks=1 + max(sizes) // bs, max_seqs=2, max_seq_len=max(sizes),
-                         dtype=jax.numpy.bfloat16, kv_quant=kv_quant)
+                         dtype=dtype, kv_quant=kv_quant)
     for n in sizes:
       cache = pk.init_cache(cfg)
       cache, _ = pk.allocate_sequences(cache, np.int32(0))
-      k = jax.random.normal(jax.random.PRNGKey(n), (cfg.num_layers, 1, n, 8, 128),
-                            jax.numpy.bfloat16)
+      k = jax.random.normal(jax.random.PRNGKey(n), (cfg.num_layers, 1, n, 8, 128), dtype)
       cache, _ = pk.append_kv(cache, k, -k, np.int32([0]))
       outs, ins = [], []
       for _ in range(repeats + 1):  # the first round compiles
@@ -118,7 +120,8 @@ def swap_throughput(sizes: list[int], repeats: int = 5) -> list[dict]:
         outs.append(t1 - t0)
         ins.append(t2 - t1)
       gb = sw.nbytes / 1e9
-      rows.append({"cache": kv_quant or "bfloat16", "tokens": n, "blocks": sw.num_blocks,
+      rows.append({"cache": kv_quant or jax.numpy.dtype(dtype).name, "tokens": n,
+                   "blocks": sw.num_blocks,
                    "MB": f"{1e3 * gb:.1f}", "memory kind": sw.memory_kind or "numpy",
                    "swap-out GB/s": f"{gb / report.median(outs[1:]):.2f}",
                    "swap-in GB/s": f"{gb / report.median(ins[1:]):.2f}"})
@@ -252,8 +255,8 @@ def main(argv=None):
   big = swap_rows[len(sizes) - 1]
   swap_row = pre_rows[1]
   notes += (f"\n\n**Preemption.** Swap throughput (first table below): one sequence of a "
-            f"cache with 8 layers, 8 KV heads, head_dim 128 (bfloat16, and int8 with its "
-            f"scales), swapped to `{big['memory kind']}` memory and back, median of 5: "
+            f"cache with 8 layers, 8 KV heads, head_dim 128 ({swap_rows[0]['cache']}, and int8 "
+            f"with its scales), swapped to `{big['memory kind']}` memory and back, median of 5: "
             f"{big['swap-out GB/s']} GB/s out and {big['swap-in GB/s']} GB/s in for "
             f"{big['tokens']} tokens ({big['MB']} MB; on CPU a memcpy plus the gather / scatter "
             f"and the free / allocate). Second table: the **distinct** prompts cut to "
