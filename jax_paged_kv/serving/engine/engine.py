@@ -346,8 +346,9 @@ class Engine:
       return
     # The blocks in the running requests' tables (the host lengths are not yet updated here).
     slots = [r.slot for r in self.scheduler.running]
-    tables = np.asarray(self.cache.block_tables)[slots]  # [running, table_width]
-    nb = self.ledger.blocks(np.asarray(self.cache.seq_lens)[slots])  # [running]
+    tables, lens = jax.device_get((self.cache.block_tables, self.cache.seq_lens))  # one copy
+    tables = tables[slots]  # [running, table_width]
+    nb = self.ledger.blocks(lens[slots])  # [running]
     held = np.arange(tables.shape[1])[None, :] < nb[:, None]
     m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
