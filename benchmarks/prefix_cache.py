@@ -79,6 +79,7 @@ def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | Non
       "evicted_blocks": m.evicted_blocks,
       "peak_blocks": m.peak_blocks,
       "peak_running_blocks": m.peak_running_blocks,
+      "peak_running": m.peak_running,
       "wall_s": wall,
       "compile_s": m.compile_seconds,
       "tokens_per_s": m.generated_tokens / steady,
@@ -174,6 +175,10 @@ def main(argv=None):
     base = {k: report.median([r[k] for r in runs[False]])
             for k in ("tokens_per_s", "requests_per_s", "ttft_s")}
     base_running = runs[False][0]["peak_running_blocks"]
+
+    def per_req(r):
+      return r["peak_running_blocks"] / r["peak_running"]
+
     for caching in (False, True):
       rs, r0 = runs[caching], runs[caching][0]
       tps = report.median([r["tokens_per_s"] for r in rs])
@@ -186,6 +191,9 @@ def main(argv=None):
           "blocks vs off": f"{r0['peak_blocks'] / runs[False][0]['peak_blocks']:.3f}",
           "peak running blocks": r0["peak_running_blocks"],
           "running vs off": f"{r0['peak_running_blocks'] / base_running:.3f}",
+          "peak running requests": r0["peak_running"],
+          "running blocks per request": (f"{r0['peak_running_blocks'] / r0['peak_running']:.1f}"
+                                         f" ({per_req(r0) / per_req(runs[False][0]):.3f}x)"),
           "hit rate": f"{100 * r0['hit_rate']:.1f}%", "evicted": r0["evicted_blocks"],
           "tokens/s": f"{tps:.0f}", "throughput vs off": f"{tps / base['tokens_per_s']:.3f}x",
           "mean TTFT s": f"{ttft:.3f}", "TTFT vs off": f"{ttft / base['ttft_s']:.3f}x",
@@ -213,8 +221,12 @@ def main(argv=None):
            f"the repeats' on/off ratios: {', '.join(f'{x:.3f}' for x in distinct_pairs)}; goal "
            ">= 0.98x; CPU timings on a shared machine are noisy). Peak blocks count the "
            "finished requests' cached (evictable) blocks; peak running blocks only those of "
-           f"running requests: **{shared_on['running vs off']}** of the uncached run (the cache "
-           "also lets more requests run at once, each holding its own suffix blocks).")
+           f"running requests: **{shared_on['running vs off']}** of the uncached run; the cache "
+           f"also lets more requests run at once ({shared_on['peak running requests']} vs "
+           f"{next(r for r in rows if r['workload'] == 'shared')['peak running requests']}), "
+           "each holding its own suffix blocks: per running request (peak running blocks over "
+           "peak running requests, two peaks) that is "
+           f"{shared_on['running blocks per request']} of the uncached run.")
   print(notes)
   markdown = report.markdown_table(cols, rows)
 

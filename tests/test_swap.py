@@ -198,3 +198,25 @@ def test_generate_passes_preemption_and_bad_values_are_refused():
     Engine(PARAMS, SMALL, SMALL.cache_config(num_blocks=1 + 48, max_seqs=4, max_seq_len=48,
                                              block_size=4, strategy=pk.CacheStrategy.CONTIGUOUS),
            preemption="swap")
+
+
+def test_swap_round_trip_of_a_cache_sharded_over_kv_heads():
+  """Pools split over kv heads on 2 devices: the host copy keeps the sharding (in the host
+  memory kind), and the data comes back bitwise into the sharded pools."""
+  from jax_paged_kv import sharding as shd
+  layout = shd.MeshLayout(shd.local_mesh(model=2, data=1), model_axis="model")
+  cache = shd.init_sharded_cache(CFG, layout)
+  cache, _ = pk.allocate_sequences(cache, np.int32(0))
+  rng = np.random.default_rng(3)
+  k = rng.standard_normal((CFG.num_layers, 1, 9, CFG.num_kv_heads, CFG.head_dim), np.float32)
+  cache, _ = pk.append_kv(cache, k, -k, np.int32([0]))
+  want = pk.lookup_kv(cache, np.int32([0]), 1)
+  cache, sw = pk.swap_out(cache, 0)
+  if sw.memory_kind is not None:
+    assert sw.blocks["k_pool"].sharding.spec == cache.k_pool.sharding.spec
+  cache, _ = pk.swap_in(cache, 1, sw)
+  assert cache.k_pool.sharding == shd.init_sharded_cache(CFG, layout).k_pool.sharding
+  got = pk.lookup_kv(cache, np.int32([1]), 1)
+  for x, y in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert bool(pk.check_invariants(cache).ok)
