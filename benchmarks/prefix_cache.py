@@ -20,15 +20,16 @@ Then two preemption measurements:
 * **swap throughput**: :func:`~jax_paged_kv.swap_out` / :func:`~jax_paged_kv.swap_in` of one
   sequence of a larger cache (8 layers, 8 KV heads, head_dim 128; bfloat16, float32 on CPU, and
   int8), GB/s of the blocks moved (median of 5);
-* **recompute vs swap**: the ``distinct`` prompts cut to ``--preempt-prompt`` tokens, 64 new
-  tokens each, in a pool with room for about a quarter of them (``reserve_ratio=0``):
-  preemptions, tokens recomputed, bytes swapped, throughput of ``preemption="swap"`` against
-  ``"recompute"`` (same outputs, checked).
+* **recompute vs swap**: the ``distinct`` prompts cut to ``--preempt-prompt`` (64) tokens,
+  ``--preempt-new`` (192) new tokens each, in a pool with room for about a quarter of them
+  (``reserve_ratio=0``): preemptions, tokens recomputed, bytes swapped, throughput of
+  ``preemption="swap"`` against ``"recompute"`` (same outputs, checked).
 
-    python -m benchmarks.prefix_cache [--quick] [--requests 64] [--system 1000]
+    python -m benchmarks.prefix_cache [--quick] [--part all|prefix|preemption] [--requests 64]
 
-Saves ``benchmarks/results/prefix_cache.json`` and its RESULTS.md section; ``--quick`` (16
-requests, a 256-token system prompt) writes to ``benchmarks/out/`` instead.
+Saves ``benchmarks/results/prefix_cache.json`` and ``prefix_cache_preemption.json`` and their
+RESULTS.md sections; ``--quick`` (16 requests, a 256-token system prompt) writes to
+``benchmarks/out/`` instead.
 """
 
 from __future__ import annotations
@@ -130,33 +131,8 @@ def swap_throughput(sizes: list[int], repeats: int = 5) -> list[dict]:
   return rows
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="16 requests, 256-token system prompt")
-  p.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
-  p.add_argument("--system", type=int, default=None, help="default 1000 (256 with --quick)")
-  p.add_argument("--suffix", type=int, default=24, help="mean suffix tokens")
-  p.add_argument("--new-tokens", type=int, default=16)
-  p.add_argument("--model", choices=sorted(workloads.MODELS), default="tiny")
-  p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--max-batch", type=int, default=64)
-  p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--preempt-prompt", type=int, default=None,
-                 help="prompt tokens of the recompute-vs-swap run (default 256, 128 with --quick)")
-  args = p.parse_args(argv)
-  report.set_quick(args.quick)
-  args.preempt_prompt = args.preempt_prompt or (128 if args.quick else 256)
-  args.requests = args.requests or (16 if args.quick else 64)
-  args.system = args.system or (256 if args.quick else 1000)
-  args.repeats = args.repeats or (1 if args.quick else 3)
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
-  machine = report.machine_name()
-  model = workloads.model_config(args.model)
-  params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
-  loads = make_workloads(args, model.vocab_size)
+def prefix_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
+  """The shared and distinct workloads with prefix caching off and on."""
   bs = args.block_size
   longest = max(len(q) for ps in loads.values() for q in ps) + args.new_tokens
   max_len = bs * -(-longest // bs)
@@ -175,10 +151,6 @@ def main(argv=None):
     base = {k: report.median([r[k] for r in runs[False]])
             for k in ("tokens_per_s", "requests_per_s", "ttft_s")}
     base_running = runs[False][0]["peak_running_blocks"]
-
-    def per_req(r):
-      return r["peak_running_blocks"] / r["peak_running"]
-
     for caching in (False, True):
       rs, r0 = runs[caching], runs[caching][0]
       tps = report.median([r["tokens_per_s"] for r in rs])
@@ -191,9 +163,6 @@ def main(argv=None):
           "blocks vs off": f"{r0['peak_blocks'] / runs[False][0]['peak_blocks']:.3f}",
           "peak running blocks": r0["peak_running_blocks"],
           "running vs off": f"{r0['peak_running_blocks'] / base_running:.3f}",
-          "peak running requests": r0["peak_running"],
-          "running blocks per request": (f"{r0['peak_running_blocks'] / r0['peak_running']:.1f}"
-                                         f" ({per_req(r0) / per_req(runs[False][0]):.3f}x)"),
           "hit rate": f"{100 * r0['hit_rate']:.1f}%", "evicted": r0["evicted_blocks"],
           "tokens/s": f"{tps:.0f}", "throughput vs off": f"{tps / base['tokens_per_s']:.3f}x",
           "mean TTFT s": f"{ttft:.3f}", "TTFT vs off": f"{ttft / base['ttft_s']:.3f}x",
@@ -208,6 +177,8 @@ def main(argv=None):
         f"of {args.repeats}; machine: {machine}\n")
   print(report.text_table(cols, rows))
   shared_on = next(r for r in rows if r["workload"] == "shared" and r["prefix cache"] == "on")
+  shared_off_blocks = data["shared_off"][0]["peak_running_blocks"]
+  whole = float(np.mean([-(-(len(q) + args.new_tokens) // bs) for q in loads["shared"]]))
   distinct_on = next(r for r in rows if r["workload"] == "distinct" and r["prefix cache"] == "on")
   notes = (f"{args.requests} greedy requests through the engine, `{args.model}` model, block "
            f"{bs}, a pool with room for every request unshared. **shared**: one "
@@ -221,68 +192,116 @@ def main(argv=None):
            f"the repeats' on/off ratios: {', '.join(f'{x:.3f}' for x in distinct_pairs)}; goal "
            ">= 0.98x; CPU timings on a shared machine are noisy). Peak blocks count the "
            "finished requests' cached (evictable) blocks; peak running blocks only those of "
-           f"running requests: **{shared_on['running vs off']}** of the uncached run; the cache "
-           f"also lets more requests run at once ({shared_on['peak running requests']} vs "
-           f"{next(r for r in rows if r['workload'] == 'shared')['peak running requests']}), "
-           "each holding its own suffix blocks: per running request (peak running blocks over "
-           "peak running requests, two peaks) that is "
-           f"{shared_on['running blocks per request']} of the uncached run.")
+           f"running requests: **{shared_on['running vs off']}** of the uncached run. The two "
+           "runs do not hold equally many requests at once: the uncached one is prefill-bound "
+           f"(512 prompt tokens a step), so at its peak it holds {shared_off_blocks} blocks, "
+           f"what {shared_off_blocks / whole:.1f} whole requests take ({whole:.0f} blocks "
+           "each), while with the cache prefills are short and many requests decode at once, "
+           "each with its own suffix blocks beside the shared system prompt.")
   print(notes)
-  markdown = report.markdown_table(cols, rows)
+  return report.markdown_table(cols, rows), notes, data
 
-  # ---- preemption: swap throughput, then recompute vs swap in the engine ----
+
+def preemption_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
+  """Swap throughput, then recompute vs swap preemption in the engine."""
+  bs = args.block_size
+  data = {"args": vars(args)}
   sizes = [256, 1024] if args.quick else [256, 1024, 4096]
   swap_rows = swap_throughput(sizes)
+  print(f"\nswap throughput; machine: {machine}\n")
   print(report.text_table(list(swap_rows[0]), swap_rows))
   data["swap"] = swap_rows
   pre_prompts = [q[:args.preempt_prompt] for q in loads["distinct"]]
-  pre_new = 64
-  per_req = -(-(args.preempt_prompt + pre_new) // bs)
+  per_req = -(-(args.preempt_prompt + args.preempt_new) // bs)
   pre_cc = model.cache_config(num_blocks=1 + max(per_req, len(pre_prompts) * per_req // 4),
                               max_seqs=args.max_batch, max_seq_len=per_req * bs,
                               block_size=bs)
   pre = {}
   for policy in ("recompute", "swap"):
-    serve(params, model, pre_cc, pre_prompts, args, False, pre_new, preemption=policy,
-          watermark=0.0, reserve_ratio=0.0)  # warm-up
-    pre[policy] = [serve(params, model, pre_cc, pre_prompts, args, False, pre_new,
-                         preemption=policy, watermark=0.0, reserve_ratio=0.0)
-                   for _ in range(args.repeats)]
+    kw = dict(preemption=policy, watermark=0.0, reserve_ratio=0.0)
+    serve(params, model, pre_cc, pre_prompts, args, False, args.preempt_new, **kw)  # warm-up
+    pre[policy] = [serve(params, model, pre_cc, pre_prompts, args, False, args.preempt_new,
+                         **kw) for _ in range(args.repeats)]
   assert pre["recompute"][0]["outputs"] == pre["swap"][0]["outputs"], "outputs differ"
   base_tps = report.median([r["tokens_per_s"] for r in pre["recompute"]])
+  prompt_total = sum(len(q) for q in pre_prompts)
   pre_rows = []
   for policy, rs in pre.items():
     r0 = rs[0]
     tps = report.median([r["tokens_per_s"] for r in rs])
-    prompt_total = sum(len(q) for q in pre_prompts)
-    swap_s = report.median([r["swap_seconds"] for r in rs])
     pre_rows.append({
         "preemption": policy, "preemptions": r0["preemptions"],
         "tokens recomputed": r0["prefill_tokens"] - prompt_total,
-        "MB swapped": f"{r0['swapped_bytes'] / 1e6:.1f}",
-        "swap s": f"{swap_s:.3f}", "tokens/s": f"{tps:.0f}",
-        "throughput vs recompute": f"{tps / base_tps:.3f}x"})
+        "MB swapped": f"{r0['swapped_bytes'] / 1e6:.2f}",
+        "swap s": f"{report.median([r['swap_seconds'] for r in rs]):.3f}",
+        "tokens/s": f"{tps:.0f}", "throughput vs recompute": f"{tps / base_tps:.3f}x"})
     data[f"preempt_{policy}"] = [{k: v for k, v in r.items() if k != "outputs"} for r in rs]
+  print(f"\nrecompute vs swap preemption, median of {args.repeats}\n")
   print(report.text_table(list(pre_rows[0]), pre_rows))
   big = swap_rows[len(sizes) - 1]
-  swap_row = pre_rows[1]
-  notes += (f"\n\n**Preemption.** Swap throughput (first table below): one sequence of a "
-            f"cache with 8 layers, 8 KV heads, head_dim 128 ({swap_rows[0]['cache']}, and int8 "
-            f"with its scales), swapped to `{big['memory kind']}` memory and back, median of 5: "
-            f"{big['swap-out GB/s']} GB/s out and {big['swap-in GB/s']} GB/s in for "
-            f"{big['tokens']} tokens ({big['MB']} MB; on CPU a memcpy plus the gather / scatter "
-            f"and the free / allocate). Second table: the **distinct** prompts cut to "
-            f"{args.preempt_prompt} tokens, {pre_new} new tokens each, in a pool with room for "
-            f"about a quarter of them, `reserve_ratio=0`: swap preemption gives the same outputs "
-            f"(checked) at {swap_row['throughput vs recompute']} the throughput of recompute "
-            f"(median of {args.repeats}), with no token recomputed.")
-  markdown += ("\n\n" + report.markdown_table(list(swap_rows[0]), swap_rows)
-               + "\n\n" + report.markdown_table(list(pre_rows[0]), pre_rows))
-  path = report.save("prefix_cache", title="Prefix caching: a shared system prompt",
-                     markdown=markdown, notes=notes, data=data)
-  print(f"wrote {path}")
-  return rows
+  rec, swp = pre_rows
+  notes = (f"Swap throughput (first table): one sequence of a cache with 8 layers, 8 KV heads, "
+           f"head_dim 128 ({swap_rows[0]['cache']}, and int8 with its scales) swapped to "
+           f"`{big['memory kind']}` memory and back (`swap_out` / `swap_in`, eager, median of "
+           f"5): {big['swap-out GB/s']} GB/s out and {big['swap-in GB/s']} GB/s in for "
+           f"{big['tokens']} tokens ({big['MB']} MB). On CPU the copy is a memcpy; the time is "
+           "the gather / scatter of the blocks, the free / allocate and the dispatches. Second "
+           f"table: {len(pre_prompts)} greedy requests, `{args.model}` model, "
+           f"{args.preempt_prompt}-token prompts and {args.preempt_new} new tokens each, in a "
+           "pool with room for about a quarter of them (`reserve_ratio=0`, so requests are "
+           f"admitted when their prompt fits and preempted when decoding runs out of blocks). "
+           f"Recompute: {rec['preemptions']} preemptions, {rec['tokens recomputed']} tokens "
+           f"recomputed; swap: {swp['preemptions']} preemptions, {swp['MB swapped']} MB swapped "
+           f"out and back in {swp['swap s']} s, nothing recomputed, the same outputs (checked), "
+           f"throughput {swp['throughput vs recompute']} of recompute (median of "
+           f"{args.repeats}).")
+  print(notes)
+  markdown = (report.markdown_table(list(swap_rows[0]), swap_rows) + "\n\n"
+              + report.markdown_table(list(pre_rows[0]), pre_rows))
+  return markdown, notes, data
 
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="16 requests, 256-token system prompt")
+  p.add_argument("--part", choices=("all", "prefix", "preemption"), default="all",
+                 help="run only the prefix-caching or the preemption measurements")
+  p.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
+  p.add_argument("--system", type=int, default=None, help="default 1000 (256 with --quick)")
+  p.add_argument("--suffix", type=int, default=24, help="mean suffix tokens")
+  p.add_argument("--new-tokens", type=int, default=16)
+  p.add_argument("--model", choices=sorted(workloads.MODELS), default="tiny")
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--max-batch", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--preempt-prompt", type=int, default=64,
+                 help="prompt tokens of the recompute-vs-swap run")
+  p.add_argument("--preempt-new", type=int, default=None,
+                 help="new tokens of the recompute-vs-swap run (default 192, 64 with --quick)")
+  args = p.parse_args(argv)
+  report.set_quick(args.quick)
+  args.preempt_new = args.preempt_new or (64 if args.quick else 192)
+  args.requests = args.requests or (16 if args.quick else 64)
+  args.system = args.system or (256 if args.quick else 1000)
+  args.repeats = args.repeats or (1 if args.quick else 3)
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
+  machine = report.machine_name()
+  model = workloads.model_config(args.model)
+  params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
+  loads = make_workloads(args, model.vocab_size)
+  if args.part in ("all", "prefix"):
+    markdown, notes, data = prefix_part(args, model, params, loads, machine)
+    path = report.save("prefix_cache", title="Prefix caching: a shared system prompt",
+                       markdown=markdown, notes=notes, data=data)
+    print(f"wrote {path}")
+  if args.part in ("all", "preemption"):
+    markdown, notes, data = preemption_part(args, model, params, loads, machine)
+    path = report.save("prefix_cache_preemption", title="Preemption: recompute vs swap",
+                       markdown=markdown, notes=notes, data=data, script="prefix_cache")
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
   main()
