@@ -135,8 +135,9 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="small sizes")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   batch, context, repeats = (4, 512, 5) if args.quick else (8, 2048, 15)
-  requests, slabs, max_seq_len = (24, 2, 1024) if args.quick else (100, 4, 2048)
+  requests, slabs, max_seq_len = (24, 2, 1024) if args.quick else (48, 4, 1024)
   machine = report.machine_name()
   cap = capacity_rows()
   att = attention_rows(batch, context, repeats)
@@ -153,8 +154,10 @@ def main(argv=None):
     print(report.text_table(cols, rows) + "\n")
   notes = (
       "Capacity: a Llama-3-8B-like geometry (32 layers, 8 KV heads, head_dim 128), 1 GiB, "
-      "block 16; int8 / fp8 store 1 byte per value plus a float32 scale per (token, KV head), "
-      "int4 half a byte plus bfloat16 scales (K per block and channel, V per 32 channels). "
+      "block 16; int8 stores 1 byte per value plus a bfloat16 K scale per (block, channel) and "
+      "a float32 V scale per (token, KV head); fp8 1 byte plus float32 scales per (token, KV "
+      "head) for K and V; int4 half a byte plus bfloat16 scales (K per block and channel, V per "
+      "token and 32 channels). "
       f"Attention: one decode `paged_attention` call (XLA path, float32 queries, GQA 4, "
       f"head_dim 128), median of {repeats}; the quantised XLA path dequantises the gathered "
       "pages, so on a CPU it is not faster (the GPU goal, int8 decode <= 0.6x bf16, is "
