@@ -25,6 +25,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 import jax_paged_kv as pk
 from benchmarks import report
@@ -80,7 +81,7 @@ def attention_rows(batch: int, context: int, repeats: int):
   lens = np.full(batch, context, np.int32)
   q = rng.standard_normal((batch, 1, kvh * ratio, d))
   rows, times = [], {}
-  for fmt in FORMATS:
+  for fmt in tqdm(FORMATS, desc="attention", unit="format"):
     cfg = pk.CacheConfig(num_layers=1, num_kv_heads=kvh, head_dim=d, block_size=bs,
                          num_blocks=1 + batch * context // bs, max_seqs=batch,
                          max_seq_len=context, dtype=jnp.float32, kv_quant=fmt)
@@ -118,9 +119,8 @@ def serving_rows(requests: int, slabs: int, max_seq_len: int):
   for fmt in FORMATS:
     cc, _ = demo.equal_memory_configs(model, slabs=slabs, max_seq_len=max_seq_len,
                                       block_size=16, paged_max_seqs=64, kv_quant=fmt)
-    demo.run_engine(params, model, cc, reqs, desc=f"{_name(fmt)} warm-up", progress=False,
-                    **common)
-    r = demo.run_engine(params, model, cc, reqs, desc=_name(fmt), progress=False, **common)
+    demo.run_engine(params, model, cc, reqs, desc=f"serving {_name(fmt)} (warm-up)", **common)
+    r = demo.run_engine(params, model, cc, reqs, desc=f"serving {_name(fmt)}", **common)
     base = base or r["tokens_per_s"]
     rows.append({"format": _name(fmt), "KV MiB": f"{cc.pool_bytes / 2**20:.2f}",
                  "blocks": cc.usable_blocks, "peak seqs": r["peak_running"],
