@@ -40,6 +40,15 @@ from jax_paged_kv.serving.engine import Engine
 SHAREGPT_PROMPT_MEAN = 161
 SHAREGPT_OUTPUT_MEAN = 338
 
+# The engine settings of the demo and the serving benchmark: chunked prefill of up to 256
+# tokens a row and 512 a call (most prompts of the mix prefill in one step; prefill widths of
+# 2 rows, 8, ...), 16 decode steps per jitted loop, decode batch widths in multiples of 8
+# (padding rows cost as much as live ones on a CPU), and few block-table widths (16, 64 or all
+# 128 columns of a 2048-token cache): every new shape costs a compilation.
+ENGINE_KWARGS = dict(prefill_chunk=256, prefill_token_budget=512, decode_steps=16,
+                     batch_bucket_min=2, block_bucket_min=16, bucket_factor=4,
+                     decode_width_step=8)
+
 MODELS = {
     # name: (vocab, hidden, intermediate, layers, heads, kv_heads)
     "tiny": (512, 128, 256, 2, 4, 2),
