@@ -382,6 +382,7 @@ def save_latency_plot(results: Sequence[dict], path: str, title: str) -> str:
     ax.axhline(90, color="0.7", lw=0.8, ls=":")
     ax.set(title=name, xlabel="seconds", ylabel="requests [%]", ylim=(0, 101))
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=0)
     ax.legend(loc="lower right")
   fig.suptitle(title)
   fig.tight_layout()
