@@ -30,8 +30,8 @@ OUT_DIR = HERE / "out"  # ignored by git: scratch output (smoke runs, demo plots
 RESULTS_MD = HERE / "RESULTS.md"
 
 # Section order in RESULTS.md; any other results/*.json follow, sorted by name.
-CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "kv_quant",
-                  "reliability", "prefix_cache", "prefix_cache_preemption", "sharding")
+CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "reliability",
+                  "prefix_cache", "prefix_cache_preemption", "sharding")
 GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu",
                   "sharding_gpu")
 
