@@ -120,8 +120,9 @@ def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
 
 
 @pytest.mark.parametrize("knobs", [
-    pytest.param(dict(block_k=64, num_stages=1, k_splits=1), marks=pytest.mark.slow),
-    dict(block_k=64, num_stages=3, k_splits=3)], ids=str)
+    dict(block_k=64, num_stages=1, k_splits=1), dict(block_k=64, num_stages=3, k_splits=3)],
+    ids=str)
+@pytest.mark.slow
 def test_knobs_do_not_change_the_answer(knobs):
   """More steps than stages (slots reused), several splits of unequal work, a window start
   inside a step, and more splits than some rows have steps."""

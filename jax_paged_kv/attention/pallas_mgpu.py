@@ -451,6 +451,9 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
     o, lse = o[0], lse[0]
   else:
     o, lse = _merge_partials(o, lse)
+  # A NaN K of a visible key makes that query's logits NaN: by the contract its LSE is -inf
+  # (and its output, non-finite here, becomes 0 in the exact path below).
+  lse = jnp.where(jnp.isnan(lse), -jnp.inf, lse)
   o = o.reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   out = o.reshape(batch, q_len, q_heads, head_dim)
   lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
