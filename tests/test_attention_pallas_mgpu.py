@@ -226,3 +226,31 @@ def test_default_implementation_prefers_mosaic_gpu_where_supported(
   cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=head_dim, num_blocks=8,
                        max_seqs=2, max_seq_len=64, block_size=16, dtype=jnp.dtype(dtype))
   assert pk.default_implementation(backend, cfg) == want
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(COMPILED, reason="interpret mode's race detector")
+def test_pipeline_has_no_data_races():
+  """JAX's happens-before race detector over the TMA copies and the warpgroup's shared-memory
+  reads and writes (stale-slot V zeroing, p tile), with slots reused (2 stages, 4 steps). The
+  0.10 interpreter does not race-check wgmma operand reads; a missing barrier wait raises."""
+  case = Case((3, 200), block_size=16, ratio=2, head_dim=64, dtype="bfloat16")
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  out, _ = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, return_lse=True,
+                              implementation="pallas_mgpu", interpret="races", block_k=64,
+                              num_stages=2, k_splits=1)
+  jax.block_until_ready(out)
+  assert not pallas_mgpu.races_found()
+  want, _ = oracle(case, cache, q, seq_ids, q_lens, layer)
+  atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=atol, rtol=rtol)
+
+
+def test_environment_variable_keeps_the_triton_kernel(monkeypatch):
+  from jax_paged_kv.attention import api
+  monkeypatch.setattr(api, "_compute_capability", lambda: "9.0")
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=128, num_blocks=8, max_seqs=2,
+                       max_seq_len=64, block_size=16, dtype=jnp.bfloat16)
+  assert pk.default_implementation("gpu", cfg) == "pallas_mgpu"
+  monkeypatch.setenv("JAX_PAGED_KV_MGPU", "0")
+  assert pk.default_implementation("gpu", cfg) == "pallas_gpu"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,8 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
       later) with JAX 0.10+, caches the Mosaic GPU kernel takes (bfloat16 / float16 pools;
       see :func:`~jax_paged_kv.attention.pallas_mgpu.check_supported`) get ``"pallas_mgpu"``;
       the Triton kernel ``"pallas_gpu"`` stays the GPU fallback (older GPUs or JAX, float32
-      and int8 / fp8 pools). Its speed has not been measured yet (README, kernel table).
+      and int8 / fp8 pools). Its speed has not been measured yet (README, kernel table);
+      the environment variable ``JAX_PAGED_KV_MGPU=0`` keeps ``"pallas_gpu"`` instead.
 
   Returns:
     ``"pallas_mgpu"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.
@@ -76,7 +78,8 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
   name = _BACKEND_KERNELS.get(backend, "xla")
   if name == "xla" or config is None:
     return name
-  if backend in _MOSAIC_GPU_BACKENDS and _mosaic_gpu_jax_ok():
+  if (backend in _MOSAIC_GPU_BACKENDS and os.environ.get("JAX_PAGED_KV_MGPU", "1") != "0"
+      and _mosaic_gpu_jax_ok()):
     capability = _compute_capability()
     try:
       hopper = capability is not None and float(capability) >= 9.0

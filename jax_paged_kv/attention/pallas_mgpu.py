@@ -350,7 +350,8 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
               jax.ShapeDtypeStruct((k_splits, batch, kv_heads, rows_padded), jnp.float32))
   return plgpu.kernel(
       entry, out_type=out_type, grid=(kv_heads * tiles, batch, k_splits),
-      grid_names=("ht", "b", "s"), interpret=interpret_params() if interpret else None,
+      grid_names=("ht", "b", "s"),
+      interpret=(interpret_params(interpret == "races") if interpret else None),
       kernel_name=f"paged_attention_mgpu_k{block_k}_st{num_stages}_s{k_splits}",
   )(layer, ranges, tables, row_pos, q, k_pool, v_pool)
 
@@ -363,7 +364,7 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
                          scale: float, soft_cap: float | None = None,
                          sliding_window: int | None = None, return_lse: bool = False,
                          block_k: int | None = None, num_stages: int | None = None,
-                         k_splits: int | None = None, interpret: bool = False,
+                         k_splits: int | None = None, interpret: bool | str = False,
                          k_scale=None, v_scale=None):
   """Paged attention with a Mosaic GPU kernel; contract in ``reference.py``.
 
@@ -375,7 +376,8 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
     block_tables: ``int32[batch, table_width]``; kv_lens, q_lens: ``int32[batch]``.
     scale, soft_cap, sliding_window, return_lse: as in the contract.
     block_k, num_stages, k_splits: tuning knobs (``None``: :func:`default_knobs`).
-    interpret: run in Mosaic GPU interpret mode (any backend; slow, for tests).
+    interpret: run in Mosaic GPU interpret mode (any backend; slow, for tests); ``"races"``
+      also runs JAX's race detector (:func:`races_found`).
     k_scale, v_scale: must be None (quantised caches are not supported: see
       :func:`check_supported`).
 
@@ -484,11 +486,24 @@ def _merge_partials(o, lse):
 # Interpret mode.
 
 
-def interpret_params():
-  """Mosaic GPU interpret-mode parameters for this JAX (NaN-filled uninitialised memory)."""
+def interpret_params(detect_races: bool = False):
+  """Mosaic GPU interpret-mode parameters for this JAX.
+
+  Uninitialised memory is NaN and out-of-bounds reads raise. ``detect_races`` turns on JAX's
+  happens-before race detector (TMA copies against the reads and writes of the warpgroup); read
+  the verdict with :func:`races_found` after the call.
+  """
   from jax._src.pallas.mosaic_gpu.interpret import params as interpret_module
   _patch_transposed_wgmma_operands()
-  return interpret_module.InterpretGPUParams(uninitialized_memory="nan")
+  return interpret_module.InterpretGPUParams(uninitialized_memory="nan",
+                                             out_of_bounds_reads="raise",
+                                             detect_races=detect_races)
+
+
+def races_found() -> bool:
+  """Whether the last interpret-mode call with ``detect_races`` found a data race."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  return bool(gpu_callbacks.get_races().races_found)
 
 
 _PATCHED = []
