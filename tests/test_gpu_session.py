@@ -58,3 +58,23 @@ def test_mgpu_sweep_grid_varies_one_knob_at_a_time():
   for g in grid:
     assert sum(g[k] != base[k] for k in base) == 1
   assert np.all([g["num_stages"] >= 2 for g in grid])
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_row_in_interpret_mode_matches_the_reference():
+  """The benchmark's ours_mgpu callable (interpret mode) agrees with the XLA reference."""
+  import functools
+
+  import jax
+
+  from jax_paged_kv.attention.reference import paged_attention_xla
+
+  cfg = gpu_decode.Config("t", (40, 7), 16, q_heads=4, kv_heads=2, head_dim=64)
+  x = gpu_decode.make_inputs(cfg, jnp.dtype("bfloat16"))
+  fn, sync, _ = gpu_decode.impl_mgpu(x, interpret=True)
+  out = fn()
+  sync(out)
+  want = jax.jit(functools.partial(paged_attention_xla, scale=x.scale))(
+      x.q.astype(jnp.float32), x.k_pool.astype(jnp.float32), x.v_pool.astype(jnp.float32),
+      x.layer, x.tables, x.kv_lens, x.q_lens)
+  assert gpu_decode.max_err(out, want) <= 3e-2

@@ -46,13 +46,19 @@ swizzle width), ``block_size`` a multiple of 8 (the shared-memory tile) that div
 multiple of ``block_k``. int8 / fp8 / int4 caches are rejected at trace time (their pages would
 need dequantising in shared memory before ``wgmma``; ``pallas_gpu`` handles int8 / fp8).
 
-Verification: every shared attention case (bfloat16 variants of the float32 ones) runs in Mosaic
-GPU interpret mode on CPU, and the compiled path is lowered for CUDA (Mosaic GPU MLIR) on CPU
-(``tests/test_attention_pallas_mgpu.py``). JAX 0.10's GPU interpret mode does not read a
-transposed ``wgmma`` operand (its ``to_range`` takes only indexers and raises ``AttributeError:
-'TransposeTransform' object has no attribute 'indices'``); :func:`interpret_params` installs a
-small shim for that one callback on such versions. Speed was NOT measured: no GPU was lent to
-the session that wrote this kernel (``benchmarks/gpu_session.sh`` measures it).
+Verification (on CPU, JAX 0.10.2): every shared attention case as bfloat16 (the float32
+originals must raise), the six non-finite-V cases, head_dim 256 with pages larger than a step,
+GQA 20 on a float16 cache, two row tiles of chunked prefill, knob variants with reused stages
+and several splits, and a race-detector run all match the float64 oracle in Mosaic GPU
+interpret mode (``tests/test_attention_pallas_mgpu.py``; most marked slow: each case compiles a
+large interpreted program); the compiled path is lowered for CUDA to a Mosaic GPU kernel on CPU.
+JAX 0.10's GPU interpret mode lacks two things this kernel uses: ``layout_cast`` has no CPU
+rule (the kernel skips these value no-ops when interpreting) and its ``wgmma`` cannot read a
+transposed operand (``to_range`` takes only indexers: ``AttributeError: 'TransposeTransform'
+object has no attribute 'indices'``); :func:`interpret_params` installs a small shim for that
+one callback on such versions. NOT done: compiling to PTX or running on a GPU, and so any
+measurement of its speed (no GPU was lent to the session that wrote it;
+``benchmarks/gpu_session.sh`` runs its compiled tests and times it).
 
 Tuning knobs (keyword-only; ``None`` picks :func:`default_knobs`): ``block_k`` (keys per step,
 a multiple of 64 for the ``p @ v`` swizzle; default 128 for ``head_dim <= 128``, else 64),
