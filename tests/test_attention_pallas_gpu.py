@@ -267,7 +267,9 @@ def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
     ("cpu", 64, 16, "float32", "xla"),
 ], ids=str)
 def test_default_implementation_falls_back_to_xla_for_geometries_a_kernel_cannot_tile(
-    backend, head_dim, block_size, dtype, want):
+    backend, head_dim, block_size, dtype, want, monkeypatch):
+  from jax_paged_kv.attention import api
+  monkeypatch.setattr(api, "_compute_capability", lambda: "8.0")  # pre-Hopper: no pallas_mgpu
   cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=head_dim, num_blocks=8,
                        max_seqs=2, max_seq_len=64, block_size=block_size, dtype=jnp.dtype(dtype))
   assert pk.default_implementation(backend, cfg) == want

@@ -283,38 +283,49 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   max_per_row = math.ceil(max_new / bs) + 1
   ok_rows = jnp.all(status == 0)
 
-  alloc = cache.allocator
-  k = jnp.arange(max_per_row, dtype=jnp.int32)
-  if cfg.strategy is CacheStrategy.PAGED:
-    alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
-  else:
-    valid = k[None, :] < need[:, None]
-    new_blocks = jnp.where(valid, cfg.contiguous_block(sid[:, None], first_j[:, None] + k[None, :]),
-                           NULL_BLOCK)
-    enough = jnp.asarray(True)
-    alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
-  # The pool running dry is reported only for a batch whose every row is otherwise valid.
-  status = jnp.where(ok_rows & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
-  ok = ok_rows & enough
+  # The allocator (pop, new table entries, copy-on-write) runs only in a step where some row
+  # needs a block: in most decode steps no row crosses a block boundary, and skipping it there
+  # (one lax.cond) makes a paged step cost what a contiguous one does. With no block needed the
+  # allocating branch would change nothing: both give the same cache and status.
+  def allocate(cache, status):
+    alloc = cache.allocator
+    k = jnp.arange(max_per_row, dtype=jnp.int32)
+    if cfg.strategy is CacheStrategy.PAGED:
+      alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
+    else:
+      valid = k[None, :] < need[:, None]
+      new_blocks = jnp.where(
+          valid, cfg.contiguous_block(sid[:, None], first_j[:, None] + k[None, :]), NULL_BLOCK)
+      enough = jnp.asarray(True)
+      alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
+    # The pool running dry is reported only for a batch whose every row is otherwise valid.
+    status = jnp.where(ok_rows & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
+    ok = ok_rows & enough
 
-  # New table entries.
-  tj = first_j[:, None] + k[None, :]
-  write = ok & (k[None, :] < need[:, None])
-  t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
-  block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
-  cache = cache.replace(block_tables=block_tables, allocator=alloc)
-  if quant.channel_k_scales(cfg.kv_quant):  # per-block K scales start from 0 in a fresh block
-    fresh = _drop_index(write, new_blocks, cfg.num_blocks).reshape(-1)
-    cache = cache.replace(k_scale=cache.k_scale.at[:, :, fresh].set(0, mode="drop"))
+    # New table entries.
+    tj = first_j[:, None] + k[None, :]
+    write = ok & (k[None, :] < need[:, None])
+    t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
+    block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
+    cache = cache.replace(block_tables=block_tables, allocator=alloc)
+    if quant.channel_k_scales(cfg.kv_quant):  # per-block K scales start from 0 in a fresh block
+      fresh = _drop_index(write, new_blocks, cfg.num_blocks).reshape(-1)
+      cache = cache.replace(k_scale=cache.k_scale.at[:, :, fresh].set(0, mode="drop"))
 
-  # Copy the shared partial block into its private copy, then drop one reference to it.
-  cow = cow & ok
-  cache = _copy_blocks(cache, last_block, new_blocks[:, 0], cow)
-  cache = cache.replace(allocator=alloc_lib.release_blocks(cache.allocator, last_block, cow))
+    # Copy the shared partial block into its private copy, then drop one reference to it.
+    copy = cow & ok
+    cache = _copy_blocks(cache, last_block, new_blocks[:, 0], copy)
+    cache = cache.replace(allocator=alloc_lib.release_blocks(cache.allocator, last_block, copy))
+    return cache, status, ok
+
+  def skip(cache, status):
+    return cache, status, ok_rows
+
+  cache, status, ok = jax.lax.cond(jnp.any(need > 0), allocate, skip, cache, status)
 
   seq_lens = cache.seq_lens.at[_drop_index(ok & row_ok, sid, cfg.max_seqs)].set(
       new_len, mode="drop")
-  failed = cache.telemetry.failed_allocations + (ok_rows & ~enough).astype(jnp.int32)
+  failed = cache.telemetry.failed_allocations + (ok_rows & ~ok).astype(jnp.int32)
   cache = cache.replace(seq_lens=seq_lens, telemetry=Telemetry(failed))
 
   # Flat physical slot (block * block_size + offset) of every new token; out of range if none.
