@@ -60,9 +60,6 @@ class TestPallasGPU(AttentionCases):
   decode_cases = DECODE_CASES + EXTRA_DECODE + SLOW_DECODE
   prefill_cases = PREFILL_CASES + EXTRA_PREFILL + SLOW_PREFILL
 
-  def unsupported_format(self, kv_quant: str) -> str | None:
-    return "pallas_gpu supports kv_quant in .* got kv_quant='int4'" if kv_quant == "int4" else None
-
 
 def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
   return pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, soft_cap=case.soft_cap,

@@ -75,9 +75,6 @@ class TestPallasTPU(AttentionCases):
   decode_cases = DECODE_CASES
   prefill_cases = PREFILL_CASES
 
-  def unsupported_format(self, kv_quant: str) -> str | None:
-    return "pallas_tpu supports kv_quant in .* got kv_quant='int4'" if kv_quant == "int4" else None
-
   def unsupported(self, case: Case) -> str | None:
     # f32 pages must be whole [8, 128] tiles, 16-bit pages whole packed [16, 128] tiles.
     return _block_size_rejected(case)
