@@ -29,6 +29,14 @@ Design
   scale, soft cap, causal + window mask with ``where`` (-inf), an online softmax in base 2, and
   ``p @ v``. Queries are rounded to the cache dtype (``tl.dot`` needs one operand dtype); f32
   dots use IEEE precision (``Precision.HIGHEST``), not TF32.
+* **Quantised caches** (``cache/quant.py``): the 8-bit tiles are converted exactly to q's
+  dtype. Per-token scales (fp8 K, int8 / fp8 V) multiply the logits per key, or the
+  probabilities before ``p @ v``. Per-(block, channel) K scales are folded into q once per page
+  (steps of at most one page by default), so no dequantised K tile exists. int4 packs channels
+  ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots over the low and high
+  nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each with its group's
+  per-token scales on ``p``, into its own accumulator and output columns (no concatenation).
+  Checked in interpret mode and by lowering for CUDA; not yet compiled or timed on a GPU.
 * **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
   real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
   the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue

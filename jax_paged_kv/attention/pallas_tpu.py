@@ -42,7 +42,10 @@ tiles, so:
 * ``float32`` pools: ``block_size % 8 == 0``.
 * ``bfloat16`` / ``float16`` pools: ``block_size % 16 == 0`` (a page of 8 packed rows is half a
   tile; merging such pages needs a sublane shuffle Mosaic does not do for packed types).
-* Other pool dtypes (float64, 8-bit floats, ...) are rejected.
+* Quantised pools (``kv_quant``: int8, float8_e4m3fn, int4's packed uint8) hold 8-bit data,
+  packed ``[32, 128]`` tiles: ``block_size % 32 == 0``. int4 also needs ``head_dim`` to be a
+  multiple of its V group (32), or smaller than one.
+* Other pool dtypes (float64, unquantised 8-bit floats, ...) are rejected.
 * ``head_dim`` is not restricted: every block covers the whole ``head_dim`` axis, which is
   lane-padded to 128 in memory (``head_dim % 128 != 0`` works but wastes lanes and bandwidth).
 
@@ -54,6 +57,16 @@ Known limits: the flattened block tables live in SMEM (``4 * batch * max_blocks`
 very large batch times table width can exceed it (split the batch); the first compute block of
 every grid step is not prefetched during the previous step (the steps are independent so that
 they can be ``"parallel"``), so a row with a single compute block waits for its DMA.
+
+Quantised caches (``cache/quant.py``): each page's scales are copied beside it; the 8-bit
+pages are converted in VMEM. Per-token scales (fp8 K, int8 / fp8 V) weight the logits or the
+probabilities per key; per-(block, channel) K scales multiply each page's codes as they are
+converted (a sublane broadcast of the page's ``[1, head_dim]`` scale row: on a TPU the pages of
+a compute block are one matmul, so folding a different scale into q per page would cost one
+narrow matmul per page instead); int4 V's per-(token, group) scales are spread over their
+channels by a 0/1 matmul (exact: one product per output) and multiply the codes. int4 keeps
+the low and high nibbles apart as two channel halves, in q, the accumulator and the output too,
+so no lane shuffle is needed.
 
 Verification: the TPU interpreter (``interpret=pltpu.InterpretParams()``) runs it on CPU with
 race detection and out-of-bounds checks, and ``jax.export(..., platforms=["tpu"])`` lowers it to
