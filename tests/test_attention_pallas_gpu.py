@@ -262,9 +262,7 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_qu
     dict(q_len=1, q_heads=8, kv_heads=2, head_dim=256, block_size=128, dtype=jnp.float16),
     dict(q_len=48, q_heads=40, kv_heads=8, head_dim=128, block_size=32, dtype=jnp.bfloat16,
          sliding_window=100),
-    # quantised: per-key scales, int4's nibble halves and V groups, a step over two pages
-    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
-         kv_quant="fp8"),
+    # quantised: int8, int4's nibble halves and V groups, a step over two pages
     dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
          kv_quant="int8"),
     dict(q_len=16, q_heads=16, kv_heads=4, head_dim=128, block_size=32, dtype=jnp.bfloat16,
