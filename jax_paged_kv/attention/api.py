@@ -33,10 +33,12 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
 
   Args:
     backend: a JAX backend name (default: JAX's default backend).
-    config: the cache's config. The backend's kernel is picked only for pool geometries it can
-      tile (e.g. the GPU kernel needs power-of-two ``head_dim >= 16`` and ``block_size``);
-      other caches fall back to ``"xla"``, which takes any geometry. Without a config the
-      backend's kernel is named.
+    config: the cache's config. The backend's kernel is picked only for pool geometries and
+      ``kv_quant`` formats it can tile (e.g. the GPU kernel needs power-of-two ``head_dim >=
+      16`` and ``block_size``, and ``head_dim >= 32`` for int4; the TPU kernel needs whole
+      sublane tiles per page, ``block_size % 32 == 0`` for 8-bit and int4 pools); other
+      caches fall back to ``"xla"``, which takes any geometry. Without a config the backend's
+      kernel is named.
 
   Returns:
     ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.
