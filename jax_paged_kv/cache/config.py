@@ -173,8 +173,9 @@ class CacheConfig:
     per_block = 2 * self.block_size * self.stored_head_dim * self.storage_dtype.itemsize
     if self.kv_quant is not None:
       k_shape, v_shape = quant.scale_shapes(self.kv_quant, self.pool_shape)
-      per_block += (math.prod(k_shape[3:]) + math.prod(v_shape[3:])) * quant.scale_dtype(
-          self.kv_quant).itemsize
+      k_dtype, v_dtype = quant.scale_dtypes(self.kv_quant)
+      per_block += (math.prod(k_shape[3:]) * k_dtype.itemsize
+                    + math.prod(v_shape[3:]) * v_dtype.itemsize)
     return self.num_layers * self.num_kv_heads * per_block
 
   @property

@@ -120,9 +120,9 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
     pool_value = pool_fill
   else:
     pool_value = 0
-    sdt = quant.scale_dtype(config.kv_quant)
-    scales = {"k_scale": jnp.full(config.k_scale_shape, pool_fill, dtype=sdt),
-              "v_scale": jnp.full(config.v_scale_shape, pool_fill, dtype=sdt)}
+    k_dtype, v_dtype = quant.scale_dtypes(config.kv_quant)
+    scales = {"k_scale": jnp.full(config.k_scale_shape, pool_fill, dtype=k_dtype),
+              "v_scale": jnp.full(config.v_scale_shape, pool_fill, dtype=v_dtype)}
   pool = jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype)
   return PagedKVCache(
       k_pool=pool,
