@@ -237,8 +237,8 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_qu
   if kv_quant is not None:
     pool = S(shape[:4] + (quant.stored_head_dim(kv_quant, head_dim),),
              quant.storage_dtype(kv_quant))
-    scales = tuple(S(s, quant.scale_dtype(kv_quant))
-                   for s in quant.scale_shapes(kv_quant, shape))
+    scales = tuple(S(s, dt) for s, dt in zip(quant.scale_shapes(kv_quant, shape),
+                                             quant.scale_dtypes(kv_quant), strict=True))
   tables = S((batch, max_blocks), jnp.int32)
   lens = S((batch,), jnp.int32)
   layer = S((), jnp.int32)
