@@ -348,10 +348,10 @@ def test_supported_quantized_layouts(kv_quant, block_size, head_dim, ok):
       pallas_tpu.check_supported(dtype, block_size, head_dim, kv_quant=kv_quant)
 
 
-@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+@pytest.mark.parametrize("kv_quant", ["int8", "fp8", "int4"])
 def test_quantized_lowers_to_mosaic_for_tpu(kv_quant, monkeypatch):
-  """Pallas' Mosaic lowering accepts every format's path (scale DMAs, nibble halves, the 0/1
-  scale matmuls); not compiled by libtpu here."""
+  """Pallas' Mosaic lowering accepts every format's path (per-key and per-channel scale DMAs,
+  nibble halves, the 0/1 scale matmuls); not compiled by libtpu here."""
   monkeypatch.setattr(pallas_tpu, "_backend", lambda: "tpu")
   case = Case((5, 70), q_len=5, block_size=32, ratio=2, head_dim=128, dtype="bfloat16")
   cache, q, seq_ids, q_lens, layer = build_case(case)
