@@ -4,10 +4,11 @@ Checks every implementation against the XLA reference, then times, side by side 
 and on the same data:
 
 * ``ours``: ``jax_paged_kv.attention.pallas_gpu.paged_attention_gpu`` (default knobs);
-* ``ours_int8`` / ``ours_fp8``: the same kernel on int8 / float8_e4m3fn pools with float32
-  scales per (token, KV head) (``CacheConfig(kv_quant=...)``; the pools are quantised once,
-  outside the timing). Correct means a relative L2 error against the unquantised reference
-  within the README's bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
+* ``ours_int8`` / ``ours_fp8``: the same kernel on int8 / float8_e4m3fn pools
+  (``CacheConfig(kv_quant=...)``; int8: K scales per (block, channel), V per (token, KV head);
+  fp8: float32 scales per (token, KV head)); the pools are quantised once, outside the timing.
+  Correct means a relative L2 error against the unquantised reference within the README's
+  bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
 * ``jax_pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
   8/16 x pages_per_compute_block 4/8; its layout is one layer ``[kv_heads, pages, page_size,
   head_dim]`` and q must be pre-scaled, both prepared outside the timing; decode only);
@@ -196,9 +197,16 @@ def quantized_inputs(x: Inputs, kv_quant: str) -> tuple[Inputs, dict]:
   """``x`` with int8 / fp8 pools, and the scales (made once, not timed)."""
   from jax_paged_kv.cache import quant
 
-  (kq, ks), (vq, vs) = quant.quantize(x.k_pool, kv_quant), quant.quantize(x.v_pool, kv_quant)
-  per_token = x.kv_bytes // (jnp.dtype(x.k_pool.dtype).itemsize * x.k_pool.shape[-1])
-  kv_bytes = per_token * (x.k_pool.shape[-1] * kq.dtype.itemsize + 4)  # + a float32 scale
+  vq, vs = quant.quantize(x.v_pool, kv_quant)
+  d, bs = x.k_pool.shape[-1], x.k_pool.shape[-2]
+  if quant.channel_k_scales(kv_quant):  # int8 K: a bfloat16 scale per (block, channel)
+    kq, ks = quant.quantize_blocks_k(x.k_pool, kv_quant)
+    k_scale_bytes = 2 * d / bs
+  else:
+    kq, ks = quant.quantize(x.k_pool, kv_quant)
+    k_scale_bytes = 4
+  per_token = x.kv_bytes // (2 * jnp.dtype(x.k_pool.dtype).itemsize * d)  # (token, head) pairs
+  kv_bytes = int(per_token * (2 * d * kq.dtype.itemsize + k_scale_bytes + 4))
   return dataclasses.replace(x, k_pool=kq, v_pool=vq, kv_bytes=kv_bytes), dict(k_scale=ks,
                                                                              v_scale=vs)
 

@@ -325,13 +325,13 @@ def _teacher_forced_argmax(model, params, kv_quant, tokens):
   return np.asarray(logits).argmax(-1)
 
 
-AGREEMENT = {"int8": 0.99, "fp8": 0.97}
+AGREEMENT = {"int8": 0.99, "fp8": 0.97, "int4": 0.90}
 
 
 @pytest.mark.parametrize("family", ["demo", "gemma2"])
 def test_teacher_forced_next_token_agreement(family):
   """256 teacher-forced positions: the quantised cache's next token matches the unquantised
-  cache's at >= 99% (int8) / >= 97% (fp8) of them.
+  cache's at >= 99% (int8) / >= 97% (fp8) / >= 90% (int4) of them.
 
   The demo's model (``jax_paged_kv.demo``, "tiny") with ``init_params``' default weight scale,
   and a Gemma 2 configuration (soft caps, sliding window).

@@ -13,7 +13,7 @@ from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import CacheShapeError
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
 from jax_paged_kv.cache.ops import check_readable, gather_tables
-from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.cache.state import PagedKVCache, pool_values
 
 # name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
 # backends that a CPU-only user never needs.
@@ -49,7 +49,7 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
     try:
       get_implementation(name)  # loads the module
       module = importlib.import_module(IMPLEMENTATIONS[name][0])
-      module.check_supported(config.storage_dtype, config.block_size, config.head_dim,
+      module.check_supported(config.kernel_dtype, config.block_size, config.head_dim,
                              kv_quant=config.kv_quant)
     except (ValueError, RuntimeError):
       return "xla"
@@ -157,5 +157,7 @@ def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, slidi
                            sliding_window=sliding_window, return_lse=return_lse, **dict(knobs))
   # On pools sharded over kv heads, once per shard (shard_map): never on a gathered pool. A
   # quantised cache's scales share the pools' [layers, kv_heads, ...] leading axes and go along.
-  return per_shard.run(call, q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens,
+  # A pool_bits pool is read as its values (a bitcast, no copy).
+  k_pool, v_pool = pool_values(cache.k_pool, cfg.dtype), pool_values(cache.v_pool, cfg.dtype)
+  return per_shard.run(call, q, k_pool, v_pool, layer, tables, kv_lens, q_lens,
                        return_lse=return_lse, k_scale=cache.k_scale, v_scale=cache.v_scale)

@@ -27,7 +27,13 @@ from jax_paged_kv.cache.errors import (
     checking,
     raise_for_status,
 )
-from jax_paged_kv.cache.state import AllocatorState, PagedKVCache, Telemetry, init_cache
+from jax_paged_kv.cache.state import (
+    AllocatorState,
+    PagedKVCache,
+    Telemetry,
+    init_cache,
+    pool_values,
+)
 from jax_paged_kv.cache.stats import InvariantReport, KVCacheStats, cache_stats, check_invariants
 
 from jax_paged_kv.cache.ops import (  # isort: skip  (ops builds on the modules above)
@@ -76,6 +82,7 @@ __all__ = [
     "free_sequences",
     "gather_tables",
     "init_cache",
+    "pool_values",
     "lookup_kv",
     "raise_for_status",
     "reserve",

@@ -46,7 +46,7 @@ from jax_paged_kv.cache.errors import (
     raise_for_status,
 )
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer, to_int32
-from jax_paged_kv.cache.state import PagedKVCache, Telemetry
+from jax_paged_kv.cache.state import PagedKVCache, Telemetry, pool_values, stored_values
 from jax_paged_kv.cache.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +127,9 @@ def _scatter_tokens(cache: PagedKVCache, lead: tuple, blk: Array, off: Array, k:
   """
   kv_quant = cache.config.kv_quant
   index = (*lead, blk, off)
-  if kv_quant is None:
+  if kv_quant is None:  # (uint16 bit patterns into a pool_bits pool)
+    dtype = cache.config.dtype
+    k, v = stored_values(k, cache.k_pool, dtype), stored_values(v, cache.v_pool, dtype)
     return cache.replace(k_pool=cache.k_pool.at[index].set(k, mode="drop"),
                          v_pool=cache.v_pool.at[index].set(v, mode="drop"))
   vq, vs = quant.quantize_int4_v(v) if kv_quant == "int4" else quant.quantize(v, kv_quant)
@@ -641,6 +643,7 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
   blk = tables[:, pos // bs]  # [batch, max_len]
   def read(pool, scale, which):
     x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, stored head_dim]
+    x = pool_values(x, cfg.dtype) if scale is None else x
     if quant.channel_k_scales(cfg.kv_quant) and which == "k":  # the gathered tokens only
       x = quant.dequantize_channel_k(x, scale[layer][:, blk], cfg.dtype)
     elif cfg.kv_quant == "int4":

@@ -200,6 +200,13 @@ def channel_codes(x: Array, scale: Array, kv_quant: str) -> Array:
   return pack_int4(y) if kv_quant == "int4" else y.astype(_STORAGE[kv_quant])
 
 
+def quantize_blocks_k(k_pool: Array, kv_quant: str) -> tuple[Array, Array]:
+  """Whole blocks of K ``[..., block_size, head_dim]`` with one scale per (block, channel), as
+  if each block were written at once: ``(codes, scale [..., head_dim])`` (int8 / int4)."""
+  scale = channel_scale(jnp.max(jnp.abs(k_pool.astype(jnp.float32)), axis=-2), kv_quant)
+  return channel_codes(k_pool, scale[..., None, :], kv_quant), scale
+
+
 def dequantize_channel_k(stored: Array, scale: Array, dtype=jnp.float32) -> Array:
   """K stored with channel scales: ``stored [..., stored head_dim]`` (int8, or packed int4)
   times ``scale [..., head_dim]``."""
