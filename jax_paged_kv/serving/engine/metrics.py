@@ -15,7 +15,9 @@ class RequestOutput:
     tokens: generated tokens (a stop token, if hit, is the last one).
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
     num_preemptions: times the request was preempted and recomputed.
-    arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
+    arrival_time, first_scheduled_time, first_token_time, finish_time:
+      ``time.perf_counter()`` stamps of :meth:`Engine.add_request`, the first admission into
+      the cache (its queueing time ends there), the first generated token and the finish.
   """
 
   request_id: int
@@ -24,6 +26,7 @@ class RequestOutput:
   finish_reason: str | None = None
   num_preemptions: int = 0
   arrival_time: float = 0.0
+  first_scheduled_time: float | None = None
   first_token_time: float | None = None
   finish_time: float | None = None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -119,6 +120,8 @@ class Scheduler:
       self._admitted += 1
       self.running.append(req)
       admitted.append(req)
+      if req.out.first_scheduled_time is None:
+        req.out.first_scheduled_time = time.perf_counter()
       if install is not None:
         install(req)
     return admitted
