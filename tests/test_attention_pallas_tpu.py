@@ -353,9 +353,10 @@ def test_quantized_lowers_to_mosaic_for_tpu(kv_quant, monkeypatch):
   """Pallas' Mosaic lowering accepts every format's path (per-key and per-channel scale DMAs,
   nibble halves, the 0/1 scale matmuls); not compiled by libtpu here."""
   monkeypatch.setattr(pallas_tpu, "_backend", lambda: "tpu")
-  case = Case((5, 70), q_len=5, block_size=32, ratio=2, head_dim=128, dtype="bfloat16")
+  case = Case((5, 70), q_len=5, block_size=32, ratio=2, head_dim=128)
   cache, q, seq_ids, q_lens, layer = build_case(case)
   qcache = quantized_cache(cache, kv_quant)
+  q = q.astype(jnp.bfloat16)  # bfloat16 queries: the MXU path
   fn = functools.partial(pallas_tpu.paged_attention_tpu, scale=0.125, return_lse=True,
                          pages_per_compute_block=2)
   exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
