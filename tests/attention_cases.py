@@ -277,7 +277,7 @@ def heavy_tailed(cache, case: Case):
 
 def quantized_cache(cache, kv_quant: str):
   """The same cache stored in ``kv_quant`` by the NumPy format model (NaN slots: NaN scale)."""
-  cfg = dataclasses.replace(cache.config, kv_quant=kv_quant)
+  cfg = dataclasses.replace(cache.config, kv_quant=kv_quant, pool_bits=None)
   out = {}
   if kv_quant == "int4":
     kc, ks, vc, vs = quantize_int4_np(cache.k_pool, cache.v_pool)
