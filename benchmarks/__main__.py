@@ -30,7 +30,8 @@ BENCHMARKS = {
     "block_size": "KV utilisation and step time for block sizes 8..128",
     "reliability": "bad-input fuzz cases held/broken, soak steps, blocks leaked, mismatches",
     "kv_quant": "int8 / fp8 KV: bytes per token, capacity, attention time, accuracy, serving",
-    "prefix_cache": "shared system prompt with and without prefix caching; no-hit overhead",
+    "prefix_cache": ("shared system prompt with and without prefix caching; no-hit overhead; "
+                     "swap GB/s; recompute vs swap preemption"),
     "sharding": "decode step on 1-8 devices, tensor / data parallel, equal per-device work",
     "engine_overhead": "engine wall time per decode step vs the jitted decode loop alone",
     "vs_transformers": "head-to-head with HF transformers: first call, warm, peak RSS, tokens",

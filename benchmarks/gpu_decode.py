@@ -4,10 +4,14 @@ Checks every implementation against the XLA reference, then times, side by side 
 and on the same data:
 
 * ``ours``: ``jax_paged_kv.attention.pallas_gpu.paged_attention_gpu`` (default knobs);
-* ``ours_int8`` / ``ours_fp8``: the same kernel on int8 / float8_e4m3fn pools with float32
-  scales per (token, KV head) (``CacheConfig(kv_quant=...)``; the pools are quantised once,
-  outside the timing). Correct means a relative L2 error against the unquantised reference
-  within the README's bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
+* ``ours_mgpu``: ``jax_paged_kv.attention.pallas_mgpu.paged_attention_mgpu``, the Mosaic GPU
+  kernel (TMA + wgmma; bf16 / f16 pools on sm90+; default knobs; with ``--sweep`` also a few
+  of its knob variants as ``mgpu_sweep``);
+* ``ours_int8`` / ``ours_fp8``: the same kernel on int8 / float8_e4m3fn pools
+  (``CacheConfig(kv_quant=...)``; int8: K scales per (block, channel), V per (token, KV head);
+  fp8: float32 scales per (token, KV head)); the pools are quantised once, outside the timing.
+  Correct means a relative L2 error against the unquantised reference within the README's
+  bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
 * ``jax_pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
   8/16 x pages_per_compute_block 4/8; its layout is one layer ``[kv_heads, pages, page_size,
   head_dim]`` and q must be pre-scaled, both prepared outside the timing; decode only);
@@ -52,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import report  # noqa: E402
-from jax_paged_kv.attention import pallas_gpu  # noqa: E402
+from jax_paged_kv.attention import pallas_gpu, pallas_mgpu  # noqa: E402
 from jax_paged_kv.attention.reference import paged_attention_xla  # noqa: E402
 
 GOALS = "H100 goals: >= 0.85 of copy, >= 1.5x JAX Pallas, faster than cuDNN, <= 1.15x torch"
@@ -192,13 +196,50 @@ def impl_ours(x: Inputs, interpret: bool, **knobs):
   return (lambda: f(*args)), jax_sync, ""
 
 
+def impl_mgpu(x: Inputs, interpret: bool, **knobs):
+  """The Mosaic GPU kernel, or Skip with the reason it cannot run here."""
+  try:
+    pallas_mgpu.check_supported(x.k_pool.dtype, x.k_pool.shape[3], x.k_pool.shape[4])
+  except ValueError as e:
+    raise Skip(str(e).split(";")[0]) from e
+  if not interpret:
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    if cap is None or float(cap) < 9.0:
+      raise Skip(f"needs an sm90+ NVIDIA GPU (compute capability {cap})")
+  f = jax.jit(functools.partial(pallas_mgpu.paged_attention_mgpu, scale=x.scale,
+                                interpret=interpret, **knobs))
+  args = (x.q, x.k_pool, x.v_pool, x.layer, x.tables, x.kv_lens, x.q_lens)
+  return (lambda: f(*args)), jax_sync, ""
+
+
+def mgpu_sweep_grid(knobs: dict) -> list[dict]:
+  """Variants of the Mosaic GPU kernel's default knobs (``--sweep``)."""
+  bk, st, ks = knobs["block_k"], knobs["num_stages"], knobs["k_splits"]
+  grid = [dict(block_k=64 if bk == 128 else 128), dict(num_stages=max(2, st - 1)),
+          dict(num_stages=st + 1), dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2)]
+  out, seen = [], {tuple(sorted(knobs.items()))}
+  for g in grid:
+    kn = knobs | g
+    if tuple(sorted(kn.items())) not in seen:
+      seen.add(tuple(sorted(kn.items())))
+      out.append(kn)
+  return out
+
+
 def quantized_inputs(x: Inputs, kv_quant: str) -> tuple[Inputs, dict]:
   """``x`` with int8 / fp8 pools, and the scales (made once, not timed)."""
   from jax_paged_kv.cache import quant
 
-  (kq, ks), (vq, vs) = quant.quantize(x.k_pool, kv_quant), quant.quantize(x.v_pool, kv_quant)
-  per_token = x.kv_bytes // (jnp.dtype(x.k_pool.dtype).itemsize * x.k_pool.shape[-1])
-  kv_bytes = per_token * (x.k_pool.shape[-1] * kq.dtype.itemsize + 4)  # + a float32 scale
+  vq, vs = quant.quantize(x.v_pool, kv_quant)
+  d, bs = x.k_pool.shape[-1], x.k_pool.shape[-2]
+  if quant.channel_k_scales(kv_quant):  # int8 K: a bfloat16 scale per (block, channel)
+    kq, ks = quant.quantize_blocks_k(x.k_pool, kv_quant)
+    k_scale_bytes = 2 * d / bs
+  else:
+    kq, ks = quant.quantize(x.k_pool, kv_quant)
+    k_scale_bytes = 4
+  per_token = x.kv_bytes // (2 * jnp.dtype(x.k_pool.dtype).itemsize * d)  # (token, head) pairs
+  kv_bytes = int(per_token * (2 * d * kq.dtype.itemsize + k_scale_bytes + 4))
   return dataclasses.replace(x, k_pool=kq, v_pool=vq, kv_bytes=kv_bytes), dict(k_scale=ks,
                                                                              v_scale=vs)
 
@@ -444,6 +485,32 @@ def main(argv=None):
           continue
         record(cfg, x, "ours_sweep", t, max_err(out, ref_out), knob_label(kn), kn)
 
+    # ours on Mosaic GPU (TMA + wgmma): same data, same reference
+    try:
+      fn, sync, note = impl_mgpu(x, args.interpret)
+      t, out = run_timed(fn, sync)
+      record(cfg, x, "ours_mgpu", t, max_err(out, ref_out), note)
+      if args.sweep and cfg.block_size == args.sweep_block_size:
+        mk = pallas_mgpu.default_knobs(
+            head_dim=cfg.head_dim, block_size=cfg.block_size,
+            rows=cfg.q_len * (cfg.q_heads // cfg.kv_heads), batch=cfg.batch,
+            kv_heads=cfg.kv_heads, max_blocks=x.tables.shape[1], itemsize=dtype.itemsize)
+        for kn in mgpu_sweep_grid(mk):
+          label = " ".join(f"{k}={v}" for k, v in kn.items())
+          try:
+            fn, sync, _ = impl_mgpu(x, args.interpret, **kn)
+            t, out = run_timed(fn, sync)
+          except Exception as e:  # noqa: BLE001 - e.g. a variant over the shared-memory limit
+            record(cfg, x, "mgpu_sweep", None, None, status="failed", knobs=kn,
+                   note=f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+          record(cfg, x, "mgpu_sweep", t, max_err(out, ref_out), label, kn)
+    except Skip as e:
+      record(cfg, x, "ours_mgpu", None, None, status="skipped", note=str(e))
+    except Exception as e:  # noqa: BLE001 - not yet compiled on a GPU: keep the other rows
+      record(cfg, x, "ours_mgpu", None, None, status="failed",
+             note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
     # ours on int8 / fp8 pools (scales per token and KV head)
     for kv_quant, qtol in QUANT_TOL.items():
       xq, scales = quantized_inputs(x, kv_quant)
@@ -525,7 +592,8 @@ def main(argv=None):
     sys.exit(1)
 
 
-IMPLS = ("ours", "ours_int8", "ours_fp8", "jax_pallas", "xla_gather", "cudnn", "torch_sdpa")
+IMPLS = ("ours", "ours_mgpu", "ours_int8", "ours_fp8", "jax_pallas", "xla_gather", "cudnn",
+         "torch_sdpa")
 
 
 def save_plot(summary) -> str:
@@ -585,31 +653,37 @@ def print_tables(summary) -> tuple[str, str, str]:
     return f"{other['time_us'] / ours['time_us']:.2f}x"
 
   head = ["config", "bs"] + list(IMPLS) + ["vs jax", "vs cudnn", "vs torch", "int8 / ours",
-                                            "fp8 / ours"]
+                                            "fp8 / ours", "mgpu vs ours", "mgpu vs cudnn",
+                                            "mgpu vs torch"]
   rows = []
   for (name, bs), impls in by.items():
     o = impls.get("ours")
     rows.append([name, str(bs)] + [cell(impls.get(i), frac=True) for i in IMPLS]
                 + [ratio(o, impls.get("jax_pallas")), ratio(o, impls.get("cudnn")),
                    ratio(o, impls.get("torch_sdpa")),
-                   ratio(o, impls.get("ours_int8")), ratio(o, impls.get("ours_fp8"))])
-  sweep = {}
-  for r in summary["results"]:
-    if r["impl"] == "ours_sweep" and r.get("time_us") is not None and r["correct"]:
-      k = (r["config"], r["block_size"])
-      if k not in sweep or r["time_us"] < sweep[k]["time_us"]:
-        sweep[k] = r
-  if sweep:
-    print("best knob variant per config (--sweep): " + "; ".join(
-        f"{n} bs{b}: {r['note']} {r['time_us']:.1f} us "
-        f"({by[(n, b)]['ours']['time_us'] / r['time_us']:.2f}x default)"
-        for (n, b), r in sweep.items() if by[(n, b)].get("ours", {}).get("time_us")))
+                   ratio(o, impls.get("ours_int8")), ratio(o, impls.get("ours_fp8")),
+                   ratio(impls.get("ours_mgpu"), o),
+                   ratio(impls.get("ours_mgpu"), impls.get("cudnn")),
+                   ratio(impls.get("ours_mgpu"), impls.get("torch_sdpa"))])
+  for sweep_impl, base in (("ours_sweep", "ours"), ("mgpu_sweep", "ours_mgpu")):
+    sweep = {}
+    for r in summary["results"]:
+      if r["impl"] == sweep_impl and r.get("time_us") is not None and r["correct"]:
+        k = (r["config"], r["block_size"])
+        if k not in sweep or r["time_us"] < sweep[k]["time_us"]:
+          sweep[k] = r
+    if sweep:
+      print(f"best {base} knob variant per config (--sweep): " + "; ".join(
+          f"{n} bs{b}: {r['note']} {r['time_us']:.1f} us "
+          f"({by[(n, b)][base]['time_us'] / r['time_us']:.2f}x default)"
+          for (n, b), r in sweep.items() if by[(n, b)].get(base, {}).get("time_us")))
   text = report.text_table(head, rows)
   md = report.markdown_table(head, rows)
   notes = (f"{summary['dtype']}, {summary['heads']}"
            + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
            + f". Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. Cells: "
            "median time per call (fraction of the copy ceiling); 'vs X' = X time / ours, "
+           "'mgpu vs X' = X time / ours_mgpu (ours = the Triton kernel), "
            f"measured in the same run; 'int8 / ours' = int8 time / unquantised time (goal "
            f"<= 0.6x). {summary['goals']}.")
   print()

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one call (the GPU machine is lent for minutes at a time):
 #   1. the compiled Triton kernel against the float64 oracle (the GPU kernel's test file, slow
-#      cases included) and the model/decoding tests, which pick the kernel on a GPU by default;
-#   2. benchmarks/gpu_decode.py: our kernel vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
+#      cases included) and the model/decoding tests, which pick the default kernel on a GPU
+#      (pallas_mgpu on sm90+ for bf16/f16 caches); then the compiled Mosaic GPU kernel's test
+#      file (tests_mgpu; its first compile and run on a GPU);
+#   2. benchmarks/gpu_decode.py: our kernels (Triton "ours", Mosaic GPU "ours_mgpu", with knob
+#      sweeps of both) vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
 #      benchmarks/gpu_kernel_ab.py: our kernel's variants against its defaults (round-robin);
 #   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu);
 #   4. benchmarks/sharding.py: decode step per layout on the GPUs there are (sharding_gpu).
-# Each part has its own time limit and a failure does not stop the next one. Logs and a tarball
-# of benchmarks/results, plots and RESULTS.md go to $OUT (default benchmarks/out/gpu_session).
+# Each part has its own time limit (together under 8 minutes) and a failure does not stop the
+# next one. Logs and a tarball of benchmarks/results, plots and RESULTS.md go to $OUT (default
+# benchmarks/out/gpu_session).
 #
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh            # on the GPU machine, from the checkout
 #   GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh     # CPU rehearsal: interpret mode, tiny
@@ -36,25 +40,33 @@ python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 
 if [ "$SMOKE" = 1 ]; then
   part tests 600 python -m pytest tests/test_attention_pallas_gpu.py -q -x -k "decode and bs16"
+  part tests_mgpu 600 python -m pytest tests/test_attention_pallas_mgpu.py -q -x -k "decode"
   part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny
   part gpu_kernel_ab 300 python benchmarks/gpu_kernel_ab.py --interpret --tiny
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
   part serving 300 python -m benchmarks.serving --quick --requests 6
   part sharding 300 python -m benchmarks.sharding --quick --devices 1 2 --context 64
 else
-  TAIL=15 part tests 110 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
+  TAIL=15 part tests 85 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -m "" -q -n 6 \
     --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py \
     tests/test_llama.py
-  TAIL=30 part gpu_decode 170 python benchmarks/gpu_decode.py --time-budget 115 --repeats 9 \
+  TAIL=25 part tests_mgpu 60 env JAX_PAGED_KV_GPU_COMPILED=1 python -m pytest -m "" -q -n 6 \
+    --maxfail=20 -p no:cacheprovider tests/test_attention_pallas_mgpu.py
+  TAIL=40 part gpu_decode 130 python benchmarks/gpu_decode.py --time-budget 90 --repeats 9 \
     --sweep --out "$OUT/gpu_decode_raw.json"
-  TAIL=15 part gpu_kernel_ab 60 python benchmarks/gpu_kernel_ab.py
+  TAIL=15 part gpu_kernel_ab 40 python benchmarks/gpu_kernel_ab.py
+  # The paged / contiguous decode-step gap (reserve skips the allocator in steps where no row
+  # opens a block); the full grid with GPU_SESSION_DECODE_STEP=1.
   if [ "${GPU_SESSION_DECODE_STEP:-0}" = 1 ]; then
     part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
       --repeats 9
+  else
+    TAIL=12 part decode_step 60 python -m benchmarks.decode_step --batch 8 32 --context 2048 \
+      --repeats 7
   fi
-  TAIL=12 part serving 130 python -m benchmarks.serving --repeats 2
-  TAIL=12 part sharding 90 python -m benchmarks.sharding --quick
+  TAIL=12 part serving 60 python -m benchmarks.serving --repeats 2
+  TAIL=12 part sharding 40 python -m benchmarks.sharding --quick
 fi
 tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md
 log "done"

@@ -25,6 +25,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 import jax_paged_kv as pk
 from benchmarks import report
@@ -80,7 +81,7 @@ def attention_rows(batch: int, context: int, repeats: int):
   lens = np.full(batch, context, np.int32)
   q = rng.standard_normal((batch, 1, kvh * ratio, d))
   rows, times = [], {}
-  for fmt in FORMATS:
+  for fmt in tqdm(FORMATS, desc="attention", unit="format"):
     cfg = pk.CacheConfig(num_layers=1, num_kv_heads=kvh, head_dim=d, block_size=bs,
                          num_blocks=1 + batch * context // bs, max_seqs=batch,
                          max_seq_len=context, dtype=jnp.float32, kv_quant=fmt)
@@ -118,9 +119,8 @@ def serving_rows(requests: int, slabs: int, max_seq_len: int):
   for fmt in FORMATS:
     cc, _ = demo.equal_memory_configs(model, slabs=slabs, max_seq_len=max_seq_len,
                                       block_size=16, paged_max_seqs=64, kv_quant=fmt)
-    demo.run_engine(params, model, cc, reqs, desc=f"{_name(fmt)} warm-up", progress=False,
-                    **common)
-    r = demo.run_engine(params, model, cc, reqs, desc=_name(fmt), progress=False, **common)
+    demo.run_engine(params, model, cc, reqs, desc=f"serving {_name(fmt)} (warm-up)", **common)
+    r = demo.run_engine(params, model, cc, reqs, desc=f"serving {_name(fmt)}", **common)
     base = base or r["tokens_per_s"]
     rows.append({"format": _name(fmt), "KV MiB": f"{cc.pool_bytes / 2**20:.2f}",
                  "blocks": cc.usable_blocks, "peak seqs": r["peak_running"],
@@ -135,8 +135,9 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="small sizes")
   args = p.parse_args(argv)
+  report.set_quick(args.quick)
   batch, context, repeats = (4, 512, 5) if args.quick else (8, 2048, 15)
-  requests, slabs, max_seq_len = (24, 2, 1024) if args.quick else (100, 4, 2048)
+  requests, slabs, max_seq_len = (24, 2, 1024) if args.quick else (48, 4, 1024)
   machine = report.machine_name()
   cap = capacity_rows()
   att = attention_rows(batch, context, repeats)
@@ -153,8 +154,10 @@ def main(argv=None):
     print(report.text_table(cols, rows) + "\n")
   notes = (
       "Capacity: a Llama-3-8B-like geometry (32 layers, 8 KV heads, head_dim 128), 1 GiB, "
-      "block 16; int8 / fp8 store 1 byte per value plus a float32 scale per (token, KV head), "
-      "int4 half a byte plus bfloat16 scales (K per block and channel, V per 32 channels). "
+      "block 16; int8 stores 1 byte per value plus a bfloat16 K scale per (block, channel) and "
+      "a float32 V scale per (token, KV head); fp8 1 byte plus float32 scales per (token, KV "
+      "head) for K and V; int4 half a byte plus bfloat16 scales (K per block and channel, V per "
+      "token and 32 channels). "
       f"Attention: one decode `paged_attention` call (XLA path, float32 queries, GQA 4, "
       f"head_dim 128), median of {repeats}; the quantised XLA path dequantises the gathered "
       "pages, so on a CPU it is not faster (the GPU goal, int8 decode <= 0.6x bf16, is "

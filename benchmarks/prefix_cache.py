@@ -9,14 +9,27 @@ engine settings, greedy):
   index when nothing hits; goal <= 2% throughput loss).
 
 Reported: prompt tokens actually prefilled, peak blocks held (``EngineMetrics.peak_blocks``,
-cached blocks included), generated tokens/s and end-to-end requests/s (compilation excluded:
-an untimed warm-up pass compiles every shape), mean time to first token, hit rate and
-evictions. Goal on ``shared``: prefill tokens and peak blocks at most 1/4 of the uncached run.
+the finished requests' cached, evictable blocks included) and peak blocks referenced by running
+requests (``peak_running_blocks``), generated tokens/s and end-to-end requests/s (compilation
+excluded: an untimed warm-up pass compiles every shape; median of ``--repeats``, off and on
+interleaved), mean time to first token, hit rate and evictions. Goal on ``shared``: prefill
+tokens and peak blocks at most 1/4 of the uncached run.
 
-    python -m benchmarks.prefix_cache [--quick] [--requests 64] [--system 1000]
+Then two preemption measurements:
 
-Saves ``benchmarks/results/prefix_cache.json`` and its RESULTS.md section; ``--quick`` (16
-requests, a 256-token system prompt) writes to ``benchmarks/out/`` instead.
+* **swap throughput**: :func:`~jax_paged_kv.swap_out` / :func:`~jax_paged_kv.swap_in` of one
+  sequence of a larger cache (8 layers, 8 KV heads, head_dim 128; bfloat16, float32 on CPU, and
+  int8), GB/s of the blocks moved (median of 5);
+* **recompute vs swap**: the ``distinct`` prompts cut to ``--preempt-prompt`` (64) tokens,
+  ``--preempt-new`` (192) new tokens each, in a pool with room for about a quarter of them
+  (``reserve_ratio=0``): preemptions, tokens recomputed, bytes swapped, throughput of
+  ``preemption="swap"`` against ``"recompute"`` (same outputs, checked).
+
+    python -m benchmarks.prefix_cache [--quick] [--part all|prefix|preemption] [--requests 64]
+
+Saves ``benchmarks/results/prefix_cache.json`` and ``prefix_cache_preemption.json`` and their
+RESULTS.md sections; ``--quick`` (16 requests, a 256-token system prompt) writes to
+``benchmarks/out/`` instead.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+import jax_paged_kv as pk
 from benchmarks import report
 from jax_paged_kv import workloads
 from jax_paged_kv.models import init_params
@@ -44,13 +58,14 @@ def make_workloads(args, vocab: int) -> dict[str, list[list[int]]]:
   return {"shared": shared, "distinct": distinct}
 
 
-def serve(params, model, cc, prompts, args, caching: bool) -> dict:
+def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | None = None,
+          **engine_kwargs) -> dict:
   engine = Engine(params, model, cc, enable_prefix_caching=caching, prefill_chunk=128,
                   prefill_token_budget=512, decode_steps=8, max_batch=args.max_batch,
                   batch_bucket_min=8, block_bucket_min=8, decode_width_step=8,
-                  track_stats=False)
+                  track_stats=False, **engine_kwargs)
   for p in prompts:
-    engine.add_request(p, SamplingParams(max_new_tokens=args.new_tokens))
+    engine.add_request(p, SamplingParams(max_new_tokens=new_tokens or args.new_tokens))
   t0 = time.perf_counter()
   engine.run()
   wall = time.perf_counter() - t0
@@ -64,39 +79,60 @@ def serve(params, model, cc, prompts, args, caching: bool) -> dict:
       "hit_rate": m.prefix_hit_rate,
       "evicted_blocks": m.evicted_blocks,
       "peak_blocks": m.peak_blocks,
+      "peak_running_blocks": m.peak_running_blocks,
+      "peak_running": m.peak_running,
       "wall_s": wall,
       "compile_s": m.compile_seconds,
       "tokens_per_s": m.generated_tokens / steady,
       "requests_per_s": len(outs) / steady,
       "ttft_s": float(np.mean([o.first_token_time - o.arrival_time for o in outs])),
       "preemptions": m.preemptions,
+      "swapped_bytes": m.swapped_bytes,
+      "swap_seconds": m.swap_out_seconds + m.swap_in_seconds,
       "outputs": [o.tokens for o in outs],
   }
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="16 requests, 256-token system prompt")
-  p.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
-  p.add_argument("--system", type=int, default=None, help="default 1000 (256 with --quick)")
-  p.add_argument("--suffix", type=int, default=24, help="mean suffix tokens")
-  p.add_argument("--new-tokens", type=int, default=16)
-  p.add_argument("--model", choices=sorted(workloads.MODELS), default="tiny")
-  p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--max-batch", type=int, default=64)
-  p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  args.requests = args.requests or (16 if args.quick else 64)
-  args.system = args.system or (256 if args.quick else 1000)
-  args.repeats = args.repeats or (1 if args.quick else 3)
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
-  machine = report.machine_name()
-  model = workloads.model_config(args.model)
-  params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
-  loads = make_workloads(args, model.vocab_size)
+def swap_throughput(sizes: list[int], repeats: int = 5) -> list[dict]:
+  """GB/s of swap_out / swap_in of one sequence of ``sizes`` tokens (median of ``repeats``)."""
+  rows = []
+  # XLA:CPU updates bfloat16 arrays through float32, touching the whole pool (README, Limits):
+  # float32 pools there, bfloat16 elsewhere.
+  dtype = jax.numpy.float32 if jax.default_backend() == "cpu" else jax.numpy.bfloat16
+  for kv_quant in (None, "int8"):
+    bs = 16
+    cfg = pk.CacheConfig(num_layers=8, num_kv_heads=8, head_dim=128, block_size=bs,
+                         num_blocks=1 + max(sizes) // bs, max_seqs=2, max_seq_len=max(sizes),
+                         dtype=dtype, kv_quant=kv_quant)
+    for n in sizes:
+      cache = pk.init_cache(cfg)
+      cache, _ = pk.allocate_sequences(cache, np.int32(0))
+      k = jax.random.normal(jax.random.PRNGKey(n), (cfg.num_layers, 1, n, 8, 128), dtype)
+      cache, _ = pk.append_kv(cache, k, -k, np.int32([0]))
+      outs, ins = [], []
+      for _ in range(repeats + 1):  # the first round compiles
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        cache, sw = pk.swap_out(cache, 0)
+        jax.block_until_ready((cache, sw.blocks))
+        t1 = time.perf_counter()
+        cache, _ = pk.swap_in(cache, 0, sw)
+        jax.block_until_ready(cache)
+        t2 = time.perf_counter()
+        outs.append(t1 - t0)
+        ins.append(t2 - t1)
+      gb = sw.nbytes / 1e9
+      rows.append({"cache": kv_quant or jax.numpy.dtype(dtype).name, "tokens": n,
+                   "blocks": sw.num_blocks,
+                   "MB": f"{1e3 * gb:.1f}", "memory kind": sw.memory_kind or "numpy",
+                   "swap-out GB/s": f"{gb / report.median(outs[1:]):.2f}",
+                   "swap-in GB/s": f"{gb / report.median(ins[1:]):.2f}"})
+      del cache, sw
+  return rows
+
+
+def prefix_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
+  """The shared and distinct workloads with prefix caching off and on."""
   bs = args.block_size
   longest = max(len(q) for ps in loads.values() for q in ps) + args.new_tokens
   max_len = bs * -(-longest // bs)
@@ -114,6 +150,7 @@ def main(argv=None):
     assert runs[False][0]["outputs"] == runs[True][0]["outputs"], "outputs differ"
     base = {k: report.median([r[k] for r in runs[False]])
             for k in ("tokens_per_s", "requests_per_s", "ttft_s")}
+    base_running = runs[False][0]["peak_running_blocks"]
     for caching in (False, True):
       rs, r0 = runs[caching], runs[caching][0]
       tps = report.median([r["tokens_per_s"] for r in rs])
@@ -124,18 +161,24 @@ def main(argv=None):
           "vs off": f"{r0['prefill_tokens'] / runs[False][0]['prefill_tokens']:.3f}",
           "peak blocks": r0["peak_blocks"],
           "blocks vs off": f"{r0['peak_blocks'] / runs[False][0]['peak_blocks']:.3f}",
+          "peak running blocks": r0["peak_running_blocks"],
+          "running vs off": f"{r0['peak_running_blocks'] / base_running:.3f}",
           "hit rate": f"{100 * r0['hit_rate']:.1f}%", "evicted": r0["evicted_blocks"],
           "tokens/s": f"{tps:.0f}", "throughput vs off": f"{tps / base['tokens_per_s']:.3f}x",
           "mean TTFT s": f"{ttft:.3f}", "TTFT vs off": f"{ttft / base['ttft_s']:.3f}x",
       })
       data[f"{name}_{'on' if caching else 'off'}"] = [
           {k: v for k, v in r.items() if k != "outputs"} for r in rs]
+  distinct_pairs = [on["tokens_per_s"] / off["tokens_per_s"] for off, on in
+                    zip(data["distinct_off"], data["distinct_on"], strict=True)]
   cols = list(rows[0])
   print(f"\n{args.requests} requests, system prompt {args.system} tokens, suffix mean "
         f"{args.suffix}, {args.new_tokens} new tokens, model {args.model}, block {bs}, median "
         f"of {args.repeats}; machine: {machine}\n")
   print(report.text_table(cols, rows))
   shared_on = next(r for r in rows if r["workload"] == "shared" and r["prefix cache"] == "on")
+  shared_off_blocks = data["shared_off"][0]["peak_running_blocks"]
+  whole = float(np.mean([-(-(len(q) + args.new_tokens) // bs) for q in loads["shared"]]))
   distinct_on = next(r for r in rows if r["workload"] == "distinct" and r["prefix cache"] == "on")
   notes = (f"{args.requests} greedy requests through the engine, `{args.model}` model, block "
            f"{bs}, a pool with room for every request unshared. **shared**: one "
@@ -145,15 +188,120 @@ def main(argv=None):
            f"**{shared_on['vs off']}** and peak blocks **{shared_on['blocks vs off']}** of the "
            f"uncached run (goal <= 0.25 each), throughput {shared_on['throughput vs off']}, "
            f"mean time to first token {shared_on['TTFT vs off']}. No shared prefix: throughput "
-           f"{distinct_on['throughput vs off']} of the uncached run (goal >= 0.98x; CPU timings "
-           "on a shared machine are noisy). Peak blocks count cached (evictable) blocks too.")
+           f"{distinct_on['throughput vs off']} of the uncached run (median of {args.repeats}; "
+           f"the repeats' on/off ratios: {', '.join(f'{x:.3f}' for x in distinct_pairs)}; goal "
+           ">= 0.98x; CPU timings on a shared machine are noisy). Peak blocks count the "
+           "finished requests' cached (evictable) blocks; peak running blocks only those of "
+           f"running requests: **{shared_on['running vs off']}** of the uncached run. The two "
+           "runs do not hold equally many requests at once: the uncached one is prefill-bound "
+           f"(512 prompt tokens a step), so at its peak it holds {shared_off_blocks} blocks, "
+           f"what {shared_off_blocks / whole:.1f} whole requests take ({whole:.0f} blocks "
+           "each), while with the cache prefills are short and many requests decode at once, "
+           "each with its own suffix blocks beside the shared system prompt.")
   print(notes)
-  path = report.save("prefix_cache", title="Prefix caching: a shared system prompt",
-                     markdown=report.markdown_table(cols, rows), notes=notes, data=data,
-                     directory=report.OUT_DIR if args.quick else None)
-  print(f"wrote {path}")
-  return rows
+  return report.markdown_table(cols, rows), notes, data
 
+
+def preemption_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
+  """Swap throughput, then recompute vs swap preemption in the engine."""
+  bs = args.block_size
+  data = {"args": vars(args)}
+  sizes = [256, 1024] if args.quick else [256, 1024, 4096]
+  swap_rows = swap_throughput(sizes)
+  print(f"\nswap throughput; machine: {machine}\n")
+  print(report.text_table(list(swap_rows[0]), swap_rows))
+  data["swap"] = swap_rows
+  pre_prompts = [q[:args.preempt_prompt] for q in loads["distinct"]]
+  per_req = -(-(args.preempt_prompt + args.preempt_new) // bs)
+  pre_cc = model.cache_config(num_blocks=1 + max(per_req, len(pre_prompts) * per_req // 4),
+                              max_seqs=args.max_batch, max_seq_len=per_req * bs,
+                              block_size=bs)
+  pre = {}
+  for policy in ("recompute", "swap"):
+    kw = dict(preemption=policy, watermark=0.0, reserve_ratio=0.0)
+    serve(params, model, pre_cc, pre_prompts, args, False, args.preempt_new, **kw)  # warm-up
+    pre[policy] = [serve(params, model, pre_cc, pre_prompts, args, False, args.preempt_new,
+                         **kw) for _ in range(args.repeats)]
+  assert pre["recompute"][0]["outputs"] == pre["swap"][0]["outputs"], "outputs differ"
+  base_tps = report.median([r["tokens_per_s"] for r in pre["recompute"]])
+  prompt_total = sum(len(q) for q in pre_prompts)
+  pre_rows = []
+  for policy, rs in pre.items():
+    r0 = rs[0]
+    tps = report.median([r["tokens_per_s"] for r in rs])
+    pre_rows.append({
+        "preemption": policy, "preemptions": r0["preemptions"],
+        "tokens recomputed": r0["prefill_tokens"] - prompt_total,
+        "MB swapped": f"{r0['swapped_bytes'] / 1e6:.2f}",
+        "swap s": f"{report.median([r['swap_seconds'] for r in rs]):.3f}",
+        "tokens/s": f"{tps:.0f}", "throughput vs recompute": f"{tps / base_tps:.3f}x"})
+    data[f"preempt_{policy}"] = [{k: v for k, v in r.items() if k != "outputs"} for r in rs]
+  print(f"\nrecompute vs swap preemption, median of {args.repeats}\n")
+  print(report.text_table(list(pre_rows[0]), pre_rows))
+  big = swap_rows[len(sizes) - 1]
+  rec, swp = pre_rows
+  notes = (f"Swap throughput (first table): one sequence of a cache with 8 layers, 8 KV heads, "
+           f"head_dim 128 ({swap_rows[0]['cache']}, and int8 with its scales) swapped to "
+           f"`{big['memory kind']}` memory and back (`swap_out` / `swap_in`, eager, median of "
+           f"5): {big['swap-out GB/s']} GB/s out and {big['swap-in GB/s']} GB/s in for "
+           f"{big['tokens']} tokens ({big['MB']} MB). On CPU the copy is a memcpy; the time is "
+           "the gather / scatter of the blocks, the free / allocate and the dispatches. Second "
+           f"table: {len(pre_prompts)} greedy requests, `{args.model}` model, "
+           f"{args.preempt_prompt}-token prompts and {args.preempt_new} new tokens each, in a "
+           "pool with room for about a quarter of them (`reserve_ratio=0`, so requests are "
+           f"admitted when their prompt fits and preempted when decoding runs out of blocks). "
+           f"Recompute: {rec['preemptions']} preemptions, {rec['tokens recomputed']} tokens "
+           f"recomputed; swap: {swp['preemptions']} preemptions, {swp['MB swapped']} MB swapped "
+           f"out and back in {swp['swap s']} s, nothing recomputed, the same outputs (checked), "
+           f"throughput {swp['throughput vs recompute']} of recompute (median of "
+           f"{args.repeats}).")
+  print(notes)
+  markdown = (report.markdown_table(list(swap_rows[0]), swap_rows) + "\n\n"
+              + report.markdown_table(list(pre_rows[0]), pre_rows))
+  return markdown, notes, data
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="16 requests, 256-token system prompt")
+  p.add_argument("--part", choices=("all", "prefix", "preemption"), default="all",
+                 help="run only the prefix-caching or the preemption measurements")
+  p.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
+  p.add_argument("--system", type=int, default=None, help="default 1000 (256 with --quick)")
+  p.add_argument("--suffix", type=int, default=24, help="mean suffix tokens")
+  p.add_argument("--new-tokens", type=int, default=16)
+  p.add_argument("--model", choices=sorted(workloads.MODELS), default="tiny")
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--max-batch", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--preempt-prompt", type=int, default=64,
+                 help="prompt tokens of the recompute-vs-swap run")
+  p.add_argument("--preempt-new", type=int, default=None,
+                 help="new tokens of the recompute-vs-swap run (default 192, 64 with --quick)")
+  args = p.parse_args(argv)
+  report.set_quick(args.quick)
+  args.preempt_new = args.preempt_new or (64 if args.quick else 192)
+  args.requests = args.requests or (16 if args.quick else 64)
+  args.system = args.system or (256 if args.quick else 1000)
+  args.repeats = args.repeats or (1 if args.quick else 3)
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
+  machine = report.machine_name()
+  model = workloads.model_config(args.model)
+  params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
+  loads = make_workloads(args, model.vocab_size)
+  if args.part in ("all", "prefix"):
+    markdown, notes, data = prefix_part(args, model, params, loads, machine)
+    path = report.save("prefix_cache", title="Prefix caching: a shared system prompt",
+                       markdown=markdown, notes=notes, data=data)
+    print(f"wrote {path}")
+  if args.part in ("all", "preemption"):
+    markdown, notes, data = preemption_part(args, model, params, loads, machine)
+    path = report.save("prefix_cache_preemption", title="Preemption: recompute vs swap",
+                       markdown=markdown, notes=notes, data=data, script="prefix_cache")
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
   main()

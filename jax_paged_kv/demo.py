@@ -1,13 +1,28 @@
 """The main job: a realistic request mix through the engine, paged vs contiguous at equal memory.
 
-Run ``python -m jax_paged_kv.demo`` (CPU, no downloads, about 1-3 minutes). It builds a small
-random-weight Llama-family model, draws prompt and output lengths from a ShareGPT-like
-distribution (log-normal, published means about 161 prompt and 338 output tokens), serves every
-request with continuous batching on a paged cache and then on a contiguous cache with the *same
-KV memory*, and reports throughput, peak concurrent sequences and KV memory utilisation (tokens
-stored / token slots allocated), plus a saved plot. An untimed first pass compiles every shape
-both strategies use (``--no-warmup`` skips it), so the reported tokens/s are steady state.
-``--help`` lists flags for bigger runs.
+Run ``python -m jax_paged_kv.demo`` (CPU, no downloads; a first run took about 3 minutes of CPU
+time on 2 cores, two thirds of it compiling, later runs less). It builds a small random-weight
+Llama-family model, draws 100 requests with prompt and output lengths from a ShareGPT-like
+distribution (log-normal, published means about 161 prompt and 338 output tokens), and serves
+them with continuous batching on a paged cache and on a contiguous cache with the *same KV
+memory*, twice:
+
+1. **Capacity**: every request queued at once. Reports generated tokens/s (compile time
+   excluded), peak and mean concurrent sequences and KV memory utilisation (tokens stored /
+   token slots allocated). This pass also compiles the shapes both engines use.
+2. **Latency under load**: the same requests arriving as a Poisson process at ``--load`` times
+   the contiguous server's capacity measured in pass 1, fed to each engine with
+   ``Engine.add_request`` as they arrive. Reports time to first token (TTFT), end-to-end
+   latency, queueing time (arrival to admission) at p50 and p90, and throughput. The clock is
+   simulated but driven by real time: every engine step advances it by its measured wall time
+   (less any compilation), idle gaps are skipped (see :mod:`jax_paged_kv.workloads`).
+
+The headline is what paging buys on the machine it runs on: on a CPU, where a decode step's
+cost grows about linearly with its batch, not tokens/s, but requests that start at once instead
+of queueing for one of the few contiguous slots. Plots go to ``benchmarks/out/demo.png``
+(concurrency and utilisation) and ``benchmarks/out/demo_latency.png`` (latency CDFs).
+JAX's persistent compilation cache (``~/.cache/jax_paged_kv/xla``) makes later runs start
+faster (``--no-compile-cache`` turns it off). ``--help`` lists flags for bigger runs.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -22,18 +38,25 @@ import numpy as np
 
 from jax_paged_kv.models.llama import init_params
 from jax_paged_kv.workloads import (
+  ENGINE_KWARGS,
   MODELS,
   SHAREGPT_OUTPUT_MEAN,
   SHAREGPT_PROMPT_MEAN,
   equal_memory_configs,
   make_requests,
   model_config,
+  poisson_arrivals,
+  run_arrivals,
   run_engine,
+  save_latency_plot,
   save_plot,
 )
 
+__all__ = ["main", "model_config"]
+
 
 def summary_rows(results: Sequence[dict]) -> list[dict]:
+  """The capacity table: one row per strategy of :func:`~jax_paged_kv.workloads.run_engine`."""
   base = next(r for r in results if r["strategy"] == "contiguous")
   rows = []
   for r in results:
@@ -52,6 +75,23 @@ COLUMNS = ["strategy", "slots", "KV MiB", "tokens/s", "vs contiguous", "peak seq
            "mean seqs", "KV util", "preempt", "wall s", "compile s"]
 
 
+def latency_rows(results: Sequence[dict]) -> list[dict]:
+  """The latency table: one row per strategy of :func:`~jax_paged_kv.workloads.run_arrivals`
+  (seconds)."""
+  return [{
+      "strategy": r["strategy"], "slots": r["slots"],
+      "TTFT p50": f"{r['ttft_p50']:.3f}", "TTFT p90": f"{r['ttft_p90']:.3f}",
+      "E2E p50": f"{r['e2e_p50']:.2f}", "E2E p90": f"{r['e2e_p90']:.2f}",
+      "queue p50": f"{r['queue_p50']:.3f}", "queue p90": f"{r['queue_p90']:.3f}",
+      "tokens/s": f"{r['tokens_per_s']:.0f}", "peak seqs": r["peak_running"],
+      "mean seqs": f"{r['mean_running']:.1f}",
+  } for r in results]
+
+
+LATENCY_COLUMNS = ["strategy", "slots", "TTFT p50", "TTFT p90", "E2E p50", "E2E p90",
+                   "queue p50", "queue p90", "tokens/s", "peak seqs", "mean seqs"]
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jax_paged_kv.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,26 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-seq-len", type=int, default=2048)
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--max-batch", type=int, default=64, help="most sequences per paged step")
-  p.add_argument("--prefill-chunk", type=int, default=128)
-  p.add_argument("--decode-steps", type=int, default=16, help="decode steps per jitted loop")
+  p.add_argument("--prefill-chunk", type=int, default=ENGINE_KWARGS["prefill_chunk"],
+                 help="prompt tokens per row per prefill call")
+  p.add_argument("--decode-steps", type=int, default=ENGINE_KWARGS["decode_steps"],
+                 help="decode steps per jitted loop")
   p.add_argument("--reserve-ratio", type=float, default=0.5,
                  help="admission: share of running requests' remaining budget kept free")
+  p.add_argument("--load", type=float, default=0.9,
+                 help="Poisson arrival rate as a fraction of the contiguous server's capacity "
+                      "(requests/s with every request queued at once)")
+  p.add_argument("--rate", type=float, default=None,
+                 help="Poisson arrival rate in requests/s (overrides --load)")
   p.add_argument("--prompt-mean", type=float, default=SHAREGPT_PROMPT_MEAN)
   p.add_argument("--output-mean", type=float, default=SHAREGPT_OUTPUT_MEAN)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--plot", default=os.path.join("benchmarks", "out", "demo.png"))
+  p.add_argument("--plot", default=os.path.join("benchmarks", "out", "demo.png"),
+                 help="concurrency / utilisation plot; the latency plot goes beside it "
+                      "(<name>_latency.png)")
   p.add_argument("--no-compile-cache", action="store_true",
                  help="do not use JAX's persistent compilation cache")
-  p.add_argument("--no-warmup", action="store_true",
-                 help="skip the untimed first pass that compiles every shape (then tokens/s "
-                      "only subtract each shape's first call, which misestimates a cold run)")
   p.add_argument("--kv-quant", choices=["none", "int8", "fp8", "int4"], default="none",
                  help="store K/V quantised (same KV memory, more tokens; see the README)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   return p
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Runs the demo; returns ``{"capacity": [paged, contiguous], "latency": [paged,
+  contiguous], "rate": requests/s}`` (the dicts of ``run_engine`` / ``run_arrivals``)."""
+  t_start = time.perf_counter()
   args = build_parser().parse_args(argv)
   if not args.no_compile_cache:
     cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla")
@@ -105,41 +154,90 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         f"({paged_cc.usable_blocks} blocks of {args.block_size} tokens = "
         f"{contig_cc.max_seqs} contiguous slabs of {args.max_seq_len}; "
         f"K/V stored as {paged_cc.kv_quant or paged_cc.dtype.name})")
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  common = dict(prefill_chunk=args.prefill_chunk, prefill_token_budget=4 * args.prefill_chunk,
-                decode_steps=args.decode_steps, batch_bucket_min=8, block_bucket_min=8,
-                bucket_factor=2, decode_width_step=8)
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPU cores (load average {load:.1f}), jax {jax.__version__}")
+  common = dict(ENGINE_KWARGS, prefill_chunk=args.prefill_chunk,
+                prefill_token_budget=max(args.prefill_chunk,
+                                         ENGINE_KWARGS["prefill_token_budget"]),
+                decode_steps=args.decode_steps,
+                reserve_ratio=args.reserve_ratio)
   runs = [(paged_cc, args.max_batch), (contig_cc, contig_cc.max_seqs)]
-  if not args.no_warmup:  # compile every shape both strategies use; the timed pass is warm
-    for cc, batch in runs:
-      run_engine(params, model, cc, requests, desc=f"{cc.strategy.value} (warm-up)",
-                 progress=not args.quiet, max_batch=batch, reserve_ratio=args.reserve_ratio,
-                 **common)
-  results = []
-  for cc, batch in runs:
-    results.append(run_engine(params, model, cc, requests, desc=cc.strategy.value,
-                              progress=not args.quiet, max_batch=batch,
-                              reserve_ratio=args.reserve_ratio, **common))
-  rows = summary_rows(results)
-  print()
-  print(format_table(rows, COLUMNS))
-  paged, contig = results
-  same = sum(a == b for a, b in zip(paged["outputs"], contig["outputs"], strict=True))
-  print(f"\npaged / contiguous throughput at equal KV memory: "
-        f"{paged['tokens_per_s'] / contig['tokens_per_s']:.2f}x "
-        f"(peak {paged['peak_running']} vs {contig['peak_running']} concurrent sequences); "
-        f"KV utilisation {100 * paged['kv_utilization']:.1f}% vs "
+
+  print("\n1. capacity: every request queued at once (this pass also compiles)")
+  capacity = [run_engine(params, model, cc, requests, desc=f"{cc.strategy.value} (capacity)",
+                         progress=not args.quiet, max_batch=batch, **common)
+              for cc, batch in runs]
+  paged, contig = capacity
+  contig_rps = len(requests) / max(contig["wall_s"] - contig["compile_s"], 1e-9)
+  rate = args.rate or args.load * contig_rps
+  print(f"\n2. latency under load: Poisson arrivals at {rate:.1f} requests/s"
+        + ("" if args.rate else f" ({args.load:.2f}x the contiguous server's capacity of "
+           f"{contig_rps:.1f} requests/s)"))
+  arrivals = poisson_arrivals(len(requests), rate, seed=args.seed)
+  latency = [run_arrivals(params, model, cc, requests, arrivals,
+                          desc=f"{cc.strategy.value} (arrivals)", progress=not args.quiet,
+                          max_batch=batch, **common)
+             for cc, batch in runs]
+  lp, lc = latency
+
+  print("\ncapacity (all requests at once):")
+  print(format_table(summary_rows(capacity), COLUMNS))
+  print(f"\nlatency under load (seconds; {rate:.1f} requests/s, Poisson):")
+  print(format_table(latency_rows(latency), LATENCY_COLUMNS))
+  outputs = [r["outputs"] for r in capacity + latency]
+  same = sum(all(o[i] == outputs[0][i] for o in outputs) for i in range(len(requests)))
+  compiled = sum(r["compiled_steps"] for r in latency)
+  steps = sum(r["steps"] for r in latency)
+  print(f"identical outputs in all four runs: {same}/{len(requests)} requests; latency runs: "
+        f"{compiled} of {steps} engine steps compiled a new shape (their compile time is not "
+        "on the clock)")
+
+  e2e = (f"end-to-end latency p50 {lp['e2e_p50']:.2f} s vs {lc['e2e_p50']:.2f} s, p90 "
+         f"{lp['e2e_p90']:.2f} s vs {lc['e2e_p90']:.2f} s")
+  e2e_better = lp["e2e_p90"] * 1.1 < lc["e2e_p90"]
+  ttft = lc["ttft_p90"] / lp["ttft_p90"]
+  ttft_words = f"{ttft:.1f}x lower" if ttft >= 1 else f"{1 / ttft:.1f}x HIGHER"
+  print("\nWhat paging buys here, at equal KV memory:")
+  print(f"  * time to first token: p90 {ttft_words} "
+        f"({lp['ttft_p90']:.3f} s vs {lc['ttft_p90']:.3f} s), p90 queueing "
+        f"{lp['queue_p90']:.3f} s vs {lc['queue_p90']:.3f} s: arriving requests start at once "
+        f"instead of waiting for one of {contig_cc.max_seqs} contiguous slots")
+  print(f"  * concurrency and memory: {paged['peak_running']} vs {contig['peak_running']} "
+        f"sequences at peak ({paged['mean_running']:.1f} vs {contig['mean_running']:.1f} on "
+        f"average), KV utilisation {100 * paged['kv_utilization']:.1f}% vs "
         f"{100 * contig['kv_utilization']:.1f}%")
-  print(f"identical outputs under both strategies: {same}/{len(requests)} requests")
+  if e2e_better:
+    print(f"  * {e2e}")
+  busy = lc["mean_running"] / contig_cc.max_seqs
+  if busy < 0.6:
+    print(f"  (note: the contiguous server was not loaded in this run, {lc['mean_running']:.1f} "
+          f"of {contig_cc.max_seqs} slots busy on average: the machine ran faster than when "
+          "its capacity was measured, as on a shared machine. Little queueing, little for "
+          "paging to save; rerun, or raise --load or set --rate)")
+  ratio = paged["tokens_per_s"] / contig["tokens_per_s"]
   if jax.default_backend() == "cpu":
-    print("note: on a CPU a decode step costs about the same per row whatever the batch, so "
-          "fitting more sequences buys little throughput; on a GPU, where a step's cost is "
-          "nearly flat in the batch, the same run is 2.02x faster paged (H100, "
-          "benchmarks/RESULTS.md)")
-  path = save_plot(results, args.plot, f"{len(requests)} ShareGPT-like requests, "
-                   f"{paged_cc.pool_bytes / 2**20:.0f} MiB KV, {args.model} model")
-  print(f"plot saved to {path}")
-  return results
+    print("What it does not buy on a CPU:")
+    print(f"  * throughput: with every request queued at once paged ran at {ratio:.2f}x "
+          "contiguous tokens/s here (0.98x on a quiet 2-core CPU, benchmarks/RESULTS.md): a "
+          "CPU decode step costs about the same per row whatever the batch, so more sequences "
+          "at once do not raise tokens/s (on a GPU, where a step's cost is nearly flat in the "
+          "batch, the same request mix runs 2.02x faster paged: H100, benchmarks/RESULTS.md)")
+    if not e2e_better:
+      print(f"  * shorter requests: {e2e}; the paged server runs more sequences at once, each "
+            "a little slower")
+  else:
+    print(f"  * throughput: {ratio:.2f}x contiguous tokens/s with every request queued at once")
+    if not e2e_better:
+      print(f"  * not shorter requests: {e2e}")
+  title = (f"{len(requests)} ShareGPT-like requests, {paged_cc.pool_bytes / 2**20:.0f} MiB KV, "
+           f"{args.model} model")
+  path = save_plot(capacity, args.plot, title)
+  root, ext = os.path.splitext(args.plot)
+  lat_path = save_latency_plot(latency, f"{root}_latency{ext}",
+                               f"{title}, Poisson arrivals at {rate:.1f} requests/s")
+  print(f"plots saved to {path} and {lat_path}; total time {time.perf_counter() - t_start:.0f} s")
+  return {"capacity": capacity, "latency": latency, "rate": rate}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

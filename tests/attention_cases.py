@@ -18,6 +18,7 @@ import jax_paged_kv as pk
 from tests.oracle import (
     attention_np,
     pack_int4_np,
+    quantize_channel_k_np,
     quantize_int4_np,
     quantize_np,
     unpack_int4_np,
@@ -276,7 +277,7 @@ def heavy_tailed(cache, case: Case):
 
 def quantized_cache(cache, kv_quant: str):
   """The same cache stored in ``kv_quant`` by the NumPy format model (NaN slots: NaN scale)."""
-  cfg = dataclasses.replace(cache.config, kv_quant=kv_quant)
+  cfg = dataclasses.replace(cache.config, kv_quant=kv_quant, pool_bits=None)
   out = {}
   if kv_quant == "int4":
     kc, ks, vc, vs = quantize_int4_np(cache.k_pool, cache.v_pool)
@@ -284,7 +285,13 @@ def quantized_cache(cache, kv_quant: str):
       out[f"{name}_pool"] = jnp.asarray(pack_int4_np(c))
       out[f"{name}_scale"] = jnp.asarray(sc, jnp.bfloat16)
     return cache.replace(config=cfg, **out)
-  for name in ("k", "v"):
+  names = ("k", "v")
+  if kv_quant == "int8":  # K: per (block, channel) scales
+    kc, ks = quantize_channel_k_np(cache.k_pool, kv_quant)
+    out["k_pool"] = jnp.asarray(kc, cfg.storage_dtype)
+    out["k_scale"] = jnp.asarray(ks, jnp.float32)
+    names = ("v",)
+  for name in names:
     codes, scale = quantize_np(getattr(cache, f"{name}_pool"), kv_quant)
     codes = np.where(np.isfinite(codes), codes, 0.0)
     out[f"{name}_pool"] = jnp.asarray(codes, cfg.storage_dtype)
@@ -297,7 +304,10 @@ def dequantized_pools(qcache):
   def f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
-  if qcache.config.kv_quant != "int4":
+  if qcache.config.kv_quant == "int8":  # K per (block, channel), V per token
+    return (f64(qcache.k_pool) * f64(qcache.k_scale)[..., None, :],
+            f64(qcache.v_pool) * f64(qcache.v_scale)[..., None])
+  if qcache.config.kv_quant == "fp8":
     return tuple(f64(getattr(qcache, f"{n}_pool")) * f64(getattr(qcache, f"{n}_scale"))[..., None]
                  for n in ("k", "v"))
   k = unpack_int4_np(qcache.k_pool) * f64(qcache.k_scale)[..., None, :]

@@ -84,43 +84,116 @@ def quantize_np(x, kv_quant: str):
   return codes, scale
 
 
+def _bf16_toward_zero(x):
+  import ml_dtypes
+
+  bits = np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+  return bits.view(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+_CHANNEL_QMAX = {"int8": 127.0, "int4": 7.0}
+
+
+def channel_scale_np(amax, kv_quant: str):
+  """A K channel scale for ``max|x| = amax``: ``amax / qmax`` (int8 127, int4 7) in float32,
+  rounded toward zero to bfloat16."""
+  return _bf16_toward_zero(np.asarray(amax, np.float32) / np.float32(_CHANNEL_QMAX[kv_quant]))
+
+
+def channel_codes_np(x, s, kv_quant: str):
+  """``round(x / s)`` in float32 arithmetic, clipped to the format's range (0 where s is 0)."""
+  qmax = _CHANNEL_QMAX[kv_quant]
+  x32, s32 = np.asarray(x, np.float32), np.asarray(s, np.float32)
+  with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    c = np.clip(np.round(np.where(s32 > 0, x32 / np.where(s32 > 0, s32, 1), 0)), -qmax, qmax)
+  return np.where(np.isfinite(c), c, 0.0).astype(np.float64)
+
+
+def quantize_channel_k_np(k_pool, kv_quant: str):
+  """K of an int8 / int4 cache written a whole block at a time: per (block, channel) scale =
+  the max over the block's tokens (NaN cells are unused slots), codes ``round(x / scale)``.
+
+  Returns:
+    ``(codes float64[..., block_size, head_dim], scale float64[..., num_blocks, head_dim])``.
+  """
+  import warnings
+
+  k = np.asarray(k_pool, np.float64)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (unused) blocks
+    scale = channel_scale_np(np.nanmax(np.abs(k), axis=-2), kv_quant)
+  return channel_codes_np(k, scale[..., None, :], kv_quant), scale
+
+
+class ChannelKModel:
+  """A NumPy model of int8 / int4 K written in pieces (``_scatter_tokens`` in ``ops.py``).
+
+  Per block and channel: a write widens the scale to the max of the old one and the new tokens'
+  channel scales; a widened scale at least doubles; the block's older codes are requantised
+  (dequantised with the old scale, rounded at the new one, float32 arithmetic), then the new
+  tokens are coded. ``codes`` ``[layers, kv_heads, num_blocks, block_size, head_dim]`` and
+  ``scale`` ``[layers, kv_heads, num_blocks, head_dim]`` (float64 holding float32 / bfloat16
+  values). ``tie`` marks codes that were rounded from (within float32 error of) a tie: a widening
+  that doubles a scale halves odd codes exactly, and XLA may compute ``x / s`` as ``x * (1 /
+  s)``, so such a code may legitimately be one step off (and so may its later requantisations).
+  """
+
+  def __init__(self, kv_quant: str, pool_shape):
+    self.kv_quant = kv_quant
+    # An untouched cell: byte 0 (int4 decodes it as code -8, int8 as 0).
+    self.codes = np.full(pool_shape, -8.0 if kv_quant == "int4" else 0.0)
+    self.tie = np.zeros(pool_shape, bool)
+    self.scale = np.zeros(pool_shape[:3] + pool_shape[4:])
+
+  @staticmethod
+  def _near_tie(x, s):
+    with np.errstate(invalid="ignore", divide="ignore"):
+      y = np.abs(np.asarray(x, np.float64) / np.where(s > 0, s, np.inf))
+    return np.abs(y - np.floor(y) - 0.5) < 1e-4
+
+  def write(self, tokens):
+    """One write call: ``tokens`` a list of ``(block, offset, x [layers, kv_heads, head_dim])``."""
+    by_block = {}
+    for blk, off, x in tokens:
+      by_block.setdefault(blk, []).append((off, x))
+    for blk, items in by_block.items():
+      old = self.scale[:, :, blk]
+      need = old
+      for _, x in items:
+        need = np.maximum(need, channel_scale_np(np.abs(x), self.kv_quant))
+      new = np.where(need > old, np.maximum(need, 2 * old), old)
+      deq = np.asarray(self.codes[:, :, blk], np.float32) * np.asarray(old, np.float32)[:, :, None]
+      self.codes[:, :, blk] = channel_codes_np(deq, new[:, :, None], self.kv_quant)
+      self.tie[:, :, blk] |= self._near_tie(deq, new[:, :, None])
+      for off, x in items:
+        self.codes[:, :, blk, off] = channel_codes_np(x, new, self.kv_quant)
+        self.tie[:, :, blk, off] = self._near_tie(x, new)
+      self.scale[:, :, blk] = new
+
+
 def quantize_int4_np(k_pool, v_pool, group: int = 32):
   """A NumPy model of the int4 format on whole pools ``[layers, kv_heads, num_blocks,
   block_size, head_dim]``, all tokens of a block known at once (NaN cells are unused slots).
 
-  K: a bfloat16 scale per (block, channel) = max over the block's tokens of ``|x| / 7``; V: a
-  bfloat16 scale per (token, group of ``group`` channels); scales rounded toward zero. Codes
-  ``round(x / scale)`` in [-7, 7].
+  K: :func:`quantize_channel_k_np`; V: a bfloat16 scale per (token, group of ``group``
+  channels), rounded toward zero. Codes ``round(x / scale)`` in [-7, 7].
 
   Returns:
     ``(k_codes, k_scale, v_codes, v_scale)`` float64; ``k_scale [..., num_blocks, head_dim]``,
     ``v_scale [..., block_size, head_dim / group]``.
   """
-  import ml_dtypes
+  k_codes, k_scale = quantize_channel_k_np(k_pool, "int4")
+  return (k_codes, k_scale, *quantize_int4_v_np(v_pool, group))
 
-  def bf16(x):  # rounded toward zero (the format's choice: 7 * scale never overflows)
-    bits = np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
-    return bits.view(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
-  def codes(x, s):
-    with np.errstate(invalid="ignore", divide="ignore"):
-      c = np.clip(np.round(np.where(s > 0, x / np.where(s > 0, s, 1.0), 0.0)), -7, 7)
-    return np.where(np.isfinite(c), c, 0.0)
-
-  k = np.asarray(k_pool, np.float64)
-  v = np.asarray(v_pool, np.float64)
-  with np.errstate(invalid="ignore"):
-    import warnings
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (unused) blocks
-      k_scale = bf16(np.nanmax(np.abs(k), axis=-2) / 7.0)  # [..., num_blocks, head_dim]
-  k_codes = codes(k, k_scale[..., None, :])
+def quantize_int4_v_np(v, group: int = 32):
+  """int4 V per token: ``(codes [..., head_dim], scale [..., head_dim / group])`` float64."""
+  v = np.asarray(v, np.float64)
   d = v.shape[-1]
   g = min(group, d)
   vg = v.reshape(*v.shape[:-1], d // g, g)
-  v_scale = bf16(np.abs(vg).max(axis=-1) / 7.0)
-  v_codes = codes(vg, v_scale[..., None]).reshape(v.shape)
-  return k_codes, k_scale, v_codes, v_scale
+  v_scale = _bf16_toward_zero(np.abs(vg).max(axis=-1) / 7.0)
+  return channel_codes_np(vg, v_scale[..., None], "int4").reshape(v.shape), v_scale
 
 
 def pack_int4_np(codes):

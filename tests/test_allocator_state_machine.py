@@ -239,6 +239,8 @@ class CacheMachine(RuleBasedStateMachine):
       assert active[s] == (s in self.seqs)
       assert lens[s] == (len(self.seqs[s].tokens) if s in self.seqs else 0)
     ids = jnp.arange(self.cfg.max_seqs)
+    if self.cfg.kv_quant is not None:
+      k_step = np.asarray(c.k_scale.astype(jnp.float32), np.float64)
     for layer in range(self.cfg.num_layers):
       k, v, _ = _lookup(c, ids, layer)
       k, v = np.asarray(k), np.asarray(v)
@@ -248,9 +250,11 @@ class CacheMachine(RuleBasedStateMachine):
         if self.cfg.kv_quant is None:
           np.testing.assert_array_equal(k[s, :n, 0, 0], want)
           np.testing.assert_array_equal(v[s, :n, 0, 1], -want)
-        else:  # both dims hold the token's value: code +-127, scale |value| / 127
-          np.testing.assert_allclose(k[s, :n, 0, 0], want, rtol=1e-6)
+        else:  # V: both dims hold the token's value (code +-127, scale |value| / 127); K:
+          # within its block's channel step (int8 K scales are per block and channel)
           np.testing.assert_allclose(v[s, :n, 0, 1], -want, rtol=1e-6)
+          step = k_step[layer, 0, tables[s, np.arange(n) // self.cfg.block_size], 0]
+          assert (np.abs(k[s, :n, 0, 0] - want) <= step * (1 + 1e-6)).all()
     # Sharing structure: two table entries name the same block iff the model says they share.
     entries = [(s, j, b) for s, seq in self.seqs.items() for j, b in enumerate(seq.blocks)]
     for (s1, j1, b1), (s2, j2, b2) in itertools.combinations(entries, 2):

@@ -4,6 +4,7 @@ Everything runs in Pallas interpret mode (``interpret=True``) so that it runs on
 machine, ``JAX_PAGED_KV_GPU_COMPILED=1`` runs the same cases with the compiled Triton kernel.
 """
 
+import functools
 import os
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 
 import jax_paged_kv as pk
 from jax_paged_kv.attention import pallas_gpu
+from jax_paged_kv.cache import quant
 from tests.attention_cases import (
     DECODE_CASES,
     INF,
@@ -26,8 +28,10 @@ from tests.attention_cases import (
     PoisonedV,
     build_case,
     oracle,
+    quantized_cache,
 )
 from tests.oracle import attention_np
+from tests.quant_nonfinite import check_quantized_nonfinite_v
 
 COMPILED = os.environ.get("JAX_PAGED_KV_GPU_COMPILED") == "1"
 KNOBS = {} if COMPILED else {"interpret": True}
@@ -59,9 +63,6 @@ class TestPallasGPU(AttentionCases):
   knobs = KNOBS
   decode_cases = DECODE_CASES + EXTRA_DECODE + SLOW_DECODE
   prefill_cases = PREFILL_CASES + EXTRA_PREFILL + SLOW_PREFILL
-
-  def unsupported_format(self, kv_quant: str) -> str | None:
-    return "pallas_gpu supports kv_quant in .* got kv_quant='int4'" if kv_quant == "int4" else None
 
 
 def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
@@ -224,19 +225,33 @@ def test_float32_queries_over_a_bfloat16_cache():
   _assert_matches(case, (out, lse), oracle(case, cache, q32, seq_ids, q_lens, layer))
 
 
-def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw):
+def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_quant=None,
+                    **kw):
   """Lowers the compiled (non-interpret) kernel for CUDA on this CPU machine."""
   batch, max_blocks = 3, 40
-  q = jax.ShapeDtypeStruct((batch, q_len, q_heads, head_dim), dtype)
-  pool = jax.ShapeDtypeStruct((2, kv_heads, 97, block_size, head_dim), dtype)
-  tables = jax.ShapeDtypeStruct((batch, max_blocks), jnp.int32)
-  lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  layer = jax.ShapeDtypeStruct((), jnp.int32)
-  f = jax.jit(lambda *a: pallas_gpu.paged_attention_gpu(*a, scale=0.1, return_lse=True, **kw))
+  S = jax.ShapeDtypeStruct
+  q = S((batch, q_len, q_heads, head_dim), dtype)
+  shape = (2, kv_heads, 97, block_size, head_dim)
+  pool = S(shape, dtype)
+  scales = ()
+  if kv_quant is not None:
+    pool = S(shape[:4] + (quant.stored_head_dim(kv_quant, head_dim),),
+             quant.storage_dtype(kv_quant))
+    scales = tuple(S(s, dt) for s, dt in zip(quant.scale_shapes(kv_quant, shape),
+                                             quant.scale_dtypes(kv_quant), strict=True))
+  tables = S((batch, max_blocks), jnp.int32)
+  lens = S((batch,), jnp.int32)
+  layer = S((), jnp.int32)
+
+  def f(*a):
+    k_scale, v_scale = a[7:] or (None, None)
+    return pallas_gpu.paged_attention_gpu(*a[:7], scale=0.1, return_lse=True, k_scale=k_scale,
+                                          v_scale=v_scale, **kw)
+
   exported = jax.export.export(
-      f, platforms=["cuda"],
+      jax.jit(f), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(q, pool, pool, layer, tables, lens, lens)
+  )(q, pool, pool, layer, tables, lens, lens, *scales)
   return exported.mlir_module()
 
 
@@ -247,8 +262,15 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw)
     dict(q_len=1, q_heads=8, kv_heads=2, head_dim=256, block_size=128, dtype=jnp.float16),
     dict(q_len=48, q_heads=40, kv_heads=8, head_dim=128, block_size=32, dtype=jnp.bfloat16,
          sliding_window=100),
+    # quantised: int8, int4's nibble halves and V groups, a step over two pages
+    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
+         kv_quant="int8"),
+    dict(q_len=16, q_heads=16, kv_heads=4, head_dim=128, block_size=32, dtype=jnp.bfloat16,
+         kv_quant="int4"),
+    dict(q_len=1, q_heads=8, kv_heads=2, head_dim=64, block_size=8, dtype=jnp.float32,
+         kv_quant="int4"),
 ], ids=lambda a: f"q{a['q_len']}_h{a['q_heads']}/{a['kv_heads']}_d{a['head_dim']}"
-                 f"_bs{a['block_size']}")
+                 f"_bs{a['block_size']}" + (f"_{a['kv_quant']}" if "kv_quant" in a else ""))
 def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
   """The Triton lowering (not interpret mode) accepts every op and tile shape we emit."""
   monkeypatch.setattr(pallas_gpu, "_backend", lambda: "cuda")
@@ -267,12 +289,31 @@ def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
     ("cpu", 64, 16, "float32", "xla"),
 ], ids=str)
 def test_default_implementation_falls_back_to_xla_for_geometries_a_kernel_cannot_tile(
-    backend, head_dim, block_size, dtype, want):
+    backend, head_dim, block_size, dtype, want, monkeypatch):
+  from jax_paged_kv.attention import api
+  monkeypatch.setattr(api, "_compute_capability", lambda: "8.0")  # pre-Hopper: no pallas_mgpu
   cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=head_dim, num_blocks=8,
                        max_seqs=2, max_seq_len=64, block_size=block_size, dtype=jnp.dtype(dtype))
   assert pk.default_implementation(backend, cfg) == want
   assert pk.default_implementation(backend) == {"cpu": "xla", "tpu": "pallas_tpu"}.get(
       backend, "pallas_gpu")
+
+
+@pytest.mark.parametrize("backend, kv_quant, head_dim, block_size, want", [
+    ("gpu", "int4", 64, 16, "pallas_gpu"),
+    ("gpu", "int4", 16, 16, "xla"),  # nibble halves of 8 channels: under one tl.dot tile
+    ("gpu", "int8", 64, 8, "pallas_gpu"),
+    ("gpu", "fp8", 48, 16, "xla"),
+    ("tpu", "int4", 64, 32, "pallas_tpu"),
+    ("tpu", "int4", 64, 16, "xla"),  # uint8 pages need 32 rows on a TPU
+    ("tpu", "fp8", 128, 32, "pallas_tpu"),
+], ids=str)
+def test_default_implementation_for_quantized_caches(backend, kv_quant, head_dim, block_size,
+                                                      want):
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=head_dim, num_blocks=8,
+                       max_seqs=2, max_seq_len=64, block_size=block_size,
+                       dtype=jnp.dtype(jnp.bfloat16), kv_quant=kv_quant)
+  assert pk.default_implementation(backend, cfg) == want
 
 
 # A whole 16-key step of +Inf keys whose probabilities underflow: with one step per split, that
@@ -294,3 +335,18 @@ def test_nonfinite_v_over_steps_and_splits(pv, knobs):
   t = TestPallasGPU()
   t.knobs = {**KNOBS, **knobs}
   t.test_nonfinite_v(pv)
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_quantized_nonfinite_v(kv_quant):
+  """A NaN / Inf V in a quantised cache: NaN exactly where the dequantised values put it (the
+  whole head for int8's per-token scale, one channel group for int4's)."""
+  check_quantized_nonfinite_v(functools.partial(_call, block_k=16, k_splits=2), kv_quant)
+
+
+def test_int4_head_dim_under_32_is_rejected_at_trace_time():
+  case = Case((3, 17), ratio=2, head_dim=16)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  qcache = quantized_cache(cache, "int4")
+  with pytest.raises(ValueError, match="head_dim >= 32 for kv_quant='int4'"):
+    _call(case, qcache, q, seq_ids, q_lens, layer)

@@ -28,7 +28,9 @@ from tests.attention_cases import (
     Case,
     build_case,
     oracle,
+    quantized_cache,
 )
+from tests.quant_nonfinite import check_quantized_nonfinite_v
 
 STRICT = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
 RACES = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise",
@@ -74,9 +76,6 @@ class TestPallasTPU(AttentionCases):
   knobs = {"interpret": STRICT}
   decode_cases = DECODE_CASES
   prefill_cases = PREFILL_CASES
-
-  def unsupported_format(self, kv_quant: str) -> str | None:
-    return "pallas_tpu supports kv_quant in .* got kv_quant='int4'" if kv_quant == "int4" else None
 
   def unsupported(self, case: Case) -> str | None:
     # f32 pages must be whole [8, 128] tiles, 16-bit pages whole packed [16, 128] tiles.
@@ -324,3 +323,43 @@ def test_nonfinite_v_over_blocks(name, knobs):
   t.test_nonfinite_v(next(c for c in NONFINITE_V_CASES if c.name == name))
   if knobs.get("interpret") is RACES:
     assert not races_found(), "the TPU interpreter found a data race"
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_quantized_nonfinite_v(kv_quant):
+  """A NaN / Inf V in a quantised cache: NaN exactly where the dequantised values put it (the
+  whole head for int8's per-token scale, one channel group for int4's), over two compute
+  blocks (the rerun by the contract's rule refetches the pages and their scales)."""
+  check_quantized_nonfinite_v(functools.partial(_attend, pages_per_compute_block=1), kv_quant)
+
+
+@pytest.mark.parametrize(("kv_quant", "block_size", "head_dim", "ok"), [
+    ("int4", 32, 64, True), ("int4", 64, 16, True), ("int4", 16, 64, False),
+    ("int8", 32, 64, True), ("fp8", 8, 64, False),
+])
+def test_supported_quantized_layouts(kv_quant, block_size, head_dim, ok):
+  dtype = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=head_dim, num_blocks=2,
+                         max_seqs=1, max_seq_len=block_size, block_size=block_size,
+                         kv_quant=kv_quant).storage_dtype
+  if ok:
+    pallas_tpu.check_supported(dtype, block_size, head_dim, kv_quant=kv_quant)
+  else:
+    with pytest.raises(ValueError, match="multiple of 32"):
+      pallas_tpu.check_supported(dtype, block_size, head_dim, kv_quant=kv_quant)
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "fp8", "int4"])
+def test_quantized_lowers_to_mosaic_for_tpu(kv_quant, monkeypatch):
+  """Pallas' Mosaic lowering accepts every format's path (per-key and per-channel scale DMAs,
+  nibble halves, the 0/1 scale matmuls); not compiled by libtpu here."""
+  monkeypatch.setattr(pallas_tpu, "_backend", lambda: "tpu")
+  case = Case((5, 70), q_len=5, block_size=32, ratio=2, head_dim=128)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  qcache = quantized_cache(cache, kv_quant)
+  q = q.astype(jnp.bfloat16)  # bfloat16 queries: the MXU path
+  fn = functools.partial(pallas_tpu.paged_attention_tpu, scale=0.125, return_lse=True,
+                         pages_per_compute_block=2)
+  exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+      q, qcache.k_pool, qcache.v_pool, jnp.int32(layer), qcache.block_tables, qcache.seq_lens,
+      jnp.asarray(q_lens), k_scale=qcache.k_scale, v_scale=qcache.v_scale)
+  assert "tpu_custom_call" in exported.mlir_module()

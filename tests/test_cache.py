@@ -57,8 +57,50 @@ def test_config_derived_sizes():
                                           num_blocks=10, max_seqs=2, max_seq_len=33,
                                           block_size=16, dtype="bfloat16"))
   cache = pk.init_cache(cfg)
-  assert cache.k_pool.shape == cfg.pool_shape and cache.k_pool.dtype == jnp.bfloat16
+  assert cache.k_pool.shape == cfg.pool_shape and cache.k_pool.dtype == cfg.storage_dtype
+  assert cfg.storage_dtype == (jnp.uint16 if jax.default_backend() == "cpu" else jnp.bfloat16)
+  assert pk.pool_values(cache.k_pool, cfg.dtype).dtype == jnp.bfloat16
   assert cache.k_pool.nbytes + cache.v_pool.nbytes == cfg.pool_bytes
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("strategy", list(CacheStrategy))
+def test_pool_bits_stores_the_same_values(dtype, strategy):
+  """A 16-bit cache stored as bit patterns (pool_bits, CPU's default) holds bitwise the values
+  of the same cache stored as floats, through appends, write_kv, fork + copy-on-write,
+  truncation and lookup; attention gives bitwise the same output."""
+  base = dict(num_layers=2, num_kv_heads=2, head_dim=16, num_blocks=1 + 4 * 4, max_seqs=4,
+              max_seq_len=64, block_size=16, dtype=dtype, strategy=strategy)
+  caches = {bits: pk.init_cache(pk.CacheConfig(**base, pool_bits=bits), pool_fill=np.nan)
+            for bits in (False, True)}
+  assert caches[True].k_pool.dtype == jnp.uint16
+  assert caches[False].k_pool.dtype == jnp.dtype(dtype)
+  rng = np.random.default_rng(0)
+  k = jnp.asarray(rng.standard_normal((2, 2, 20, 2, 16)), dtype)
+  v = jnp.asarray(rng.standard_normal((2, 2, 20, 2, 16)), dtype)
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), dtype)
+  out = {}
+  for bits, cache in caches.items():
+    cache, _ = pk.allocate_sequences(cache, [0, 1])
+    cache, _ = pk.append_kv(cache, k, v, [0, 1], num_new=[20, 7])
+    cache, _ = pk.fork_sequence(cache, 1, 2)
+    cache, _ = pk.append_kv(cache, -k[:, :1, :3], v[:, :1, :3], [2])  # copy-on-write
+    cache, _ = pk.truncate_sequences(cache, [0], [3])  # drops 3 tokens: 17 left
+    cache, slots, _ = pk.reserve(cache, [0], [2], max_new=2)
+    cache, _ = pk.write_kv(cache, slots, 2 * k[0, :1, :2], v[0, :1, :2], 1, seq_ids=[0])
+    cache, _ = pk.write_kv(cache, slots, 3 * k[0, :1, :2], v[0, :1, :2], 0, seq_ids=[0])
+    out[bits] = (pk.lookup_kv(cache, [0, 1, 2], 1, max_len=32),
+                 pk.paged_attention(q[:1].repeat(3, 0), cache, [0, 1, 2], 1),
+                 pk.pool_values(cache.k_pool, cache.config.dtype),
+                 pk.pool_values(cache.v_pool, cache.config.dtype))
+    assert pk.check_invariants(cache).ok
+  want = out[False][0]
+  np.testing.assert_array_equal(np.asarray(out[True][0][2]), [19, 7, 10])
+  for got, ref in zip(jax.tree_util.tree_leaves(out[True]), jax.tree_util.tree_leaves(out[False]),
+                      strict=True):
+    assert got.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+  del want
 
 
 @pytest.mark.parametrize("bad", [

@@ -236,3 +236,41 @@ def test_truncate_and_redecode_reproduces_tokens():
   for i in range(2):
     again = outs[i][:3] + [int(t) for t in out[i] if t >= 0]
     assert again == outs[i][:11]
+
+
+def test_decode_loop_runs_the_allocator_only_in_steps_where_a_row_crosses_a_block(monkeypatch):
+  """The allocator (pop, table entries, copy-on-write) sits in a lax.cond in reserve: it runs
+  in exactly the steps where some live row starts a new block (plain-Python count below),
+  and in the other steps the allocator state and block tables stay as they were."""
+  from jax_paged_kv.cache import allocator
+
+  calls = []
+  pop = allocator.pop_blocks
+
+  def counted(*args, **kwargs):
+    jax.debug.callback(lambda: calls.append(1))
+    return pop(*args, **kwargs)
+
+  monkeypatch.setattr(allocator, "pop_blocks", counted)
+  # A geometry no other test compiles, so that the patched allocator is traced.
+  cfg = SMALL.cache_config(num_blocks=41, max_seqs=4, max_seq_len=48, block_size=4)
+  prompts = [list(range(1, n + 1)) for n in (5, 9, 2)]
+  sampling = [SamplingParams(max_new_tokens=20)] * 3
+  cache, first = prefill(init_cache(cfg), prompts, [2, 0, 3], sampling)
+  state = DecodeState.create(first + [0], [2, 0, 3, -1], sampling + [SamplingParams()])
+  lens = [len(p) for p in prompts]
+  for step in range(STEPS):  # one step per call: compare the state around each step
+    calls.clear()
+    before = jax.tree.map(np.asarray, (cache.allocator, cache.block_tables))
+    cache, state, _, steps, status = run_loop(cache, state, num_steps=1)
+    jax.effects_barrier()
+    assert int(steps) == 1 and not np.any(np.asarray(status))
+    crosses = any(n % cfg.block_size == 0 for n in lens)  # the new token opens a block
+    assert len(calls) == int(crosses), f"step {step}: lengths {lens}"
+    after = jax.tree.map(np.asarray, (cache.allocator, cache.block_tables))
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                      jax.tree.leaves(after), strict=True))
+    assert same != crosses
+    lens = [n + 1 for n in lens]
+  assert [int(n) for n in np.asarray(cache.seq_lens)[[2, 0, 3]]] == lens
+  assert bool(check_invariants(cache).ok)

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 import jax_paged_kv as pk
-from tests.oracle import attention_np, quantize_np
+from tests.oracle import (
+    ChannelKModel,
+    attention_np,
+    quantize_int4_v_np,
+    quantize_np,
+    unpack_int4_np,
+)
 
 FORMATS = ("int8", "fp8")
 ALL_FORMATS = ("int8", "fp8", "int4")
@@ -32,12 +38,15 @@ def _config(kv_quant, **kw):
   return pk.CacheConfig(**base)
 
 
-def _assert_codes_match(got_codes, got_scale, want_codes, want_scale, kv_quant):
+def _assert_codes_match(got_codes, got_scale, want_codes, want_scale, kv_quant, tie=None):
   """The cache's codes and scales equal the NumPy model's (a code may differ by one rounding
-  step where float32 and float64 round a tie differently)."""
+  step where float32 and float64 round a tie differently; ``tie``: where the model says so)."""
   np.testing.assert_allclose(got_scale, want_scale, rtol=1e-6, equal_nan=True)
   got = np.asarray(got_codes, np.float64)
-  if kv_quant == "int8":
+  if tie is not None:
+    assert np.abs(got - want_codes).max() <= 1
+    np.testing.assert_array_equal(got[~tie], want_codes[~tie])
+  elif kv_quant in ("int8", "int4"):
     assert np.abs(got - want_codes).max() <= 1
     assert np.mean(got != want_codes) < 1e-3
   else:
@@ -45,36 +54,61 @@ def _assert_codes_match(got_codes, got_scale, want_codes, want_scale, kv_quant):
     assert np.mean(got != want_codes) < 1e-3
 
 
-@pytest.mark.parametrize("kv_quant", FORMATS)
+def _stored_codes(pool):
+  return unpack_int4_np(pool) if pool.dtype == jnp.uint8 else np.asarray(pool, np.float64)
+
+
+@pytest.mark.parametrize("kv_quant", ALL_FORMATS)
 def test_whole_pool_after_appends_matches_numpy_model(kv_quant):
   """Ragged appends over several calls, then every pool and scale cell is what the model says:
-  written slots hold the format's codes and scales, every other cell its initial value."""
+  written slots hold the format's codes and scales, every other cell its initial value. int8 /
+  int4 K (per block and channel) follow ``ChannelKModel``: blocks filled over several calls
+  widen their scales and requantise their older tokens."""
   cfg = _config(kv_quant)
   rng = np.random.default_rng(0)
   cache = pk.init_cache(cfg, pool_fill=np.nan)
   cache, _ = pk.allocate_sequences(cache, [0, 1, 2])
-  codes = {n: np.zeros(cfg.pool_shape) for n in "kv"}
-  scales = {n: np.full(cfg.k_scale_shape, np.nan) for n in "kv"}
+  channel_k = kv_quant in ("int8", "int4")
+  untouched = -8.0 if kv_quant == "int4" else 0.0  # what a zero byte decodes to
+  codes = {n: np.full(cfg.pool_shape, untouched) for n in "kv"}
+  scales = {"k": np.full(cfg.k_scale_shape, np.nan), "v": np.full(cfg.v_scale_shape, np.nan)}
+  k_model = ChannelKModel(kv_quant, cfg.pool_shape) if channel_k else None
   lens = [0, 0, 0]
-  for step, counts in enumerate([(5, 9, 0), (1, 8, 3), (12, 0, 1)]):
+  for step, counts in enumerate([(5, 9, 0), (1, 8, 3), (12, 0, 1), (2, 2, 2)]):
     k = rng.standard_normal((2, 3, 12, 2, 16)).astype(np.float32) * (1 + 10 * step)
     v = rng.standard_normal((2, 3, 12, 2, 16)).astype(np.float32)
     k[:, 1, 0] = 0.0  # all-zero tokens
     cache, _ = pk.append_kv(cache, jnp.asarray(k), jnp.asarray(v), [0, 1, 2], num_new=counts)
     tables = np.asarray(cache.block_tables)
+    written = []
     for r, n in enumerate(counts):
       for i in range(n):
         pos = lens[r] + i
         blk, off = tables[r, pos // 8], pos % 8
-        for name, x in (("k", k), ("v", v)):
-          c, s = quantize_np(x[:, r, i], kv_quant)  # [layers, kv_heads, head_dim]
-          codes[name][:, :, blk, off] = c
-          scales[name][:, :, blk, off] = s
+        written.append((blk, off, k[:, r, i]))
+        if kv_quant == "int4":
+          c, s = quantize_int4_v_np(v[:, r, i])
+        else:
+          c, s = quantize_np(v[:, r, i], kv_quant)  # [layers, kv_heads, head_dim]
+        codes["v"][:, :, blk, off], scales["v"][:, :, blk, off] = c, s
+        if not channel_k:
+          codes["k"][:, :, blk, off], scales["k"][:, :, blk, off] = quantize_np(k[:, r, i],
+                                                                                kv_quant)
       lens[r] += n
+    if channel_k:
+      k_model.write(written)
+  if channel_k:  # every block handed out so far (fresh blocks start from scale 0)
+    used = np.unique(np.asarray(cache.block_tables))
+    used = used[used != 0]
+    scales["k"][:, :, used] = k_model.scale[:, :, used]
+    codes["k"] = k_model.codes
   for name in "kv":
-    _assert_codes_match(getattr(cache, f"{name}_pool"), getattr(cache, f"{name}_scale"),
-                        codes[name], scales[name], kv_quant)
-  assert cache.k_pool.dtype == cfg.storage_dtype and cache.k_scale.dtype == jnp.float32
+    tie = k_model.tie if channel_k and name == "k" else None
+    _assert_codes_match(_stored_codes(getattr(cache, f"{name}_pool")),
+                        np.asarray(getattr(cache, f"{name}_scale"), np.float64),
+                        codes[name], scales[name], kv_quant, tie)
+  assert cache.k_pool.dtype == cfg.storage_dtype
+  assert cache.k_scale.dtype == (jnp.float32 if kv_quant == "fp8" else jnp.bfloat16)
 
 
 @pytest.mark.parametrize("kv_quant", FORMATS)
@@ -89,14 +123,19 @@ def test_write_kv_quantises_and_lookup_dequantises(kv_quant):
     ks[layer] = rng.standard_normal((2, 11, 2, 16)).astype(np.float32) * 3
     vs[layer] = rng.standard_normal((2, 11, 2, 16)).astype(np.float32)
     cache, _ = pk.write_kv(cache, slots, ks[layer], vs[layer], layer, seq_ids=[0, 1])
+  tables = np.asarray(cache.block_tables)
+  k_scale = np.asarray(cache.k_scale.astype(jnp.float32), np.float64)
   for layer in range(cfg.num_layers):
     k, v, lens = pk.lookup_kv(cache, [0, 1], layer, max_len=16)
     assert k.dtype == cfg.dtype and list(np.asarray(lens)) == [11, 4]
     for r, n in enumerate([11, 4]):
-      for got, x in ((k, ks[layer]), (v, vs[layer])):
+      for name, got, x in (("k", k, ks[layer]), ("v", v, vs[layer])):
         got, x = np.asarray(got[r, :n], np.float64), x[r, :n].astype(np.float64)
-        amax = np.abs(x).max(axis=-1, keepdims=True)
-        assert (np.abs(got - x) <= REL_ERR[kv_quant] * amax * (1 + 1e-5)).all()
+        if name == "k" and kv_quant == "int8":  # within its block's channel step
+          bound = k_scale[layer][:, tables[r, np.arange(n) // 8]].transpose(1, 0, 2)
+        else:  # within the format's relative step of the token's max|x|
+          bound = REL_ERR[kv_quant] * np.abs(x).max(axis=-1, keepdims=True)
+        assert (np.abs(got - x) <= bound * (1 + 1e-5)).all()
         assert (np.asarray(k[r, n:]) == 0).all()
 
 
@@ -120,6 +159,9 @@ def test_no_nan_or_inf_from_finite_input(kv_quant):
   assert (kk[0] == 0).all() and (vv[0] == 0).all()  # an all-zero token reads back as 0
   if kv_quant == "int4":  # K shares its block's channel scales: check V's per-token ones
     np.testing.assert_allclose(vv[1], big, rtol=2.0**-7)
+  elif kv_quant == "int8":  # K: channel scales set by the huge token (bfloat16, toward zero)
+    np.testing.assert_allclose(kk[1], big, rtol=2.0**-7)
+    np.testing.assert_allclose(vv[4, :, 0], 1e-30, rtol=REL_ERR[kv_quant])
   else:
     np.testing.assert_allclose(kk[1], big, rtol=REL_ERR[kv_quant])
     np.testing.assert_allclose(kk[4, :, 0], 1e-30, rtol=REL_ERR[kv_quant])
@@ -128,7 +170,7 @@ def test_no_nan_or_inf_from_finite_input(kv_quant):
   assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("kv_quant", FORMATS)
+@pytest.mark.parametrize("kv_quant", ["fp8"])
 @pytest.mark.parametrize("strategy", list(pk.CacheStrategy))
 def test_fork_copy_on_write_truncate_free(kv_quant, strategy):
   """Scales follow their blocks: a fork shares them, copy-on-write copies them, truncation and
@@ -219,10 +261,14 @@ def test_sizes_count_scales_and_a_budget_buys_about_twice_the_tokens(kv_quant):
   geo = dict(num_layers=4, num_kv_heads=8, head_dim=128, max_seq_len=4096, block_size=16)
   bf16 = pk.CacheConfig.from_memory_budget(1 << 30, dtype=jnp.bfloat16, **geo)
   q = pk.CacheConfig.from_memory_budget(1 << 30, dtype=jnp.bfloat16, kv_quant=kv_quant, **geo)
-  assert q.bytes_per_token == 2 * 4 * 8 * (128 + 4)  # 1 byte per value + a float32 scale
+  if kv_quant == "fp8":  # 1 byte per value + a float32 scale per (token, head) for K and V
+    assert q.bytes_per_token == 2 * 4 * 8 * (128 + 4)
+    assert 1.9 < q.num_blocks / bf16.num_blocks < 2.0
+  else:  # int8 K: a bfloat16 scale per channel per 16-token block; V: a float32 per token
+    assert q.bytes_per_token == 4 * 8 * ((128 + 2 * 128 / 16) + (128 + 4))
+    assert 1.8 < q.num_blocks / bf16.num_blocks < 1.9
   assert q.pool_bytes == q.bytes_per_token * q.block_size * q.num_blocks
   assert q.pool_bytes <= 1 << 30
-  assert 1.9 < q.num_blocks / bf16.num_blocks < 2.0
   cache = pk.init_cache(dataclasses.replace(q, num_blocks=3))
   stored = sum(x.nbytes for x in (cache.k_pool, cache.v_pool, cache.k_scale, cache.v_scale))
   assert stored == 3 * q.block_bytes
@@ -279,13 +325,13 @@ def _teacher_forced_argmax(model, params, kv_quant, tokens):
   return np.asarray(logits).argmax(-1)
 
 
-AGREEMENT = {"int8": 0.99, "fp8": 0.97}
+AGREEMENT = {"int8": 0.99, "fp8": 0.97, "int4": 0.90}
 
 
 @pytest.mark.parametrize("family", ["demo", "gemma2"])
 def test_teacher_forced_next_token_agreement(family):
   """256 teacher-forced positions: the quantised cache's next token matches the unquantised
-  cache's at >= 99% (int8) / >= 97% (fp8) of them.
+  cache's at >= 99% (int8) / >= 97% (fp8) / >= 90% (int4) of them.
 
   The demo's model (``jax_paged_kv.demo``, "tiny") with ``init_params``' default weight scale,
   and a Gemma 2 configuration (soft caps, sliding window).
@@ -343,12 +389,17 @@ def _heavy(rng, shape, heavy):
   return k, v
 
 
+INCREMENTAL_BOUNDS = {"int8": (1.5e-2, 5e-2), "int4": (0.2, 0.3)}  # (normal, heavy)
+
+
 @pytest.mark.parametrize("heavy", [False, True], ids=["normal", "heavy"])
 @pytest.mark.parametrize("chunk", [1, 13])
-def test_int4_incremental_writes_hold_the_error_bounds(heavy, chunk, request):
-  """int4 K scales are per block and channel, widened (and older tokens requantised) as tokens
-  arrive: decode (one token per append) and chunked prefill (13) stay within 0.2 / 0.3."""
-  if heavy:
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_channel_k_incremental_writes_hold_the_error_bounds(kv_quant, heavy, chunk, request):
+  """int8 / int4 K scales are per block and channel, widened (and older tokens requantised) as
+  tokens arrive: decode (one token per append) and chunked prefill (13) stay within the issue's
+  bounds (int8 1.5e-2 / 5e-2, int4 0.2 / 0.3)."""
+  if heavy and kv_quant == "int4":
     request.applymarker(pytest.mark.xfail(
         strict=False, reason="known miss: heavy-tailed data appended in pieces that split "
         "blocks gives 0.20-0.36 relative L2 over seeds (bound 0.3): each widening of a block's "
@@ -357,7 +408,7 @@ def test_int4_incremental_writes_hold_the_error_bounds(heavy, chunk, request):
   batch, n, heads, d, ratio = 2, 90, 2, 64, 4
   rng = np.random.default_rng(3)
   k, v = _heavy(rng, (batch, n, heads, d), heavy)
-  cfg = _config("int4", num_layers=1, num_kv_heads=heads, head_dim=d, block_size=16,
+  cfg = _config(kv_quant, num_layers=1, num_kv_heads=heads, head_dim=d, block_size=16,
                 num_blocks=1 + batch * 6, max_seqs=batch, max_seq_len=96)
   cache, _ = pk.allocate_sequences(pk.init_cache(cfg, pool_fill=np.nan), np.arange(batch))
   app = jax.jit(lambda c, k, v: pk.append_kv(c, k, v, jnp.arange(batch)))
@@ -385,13 +436,14 @@ def test_int4_incremental_writes_hold_the_error_bounds(heavy, chunk, request):
     want, _ = attention_np(q, kp, vp, 0, tables, [n] * batch, [q_len] * batch,
                            scale=d ** -0.5)
     err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
-    assert err <= (0.3 if heavy else 0.2), err
+    assert err <= INCREMENTAL_BOUNDS[kv_quant][heavy], err
 
 
-def test_int4_fork_copy_on_write_truncate_free():
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_channel_k_fork_copy_on_write_truncate_free(kv_quant):
   """Scales (per block for K) follow forks, copy-on-write, truncation and free; a fork's
   child widening the shared block's copy never changes the parent's values."""
-  cfg = _config("int4", head_dim=32, num_blocks=20)
+  cfg = _config(kv_quant, head_dim=32, num_blocks=20)
   rng = np.random.default_rng(4)
   cache = pk.init_cache(cfg, pool_fill=np.nan)
   cache, _ = pk.allocate_sequences(cache, [0])
@@ -406,8 +458,9 @@ def test_int4_fork_copy_on_write_truncate_free():
   child, cv, lens = pk.lookup_kv(cache, [1], 1, max_len=14)
   assert int(lens[0]) == 14
   np.testing.assert_array_equal(np.asarray(child[0, :8]), np.asarray(before[0, :8]))
-  np.testing.assert_allclose(np.asarray(child[0, 11:]), big[1, 0], rtol=0.1, atol=50 / 7)
-  np.testing.assert_allclose(np.asarray(cv[0, 11:]), -big[1, 0], rtol=0.1, atol=50 / 7)
+  qmax = {"int8": 127, "int4": 7}[kv_quant]
+  np.testing.assert_allclose(np.asarray(child[0, 11:]), big[1, 0], rtol=0.1, atol=50 / qmax)
+  np.testing.assert_allclose(np.asarray(cv[0, 11:]), -big[1, 0], rtol=0.1, atol=50 / qmax)
   cache, _ = pk.truncate_sequences(cache, [1], 6)
   cache, _ = pk.free_sequences(cache, [0])
   child2, _, lens = pk.lookup_kv(cache, [1], 1, max_len=8)

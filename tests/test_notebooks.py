@@ -5,7 +5,8 @@ Each notebook runs on a fresh ``python3`` kernel from an in-memory copy, so the 
 notebook's last cell asserts its results against an independent oracle, so a broken notebook
 fails here.
 
-Regenerate the committed outputs after changing a notebook or the library::
+Regenerate the committed outputs after changing a notebook or the library (cells tagged
+``timing`` are saved without outputs: their numbers belong to the machine that ran them)::
 
     python -m tests.test_notebooks --write              # every notebook
     python -m tests.test_notebooks --write 02_decoding  # the ones whose name contains this
@@ -66,6 +67,10 @@ def test_notebooks_are_indexed_and_have_a_colab_badge():
     # Committed with outputs: every code cell was executed, in order.
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
     assert counts == list(range(1, len(counts) + 1)), f"{path.name}: outputs not saved in order"
+    # Cells tagged "timing" are saved without outputs (``--write`` strips them).
+    for c in nb.cells:
+      if "timing" in c.get("metadata", {}).get("tags", []):
+        assert not c.outputs, f"{path.name}: a timing cell was saved with its outputs"
 
 
 def main(argv=None) -> int:
@@ -85,6 +90,9 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t0
     total += dt
     if args.write:
+      for cell in nb.cells:  # timings belong to the machine that ran them: not committed
+        if "timing" in cell.get("metadata", {}).get("tags", []):
+          cell.outputs = []
       nbformat.write(nb, path)
     print(f"{path.name}: {dt:.1f}s{' (saved)' if args.write else ''}", flush=True)
   print(f"total: {total:.1f}s")

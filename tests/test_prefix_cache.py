@@ -172,6 +172,12 @@ def test_different_salts_never_share():
   assert engine.metrics.prefix_hits == 2
   roots = {engine.prefix.root(s) for s in (None, "alice", "bob", "")}
   assert len(roots) == 4
+  # One request at a time: it references its own ceil((13 + 6 - 1) / 4) blocks at most. The
+  # cached blocks of finished requests count only in peak_blocks: when the last request runs,
+  # None, alice, bob and "" hold 4 full blocks each, the second alice 1 more (its first 3 are
+  # shared), and the last request 2 of its own beside the 3 it shares.
+  assert engine.metrics.peak_running_blocks == 5
+  assert engine.metrics.peak_blocks == 4 * 4 + 1 + 2
   assert_all_free_or_cached(engine)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import CacheShapeError
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
 from jax_paged_kv.cache.ops import check_readable, gather_tables
-from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.cache.state import PagedKVCache, pool_values
 
 # name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
 # backends that a CPU-only user never needs.
@@ -21,11 +22,38 @@ IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "xla": ("jax_paged_kv.attention.reference", "paged_attention_xla"),
     "pallas_gpu": ("jax_paged_kv.attention.pallas_gpu", "paged_attention_gpu"),
     "pallas_tpu": ("jax_paged_kv.attention.pallas_tpu", "paged_attention_tpu"),
+    "pallas_mgpu": ("jax_paged_kv.attention.pallas_mgpu", "paged_attention_mgpu"),
 }
 
 
 _BACKEND_KERNELS = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
                     "tpu": "pallas_tpu"}
+_MOSAIC_GPU_BACKENDS = ("gpu", "cuda")  # NVIDIA only
+
+
+def _compute_capability() -> str | None:
+  """The first device's CUDA compute capability (e.g. ``"9.0"``), or None where unknown."""
+  try:
+    return getattr(jax.devices()[0], "compute_capability", None)
+  except RuntimeError:  # pragma: no cover - no devices
+    return None
+
+
+def _mosaic_gpu_jax_ok() -> bool:
+  """Whether this JAX has the Mosaic GPU API the kernel is written against (0.10+)."""
+  version = tuple(int(p) for p in jax.__version__.split(".")[:2] if p.isdigit())
+  return version >= (0, 10)
+
+
+def _supported(name: str, config: CacheConfig) -> bool:
+  try:
+    get_implementation(name)  # loads the module
+    module = importlib.import_module(IMPLEMENTATIONS[name][0])
+    module.check_supported(config.kernel_dtype, config.block_size, config.head_dim,
+                           kv_quant=config.kv_quant)
+  except (ValueError, RuntimeError):
+    return False
+  return True
 
 
 def default_implementation(backend: str | None = None, config: CacheConfig | None = None) -> str:
@@ -33,25 +61,36 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
 
   Args:
     backend: a JAX backend name (default: JAX's default backend).
-    config: the cache's config. The backend's kernel is picked only for pool geometries it can
-      tile (e.g. the GPU kernel needs power-of-two ``head_dim >= 16`` and ``block_size``);
-      other caches fall back to ``"xla"``, which takes any geometry. Without a config the
-      backend's kernel is named.
+    config: the cache's config. The backend's kernel is picked only for pool geometries and
+      ``kv_quant`` formats it can tile (e.g. the GPU kernel needs power-of-two ``head_dim >=
+      16`` and ``block_size``, and ``head_dim >= 32`` for int4; the TPU kernel needs whole
+      sublane tiles per page, ``block_size % 32 == 0`` for 8-bit and int4 pools); other
+      caches fall back to ``"xla"``, which takes any geometry. Without a config the backend's
+      kernel is named.
+      The Mosaic GPU kernel ``"pallas_mgpu"`` is opt-in: it has passed every case in
+      interpret mode but has never been compiled or run on a GPU (README, kernel table), so a
+      GPU picks the verified Triton kernel ``"pallas_gpu"`` unless the environment variable
+      ``JAX_PAGED_KV_MGPU=1`` is set; then an NVIDIA GPU of compute capability 9.0+ (Hopper
+      and later) with JAX 0.10+ picks ``"pallas_mgpu"`` for the caches it takes (bfloat16 /
+      float16 pools; see :func:`~jax_paged_kv.attention.pallas_mgpu.check_supported`).
 
   Returns:
-    ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.
+    ``"pallas_mgpu"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.
   """
   backend = backend or jax.default_backend()
   name = _BACKEND_KERNELS.get(backend, "xla")
-  if name != "xla" and config is not None:
+  if name == "xla" or config is None:
+    return name
+  if (backend in _MOSAIC_GPU_BACKENDS and os.environ.get("JAX_PAGED_KV_MGPU", "0") == "1"
+      and _mosaic_gpu_jax_ok()):
+    capability = _compute_capability()
     try:
-      get_implementation(name)  # loads the module
-      module = importlib.import_module(IMPLEMENTATIONS[name][0])
-      module.check_supported(config.storage_dtype, config.block_size, config.head_dim,
-                             kv_quant=config.kv_quant)
-    except (ValueError, RuntimeError):
-      return "xla"
-  return name
+      hopper = capability is not None and float(capability) >= 9.0
+    except ValueError:  # pragma: no cover - an unexpected format
+      hopper = False
+    if hopper and _supported("pallas_mgpu", config):
+      return "pallas_mgpu"
+  return name if _supported(name, config) else "xla"
 
 
 def get_implementation(name: str):
@@ -92,7 +131,8 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
       included).
     return_lse: also return the float32 log-sum-exp ``[batch, q_len, q_heads]``, for merging
       partial attention (``-inf`` where a query sees nothing).
-    implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or None: the backend's
+    implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_mgpu"``, ``"pallas_tpu"`` or None:
+      the backend's
       kernel where it takes this cache's geometry, else ``"xla"`` (:func:`default_implementation`).
     **knobs: keyword-only tuning options of the chosen kernel (e.g. ``interpret=True``).
 
@@ -155,5 +195,7 @@ def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, slidi
                            sliding_window=sliding_window, return_lse=return_lse, **dict(knobs))
   # On pools sharded over kv heads, once per shard (shard_map): never on a gathered pool. A
   # quantised cache's scales share the pools' [layers, kv_heads, ...] leading axes and go along.
-  return per_shard.run(call, q, cache.k_pool, cache.v_pool, layer, tables, kv_lens, q_lens,
+  # A pool_bits pool is read as its values (a bitcast, no copy).
+  k_pool, v_pool = pool_values(cache.k_pool, cfg.dtype), pool_values(cache.v_pool, cfg.dtype)
+  return per_shard.run(call, q, k_pool, v_pool, layer, tables, kv_lens, q_lens,
                        return_lse=return_lse, k_scale=cache.k_scale, v_scale=cache.v_scale)

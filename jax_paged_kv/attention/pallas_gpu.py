@@ -29,6 +29,14 @@ Design
   scale, soft cap, causal + window mask with ``where`` (-inf), an online softmax in base 2, and
   ``p @ v``. Queries are rounded to the cache dtype (``tl.dot`` needs one operand dtype); f32
   dots use IEEE precision (``Precision.HIGHEST``), not TF32.
+* **Quantised caches** (``cache/quant.py``): the 8-bit tiles are converted exactly to q's
+  dtype. Per-token scales (fp8 K, int8 / fp8 V) multiply the logits per key, or the
+  probabilities before ``p @ v``. Per-(block, channel) K scales are folded into q once per page
+  (steps of at most one page by default), so no dequantised K tile exists. int4 packs channels
+  ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots over the low and high
+  nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each with its group's
+  per-token scales on ``p``, into its own accumulator and output columns (no concatenation).
+  Checked in interpret mode and by lowering for CUDA; not yet compiled or timed on a GPU.
 * **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
   real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
   the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
@@ -123,14 +131,14 @@ def _is_pow2(n) -> bool:
 
 
 def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, batch: int,
-                  kv_heads: int, max_blocks: int, itemsize: int) -> dict:
+                  kv_heads: int, max_blocks: int, itemsize: float) -> dict:
   """Provisional default tuning knobs for one call (not yet measured on a GPU).
 
   Args:
     head_dim, block_size: cache geometry.
     q_len: queries per row (1 = decode); group: ``q_heads // kv_heads``.
     batch, kv_heads: grid extents; max_blocks: block-table width.
-    itemsize: bytes per K/V element.
+    itemsize: bytes per K/V value (0.5 for int4).
 
   Returns:
     dict with ``block_k``, ``k_splits``, ``block_rows``, ``num_warps``,
@@ -150,30 +158,38 @@ def default_knobs(*, head_dim: int, block_size: int, q_len: int, group: int, bat
   num_warps = 8 if block_rows * head_dim > 64 * 128 or block_k * head_dim > 128 * 128 else 4
   stage_bytes = 2 * block_k * head_dim * itemsize
   q_bytes = block_rows * head_dim * itemsize
-  num_stages = max(1, min(3, (_SMEM_BUDGET - q_bytes) // stage_bytes)) if q_len == 1 else 1
+  num_stages = max(1, min(3, int((_SMEM_BUDGET - q_bytes) // stage_bytes))) if q_len == 1 else 1
   return dict(block_k=block_k, k_splits=k_splits, block_rows=block_rows,
               num_warps=num_warps, num_stages=num_stages)
 
 
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_QUANT_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
+_QUANT_DTYPES = {f: quant.storage_dtype(f) for f in ("int8", "fp8", "int4")}
+_INT4_MIN_HEAD_DIM = 2 * _MIN_DOT  # each nibble half is a dot over head_dim / 2 channels
 
 
 def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None) -> None:
   """Raises ``ValueError`` for pool layouts this kernel cannot tile.
 
-  ``dtype`` is the pools' element dtype; with ``kv_quant`` (``"int8"`` / ``"fp8"``) it must be
-  that format's storage dtype, and the kernel dequantises the tiles it loads.
+  ``dtype`` is the pools' element dtype; with ``kv_quant`` (``"int8"`` / ``"fp8"`` /
+  ``"int4"``) it must be that format's storage dtype, and the kernel dequantises the tiles it
+  loads (int4 also needs ``head_dim >= 32``: each nibble half feeds a dot over ``head_dim / 2``
+  channels, at least one 16-wide ``tl.dot`` tile).
   """
   dtype = jnp.dtype(dtype)
   if kv_quant is not None:
     if _QUANT_DTYPES.get(kv_quant) != dtype:
       raise ValueError(f"pallas_gpu supports kv_quant in {sorted(_QUANT_DTYPES)} (int8 / "
-                       f"float8_e4m3fn pools), got {kv_quant=} with {dtype} pools; use "
-                       "implementation='xla'")
+                       f"float8_e4m3fn / packed uint8 pools), got {kv_quant=} with {dtype} "
+                       "pools; use implementation='xla'")
+    if kv_quant == "int4" and head_dim < _INT4_MIN_HEAD_DIM:
+      raise ValueError(f"pallas_gpu needs head_dim >= {_INT4_MIN_HEAD_DIM} for kv_quant='int4' "
+                       f"(two half-width dots of at least {_MIN_DOT} channels), got "
+                       f"{head_dim=}; use implementation='xla'")
   elif dtype not in _SUPPORTED_DTYPES:
     raise ValueError(f"pallas_gpu supports float32, bfloat16 and float16 pools (and int8 / fp8 "
-                     f"quantised ones with their scales), got {dtype}; use implementation='xla'")
+                     f"/ int4 quantised ones with their scales), got {dtype}; use "
+                     "implementation='xla'")
   if not _is_pow2(block_size):
     raise ValueError(f"pallas_gpu needs a power-of-two block_size, got {block_size=}; use "
                      "implementation='xla'")
@@ -202,11 +218,12 @@ def _attention_kernel(
     q_lens_ref,  # [batch] int32
     tables_ref,  # [batch, max_blocks + max(1, block_k // block_size)] int32
     q_ref,  # [block_rows, head_dim]
-    k_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
-    v_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim]
-    *refs,  # (k_scale_ref, v_scale_ref [layers, kv_heads, num_blocks, block_size] if
-    #         quantised), o_ref [block_rows, head_dim], lse_ref [block_rows]
-    quantized: bool,
+    k_ref,  # [layers, kv_heads, num_blocks, block_size, stored_dim] (stored_dim: int4 D / 2)
+    v_ref,  # [layers, kv_heads, num_blocks, block_size, stored_dim]
+    *refs,  # (k_scale_ref, v_scale_ref if quantised: ``quant.scale_shapes``), then
+    #         o_ref [block_rows, head_dim], lse_ref [block_rows]
+    k_mode: str | None,
+    v_mode: str | None,
     group: int,
     num_rows: int,
     block_k: int,
@@ -215,6 +232,7 @@ def _attention_kernel(
     soft_cap: float | None,
     sliding_window: int | None,
 ):
+  quantized = k_mode is not None
   if quantized:
     ks_ref, vs_ref, o_ref, lse_ref = refs
   else:
@@ -222,7 +240,10 @@ def _attention_kernel(
   b, h, t, s = (pl.program_id(i) for i in range(4))
   block_rows, head_dim = q_ref.shape
   cdt = q_ref.dtype  # the dots' operand dtype: the pools' dtype, or q's for a quantised cache
-  num_blocks, block_size = k_ref.shape[2], k_ref.shape[3]
+  num_blocks, block_size, stored_dim = k_ref.shape[2], k_ref.shape[3], k_ref.shape[4]
+  # int4 packs channels j and j + head_dim / 2 in byte j: K and V come in two halves (the low
+  # and high nibbles), each stored_dim channels wide, and q is split to match (no concatenate).
+  halves = head_dim // stored_dim
   layer = layer_ref[0]
   kv_len = kv_lens_ref[b]
   q_count = q_lens_ref[b]
@@ -249,38 +270,80 @@ def _attention_kernel(
   tok = rows // group
   row_ok = tok < q_count  # [block_rows]
   row_pos = q_start + tok  # [block_rows]
-  q = q_ref[...]  # [block_rows, head_dim]
+  if halves == 1:
+    q_parts = [q_ref[...]]  # [block_rows, head_dim]
+  else:  # [block_rows, head_dim / 2] each: the channels of the low and of the high nibbles
+    q_parts = [q_ref[:, pl.ds(j * stored_dim, stored_dim)] for j in range(halves)]
+  if k_mode == "channel":  # the per-page channel scales multiply q in float32
+    q_parts = [x.astype(jnp.float32) for x in q_parts]
   logit_scale = scale if soft_cap is not None else scale * _LOG2E
-  dim_iota = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, head_dim]
+  dim_iota = jnp.arange(stored_dim, dtype=jnp.int32)  # [stored_dim]
+  # V's output column chunks: the whole head, or int4's (nibble, channel group) chunks.
+  chunks = _v_chunks(v_mode, head_dim, stored_dim)  # ((byte offset, width, nibble, column))
+  v_groups = v_mode == "group" and head_dim // vs_ref.shape[-1]  # channels per V scale
+
+  def qk(qs, ks):  # sum over the halves of q_j @ k_j.T: [block_rows, step_k]
+    out = None
+    for qj, kj in zip(qs, ks, strict=True):
+      part = lax.dot_general(qj, kj, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+      out = part if out is None else out + part
+    return out
+
+  def pv_dot(x, y):  # [block_rows, step_k] @ [step_k, width]
+    return lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+  def nibbles(x, nibble):  # uint8 -> int4 code in [-8, 7] (stored codes are in [-7, 7])
+    x = x.astype(jnp.int32)
+    return ((x & 15) if nibble == 0 else (x >> 4)) - 8
 
   def body(cb, carry, *, key_iota, exact: bool):
-    acc, m, l = carry  # [block_rows, head_dim], [block_rows], [block_rows] (base-2 max)
+    acc, m, l = carry  # ([block_rows, width] per chunk), [block_rows], [block_rows] (base 2)
     step_k = key_iota.shape[0]
     kpos = first + cb * step_k + key_iota  # [step_k]
     # The physical block of every key of this step (step_k / block_size distinct table
     # entries, each read many times from cache), so K and V are loaded as 2-D [step_k,
-    # head_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
+    # stored_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
     # which keeps Triton's software pipeliner on its async-copy path).
     ids = tables_ref[b, kpos // block_size]  # [step_k]
     ids = jnp.clip(ids, 0, num_blocks - 1)
-    slot_of_key = (kpos % block_size)[:, None]  # [step_k, 1]
+    slot = kpos % block_size  # [step_k]
     kv_ok = (kpos >= lo) & (kpos < hi)  # [step_k]: never fetch a key outside the tile's range
-    load_mask = jnp.broadcast_to(kv_ok[:, None], (step_k, head_dim))
-    # Every index is an array (broadcast to [step_k, head_dim]): one gathered, masked load
-    # per operand, which interpret mode can discharge as well as Triton can lower.
-    idx = (layer, h, ids[:, None], slot_of_key, dim_iota)
-    zero = jnp.zeros((), k_ref.dtype)
-    k = _triton_load(k_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
-    v = _triton_load(v_ref.at[idx], mask=load_mask, other=zero)  # [step_k, head_dim]
-    if quantized:  # int8 / fp8 -> cdt is exact; scales apply per key to logits and to p
-      k, v = k.astype(cdt), v.astype(cdt)
-      sidx = (layer, h, ids, kpos % block_size)
-      k_sc = _triton_load(ks_ref.at[sidx], mask=kv_ok, other=0.0)  # [step_k] float32
-      v_sc = _triton_load(vs_ref.at[sidx], mask=kv_ok, other=0.0)  # [step_k] float32
-    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)  # [block_rows, step_k]
-    if quantized:
-      logits = logits * k_sc[None, :]
+
+    def load_tile(ref, cols):  # [step_k, cols.size] of this layer and head, masked by kv_ok
+      # Every index is an array (broadcast to the tile): one gathered, masked load per operand,
+      # which interpret mode can discharge as well as Triton can lower.
+      mask = jnp.broadcast_to(kv_ok[:, None], (step_k, cols.shape[0]))
+      return _triton_load(ref.at[layer, h, ids[:, None], slot[:, None], cols[None, :]],
+                          mask=mask, other=jnp.zeros((), ref.dtype))
+
+    def load_scale(ref, *idx):  # [step_k] float32, 0 for keys outside the range
+      return _triton_load(ref.at[(layer, h, ids, slot, *idx)], mask=kv_ok,
+                          other=jnp.zeros((), ref.dtype)).astype(jnp.float32)
+
+    k = load_tile(k_ref, dim_iota)  # [step_k, stored_dim]
+    if halves == 2:  # int4 codes are exact in any float dtype
+      k_parts = [nibbles(k, j).astype(cdt) for j in range(2)]
+    else:  # int8 / fp8 -> cdt is exact
+      k_parts = [k.astype(cdt) if quantized else k]
+    if k_mode == "channel":
+      # K's scales are per (block, channel): fold the page's scales into q (one scaled copy of
+      # the query tile per page of the step), never into a dequantised K tile. A step of one
+      # page or less is one dot; one of several pages takes each page's keys from its own dot.
+      page0 = (first + cb * step_k) // block_size
+      logits = None
+      for pp in range(max(1, step_k // block_size)):
+        blk = jnp.clip(tables_ref[b, page0 + pp], 0, num_blocks - 1)
+        qs = [(qj * _triton_load(ks_ref.at[layer, h, blk, j * stored_dim + dim_iota])
+               .astype(jnp.float32)[None, :]).astype(cdt) for j, qj in enumerate(q_parts)]
+        part = qk(qs, k_parts)
+        logits = part if logits is None else jnp.where(
+            (key_iota // block_size == pp)[None, :], part, logits)
+    else:
+      logits = qk(q_parts, k_parts)  # [block_rows, step_k]
+      if k_mode == "key":
+        logits = logits * load_scale(ks_ref)[None, :]
     logits = logits * logit_scale
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
@@ -293,33 +356,41 @@ def _attention_kernel(
     alpha = jnp.exp2(m - m_safe)
     p = jnp.exp2(logits - m_safe[:, None])  # exactly 0 where masked
     l = alpha * l + p.sum(axis=1)
-    if not exact:
-      pw = p * v_sc[None, :] if quantized else p  # V's scales weight the probabilities
-      pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                           precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)  # [block_rows, head_dim]
-      return alpha[:, None] * acc + pv, m_new, l
-    # The contract for non-finite V: the finite values through p, then per row and dim +Inf
-    # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition makes
-    # the NaN), counted with two 0/1 dots of the same shape as p @ v. Non-finite acc entries
-    # are final: alpha (0 after underflow) never multiplies them.
-    v32 = v.astype(jnp.float32)
-    if quantized:  # the dequantised tile (a NaN scale makes the whole key NaN)
-      v32 = v32 * v_sc[:, None]
-    v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
-    pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
-                         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    acc = jnp.where(jnp.isfinite(acc), alpha[:, None] * acc, acc) + pv
-    seen = jnp.where(visible, 1.0, 0.0).astype(v.dtype)  # [block_rows, step_k]
-    nan = jnp.isnan(v32)
-    for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
-      hits = lax.dot_general(seen, jnp.where(hit, 1.0, 0.0).astype(v.dtype),
-                             (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)  # [block_rows, head_dim]
-      acc = jnp.where(hits > 0.0, acc + inf, acc)
-    return acc, m_new, l
+    # V, chunk by chunk: (tile [step_k, width] in cdt, its per-key scales [step_k] or None).
+    if v_mode == "group":
+      v_parts, loaded = [], {}
+      for off, width, nibble, col in chunks:
+        if off not in loaded:  # each byte chunk once, for both of its nibbles
+          loaded[off] = load_tile(v_ref, off + jnp.arange(width, dtype=jnp.int32))
+        v_parts.append((nibbles(loaded[off], nibble).astype(cdt),
+                        load_scale(vs_ref, col // v_groups)))
+    else:
+      v = load_tile(v_ref, dim_iota)  # [step_k, head_dim]
+      v_parts = [(v.astype(cdt), load_scale(vs_ref)) if quantized else (v, None)]
+    new_acc = []
+    for a, (v, v_sc) in zip(acc, v_parts, strict=True):
+      if not exact:
+        pw = p if v_sc is None else p * v_sc[None, :]  # V's scales weight the probabilities
+        new_acc.append(alpha[:, None] * a + pv_dot(pw.astype(v.dtype), v))
+        continue
+      # The contract for non-finite V: the finite values through p, then per row and dim +Inf
+      # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition
+      # makes the NaN), counted with two 0/1 dots of the same shape as p @ v. Non-finite acc
+      # entries are final: alpha (0 after underflow) never multiplies them.
+      v32 = v.astype(jnp.float32)
+      if v_sc is not None:  # the dequantised tile (a NaN scale makes its whole vector NaN)
+        v32 = v32 * v_sc[:, None]
+      v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
+      a = jnp.where(jnp.isfinite(a), alpha[:, None] * a, a) + pv_dot(p.astype(v.dtype), v_fin)
+      seen = jnp.where(visible, 1.0, 0.0).astype(v.dtype)  # [block_rows, step_k]
+      nan = jnp.isnan(v32)
+      for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
+        hits = pv_dot(seen, jnp.where(hit, 1.0, 0.0).astype(v.dtype))  # [block_rows, width]
+        a = jnp.where(hits > 0.0, a + inf, a)
+      new_acc.append(a)
+    return tuple(new_acc), m_new, l
 
-  acc = jnp.zeros((block_rows, head_dim), jnp.float32)
+  acc = tuple(jnp.zeros((block_rows, width), jnp.float32) for _, width, _, _ in chunks)
   m = jnp.full((block_rows,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_rows,), jnp.float32)
   init = (acc, m, l)
@@ -335,7 +406,8 @@ def _attention_kernel(
   exact_k = max(_MIN_DOT, block_k // 4)
   sub = block_k // exact_k
   exact_iota = jnp.arange(exact_k, dtype=jnp.int32)
-  nonfinite = jnp.max(jnp.max(jnp.where(jnp.isfinite(acc), 0.0, 1.0), axis=1)) > 0.0
+  nonfinite = functools.reduce(jnp.maximum, [
+      jnp.max(jnp.max(jnp.where(jnp.isfinite(a), 0.0, 1.0), axis=1)) for a in acc]) > 0.0
   acc, m, l = lax.cond(
       nonfinite,
       lambda: lax.fori_loop(cb_lo * sub, cb_hi * sub,
@@ -346,9 +418,25 @@ def _attention_kernel(
   # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
   # the wrapper slices them off, and skipping them saves most of the partials' traffic in GQA.
   real = rows < num_rows  # [block_rows]
-  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-  _triton_store(o_ref, out, mask=jnp.broadcast_to(real[:, None], out.shape))
+  for a, (_, width, _, col) in zip(acc, chunks, strict=True):
+    out = jnp.where(seen[:, None], a / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    dst = o_ref if width == head_dim else o_ref.at[:, pl.ds(col, width)]
+    _triton_store(dst, out, mask=jnp.broadcast_to(real[:, None], out.shape))
   _triton_store(lse_ref, jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf), mask=real)
+
+
+def _v_chunks(v_mode: str | None, head_dim: int, stored_dim: int) -> tuple:
+  """V's output column chunks ``(byte offset, width, nibble, first column)``.
+
+  One chunk of the whole head, except for int4 (``v_mode == "group"``): one per nibble and
+  group of ``quant.int4_group(head_dim)`` channels (a whole nibble half when the head is
+  narrower than two groups), since each group's scale weights its own ``p @ v``.
+  """
+  if v_mode != "group":
+    return ((0, head_dim, 0, 0),)
+  width = min(quant.int4_group(head_dim), stored_dim)
+  return tuple((off, width, nibble, nibble * stored_dim + off)
+               for off in range(0, stored_dim, width) for nibble in (0, 1))
 
 
 def _whole(shape):
@@ -400,10 +488,15 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     block_k, k_splits, block_rows, num_warps, num_stages: tuning knobs, ``None``
       for the provisional defaults of :func:`default_knobs`.
     interpret: run in Pallas interpret mode (any backend; slow, for tests).
-    k_scale, v_scale: ``float32[layers, kv_heads, num_blocks, block_size]`` scales of an int8 /
-      fp8 cache (both or neither). The kernel loads int8 / fp8 tiles, converts them exactly to
-      q's dtype, multiplies the logits by the K scales per key and the probabilities by the V
-      scales before ``p @ v``.
+    k_scale, v_scale: the scales of a quantised cache (both or neither), in the layout of
+      ``quant.scale_shapes`` for the pools' format. The kernel loads the quantised tiles and
+      converts them exactly to q's dtype (int4: the low and high nibbles as two half-width
+      tiles). A K scale per token (``[layers, kv_heads, num_blocks, block_size]``) multiplies
+      the logits per key; one per (block, channel) (``[layers, kv_heads, num_blocks,
+      head_dim]``) multiplies q, once per page (the steps then span at most one page unless
+      ``block_k`` asks for more, or the pages are under 16 keys: each page of a step then
+      costs one more ``q @ k.T``). A V scale per token multiplies the probabilities before
+      ``p @ v``; int4's per (token, group of 32 channels) do so for each group's columns.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
@@ -420,31 +513,36 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
         "(slow; for tests), or use implementation='xla' (or None) on this backend.")
   batch, q_len, q_heads, head_dim = q.shape
   num_layers, kv_heads, num_blocks, block_size, _ = k_pool.shape
-  if k_scale is not None:  # the format first: int4 pools also have a packed head_dim
-    check_supported(k_pool.dtype, k_pool.shape[3], q.shape[-1],
-                    kv_quant=quant.format_of(k_pool.dtype) or "?")
-  if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
-    raise ValueError(f"k_pool {k_pool.shape} {k_pool.dtype} and v_pool {v_pool.shape} "
-                     f"{v_pool.dtype} must match")
-  if k_pool.shape[-1] != head_dim or q_heads % kv_heads:
-    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
-  max_blocks = block_tables.shape[1]
-  group = q_heads // kv_heads
-  knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
-                        batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
-                        itemsize=jnp.dtype(k_pool.dtype).itemsize)
-  given = dict(block_k=block_k, k_splits=k_splits,
-               block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
-  knobs.update({k: v for k, v in given.items() if v is not None})
   quantized = k_scale is not None
   if quantized != (v_scale is not None):
     raise ValueError("pass both k_scale and v_scale, or neither")
-  kv_quant = None
-  if quantized:
+  kv_quant = k_mode = v_mode = None
+  if quantized:  # the format first: int4 pools also have a packed head_dim
     kv_quant = quant.format_of(k_pool.dtype) or "?"
-    if k_scale.shape != k_pool.shape[:4] or v_scale.shape != k_pool.shape[:4]:
-      raise ValueError(f"scales {k_scale.shape} / {v_scale.shape} must be {k_pool.shape[:4]}")
+    check_supported(k_pool.dtype, block_size, head_dim, kv_quant=kv_quant)
+    k_mode, v_mode = quant.scale_layout(kv_quant)
+    want = quant.scale_shapes(kv_quant, (*k_pool.shape[:4], head_dim))
+    if (k_scale.shape, v_scale.shape) != want:
+      raise ValueError(f"{kv_quant} scales must have shapes {want[0]} (K) and {want[1]} (V), "
+                       f"got {k_scale.shape} and {v_scale.shape}")
+  if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
+    raise ValueError(f"k_pool {k_pool.shape} {k_pool.dtype} and v_pool {v_pool.shape} "
+                     f"{v_pool.dtype} must match")
+  if k_pool.shape[-1] != quant.stored_head_dim(kv_quant, head_dim) or q_heads % kv_heads:
+    raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
   check_supported(k_pool.dtype, block_size, head_dim, kv_quant=kv_quant)
+  max_blocks = block_tables.shape[1]
+  group = q_heads // kv_heads
+  # Bytes per K/V value (int4: half a byte) for the shared-memory plan.
+  itemsize = jnp.dtype(k_pool.dtype).itemsize * k_pool.shape[-1] / head_dim
+  knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
+                        batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
+                        itemsize=itemsize)
+  if k_mode == "channel":  # one page per step: one scaled query tile, one q @ k.T
+    knobs["block_k"] = max(_MIN_DOT, min(knobs["block_k"], block_size))
+  given = dict(block_k=block_k, k_splits=k_splits,
+               block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
+  knobs.update({k: v for k, v in given.items() if v is not None})
   _check_knobs(**knobs)
   block_k, splits, tile = knobs["block_k"], knobs["k_splits"], knobs["block_rows"]
 
@@ -470,9 +568,10 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   kernel = functools.partial(
       _attention_kernel, group=group, num_rows=rows, block_k=block_k, k_splits=splits,
       scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
-      sliding_window=sliding_window, quantized=quantized)
+      sliding_window=sliding_window, k_mode=k_mode, v_mode=v_mode)
+  # Scales are read in their stored dtype (int4: bfloat16) and widened in the kernel.
   scale_specs = [_whole(k_scale.shape), _whole(v_scale.shape)] if quantized else []
-  scale_args = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if quantized else ()
+  scale_args = (k_scale, v_scale) if quantized else ()
   o, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, tiles, splits),

@@ -42,7 +42,10 @@ tiles, so:
 * ``float32`` pools: ``block_size % 8 == 0``.
 * ``bfloat16`` / ``float16`` pools: ``block_size % 16 == 0`` (a page of 8 packed rows is half a
   tile; merging such pages needs a sublane shuffle Mosaic does not do for packed types).
-* Other pool dtypes (float64, 8-bit floats, ...) are rejected.
+* Quantised pools (``kv_quant``: int8, float8_e4m3fn, int4's packed uint8) hold 8-bit data,
+  packed ``[32, 128]`` tiles: ``block_size % 32 == 0``. int4 also needs ``head_dim`` to be a
+  multiple of its V group (32), or smaller than one.
+* Other pool dtypes (float64, unquantised 8-bit floats, ...) are rejected.
 * ``head_dim`` is not restricted: every block covers the whole ``head_dim`` axis, which is
   lane-padded to 128 in memory (``head_dim % 128 != 0`` works but wastes lanes and bandwidth).
 
@@ -54,6 +57,16 @@ Known limits: the flattened block tables live in SMEM (``4 * batch * max_blocks`
 very large batch times table width can exceed it (split the batch); the first compute block of
 every grid step is not prefetched during the previous step (the steps are independent so that
 they can be ``"parallel"``), so a row with a single compute block waits for its DMA.
+
+Quantised caches (``cache/quant.py``): each page's scales are copied beside it; the 8-bit
+pages are converted in VMEM. Per-token scales (fp8 K, int8 / fp8 V) weight the logits or the
+probabilities per key; per-(block, channel) K scales multiply each page's codes as they are
+converted (a sublane broadcast of the page's ``[1, head_dim]`` scale row: on a TPU the pages of
+a compute block are one matmul, so folding a different scale into q per page would cost one
+narrow matmul per page instead); int4 V's per-(token, group) scales are spread over their
+channels by a 0/1 matmul (exact: one product per output) and multiply the codes. int4 keeps
+the low and high nibbles apart as two channel halves, in q, the accumulator and the output too,
+so no lane shuffle is needed.
 
 Verification: the TPU interpreter (``interpret=pltpu.InterpretParams()``) runs it on CPU with
 race detection and out-of-bounds checks, and ``jax.export(..., platforms=["tpu"])`` lowers it to
@@ -82,7 +95,7 @@ _PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
 _LANES = 128
 _SUBLANES = {4: 8, 2: 16, 1: 32}  # itemsize -> rows of one (packed) [rows, 128] tile
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_QUANT_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
+_QUANT_DTYPES = {f: quant.storage_dtype(f) for f in ("int8", "fp8", "int4")}
 _TARGET_KV_PER_BLOCK = 256  # default keys per compute block
 _TARGET_Q_ROWS = 256  # default q rows (queries x group heads) per tile
 
@@ -95,16 +108,18 @@ def sublane_tile(dtype) -> int:
 def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None) -> None:
   """Raises ``ValueError`` for pool layouts this kernel cannot tile on a TPU.
 
-  With ``kv_quant`` (``"int8"`` / ``"fp8"``) ``dtype`` must be that format's storage dtype,
-  whose packed tiles are 32 rows.
+  With ``kv_quant`` (``"int8"`` / ``"fp8"`` / ``"int4"``) ``dtype`` must be that format's
+  storage dtype (int8 / float8_e4m3fn / packed uint8), whose packed tiles are 32 rows.
   """
-  del head_dim  # any head_dim: blocks always span the full (lane-padded) head_dim axis
   dtype = jnp.dtype(dtype)
   if kv_quant is not None:
     if _QUANT_DTYPES.get(kv_quant) != dtype:
       raise ValueError(f"pallas_tpu supports kv_quant in {sorted(_QUANT_DTYPES)} (int8 / "
-                       f"float8_e4m3fn pools), got {kv_quant=} with {dtype} pools; use "
-                       "implementation='xla'")
+                       f"float8_e4m3fn / packed uint8 pools), got {kv_quant=} with {dtype} "
+                       "pools; use implementation='xla'")
+    if kv_quant == "int4" and (head_dim % 2 or head_dim % quant.int4_group(head_dim)):
+      raise ValueError(f"pallas_tpu needs an even head_dim that is a multiple of the int4 "
+                       f"group ({quant.INT4_GROUP}) for kv_quant='int4', got {head_dim=}")
   elif dtype not in _SUPPORTED_DTYPES:
     raise ValueError(
         f"pallas_tpu paged attention supports float32, bfloat16 and float16 pools, got "
@@ -158,11 +173,12 @@ def _paged_attention_kernel(
     kv_lens_ref,  # int32[batch]
     q_lens_ref,  # int32[batch]
     # inputs
-    q_ref,  # [R, head_dim] (this row, KV head and query block)
-    k_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
-    v_hbm,  # [layers, kv_heads, num_blocks, block_size, head_dim] (HBM)
-    *rest,  # (ks_hbm, vs_hbm [layers, kv_heads, num_blocks, block_size] if quantized), then
-    #         outputs o_ref [R, head_dim] (and lse_ref [R, 128] if return_lse), then scratch
+    q_ref,  # [halves, R, head_dim / halves] (this row, KV head and query block)
+    k_hbm,  # [layers, kv_heads, num_blocks, block_size, stored_dim] (HBM; int4: head_dim / 2)
+    v_hbm,  # [layers, kv_heads, num_blocks, block_size, stored_dim] (HBM)
+    *rest,  # (ks_hbm, vs_hbm if quantised: the layout of quant.scale_shapes), then outputs
+    #         o_ref [halves, R, head_dim / halves] (and lse_ref [R, 128] if return_lse), then
+    #         scratch
     max_blocks: int,
     pages: int,
     block_size: int,
@@ -173,9 +189,11 @@ def _paged_attention_kernel(
     sliding_window: int | None,
     return_lse: bool,
     compute_dtype,
-    quantized: bool,
+    k_mode: str | None,
+    v_mode: str | None,
 ):
-  ks_hbm = vs_hbm = ks_buf = vs_buf = None
+  quantized = k_mode is not None
+  ks_hbm = vs_hbm = ks_buf = vs_buf = kdq_ref = None
   if quantized:
     ks_hbm, vs_hbm, *rest = rest
   o_ref, *rest = rest
@@ -183,11 +201,16 @@ def _paged_attention_kernel(
     lse_ref, *rest = rest
   k_buf, v_buf, sems, m_ref, l_ref, acc_ref, *rest = rest
   if quantized:
-    ks_buf, vs_buf = rest  # [2, pages, block_size] float32 scales of the pages in k/v_buf
-  # k_buf, v_buf: [2, pages, block_size, head_dim]; sems: DMA[4 (k/v/k scale/v scale), 2]
-  # m_ref, l_ref: f32[R, 128] (lane-broadcast); acc_ref: f32[R, head_dim]
+    # K scales: [2, pages, block_size] per key, or [2, pages, 1, head_dim] per channel; V
+    # scales: [2, pages, block_size] per key, or [2, pages, block_size, groups] (int4).
+    ks_buf, vs_buf, *rest = rest
+  if k_mode == "channel":
+    kdq_ref, = rest  # [halves, kv_per_block, head_dim / halves]: the scaled K pages
+  # k_buf, v_buf: [2, pages, block_size, stored_dim]; sems: DMA[4 (k/v/k scale/v scale), 2]
+  # m_ref, l_ref: f32[R, 128] (lane-broadcast); acc_ref: f32[halves, R, head_dim / halves]
   b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows = q_ref.shape[0]
+  halves, rows, half_dim = q_ref.shape
+  head_dim = halves * half_dim
   kv_per_block = pages * block_size
   layer = layer_ref[0]
   kv_len = kv_lens_ref[b]
@@ -209,11 +232,14 @@ def _paged_attention_kernel(
     for i in range(pages):
       page = first_page + c * pages + i
       blk = tables_ref[b * max_blocks + jnp.minimum(page, max_blocks - 1)]
-      pairs = [(k_hbm, k_buf), (v_hbm, v_buf)]
+      pairs = [(k_hbm.at[layer, h, blk], k_buf), (v_hbm.at[layer, h, blk], v_buf)]
       if quantized:
-        pairs += [(ks_hbm, ks_buf), (vs_hbm, vs_buf)]
-      copies = [pltpu.make_async_copy(hbm.at[layer, h, blk], buf.at[slot, i], sems.at[kv, slot])
-                for kv, (hbm, buf) in enumerate(pairs)]
+        # A channel-scale page is one [1, head_dim] row (its own sublane tile in VMEM).
+        ks_src = ks_hbm.at[layer, h, pl.ds(blk, 1)] if k_mode == "channel" else ks_hbm.at[
+            layer, h, blk]
+        pairs += [(ks_src, ks_buf), (vs_hbm.at[layer, h, blk], vs_buf)]
+      copies = [pltpu.make_async_copy(src, buf.at[slot, i], sems.at[kv, slot])
+                for kv, (src, buf) in enumerate(pairs)]
       # Never copy a page past the block's last visible key (nor wait for one).
       pl.when(page < end_page)(functools.partial(_run_all, copies, method))
 
@@ -239,7 +265,73 @@ def _paged_attention_kernel(
   q_idx = lax.div(r, group)  # query index within the block
   q_pos = first_pos + q_idx  # [R, 1]
   row_ok = (r < queries_per_block * group) & (q_idx < n_q)
-  q = q_ref[...]  # [R, head_dim]
+  q_parts = [q_ref[j] for j in range(halves)]  # [R, head_dim / halves] each
+
+  def exact_dot(x, y):  # 0/1 selection matmuls: each output is one product, exactly
+    return lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+  def select(rows_in, j, of):  # 0/1 [rows_in, half_dim]: column c takes row of(j*half_dim + c)
+    row = lax.broadcasted_iota(jnp.int32, (rows_in, half_dim), 0)
+    col = lax.broadcasted_iota(jnp.int32, (rows_in, half_dim), 1) + j * half_dim
+    return jnp.where(row == of(col), 1.0, 0.0).astype(jnp.float32)
+
+  def codes(x, j):  # stored page values -> float32 (int4: nibble j's codes, channel half j)
+    if halves == 1:
+      return x.astype(jnp.float32)
+    x = x.astype(jnp.int32)
+    return (((x & 15) if j == 0 else (x >> 4)) - 8).astype(jnp.float32)
+
+  def k_tiles(slot):
+    """K of the compute block: ``halves`` tiles ``[kv_per_block, head_dim / halves]``."""
+    if k_mode != "channel":  # float, or int8 / fp8 codes (exact in the compute dtype)
+      return [k_buf[slot].astype(compute_dtype).reshape(kv_per_block, -1)]
+    # Per (block, channel) scales: each page's codes times its [1, head_dim] scale row (a
+    # sublane broadcast, one multiply per value like the conversion itself), stored at the
+    # page's rows of kdq_ref. int4 splits the row into the nibble halves with a 0/1 matmul.
+    for i in range(pages):
+      s_row = ks_buf[slot, i].astype(jnp.float32)  # [1, head_dim]
+      page = k_buf[slot, i]  # [block_size, stored_dim]
+      for j in range(halves):
+        s_j = s_row if halves == 1 else exact_dot(s_row, select(head_dim, j, lambda c: c))
+        kdq_ref[j, pl.ds(i * block_size, block_size), :] = (codes(page, j) * s_j).astype(
+            compute_dtype)
+    return [kdq_ref[j] for j in range(halves)]
+
+  def v_tiles(slot, in_range, exact):
+    """V of the compute block: ``halves`` tiles ``[kv_per_block, head_dim / halves]``, rows
+    outside [lo, hi) zeroed; float32 and dequantised in the ``exact`` pass."""
+    v = v_buf[slot]  # [pages, block_size, stored_dim]
+    if v_mode != "group":
+      v = v.astype(compute_dtype).reshape(kv_per_block, -1)
+      # Rows outside [lo, hi) may be stale, NaN or never-written VMEM: zero them, never
+      # multiply.
+      v = jnp.where(in_range, v, jnp.zeros((), v.dtype))
+      if exact:
+        v = v.astype(jnp.float32)
+        if quantized:  # the dequantised block (a NaN scale makes the whole key NaN)
+          v = v * jnp.where(in_range, vs_buf[slot].reshape(kv_per_block, 1), 0.0)
+      return [v]
+    # int4: the scale of each (key, group) spread over its channels with a 0/1 matmul [groups,
+    # head_dim / 2], so each nibble half is dequantised in one multiply.
+    vs = vs_buf[slot].astype(jnp.float32).reshape(kv_per_block, -1)  # [kv, groups]
+    width = head_dim // vs.shape[1]  # channels per group
+    tiles = []
+    for j in range(halves):
+      spread = functools.partial(exact_dot, y=select(vs.shape[1], j, lambda c: lax.div(c, width)))
+      x = codes(v, j).reshape(kv_per_block, half_dim)
+      if not exact:  # a non-finite scale spreads over the key's row: the exact pass follows
+        tiles.append(jnp.where(in_range, x * spread(vs), 0.0).astype(compute_dtype))
+        continue
+      # IEEE per group: finite scales, then +-Inf and NaN by flags (0 * Inf is NaN in a matmul)
+      fin = jnp.isfinite(vs)
+      x = x * spread(jnp.where(fin, vs, 0.0))
+      for bad, value in ((vs == jnp.inf, jnp.inf), (vs == -jnp.inf, -jnp.inf)):
+        x = jnp.where(spread(jnp.where(bad, 1.0, 0.0)) > 0, codes(v, j).reshape(x.shape) * value,
+                      x)
+      x = jnp.where(spread(jnp.where(jnp.isnan(vs), 1.0, 0.0)) > 0, jnp.nan, x)
+      tiles.append(jnp.where(in_range, x, 0.0))
+    return tiles
 
   def body(c, carry, *, exact: bool):
     slot = lax.rem(c, 2)
@@ -249,18 +341,20 @@ def _paged_attention_kernel(
       start(c + 1, 1 - slot)  # overlaps the next pages' DMA with this block's compute
 
     wait(c, slot)
-    k = k_buf[slot].astype(compute_dtype).reshape(kv_per_block, -1)  # [kv_per_block, head_dim]
-    v = v_buf[slot].astype(compute_dtype).reshape(kv_per_block, -1)
     pos0 = (first_page + c * pages) * block_size
     p_col = pos0 + lax.broadcasted_iota(jnp.int32, (1, kv_per_block), 1)  # [1, kv]
     p_row = pos0 + lax.broadcasted_iota(jnp.int32, (kv_per_block, 1), 0)  # [kv, 1]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32) * scale  # [R, kv]
-    if quantized:  # int8 / fp8 -> compute dtype is exact; K's scales apply per key
-      k_sc = ks_buf[slot].reshape(1, kv_per_block)  # [1, kv]
+    s = None
+    for qj, kj in zip(q_parts, k_tiles(slot), strict=True):
+      part = lax.dot_general(qj, kj, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [R, kv]
+      s = part if s is None else s + part
+    s = s * scale
+    if k_mode == "key":  # int8 / fp8 codes -> compute dtype is exact; scales apply per key
+      s = s * ks_buf[slot].reshape(1, kv_per_block)  # [1, kv]
+    if v_mode == "key":
       # Pages' slots outside [lo, hi) may hold stale or NaN scales: 0 * NaN must not reach p.
       v_sc = jnp.where((p_col >= lo) & (p_col < hi), vs_buf[slot].reshape(1, kv_per_block), 0.0)
-      s = s * k_sc
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
     mask = row_ok & (p_col <= q_pos) & (p_col < hi)  # p <= q_pos < kv_len: never past length
@@ -274,35 +368,33 @@ def _paged_attention_kernel(
     alpha = jnp.exp(m_prev - m_safe)  # 0 while nothing was seen
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
     m_ref[...] = m_new
-    # Rows outside [lo, hi) may be stale, NaN or never-written VMEM: zero them, never multiply.
-    v = jnp.where((p_row >= lo) & (p_row < hi), v, jnp.zeros((), v.dtype))
-    if not exact:
-      pw = p * v_sc if quantized else p  # V's scales weight the probabilities
-      pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)  # [R, head_dim]
-      acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
-      return carry
-    # The contract for non-finite V: the finite values through p, then per row and dim +Inf
-    # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition makes
-    # the NaN), counted with two 0/1 matmuls of the same shape as p @ v. Non-finite acc
-    # entries are final: alpha (0 after underflow) never multiplies them.
-    v32 = v.astype(jnp.float32)
-    if quantized:  # the dequantised block (a NaN scale makes the whole key NaN)
-      v_col = vs_buf[slot].reshape(kv_per_block, 1)
-      v32 = v32 * jnp.where((p_row >= lo) & (p_row < hi), v_col, 0.0)
-    v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(v.dtype)
-    pv = lax.dot_general(p.astype(v.dtype), v_fin, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)  # [R, head_dim]
-    acc = acc_ref[...]
-    acc = jnp.where(jnp.isfinite(acc), alpha[:, :1] * acc, acc) + pv
-    seen = jnp.where(mask, 1.0, 0.0).astype(v.dtype)  # [R, kv]
-    nan = jnp.isnan(v32)
-    for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
-      hits = lax.dot_general(seen, jnp.where(hit, 1.0, 0.0).astype(v.dtype),
-                             (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [R, head_dim]
-      acc = jnp.where(hits > 0.0, acc + inf, acc)
-    acc_ref[...] = acc
+    in_range = (p_row >= lo) & (p_row < hi)  # [kv, 1]
+    for j, v in enumerate(v_tiles(slot, in_range, exact)):
+      if not exact:
+        pw = p * v_sc if v_mode == "key" else p  # V's per-key scales weight the probabilities
+        pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # [R, head_dim / halves]
+        acc_ref[j] = alpha[:, :1] * acc_ref[j] + pv
+        continue
+      # The contract for non-finite V: the finite values through p, then per row and dim +Inf
+      # for a visible +Inf / NaN key and -Inf for a visible -Inf / NaN key (IEEE addition
+      # makes the NaN), counted with two 0/1 matmuls of the same shape as p @ v. Non-finite
+      # acc entries are final: alpha (0 after underflow) never multiplies them.
+      v32 = v  # float32, dequantised
+      op_dt = compute_dtype
+      v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(op_dt)
+      pv = lax.dot_general(p.astype(op_dt), v_fin, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [R, head_dim / halves]
+      acc = acc_ref[j]
+      acc = jnp.where(jnp.isfinite(acc), alpha[:, :1] * acc, acc) + pv
+      seen = jnp.where(mask, 1.0, 0.0).astype(op_dt)  # [R, kv]
+      nan = jnp.isnan(v32)
+      for inf, hit in ((jnp.inf, nan | (v32 == jnp.inf)), (-jnp.inf, nan | (v32 == -jnp.inf))):
+        hits = lax.dot_general(seen, jnp.where(hit, 1.0, 0.0).astype(op_dt),
+                               (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # [R, head_dim / halves]
+        acc = jnp.where(hits > 0.0, acc + inf, acc)
+      acc_ref[j] = acc
     return carry
 
   lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=False), 0)
@@ -319,7 +411,8 @@ def _paged_attention_kernel(
   l = l_ref[...]
   seen = l > 0.0
   inv = 1.0 / jnp.where(seen, l, 1.0)
-  o_ref[...] = jnp.where(seen[:, :1], acc_ref[...] * inv[:, :1], 0.0).astype(o_ref.dtype)
+  for j in range(halves):
+    o_ref[j] = jnp.where(seen[:, :1], acc_ref[j] * inv[:, :1], 0.0).astype(o_ref.dtype)
   if return_lse:
     lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
@@ -345,10 +438,17 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       tile holds about 256 query rows).
     interpret: ``None``/``False`` to compile for a TPU; ``pltpu.InterpretParams(...)`` (or
       ``True``) to run the TPU interpreter on any backend.
-    k_scale, v_scale: ``float32[layers, kv_heads, num_blocks, block_size]`` scales of an int8 /
-      fp8 cache (both or neither): each page's scales are copied beside it, the int8 / fp8
-      page is converted exactly to the compute dtype in VMEM, the logits are multiplied by the
-      K scales per key and the probabilities by the V scales before ``p @ v``.
+    k_scale, v_scale: the scales of a quantised cache (both or neither), in the layout of
+      ``quant.scale_shapes`` for the pools' format; each page's scales are copied beside it.
+      int8 / fp8 pages are converted exactly to the compute dtype in VMEM. K scales per token
+      (``[layers, kv_heads, num_blocks, block_size]``) multiply the logits per key; per
+      (block, channel) (``[layers, kv_heads, num_blocks, head_dim]``, a ``[1, head_dim]`` row
+      per page) they multiply the page's codes as it is converted (a sublane broadcast). V
+      scales per token multiply the probabilities before ``p @ v``; int4's per (token, group)
+      are spread over their channels with a 0/1 matmul and multiply the codes. int4 pages are
+      split into their low and high nibbles, the channel halves ``[0, head_dim / 2)`` and
+      ``[head_dim / 2, head_dim)``: q, the accumulator and the output come in the same two
+      halves, so no lane shuffle is needed.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
@@ -360,13 +460,22 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   """
   b, q_len, qh, d = q.shape
   _, kvh, _, bs, dk = k_pool.shape
-  if k_scale is not None:  # the format first: int4 pools also have a packed head_dim
-    check_supported(k_pool.dtype, k_pool.shape[3], q.shape[-1],
-                    kv_quant=quant.format_of(k_pool.dtype) or "?")
+  quantized = k_scale is not None
+  if quantized != (v_scale is not None):
+    raise ValueError("pass both k_scale and v_scale, or neither")
+  kv_quant = k_mode = v_mode = None
+  if quantized:  # the format first: int4 pools also have a packed head_dim
+    kv_quant = quant.format_of(k_pool.dtype) or "?"
+    check_supported(k_pool.dtype, bs, d, kv_quant=kv_quant)
+    k_mode, v_mode = quant.scale_layout(kv_quant)
+    want = quant.scale_shapes(kv_quant, (*k_pool.shape[:4], d))
+    if (k_scale.shape, v_scale.shape) != want:
+      raise ValueError(f"{kv_quant} scales must have shapes {want[0]} (K) and {want[1]} (V), "
+                       f"got {k_scale.shape} and {v_scale.shape}")
   if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
     raise ValueError(f"k_pool and v_pool differ: {k_pool.shape} {k_pool.dtype} vs "
                      f"{v_pool.shape} {v_pool.dtype}")
-  if dk != d:
+  if dk != quant.stored_head_dim(kv_quant, d):
     raise ValueError(f"q head_dim={d} does not match the pools' head_dim={dk}")
   if qh % kvh:
     raise ValueError(f"{qh=} query heads must be a multiple of {kvh=} KV heads")
@@ -374,14 +483,6 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   if block_tables.shape != (b, max_blocks) or kv_lens.shape != (b,) or q_lens.shape != (b,):
     raise ValueError(f"block_tables {block_tables.shape}, kv_lens {kv_lens.shape}, q_lens "
                      f"{q_lens.shape} do not match batch={b}")
-  quantized = k_scale is not None
-  if quantized != (v_scale is not None):
-    raise ValueError("pass both k_scale and v_scale, or neither")
-  kv_quant = None
-  if quantized:
-    kv_quant = quant.format_of(k_pool.dtype) or "?"
-    if k_scale.shape != k_pool.shape[:4] or v_scale.shape != k_pool.shape[:4]:
-      raise ValueError(f"scales {k_scale.shape} / {v_scale.shape} must be {k_pool.shape[:4]}")
   check_supported(k_pool.dtype, bs, d, kv_quant=kv_quant)
   interpret = _interpret_params(interpret)
   group = qh // kvh
@@ -407,45 +508,54 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   tile = max(sublane_tile(cdt), sublane_tile(odt))  # q and out tiles are whole sublane tiles
   rows = math.ceil(tq * group / tile) * tile
 
-  # q [batch, q_len, q_heads, D] -> [batch, kv_heads, q_blocks, R, D]; row = query * G + head.
+  # q [batch, q_len, q_heads, D] -> [batch, kv_heads, q_blocks, halves, R, D / halves]; row =
+  # query * G + head; int4 splits the head into the channels of the low and the high nibbles.
+  halves = d // dk
   qg = q.astype(cdt).reshape(b, q_len, kvh, group, d).transpose(0, 2, 1, 3, 4)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, num_q_blocks * tq - q_len), (0, 0), (0, 0)))
-  qg = qg.reshape(b, kvh, num_q_blocks, tq * group, d)
-  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, rows - tq * group), (0, 0)))
+  qg = qg.reshape(b, kvh, num_q_blocks, tq * group, halves, dk).transpose(0, 1, 2, 4, 3, 5)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, 0), (0, rows - tq * group), (0, 0)))
 
-  def tile_spec(width):
-    return pl.BlockSpec((_SQUEEZED, _SQUEEZED, _SQUEEZED, rows, width),
-                        lambda b, h, i, *_: (b, h, i, 0, 0))
+  def tile_spec(*shape):
+    return pl.BlockSpec((_SQUEEZED, _SQUEEZED, _SQUEEZED, *shape),
+                        lambda b, h, i, *_: (b, h, i) + (0,) * len(shape))
 
-  out_shape = [jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, d), odt)]
-  out_specs = [tile_spec(d)]
+  out_shape = [jax.ShapeDtypeStruct((b, kvh, num_q_blocks, halves, rows, dk), odt)]
+  out_specs = [tile_spec(halves, rows, dk)]
   if return_lse:
     out_shape.append(jax.ShapeDtypeStruct((b, kvh, num_q_blocks, rows, _LANES), jnp.float32))
-    out_specs.append(tile_spec(_LANES))
+    out_specs.append(tile_spec(rows, _LANES))
   kernel = functools.partial(
       _paged_attention_kernel, max_blocks=max_blocks, pages=pages, block_size=bs,
       queries_per_block=tq, group=group, scale=float(scale), soft_cap=soft_cap,
       sliding_window=sliding_window, return_lse=return_lse, compute_dtype=cdt,
-      quantized=quantized)
+      k_mode=k_mode, v_mode=v_mode)
   scale_specs = [pl.BlockSpec(memory_space=_ANY)] * 2 if quantized else []
-  scale_scratch = [pltpu.VMEM((2, pages, bs), jnp.float32)] * 2 if quantized else []
-  scale_args = (k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)) if quantized else ()
+  scale_scratch, scale_args = [], ()
+  if quantized:  # each page's scales, double-buffered beside it, in their stored dtype
+    scale_args = (k_scale, v_scale)
+    k_page = (1, d) if k_mode == "channel" else (bs,)
+    v_page = v_scale.shape[3:]  # (block_size,) or (block_size, groups)
+    scale_scratch = [pltpu.VMEM((2, pages, *k_page), k_scale.dtype),
+                     pltpu.VMEM((2, pages, *v_page), v_scale.dtype)]
+    if k_mode == "channel":  # the block's K pages times their channel scales
+      scale_scratch.append(pltpu.VMEM((halves, pages * bs, dk), cdt))
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(b, kvh, num_q_blocks),
-          in_specs=[tile_spec(d), pl.BlockSpec(memory_space=_ANY),
+          in_specs=[tile_spec(halves, rows, dk), pl.BlockSpec(memory_space=_ANY),
                     pl.BlockSpec(memory_space=_ANY), *scale_specs],
           out_specs=out_specs,
           scratch_shapes=[
-              pltpu.VMEM((2, pages, bs, d), k_pool.dtype),  # K pages, double-buffered
-              pltpu.VMEM((2, pages, bs, d), v_pool.dtype),  # V pages, double-buffered
+              pltpu.VMEM((2, pages, bs, dk), k_pool.dtype),  # K pages, double-buffered
+              pltpu.VMEM((2, pages, bs, dk), v_pool.dtype),  # V pages, double-buffered
               pltpu.SemaphoreType.DMA((4, 2)),  # [k/v/k scale/v scale, slot]
               pltpu.VMEM((rows, _LANES), jnp.float32),  # running max m
               pltpu.VMEM((rows, _LANES), jnp.float32),  # running denominator l
-              pltpu.VMEM((rows, d), jnp.float32),  # running numerator
-              *scale_scratch,  # K, V scales of the pages, double-buffered
+              pltpu.VMEM((halves, rows, dk), jnp.float32),  # running numerator
+              *scale_scratch,  # K, V scales of the pages (and the scaled K pages)
           ]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=(_PARALLEL,) * 3),
@@ -460,7 +570,8 @@ def paged_attention_tpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     x = x[:, :, :, :tq * group].reshape(b, kvh, num_q_blocks * tq, group, w)[:, :, :q_len]
     return x.transpose(0, 2, 1, 3, 4).reshape(b, q_len, qh, w)
 
-  out = unpack(outs[0]).astype(q.dtype)
+  o = outs[0].transpose(0, 1, 2, 4, 3, 5).reshape(b, kvh, num_q_blocks, rows, d)  # halves
+  out = unpack(o).astype(q.dtype)
   if not return_lse:
     return out
   return out, unpack(outs[1])[..., 0]

@@ -173,22 +173,23 @@ def gather_dequantized(pool: Array, scale: Array | None, layer: Array, block_tab
                        interleave: int = 1, *, key: bool = True):
   """:func:`gather_pages`, dequantised (float32) when ``scale`` is given.
 
-  ``key``: int4 K scales are per block and channel (``[layers, kv_heads, num_blocks,
-  head_dim]``), V's per token and channel group; int8 / fp8 scales are per token either way.
+  ``key``: int8 / int4 K scales are per block and channel (``[layers, kv_heads, num_blocks,
+  head_dim]``); int4 V scales per token and channel group; fp8 K / V and int8 V per token.
   """
   x, positions = gather_pages(pool, layer, block_tables, interleave)
   if scale is None:
     return x, positions
-  if quant.format_of(pool.dtype) != "int4":
-    s, _ = gather_pages(scale[..., None], layer, block_tables, interleave)  # [batch, h, S, 1]
-    return x.astype(jnp.float32) * s, positions
-  if key:
+  kv_quant = quant.format_of(pool.dtype)
+  if key and quant.channel_k_scales(kv_quant):
     bs = pool.shape[3]
     blocks = block_tables[:, positions // bs]  # [batch, S]: each key's block
     s = scale[layer][:, blocks].transpose(1, 0, 2, 3)  # [batch, kv_heads, S, head_dim]
-    return quant.dequantize_int4_k(x, s), positions
-  s, _ = gather_pages(scale, layer, block_tables, interleave)  # [batch, h, S, groups]
-  return quant.dequantize_int4_v(x, s), positions
+    return quant.dequantize_channel_k(x, s), positions
+  if kv_quant == "int4":
+    s, _ = gather_pages(scale, layer, block_tables, interleave)  # [batch, h, S, groups]
+    return quant.dequantize_int4_v(x, s), positions
+  s, _ = gather_pages(scale[..., None], layer, block_tables, interleave)  # [batch, h, S, 1]
+  return x.astype(jnp.float32) * s, positions
 
 
 def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int = 1):

@@ -3,7 +3,8 @@ errors. It imports nothing from the layers above (attention, models, serving).
 
 Modules: ``config`` (``CacheConfig`` and the pool layout, defined once), ``state`` (the
 ``PagedKVCache`` pytree and ``init_cache``), ``allocator`` (free stack and reference counts),
-``ops`` (allocate / reserve / write / append / lookup / fork / truncate / free), ``stats``
+``ops`` (allocate / reserve / write / append / lookup / fork / truncate / free), ``swap``
+(``swap_out`` / ``swap_in``: a sequence's blocks to host memory and back), ``stats``
 (``cache_stats``, ``check_invariants``), ``errors`` (status codes, named exceptions, checking
 mode), ``inputs`` (how caller-supplied ids, counts and layers become ``int32``).
 """
@@ -27,7 +28,13 @@ from jax_paged_kv.cache.errors import (
     checking,
     raise_for_status,
 )
-from jax_paged_kv.cache.state import AllocatorState, PagedKVCache, Telemetry, init_cache
+from jax_paged_kv.cache.state import (
+    AllocatorState,
+    PagedKVCache,
+    Telemetry,
+    init_cache,
+    pool_values,
+)
 from jax_paged_kv.cache.stats import InvariantReport, KVCacheStats, cache_stats, check_invariants
 
 from jax_paged_kv.cache.ops import (  # isort: skip  (ops builds on the modules above)
@@ -42,6 +49,7 @@ from jax_paged_kv.cache.ops import (  # isort: skip  (ops builds on the modules 
     truncate_sequences,
     write_kv,
 )
+from jax_paged_kv.cache.swap import SwappedSequence, swap_in, swap_out  # isort: skip
 
 __all__ = [
     "NULL_BLOCK",
@@ -64,6 +72,7 @@ __all__ = [
     "SequenceTooLongError",
     "SlotInUseError",
     "Status",
+    "SwappedSequence",
     "Telemetry",
     "allocate_sequences",
     "append_kv",
@@ -76,9 +85,12 @@ __all__ = [
     "free_sequences",
     "gather_tables",
     "init_cache",
+    "pool_values",
     "lookup_kv",
     "raise_for_status",
     "reserve",
+    "swap_in",
+    "swap_out",
     "truncate_sequences",
     "write_kv",
 ]

@@ -40,6 +40,7 @@ import dataclasses
 import enum
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -86,6 +87,13 @@ class CacheConfig:
     kv_quant: ``None`` (store K/V in ``dtype``), ``"int8"``, ``"fp8"`` or ``"int4"``: store
       them quantised with scales beside the pools (see :mod:`jax_paged_kv.cache.quant`). K/V
       are still written and read in ``dtype``.
+    pool_bits: store an unquantised 16-bit ``dtype`` (bfloat16, float16) as its uint16 bit
+      patterns; every write and read converts (a free bitcast), so values are unchanged. XLA:CPU
+      lowers a scatter into a bfloat16 buffer through float32 and rewrites the whole pool on
+      every append (O(pool), measured 60-470x slower at 64k than at 1k blocks); a uint16
+      scatter stays in place (O(tokens written)). ``None`` (default): on when ``dtype`` is 16
+      bits, ``kv_quant`` is None and JAX's default backend is CPU; off elsewhere (GPU and TPU
+      scatter 16-bit floats in place).
   """
 
   num_layers: int
@@ -98,6 +106,7 @@ class CacheConfig:
   dtype: jnp.dtype = jnp.float32
   strategy: CacheStrategy = CacheStrategy.PAGED
   kv_quant: str | None = None
+  pool_bits: bool | None = None
 
   def __post_init__(self):
     quant.check_format(self.kv_quant)
@@ -120,6 +129,14 @@ class CacheConfig:
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"CacheConfig.dtype must be a floating dtype, got {dtype}")
     object.__setattr__(self, "dtype", dtype)
+    sixteen = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
+    if self.pool_bits is None:
+      object.__setattr__(self, "pool_bits", bool(
+          sixteen and self.kv_quant is None and jax.default_backend() == "cpu"))
+    elif self.pool_bits and not (sixteen and self.kv_quant is None):
+      raise ValueError(f"pool_bits=True needs an unquantised 16-bit dtype, got {dtype} with "
+                       f"kv_quant={self.kv_quant!r}")
+    object.__setattr__(self, "pool_bits", bool(self.pool_bits))
     if not isinstance(self.strategy, CacheStrategy):
       try:
         object.__setattr__(self, "strategy", CacheStrategy(self.strategy))
@@ -155,8 +172,15 @@ class CacheConfig:
 
   @property
   def storage_dtype(self) -> jnp.dtype:
-    """Element dtype of the pools: ``dtype``, or the quantised format's."""
+    """Element dtype of the pools: ``dtype``, the quantised format's, or uint16 (``pool_bits``)."""
+    if self.pool_bits:
+      return jnp.dtype(jnp.uint16)
     return self.dtype if self.kv_quant is None else quant.storage_dtype(self.kv_quant)
+
+  @property
+  def kernel_dtype(self) -> jnp.dtype:
+    """Element dtype of the pools as attention reads them (``pool_bits`` pools as ``dtype``)."""
+    return self.dtype if self.pool_bits else self.storage_dtype
 
   @property
   def bytes_per_token(self) -> int | float:
@@ -173,8 +197,9 @@ class CacheConfig:
     per_block = 2 * self.block_size * self.stored_head_dim * self.storage_dtype.itemsize
     if self.kv_quant is not None:
       k_shape, v_shape = quant.scale_shapes(self.kv_quant, self.pool_shape)
-      per_block += (math.prod(k_shape[3:]) + math.prod(v_shape[3:])) * quant.scale_dtype(
-          self.kv_quant).itemsize
+      k_dtype, v_dtype = quant.scale_dtypes(self.kv_quant)
+      per_block += (math.prod(k_shape[3:]) * k_dtype.itemsize
+                    + math.prod(v_shape[3:]) * v_dtype.itemsize)
     return self.num_layers * self.num_kv_heads * per_block
 
   @property

@@ -46,7 +46,7 @@ from jax_paged_kv.cache.errors import (
     raise_for_status,
 )
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer, to_int32
-from jax_paged_kv.cache.state import PagedKVCache, Telemetry
+from jax_paged_kv.cache.state import PagedKVCache, Telemetry, pool_values, stored_values
 from jax_paged_kv.cache.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
@@ -121,41 +121,43 @@ def _scatter_tokens(cache: PagedKVCache, lead: tuple, blk: Array, off: Array, k:
   ``lead`` is ``(layer, slice(None))`` (``k``: ``[batch * T, kv_heads, head_dim]``) or
   ``(slice(None), slice(None))`` (``k``: ``[layers, kv_heads, batch * T, head_dim]``); ``blk``
   is ``num_blocks`` (dropped) for tokens not to write. A quantised cache quantises them and
-  stores their scales in the same layout: only the written slots change, and for int4 K (whose
-  scales are per block and channel) the blocks written into, whose older tokens are
+  stores their scales in the same layout: only the written slots change, and for int8 / int4 K
+  (whose scales are per block and channel) the blocks written into, whose older tokens are
   requantised when a new token widens a channel's range: O(block_size) per written token.
   """
   kv_quant = cache.config.kv_quant
   index = (*lead, blk, off)
-  if kv_quant is None:
+  if kv_quant is None:  # (uint16 bit patterns into a pool_bits pool)
+    dtype = cache.config.dtype
+    k, v = stored_values(k, cache.k_pool, dtype), stored_values(v, cache.v_pool, dtype)
     return cache.replace(k_pool=cache.k_pool.at[index].set(k, mode="drop"),
                          v_pool=cache.v_pool.at[index].set(v, mode="drop"))
-  if kv_quant != "int4":
-    (kq, ks), (vq, vs) = quant.quantize(k, kv_quant), quant.quantize(v, kv_quant)
-    return cache.replace(k_pool=cache.k_pool.at[index].set(kq, mode="drop"),
-                         v_pool=cache.v_pool.at[index].set(vq, mode="drop"),
-                         k_scale=cache.k_scale.at[index].set(ks, mode="drop"),
-                         v_scale=cache.v_scale.at[index].set(vs, mode="drop"))
-  vq, vs = quant.quantize_int4_v(v)
+  vq, vs = quant.quantize_int4_v(v) if kv_quant == "int4" else quant.quantize(v, kv_quant)
   cache = cache.replace(v_pool=cache.v_pool.at[index].set(vq, mode="drop"),
                         v_scale=cache.v_scale.at[index].set(vs, mode="drop"))
-  # K: widen the channel scales of every block written into (a scatter-max, so several new
-  # tokens of one block combine), requantise those blocks' tokens to the new scales (blocks
-  # gathered once per new token; duplicates write identical values), then write the new codes.
+  if not quant.channel_k_scales(kv_quant):  # fp8: per-token K scales, like V
+    kq, ks = quant.quantize(k, kv_quant)
+    return cache.replace(k_pool=cache.k_pool.at[index].set(kq, mode="drop"),
+                         k_scale=cache.k_scale.at[index].set(ks, mode="drop"))
+  # K (int8, int4): widen the channel scales of every block written into (a scatter-max, so
+  # several new tokens of one block combine), requantise those blocks' tokens to the new scales
+  # (blocks gathered once per new token; duplicates write identical values), then write the new
+  # codes.
   nb = cache.config.num_blocks
   gblk = jnp.clip(blk, 0, nb - 1)
   old_s = cache.k_scale[(*lead, gblk)]  # like k: [..., head_dim]
-  need = cache.k_scale.at[(*lead, blk)].max(quant.int4_scale(jnp.abs(k)), mode="drop")
+  need = cache.k_scale.at[(*lead, blk)].max(quant.channel_scale(jnp.abs(k), kv_quant),
+                                            mode="drop")
   need = need[(*lead, gblk)]
   # A widened scale at least doubles: requantising to a scale only slightly larger would round
   # most codes back to themselves and drift their values upwards, step after step; doubling
   # bounds the sum of all requantisation errors of a token by its block's final step.
   new_s = jnp.where(need > old_s, jnp.maximum(need, 2 * old_s), old_s)
   k_scale = cache.k_scale.at[(*lead, blk)].set(new_s, mode="drop")
-  block = quant.dequantize_int4_k(cache.k_pool[(*lead, gblk)], old_s[..., None, :])
-  requant = quant.pack_int4(quant.int4_codes(block, new_s[..., None, :]))
+  block = quant.dequantize_channel_k(cache.k_pool[(*lead, gblk)], old_s[..., None, :])
+  requant = quant.channel_codes(block, new_s[..., None, :], kv_quant)
   k_pool = cache.k_pool.at[(*lead, blk)].set(requant, mode="drop")
-  k_pool = k_pool.at[index].set(quant.pack_int4(quant.int4_codes(k, new_s)), mode="drop")
+  k_pool = k_pool.at[index].set(quant.channel_codes(k, new_s, kv_quant), mode="drop")
   return cache.replace(k_pool=k_pool, k_scale=k_scale)
 
 
@@ -281,38 +283,49 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   max_per_row = math.ceil(max_new / bs) + 1
   ok_rows = jnp.all(status == 0)
 
-  alloc = cache.allocator
-  k = jnp.arange(max_per_row, dtype=jnp.int32)
-  if cfg.strategy is CacheStrategy.PAGED:
-    alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
-  else:
-    valid = k[None, :] < need[:, None]
-    new_blocks = jnp.where(valid, cfg.contiguous_block(sid[:, None], first_j[:, None] + k[None, :]),
-                           NULL_BLOCK)
-    enough = jnp.asarray(True)
-    alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
-  # The pool running dry is reported only for a batch whose every row is otherwise valid.
-  status = jnp.where(ok_rows & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
-  ok = ok_rows & enough
+  # The allocator (pop, new table entries, copy-on-write) runs only in a step where some row
+  # needs a block: in most decode steps no row crosses a block boundary, and skipping it there
+  # (one lax.cond) makes a paged step cost what a contiguous one does. With no block needed the
+  # allocating branch would change nothing: both give the same cache and status.
+  def allocate(cache, status):
+    alloc = cache.allocator
+    k = jnp.arange(max_per_row, dtype=jnp.int32)
+    if cfg.strategy is CacheStrategy.PAGED:
+      alloc, new_blocks, enough = alloc_lib.pop_blocks(alloc, need, max_per_row, ok_rows)
+    else:
+      valid = k[None, :] < need[:, None]
+      new_blocks = jnp.where(
+          valid, cfg.contiguous_block(sid[:, None], first_j[:, None] + k[None, :]), NULL_BLOCK)
+      enough = jnp.asarray(True)
+      alloc = alloc_lib.retain_blocks(alloc, new_blocks, valid & ok_rows)
+    # The pool running dry is reported only for a batch whose every row is otherwise valid.
+    status = jnp.where(ok_rows & ~enough & (need > 0), Status.POOL_EXHAUSTED, status)
+    ok = ok_rows & enough
 
-  # New table entries.
-  tj = first_j[:, None] + k[None, :]
-  write = ok & (k[None, :] < need[:, None])
-  t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
-  block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
-  cache = cache.replace(block_tables=block_tables, allocator=alloc)
-  if cfg.kv_quant == "int4":  # per-block K scales start from 0 in a fresh block
-    fresh = _drop_index(write, new_blocks, cfg.num_blocks).reshape(-1)
-    cache = cache.replace(k_scale=cache.k_scale.at[:, :, fresh].set(0, mode="drop"))
+    # New table entries.
+    tj = first_j[:, None] + k[None, :]
+    write = ok & (k[None, :] < need[:, None])
+    t_rows = _drop_index(write, jnp.broadcast_to(sid[:, None], tj.shape), cfg.max_seqs)
+    block_tables = cache.block_tables.at[t_rows, tj].set(new_blocks, mode="drop")
+    cache = cache.replace(block_tables=block_tables, allocator=alloc)
+    if quant.channel_k_scales(cfg.kv_quant):  # per-block K scales start from 0 in a fresh block
+      fresh = _drop_index(write, new_blocks, cfg.num_blocks).reshape(-1)
+      cache = cache.replace(k_scale=cache.k_scale.at[:, :, fresh].set(0, mode="drop"))
 
-  # Copy the shared partial block into its private copy, then drop one reference to it.
-  cow = cow & ok
-  cache = _copy_blocks(cache, last_block, new_blocks[:, 0], cow)
-  cache = cache.replace(allocator=alloc_lib.release_blocks(cache.allocator, last_block, cow))
+    # Copy the shared partial block into its private copy, then drop one reference to it.
+    copy = cow & ok
+    cache = _copy_blocks(cache, last_block, new_blocks[:, 0], copy)
+    cache = cache.replace(allocator=alloc_lib.release_blocks(cache.allocator, last_block, copy))
+    return cache, status, ok
+
+  def skip(cache, status):
+    return cache, status, ok_rows
+
+  cache, status, ok = jax.lax.cond(jnp.any(need > 0), allocate, skip, cache, status)
 
   seq_lens = cache.seq_lens.at[_drop_index(ok & row_ok, sid, cfg.max_seqs)].set(
       new_len, mode="drop")
-  failed = cache.telemetry.failed_allocations + (ok_rows & ~enough).astype(jnp.int32)
+  failed = cache.telemetry.failed_allocations + (ok_rows & ~ok).astype(jnp.int32)
   cache = cache.replace(seq_lens=seq_lens, telemetry=Telemetry(failed))
 
   # Flat physical slot (block * block_size + offset) of every new token; out of range if none.
@@ -641,8 +654,9 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
   blk = tables[:, pos // bs]  # [batch, max_len]
   def read(pool, scale, which):
     x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, stored head_dim]
-    if cfg.kv_quant == "int4" and which == "k":  # dequantise the gathered tokens only
-      x = quant.dequantize_int4_k(x, scale[layer][:, blk], cfg.dtype)
+    x = pool_values(x, cfg.dtype) if scale is None else x
+    if quant.channel_k_scales(cfg.kv_quant) and which == "k":  # the gathered tokens only
+      x = quant.dequantize_channel_k(x, scale[layer][:, blk], cfg.dtype)
     elif cfg.kv_quant == "int4":
       x = quant.dequantize_int4_v(x, scale[layer][:, blk, pos % bs], cfg.dtype)
     elif scale is not None:

@@ -4,35 +4,42 @@ A quantised cache (``CacheConfig(kv_quant=...)``) stores K and V in a narrow sto
 usual pools, plus scales in ``k_scale`` / ``v_scale`` beside them, in the pool's block layout
 (block axis 2, so block copies, forks and frees move them with their block).
 
-int8 and fp8: one float32 scale per (layer, KV head, block, token slot), ``[layers, kv_heads,
-num_blocks, block_size]``; a stored token is ``x ~= x_q * scale`` (symmetric absmax scaling):
+Scales (``x ~= code * scale``, symmetric absmax scaling):
 
-* ``"int8"``: ``x_q = round(x / s)`` in ``[-127, 127]`` with ``s = max|x| / 127``. 1 byte per
-  value plus 4 bytes per (token, head). Rounding error <= ``s / 2`` per value.
-* ``"fp8"``: ``x_q = float8_e4m3fn(x / s)`` with ``s = max|x| / 448`` (E4M3's largest finite
-  value), so the token's largest value lands at the top of the range and small values keep 3
-  mantissa bits of relative precision instead of flushing to E4M3's subnormals. Same size as
-  int8.
+* ``"int8"``: codes ``round(x / s)`` in ``[-127, 127]``. K: a bfloat16 scale per (block,
+  channel), ``[layers, kv_heads, num_blocks, head_dim]``; V: a float32 scale per (token, KV
+  head), ``[layers, kv_heads, num_blocks, block_size]``. 1 byte per value; K adds
+  ``2 * head_dim / block_size`` bytes and V 4 bytes per (token, head).
+* ``"fp8"``: ``float8_e4m3fn(x / s)`` with ``s = max|x| / 448`` (E4M3's largest finite value)
+  per (token, KV head) for K and V (float32, ``[layers, kv_heads, num_blocks, block_size]``),
+  so the token's largest value lands at the top of the range and small values keep 3 mantissa
+  bits of relative precision instead of flushing to E4M3's subnormals.
+* ``"int4"``: codes in [-7, 7], two per byte (``uint8[..., head_dim / 2]``; byte ``j`` holds
+  channels ``j`` and ``j + head_dim / 2``). K: a bfloat16 scale per (block, channel) as int8;
+  V: a bfloat16 scale per (token, group of 32 channels), ``[layers, kv_heads, num_blocks,
+  block_size, head_dim / 32]``.
 
-int4: codes in [-7, 7], two per byte (``uint8[..., head_dim / 2]``; byte ``j`` holds channels
-``j`` and ``j + head_dim / 2``). K: a bfloat16 scale per (block, channel), ``[layers, kv_heads,
-num_blocks, head_dim]``, the max over the block's tokens (keys have outlier channels, which a
-per-token scale would let flatten every other channel); when a write widens a channel's range
-the block's older tokens are requantised (O(block_size) per written token) and the scale at
-least doubles (see ``_scatter_tokens`` in ``ops.py``). V: a bfloat16 scale per (token, group of
-32 channels), ``[layers, kv_heads, num_blocks, block_size, head_dim / 32]``. bfloat16 scales
-keep float32's range in 2 bytes; they are rounded toward zero so ``7 * scale`` never overflows.
+Why per (block, channel) for int8 / int4 K: keys have outlier channels in real models (KIVI,
+KVQuant); a per-token scale is set by the outliers and flattens every other channel (int8 per
+token measured 5.8e-2 relative L2 on heavy-tailed keys, over the 5e-2 bound; int4 0.37-0.5).
+A channel's scale is the max over its block's tokens. When a write widens a channel's range in a
+partly filled block, the block's older tokens are requantised (O(block_size) per written token,
+never O(pool)) and the scale at least doubles (see ``_scatter_tokens`` in ``ops.py``). V's
+outliers are whole tokens, so V keeps per-token (int4: per group) scales, fixed when written.
+fp8 is a floating format: its error is relative per value whatever the scale, so per-token
+scales (vLLM's choice) lose nothing to outlier channels. Bfloat16 scales keep float32's range in
+2 bytes; they are rounded toward zero so ``qmax * scale`` never overflows (the top value clips,
+off by at most 2^-8 of it).
 
-Why per token for int8 / fp8: a token's scale is fixed when it is written and never changes, so
-a write touches only its own slots (O(tokens written)), forks / copy-on-write / truncate / free keep
-their meaning (scales move with their block), and appending to a partly filled block never
-rescales its older tokens.
+Scales live in the pools' block layout (block axis 2): forks / copy-on-write / truncate / free
+keep their meaning (scales move with their block).
 
 No NaN or Inf from finite input: an all-zero token gets scale 0 (and dequantises to exactly 0),
 values are divided by ``max|x|`` (after an exact power-of-two normalisation) before the
 format's range is applied, so a huge ``max|x|`` cannot overflow or flush ``1 / s``, and codes are
-clipped into the format's range. A non-finite input value makes its token's scale non-finite,
-so that (token, KV head) reads back as all NaN: the attention
+clipped into the format's range. A non-finite input value makes its token's scale non-finite
+(int8 / int4 K: its block's channel scale), so that (token, KV head) (that block's channel)
+reads back as NaN: the attention
 contract for non-finite V then applies to the whole head vector (quantisation cannot keep one
 dim's NaN apart from its neighbours; an Inf reads back as NaN too).
 """
@@ -47,8 +54,10 @@ FORMATS = ("int8", "fp8", "int4")
 _STORAGE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn),
             "int4": jnp.dtype(jnp.uint8)}
 _QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
-SCALE_DTYPE = jnp.dtype(jnp.float32)
-INT4_SCALE_DTYPE = jnp.dtype(jnp.bfloat16)  # float32's range in 2 bytes: 3.4x the tokens of bf16
+SCALE_DTYPE = jnp.dtype(jnp.float32)  # per-token scales (fp8 K / V, int8 V)
+# Per-block channel scales (int8 / int4 K) and int4's V group scales: float32's range in 2 bytes.
+CHANNEL_SCALE_DTYPE = jnp.dtype(jnp.bfloat16)
+INT4_SCALE_DTYPE = CHANNEL_SCALE_DTYPE
 INT4_GROUP = 32  # V values per scale along head_dim
 
 
@@ -74,8 +83,11 @@ def stored_head_dim(kv_quant: str | None, head_dim: int) -> int:
   return head_dim // 2 if kv_quant == "int4" else head_dim
 
 
-def scale_dtype(kv_quant: str) -> jnp.dtype:
-  return INT4_SCALE_DTYPE if kv_quant == "int4" else SCALE_DTYPE
+def scale_dtypes(kv_quant: str) -> tuple[jnp.dtype, jnp.dtype]:
+  """``(k_scale dtype, v_scale dtype)``: bfloat16 for per-block channel scales and int4's V
+  group scales, float32 for per-token scales."""
+  k = CHANNEL_SCALE_DTYPE if channel_k_scales(kv_quant) else SCALE_DTYPE
+  return k, (INT4_SCALE_DTYPE if kv_quant == "int4" else SCALE_DTYPE)
 
 
 def int4_group(head_dim: int) -> int:
@@ -83,13 +95,30 @@ def int4_group(head_dim: int) -> int:
   return min(INT4_GROUP, head_dim)
 
 
+def channel_k_scales(kv_quant: str | None) -> bool:
+  """Whether the format keeps one K scale per (block, channel) (int8, int4) instead of one per
+  (token, KV head) (fp8)."""
+  return kv_quant in ("int8", "int4")
+
+
 def scale_shapes(kv_quant: str, pool_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(k_scale shape, v_scale shape)`` for a pool of ``[layers, kv_heads, num_blocks,
   block_size, head_dim]`` (the unpacked head_dim)."""
   L, H, NB, BS, D = pool_shape
-  if kv_quant == "int4":  # K: per block and channel; V: per token and group of channels
-    return (L, H, NB, D), (L, H, NB, BS, D // int4_group(D))
-  return (L, H, NB, BS), (L, H, NB, BS)
+  k_shape = (L, H, NB, D) if channel_k_scales(kv_quant) else (L, H, NB, BS)
+  if kv_quant == "int4":  # V: per token and group of channels
+    return k_shape, (L, H, NB, BS, D // int4_group(D))
+  return k_shape, (L, H, NB, BS)
+
+
+def scale_layout(kv_quant: str) -> tuple[str, str]:
+  """``(k_mode, v_mode)``: how attention applies a format's scales (the shapes of
+  :func:`scale_shapes`). ``"key"``: one scale per token (K: multiplies the logits per key; V:
+  the probabilities); ``"channel"``: K scales per (block, channel), applied to q (or the K
+  page) per page; ``"group"``: V scales per (token, group of channels), one per group's
+  columns."""
+  return ("channel" if channel_k_scales(kv_quant) else "key"), (
+      "group" if kv_quant == "int4" else "key")
 
 
 # ---- int4 ---------------------------------------------------------------------------------------
@@ -111,20 +140,30 @@ def unpack_int4(packed: Array) -> Array:
   return jnp.concatenate([(p & 15) - 8, (p >> 4) - 8], axis=-1).astype(jnp.float32)
 
 
-def int4_codes(x: Array, scale: Array) -> Array:
-  """``round(x / scale)`` in [-7, 7] (0 where the scale is 0), float32."""
+def _codes(x: Array, scale: Array, qmax: float) -> Array:
+  """``round(x / scale)`` in ``[-qmax, qmax]`` (0 where the scale is 0), float32."""
   s = scale.astype(jnp.float32)
   y = jnp.where(s > 0, x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0), 0.0)
-  y = jnp.clip(jnp.round(y), -7.0, 7.0)
+  y = jnp.clip(jnp.round(y), -qmax, qmax)
   return jnp.where(jnp.isfinite(y), y, 0.0)
 
 
-def int4_scale(amax: Array) -> Array:
-  """The int4 scale ``max|x| / 7`` in ``INT4_SCALE_DTYPE``, rounded toward zero (so ``7 *
-  scale`` never overflows to Inf; values just above it clip to 7). NaN / Inf stay non-finite."""
-  s = amax.astype(jnp.float32) / 7.0
+def int4_codes(x: Array, scale: Array) -> Array:
+  """``round(x / scale)`` in [-7, 7] (0 where the scale is 0), float32."""
+  return _codes(x, scale, _QMAX["int4"])
+
+
+def truncated_scale(amax: Array, qmax: float) -> Array:
+  """The scale ``max|x| / qmax`` in bfloat16, rounded toward zero (so ``qmax * scale`` never
+  overflows to Inf; values just above it clip to ``qmax``). NaN / Inf stay non-finite."""
+  s = amax.astype(jnp.float32) / qmax
   bits = lax.bitcast_convert_type(s, jnp.uint32) & jnp.uint32(0xFFFF0000)
-  return lax.bitcast_convert_type(bits, jnp.float32).astype(INT4_SCALE_DTYPE)
+  return lax.bitcast_convert_type(bits, jnp.float32).astype(CHANNEL_SCALE_DTYPE)
+
+
+def int4_scale(amax: Array) -> Array:
+  """The int4 scale ``max|x| / 7``: :func:`truncated_scale`."""
+  return truncated_scale(amax, _QMAX["int4"])
 
 
 def quantize_int4_v(x: Array) -> tuple[Array, Array]:
@@ -145,9 +184,34 @@ def dequantize_int4_v(packed: Array, scale: Array, dtype=jnp.float32) -> Array:
   return x.reshape(codes.shape).astype(dtype)
 
 
-def dequantize_int4_k(packed: Array, scale: Array, dtype=jnp.float32) -> Array:
-  """K: ``packed [..., head_dim / 2]`` with its block's channel scales ``scale [..., head_dim]``."""
-  return (unpack_int4(packed) * scale.astype(jnp.float32)).astype(dtype)
+# ---- per (block, channel) K scales: int8 and int4 --------------------------------------------
+
+
+def channel_scale(amax: Array, kv_quant: str) -> Array:
+  """A K channel scale for ``max|x| = amax``: ``amax / qmax`` (7 for int4, 127 for int8) as a
+  :func:`truncated_scale`. NaN / Inf stay non-finite."""
+  return truncated_scale(amax, _QMAX[kv_quant])
+
+
+def channel_codes(x: Array, scale: Array, kv_quant: str) -> Array:
+  """``x [..., head_dim]`` as stored codes for the channel scales ``scale`` (broadcast):
+  ``round(x / scale)`` clipped to the format's range (0 where the scale is 0), int4 packed."""
+  y = _codes(x, scale, _QMAX[kv_quant])
+  return pack_int4(y) if kv_quant == "int4" else y.astype(_STORAGE[kv_quant])
+
+
+def quantize_blocks_k(k_pool: Array, kv_quant: str) -> tuple[Array, Array]:
+  """Whole blocks of K ``[..., block_size, head_dim]`` with one scale per (block, channel), as
+  if each block were written at once: ``(codes, scale [..., head_dim])`` (int8 / int4)."""
+  scale = channel_scale(jnp.max(jnp.abs(k_pool.astype(jnp.float32)), axis=-2), kv_quant)
+  return channel_codes(k_pool, scale[..., None, :], kv_quant), scale
+
+
+def dequantize_channel_k(stored: Array, scale: Array, dtype=jnp.float32) -> Array:
+  """K stored with channel scales: ``stored [..., stored head_dim]`` (int8, or packed int4)
+  times ``scale [..., head_dim]``."""
+  codes = unpack_int4(stored) if stored.dtype == jnp.uint8 else stored.astype(jnp.float32)
+  return (codes * scale.astype(jnp.float32)).astype(dtype)
 
 
 def quantize(x: Array, kv_quant: str) -> tuple[Array, Array]:

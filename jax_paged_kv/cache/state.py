@@ -6,7 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 from jax_paged_kv.cache import quant
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
@@ -53,7 +53,8 @@ class PagedKVCache:
 
   Attributes:
     k_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]`` keys, in
-      ``config.storage_dtype`` (``config.dtype`` unless ``config.kv_quant`` is set).
+      ``config.storage_dtype`` (``config.dtype`` unless ``config.kv_quant`` is set, or uint16
+      bit patterns with ``config.pool_bits``: read them with :func:`pool_values`).
     v_pool: same shape and dtype, values.
     k_scale: the key scales of a quantised cache, in the pool's block layout (``None``, an
       empty subtree, otherwise): ``float32[layers, kv_heads, num_blocks, block_size]`` for int8
@@ -98,6 +99,24 @@ jax.tree_util.register_dataclass(
 )
 
 
+def pool_values(pool: Array, dtype) -> Array:
+  """``pool`` as values of ``dtype``: a ``pool_bits`` pool (uint16 bit patterns of a 16-bit
+  float ``dtype``) bitcast back, any other pool as it is. A bitcast, not a copy."""
+  dtype = jnp.dtype(dtype)
+  if pool.dtype == jnp.uint16 and dtype != pool.dtype and dtype.itemsize == 2:
+    return lax.bitcast_convert_type(pool, dtype)
+  return pool
+
+
+def stored_values(x: Array, pool: Array, dtype) -> Array:
+  """``x`` ready to store into ``pool``: cast to ``dtype``, then to bit patterns for a
+  ``pool_bits`` pool."""
+  x = x.astype(dtype)
+  if pool.dtype == jnp.uint16 and x.dtype != pool.dtype:
+    return lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
 def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
   """An empty cache: all slots inactive, every block but the null block on the free list.
 
@@ -120,13 +139,17 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
     pool_value = pool_fill
   else:
     pool_value = 0
-    sdt = quant.scale_dtype(config.kv_quant)
-    scales = {"k_scale": jnp.full(config.k_scale_shape, pool_fill, dtype=sdt),
-              "v_scale": jnp.full(config.v_scale_shape, pool_fill, dtype=sdt)}
-  pool = jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype)
+    k_dtype, v_dtype = quant.scale_dtypes(config.kv_quant)
+    scales = {"k_scale": jnp.full(config.k_scale_shape, pool_fill, dtype=k_dtype),
+              "v_scale": jnp.full(config.v_scale_shape, pool_fill, dtype=v_dtype)}
+  if config.pool_bits:  # the fill value's bit pattern
+    pool = lax.bitcast_convert_type(
+        jnp.full(config.stored_pool_shape, pool_value, dtype=config.dtype), jnp.uint16)
+  else:
+    pool = jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype)
   return PagedKVCache(
       k_pool=pool,
-      v_pool=jnp.full(config.stored_pool_shape, pool_value, dtype=config.storage_dtype),
+      v_pool=pool.copy(),
       block_tables=jnp.zeros((config.max_seqs, config.max_blocks_per_seq), jnp.int32),
       seq_lens=jnp.zeros((config.max_seqs,), jnp.int32),
       active=jnp.zeros((config.max_seqs,), jnp.bool_),

@@ -11,8 +11,13 @@ The :class:`Engine` keeps a queue of requests and, at every :meth:`Engine.step`:
 3. runs one :func:`~jax_paged_kv.serving.decoding.decode_loop` of up to ``decode_steps`` steps
    over every decoding request (ragged lengths, one compiled step); the number of steps is cut so
    the blocks the rows may need fit in the pool. If not even one step fits, the most recently
-   admitted request is *preempted*: its blocks are freed and it goes back to the front of the queue,
-   to be recomputed later (prompt plus the tokens it already produced). Nothing fails;
+   admitted request is *preempted* and goes back to the front of the queue. With
+   ``preemption="recompute"`` (the default, vLLM's) its blocks are freed and it is recomputed
+   later (prompt plus the tokens it already produced); with ``preemption="swap"`` its blocks are
+   copied to host memory (:func:`~jax_paged_kv.cache.swap.swap_out`) and copied back, bitwise,
+   when it is admitted again. The newest request is the victim because it has done the least
+   work (least to recompute, or to copy) and the oldest requests then finish first, freeing the
+   most blocks soonest. Nothing fails;
 4. frees every finished request's slot at once.
 
 With ``enable_prefix_caching=True`` (``PAGED`` only) a request whose prompt starts with full
@@ -66,6 +71,7 @@ from jax_paged_kv.cache.ops import (
 )
 from jax_paged_kv.cache.state import PagedKVCache, init_cache
 from jax_paged_kv.cache.stats import cache_stats
+from jax_paged_kv.cache.swap import swap_in, swap_out
 from jax_paged_kv.models.base import (
   Model,
   attention_knobs,
@@ -119,6 +125,8 @@ class Engine:
       steps).
     enable_prefix_caching: share full prompt blocks already in the cache between requests and
       keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
+    preemption: ``"recompute"`` (free the victim's blocks, recompute them later) or ``"swap"``
+      (copy them to host memory and back; ``PAGED`` only).
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
@@ -129,7 +137,8 @@ class Engine:
                block_bucket_min: int | None = None, bucket_factor: int = 2,
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
-               track_stats: bool = True, enable_prefix_caching: bool = False):
+               track_stats: bool = True, enable_prefix_caching: bool = False,
+               preemption: str = "recompute"):
     cc = cache_config
     check_cache_fits(check_model(model), cc)
     if prefill_chunk < 1 or decode_steps < 1:
@@ -138,6 +147,11 @@ class Engine:
       raise ValueError(f"{bucket_factor=} must be >= 2")
     if not 0 <= reserve_ratio <= 1:
       raise ValueError(f"{reserve_ratio=} must be in [0, 1]")
+    if preemption not in ("recompute", "swap"):
+      raise ValueError(f"{preemption=} must be 'recompute' or 'swap'")
+    if preemption == "swap" and cc.strategy is not CacheStrategy.PAGED:
+      raise ValueError("preemption='swap' needs a PAGED cache")
+    self.preemption = preemption
     self.params = params
     self.model = model
     self.cache_config = cc
@@ -173,7 +187,7 @@ class Engine:
         raise ValueError("enable_prefix_caching needs a PAGED cache")
       self.prefix = PrefixIndex(cc.block_size, f"{model!r}|{cc!r}".encode())
       self.ledger.device_free = cc.usable_blocks
-      self.scheduler.hit_blocks = lambda r: self._match(r)[0]
+      self.scheduler.hit_blocks = lambda r: 0 if r.swapped else self._match(r)[0]
       self.scheduler.reclaim = self._reclaim
       self.scheduler.defer = self._defer
 
@@ -262,12 +276,7 @@ class Engine:
     """
     t0 = time.perf_counter()
     finished: list[RequestOutput] = []
-    if self.prefix is not None:
-      self.scheduler.admit(install=self._install)
-    else:
-      admitted = self.scheduler.admit()
-      if admitted:
-        self.cache, _ = allocate_sequences(self.cache, self._slots([r.slot for r in admitted]))
+    self.scheduler.admit(install=self._install)
     running = self.scheduler.running
     if any(r.prefilling for r in running):
       finished += self._prefill()
@@ -390,11 +399,24 @@ class Engine:
     return finished
 
   def _note_peak(self) -> None:
-    """Updates ``peak_blocks`` from the host's block accounting (no device read)."""
+    """Updates ``peak_blocks`` from the host's block accounting (no device read) and
+    ``peak_running_blocks`` (prefix caching: from the running requests' block tables)."""
     cc = self.cache_config
-    if cc.strategy is CacheStrategy.PAGED:
-      used = cc.usable_blocks - self.ledger.free_blocks()
-      self.metrics.peak_blocks = max(self.metrics.peak_blocks, used)
+    if cc.strategy is not CacheStrategy.PAGED:
+      return
+    m = self.metrics
+    used = cc.usable_blocks - self.ledger.free_blocks()
+    m.peak_blocks = max(m.peak_blocks, used)
+    if self.prefix is None:  # every held block belongs to a running request
+      m.peak_running_blocks = m.peak_blocks
+      return
+    # The blocks in the running requests' tables.
+    slots = [r.slot for r in self.scheduler.running]
+    tables, lens = jax.device_get((self.cache.block_tables, self.cache.seq_lens))  # one copy
+    tables = tables[slots]  # [running, table_width]
+    nb = self.ledger.blocks(lens[slots])  # [running]
+    held = np.arange(tables.shape[1])[None, :] < nb[:, None]
+    m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
     """Appends generated tokens; True if the request is now finished."""
@@ -426,10 +448,20 @@ class Engine:
         return
       self.prefix.unregister(self.scheduler.victim().slot)
     victim = self.scheduler.victim()
-    self.cache, _ = free_sequences(self.cache, np.int32(victim.slot))
+    if self.preemption == "swap":
+      t0 = time.perf_counter()
+      self.cache, swapped = swap_out(self.cache, np.int32(victim.slot))
+      jax.block_until_ready(swapped.blocks)
+      m = self.metrics
+      m.swap_out_seconds += time.perf_counter() - t0
+      m.swapped_out_blocks += swapped.num_blocks
+      m.swapped_bytes += swapped.nbytes
+    else:
+      self.cache, _ = free_sequences(self.cache, np.int32(victim.slot))
+      swapped = None
     self._sync_free()
     self.scheduler.release(victim)
-    self.scheduler.requeue(victim)
+    self.scheduler.requeue(victim, swapped)
     self.metrics.preemptions += 1
 
   def _decode(self) -> list[RequestOutput]:
@@ -497,6 +529,8 @@ class Engine:
     """Whether ``r`` should wait: its next uncached block is being prefilled by a running
     request (a block is shared only once its K/V are written; waiting a few steps for it beats
     computing it twice, e.g. many requests with one system prompt arriving together)."""
+    if r.swapped is not None:
+      return False
     k = self._match(r)[0]
     cap = (len(r.context) - 1) // self.cache_config.block_size
     if k >= cap:
@@ -505,10 +539,27 @@ class Engine:
     return any(h in q.pending for q in self.scheduler.running if q.prefilling)
 
   def _install(self, r: Request) -> None:
-    """Puts an admitted request in the cache, sharing its cached prefix blocks."""
+    """Puts an admitted request in the cache: swaps it back in, or shares its cached prefix
+    blocks (prefix caching), or allocates an empty slot."""
+    slot = np.int32(r.slot)
+    if r.swapped is not None:
+      t0 = time.perf_counter()
+      self.cache, _ = swap_in(self.cache, slot, r.swapped)
+      jax.block_until_ready(self.cache.k_pool)
+      self.metrics.swap_in_seconds += time.perf_counter() - t0
+      self.ledger.lens[r.slot] = r.swapped.seq_len
+      r.swapped = None
+      if self.prefix is not None:
+        r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
+        self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
+                             int(self.ledger.lens[r.slot]))
+        self._sync_free()
+      return
+    if self.prefix is None:
+      self.cache, _ = allocate_sequences(self.cache, slot)
+      return
     r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
     k, holder = self._match(r)
-    slot = np.int32(r.slot)
     if not k:
       self.cache, _ = allocate_sequences(self.cache, slot)
       return

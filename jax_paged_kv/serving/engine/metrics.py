@@ -14,8 +14,10 @@ class RequestOutput:
     prompt: the prompt tokens.
     tokens: generated tokens (a stop token, if hit, is the last one).
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
-    num_preemptions: times the request was preempted and recomputed.
-    arrival_time, first_token_time, finish_time: ``time.perf_counter()`` stamps.
+    num_preemptions: times the request was preempted (then recomputed or swapped back in).
+    arrival_time, first_scheduled_time, first_token_time, finish_time:
+      ``time.perf_counter()`` stamps of :meth:`Engine.add_request`, the first admission into
+      the cache (its queueing time ends there), the first generated token and the finish.
   """
 
   request_id: int
@@ -24,6 +26,7 @@ class RequestOutput:
   finish_reason: str | None = None
   num_preemptions: int = 0
   arrival_time: float = 0.0
+  first_scheduled_time: float | None = None
   first_token_time: float | None = None
   finish_time: float | None = None
 
@@ -45,7 +48,14 @@ class EngineMetrics:
     peak_running: most sequences in the cache at once.
     peak_blocks: most blocks held at once (``PAGED``; from the host's block accounting after
       every prefill and decode call, cached prefix blocks included).
-    preemptions: requests preempted (each is recomputed later).
+    peak_running_blocks: most distinct blocks referenced by running requests at once (as
+      ``peak_blocks`` but without the cached blocks of finished requests, which are evictable
+      at any time; equal to it without prefix caching).
+    preemptions: requests preempted (each is recomputed or swapped back in later).
+    swapped_out_blocks / swapped_bytes: blocks (and their bytes, scales included) that swap
+      preemption copied to host memory; each comes back once.
+    swap_out_seconds / swap_in_seconds: wall time of those copies (out: gather, copy to host
+      and free; in: copy back and scatter into fresh blocks).
     util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots`` (as
       :func:`~jax_paged_kv.cache_stats` counts them, from the host mirror of the lengths);
       their ratio is the KV memory utilisation.
@@ -65,7 +75,12 @@ class EngineMetrics:
   generated_tokens: int = 0
   peak_running: int = 0
   peak_blocks: int = 0
+  peak_running_blocks: int = 0
   preemptions: int = 0
+  swapped_out_blocks: int = 0
+  swapped_bytes: int = 0
+  swap_out_seconds: float = 0.0
+  swap_in_seconds: float = 0.0
   util_tokens: int = 0
   util_slots: int = 0
   running_trace: list[int] = dataclasses.field(default_factory=list)

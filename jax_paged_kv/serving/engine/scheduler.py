@@ -19,10 +19,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jax_paged_kv.cache.swap import SwappedSequence
 from jax_paged_kv.serving.decoding import SamplingParams
 from jax_paged_kv.serving.engine.blocks import BlockLedger
 from jax_paged_kv.serving.engine.metrics import RequestOutput
@@ -40,6 +42,7 @@ class Request:
   admit_order: int = 0
   cache_salt: str | None = None  # prefix caching: requests share blocks only with equal salts
   pending: frozenset = frozenset()  # prefix caching: hashes of the full blocks it will write
+  swapped: SwappedSequence | None = None  # swap preemption: its blocks, in host memory
 
   @property
   def prefilling(self) -> bool:
@@ -114,11 +117,14 @@ class Scheduler:
           break
       self.waiting.popleft()
       req.slot = self.free_slots.pop()
-      req.prefilled = 0
+      if req.swapped is None:  # a swapped-out request keeps what it had
+        req.prefilled = 0
       req.admit_order = self._admitted
       self._admitted += 1
       self.running.append(req)
       admitted.append(req)
+      if req.out.first_scheduled_time is None:
+        req.out.first_scheduled_time = time.perf_counter()
       if install is not None:
         install(req)
     return admitted
@@ -164,7 +170,8 @@ class Scheduler:
     return 0
 
   def victim(self) -> Request:
-    """The request to preempt: the most recently admitted one."""
+    """The request to preempt: the most recently admitted one (it has done the least work,
+    and the older requests, finishing first, free the most blocks soonest)."""
     return max(self.running, key=lambda r: r.admit_order)
 
   # ---- transitions (the engine updates the cache first) --------------------------------------
@@ -175,10 +182,13 @@ class Scheduler:
     self.free_slots.append(r.slot)
     self.running.remove(r)
 
-  def requeue(self, r: Request) -> None:
-    """A preempted ``r`` goes to the front of the queue, to recompute everything it had."""
+  def requeue(self, r: Request, swapped: SwappedSequence | None = None) -> None:
+    """A preempted ``r`` goes to the front of the queue, to recompute everything it had, or,
+    with ``swapped`` (its blocks in host memory), to have them copied back."""
     r.slot = -1
-    r.context = r.out.prompt + r.out.tokens
-    r.prefilled = 0
+    r.swapped = swapped
+    if swapped is None:
+      r.context = r.out.prompt + r.out.tokens
+      r.prefilled = 0
     r.out.num_preemptions += 1
     self.waiting.appendleft(r)
