@@ -1,12 +1,23 @@
 """Strict test setup: 8 CPU devices, rank promotion errors, our own warnings fail tests."""
 
+import gc
 import os
 
 import jax
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Drops JAX's compiled programs after each test module: a long-lived xdist worker otherwise
+  keeps every executable of every module it ran (hundreds of MiB to GiB by the end of a run)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def pytest_generate_tests(metafunc):
