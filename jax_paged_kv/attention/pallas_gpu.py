@@ -514,17 +514,8 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   batch, q_len, q_heads, head_dim = q.shape
   num_layers, kv_heads, num_blocks, block_size, _ = k_pool.shape
   quantized = k_scale is not None
-  if quantized != (v_scale is not None):
-    raise ValueError("pass both k_scale and v_scale, or neither")
-  kv_quant = k_mode = v_mode = None
-  if quantized:  # the format first: int4 pools also have a packed head_dim
-    kv_quant = quant.format_of(k_pool.dtype) or "?"
-    check_supported(k_pool.dtype, block_size, head_dim, kv_quant=kv_quant)
-    k_mode, v_mode = quant.scale_layout(kv_quant)
-    want = quant.scale_shapes(kv_quant, (*k_pool.shape[:4], head_dim))
-    if (k_scale.shape, v_scale.shape) != want:
-      raise ValueError(f"{kv_quant} scales must have shapes {want[0]} (K) and {want[1]} (V), "
-                       f"got {k_scale.shape} and {v_scale.shape}")
+  kv_quant, k_mode, v_mode = quant.check_kernel_scales(k_pool, k_scale, v_scale, head_dim,
+                                                        check_supported)
   if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype:
     raise ValueError(f"k_pool {k_pool.shape} {k_pool.dtype} and v_pool {v_pool.shape} "
                      f"{v_pool.dtype} must match")

@@ -207,6 +207,31 @@ def quantize_blocks_k(k_pool: Array, kv_quant: str) -> tuple[Array, Array]:
   return channel_codes(k_pool, scale[..., None, :], kv_quant), scale
 
 
+def check_kernel_scales(k_pool: Array, k_scale, v_scale, head_dim: int, check_supported):
+  """The quantised-pool checks every kernel makes: both scales or neither, the format the
+  kernel supports (``check_supported(dtype, block_size, head_dim, kv_quant=...)``), and scale
+  shapes matching the format's layout.
+
+  Returns:
+    ``(kv_quant, k_mode, v_mode)``, all None for an unquantised cache.
+
+  Raises:
+    ValueError: any of the above.
+  """
+  if (k_scale is None) != (v_scale is None):
+    raise ValueError("pass both k_scale and v_scale, or neither")
+  if k_scale is None:
+    return None, None, None
+  kv_quant = format_of(k_pool.dtype) or "?"  # the format first: int4 pools pack head_dim
+  check_supported(k_pool.dtype, k_pool.shape[3], head_dim, kv_quant=kv_quant)
+  k_mode, v_mode = scale_layout(kv_quant)
+  want = scale_shapes(kv_quant, (*k_pool.shape[:4], head_dim))
+  if (k_scale.shape, v_scale.shape) != want:
+    raise ValueError(f"{kv_quant} scales must have shapes {want[0]} (K) and {want[1]} (V), "
+                     f"got {k_scale.shape} and {v_scale.shape}")
+  return kv_quant, k_mode, v_mode
+
+
 def dequantize_channel_k(stored: Array, scale: Array, dtype=jnp.float32) -> Array:
   """K stored with channel scales: ``stored [..., stored head_dim]`` (int8, or packed int4)
   times ``scale [..., head_dim]``."""
