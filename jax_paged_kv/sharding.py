@@ -49,17 +49,14 @@ from jax.sharding import PartitionSpec as P
 
 from jax_paged_kv.attention.per_shard import KERNEL_SHARDING, KernelSharding
 from jax_paged_kv.cache import (
-    CacheConfig,
-    CacheInvariantError,
-    InvariantReport,
-    PagedKVCache,
-    check_invariants,
-    init_cache,
+  CacheConfig,
+  CacheInvariantError,
+  InvariantReport,
+  PagedKVCache,
+  check_invariants,
+  init_cache,
 )
-
-# Leaves laid out [layers, kv_heads, ...]: split over kv heads (a quantised cache's scales too).
-_POOLS = ("k_pool", "v_pool", "k_scale", "v_scale")
-
+from jax_paged_kv.cache.state import POOL_LEAVES as _POOLS  # split over kv heads
 
 # ---------------------------------------------------------------------------------------------
 # layouts

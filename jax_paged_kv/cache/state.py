@@ -99,6 +99,11 @@ jax.tree_util.register_dataclass(
 )
 
 
+# The leaves laid out like the pools, [layers, kv_heads, num_blocks, ...] (a quantised cache's
+# scales too): what block copies, swaps and kv-head sharding act on.
+POOL_LEAVES = ("k_pool", "v_pool", "k_scale", "v_scale")
+
+
 def pool_values(pool: Array, dtype) -> Array:
   """``pool`` as values of ``dtype``: a ``pool_bits`` pool (uint16 bit patterns of a 16-bit
   float ``dtype``) bitcast back, any other pool as it is. A bitcast, not a copy."""

@@ -42,9 +42,9 @@ from jax_paged_kv.cache.ops import (
   _row_checks,
   free_sequences,
 )
-from jax_paged_kv.cache.state import PagedKVCache, Telemetry
+from jax_paged_kv.cache.state import POOL_LEAVES, PagedKVCache, Telemetry
 
-_LEAVES = ("k_pool", "v_pool", "k_scale", "v_scale")
+_LEAVES = POOL_LEAVES
 
 
 @dataclasses.dataclass(frozen=True)
