@@ -248,10 +248,15 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_qu
     return pallas_gpu.paged_attention_gpu(*a[:7], scale=0.1, return_lse=True, k_scale=k_scale,
                                           v_scale=v_scale, **kw)
 
-  exported = jax.export.export(
-      jax.jit(f), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(q, pool, pool, layer, tables, lens, lens, *scales)
+  try:
+    exported = jax.export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, pool, pool, layer, tables, lens, lens, *scales)
+  except RuntimeError as e:  # JAX >= 0.11 asks a real GPU for its compute capability
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip(f"this JAX ({jax.__version__}) lowers Triton kernels only with a GPU present")
   return exported.mlir_module()
 
 

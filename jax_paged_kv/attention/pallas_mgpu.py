@@ -263,7 +263,7 @@ def _attention_kernel(
     plgpu.barrier_wait(k_bar.at[slot])
 
     def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
       return acc_ref[...]
 
     logits = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))  # [64, block_k]
