@@ -217,8 +217,9 @@ def impl_mgpu(x: Inputs, interpret: bool, **knobs):
 def mgpu_sweep_grid(knobs: dict) -> list[dict]:
   """Variants of the Mosaic GPU kernel's default knobs (``--sweep``)."""
   bk, st, ks = knobs["block_k"], knobs["num_stages"], knobs["k_splits"]
-  grid = [dict(block_k=64 if bk == 128 else 128), dict(num_stages=max(2, st - 1)),
-          dict(num_stages=st + 1), dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2)]
+  del bk, st
+  grid = [dict(block_k=64, num_stages=2), dict(block_k=64, num_stages=4),
+          dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2), dict(k_splits=ks * 4)]
   out, seen = [], {tuple(sorted(knobs.items()))}
   for g in grid:
     kn = knobs | g
@@ -402,13 +403,20 @@ def main(argv=None):
                  help="seconds; configs not started by then are skipped")
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--inner", type=int, default=None)
-  p.add_argument("--sweep", action="store_true", help="also time a grid of our kernel's knobs")
+  p.add_argument("--sweep", action="store_true", help="also time a grid of our kernels' knobs")
+  p.add_argument("--sweep-mgpu", action="store_true",
+                 help="time the grid of the Mosaic GPU kernel's knobs only")
   p.add_argument("--sweep-block-size", type=int, default=16,
-                 help="sweep the knobs on the configs of this block size only")
+                 help="sweep the knobs on the configs of this block size only (0: all)")
+  p.add_argument("--skip", default="",
+                 help="comma-separated rows not to time (e.g. jax_pallas,xla_gather)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--replot", action="store_true",
                  help="only redraw plots/gpu_decode.png from results/gpu_decode.json (no GPU)")
   args = p.parse_args(argv)
+  skip = {name for name in args.skip.split(",") if name}
+  if skip - set(IMPLS):
+    p.error(f"--skip takes names from {IMPLS}, got {sorted(skip - set(IMPLS))}")
   if args.replot:
     return replot()
   slow = args.interpret or args.tiny
@@ -476,7 +484,7 @@ def main(argv=None):
     fn, sync, note = impl_ours(x, args.interpret)
     t, out = run_timed(fn, sync)
     record(cfg, x, "ours", t, max_err(out, ref_out), note, knobs=knobs)
-    if args.sweep and cfg.block_size == args.sweep_block_size:
+    if args.sweep and args.sweep_block_size in (0, cfg.block_size):
       for kn in sweep_grid(knobs):
         fn, sync, _ = impl_ours(x, args.interpret, **kn)
         try:
@@ -489,10 +497,12 @@ def main(argv=None):
 
     # ours on Mosaic GPU (TMA + wgmma): same data, same reference
     try:
+      if "ours_mgpu" in skip:
+        raise Skip("--skip")
       fn, sync, note = impl_mgpu(x, args.interpret)
       t, out = run_timed(fn, sync)
       record(cfg, x, "ours_mgpu", t, max_err(out, ref_out), note)
-      if args.sweep and cfg.block_size == args.sweep_block_size:
+      if (args.sweep or args.sweep_mgpu) and args.sweep_block_size in (0, cfg.block_size):
         mk = pallas_mgpu.default_knobs(
             head_dim=cfg.head_dim, block_size=cfg.block_size,
             rows=cfg.q_len * (cfg.q_heads // cfg.kv_heads), batch=cfg.batch,
@@ -515,6 +525,8 @@ def main(argv=None):
 
     # ours on int8 / fp8 pools (scales per token and KV head)
     for kv_quant, qtol in QUANT_TOL.items():
+      if f"ours_{kv_quant}" in skip:
+        continue
       xq, scales = quantized_inputs(x, kv_quant)
       fn, sync, _ = impl_ours(xq, args.interpret, **scales)
       try:
@@ -529,6 +541,8 @@ def main(argv=None):
 
     # JAX's Pallas paged kernel: best variant
     try:
+      if "jax_pallas" in skip:
+        raise Skip("--skip")
       best = None
       for label, fn in jax_pallas_variants(x, args.interpret):
         try:
@@ -545,12 +559,15 @@ def main(argv=None):
       record(cfg, x, "jax_pallas", None, None, status="skipped", note=str(e))
 
     # XLA gather + dense
-    fn, sync, note = impl_xla(x, args.interpret)
-    t, out = run_timed(fn, sync)
-    record(cfg, x, "xla_gather", t, max_err(out, ref_out), note)
+    if "xla_gather" not in skip:
+      fn, sync, note = impl_xla(x, args.interpret)
+      t, out = run_timed(fn, sync)
+      record(cfg, x, "xla_gather", t, max_err(out, ref_out), note)
 
     dense = dense_kv(x)
     for name, make in (("cudnn", impl_cudnn), ("torch_sdpa", impl_torch)):
+      if name in skip:
+        continue
       try:
         fn, sync, note = make(x, args.interpret, dense)
         t, out = run_timed(fn, sync)

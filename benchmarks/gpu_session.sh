@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one call (the GPU machine is lent for minutes at a time):
-#   1. the compiled Triton kernel against the float64 oracle (the GPU kernel's test file, slow
-#      cases included) and the model/decoding tests, which pick the default kernel on a GPU
-#      (pallas_mgpu on sm90+ for bf16/f16 caches); then the compiled Mosaic GPU kernel's test
-#      file (tests_mgpu; its first compile and run on a GPU);
-#   2. benchmarks/gpu_decode.py: our kernels (Triton "ours", Mosaic GPU "ours_mgpu", with knob
-#      sweeps of both) vs JAX's Pallas kernel, cuDNN, torch SDPA, copy;
-#      benchmarks/gpu_kernel_ab.py: our kernel's variants against its defaults (round-robin);
-#   3. benchmarks/decode_step.py and benchmarks/serving.py on the GPU (saved as *_gpu);
-#   4. benchmarks/sharding.py: decode step per layout on the GPUs there are (sharding_gpu).
+#   1. tests_mgpu: the compiled Mosaic GPU kernel's test file (every shared case, slow included);
+#   2. gpu_decode: benchmarks/gpu_decode.py, our kernels (Triton "ours", Mosaic GPU "ours_mgpu"
+#      with a sweep of its knobs, Triton on int8 / fp8 pools) vs JAX's Pallas kernel, cuDNN,
+#      torch SDPA and the copy ceiling;
+#   3. tests: the compiled Triton kernel against the float64 oracle (its test file, slow and
+#      quantised cases included) and the decoding tests on the GPU;
+#   4. decode_step and serving benchmarks on the GPU (saved as *_gpu).
+#   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin) and
+#   sharding (decode step per layout on the GPUs there are).
 # Each part has its own time limit (together under 8 minutes) and a failure does not stop the
 # next one. Logs and a tarball of benchmarks/results, plots and RESULTS.md go to $OUT (default
 # benchmarks/out/gpu_session).
 #
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh            # on the GPU machine, from the checkout
 #   GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh     # CPU rehearsal: interpret mode, tiny
+#   GPU_SESSION_SKIP="serving decode_step" ...            # leave parts out (a short lease)
 set -u
 export PYTHONPATH=.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes (pytest -n) share one GPU
@@ -22,10 +23,14 @@ OUT=${OUT:-benchmarks/out/gpu_session}
 mkdir -p "$OUT"
 SMOKE=${GPU_SESSION_SMOKE:-0}
 T0=$(date +%s)
+LAST_RC=0
 log() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 part() {  # part NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, show its tail
   local name=$1 limit=$2
   shift 2
+  case " ${GPU_SESSION_SKIP:-} " in
+    *" $name "*) LAST_RC=0; log "$name skipped (GPU_SESSION_SKIP)"; return;;
+  esac
   log "$name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -50,16 +55,15 @@ if [ "$SMOKE" = 1 ]; then
 else
   # Order: the least-proven first (the Mosaic GPU kernel's compiled tests, then every kernel's
   # timings), the Triton tests (verified on an H100 before) after.
-  TAIL=30 part tests_mgpu 75 env JAX_PAGED_KV_GPU_COMPILED=1 python -m pytest -m "" -q -n 6 \
+  TAIL=30 part tests_mgpu 55 env JAX_PAGED_KV_GPU_COMPILED=1 python -m pytest -m "" -q -n 6 \
     --maxfail=20 -p no:cacheprovider -v tests/test_attention_pallas_mgpu.py
   # A kernel that hangs would eat the timing part's whole limit: time the others without it.
   if [ "$LAST_RC" = 124 ]; then export GPU_DECODE_NO_MGPU="its compiled tests timed out"; fi
-  TAIL=45 part gpu_decode 140 python benchmarks/gpu_decode.py --time-budget 100 --repeats 9 \
-    --sweep --out benchmarks/out/gpu_decode_raw.json
-  TAIL=15 part tests 85 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
-    python -m pytest -m "" -q -n 6 \
-    --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py \
-    tests/test_llama.py
+  TAIL=45 part gpu_decode 240 python benchmarks/gpu_decode.py --time-budget 200 --repeats 9 \
+    --sweep-mgpu --sweep-block-size 0 ${GPU_DECODE_ARGS:-} --out benchmarks/out/gpu_decode_raw.json
+  TAIL=15 part tests 70 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
+    python -m pytest -m "" -q -n 8 \
+    --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py
   # The paged / contiguous decode-step gap (reserve skips the allocator in steps where no row
   # opens a block); the full grid with GPU_SESSION_DECODE_STEP=1.
   if [ "${GPU_SESSION_DECODE_STEP:-0}" = 1 ]; then
@@ -69,7 +73,7 @@ else
     TAIL=12 part decode_step 60 python -m benchmarks.decode_step --batch 8 32 --context 2048 \
       --repeats 7
   fi
-  TAIL=12 part serving 60 python -m benchmarks.serving --repeats 2
+  TAIL=12 part serving 55 python -m benchmarks.serving --quick
   # The device tool brings back at most 8 files from $OUT: these two only on request.
   if [ "${GPU_SESSION_ALL:-0}" = 1 ]; then
     TAIL=15 part gpu_kernel_ab 40 python benchmarks/gpu_kernel_ab.py

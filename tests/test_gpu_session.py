@@ -56,13 +56,14 @@ def test_mosaic_gpu_row_skips_with_a_reason_off_hopper(dtype, match):
     gpu_decode.impl_mgpu(x, interpret=False)  # a CPU device has no compute capability
 
 
-def test_mgpu_sweep_grid_varies_one_knob_at_a_time():
-  base = dict(block_k=128, num_stages=3, k_splits=4)
+def test_mgpu_sweep_grid_varies_the_step_or_the_splits():
+  base = dict(block_k=128, num_stages=2, k_splits=4)
   grid = gpu_decode.mgpu_sweep_grid(base)
   assert base not in grid and len(grid) == len({tuple(sorted(g.items())) for g in grid})
-  for g in grid:
-    assert sum(g[k] != base[k] for k in base) == 1
+  for g in grid:  # either smaller steps (and their stage count) or other splits, not both
+    assert (g["k_splits"] == base["k_splits"]) != (g["block_k"] == base["block_k"])
   assert np.all([g["num_stages"] >= 2 for g in grid])
+  assert {g["k_splits"] for g in grid} == {2, 4, 8, 16}
 
 
 @pytest.mark.slow

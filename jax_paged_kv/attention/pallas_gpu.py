@@ -31,12 +31,14 @@ Design
   dots use IEEE precision (``Precision.HIGHEST``), not TF32.
 * **Quantised caches** (``cache/quant.py``): the 8-bit tiles are converted exactly to q's
   dtype. Per-token scales (fp8 K, int8 / fp8 V) multiply the logits per key, or the
-  probabilities before ``p @ v``. Per-(block, channel) K scales are folded into q once per page
-  (steps of at most one page by default), so no dequantised K tile exists. int4 packs channels
-  ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots over the low and high
-  nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each with its group's
-  per-token scales on ``p``, into its own accumulator and output columns (no concatenation).
-  Checked in interpret mode and by lowering for CUDA; not yet compiled or timed on a GPU.
+  probabilities before ``p @ v``. Per-(block, channel) K scales dequantise the step's K tile in
+  registers (each key's page scales come by one gathered load that hits cache), so a step
+  still spans whole pages in one ``q @ k.T``. (Folding the scales into q instead needed a dot
+  per page, and steps of one page ran int8 decode 2-2.8x slower than bfloat16 on an H200.)
+  int4 packs channels ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots
+  over the low and high nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each
+  with its group's per-token scales on ``p``, into its own accumulator and output columns (no
+  concatenation).
 * **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
   real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
   the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
@@ -274,8 +276,6 @@ def _attention_kernel(
     q_parts = [q_ref[...]]  # [block_rows, head_dim]
   else:  # [block_rows, head_dim / 2] each: the channels of the low and of the high nibbles
     q_parts = [q_ref[:, pl.ds(j * stored_dim, stored_dim)] for j in range(halves)]
-  if k_mode == "channel":  # the per-page channel scales multiply q in float32
-    q_parts = [x.astype(jnp.float32) for x in q_parts]
   logit_scale = scale if soft_cap is not None else scale * _LOG2E
   dim_iota = jnp.arange(stored_dim, dtype=jnp.int32)  # [stored_dim]
   # V's output column chunks: the whole head, or int4's (nibble, channel group) chunks.
@@ -318,6 +318,11 @@ def _attention_kernel(
       return _triton_load(ref.at[layer, h, ids[:, None], slot[:, None], cols[None, :]],
                           mask=mask, other=jnp.zeros((), ref.dtype))
 
+    def load_page_scales(ref, cols):  # [step_k, cols.size]: each key's page's channel scales
+      mask = jnp.broadcast_to(kv_ok[:, None], (step_k, cols.shape[0]))
+      return _triton_load(ref.at[layer, h, ids[:, None], cols[None, :]], mask=mask,
+                          other=jnp.zeros((), ref.dtype)).astype(jnp.float32)
+
     def load_scale(ref, *idx):  # [step_k] float32, 0 for keys outside the range
       return _triton_load(ref.at[(layer, h, ids, slot, *idx)], mask=kv_ok,
                           other=jnp.zeros((), ref.dtype)).astype(jnp.float32)
@@ -328,22 +333,14 @@ def _attention_kernel(
     else:  # int8 / fp8 -> cdt is exact
       k_parts = [k.astype(cdt) if quantized else k]
     if k_mode == "channel":
-      # K's scales are per (block, channel): fold the page's scales into q (one scaled copy of
-      # the query tile per page of the step), never into a dequantised K tile. A step of one
-      # page or less is one dot; one of several pages takes each page's keys from its own dot.
-      page0 = (first + cb * step_k) // block_size
-      logits = None
-      for pp in range(max(1, step_k // block_size)):
-        blk = jnp.clip(tables_ref[b, page0 + pp], 0, num_blocks - 1)
-        qs = [(qj * _triton_load(ks_ref.at[layer, h, blk, j * stored_dim + dim_iota])
-               .astype(jnp.float32)[None, :]).astype(cdt) for j, qj in enumerate(q_parts)]
-        part = qk(qs, k_parts)
-        logits = part if logits is None else jnp.where(
-            (key_iota // block_size == pp)[None, :], part, logits)
-    else:
-      logits = qk(q_parts, k_parts)  # [block_rows, step_k]
-      if k_mode == "key":
-        logits = logits * load_scale(ks_ref)[None, :]
+      # K's scales are per (block, channel): dequantise the step's K tile in registers with
+      # each key's page scales (a gathered [step_k, stored_dim] load of step_k / block_size
+      # distinct rows, read from cache), so a step spans whole pages in one q @ k.T.
+      k_parts = [(kj.astype(jnp.float32) * load_page_scales(ks_ref, j * stored_dim + dim_iota))
+                 .astype(cdt) for j, kj in enumerate(k_parts)]
+    logits = qk(q_parts, k_parts)  # [block_rows, step_k]
+    if k_mode == "key":
+      logits = logits * load_scale(ks_ref)[None, :]
     logits = logits * logit_scale
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
@@ -493,10 +490,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       converts them exactly to q's dtype (int4: the low and high nibbles as two half-width
       tiles). A K scale per token (``[layers, kv_heads, num_blocks, block_size]``) multiplies
       the logits per key; one per (block, channel) (``[layers, kv_heads, num_blocks,
-      head_dim]``) multiplies q, once per page (the steps then span at most one page unless
-      ``block_k`` asks for more, or the pages are under 16 keys: each page of a step then
-      costs one more ``q @ k.T``). A V scale per token multiplies the probabilities before
-      ``p @ v``; int4's per (token, group of 32 channels) do so for each group's columns.
+      head_dim]``) multiplies the K tile in registers, key by key. A V scale per token
+      multiplies the probabilities before ``p @ v``; int4's per (token, group of 32 channels)
+      do so for each group's columns.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
@@ -529,8 +525,6 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   knobs = default_knobs(head_dim=head_dim, block_size=block_size, q_len=q_len, group=group,
                         batch=batch, kv_heads=kv_heads, max_blocks=max_blocks,
                         itemsize=itemsize)
-  if k_mode == "channel":  # one page per step: one scaled query tile, one q @ k.T
-    knobs["block_k"] = max(_MIN_DOT, min(knobs["block_k"], block_size))
   given = dict(block_k=block_k, k_splits=k_splits,
                block_rows=block_rows, num_warps=num_warps, num_stages=num_stages)
   knobs.update({k: v for k, v in given.items() if v is not None})

@@ -63,7 +63,7 @@ measurement of its speed (no GPU was lent to the session that wrote it;
 Tuning knobs (keyword-only; ``None`` picks :func:`default_knobs`): ``block_k`` (keys per step,
 a multiple of 64 for the ``p @ v`` swizzle; default 128 for ``head_dim <= 128``, else 64),
 ``num_stages`` (default: as many as fit 200 KiB of shared memory, 2 to 4), ``k_splits``
-(default: enough programs for about 264 CTAs, at most one per step, at most 32), ``interpret``
+(default: one wave of programs on 132 SMs, at most one per step, at most 32), ``interpret``
 (run in Mosaic GPU interpret mode; any backend).
 """
 
@@ -83,9 +83,11 @@ from jax_paged_kv.attention import reference
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _ROWS = 64  # wgmma M: rows of one query tile
-_TARGET_PROGRAMS = 264  # two CTAs per SM on a 132-SM H100 (provisional: not measured)
+_SMS = 132  # streaming multiprocessors of an H100 / H200 SXM
+_SMEM_PER_SM = 228 * 1024  # shared memory of one Hopper SM (227 KiB of it per block)
 _MAX_SPLITS = 32
 _SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block
+_TMA_BOX = 256  # largest extent of one TMA copy along a dimension
 _NO_ROW = -(1 << 30)  # position of a padding row: below every key, so it sees none
 GPU_BACKENDS = ("gpu", "cuda")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -110,6 +112,17 @@ def _smem(shape, dtype, swizzle=None):
   swizzle = swizzle or _swizzle(shape[-1], itemsize)
   tiling = plgpu.TilingTransform((8, swizzle // itemsize))
   return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def _table_entries(max_blocks: int, block_size: int, block_k: int, k_splits: int) -> int:
+  """Block-table entries one split copies to shared memory: its largest share of steps."""
+  steps = -(-max_blocks * block_size // block_k) + 1  # +1: the first step is aligned down
+  per_split = -(-steps // k_splits)
+  entries = -(-per_split * block_k // block_size) + 1  # +1: a step inside a larger page
+  copies = -(-entries // _TMA_BOX)
+  per_copy = -(-entries // copies)
+  # Equal copies of whole 128-byte pieces (Mosaic GPU copies a multiple of 128 bytes).
+  return copies * (-(-per_copy // 32) * 32)
 
 
 def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None,
@@ -143,7 +156,11 @@ def default_block_k(head_dim: int) -> int:
 
 def default_knobs(*, head_dim: int, block_size: int, rows: int, batch: int, kv_heads: int,
                   max_blocks: int, itemsize: int) -> dict:
-  """Provisional knobs (reasoned from tile sizes; NOT measured on a GPU).
+  """Default knobs: two stages, and one wave of programs on a 132-SM Hopper GPU.
+
+  On an H200 (JAX 0.11.2, bf16, 32 / 8 heads, head_dim 128, 16-token pages) more programs
+  than fit at once ran up to 1.38x slower than one wave (``k_splits`` 5 vs 2 at batch 8 x
+  8192 tokens), and a third stage of 128 keys does not fit beside the query and ``p`` tiles.
 
   Returns:
     dict with ``block_k``, ``num_stages``, ``k_splits``.
@@ -152,9 +169,10 @@ def default_knobs(*, head_dim: int, block_size: int, rows: int, batch: int, kv_h
   stage = 2 * block_k * head_dim * itemsize
   fixed = _ROWS * (head_dim + block_k) * itemsize + _ROWS * 8
   num_stages = max(2, min(4, (_SMEM_BUDGET - fixed) // stage))
+  resident = max(1, _SMEM_PER_SM // (num_stages * stage + fixed + 4 * _TMA_BOX))
   steps = -(-max_blocks * block_size // block_k)
   programs = batch * kv_heads * -(-rows // _ROWS)
-  k_splits = max(1, min(-(-_TARGET_PROGRAMS // programs), steps, _MAX_SPLITS))
+  k_splits = max(1, min(_SMS * resident // programs, steps, _MAX_SPLITS))
   return dict(block_k=block_k, num_stages=num_stages, k_splits=k_splits)
 
 
@@ -195,6 +213,7 @@ def _attention_kernel(
     block_k: int,
     num_stages: int,
     k_splits: int,
+    table_copies: int,
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
@@ -209,7 +228,8 @@ def _attention_kernel(
    p_smem,  # [64, block_k]
    lse_smem,  # [64] float32
    rowpos_smem,  # [64] int32
-   ), (q_bar, k_bar, v_bar) = scratch
+   table_smem,  # [table_entries] int32: this split's share of the row's block table
+   ), (q_bar, t_bar, k_bar, v_bar) = scratch
   ht, b, s = lax.axis_index("ht"), lax.axis_index("b"), lax.axis_index("s")
   h, t = ht // tiles, ht % tiles
   head_dim = q_smem.shape[1]
@@ -232,12 +252,21 @@ def _attention_kernel(
   step_lo = jnp.minimum(s * per_split, n_steps)
   n_local = jnp.minimum(step_lo + per_split, n_steps) - step_lo
 
+  # This split's block-table entries, copied once into shared memory: a page's block id is
+  # then a shared-memory read, not a dependent global load before each page's TMA copy.
+  entry0 = (first + step_lo * block_k) // block_size
+  chunk = table_smem.shape[0] // table_copies
+  for c in range(table_copies):
+    plgpu.copy_gmem_to_smem(tables_ref.at[b, pl.ds(entry0 + c * chunk, chunk)],
+                            table_smem.at[pl.ds(c * chunk, chunk)], t_bar.at[0])
+  plgpu.barrier_wait(t_bar.at[0])
+
   def issue(i, slot):
     """Starts the TMA copies of local step ``i``'s pages into stage ``slot``."""
     start = first + (step_lo + i) * block_k
     for p in range(pages):
       key = start + p * page_keys
-      blk = tables_ref[b, key // block_size]
+      blk = table_smem[key // block_size - entry0]
       src = (layer, h, blk, pl.ds(key % block_size, page_keys))
       dst = pl.ds(p * page_keys, page_keys)
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
@@ -327,13 +356,15 @@ def _attention_kernel(
 
 
 def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, block_k,
-                 num_stages, k_splits, scale, soft_cap, sliding_window, interpret):
+                 num_stages, k_splits, table_entries, scale, soft_cap, sliding_window,
+                 interpret):
   batch, kv_heads, rows_padded, head_dim = q.shape
   dtype = k_pool.dtype
+  table_copies = -(-table_entries // _TMA_BOX)
   kernel = functools.partial(
       _attention_kernel, tiles=tiles, block_k=block_k, num_stages=num_stages,
-      k_splits=k_splits, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
-      interpret=interpret)
+      k_splits=k_splits, table_copies=table_copies, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, interpret=interpret)
   pages = block_k // min(k_pool.shape[3], block_k)
 
   def entry(*refs):
@@ -345,8 +376,10 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
          # wgmma wants both operands of p @ v in one swizzle: v's.
          _smem((_ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
          plgpu.SMEM((_ROWS,), jnp.float32),
-         plgpu.SMEM((_ROWS,), jnp.int32)),
+         plgpu.SMEM((_ROWS,), jnp.int32),
+         plgpu.SMEM((table_entries,), jnp.int32)),
         (plgpu.Barrier(num_barriers=2),
+         plgpu.Barrier(num_arrivals=table_copies, num_barriers=1),
          plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages),
          plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages)),
     )
@@ -446,12 +479,17 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
   hi = jnp.where(first_tok[None, :] < q_lens[:, None], hi, 0)
   ranges = jnp.stack([lo, hi], axis=-1)  # [batch, tiles, 2]
   ranges = jnp.tile(ranges, (1, kv_heads, 1))  # [batch, kv_heads * tiles, 2], head-major
-  # Room for the last step to read whole pages past the table end (null block 0, masked).
-  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, max(1, block_k // block_size))))
+  # Each split copies a fixed number of table entries (enough for its largest share of steps,
+  # in whole TMA boxes): pad the table with null block 0 so that every copy stays inside it
+  # (the steps past a row's range are masked), to a width whose rows are 16-byte aligned.
+  table_entries = _table_entries(max_blocks, block_size, block_k, knobs["k_splits"])
+  width = -(-(max_blocks + table_entries + block_k // block_size + 1) // 4) * 4
+  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, width - max_blocks)))
 
   o, lse = _call_kernel(
       layer, ranges, tables, row_pos, qr, k_pool, v_pool, tiles=tiles, block_k=block_k,
-      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"], scale=float(scale),
+      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"],
+      table_entries=table_entries, scale=float(scale),
       soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
       interpret=interpret)
   o, lse = o[..., :rows, :], lse[..., :rows]
