@@ -32,6 +32,7 @@ BENCHMARKS = {
     "kv_quant": "int8 / fp8 KV: bytes per token, capacity, attention time, accuracy, serving",
     "prefix_cache": ("shared system prompt with and without prefix caching; no-hit overhead; "
                      "swap GB/s; recompute vs swap preemption"),
+    "streaming": "token eviction (attention sinks + window) vs full attention: agreement, blocks",
     "sharding": "decode step on 1-8 devices, tensor / data parallel, equal per-device work",
     "engine_overhead": "engine wall time per decode step vs the jitted decode loop alone",
     "vs_transformers": "head-to-head with HF transformers: first call, warm, peak RSS, tokens",

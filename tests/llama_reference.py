@@ -60,8 +60,11 @@ def _windows(config):
   return [w if t == "sliding_attention" else None for t in types]
 
 
-def _attention(q, k, v, window, scale, cap=None):
-  """Causal (optionally windowed, soft-capped) attention: q [S, H, D], k/v [S, KV, D]."""
+def _attention(q, k, v, window, scale, cap=None, keep=None):
+  """Causal (optionally windowed, soft-capped) attention: q [S, H, D], k/v [S, KV, D].
+
+  ``keep`` (optional ``bool[S, S]``): which key each query may see besides causality.
+  """
   s, nh, _ = q.shape
   rep = nh // k.shape[1]
   k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
@@ -69,6 +72,8 @@ def _attention(q, k, v, window, scale, cap=None):
   mask = ki <= qi
   if window is not None:
     mask &= ki > qi - window  # HF's sliding_window_overlay
+  if keep is not None:
+    mask &= keep
   logits = np.einsum("qhd,khd->hqk", q, k) * scale
   if cap is not None:
     logits = cap * np.tanh(logits / cap)
@@ -84,8 +89,11 @@ def _f64(params):
   return p, lay
 
 
-def reference_logits(params, config, tokens) -> np.ndarray:
-  """float64 logits ``[S, vocab]`` of one sequence ``tokens`` (list of ints), no cache."""
+def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
+  """float64 logits ``[S, vocab]`` of one sequence ``tokens`` (list of ints), no cache.
+
+  ``keep`` (optional ``bool[S, S]``): an extra attention mask (query, key), every layer.
+  """
   if type(config).__name__ == "Gemma2Config":
     return gemma2_reference_logits(params, config, tokens)
   c = config
@@ -102,7 +110,7 @@ def reference_logits(params, config, tokens) -> np.ndarray:
       q, k, v = q + lay["bq"][i], k + lay["bk"][i], v + lay["bv"][i]
     q = _rope(q.reshape(s, nh, d), inv)
     k = _rope(k.reshape(s, nkv, d), inv)
-    o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d))
+    o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d), keep=keep)
     x = x + o @ lay["wo"][i]
     h = _rms(x, lay["mlp_norm"][i], c.rms_norm_eps)
     g = h @ lay["w_gate"][i]

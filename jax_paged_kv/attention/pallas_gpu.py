@@ -307,9 +307,11 @@ def _attention_kernel(
     # stored_dim] tiles that feed tl.dot directly (no reshape between the load and the dot,
     # which keeps Triton's software pipeliner on its async-copy path).
     ids = tables_ref[b, kpos // block_size]  # [step_k]
+    # A null entry inside the range is a hole (a block free_outside_window freed): its keys
+    # are gone, neither fetched nor seen.
+    kv_ok = (kpos >= lo) & (kpos < hi) & (ids != 0)  # [step_k]: never fetch a key outside
     ids = jnp.clip(ids, 0, num_blocks - 1)
     slot = kpos % block_size  # [step_k]
-    kv_ok = (kpos >= lo) & (kpos < hi)  # [step_k]: never fetch a key outside the tile's range
 
     def load_tile(ref, cols):  # [step_k, cols.size] of this layer and head, masked by kv_ok
       # Every index is an array (broadcast to the tile): one gathered, masked load per operand,
@@ -344,7 +346,7 @@ def _attention_kernel(
     logits = logits * logit_scale
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
-    visible = row_ok[:, None] & (kpos[None, :] <= row_pos[:, None])
+    visible = row_ok[:, None] & (kpos[None, :] <= row_pos[:, None]) & kv_ok[None, :]
     if sliding_window is not None:
       visible = visible & (kpos[None, :] > row_pos[:, None] - sliding_window)
     logits = jnp.where(visible, logits, -jnp.inf)

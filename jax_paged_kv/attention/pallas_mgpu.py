@@ -286,7 +286,12 @@ def _attention_kernel(
     if soft_cap is not None:
       logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
     kpos = start + key_iota
+    # A null table entry below the length is a hole (a block free_outside_window freed): its
+    # keys are gone, masked like keys past the length, and its V rows zeroed below.
+    nulls = [tables_ref[b, (start + p * page_keys) // block_size] == 0 for p in range(pages)]
     visible = (kpos <= row_pos) & (kpos >= lo) & (kpos < hi)
+    for p, null in enumerate(nulls):
+      visible = visible & ~((key_iota // page_keys == p) & null)
     if sliding_window is not None:
       visible = visible & (kpos > row_pos - sliding_window)
     logits = jnp.where(visible, logits, -jnp.inf)
@@ -301,11 +306,16 @@ def _attention_kernel(
 
     # Slots outside [lo, hi) (past the length, before the window) may hold stale NaN / Inf:
     # zero their V rows, so that p == 0 never meets them in p @ v.
-    @pl.when((start < lo) | (start + block_k > hi))
+    any_null = functools.reduce(jnp.logical_or, nulls)
+
+    @pl.when((start < lo) | (start + block_k > hi) | any_null)
     def _():
       vpos = start + v_row_iota
       v = cast(v_smem[slot], layout)
-      v_smem[slot] = jnp.where((vpos >= lo) & (vpos < hi), v, jnp.zeros((), dtype))
+      keep = (vpos >= lo) & (vpos < hi)
+      for p, null in enumerate(nulls):
+        keep = keep & ~((v_row_iota // page_keys == p) & null)
+      v_smem[slot] = jnp.where(keep, v, jnp.zeros((), dtype))
 
     plgpu.commit_smem()
 

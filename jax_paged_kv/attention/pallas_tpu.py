@@ -344,6 +344,17 @@ def _paged_attention_kernel(
     pos0 = (first_page + c * pages) * block_size
     p_col = pos0 + lax.broadcasted_iota(jnp.int32, (1, kv_per_block), 1)  # [1, kv]
     p_row = pos0 + lax.broadcasted_iota(jnp.int32, (kv_per_block, 1), 0)  # [kv, 1]
+    # A null table entry below the length is a hole (a block free_outside_window freed): its
+    # keys are gone, masked like keys past the length (its page holds the null block's data).
+    col_page = lax.div(lax.broadcasted_iota(jnp.int32, (1, kv_per_block), 1), block_size)
+    row_page = lax.div(lax.broadcasted_iota(jnp.int32, (kv_per_block, 1), 0), block_size)
+    kept_col = jnp.ones((1, kv_per_block), bool)
+    kept_row = jnp.ones((kv_per_block, 1), bool)
+    for i in range(pages):
+      page = first_page + c * pages + i
+      null = tables_ref[b * max_blocks + jnp.minimum(page, max_blocks - 1)] == 0
+      kept_col &= ~((col_page == i) & null)
+      kept_row &= ~((row_page == i) & null)
     s = None
     for qj, kj in zip(q_parts, k_tiles(slot), strict=True):
       part = lax.dot_general(qj, kj, (((1,), (1,)), ((), ())),
@@ -354,10 +365,11 @@ def _paged_attention_kernel(
       s = s * ks_buf[slot].reshape(1, kv_per_block)  # [1, kv]
     if v_mode == "key":
       # Pages' slots outside [lo, hi) may hold stale or NaN scales: 0 * NaN must not reach p.
-      v_sc = jnp.where((p_col >= lo) & (p_col < hi), vs_buf[slot].reshape(1, kv_per_block), 0.0)
+      v_sc = jnp.where((p_col >= lo) & (p_col < hi) & kept_col,
+                       vs_buf[slot].reshape(1, kv_per_block), 0.0)
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
-    mask = row_ok & (p_col <= q_pos) & (p_col < hi)  # p <= q_pos < kv_len: never past length
+    mask = row_ok & (p_col <= q_pos) & (p_col < hi) & kept_col  # never past length, no hole
     if sliding_window is not None:
       mask = mask & (p_col > q_pos - sliding_window)
     s = jnp.where(mask, s, -jnp.inf)
@@ -368,7 +380,7 @@ def _paged_attention_kernel(
     alpha = jnp.exp(m_prev - m_safe)  # 0 while nothing was seen
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
     m_ref[...] = m_new
-    in_range = (p_row >= lo) & (p_row < hi)  # [kv, 1]
+    in_range = (p_row >= lo) & (p_row < hi) & kept_row  # [kv, 1]
     for j, v in enumerate(v_tiles(slot, in_range, exact)):
       if not exact:
         pw = p * v_sc if v_mode == "key" else p  # V's per-key scales weight the probabilities

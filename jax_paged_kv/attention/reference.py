@@ -26,6 +26,9 @@ Kernel contract (every implementation in this package has this signature)::
   ``lse``: ``float32[batch, q_len, q_heads]``, the natural log-sum-exp of the (scaled, capped)
   logits. A query that sees no key (empty sequence, padding row, ``i >= q_lens[b]``) gives
   output 0 and LSE ``-inf``, never NaN.
+* Holes: a null entry (block 0) of ``block_tables`` below a row's length is a block
+  :func:`~jax_paged_kv.free_outside_window` freed; its keys are gone and no query sees them
+  (the kernels mask them like keys past the length, and zero their V).
 * Only positions ``< kv_lens[b]`` are ever read into the result: stale or NaN data in unused
   slots or free blocks cannot change any output (masks are applied with ``where`` to both the
   logits and the values, never by multiplying).
@@ -48,6 +51,17 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from jax_paged_kv.cache import quant
+from jax_paged_kv.cache.config import NULL_BLOCK
+
+
+def kept_keys(block_tables: Array, positions: Array, block_size: int) -> Array:
+  """``bool[batch, S]``: keys whose table entry names a real block.
+
+  A null entry below a row's length is a block :func:`~jax_paged_kv.free_outside_window`
+  freed (a hole): its keys are gone, and attention reads only the keys that are kept.
+  ``positions`` index ``block_tables``' columns (``int32[S]``, any order).
+  """
+  return block_tables[:, positions // block_size] != NULL_BLOCK
 
 
 def attention_masks(kv_lens: Array, q_lens: Array, q_len: int, positions: Array | int,
@@ -256,6 +270,7 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   k, positions = gather_dequantized(k_pool, k_scale, layer, block_tables, interleave)
   v, _ = gather_dequantized(v_pool, v_scale, layer, block_tables, interleave, key=False)
   mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
+  mask = mask & kept_keys(block_tables, positions, k_pool.shape[3])[:, None, :]
   out, lse = masked_softmax_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
                                       return_lse=True)
   # All outputs finite: no key any query reads held a non-finite V, and the result is exact.
@@ -309,6 +324,7 @@ def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, 
     row = functools.partial(lax.dynamic_slice_in_dim, start_index=r, slice_size=1)
     mask = attention_masks(row(kv_lens), row(q_lens), q_len, positions + c * chunk,
                            sliding_window)  # [1, q_len, chunk]
+    mask = mask & kept_keys(table, positions, bs)[:, None, :]
     logits = _grouped_logits(row(q), k, mask, scale=scale, soft_cap=soft_cap)
     p = jnp.where(mask[:, None, None], jnp.exp(logits - row(lse_g)[..., None]), 0.0)
     v = v.astype(jnp.float32)

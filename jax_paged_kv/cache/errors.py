@@ -40,6 +40,7 @@ class Status(enum.IntEnum):
   INVALID_COUNT = 7  # negative token count, more than the row holds, or truncating too much
   INVALID_LAYER = 8  # layer index outside [0, num_layers)
   INVALID_TOKEN_SLOT = 9  # write_kv: a token slot that no active row reserved
+  FREED_BLOCK = 10  # truncating into a block freed by free_outside_window
 
 
 class PagedKVCacheError(Exception):
@@ -99,6 +100,10 @@ class CacheInvariantError(PagedKVCacheError):
   """Checking mode only: an update left a cache invariant broken (a library bug; please report)."""
 
 
+class FreedBlockError(PagedKVCacheError, ValueError):
+  """The operation needs a block that :func:`~jax_paged_kv.free_outside_window` freed."""
+
+
 class CacheShapeError(PagedKVCacheError, ValueError):
   """An argument has the wrong shape or dtype (raised at trace time)."""
 
@@ -113,6 +118,7 @@ _EXCEPTIONS: dict[Status, type[PagedKVCacheError]] = {
     Status.INVALID_COUNT: InvalidCountError,
     Status.INVALID_LAYER: InvalidLayerError,
     Status.INVALID_TOKEN_SLOT: InvalidTokenSlotError,
+    Status.FREED_BLOCK: FreedBlockError,
 }
 
 _MESSAGES: dict[Status, str] = {
@@ -127,6 +133,8 @@ _MESSAGES: dict[Status, str] = {
     Status.INVALID_LAYER: "layer index is outside [0, num_layers)",
     Status.INVALID_TOKEN_SLOT: "a token slot is not a reserved slot of an active sequence (pass "
                                "the slots reserve() returned)",
+    Status.FREED_BLOCK: "the sequence's new last block was freed outside the window (its "
+                        "tokens are gone: truncate less, or keep them with a larger window)",
 }
 
 

@@ -662,7 +662,8 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
     elif scale is not None:
       x = quant.dequantize(x, scale[layer][:, blk, pos % bs], cfg.dtype)
     x = jnp.moveaxis(x, 0, 2)  # [batch, max_len, kv_heads, head_dim]
-    return jnp.where((pos[None, :] < lens[:, None])[:, :, None, None], x, jnp.zeros((), x.dtype))
+    kept = (pos[None, :] < lens[:, None]) & (blk != NULL_BLOCK)  # holes: freed, read as 0
+    return jnp.where(kept[:, :, None, None], x, jnp.zeros((), x.dtype))
   return read(cache.k_pool, cache.k_scale, "k"), read(cache.v_pool, cache.v_scale, "v"), lens
 
 
@@ -677,7 +678,8 @@ def lookup_kv(cache: PagedKVCache, seq_ids, layer, *, max_len: int | None = None
 
   Returns:
     ``(k, v, lens)``: ``k`` and ``v`` are ``[batch, max_len, kv_heads, head_dim]`` in the cache
-    dtype (dequantised for a quantised cache), zero past each row's length; ``lens`` is
+    dtype (dequantised for a quantised cache), zero past each row's length and in blocks
+    :func:`free_outside_window` freed; ``lens`` is
     ``int32[batch]``. Rows that name no active
     slot come back empty (inside ``jit``); eager calls raise instead.
 
@@ -835,11 +837,15 @@ def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
   lens = cache.seq_lens[sid]
   n = jnp.where(pad, 0, num_tokens)
   status = jnp.where((status == 0) & ((n < 0) | (n > lens)), Status.INVALID_COUNT, status)
-  ok = jnp.all(status == 0)
-  rows = ok & ~pad
-  new_len = lens - n
+  new_len = lens - jnp.clip(n, 0, lens)
   old_nb = _ceil_div(lens, cfg.block_size)
   new_nb = _ceil_div(new_len, cfg.block_size)
+  # The new last block must still hold its tokens (not freed by free_outside_window).
+  last = cache.block_tables[sid, jnp.clip(new_nb - 1, 0, cfg.max_blocks_per_seq - 1)]
+  status = jnp.where((status == 0) & ~pad & (new_nb > 0) & (last == NULL_BLOCK),
+                     Status.FREED_BLOCK, status)
+  ok = jnp.all(status == 0)
+  rows = ok & ~pad
   j = jnp.arange(cfg.max_blocks_per_seq)
   drop = rows[:, None] & (j[None, :] >= new_nb[:, None]) & (j[None, :] < old_nb[:, None])
   alloc = alloc_lib.release_blocks(cache.allocator, cache.block_tables[sid], drop,
@@ -857,7 +863,11 @@ def _truncate_context(cache, seq_ids, num_tokens):
   sid = jnp.clip(seq_ids, 0, cache.config.max_seqs - 1)
   return {Status.INVALID_COUNT: ("num_tokens={num_tokens} is not in [0, length={length}]",
                                  lambda row: {"num_tokens": num_tokens[row],
-                                              "length": cache.seq_lens[sid[row]]})}
+                                              "length": cache.seq_lens[sid[row]]}),
+          Status.FREED_BLOCK: ("truncating {num_tokens} of {length} tokens ends in a block "
+                               "free_outside_window freed",
+                               lambda row: {"num_tokens": num_tokens[row],
+                                            "length": cache.seq_lens[sid[row]]})}
 
 
 _truncate = _eager_or_traced(_truncate_impl, "truncate_sequences", context=_truncate_context)
@@ -881,3 +891,81 @@ def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, donate: bool
   seq_ids = as_ids(seq_ids)
   num_tokens = as_counts(num_tokens, seq_ids.shape[0], "num_tokens")
   return _truncate(cache, seq_ids, num_tokens, donate=donate)
+
+
+# ---------------------------------------------------------------------------------------------
+# sliding window: free the blocks no future query can see
+
+
+def _window_impl(cache: PagedKVCache, seq_ids: Array, *, window: int, sink_tokens: int):
+  cfg = cache.config
+  bs = cfg.block_size
+  sid, pad, status = _row_checks(cache, seq_ids)
+  rows = jnp.all(status == 0) & ~pad
+  lens = cache.seq_lens[sid]
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  tables = cache.block_tables[sid]
+  # A query at a position >= len - 1 sees the keys > len - 1 - window: every key of block j
+  # lies at or below that once (j + 1) * block_size <= len - window. Blocks holding a sink
+  # token stay; so does every block whose entry is already null (freed before).
+  gone = (rows[:, None] & (j[None, :] >= -(-sink_tokens // bs))
+          & ((j[None, :] + 1) * bs <= (lens - window)[:, None]) & (tables != NULL_BLOCK))
+  alloc = alloc_lib.release_blocks(cache.allocator, tables, gone)
+  idx = _drop_index(rows, sid, cfg.max_seqs)
+  freed = jnp.sum(gone, axis=1, dtype=jnp.int32)
+  return cache.replace(
+      allocator=alloc,
+      block_tables=cache.block_tables.at[idx].set(jnp.where(gone, NULL_BLOCK, tables),
+                                                  mode="drop"),
+  ), freed, status
+
+
+_free_window = _eager_or_traced(_window_impl, "free_outside_window",
+                                static_argnames=("window", "sink_tokens"))
+
+
+def free_outside_window(cache: PagedKVCache, seq_ids, *, window: int, sink_tokens: int = 0,
+                        donate: bool = True):
+  """Frees each sequence's blocks that no query at its latest position or later can see.
+
+  For sliding-window attention (every layer attends to the last ``window`` positions, itself
+  included) a long sequence then holds ``O(window / block_size)`` blocks instead of all of
+  them. With ``sink_tokens > 0`` the blocks holding the first ``sink_tokens`` tokens are kept
+  too (StreamingLLM's attention sinks): the token-eviction policy for full-attention models,
+  an approximation whose effect on the output is measured in ``benchmarks/streaming.py``.
+
+  A freed block's table entry becomes the null block (a *hole*; the sequence's length does not
+  change, so new tokens keep their positions). Every attention implementation reads only the
+  keys that are kept: keys in holes are masked like keys past the length (an attention call
+  whose window is at most ``window`` never reaches them). :func:`~jax_paged_kv.lookup_kv`
+  returns zeros there. Call it after the attention of the tokens just written (e.g. once per
+  decode step); blocks shared with a fork or a cached prefix lose one reference each.
+
+  Args:
+    cache: a ``PAGED`` cache.
+    seq_ids: ``int32[batch]`` (or scalar) active slots; negative ids are padding.
+    window: static positive int, the attention window the kept blocks must cover.
+    sink_tokens: static int >= 0, leading tokens whose blocks are kept.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, freed, status)``: ``freed int32[batch]`` blocks released per row; ``status``
+    ``int32[batch]`` (``INVALID_SLOT``, ``INACTIVE_SLOT``, ``DUPLICATE_SLOT``; on any bad row
+    nothing changes).
+
+  Raises:
+    CacheShapeError: a ``CONTIGUOUS`` cache (a slot owns its slab), or a bad ``window`` /
+      ``sink_tokens``.
+    InvalidSlotError, InactiveSlotError, DuplicateSlotError: eager calls with bad ids.
+  """
+  if cache.config.strategy is not CacheStrategy.PAGED:
+    raise CacheShapeError("free_outside_window needs a PAGED cache (a contiguous slot owns its "
+                          "slab; nothing can be freed from it)")
+  for name, value, low in (("window", window, 1), ("sink_tokens", sink_tokens, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise CacheShapeError(f"free_outside_window: {name} must be an int >= {low}, got "
+                            f"{value!r}")
+  scalar = np.ndim(seq_ids) == 0
+  cache, freed, status = _free_window(cache, as_ids(seq_ids), window=int(window),
+                                      sink_tokens=int(sink_tokens), donate=donate)
+  return (cache, freed[0], status[0]) if scalar else (cache, freed, status)

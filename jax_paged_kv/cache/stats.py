@@ -52,14 +52,26 @@ jax.tree_util.register_dataclass(
     KVCacheStats, data_fields=[f.name for f in dataclasses.fields(KVCacheStats)], meta_fields=[])
 
 
-def _held(cache: PagedKVCache):
-  """``(held bool[max_seqs, table_width], fill int32[max_seqs, table_width])`` per table entry."""
+def _within(cache: PagedKVCache):
+  """``bool[max_seqs, table_width]``: the entries below each active sequence's length."""
   cfg = cache.config
   bs = cfg.block_size
   j = jnp.arange(cfg.max_blocks_per_seq)
   lens = jnp.where(cache.active, cache.seq_lens, 0)
-  nb = (lens + bs - 1) // bs
-  held = cache.active[:, None] & (j[None, :] < nb[:, None])
+  return cache.active[:, None] & (j[None, :] < ((lens + bs - 1) // bs)[:, None])
+
+
+def _held(cache: PagedKVCache):
+  """``(held bool[max_seqs, table_width], fill int32[max_seqs, table_width])`` per table entry.
+
+  Held: below the sequence's length and a real block (not a hole that
+  :func:`~jax_paged_kv.free_outside_window` left); fill: the tokens it stores.
+  """
+  cfg = cache.config
+  bs = cfg.block_size
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  lens = jnp.where(cache.active, cache.seq_lens, 0)
+  held = _within(cache) & (cache.block_tables != NULL_BLOCK)
   fill = jnp.where(held, jnp.clip(lens[:, None] - j[None, :] * bs, 0, bs), 0)
   return held, fill
 
@@ -144,7 +156,9 @@ def check_invariants(cache: PagedKVCache) -> InvariantReport:
   * Reference counts equal the number of live block-table entries naming each block (so no block
     is owned twice unless its count says so, and no count is negative); the null block has none.
   * Active slots have ``0 <= len <= max_seq_len``; their first ``ceil(len / block_size)``
-    entries name real blocks and the rest are null; inactive slots have length 0 and null tables.
+    entries name real blocks, except holes (null entries that
+    :func:`~jax_paged_kv.free_outside_window` left, never the last block, paged only), and the
+    rest are null; inactive slots have length 0 and null tables.
   * ``CONTIGUOUS``: held entries are the slot's own slab.
   """
   cfg = cache.config
@@ -175,8 +189,11 @@ def check_invariants(cache: PagedKVCache) -> InvariantReport:
   lens = cache.seq_lens
   lens_ok = jnp.all((lens >= 0) & (lens <= cfg.max_seq_len))
   inactive_empty = jnp.all(cache.active | ((lens == 0) & jnp.all(cache.block_tables == 0, 1)))
-  tables_ok = jnp.all(jnp.where(held, (cache.block_tables >= 1) & (cache.block_tables < nb),
-                                cache.block_tables == NULL_BLOCK))
+  within = _within(cache)
+  last = within & ~jnp.pad(within[:, 1:], ((0, 0), (0, 1)))  # each sequence's last block
+  real = (cache.block_tables >= 1) & (cache.block_tables < nb)
+  hole = (cache.block_tables == NULL_BLOCK) & ~last & paged
+  tables_ok = jnp.all(jnp.where(within, real | hole, cache.block_tables == NULL_BLOCK))
   if paged:
     layout = jnp.asarray(True)
   else:

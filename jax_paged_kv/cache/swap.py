@@ -132,7 +132,8 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
 
   Raises:
     InvalidSlotError, InactiveSlotError: ``seq_id`` names no active slot (nothing changes).
-    CacheShapeError: a ``CONTIGUOUS`` cache, or a call inside ``jit``.
+    CacheShapeError: a ``CONTIGUOUS`` cache, a call inside ``jit``, or a sequence with blocks
+      :func:`~jax_paged_kv.free_outside_window` freed.
   """
   _check_paged(cache, "swap_out")
   ids = as_ids(seq_id).reshape(1)
@@ -144,6 +145,9 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
   lens, tables = jax.device_get((cache.seq_lens, cache.block_tables))  # small: one copy
   seq_len, table = int(lens[sid]), tables[sid]
   n = -(-seq_len // cfg.block_size)
+  if np.any(table[:n] == NULL_BLOCK):
+    raise CacheShapeError(f"swap_out: sequence {sid} has blocks free_outside_window freed; "
+                          "swapping such a sequence is not supported (nothing changed)")
   width = swap_width(cfg, n)
   blocks = np.full(width, NULL_BLOCK, np.int32)
   blocks[:n] = table[:n]

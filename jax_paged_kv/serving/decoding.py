@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model, check_model
 
@@ -334,11 +335,12 @@ def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Arr
                        implementation=implementation, max_blocks=max_blocks)
 
 
-@functools.partial(jax.jit, static_argnames=(*_JIT_STATIC, "max_steps"),
+@functools.partial(jax.jit, static_argnames=(*_JIT_STATIC, "max_steps", "evict"),
                    donate_argnames=("cache",))
 def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_steps, *,
                 max_steps: int, model: Model | None = None, config: Model | None = None,
-                implementation: str | None = None, max_blocks: int | None = None):
+                implementation: str | None = None, max_blocks: int | None = None,
+                evict: tuple[int, int] | None = None):
   """Up to ``num_steps`` decode steps inside one ``jit`` (a ``lax.while_loop``).
 
   Each step appends every live row's last token to the cache, runs the model and samples the
@@ -358,6 +360,12 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     implementation: paged attention implementation (static).
     max_blocks: static bound on block-table columns read (XLA attention); every row's length
       must stay ``<= max_blocks * block_size`` for the steps taken.
+    evict: static ``(window, sink_tokens)`` or None: after every step, free each row's blocks
+      outside the last ``window`` positions except those holding its first ``sink_tokens``
+      tokens (:func:`~jax_paged_kv.free_outside_window`), so a row holds ``O(window)`` blocks.
+      Exact for a model whose every layer attends within ``window`` (a sliding-window model,
+      ``sink_tokens=0``); for other models it is StreamingLLM's token eviction (attention
+      sinks), an approximation (``benchmarks/streaming.py`` measures it).
 
   Returns:
     ``(cache, state, out_tokens int32[batch, max_steps], steps int32[], status int32[batch])``:
@@ -393,6 +401,9 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     done = st.done | (take & (stop | (gen >= st.max_new_tokens)))
     st = st.replace(tokens=jnp.where(take, nxt, st.tokens), num_generated=gen, done=done)
     out = out.at[:, step].set(jnp.where(take, nxt, -1))
+    if evict is not None:  # the step's attention is done: drop what no later query sees
+      new_cache, _, _ = free_outside_window(new_cache, jnp.where(ok, st.seq_ids, -1),
+                                            window=evict[0], sink_tokens=evict[1])
     # On failure forward already returned the cache unchanged (but for telemetry).
     return new_cache, st, out, step + ok.astype(jnp.int32), status
 

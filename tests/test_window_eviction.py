@@ -1,0 +1,355 @@
+"""free_outside_window: sliding-window block freeing and attention sinks (issue 13).
+
+Oracles: a plain-Python model of which blocks a window frees and of the allocator's counts,
+float64 NumPy attention over exactly the kept keys (holes' data never enters it), and the same
+cache before the free (attention within the window must not change).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_paged_kv as pk
+from jax_paged_kv.cache.config import CacheStrategy
+from jax_paged_kv.cache.errors import Status
+from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import (
+    DecodeState,
+    SamplingParams,
+    decode_loop,
+    make_key,
+    prefill_step,
+)
+from tests.attention_cases import TOLERANCES, Case, build_case
+from tests.llama_fixtures import SMALL
+from tests.llama_reference import reference_greedy, reference_logits
+
+
+def _cache(strategy=CacheStrategy.PAGED, num_blocks=64, max_seqs=3, bs=4, max_len=96,
+           dtype=jnp.float32):
+  cfg = pk.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=8, num_blocks=num_blocks,
+                       max_seqs=max_seqs, max_seq_len=max_len, block_size=bs, dtype=dtype,
+                       strategy=strategy)
+  return pk.init_cache(cfg)
+
+
+def _fill(cache, lengths, seed=0):
+  """Allocates one sequence per length and appends random K/V; returns (cache, k, v) with the
+  appended values ``[layers, batch, max_len, kv_heads, head_dim]`` (float64 copies)."""
+  cfg = cache.config
+  rng = np.random.default_rng(seed)
+  ids = jnp.arange(len(lengths), dtype=jnp.int32)
+  cache, _ = pk.allocate_sequences(cache, ids)
+  t = max(lengths)
+  k = rng.standard_normal((cfg.num_layers, len(lengths), t, cfg.num_kv_heads, cfg.head_dim))
+  v = rng.standard_normal(k.shape)
+  cache, _ = pk.append_kv(cache, jnp.asarray(k, cfg.dtype), jnp.asarray(v, cfg.dtype), ids,
+                          num_new=jnp.asarray(lengths, jnp.int32))
+  return cache, k, v
+
+
+def _model_freed(length, bs, window, sink_tokens, already=()):
+  """Blocks a window frees: every key of the block is at or below length - 1 - window, and the
+  block holds no sink token."""
+  return [j for j in range(-(-length // bs))
+          if (j + 1) * bs <= length - window and j >= -(-sink_tokens // bs) and j not in already]
+
+
+def _assert_invariants(cache):
+  report = pk.check_invariants(cache)
+  assert bool(report.ok), report.failures()
+
+
+@pytest.mark.parametrize("window, sink_tokens", [(8, 0), (5, 0), (1, 0), (12, 4), (9, 6)])
+def test_frees_exactly_the_blocks_no_future_query_sees(window, sink_tokens):
+  lengths = [37, 6, 20]
+  cache, k, v = _fill(_cache(), lengths)
+  before = np.asarray(cache.block_tables)
+  free_before = int(cache.allocator.num_free)
+  cache, freed, status = pk.free_outside_window(cache, jnp.arange(3), window=window,
+                                                sink_tokens=sink_tokens)
+  assert np.all(np.asarray(status) == 0)
+  tables = np.asarray(cache.block_tables)
+  want_total = 0
+  for r, n in enumerate(lengths):
+    gone = _model_freed(n, 4, window, sink_tokens)
+    want_total += len(gone)
+    assert int(freed[r]) == len(gone)
+    for j in range(before.shape[1]):
+      assert tables[r, j] == (0 if j in gone else before[r, j]), (r, j)
+  assert int(cache.allocator.num_free) == free_before + want_total
+  assert np.all(np.asarray(cache.seq_lens) == lengths)  # positions do not move
+  _assert_invariants(cache)
+  # lookup_kv: the kept tokens as written, zeros in the holes.
+  for layer in range(2):
+    got_k, got_v, lens = pk.lookup_kv(cache, jnp.arange(3), layer, max_len=40)
+    for r, n in enumerate(lengths):
+      gone = _model_freed(n, 4, window, sink_tokens)
+      for p in range(n):
+        want = 0.0 if p // 4 in gone else k[layer, r, p]
+        np.testing.assert_allclose(np.asarray(got_k[r, p]), want, rtol=1e-6, atol=0)
+  # A second call frees nothing more; a smaller window frees more, never a kept sink block.
+  cache, freed2, _ = pk.free_outside_window(cache, jnp.arange(3), window=window,
+                                            sink_tokens=sink_tokens)
+  assert np.all(np.asarray(freed2) == 0)
+  _assert_invariants(cache)
+
+
+def test_a_long_generation_holds_o_of_the_window():
+  """Token by token, freeing after each step: the held blocks stay at ceil(window / bs) + 1
+  (+ sink blocks), against a Python model of the allocator's free count."""
+  bs, window, sinks = 4, 10, 3
+  cache = _cache(num_blocks=12, max_seqs=1, max_len=400)  # 11 usable blocks for 400 tokens
+  cache, _ = pk.allocate_sequences(cache, jnp.array([0]))
+  rng = np.random.default_rng(1)
+  model_held = set()
+  for n in range(1, 301):
+    x = jnp.asarray(rng.standard_normal((2, 1, 1, 2, 8)), jnp.float32)
+    cache, _ = pk.append_kv(cache, x, x, jnp.array([0]))
+    model_held.add((n - 1) // bs)
+    cache, freed, _ = pk.free_outside_window(cache, jnp.array([0]), window=window,
+                                             sink_tokens=sinks)
+    gone = set(_model_freed(n, bs, window, sinks)) & model_held
+    model_held -= gone
+    assert int(freed[0]) == len(gone)
+    assert int(cache.allocator.num_free) == 11 - len(model_held)
+    assert len(model_held) <= -(-window // bs) + 1 + -(-sinks // bs)
+  _assert_invariants(cache)
+  cache, _ = pk.free_sequences(cache, jnp.array([0]))
+  assert int(cache.allocator.num_free) == 11
+  _assert_invariants(cache)
+
+
+def test_fork_truncate_and_free_keep_the_counts_right():
+  cache, _, _ = _fill(_cache(), [30, 9])
+  cache, _, _ = pk.free_outside_window(cache, jnp.array([0]), window=8)  # frees blocks 0..4
+  parent = np.asarray(cache.block_tables[0])
+  assert list(parent[:8]) == [0] * 5 + list(parent[5:8]) and all(parent[5:8] > 0)
+  cache, _ = pk.fork_sequence(cache, 0, 2)
+  np.testing.assert_array_equal(np.asarray(cache.block_tables[2]), parent)
+  refs = np.asarray(cache.allocator.ref_counts)
+  assert all(refs[b] == 2 for b in parent[5:8])
+  _assert_invariants(cache)
+  # Truncating into a hole would leave the last block gone: refused, nothing changes.
+  with pytest.raises(pk.FreedBlockError, match="freed"):
+    pk.truncate_sequences(cache, jnp.array([2]), 12, donate=False)
+  same, status = jax.jit(pk.truncate_sequences)(cache, jnp.array([2]), jnp.array([12]))
+  assert int(status[0]) == Status.FREED_BLOCK
+  for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(cache),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Truncating within the kept blocks works and frees the child's emptied shared block once.
+  cache, _ = pk.truncate_sequences(cache, jnp.array([2]), 6)  # 30 -> 24 tokens: drops block 6..7
+  refs = np.asarray(cache.allocator.ref_counts)
+  assert refs[parent[7]] == 1 and refs[parent[5]] == 2
+  _assert_invariants(cache)
+  free_before = int(cache.allocator.num_free)
+  cache, _ = pk.free_sequences(cache, jnp.array([0, 1, 2]))
+  assert int(cache.allocator.num_free) == free_before + 3 + 3  # parent's 3 + row 1's 3 blocks
+  assert int(cache.allocator.num_free) == cache.config.num_blocks - 1
+  _assert_invariants(cache)
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+  cache, _, _ = _fill(_cache(), [20, 8])
+  with pytest.raises(pk.CacheShapeError, match="window"):
+    pk.free_outside_window(cache, jnp.array([0]), window=0)
+  with pytest.raises(pk.CacheShapeError, match="sink_tokens"):
+    pk.free_outside_window(cache, jnp.array([0]), window=4, sink_tokens=-1)
+  with pytest.raises(pk.InactiveSlotError):
+    pk.free_outside_window(cache, jnp.array([0, 2]), window=4, donate=False)
+  with pytest.raises(pk.DuplicateSlotError):
+    pk.free_outside_window(cache, jnp.array([0, 0]), window=4, donate=False)
+  fn = jax.jit(lambda c, ids: pk.free_outside_window(c, ids, window=4))
+  out, freed, status = fn(cache, jnp.array([0, 2]))
+  assert int(status[1]) == Status.INACTIVE_SLOT and np.all(np.asarray(freed) == 0)
+  for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cache), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  contiguous, _, _ = _fill(_cache(CacheStrategy.CONTIGUOUS, num_blocks=1 + 3 * 24), [20])
+  with pytest.raises(pk.CacheShapeError, match="PAGED"):
+    pk.free_outside_window(contiguous, jnp.array([0]), window=4)
+  holed, _, _ = pk.free_outside_window(cache, jnp.array([0]), window=4, donate=False)
+  with pytest.raises(pk.CacheShapeError, match="free_outside_window"):
+    pk.swap_out(holed, 0, donate=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention reads exactly the kept keys, in every implementation.
+
+
+def _kept_oracle(q, k_pool, v_pool, layer, tables, kept, kv_lens, q_lens, scale, window):
+  """float64 attention over the keys whose block is kept (``kept[r, j]``), by position."""
+  q = np.asarray(q, np.float64)
+  kp = np.asarray(k_pool, np.float64)[layer]
+  vp = np.asarray(v_pool, np.float64)[layer]
+  b, q_len, qh, d = q.shape
+  kvh, _, bs, _ = kp.shape
+  g = qh // kvh
+  out = np.zeros((b, q_len, qh, d))
+  for r in range(b):
+    n, m = int(kv_lens[r]), int(q_lens[r])
+    for i in range(m):
+      pos = n - m + i
+      keys = [p for p in range(pos + 1) if kept[r, p // bs]
+              and (window is None or p > pos - window)]
+      if not keys:
+        continue
+      blk = [tables[r, p // bs] for p in keys]
+      off = [p % bs for p in keys]
+      for h in range(qh):
+        kk = kp[h // g, blk, off]  # [n_keys, d]
+        vv = vp[h // g, blk, off]
+        s = kk @ q[r, i, h] * scale
+        w = np.exp(s - s.max())
+        out[r, i, h] = (w / w.sum()) @ vv
+  return out
+
+
+def _implementations():
+  out = [pytest.param("xla", {}, "float32", id="xla"),
+         pytest.param("pallas_gpu", {"interpret": True}, "float32", id="pallas_gpu")]
+  try:
+    from jax.experimental.pallas import tpu as pltpu
+    out.append(pytest.param("pallas_tpu", {"interpret": pltpu.InterpretParams(
+        out_of_bounds_reads="raise", uninitialized_memory="nan")}, "float32", id="pallas_tpu"))
+  except ImportError:  # pragma: no cover - depends on the installed jax
+    pass
+  out.append(pytest.param("pallas_mgpu", {"interpret": True}, "bfloat16", id="pallas_mgpu",
+                          marks=pytest.mark.slow))
+  return out
+
+
+@pytest.mark.parametrize("implementation, knobs, dtype", _implementations())
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_sees_exactly_the_kept_keys(implementation, knobs, dtype, q_len):
+  """Sinks + holes inside full attention's range: the freed blocks' data (and the null block,
+  NaN here) never reach an output."""
+  bs = 8 if implementation == "pallas_tpu" else 16
+  case = Case((150, 70, 9), block_size=bs, ratio=2, head_dim=64, q_len=q_len, dtype=dtype)
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  tables = np.asarray(cache.block_tables)
+  kept = tables > 0
+  holes = {0: [2, 3, 4, 6], 1: [1, 2]}  # row 2 keeps everything
+  holes = {r: [j * 16 // bs for j in js] for r, js in holes.items()}
+  holed = tables.copy()
+  for r, js in holes.items():
+    for j in js:
+      holed[r, j] = 0
+      kept[r, j] = False
+  cache = cache.replace(block_tables=jnp.asarray(holed))
+  out = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens,
+                           implementation=implementation, **knobs)
+  want = _kept_oracle(q, cache.k_pool, cache.v_pool, layer, tables, kept,
+                      np.asarray(cache.seq_lens), q_lens, case.head_dim ** -0.5, None)
+  atol, rtol = TOLERANCES[jnp.dtype(dtype)]
+  got = np.asarray(out, np.float64)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def test_attention_within_the_window_is_unchanged_by_the_free():
+  cache, _, _ = _fill(_cache(max_len=96), [60, 33, 5])
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((3, 1, 4, 8)), jnp.float32)
+  ids = jnp.arange(3)
+  before = [pk.paged_attention(q, cache, ids, layer, sliding_window=12) for layer in range(2)]
+  cache, freed, _ = pk.free_outside_window(cache, ids, window=12)
+  assert int(freed.sum()) > 0
+  for layer in range(2):
+    after = pk.paged_attention(q, cache, ids, layer, sliding_window=12)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before[layer]), rtol=1e-6,
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the decode loop: exact for a sliding-window model, StreamingLLM for a full-attention one.
+
+
+def _generate_with_eviction(model, params, prompts, steps, evict, bs=4):
+  """Prefill every prompt, then ``steps`` one-step decode loops; returns (tokens per row, peak
+  blocks held per row)."""
+  n = len(prompts)
+  cfg = model.cache_config(num_blocks=80, max_seqs=n, max_seq_len=96, block_size=bs)
+  cache = pk.init_cache(cfg)
+  ids = np.arange(n, dtype=np.int32)
+  cache, _ = pk.allocate_sequences(cache, ids)
+  t = max(len(p) for p in prompts)
+  toks = np.zeros((n, t), np.int32)
+  for i, p in enumerate(prompts):
+    toks[i, :len(p)] = p
+  num = np.asarray([len(p) for p in prompts], np.int32)
+  zeros = np.zeros(n, np.float32)
+  cache, first, _, status = prefill_step(
+      params, cache, toks, ids, num, zeros, np.zeros(n, np.int32), np.ones(n, np.float32),
+      np.stack([make_key(0)] * n), np.zeros(n, np.int32), model=model)
+  assert not np.any(np.asarray(status))
+  state = DecodeState.create([int(x) for x in first], list(ids),
+                             [SamplingParams(max_new_tokens=steps + 1)] * n)
+  outs = [[int(x)] for x in first]
+  peak = [0] * n
+  for _ in range(steps):
+    cache, state, out, done, status = decode_loop(params, cache, state, np.int32(1),
+                                                  max_steps=1, model=model, evict=evict)
+    assert not np.any(np.asarray(status)) and int(done) == 1
+    for i in range(n):
+      outs[i].append(int(out[i, 0]))
+    tables, lens = np.asarray(cache.block_tables), np.asarray(cache.seq_lens)
+    for i in range(n):
+      peak[i] = max(peak[i], int(np.sum(tables[i, :-(-lens[i] // bs)] > 0)))
+  _assert_invariants(cache)
+  return outs, peak
+
+
+def test_sliding_window_model_generates_the_same_tokens_in_o_of_the_window():
+  model = dataclasses.replace(SMALL, sliding_window=8)
+  params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
+  prompts = [[5, 17, 99, 3, 42, 7, 8, 120, 64, 1, 2], [9, 9, 31, 4, 77]]
+  outs, peak = _generate_with_eviction(model, params, prompts, 30, evict=(8, 0))
+  for p, o in zip(prompts, outs, strict=True):
+    assert o == reference_greedy(params, model, p, 31)  # float64 recomputation, no cache
+  assert max(peak) <= -(-8 // 4) + 1  # the window's blocks plus the one being filled
+
+
+def test_attention_sinks_match_a_float64_model_that_sees_the_same_keys():
+  """StreamingLLM on a full-attention model: each query sees its sink blocks and the blocks
+  the window had not yet freed when it ran; a float64 recomputation with that mask (per query
+  position) must give the same greedy tokens, and the held blocks stay bounded."""
+  params = init_params(SMALL, jax.random.PRNGKey(4), scale=2.0)
+  bs, window, sinks = 4, 12, 4
+  prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [27, 18, 28, 18]]
+  steps = 40
+  outs, peak = _generate_with_eviction(SMALL, params, prompts, steps, evict=(window, sinks))
+  assert max(peak) <= -(-window // bs) + 1 + -(-sinks // bs)
+  for prompt, got in zip(prompts, outs, strict=True):
+    P = len(prompt)
+    seq = list(prompt) + [got[0]]
+    for s in range(steps):
+      S = len(seq)
+      qi, ki = np.arange(S)[:, None], np.arange(S)[None, :]
+      # Query q > P ran after the free at length q: blocks with (j + 1) * bs <= q - window
+      # were gone, except the sink blocks; queries up to P saw everything.
+      keep = (qi <= P) | (ki < -(-sinks // bs) * bs) | ((ki // bs + 1) * bs > qi - window)
+      tok = int(np.argmax(reference_logits(params, SMALL, seq, keep=keep)[-1]))
+      assert tok == got[s + 1], (prompt, s)
+      seq.append(tok)
+    assert not keep[-1].all()  # the last queries did not see every key
+
+
+def test_invariants_allow_holes_but_not_a_missing_last_block():
+  cache, _, _ = _fill(_cache(), [20, 9])
+  holed, _, _ = pk.free_outside_window(cache, jnp.array([0]), window=4, donate=False)
+  _assert_invariants(holed)
+  # A null last block (or a hole in a sequence's table with its count still held) is corrupt.
+  tables = np.asarray(holed.block_tables).copy()
+  last = tables[0, 4]
+  tables[0, 4] = 0
+  bad = holed.replace(block_tables=jnp.asarray(tables))
+  assert "tables_match_lengths" in pk.check_invariants(bad).failures()
+  assert "ref_counts_match_tables" in pk.check_invariants(bad).failures()
+  tables[0, 4] = last
+  tables[1, 0] = 0  # a hole whose block still counts a reference
+  bad = holed.replace(block_tables=jnp.asarray(tables))
+  assert "ref_counts_match_tables" in pk.check_invariants(bad).failures()
