@@ -63,7 +63,9 @@ def _assert_invariants(cache):
   assert bool(report.ok), report.failures()
 
 
-@pytest.mark.parametrize("window, sink_tokens", [(8, 0), (5, 0), (1, 0), (12, 4), (9, 6)])
+@pytest.mark.parametrize("window, sink_tokens", [
+    (8, 0), (12, 4), pytest.param(5, 0, marks=pytest.mark.slow),
+    pytest.param(1, 0, marks=pytest.mark.slow), pytest.param(9, 6, marks=pytest.mark.slow)])
 def test_frees_exactly_the_blocks_no_future_query_sees(window, sink_tokens):
   lengths = [37, 6, 20]
   cache, k, v = _fill(_cache(), lengths)
@@ -214,7 +216,8 @@ def _implementations():
   try:
     from jax.experimental.pallas import tpu as pltpu
     out.append(pytest.param("pallas_tpu", {"interpret": pltpu.InterpretParams(
-        out_of_bounds_reads="raise", uninitialized_memory="nan")}, "float32", id="pallas_tpu"))
+        out_of_bounds_reads="raise", uninitialized_memory="nan")}, "float32", id="pallas_tpu",
+        marks=pytest.mark.slow))
   except ImportError:  # pragma: no cover - depends on the installed jax
     pass
   out.append(pytest.param("pallas_mgpu", {"interpret": True}, "bfloat16", id="pallas_mgpu",
@@ -303,6 +306,7 @@ def _generate_with_eviction(model, params, prompts, steps, evict, bs=4):
   return outs, peak
 
 
+@pytest.mark.slow  # the engine test below covers decode_loop(evict=...) by default
 def test_sliding_window_model_generates_the_same_tokens_in_o_of_the_window():
   model = dataclasses.replace(SMALL, sliding_window=8)
   params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
@@ -313,6 +317,7 @@ def test_sliding_window_model_generates_the_same_tokens_in_o_of_the_window():
   assert max(peak) <= -(-8 // 4) + 1  # the window's blocks plus the one being filled
 
 
+@pytest.mark.slow
 def test_attention_sinks_match_a_float64_model_that_sees_the_same_keys():
   """StreamingLLM on a full-attention model: each query sees its sink blocks and the blocks
   the window had not yet freed when it ran; a float64 recomputation with that mask (per query
@@ -353,3 +358,94 @@ def test_invariants_allow_holes_but_not_a_missing_last_block():
   tables[1, 0] = 0  # a hole whose block still counts a reference
   bad = holed.replace(block_tables=jnp.asarray(tables))
   assert "ref_counts_match_tables" in pk.check_invariants(bad).failures()
+
+
+# ---------------------------------------------------------------------------------------------
+# In the engine.
+
+ENGINE_KW = dict(prefill_chunk=8, decode_steps=4, batch_bucket_min=4, bucket_blocks=False,
+                 watermark=0.0)
+
+
+def _serve(model, params, prompts, new, num_blocks, **kw):
+  """Runs an engine to the end; checks after every step that the host's block accounting
+  equals the device's and every invariant holds. Returns (outputs, engine)."""
+  from jax_paged_kv.serving.engine import Engine
+
+  cc = model.cache_config(num_blocks=num_blocks, max_seqs=4, max_seq_len=96, block_size=4)
+  engine = Engine(params, model, cc, **ENGINE_KW, **kw)
+  for p in prompts:
+    engine.add_request(p, SamplingParams(max_new_tokens=new))
+  while engine.has_work:
+    engine.step()
+    assert engine.ledger.free_blocks() == int(engine.cache.allocator.num_free)
+    s = pk.cache_stats(engine.cache)
+    assert engine._usage() == (int(s.tokens_stored), int(s.allocated_slots))
+    _assert_invariants(engine.cache)
+  outs = engine.finished
+  return [outs[i].tokens for i in range(len(prompts))], engine
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 120, 64, 1, 2, 77, 31], [9, 9, 31, 4, 77], [1] * 20]
+
+
+def test_engine_frees_outside_a_sliding_window_model_s_window_by_default():
+  model = dataclasses.replace(SMALL, sliding_window=8)
+  params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
+  got, engine = _serve(model, params, PROMPTS, 40, num_blocks=64)
+  assert engine.evict == (8, 0)
+  off, plain = _serve(model, params, PROMPTS, 40, num_blocks=64, window_eviction=None)
+  assert plain.evict is None and got == off
+  for p, o in zip(PROMPTS, got, strict=True):
+    assert o == reference_greedy(params, model, p, 40)
+  # Three sequences of up to 60 tokens: 45 blocks held at the end without eviction.
+  assert engine.metrics.peak_blocks <= 3 * (-(-8 // 4) + 1 + -(-8 // 4))
+  assert plain.metrics.peak_blocks > 2 * engine.metrics.peak_blocks
+
+
+@pytest.mark.slow
+def test_engine_streams_a_full_attention_model_in_a_pool_too_small_for_it():
+  """StreamingLLM through the engine: 3 sequences of 70 tokens in 20 usable blocks (they
+  need 54 blocks whole) all finish, with the greedy tokens of the float64 model that sees the
+  same keys."""
+  params = init_params(SMALL, jax.random.PRNGKey(4), scale=2.0)
+  window, sinks, bs = 12, 4, 4
+  got, engine = _serve(SMALL, params, PROMPTS, 50, num_blocks=21,
+                       window_eviction=(window, sinks))
+  assert engine.metrics.peak_blocks <= 20
+  for prompt, toks in zip(PROMPTS, got, strict=True):
+    assert len(toks) == 50
+    # Prompt chunks of 8 evict after each chunk too: query q saw the blocks not freed at
+    # the length before its own chunk or step (per query: the last eviction before it ran).
+    P, seq = len(prompt), list(prompt)
+    starts = [c for c in range(0, P, 8)] + list(range(P, P + 50))  # each call's first position
+    for s in range(len(toks)):
+      S = len(seq)
+      ki = np.arange(S)[None, :]
+      run_at = np.asarray([max(c for c in starts if c <= q) for q in range(S)])[:, None]
+      keep = (ki < -(-sinks // bs) * bs) | ((ki // bs + 1) * bs > run_at - window)
+      tok = int(np.argmax(reference_logits(params, SMALL, seq, keep=keep)[-1]))
+      assert tok == toks[s], (prompt, s)
+      seq.append(tok)
+
+
+def test_engine_refuses_eviction_it_cannot_run():
+  from jax_paged_kv.serving.engine import Engine
+
+  cc = SMALL.cache_config(num_blocks=32, max_seqs=2, max_seq_len=64, block_size=4)
+  params = init_params(SMALL, jax.random.PRNGKey(0))
+  assert Engine(params, SMALL, cc).evict is None  # full attention: auto stays off
+  for kw, match in ((dict(enable_prefix_caching=True), "prefix"),
+                    (dict(preemption="swap"), "swap")):
+    with pytest.raises(ValueError, match=match):
+      Engine(params, SMALL, cc, window_eviction=(8, 0), **kw)
+  contiguous = SMALL.cache_config(num_blocks=1 + 2 * 16, max_seqs=2, max_seq_len=64,
+                                  block_size=4, strategy=CacheStrategy.CONTIGUOUS)
+  with pytest.raises(ValueError, match="CONTIGUOUS"):
+    Engine(params, SMALL, contiguous, window_eviction=(8, 0))
+  for bad in ((0, 0), (8, -1), (8.0, 0), "always", (8,)):
+    with pytest.raises(ValueError, match="window_eviction"):
+      Engine(params, SMALL, cc, window_eviction=bad)
+  windowed = dataclasses.replace(SMALL, sliding_window=8)
+  wparams = init_params(windowed, jax.random.PRNGKey(0))
+  assert Engine(wparams, windowed, cc, enable_prefix_caching=True).evict is None  # auto: off

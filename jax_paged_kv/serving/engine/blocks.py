@@ -20,8 +20,11 @@ class BlockLedger:
     config: the cache config.
   """
 
-  def __init__(self, config: CacheConfig):
+  def __init__(self, config: CacheConfig, evict: tuple[int, int] | None = None):
     self.config = config
+    # (window, sink_tokens) when the engine frees blocks outside the window after every call
+    # (free_outside_window): a sequence of n tokens then holds held_at(n) blocks.
+    self.evict = evict
     self.lens = np.zeros(config.max_seqs, np.int64)  # host mirror of seq_lens
     # With prefix caching blocks are shared, so lengths no longer give the free count: the
     # engine reads the device's ``num_free`` after each update instead (a scalar).
@@ -35,17 +38,32 @@ class BlockLedger:
     """Blocks that ``n`` tokens take (elementwise)."""
     return -(-np.asarray(n) // self.config.block_size)
 
+  def freed(self, n) -> np.ndarray:
+    """Blocks of ``n`` tokens that the window eviction has freed (elementwise): ``j`` at or
+    past the sink blocks with ``(j + 1) * block_size <= n - window``."""
+    n = np.asarray(n)
+    if self.evict is None:
+      return np.zeros_like(n)
+    window, sinks = self.evict
+    bs = self.config.block_size
+    past = np.maximum(n - window, 0) // bs  # blocks wholly at or below n - 1 - window
+    return np.maximum(past - -(-sinks // bs), 0)
+
+  def held_at(self, n) -> np.ndarray:
+    """Blocks a sequence of ``n`` tokens holds (elementwise)."""
+    return self.blocks(n) - self.freed(n)
+
   def free_blocks(self) -> int:
     """Blocks not held by any sequence (``CONTIGUOUS``: every slot's slab counts as free)."""
     if not self.paged:
       return self.config.usable_blocks
     if self.device_free is not None:
       return self.device_free
-    return self.config.usable_blocks - int(self.blocks(self.lens).sum())
+    return self.config.usable_blocks - int(self.held_at(self.lens).sum())
 
   def held(self, slot: int) -> int:
     """Blocks sequence ``slot`` holds now."""
-    return int(self.blocks(self.lens[slot]))
+    return int(self.held_at(self.lens[slot]))
 
   def grow(self, slot: int, n: int) -> None:
     self.lens[slot] += n

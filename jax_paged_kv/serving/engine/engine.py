@@ -48,6 +48,7 @@ prompts against its ``vocab_size``, and calls the jitted steps with it.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +67,7 @@ from jax_paged_kv.cache.errors import (
 from jax_paged_kv.cache.ops import (
   allocate_sequences,
   fork_sequence,
+  free_outside_window,
   free_sequences,
   truncate_sequences,
 )
@@ -78,6 +80,7 @@ from jax_paged_kv.models.base import (
   cache_config_for,
   check_cache_fits,
   check_model,
+  layer_windows,
 )
 from jax_paged_kv.serving.decoding import Params, SamplingParams, decode_loop, prefill_step
 from jax_paged_kv.serving.engine.batching import Batcher
@@ -127,6 +130,14 @@ class Engine:
       keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
     preemption: ``"recompute"`` (free the victim's blocks, recompute them later) or ``"swap"``
       (copy them to host memory and back; ``PAGED`` only).
+    window_eviction: free each sequence's blocks outside the attention window after every
+      prefill and decode step (:func:`~jax_paged_kv.free_outside_window`), so a long
+      generation holds ``O(window)`` blocks. ``"auto"`` (default): on when every layer of the
+      model attends within a sliding window (exact: nothing a query can see is freed), with a
+      ``PAGED`` cache and neither prefix caching nor swap preemption (which need whole
+      tables); else off. ``(window, sink_tokens)``: StreamingLLM's token eviction for any
+      model (keeps the first ``sink_tokens`` tokens' blocks; an approximation for layers that
+      attend further, see ``benchmarks/streaming.py``). None: off.
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
@@ -138,7 +149,8 @@ class Engine:
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
                track_stats: bool = True, enable_prefix_caching: bool = False,
-               preemption: str = "recompute"):
+               preemption: str = "recompute",
+               window_eviction: str | tuple[int, int] | None = "auto"):
     cc = cache_config
     check_cache_fits(check_model(model), cc)
     if prefill_chunk < 1 or decode_steps < 1:
@@ -164,7 +176,8 @@ class Engine:
     self.decode_steps = int(decode_steps)
     self.implementation = implementation
     self.track_stats = track_stats
-    self.ledger = BlockLedger(cc)
+    self.evict = _window_eviction(window_eviction, model, cc, enable_prefix_caching, preemption)
+    self.ledger = BlockLedger(cc, self.evict)
     self.scheduler = Scheduler(self.ledger, max_batch=self.max_batch,
                                watermark_blocks=int(watermark * cc.usable_blocks),
                                reserve_ratio=float(reserve_ratio))
@@ -307,9 +320,10 @@ class Engine:
     cc = self.cache_config
     if self.prefix is None:
       lens = self.ledger.lens
+      if cc.strategy is CacheStrategy.PAGED:  # evicted blocks hold no tokens
+        gone = self.ledger.freed(lens) * cc.block_size
+        return int((lens - gone).sum()), int(self.ledger.held_at(lens).sum()) * cc.block_size
       tokens = int(lens.sum())
-      if cc.strategy is CacheStrategy.PAGED:
-        return tokens, int(self.ledger.blocks(lens).sum()) * cc.block_size
       held = len(self.scheduler.running)  # a contiguous slot owns its slab until freed
       return tokens, held * cc.max_blocks_per_seq * cc.block_size
     if self.metrics.steps % self.STATS_EVERY == 1 or not hasattr(self, "_last_usage"):
@@ -377,6 +391,9 @@ class Engine:
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
+    if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
+      self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
+                              sink_tokens=self.evict[1])
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
@@ -484,7 +501,7 @@ class Engine:
     self.cache, state, out, n_steps, status = self._timed(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
-        implementation=self.implementation, max_blocks=mb)
+        implementation=self.implementation, max_blocks=mb, evict=self.evict)
     out, n_steps = np.asarray(out), int(n_steps)
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
@@ -723,3 +740,39 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   if bar:
     bar.close()
   return [outs[i].tokens for i in ids]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sink_tokens"), donate_argnums=0)
+def _evict_jit(cache, seq_ids, *, window, sink_tokens):
+  """:func:`~jax_paged_kv.free_outside_window` for rows the engine just ran (no host sync)."""
+  return free_outside_window(cache, seq_ids, window=window, sink_tokens=sink_tokens)[0]
+
+
+def _window_eviction(option, model, cc: CacheConfig, prefix_caching: bool,
+                     preemption: str) -> tuple[int, int] | None:
+  """Resolves ``Engine(window_eviction=...)`` to ``(window, sink_tokens)`` or None."""
+  blocked = [why for cond, why in (
+      (cc.strategy is not CacheStrategy.PAGED, "a CONTIGUOUS cache (a slot owns its slab)"),
+      (prefix_caching, "enable_prefix_caching (cached prefixes need whole tables)"),
+      (preemption == "swap", "preemption='swap' (swap_out moves whole tables)")) if cond]
+  if option is None:
+    return None
+  if isinstance(option, str):
+    if option != "auto":
+      raise ValueError(f"window_eviction must be 'auto', None or (window, sink_tokens), got "
+                       f"{option!r}")
+    try:
+      windows = layer_windows(model)
+    except (AttributeError, TypeError, ValueError):  # a model without sliding-window fields
+      return None
+    if blocked or not windows or any(w is None for w in windows):
+      return None
+    return max(windows), 0
+  if (not isinstance(option, tuple) or len(option) != 2
+      or not all(isinstance(x, int) and not isinstance(x, bool) for x in option)
+      or option[0] < 1 or option[1] < 0):
+    raise ValueError(f"window_eviction must be (window >= 1, sink_tokens >= 0) ints, got "
+                     f"{option!r}")
+  if blocked:
+    raise ValueError(f"window_eviction={option} does not work with {blocked[0]}")
+  return option

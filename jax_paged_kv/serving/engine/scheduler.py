@@ -81,8 +81,8 @@ class Scheduler:
   def expected_blocks(self, r: Request) -> int:
     """Blocks ``r`` will hold by its end under the ``reserve_ratio`` estimate."""
     left = r.sampling.max_new_tokens - len(r.out.tokens)
-    return int(self.ledger.blocks(len(r.out.prompt) + len(r.out.tokens)
-                                  + math.ceil(self.reserve_ratio * left)))
+    return int(self.ledger.held_at(len(r.out.prompt) + len(r.out.tokens)
+                                   + math.ceil(self.reserve_ratio * left)))
 
   def promised_blocks(self) -> int:
     """Blocks the admitted but not fully prefilled requests will still take."""
