@@ -32,8 +32,8 @@ RESULTS_MD = HERE / "RESULTS.md"
 # Section order in RESULTS.md; any other results/*.json follow, sorted by name.
 CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "reliability",
                   "prefix_cache", "prefix_cache_preemption", "sharding")
-GPU_BENCHMARKS = ("gpu_decode", "gpu_kernel_ab", "decode_step_gpu", "serving_gpu",
-                  "sharding_gpu")
+GPU_BENCHMARKS = ("gpu_decode", "gpu_decode_h200", "gpu_kernel_ab", "decode_step_gpu",
+                  "serving_gpu", "sharding_gpu")
 
 
 # A quick (smoke) run writes its JSON and plots to ``out/``, never over the committed full

@@ -67,12 +67,13 @@ def default_implementation(backend: str | None = None, config: CacheConfig | Non
       sublane tiles per page, ``block_size % 32 == 0`` for 8-bit and int4 pools); other
       caches fall back to ``"xla"``, which takes any geometry. Without a config the backend's
       kernel is named.
-      The Mosaic GPU kernel ``"pallas_mgpu"`` is opt-in: it has passed every case in
-      interpret mode but has never been compiled or run on a GPU (README, kernel table), so a
-      GPU picks the verified Triton kernel ``"pallas_gpu"`` unless the environment variable
-      ``JAX_PAGED_KV_MGPU=1`` is set; then an NVIDIA GPU of compute capability 9.0+ (Hopper
-      and later) with JAX 0.10+ picks ``"pallas_mgpu"`` for the caches it takes (bfloat16 /
-      float16 pools; see :func:`~jax_paged_kv.attention.pallas_mgpu.check_supported`).
+      The Mosaic GPU kernel ``"pallas_mgpu"`` is opt-in: it passes every case compiled on
+      an H200 (JAX 0.11.2) but runs decode at 0.4-0.6x the Triton kernel's speed there
+      (README, kernel table), so a GPU picks the faster Triton kernel ``"pallas_gpu"`` unless
+      the environment variable ``JAX_PAGED_KV_MGPU=1`` is set; then an NVIDIA GPU of compute
+      capability 9.0+ (Hopper and later) with JAX 0.10+ picks ``"pallas_mgpu"`` for the
+      caches it takes (bfloat16 / float16 pools; see
+      :func:`~jax_paged_kv.attention.pallas_mgpu.check_supported`).
 
   Returns:
     ``"pallas_mgpu"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"xla"``.

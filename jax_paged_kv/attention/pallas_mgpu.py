@@ -46,19 +46,28 @@ swizzle width), ``block_size`` a multiple of 8 (the shared-memory tile) that div
 multiple of ``block_k``. int8 / fp8 / int4 caches are rejected at trace time (their pages would
 need dequantising in shared memory before ``wgmma``; ``pallas_gpu`` handles int8 / fp8).
 
-Verification (on CPU, JAX 0.10.2): every shared attention case as bfloat16 (the float32
-originals must raise), the six non-finite-V cases, head_dim 256 with pages larger than a step,
-GQA 20 on a float16 cache, two row tiles of chunked prefill, knob variants with reused stages
-and several splits, and a race-detector run all match the float64 oracle in Mosaic GPU
-interpret mode (``tests/test_attention_pallas_mgpu.py``; most marked slow: each case compiles a
-large interpreted program); the compiled path is lowered for CUDA to a Mosaic GPU kernel on CPU.
+Verification. Compiled on an NVIDIA H200 (JAX 0.11.2, 2026-11-27): every case of
+``tests/test_attention_pallas_mgpu.py`` with ``JAX_PAGED_KV_GPU_COMPILED=1`` (77 passed, the 2
+interpret-only tests skipped; the shared attention cases as bfloat16, the six non-finite-V
+cases, head_dim 256 with pages larger than a step, GQA 20 on a float16 cache, two row tiles of
+chunked prefill, knob variants) against the float64 oracle, and ``benchmarks/gpu_decode.py``'s
+configurations against the XLA reference. On CPU (JAX 0.10.2 and 0.11.2) the same cases run in
+Mosaic GPU interpret mode, with a race-detector run, and the compiled path is lowered for CUDA.
 JAX 0.10's GPU interpret mode lacks two things this kernel uses: ``layout_cast`` has no CPU
 rule (the kernel skips these value no-ops when interpreting) and its ``wgmma`` cannot read a
 transposed operand (``to_range`` takes only indexers: ``AttributeError: 'TransposeTransform'
 object has no attribute 'indices'``); :func:`interpret_params` installs a small shim for that
-one callback on such versions. NOT done: compiling to PTX or running on a GPU, and so any
-measurement of its speed (no GPU was lent to the session that wrote it;
-``benchmarks/gpu_session.sh`` runs its compiled tests and times it).
+one callback on such versions.
+
+Speed (H200, bf16, 32 / 8 heads, head_dim 128, 65k cached tokens per call): 0.31-0.52 of the
+copy ceiling on decode, 0.4-0.6x the Triton kernel and 0.4-0.66x cuDNN; chunked prefill 0.5x
+cuDNN (``benchmarks/RESULTS.md``). So the dispatcher keeps the Triton kernel (``pallas_gpu``)
+and this one is opt-in. Tried on the H200: one wave of programs instead of two (up to 1.38x,
+now the default); copying each split's block-table entries into shared memory first (4-18%
+faster, but some compiled cases then hit ``CUDA_ERROR_ILLEGAL_INSTRUCTION``; not kept). Not
+tried: warp specialisation (a producer warp issuing the TMA copies while two consumer
+warpgroups compute, as in JAX's ``attention_mgpu``), which is where the next gain should be:
+one warpgroup here serialises the copy waits, both ``wgmma`` and the softmax of every step.
 
 Tuning knobs (keyword-only; ``None`` picks :func:`default_knobs`): ``block_k`` (keys per step,
 a multiple of 64 for the ``p @ v`` swizzle; default 128 for ``head_dim <= 128``, else 64),
@@ -87,7 +96,6 @@ _SMS = 132  # streaming multiprocessors of an H100 / H200 SXM
 _SMEM_PER_SM = 228 * 1024  # shared memory of one Hopper SM (227 KiB of it per block)
 _MAX_SPLITS = 32
 _SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block
-_TMA_BOX = 256  # largest extent of one TMA copy along a dimension
 _NO_ROW = -(1 << 30)  # position of a padding row: below every key, so it sees none
 GPU_BACKENDS = ("gpu", "cuda")
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -112,17 +120,6 @@ def _smem(shape, dtype, swizzle=None):
   swizzle = swizzle or _swizzle(shape[-1], itemsize)
   tiling = plgpu.TilingTransform((8, swizzle // itemsize))
   return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
-
-
-def _table_entries(max_blocks: int, block_size: int, block_k: int, k_splits: int) -> int:
-  """Block-table entries one split copies to shared memory: its largest share of steps."""
-  steps = -(-max_blocks * block_size // block_k) + 1  # +1: the first step is aligned down
-  per_split = -(-steps // k_splits)
-  entries = -(-per_split * block_k // block_size) + 1  # +1: a step inside a larger page
-  copies = -(-entries // _TMA_BOX)
-  per_copy = -(-entries // copies)
-  # Equal copies of whole 128-byte pieces (Mosaic GPU copies a multiple of 128 bytes).
-  return copies * (-(-per_copy // 32) * 32)
 
 
 def check_supported(dtype, block_size: int, head_dim: int, *, kv_quant: str | None = None,
@@ -169,7 +166,7 @@ def default_knobs(*, head_dim: int, block_size: int, rows: int, batch: int, kv_h
   stage = 2 * block_k * head_dim * itemsize
   fixed = _ROWS * (head_dim + block_k) * itemsize + _ROWS * 8
   num_stages = max(2, min(4, (_SMEM_BUDGET - fixed) // stage))
-  resident = max(1, _SMEM_PER_SM // (num_stages * stage + fixed + 4 * _TMA_BOX))
+  resident = max(1, _SMEM_PER_SM // (num_stages * stage + fixed))
   steps = -(-max_blocks * block_size // block_k)
   programs = batch * kv_heads * -(-rows // _ROWS)
   k_splits = max(1, min(_SMS * resident // programs, steps, _MAX_SPLITS))
@@ -213,7 +210,6 @@ def _attention_kernel(
     block_k: int,
     num_stages: int,
     k_splits: int,
-    table_copies: int,
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
@@ -228,8 +224,7 @@ def _attention_kernel(
    p_smem,  # [64, block_k]
    lse_smem,  # [64] float32
    rowpos_smem,  # [64] int32
-   table_smem,  # [table_entries] int32: this split's share of the row's block table
-   ), (q_bar, t_bar, k_bar, v_bar) = scratch
+   ), (q_bar, k_bar, v_bar) = scratch
   ht, b, s = lax.axis_index("ht"), lax.axis_index("b"), lax.axis_index("s")
   h, t = ht // tiles, ht % tiles
   head_dim = q_smem.shape[1]
@@ -252,21 +247,12 @@ def _attention_kernel(
   step_lo = jnp.minimum(s * per_split, n_steps)
   n_local = jnp.minimum(step_lo + per_split, n_steps) - step_lo
 
-  # This split's block-table entries, copied once into shared memory: a page's block id is
-  # then a shared-memory read, not a dependent global load before each page's TMA copy.
-  entry0 = (first + step_lo * block_k) // block_size
-  chunk = table_smem.shape[0] // table_copies
-  for c in range(table_copies):
-    plgpu.copy_gmem_to_smem(tables_ref.at[b, pl.ds(entry0 + c * chunk, chunk)],
-                            table_smem.at[pl.ds(c * chunk, chunk)], t_bar.at[0])
-  plgpu.barrier_wait(t_bar.at[0])
-
   def issue(i, slot):
     """Starts the TMA copies of local step ``i``'s pages into stage ``slot``."""
     start = first + (step_lo + i) * block_k
     for p in range(pages):
       key = start + p * page_keys
-      blk = table_smem[key // block_size - entry0]
+      blk = tables_ref[b, key // block_size]
       src = (layer, h, blk, pl.ds(key % block_size, page_keys))
       dst = pl.ds(p * page_keys, page_keys)
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
@@ -356,15 +342,13 @@ def _attention_kernel(
 
 
 def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, block_k,
-                 num_stages, k_splits, table_entries, scale, soft_cap, sliding_window,
-                 interpret):
+                 num_stages, k_splits, scale, soft_cap, sliding_window, interpret):
   batch, kv_heads, rows_padded, head_dim = q.shape
   dtype = k_pool.dtype
-  table_copies = -(-table_entries // _TMA_BOX)
   kernel = functools.partial(
       _attention_kernel, tiles=tiles, block_k=block_k, num_stages=num_stages,
-      k_splits=k_splits, table_copies=table_copies, scale=scale, soft_cap=soft_cap,
-      sliding_window=sliding_window, interpret=interpret)
+      k_splits=k_splits, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+      interpret=interpret)
   pages = block_k // min(k_pool.shape[3], block_k)
 
   def entry(*refs):
@@ -376,10 +360,8 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
          # wgmma wants both operands of p @ v in one swizzle: v's.
          _smem((_ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
          plgpu.SMEM((_ROWS,), jnp.float32),
-         plgpu.SMEM((_ROWS,), jnp.int32),
-         plgpu.SMEM((table_entries,), jnp.int32)),
+         plgpu.SMEM((_ROWS,), jnp.int32)),
         (plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_arrivals=table_copies, num_barriers=1),
          plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages),
          plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages)),
     )
@@ -479,17 +461,12 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
   hi = jnp.where(first_tok[None, :] < q_lens[:, None], hi, 0)
   ranges = jnp.stack([lo, hi], axis=-1)  # [batch, tiles, 2]
   ranges = jnp.tile(ranges, (1, kv_heads, 1))  # [batch, kv_heads * tiles, 2], head-major
-  # Each split copies a fixed number of table entries (enough for its largest share of steps,
-  # in whole TMA boxes): pad the table with null block 0 so that every copy stays inside it
-  # (the steps past a row's range are masked), to a width whose rows are 16-byte aligned.
-  table_entries = _table_entries(max_blocks, block_size, block_k, knobs["k_splits"])
-  width = -(-(max_blocks + table_entries + block_k // block_size + 1) // 4) * 4
-  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, width - max_blocks)))
+  # Room for the last step to read whole pages past the table end (null block 0, masked).
+  tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, max(1, block_k // block_size))))
 
   o, lse = _call_kernel(
       layer, ranges, tables, row_pos, qr, k_pool, v_pool, tiles=tiles, block_k=block_k,
-      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"],
-      table_entries=table_entries, scale=float(scale),
+      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"], scale=float(scale),
       soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
       interpret=interpret)
   o, lse = o[..., :rows, :], lse[..., :rows]
