@@ -31,14 +31,40 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=str)
 
 
+# A compilation cache for this run only: many modules compile the same programs (the same small
+# models, engines and cache ops), and jax.clear_caches() after each module (above) drops the
+# in-memory executables, so later modules and the other xdist worker load them from disk instead
+# of compiling again. The folder is new per run and removed at the end, so no run sees another's
+# executables. JAX_PAGED_KV_TEST_COMPILE_CACHE=0 turns it off.
+COMPILE_CACHE_ENV = "JAX_PAGED_KV_TEST_COMPILE_CACHE_DIR"
+
+
 def pytest_configure(config):
-  """The controller names a folder for the fuzz counts before any xdist worker starts."""
+  """The controller names folders for the fuzz counts and the run's compilation cache before
+  any xdist worker starts (the workers inherit them)."""
   import tempfile
 
   from tests.fuzz_report import ENV
 
   if not hasattr(config, "workerinput"):
     os.environ[ENV] = tempfile.mkdtemp(prefix="pk-fuzz-")
+    if (os.environ.get("JAX_PAGED_KV_TEST_COMPILE_CACHE", "1") != "0"
+        and not jax.config.jax_compilation_cache_dir):
+      os.environ[COMPILE_CACHE_ENV] = tempfile.mkdtemp(prefix="pk-xla-")
+  folder = os.environ.get(COMPILE_CACHE_ENV)
+  if folder and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if not hasattr(config, "workerinput"):
+    import shutil
+
+    folder = os.environ.pop(COMPILE_CACHE_ENV, None)
+    if folder:
+      shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_sessionfinish(session):

@@ -3,6 +3,11 @@
 The interpreter (``pltpu.InterpretParams``) simulates HBM, VMEM, DMAs and semaphores: it raises
 on out-of-bounds reads, fills never-written memory with NaN, and (``detect_races=True``) runs a
 happens-before race detector over DMAs and kernel accesses.
+
+The interpreter is slow on CPU (seconds per case), so the default run keeps a representative
+subset of the shared grid (decode with GQA, window and soft cap in bfloat16, a rejected layout,
+ragged chunked prefill, every quantised format, non-finite V in decode and in a windowed prefill,
+plus the kernel-specific tests below); the rest of the shared grid is marked slow (``-m slow``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tests.attention_cases import (
     DECODE_CASES,
     NONFINITE_V_CASES,
     PREFILL_CASES,
+    QUANT_CASES,
     TOLERANCES,
     AttentionCases,
     Case,
@@ -71,15 +77,41 @@ def _block_size_rejected(case: Case) -> str | None:
   return None
 
 
+def _fast_first(cases, fast):
+  """``cases`` with those in ``fast`` kept in the default run and the rest marked slow."""
+  assert all(c in cases for c in fast), "a fast case is not in the shared grid"
+  return [c if c in fast else pytest.param(c, marks=pytest.mark.slow) for c in cases]
+
+
+# Default run: bfloat16 decode with GQA, soft cap and window; a bfloat16 layout with 8-token
+# pages (rejected at trace time); float32 decode with padding rows and a 513-token row.
+FAST_DECODE = [DECODE_CASES[11], DECODE_CASES[5], DECODE_CASES[6]]
+# Default run: float32 chunked prefill with ragged q_lens (0 included) and GQA 4.
+FAST_PREFILL = [PREFILL_CASES[2]]
+# Default run: the decode case, every format on normal and heavy-tailed data; the chunked
+# prefill case runs slow (quantised prefill stays in test_quantized_nonfinite_v).
+FAST_QUANT = [QUANT_CASES[0]]
+# Default run: non-finite V in decode with a window and in a bfloat16 windowed prefill; the
+# causal and underflow cases also run over several blocks in test_nonfinite_v_over_blocks.
+FAST_NONFINITE = ("decode_window", "inf_window")
+
+
 class TestPallasTPU(AttentionCases):
   implementation = "pallas_tpu"
   knobs = {"interpret": STRICT}
-  decode_cases = DECODE_CASES
-  prefill_cases = PREFILL_CASES
+  decode_cases = _fast_first(DECODE_CASES, FAST_DECODE)
+  prefill_cases = _fast_first(PREFILL_CASES, FAST_PREFILL)
+  quantized_cases = _fast_first(QUANT_CASES, FAST_QUANT)
 
   def unsupported(self, case: Case) -> str | None:
     # f32 pages must be whole [8, 128] tiles, 16-bit pages whole packed [16, 128] tiles.
     return _block_size_rejected(case)
+
+  @pytest.mark.parametrize("pv", [
+      pv if pv.name in FAST_NONFINITE else pytest.param(pv, marks=pytest.mark.slow)
+      for pv in NONFINITE_V_CASES], ids=str)
+  def test_nonfinite_v(self, pv):
+    super().test_nonfinite_v(pv)
 
 
 def test_rejections_are_tested():

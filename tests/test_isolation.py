@@ -13,6 +13,8 @@ callback.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -417,8 +419,9 @@ def _with_unowned(cache, value):
                        v_pool=jnp.where(mask, cache.v_pool, value))
 
 
-def _reads(cache, q, ids, q_lens, window, implementation):
-  """lookup_kv and paged_attention of every slot, under jit (inactive rows read as empty)."""
+@functools.cache
+def _read_fn(window, implementation):
+  """One jitted read per (window, implementation), so each compiles once for the whole test."""
   kw = {"interpret": True} if implementation != "xla" else {}
 
   def read(cache, q, ids, q_lens):
@@ -427,7 +430,12 @@ def _reads(cache, q, ids, q_lens, window, implementation):
                              implementation=implementation, **kw)
     return k, v, out
 
-  return tuple(np.asarray(x) for x in jax.jit(read)(cache, q, ids, q_lens))
+  return jax.jit(read)
+
+
+def _reads(cache, q, ids, q_lens, window, implementation):
+  """lookup_kv and paged_attention of every slot, under jit (inactive rows read as empty)."""
+  return tuple(np.asarray(x) for x in _read_fn(window, implementation)(cache, q, ids, q_lens))
 
 
 @settings(max_examples=12, deadline=None, derandomize=True,

@@ -15,11 +15,14 @@ Regenerate the committed outputs after changing a notebook or the library (cells
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
 
 import pytest
+
+from tests.conftest import COMPILE_CACHE_ENV
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
@@ -42,10 +45,16 @@ def execute(path: pathlib.Path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_its_checks_pass(path):
+def test_notebook_runs_and_its_checks_pass(path, monkeypatch):
   pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")
   pytest.importorskip("matplotlib")
+  # The kernel shares this run's compilation cache (conftest.py), if there is one.
+  folder = os.environ.get(COMPILE_CACHE_ENV)
+  if folder and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", folder)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   nb = execute(path)  # raises CellExecutionError on any failing cell, the final asserts included
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
