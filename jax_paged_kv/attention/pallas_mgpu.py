@@ -46,7 +46,9 @@ swizzle width), ``block_size`` a multiple of 8 (the shared-memory tile) that div
 multiple of ``block_k``. int8 / fp8 / int4 caches are rejected at trace time (their pages would
 need dequantising in shared memory before ``wgmma``; ``pallas_gpu`` handles int8 / fp8).
 
-Verification. Compiled on an NVIDIA H200 (JAX 0.11.2, 2026-11-27): every case of
+Verification. Compiled on an NVIDIA H200 (JAX 0.11.2, 2026-11-27; the masking of holes that
+:func:`~jax_paged_kv.free_outside_window` leaves was added after that run and is checked in
+interpret mode only): every case of
 ``tests/test_attention_pallas_mgpu.py`` with ``JAX_PAGED_KV_GPU_COMPILED=1`` (77 passed, the 2
 interpret-only tests skipped; the shared attention cases as bfloat16, the six non-finite-V
 cases, head_dim 256 with pages larger than a step, GQA 20 on a float16 cache, two row tiles of
