@@ -291,9 +291,12 @@ def _attention_kernel(
     # A null table entry below the length is a hole (a block free_outside_window freed): its
     # keys are gone, masked like keys past the length, and its V rows zeroed below.
     nulls = [tables_ref[b, (start + p * page_keys) // block_size] == 0 for p in range(pages)]
+    # Each hole's page index (-1: not a hole), compared as int32: a scalar bool broadcast to
+    # a register layout does not lower on every JAX version.
+    hole_pages = [jnp.where(null, p, -1) for p, null in enumerate(nulls)]
     visible = (kpos <= row_pos) & (kpos >= lo) & (kpos < hi)
-    for p, null in enumerate(nulls):
-      visible = visible & ~((key_iota // page_keys == p) & null)
+    for hp in hole_pages:
+      visible = visible & (key_iota // page_keys != hp)
     if sliding_window is not None:
       visible = visible & (kpos > row_pos - sliding_window)
     logits = jnp.where(visible, logits, -jnp.inf)
@@ -315,8 +318,8 @@ def _attention_kernel(
       vpos = start + v_row_iota
       v = cast(v_smem[slot], layout)
       keep = (vpos >= lo) & (vpos < hi)
-      for p, null in enumerate(nulls):
-        keep = keep & ~((v_row_iota // page_keys == p) & null)
+      for hp in hole_pages:
+        keep = keep & (v_row_iota // page_keys != hp)
       v_smem[slot] = jnp.where(keep, v, jnp.zeros((), dtype))
 
     plgpu.commit_smem()
