@@ -162,12 +162,16 @@ def test_race_detector_is_live():
     copy.wait()
 
   x = jnp.ones((8, 128), jnp.float32)
-  out = pl.pallas_call(
-      racy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      in_specs=[pl.BlockSpec(memory_space=pallas_tpu._ANY)],
-      scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA(())],
-      interpret=pltpu.InterpretParams(detect_races=True))(x)
-  jax.block_until_ready(out)
+  try:
+    out = pl.pallas_call(
+        racy, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        in_specs=[pl.BlockSpec(memory_space=pallas_tpu._ANY)],
+        scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA(())],
+        interpret=pltpu.InterpretParams(detect_races=True))(x)
+    jax.block_until_ready(out)
+  except Exception as e:  # JAX 0.12's interpreter raises where 0.10 / 0.11 set a flag
+    assert "RACE DETECTED" in str(e), e
+    return
   assert races_found()
 
 
