@@ -1,7 +1,7 @@
 """The main job: a realistic request mix through the engine, paged vs contiguous at equal memory.
 
-Run ``python -m jax_paged_kv.demo`` (CPU, no downloads; a first run took about 3 minutes of CPU
-time on 2 cores, two thirds of it compiling, later runs less). It builds a small random-weight
+Run ``python -m jax_paged_kv.demo`` (CPU, no downloads; a cold first run took under 2 minutes
+of wall time on a quiet 2-core machine, a quarter of it compiling, later runs less). It builds a small random-weight
 Llama-family model, draws 100 requests with prompt and output lengths from a ShareGPT-like
 distribution (log-normal, published means about 161 prompt and 338 output tokens), and serves
 them with continuous batching on a paged cache and on a contiguous cache with the *same KV
