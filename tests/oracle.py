@@ -6,7 +6,7 @@ import numpy as np
 
 
 def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, soft_cap=None,
-                 sliding_window=None):
+                 sliding_window=None, kept=None):
   """Paged attention, one row / head / query at a time, in float64.
 
   Only the keys a query may see (``lo .. pos``, see below) are sliced out; masked keys never
@@ -20,6 +20,8 @@ def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, so
     k_pool, v_pool: ``[layers, kv_heads, num_blocks, block_size, head_dim]``.
     layer: int.
     tables: ``[batch, max_blocks]`` ints; kv_lens, q_lens: ``[batch]`` ints.
+    kept: optional ``bool[batch, max_blocks]``: only keys in kept blocks are seen (the blocks
+      ``free_outside_window`` did not free); their data is read through ``tables``.
 
   Returns:
     ``(out float64[batch, q_len, q_heads, head_dim], lse float64[batch, q_len, q_heads])``.
@@ -43,9 +45,14 @@ def attention_np(q, k_pool, v_pool, layer, tables, kv_lens, q_lens, *, scale, so
     for i in range(int(q_lens[r])):
       pos = n - int(q_lens[r]) + i
       lo = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
+      sel = np.arange(lo, pos + 1)
+      if kept is not None:
+        sel = sel[np.asarray(kept[r])[sel // bs]]
+      if not sel.size:
+        continue
       for h in range(qh):
-        K = keys_r[h // g, lo:pos + 1]
-        V = vals_r[h // g, lo:pos + 1]
+        K = keys_r[h // g, sel]
+        V = vals_r[h // g, sel]
         s = K @ q[r, i, h] * scale
         if soft_cap is not None:
           s = soft_cap * np.tanh(s / soft_cap)

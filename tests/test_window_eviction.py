@@ -26,6 +26,7 @@ from jax_paged_kv.serving.decoding import (
 from tests.attention_cases import TOLERANCES, Case, build_case
 from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy, reference_logits
+from tests.oracle import attention_np
 
 
 def _cache(strategy=CacheStrategy.PAGED, num_blocks=64, max_seqs=3, bs=4, max_len=96,
@@ -182,34 +183,6 @@ def test_bad_input_is_refused_and_changes_nothing():
 # Attention reads exactly the kept keys, in every implementation.
 
 
-def _kept_oracle(q, k_pool, v_pool, layer, tables, kept, kv_lens, q_lens, scale, window):
-  """float64 attention over the keys whose block is kept (``kept[r, j]``), by position."""
-  q = np.asarray(q, np.float64)
-  kp = np.asarray(k_pool, np.float64)[layer]
-  vp = np.asarray(v_pool, np.float64)[layer]
-  b, q_len, qh, d = q.shape
-  kvh, _, bs, _ = kp.shape
-  g = qh // kvh
-  out = np.zeros((b, q_len, qh, d))
-  for r in range(b):
-    n, m = int(kv_lens[r]), int(q_lens[r])
-    for i in range(m):
-      pos = n - m + i
-      keys = [p for p in range(pos + 1) if kept[r, p // bs]
-              and (window is None or p > pos - window)]
-      if not keys:
-        continue
-      blk = [tables[r, p // bs] for p in keys]
-      off = [p % bs for p in keys]
-      for h in range(qh):
-        kk = kp[h // g, blk, off]  # [n_keys, d]
-        vv = vp[h // g, blk, off]
-        s = kk @ q[r, i, h] * scale
-        w = np.exp(s - s.max())
-        out[r, i, h] = (w / w.sum()) @ vv
-  return out
-
-
 def _implementations():
   out = [pytest.param("xla", {}, "float32", id="xla"),
          pytest.param("pallas_gpu", {"interpret": True}, "float32", id="pallas_gpu")]
@@ -245,8 +218,9 @@ def test_attention_sees_exactly_the_kept_keys(implementation, knobs, dtype, q_le
   cache = cache.replace(block_tables=jnp.asarray(holed))
   out = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens,
                            implementation=implementation, **knobs)
-  want = _kept_oracle(q, cache.k_pool, cache.v_pool, layer, tables, kept,
-                      np.asarray(cache.seq_lens), q_lens, case.head_dim ** -0.5, None)
+  want, _ = attention_np(q, cache.k_pool, cache.v_pool, layer, tables,
+                         np.asarray(cache.seq_lens), q_lens, scale=case.head_dim ** -0.5,
+                         kept=kept)
   atol, rtol = TOLERANCES[jnp.dtype(dtype)]
   got = np.asarray(out, np.float64)
   assert np.isfinite(got).all()
