@@ -216,8 +216,7 @@ def impl_mgpu(x: Inputs, interpret: bool, **knobs):
 
 def mgpu_sweep_grid(knobs: dict) -> list[dict]:
   """Variants of the Mosaic GPU kernel's default knobs (``--sweep``)."""
-  bk, st, ks = knobs["block_k"], knobs["num_stages"], knobs["k_splits"]
-  del bk, st
+  ks = knobs["k_splits"]
   grid = [dict(block_k=64, num_stages=2), dict(block_k=64, num_stages=4),
           dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2), dict(k_splits=ks * 4)]
   out, seen = [], {tuple(sorted(knobs.items()))}

@@ -1,11 +1,11 @@
 """The main job: a realistic request mix through the engine, paged vs contiguous at equal memory.
 
-Run ``python -m jax_paged_kv.demo`` (CPU, no downloads; a cold first run took under 2 minutes
-of wall time on a quiet 2-core machine, a quarter of it compiling, later runs less). It builds a small random-weight
-Llama-family model, draws 100 requests with prompt and output lengths from a ShareGPT-like
-distribution (log-normal, published means about 161 prompt and 338 output tokens), and serves
-them with continuous batching on a paged cache and on a contiguous cache with the *same KV
-memory*, twice:
+Run ``python -m jax_paged_kv.demo`` (CPU, no downloads; a cold first run took under 2 minutes of
+wall time on a quiet 2-core machine, a quarter of it compiling, later runs less). It builds a
+small random-weight Llama-family model, draws 100 requests with prompt and output lengths from a
+ShareGPT-like distribution (log-normal, published means about 161 prompt and 338 output tokens),
+and serves them with continuous batching on a paged cache and on a contiguous cache with the
+*same KV memory*, twice:
 
 1. **Capacity**: every request queued at once. Reports generated tokens/s (compile time
    excluded), peak and mean concurrent sequences and KV memory utilisation (tokens stored /

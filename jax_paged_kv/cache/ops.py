@@ -910,14 +910,19 @@ def _window_impl(cache: PagedKVCache, seq_ids: Array, *, window: int, sink_token
   # token stay; so does every block whose entry is already null (freed before).
   gone = (rows[:, None] & (j[None, :] >= -(-sink_tokens // bs))
           & ((j[None, :] + 1) * bs <= (lens - window)[:, None]) & (tables != NULL_BLOCK))
-  alloc = alloc_lib.release_blocks(cache.allocator, tables, gone)
-  idx = _drop_index(rows, sid, cfg.max_seqs)
   freed = jnp.sum(gone, axis=1, dtype=jnp.int32)
-  return cache.replace(
-      allocator=alloc,
-      block_tables=cache.block_tables.at[idx].set(jnp.where(gone, NULL_BLOCK, tables),
-                                                  mode="drop"),
-  ), freed, status
+
+  def release(cache):
+    idx = _drop_index(rows, sid, cfg.max_seqs)
+    return cache.replace(
+        allocator=alloc_lib.release_blocks(cache.allocator, tables, gone),
+        block_tables=cache.block_tables.at[idx].set(jnp.where(gone, NULL_BLOCK, tables),
+                                                    mode="drop"))
+
+  # Called after every decode step, a block becomes freeable once in block_size steps: the
+  # release (a sort of the rows' table entries) runs only in steps that free one.
+  cache = jax.lax.cond(jnp.any(gone), release, lambda c: c, cache)
+  return cache, freed, status
 
 
 _free_window = _eager_or_traced(_window_impl, "free_outside_window",
