@@ -174,9 +174,58 @@ def test_bad_input_is_refused_and_changes_nothing():
   contiguous, _, _ = _fill(_cache(CacheStrategy.CONTIGUOUS, num_blocks=1 + 3 * 24), [20])
   with pytest.raises(pk.CacheShapeError, match="PAGED"):
     pk.free_outside_window(contiguous, jnp.array([0]), window=4)
-  holed, _, _ = pk.free_outside_window(cache, jnp.array([0]), window=4, donate=False)
-  with pytest.raises(pk.CacheShapeError, match="free_outside_window"):
-    pk.swap_out(holed, 0, donate=False)
+
+
+@pytest.mark.parametrize("kv_quant", [None, "int8"])
+def test_swap_moves_only_the_held_blocks_and_restores_the_holes(kv_quant):
+  """A window-evicted sequence swaps out only the blocks it holds and comes back with the same
+  holes, bitwise (oracle: the cache before the swap, read by lookup_kv and by the pools)."""
+  cfg = dataclasses.replace(_cache().config, kv_quant=kv_quant)
+  cache, _, _ = _fill(pk.init_cache(cfg), [37, 9])
+  cache, _, _ = pk.free_outside_window(cache, jnp.array([0, 1]), window=8, sink_tokens=5)
+  table = np.asarray(cache.block_tables[0])
+  held = [j for j in range(10) if table[j] != 0]
+  assert held == [0, 1, 7, 8, 9]  # sinks 0-1 (5 tokens), window: blocks with keys >= 28
+  k0, v0, _ = pk.lookup_kv(cache, jnp.array([0]), 1)
+  pools0 = {n: np.asarray(getattr(cache, n))[:, :, table[held]]
+            for n in ("k_pool", "v_pool", "k_scale", "v_scale") if getattr(cache, n) is not None}
+  free0 = int(cache.allocator.num_free)
+
+  cache, sw = pk.swap_out(cache, 0)
+  assert (sw.num_blocks, sw.width, sw.seq_len) == (5, 8, 37)
+  assert sw.positions.tolist() == held
+  assert int(cache.allocator.num_free) == free0 + 5
+  _assert_invariants(cache)
+  # The freed blocks change hands, then the sequence comes back in another slot.
+  cache, _ = pk.allocate_sequences(cache, jnp.array([0]))
+  x = jnp.ones((cfg.num_layers, 1, 6, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+  cache, _ = pk.append_kv(cache, x, -x, jnp.array([0]))
+  cache, status = pk.swap_in(cache, 2, sw)
+  assert not np.any(np.asarray(status))
+  _assert_invariants(cache)
+  new = np.asarray(cache.block_tables[2])
+  assert [j for j in range(cfg.max_blocks_per_seq) if new[j] != 0] == held
+  assert int(cache.seq_lens[2]) == 37 and int(cache.allocator.num_free) == free0 - 2
+  for n, x in pools0.items():
+    np.testing.assert_array_equal(np.asarray(getattr(cache, n))[:, :, new[held]], x)
+  k2, v2, _ = pk.lookup_kv(cache, jnp.array([2]), 1)
+  np.testing.assert_array_equal(np.asarray(k2), np.asarray(k0))
+  np.testing.assert_array_equal(np.asarray(v2), np.asarray(v0))
+
+  # Positions that do not describe a sequence are refused; under jit nothing changes.
+  cache, _ = pk.free_sequences(cache, jnp.array([2]))
+  for positions in ([0, 1, 7, 8, 10], [0, 1, 8, 7, 9], [0, 1, 7, 8, 8]):  # last block a hole,
+    bad = dataclasses.replace(sw, positions=np.asarray(positions, np.int32))  # out of order
+    with pytest.raises(pk.InvalidCountError):
+      pk.swap_in(cache, 2, bad, donate=False)
+    data = {n: jnp.asarray(x) for n, x in bad.blocks.items()}
+    pos = jnp.asarray(positions + [-1] * 3, jnp.int32)
+    out, status = jax.jit(pk.cache.swap._swap_in_impl)(cache, jnp.array([2]), jnp.array([37]),
+                                                       data, pos)
+    assert int(status[0]) == Status.INVALID_COUNT
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cache),
+                    strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +402,9 @@ def _serve(model, params, prompts, new, num_blocks, **kw):
   while engine.has_work:
     engine.step()
     assert engine.ledger.free_blocks() == int(engine.cache.allocator.num_free)
-    s = pk.cache_stats(engine.cache)
-    assert engine._usage() == (int(s.tokens_stored), int(s.allocated_slots))
+    if engine.prefix is None:  # with prefix caching the engine samples cache_stats
+      s = pk.cache_stats(engine.cache)
+      assert engine._usage() == (int(s.tokens_stored), int(s.allocated_slots))
     _assert_invariants(engine.cache)
   outs = engine.finished
   return [outs[i].tokens for i in range(len(prompts))], engine
@@ -409,10 +459,6 @@ def test_engine_refuses_eviction_it_cannot_run():
   cc = SMALL.cache_config(num_blocks=32, max_seqs=2, max_seq_len=64, block_size=4)
   params = init_params(SMALL, jax.random.PRNGKey(0))
   assert Engine(params, SMALL, cc).evict is None  # full attention: auto stays off
-  for kw, match in ((dict(enable_prefix_caching=True), "prefix"),
-                    (dict(preemption="swap"), "swap")):
-    with pytest.raises(ValueError, match=match):
-      Engine(params, SMALL, cc, window_eviction=(8, 0), **kw)
   contiguous = SMALL.cache_config(num_blocks=1 + 2 * 16, max_seqs=2, max_seq_len=64,
                                   block_size=4, strategy=CacheStrategy.CONTIGUOUS)
   with pytest.raises(ValueError, match="CONTIGUOUS"):
@@ -422,4 +468,67 @@ def test_engine_refuses_eviction_it_cannot_run():
       Engine(params, SMALL, cc, window_eviction=bad)
   windowed = dataclasses.replace(SMALL, sliding_window=8)
   wparams = init_params(windowed, jax.random.PRNGKey(0))
-  assert Engine(wparams, windowed, cc, enable_prefix_caching=True).evict is None  # auto: off
+  for kw in (dict(enable_prefix_caching=True), dict(preemption="swap")):
+    assert Engine(wparams, windowed, cc, **kw).evict == (8, 0)  # auto: on with both
+
+
+def test_engine_evicts_with_swap_preemption_and_prefix_caching(monkeypatch):
+  """A sliding-window model with swap preemption and prefix caching: requests sharing a prompt
+  block hit it while its holder has no holes; a request preempted once its table has holes
+  swaps out only the blocks it holds and comes back with its holes; every request gives the
+  float64 model's greedy tokens, and host and device block counts agree after every step."""
+  from jax_paged_kv.serving.engine import Engine
+  from jax_paged_kv.serving.engine import engine as engine_mod
+
+  swapped = []
+
+  def recording_swap_out(cache, seq_id, **kw):
+    cache, sw = pk.swap_out(cache, seq_id, **kw)
+    swapped.append(sw)
+    return cache, sw
+
+  monkeypatch.setattr(engine_mod, "swap_out", recording_swap_out)
+  model = dataclasses.replace(SMALL, sliding_window=8)
+  params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
+  prompts = [[5, 17, 99, 3, 42, 7], [5, 17, 99, 3, 8, 8, 1], [9, 9, 31, 4, 77], [1] * 7]
+  cc = model.cache_config(num_blocks=12, max_seqs=4, max_seq_len=96, block_size=4)
+  engine = Engine(params, model, cc, preemption="swap", enable_prefix_caching=True,
+                  reserve_ratio=0.0, **ENGINE_KW)
+  assert engine.evict == (8, 0)
+  for p in prompts:
+    engine.add_request(p, SamplingParams(max_new_tokens=40))
+  preempted = False
+  while engine.has_work:
+    engine.step()
+    newest = max(engine.scheduler.running, key=lambda r: r.admit_order, default=None)
+    if (not preempted and newest is not None
+        and engine.ledger.freed(engine.ledger.lens[newest.slot]) > 0):
+      engine._preempt()  # the engine's own preemption path, at a moment with holes
+      preempted = True
+    assert engine.ledger.free_blocks() == int(engine.cache.allocator.num_free)
+    _assert_invariants(engine.cache)
+  got = [engine.finished[i].tokens for i in range(len(prompts))]
+  for p, o in zip(prompts, got, strict=True):
+    assert o == reference_greedy(params, model, p, 40)
+  assert engine.metrics.cached_prompt_tokens > 0
+  holed = [sw for sw in swapped if sw.positions is not None]
+  assert holed and all(sw.num_blocks <= -(-8 // 4) + 1 for sw in holed)  # O(window)
+  assert all(sw.positions[0] > 0 for sw in holed)
+  engine.reset_prefix_cache()
+  assert int(engine.cache.allocator.num_free) == cc.usable_blocks
+
+
+@pytest.mark.slow
+def test_streaming_sinks_are_shared_by_prefix_caching():
+  """StreamingLLM with prefix caching: the sink blocks stay registered after the window frees
+  the blocks behind them, so requests sharing the first ``sink_tokens`` tokens share them; the
+  tokens equal the same engine without prefix caching (prompt chunks start at the same
+  positions, so every query sees the same keys)."""
+  params = init_params(SMALL, jax.random.PRNGKey(4), scale=2.0)
+  head = [3, 1, 4, 1, 5, 9, 2, 6]  # the two sink blocks
+  prompts = [head + [5, 3, 5, 8, 9, 7, 9, 3, 2, 3], head + [27, 18, 28], head + [1] * 12]
+  kw = dict(window_eviction=(12, 8), num_blocks=40)
+  off, _ = _serve(SMALL, params, prompts, 30, **kw)
+  on, engine = _serve(SMALL, params, prompts, 30, enable_prefix_caching=True, **kw)
+  assert on == off
+  assert engine.metrics.cached_prompt_tokens >= 2 * len(head)

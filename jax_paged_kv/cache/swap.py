@@ -14,6 +14,10 @@ already, so a swap there is a memcpy either way.
 The copies move ``width`` blocks, the sequence's block count rounded up to a power of two (at
 most the table width), so one compiled gather and one compiled scatter serve every length in a
 bucket; entries past the sequence's blocks are never written back.
+
+A sequence with *holes* (blocks :func:`~jax_paged_kv.free_outside_window` freed) swaps only the
+blocks it still holds, with their table positions: it comes back with the same holes, so a
+window-evicting sequence moves O(window) blocks each way, however long it is.
 """
 
 from __future__ import annotations
@@ -57,15 +61,18 @@ class SwappedSequence:
       place of ``num_blocks``: e.g. ``k_pool`` ``[layers, kv_heads, width, block_size,
       head_dim]``. Entries ``[:, :, :num_blocks]`` are the sequence's blocks in table order.
     seq_len: tokens the sequence held.
-    num_blocks: blocks it held, ``ceil(seq_len / block_size)``.
+    num_blocks: blocks it held: ``ceil(seq_len / block_size)`` less its holes.
     memory_kind: the JAX memory kind the data lives in (``"pinned_host"``), or None for NumPy
       arrays.
+    positions: ``int32[num_blocks]``, the table position of each swapped block, or None when
+      the sequence had no holes (block ``j`` at position ``j``).
   """
 
   blocks: dict[str, Array | np.ndarray]
   seq_len: int
   num_blocks: int
   memory_kind: str | None
+  positions: np.ndarray | None = None
 
   @property
   def width(self) -> int:
@@ -132,8 +139,7 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
 
   Raises:
     InvalidSlotError, InactiveSlotError: ``seq_id`` names no active slot (nothing changes).
-    CacheShapeError: a ``CONTIGUOUS`` cache, a call inside ``jit``, or a sequence with blocks
-      :func:`~jax_paged_kv.free_outside_window` freed.
+    CacheShapeError: a ``CONTIGUOUS`` cache, or a call inside ``jit``.
   """
   _check_paged(cache, "swap_out")
   ids = as_ids(seq_id).reshape(1)
@@ -144,13 +150,12 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
   sid = int(ids[0])
   lens, tables = jax.device_get((cache.seq_lens, cache.block_tables))  # small: one copy
   seq_len, table = int(lens[sid]), tables[sid]
-  n = -(-seq_len // cfg.block_size)
-  if np.any(table[:n] == NULL_BLOCK):
-    raise CacheShapeError(f"swap_out: sequence {sid} has blocks free_outside_window freed; "
-                          "swapping such a sequence is not supported (nothing changed)")
+  held = np.flatnonzero(table[:-(-seq_len // cfg.block_size)] != NULL_BLOCK).astype(np.int32)
+  n = len(held)  # blocks held: holes (free_outside_window) are not swapped
   width = swap_width(cfg, n)
   blocks = np.full(width, NULL_BLOCK, np.int32)
-  blocks[:n] = table[:n]
+  blocks[:n] = table[held]
+  positions = None if n == 0 or held[-1] == n - 1 else held
   data = _gather(_leaves(cache), jnp.asarray(blocks))
   if memory_kind == "auto":
     memory_kind = host_memory_kind(cache)
@@ -160,17 +165,27 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
     host = {k: jax.device_put(x, x.sharding.with_memory_kind(memory_kind))
             for k, x in data.items()}
   cache, _ = free_sequences(cache, ids, donate=donate)
-  return cache, SwappedSequence(host, seq_len, n, memory_kind)
+  return cache, SwappedSequence(host, seq_len, n, memory_kind, positions)
 
 
-def _swap_in_impl(cache: PagedKVCache, seq_ids: Array, seq_lens: Array, data: dict[str, Array]):
+def _swap_in_impl(cache: PagedKVCache, seq_ids: Array, seq_lens: Array, data: dict[str, Array],
+                  positions: Array):
   cfg = cache.config
   bs = cfg.block_size
   width = data["k_pool"].shape[2]
   sid, pad, status = _row_checks(cache, seq_ids, want_active=False)  # [1]
   n = jnp.where(pad, 0, seq_lens)
-  need = _ceil_div(n, bs)
-  status = jnp.where((status == 0) & ((n < 0) | (need > width)), Status.INVALID_COUNT, status)
+  # positions[i]: table position of data block i; -1 past the swapped blocks.
+  valid = positions >= 0  # [width]
+  need = jnp.where(pad, 0, jnp.sum(valid, dtype=jnp.int32))  # [1]
+  nb = _ceil_div(n, bs)
+  last = jnp.max(jnp.where(valid, positions, -1))
+  # The blocks fill positions below nb, in increasing order, the last block included (a hole
+  # is never a sequence's last block).
+  ordered = jnp.all(jnp.where(valid[1:], positions[1:] > positions[:-1], True)) & jnp.all(
+      valid[1:] <= valid[:-1])
+  bad = (n < 0) | ~ordered | (last != nb - 1) | (need > width)
+  status = jnp.where((status == 0) & bad, Status.INVALID_COUNT, status)
   status = jnp.where((status == 0) & (n > cfg.max_seq_len), Status.SEQUENCE_TOO_LONG, status)
   ok_rows = jnp.all(status == 0)
   need = jnp.where(ok_rows & ~pad, need, 0)
@@ -183,29 +198,31 @@ def _swap_in_impl(cache: PagedKVCache, seq_ids: Array, seq_lens: Array, data: di
   leaves = {name: getattr(cache, name).at[:, :, dst].set(x, mode="drop")
             for name, x in data.items()}
   idx = _drop_index(rows, sid, cfg.max_seqs)
+  pos = jnp.where(write[0], positions, cfg.max_blocks_per_seq)  # holes stay NULL_BLOCK
   failed = cache.telemetry.failed_allocations + (ok_rows & ~enough).astype(jnp.int32)
   return cache.replace(
       **leaves,
       allocator=alloc,
-      block_tables=cache.block_tables.at[idx[:, None], k[None, :]].set(new_blocks, mode="drop"),
+      block_tables=cache.block_tables.at[idx[:, None], pos[None, :]].set(new_blocks,
+                                                                         mode="drop"),
       seq_lens=cache.seq_lens.at[idx].set(n, mode="drop"),
       active=cache.active.at[idx].set(True, mode="drop"),
       telemetry=Telemetry(failed),
   ), status
 
 
-def _swap_in_context(cache, seq_ids, seq_lens, data):
+def _swap_in_context(cache, seq_ids, seq_lens, data, positions):
   width = data["k_pool"].shape[2]
   return {
       Status.INVALID_COUNT: (
-          "seq_len={seq_len} is negative or needs more than the {width} blocks swapped",
+          "seq_len={seq_len} is negative or does not match the {width} blocks swapped and "
+          "their table positions",
           lambda row: {"seq_len": seq_lens[row], "width": width}),
       Status.SEQUENCE_TOO_LONG: ("seq_len={seq_len} > max_seq_len={max_seq_len}",
                                  lambda row: {"seq_len": seq_lens[row],
                                               "max_seq_len": cache.config.max_seq_len}),
       Status.POOL_EXHAUSTED: ("it needs {needed} blocks, {free} are free",
-                              lambda row: {"needed": _ceil_div(seq_lens[row],
-                                                               cache.config.block_size),
+                              lambda row: {"needed": int(np.sum(np.asarray(positions) >= 0)),
                                            "free": cache.allocator.num_free}),
   }
 
@@ -255,4 +272,7 @@ def swap_in(cache: PagedKVCache, seq_id, swapped: SwappedSequence, *, donate: bo
     kind = cache.k_pool.sharding.memory_kind
     data = {k: jax.device_put(x, x.sharding.with_memory_kind(kind)) for k, x in data.items()}
   seq_lens = jnp.asarray([swapped.seq_len], jnp.int32)
-  return _swap_in(cache, ids, seq_lens, data, donate=donate)
+  positions = np.full(width, -1, np.int32)
+  n = swapped.num_blocks
+  positions[:n] = np.arange(n) if swapped.positions is None else swapped.positions
+  return _swap_in(cache, ids, seq_lens, data, jnp.asarray(positions), donate=donate)

@@ -53,6 +53,20 @@ class BlockLedger:
     """Blocks a sequence of ``n`` tokens holds (elementwise)."""
     return self.blocks(n) - self.freed(n)
 
+  def peak_need(self, total: int, chunk: int) -> int:
+    """Most blocks a sequence growing to ``total`` tokens holds at once, counting each call's
+    growth before the window eviction runs: a prefill chunk of up to ``chunk`` tokens from any
+    block boundary (prefix hits and recomputation start chunks there), or one decode step. Is
+    ``blocks(total)`` without eviction."""
+    if self.evict is None:
+      return int(self.blocks(total))
+    bs = self.config.block_size
+    p = np.arange(0, total, bs)
+    n = np.arange(total)
+    chunks = self.held_at(p) + self.blocks(np.minimum(p + chunk, total)) - self.blocks(p)
+    steps = self.held_at(n) + self.blocks(n + 1) - self.blocks(n)
+    return int(max(chunks.max(initial=0), steps.max(initial=0)))
+
   def free_blocks(self) -> int:
     """Blocks not held by any sequence (``CONTIGUOUS``: every slot's slab counts as free)."""
     if not self.paged:

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.config import NULL_BLOCK, CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import (
   PoolExhaustedError,
   SequenceTooLongError,
@@ -133,11 +133,13 @@ class Engine:
     window_eviction: free each sequence's blocks outside the attention window after every
       prefill and decode step (:func:`~jax_paged_kv.free_outside_window`), so a long
       generation holds ``O(window)`` blocks. ``"auto"`` (default): on when every layer of the
-      model attends within a sliding window (exact: nothing a query can see is freed), with a
-      ``PAGED`` cache and neither prefix caching nor swap preemption (which need whole
-      tables); else off. ``(window, sink_tokens)``: StreamingLLM's token eviction for any
-      model (keeps the first ``sink_tokens`` tokens' blocks; an approximation for layers that
-      attend further, see ``benchmarks/streaming.py``). None: off.
+      model attends within a sliding window (exact: nothing a query can see is freed) and the
+      cache is ``PAGED``; else off. It works with prefix caching (a sequence keeps only the
+      blocks before its first freed block registered, so with ``sink_tokens`` its sink blocks
+      stay shareable) and swap preemption (only the blocks still held are swapped).
+      ``(window, sink_tokens)``: StreamingLLM's token eviction for any model (keeps the first
+      ``sink_tokens`` tokens' blocks; an approximation for layers that attend further, see
+      ``benchmarks/streaming.py``). None: off.
   """
 
   def __init__(self, params: Params, model: Model, cache_config: CacheConfig, *,
@@ -176,7 +178,7 @@ class Engine:
     self.decode_steps = int(decode_steps)
     self.implementation = implementation
     self.track_stats = track_stats
-    self.evict = _window_eviction(window_eviction, model, cc, enable_prefix_caching, preemption)
+    self.evict = _window_eviction(window_eviction, model, cc)
     self.ledger = BlockLedger(cc, self.evict)
     self.scheduler = Scheduler(self.ledger, max_batch=self.max_batch,
                                watermark_blocks=int(watermark * cc.usable_blocks),
@@ -234,7 +236,8 @@ class Engine:
     Raises:
       ValueError: an empty prompt or a token outside ``[0, vocab_size)``.
       SequenceTooLongError: ``len(prompt) + max_new_tokens > max_seq_len``.
-      PoolExhaustedError: the sequence could never fit in the pool, even alone.
+      PoolExhaustedError: the sequence could never fit in the pool, even alone (with the
+        window eviction: the blocks it holds at once, see ``BlockLedger.peak_need``).
     """
     sampling = sampling or SamplingParams()
     prompt = [int(t) for t in prompt]
@@ -250,11 +253,11 @@ class Engine:
           f"add_request: {len(prompt)} prompt tokens + max_new_tokens="
           f"{sampling.max_new_tokens} > max_seq_len={cc.max_seq_len}",
           status=Status.SEQUENCE_TOO_LONG)
-    if (cc.strategy is CacheStrategy.PAGED
-        and math.ceil(total / cc.block_size) > cc.usable_blocks):
+    need = self.ledger.peak_need(total, self.prefill_chunk)
+    if cc.strategy is CacheStrategy.PAGED and need > cc.usable_blocks:
       raise PoolExhaustedError(
-          f"add_request: {total} tokens need {math.ceil(total / cc.block_size)} blocks, the "
-          f"pool has {cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
+          f"add_request: {total} tokens need {need} blocks at once, the pool has "
+          f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     rid = self._next_id
     self._next_id += 1
     req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
@@ -404,7 +407,7 @@ class Engine:
       self.ledger.grow(r.slot, n)
       self.metrics.prompt_tokens += n
       if self.prefix is not None:
-        self.prefix.register(r.slot, r.context, r.cache_salt, r.prefilled)
+        self._register(r, r.context, r.prefilled)
     self._note_peak()
     for i, (r, _) in enumerate(rows):
       if not r.prefilling:
@@ -432,7 +435,7 @@ class Engine:
     tables, lens = jax.device_get((self.cache.block_tables, self.cache.seq_lens))  # one copy
     tables = tables[slots]  # [running, table_width]
     nb = self.ledger.blocks(lens[slots])  # [running]
-    held = np.arange(tables.shape[1])[None, :] < nb[:, None]
+    held = (np.arange(tables.shape[1])[None, :] < nb[:, None]) & (tables != NULL_BLOCK)
     m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
   def _emit(self, r: Request, toks: Iterable[int]) -> bool:
@@ -514,8 +517,7 @@ class Engine:
       r_toks[r.slot] = toks
       self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
       if self.prefix is not None:
-        self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
-                             int(self.ledger.lens[r.slot]))
+        self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
     self._note_peak()  # the blocks the rows grew into, before the finished ones are freed
     for r in reqs:
       if self._emit(r, r_toks[r.slot]):
@@ -536,6 +538,18 @@ class Engine:
     """Reads the device's free block count (prefix caching: blocks are shared)."""
     if self.prefix is not None:
       self.ledger.device_free = int(self.cache.allocator.num_free)
+
+  def _register(self, r: Request, tokens, written: int) -> None:
+    """Registers ``r``'s full written blocks in the prefix index. Once the window eviction has
+    made holes in its table (from the first block past the sinks), only the blocks before the
+    first hole stay registered: a prefix hit forks the holder's table, which must hold every
+    block up to the hit."""
+    cap = None
+    if self.evict is not None and self.ledger.freed(self.ledger.lens[r.slot]) > 0:
+      cap = -(-self.evict[1] // self.cache_config.block_size)  # the sink blocks
+      if self.prefix.registered(r.slot) > cap:
+        self.prefix.unregister(r.slot, cap)
+    self.prefix.register(r.slot, tokens, r.cache_salt, written, max_blocks=cap)
 
   def _match(self, r: Request) -> tuple[int, int]:
     """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
@@ -568,8 +582,7 @@ class Engine:
       r.swapped = None
       if self.prefix is not None:
         r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
-        self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt,
-                             int(self.ledger.lens[r.slot]))
+        self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
         self._sync_free()
       return
     if self.prefix is None:
@@ -587,7 +600,7 @@ class Engine:
       self.cache, _ = truncate_sequences(self.cache, slot, np.int32(extra))
     self.ledger.lens[r.slot] = k * bs
     r.prefilled = k * bs
-    self.prefix.register(r.slot, r.context, r.cache_salt, k * bs)
+    self._register(r, r.context, k * bs)
     self.prefix.touch(holder)
     self.metrics.cached_prompt_tokens += k * bs
     self.metrics.prefix_hits += 1
@@ -597,7 +610,7 @@ class Engine:
     """A finished request's full blocks stay cached in its slot (the rest is dropped)."""
     bs = self.cache_config.block_size
     written = int(self.ledger.lens[r.slot])
-    self.prefix.register(r.slot, r.out.prompt + r.out.tokens, r.cache_salt, written)
+    self._register(r, r.out.prompt + r.out.tokens, written)
     keep = self.prefix.registered(r.slot)
     if not keep:
       self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
@@ -748,13 +761,10 @@ def _evict_jit(cache, seq_ids, *, window, sink_tokens):
   return free_outside_window(cache, seq_ids, window=window, sink_tokens=sink_tokens)[0]
 
 
-def _window_eviction(option, model, cc: CacheConfig, prefix_caching: bool,
-                     preemption: str) -> tuple[int, int] | None:
+def _window_eviction(option, model, cc: CacheConfig) -> tuple[int, int] | None:
   """Resolves ``Engine(window_eviction=...)`` to ``(window, sink_tokens)`` or None."""
-  blocked = [why for cond, why in (
-      (cc.strategy is not CacheStrategy.PAGED, "a CONTIGUOUS cache (a slot owns its slab)"),
-      (prefix_caching, "enable_prefix_caching (cached prefixes need whole tables)"),
-      (preemption == "swap", "preemption='swap' (swap_out moves whole tables)")) if cond]
+  blocked = ["a CONTIGUOUS cache (a slot owns its slab)"] if (
+      cc.strategy is not CacheStrategy.PAGED) else []
   if option is None:
     return None
   if isinstance(option, str):

@@ -97,10 +97,15 @@ class PrefixIndex:
 
   # ---- registration --------------------------------------------------------------------------
 
-  def register(self, slot: int, tokens: Sequence[int], salt: str | None, written: int) -> None:
-    """Registers the full blocks of ``slot`` among its first ``written`` tokens (K/V written)."""
+  def register(self, slot: int, tokens: Sequence[int], salt: str | None, written: int,
+               max_blocks: int | None = None) -> None:
+    """Registers the full blocks of ``slot`` among its first ``written`` tokens (K/V written),
+    at most its first ``max_blocks`` (a slot whose table has holes from the window eviction
+    registers only the blocks before its first hole: a hit forks the holder's table)."""
     have = self.slot_hashes.setdefault(slot, [])
     n = written // self.block_size
+    if max_blocks is not None:
+      n = min(n, max_blocks)
     if n <= len(have):
       return
     parent = have[-1] if have else None
