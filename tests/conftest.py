@@ -6,7 +6,11 @@ import os
 import jax
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "")
+# The suite is compile-bound (hundreds of small programs, each run a few times): LLVM's
+# optimisation passes are most of XLA:CPU's compile time, and at -O0 the suite runs in about
+# 30% less time. Numerics do not change (XLA:CPU emits no fast-math code either way, and dots
+# call the same precompiled kernels). An XLA_FLAGS set by the caller is kept as it is.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
