@@ -59,9 +59,10 @@ def make_workloads(args, vocab: int) -> dict[str, list[list[int]]]:
 
 
 def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | None = None,
-          **engine_kwargs) -> dict:
+          prefill_token_budget: int = 512, **engine_kwargs) -> dict:
   engine = Engine(params, model, cc, enable_prefix_caching=caching, prefill_chunk=128,
-                  prefill_token_budget=512, decode_steps=8, max_batch=args.max_batch,
+                  prefill_token_budget=prefill_token_budget, decode_steps=8,
+                  max_batch=args.max_batch,
                   batch_bucket_min=8, block_bucket_min=8, decode_width_step=8,
                   track_stats=False, **engine_kwargs)
   for p in prompts:
@@ -266,19 +267,25 @@ def concurrency_part(args, model, params, loads, machine) -> tuple[str, str, dic
 
   The main table's two runs hold different numbers of requests at once (the uncached run is
   prefill-bound); here both are capped at ``max_batch`` of each of ``--concurrency`` requests
-  at once, so peak blocks compare the memory of equally many running requests. Peak blocks
-  come from the engine's host accounting: deterministic, one run each.
+  at once, so peak blocks compare the memory of equally many running requests. For the
+  requests to be in flight together, each answers ``--concurrency-new-tokens`` tokens (a chat
+  answer, not the main table's short 16) and a step may prefill ``n`` prompts' worth of tokens
+  (else the uncached run admits one 1,000-token prompt every two steps and holds fewer than
+  ``n`` whole requests at its peak). Peak blocks come from the engine's host accounting:
+  deterministic, one run each.
   """
   bs = args.block_size
-  longest = max(len(q) for q in loads["shared"]) + args.new_tokens
+  new = args.concurrency_new_tokens
+  longest = max(len(q) for q in loads["shared"]) + new
   max_len = bs * -(-longest // bs)
   rows, data = [], {"args": vars(args)}
   for n in args.concurrency:
     cc = model.cache_config(num_blocks=1 + args.requests * (max_len // bs), max_seqs=n,
                             max_seq_len=max_len, block_size=bs)
     sub = argparse.Namespace(**{**vars(args), "max_batch": n})
-    off = serve(params, model, cc, loads["shared"], sub, False)
-    on = serve(params, model, cc, loads["shared"], sub, True)
+    budget = n * (args.system + 2 * args.suffix)
+    off = serve(params, model, cc, loads["shared"], sub, False, new, budget)
+    on = serve(params, model, cc, loads["shared"], sub, True, new, budget)
     assert off["outputs"] == on["outputs"], "outputs differ"
     for r in (off, on):
       rows.append({"running at once": n, "prefix cache": "on" if r["caching"] else "off",
@@ -290,12 +297,19 @@ def concurrency_part(args, model, params, loads, machine) -> tuple[str, str, dic
                    "prefill tokens": r["prefill_tokens"]})
       data[f"{n}_{'on' if r['caching'] else 'off'}"] = {
           k: v for k, v in r.items() if k != "outputs"}
+  own = -(-(2 * args.suffix + new) // bs)
+  ratios = ", ".join(f"{r['running at once']}: **{r['running blocks vs off']}**" for r in rows
+                     if r["prefix cache"] == "on")
   notes = (f"The shared workload of the table above ({args.requests} requests, one "
            f"{args.system}-token system prompt + a distinct ~{args.suffix}-token suffix, "
-           f"`{args.model}` model, block {bs}, {machine}) with the engine capped at the same "
-           "number of running requests with and without the cache (`max_batch`), so that peak "
-           "blocks compare equally many running requests: what prefix caching saves per "
-           "request. Goal: <= 0.25 of the uncached run. Outputs identical (checked).")
+           f"`{args.model}` model, block {bs}, {machine}), each answering {new} tokens, with "
+           "the engine capped at the same number of running requests with and without the "
+           "cache (`max_batch`) and a prefill budget of that many prompts a step, so that both "
+           "runs hold equally many requests: what prefix caching saves per request. With the "
+           f"cache, n requests hold the system prompt's {args.system // bs} blocks once plus "
+           f"their own (at most ~{own} each); without it, each holds all of them, so the ratio "
+           "falls like 1/n. Peak running blocks with the cache / without, by requests at once: "
+           f"{ratios} (goal <= 0.25). Outputs identical (checked).")
   return report.markdown_table(list(rows[0]), rows), notes, data
 
 
@@ -305,8 +319,10 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="16 requests, 256-token system prompt")
   p.add_argument("--part", choices=("all", "prefix", "concurrency", "preemption"),
                  default="all", help="run only one of the measurements")
-  p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16],
+  p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                  help="running requests at once for the equal-concurrency peak blocks")
+  p.add_argument("--concurrency-new-tokens", type=int, default=128,
+                 help="new tokens per request in the equal-concurrency part")
   p.add_argument("--requests", type=int, default=None, help="default 64 (16 with --quick)")
   p.add_argument("--system", type=int, default=None, help="default 1000 (256 with --quick)")
   p.add_argument("--suffix", type=int, default=24, help="mean suffix tokens")
