@@ -9,6 +9,11 @@ worst case for memory locality). Both run the same jitted
 (cache donated, ``max_blocks`` covering the context)
 and the time is the median of repeats. Goal: paged / contiguous <= 1.3.
 
+``--fused`` adds the interleaved paged step with attention fusion
+(:func:`~jax_paged_kv.fuse_write`: the decode kernel writes each layer's new K/V into its page
+and attends to it in the same launch; where it cannot run, e.g. on CPU, the step falls back to
+write + attend and the column equals the paged one up to noise).
+
     python -m benchmarks.decode_step [--quick] [--model small] [--batch 1 8 32] [--context ...]
 
 Saves ``benchmarks/results/decode_step.json`` (``decode_step_gpu.json`` on a GPU) and the
@@ -26,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks import report
-from jax_paged_kv import CacheStrategy, allocate_sequences, init_cache, reserve
+from jax_paged_kv import CacheStrategy, allocate_sequences, fuse_write, init_cache, reserve
 from jax_paged_kv.attention.api import default_implementation
 from jax_paged_kv.cache.state import AllocatorState
 from jax_paged_kv.models import init_params
@@ -69,6 +74,8 @@ def main(argv=None):
   p.add_argument("--context", type=int, nargs="+", default=None, help="default 128 512 2048")
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--repeats", type=int, default=None, help="default 20 (7 with --quick)")
+  p.add_argument("--fused", action="store_true",
+                 help="also time the interleaved paged step with attention fusion")
   args = p.parse_args(argv)
   report.set_quick(args.quick)
   args.batch = args.batch or ([1, 8] if args.quick else [1, 8, 32])
@@ -81,23 +88,27 @@ def main(argv=None):
   combos = [(b, c) for b in args.batch for c in args.context]
   for batch, context in tqdm(combos, desc="decode step", unit="shape"):
     steps = {}
-    for strategy, layout in ((CacheStrategy.CONTIGUOUS, None),
-                             (CacheStrategy.PAGED, "interleaved"),
-                             (CacheStrategy.PAGED, "shuffled")):
+    variants = [(None, CacheStrategy.CONTIGUOUS, None),
+                ("interleaved", CacheStrategy.PAGED, "interleaved"),
+                ("shuffled", CacheStrategy.PAGED, "shuffled")]
+    if args.fused:
+      variants.append(("fused", CacheStrategy.PAGED, "interleaved"))
+    for name, strategy, layout in variants:
       cache, ids = filled_cache(model, strategy, batch, context, args.block_size,
                                 layout=layout)
       mb = math.ceil((context + 64) / args.block_size)  # covers the appended tokens
       tokens = np.ones(batch, np.int32)
       state = {"cache": cache}
 
-      def step(state=state, tokens=tokens, ids=ids, mb=mb):
+      def step(state=state, tokens=tokens, ids=ids, mb=mb, fused=name == "fused"):
         # Every call appends one token (the cache has room for repeats + warmup).
-        state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids,
-                                                model=model, max_blocks=mb)
+        with fuse_write("auto" if fused else False):
+          state["cache"], logits, _ = decode_step(params, state["cache"], tokens, ids,
+                                                  model=model, max_blocks=mb)
         return logits
 
       report.repeat(step, repeats=0, warmup=2)
-      steps[layout] = step
+      steps[name] = step
     # Round-robin repeats: load from other processes hits all three alike.
     samples = {k: [] for k in steps}
     for _ in range(args.repeats):
@@ -109,8 +120,15 @@ def main(argv=None):
                  "paged ms (interleaved)": f"{i_ms:.3f}",
                  "ratio (interleaved)": f"{i_ms / c_ms:.2f}",
                  "paged ms (shuffled)": f"{s_ms:.3f}", "ratio (shuffled)": f"{s_ms / c_ms:.2f}"})
+    if args.fused:
+      f_ms = times["fused"]
+      rows[-1].update({"fused ms (interleaved)": f"{f_ms:.3f}",
+                       "fused / paged": f"{f_ms / i_ms:.2f}",
+                       "fused / contiguous": f"{f_ms / c_ms:.2f}"})
   cols = ["batch", "context", "contiguous ms", "paged ms (interleaved)", "ratio (interleaved)",
           "paged ms (shuffled)", "ratio (shuffled)"]
+  if args.fused:
+    cols += ["fused ms (interleaved)", "fused / paged", "fused / contiguous"]
   print(f"\nmodel {args.model} {MODELS[args.model]}, block {args.block_size}, "
         f"median of {args.repeats}; machine: {machine}\n")
   print(report.text_table(cols, rows))
@@ -129,6 +147,13 @@ def main(argv=None):
            f"{summary['interleaved']['worst']:.2f}), shuffled median "
            f"**{summary['shuffled']['median']:.2f}** (worst {summary['shuffled']['worst']:.2f}); "
            "goal <= 1.3.")
+  if args.fused:
+    fp = [float(r["fused / paged"]) for r in rows]
+    how = ("the fused kernel" if default_implementation() == "pallas_gpu"
+           else "no fused kernel here: write + attend")
+    notes += (f" With attention fusion (`fuse_write`, interleaved tables; {how}): "
+              f"fused / unfused paged median **{np.median(fp):.2f}** (range {min(fp):.2f}-"
+              f"{max(fp):.2f}).")
   print(notes)
   path = report.save(report.result_name("decode_step"), script="decode_step",
                      title="Decode step: paged vs contiguous cache",

@@ -6,7 +6,8 @@
 #      torch SDPA and the copy ceiling;
 #   3. tests: the compiled Triton kernel against the float64 oracle (its test file, slow and
 #      quantised cases included) and the decoding tests on the GPU;
-#   4. decode_step and serving benchmarks on the GPU (saved as *_gpu).
+#   4. decode_step (paged vs contiguous, and with attention fusion) and serving benchmarks on
+#      the GPU (saved as *_gpu).
 #   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin) and
 #   sharding (decode step per layout on the GPUs there are).
 # Each part has its own time limit (together under 8 minutes) and a failure does not stop the
@@ -49,7 +50,7 @@ if [ "$SMOKE" = 1 ]; then
   part tests_mgpu 600 python -m pytest tests/test_attention_pallas_mgpu.py -q -x -k "decode"
   part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny
   part gpu_kernel_ab 300 python benchmarks/gpu_kernel_ab.py --interpret --tiny
-  part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2
+  part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2 --fused
   part serving 300 python -m benchmarks.serving --quick --requests 6
   part sharding 300 python -m benchmarks.sharding --quick --devices 1 2 --context 64
 else
@@ -59,7 +60,7 @@ else
     --maxfail=20 -p no:cacheprovider -v tests/test_attention_pallas_mgpu.py
   # A kernel that hangs would eat the timing part's whole limit: time the others without it.
   if [ "$LAST_RC" = 124 ]; then export GPU_DECODE_NO_MGPU="its compiled tests timed out"; fi
-  TAIL=45 part gpu_decode 240 python benchmarks/gpu_decode.py --time-budget 200 --repeats 9 \
+  TAIL=45 part gpu_decode 225 python benchmarks/gpu_decode.py --time-budget 185 --repeats 9 \
     --sweep-mgpu --sweep-block-size 0 ${GPU_DECODE_ARGS:-} --out benchmarks/out/gpu_decode_raw.json
   TAIL=15 part tests 70 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -m "" -q -n 8 \
@@ -67,10 +68,10 @@ else
   # The paged / contiguous decode-step gap (reserve skips the allocator in steps where no row
   # opens a block); the full grid with GPU_SESSION_DECODE_STEP=1.
   if [ "${GPU_SESSION_DECODE_STEP:-0}" = 1 ]; then
-    part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 \
+    part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 --fused \
       --repeats 9
   else
-    TAIL=12 part decode_step 60 python -m benchmarks.decode_step --batch 8 32 --context 2048 \
+    TAIL=12 part decode_step 75 python -m benchmarks.decode_step --batch 8 32 --context 2048 --fused \
       --repeats 7
   fi
   TAIL=12 part serving 55 python -m benchmarks.serving --quick

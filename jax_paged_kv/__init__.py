@@ -46,7 +46,13 @@ from jax_paged_kv.cache import (
     write_kv,
 )
 
-from jax_paged_kv.attention import default_implementation, paged_attention  # isort: skip
+from jax_paged_kv.attention import (  # isort: skip
+    default_implementation,
+    fuse_write,
+    fused_write_supported,
+    paged_attention,
+    write_and_attend,
+)
 from jax_paged_kv.models import (  # isort: skip
     Gemma2Config,
     LlamaConfig,
@@ -159,6 +165,9 @@ __all__ = [
     "pool_values",
     "lookup_kv",
     "paged_attention",
+    "write_and_attend",
+    "fused_write_supported",
+    "fuse_write",
     "raise_for_status",
     "reserve",
     "swap_in",

@@ -226,7 +226,7 @@ def test_float32_queries_over_a_bfloat16_cache():
 
 
 def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_quant=None,
-                    **kw):
+                    fused=False, **kw):
   """Lowers the compiled (non-interpret) kernel for CUDA on this CPU machine."""
   batch, max_blocks = 3, 40
   S = jax.ShapeDtypeStruct
@@ -243,7 +243,14 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_qu
   lens = S((batch,), jnp.int32)
   layer = S((), jnp.int32)
 
+  if fused:  # attention fusion: the new token and where it goes
+    new = S((batch, kv_heads, head_dim), dtype)
+    scales = (new, new, lens, lens)
+
   def f(*a):
+    if fused:
+      return pallas_gpu.paged_attention_gpu(*a[:7], scale=0.1, return_lse=True, new_kv=a[7:],
+                                            **kw)
     k_scale, v_scale = a[7:] or (None, None)
     return pallas_gpu.paged_attention_gpu(*a[:7], scale=0.1, return_lse=True, k_scale=k_scale,
                                           v_scale=v_scale, **kw)
@@ -274,8 +281,12 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, kv_qu
          kv_quant="int4"),
     dict(q_len=1, q_heads=8, kv_heads=2, head_dim=64, block_size=8, dtype=jnp.float32,
          kv_quant="int4"),
+    # attention fusion: the new token from registers, written through the aliased pools
+    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
+         fused=True, sliding_window=100),
 ], ids=lambda a: f"q{a['q_len']}_h{a['q_heads']}/{a['kv_heads']}_d{a['head_dim']}"
-                 f"_bs{a['block_size']}" + (f"_{a['kv_quant']}" if "kv_quant" in a else ""))
+                 f"_bs{a['block_size']}" + (f"_{a['kv_quant']}" if "kv_quant" in a else "")
+                 + ("_fused" if a.get("fused") else ""))
 def test_lowers_to_a_triton_kernel_for_cuda(args, monkeypatch):
   """The Triton lowering (not interpret mode) accepts every op and tile shape we emit."""
   monkeypatch.setattr(pallas_gpu, "_backend", lambda: "cuda")
@@ -355,3 +366,217 @@ def test_int4_head_dim_under_32_is_rejected_at_trace_time():
   qcache = quantized_cache(cache, "int4")
   with pytest.raises(ValueError, match="head_dim >= 32 for kv_quant='int4'"):
     _call(case, qcache, q, seq_ids, q_lens, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention fusion: the decode kernel writes the step's new token into its page and attends to
+# it in the same launch. Oracle: the token written into a NumPy copy of the pools, then float64
+# attention over the written pools; the returned pools must equal that copy bitwise.
+
+FUSED = [
+    dict(dtype="float32", ratio=4, k_splits=1),
+    dict(dtype="bfloat16", ratio=2, k_splits=3, sliding_window=5, soft_cap=3.0),
+    dict(dtype="float32", ratio=1, k_splits=2, nan_v=True),
+]
+
+
+@pytest.mark.parametrize("opts", FUSED, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_fused_write_attends_to_and_writes_the_new_token(opts):
+  dtype = jnp.dtype(opts["dtype"])
+  ratio, k_splits = opts["ratio"], opts["k_splits"]
+  window, cap = opts.get("sliding_window"), opts.get("soft_cap")
+  rng = np.random.default_rng(7)
+  layers, kvh, nb, bs, d = 2, 2, 24, 8, 32
+  lens = np.array([1, 9, 30, 17])  # after the new token; row 3 has no new token (-1)
+  batch = len(lens)
+  perm = rng.permutation(np.arange(1, nb))
+  tables = np.zeros((batch, 4), np.int32)
+  for r, n in enumerate(lens):
+    tables[r, :-(-n // bs)] = perm[4 * r:4 * r + -(-n // bs)]
+  kp = rng.standard_normal((layers, kvh, nb, bs, d)).astype(dtype)
+  vp = rng.standard_normal((layers, kvh, nb, bs, d)).astype(dtype)
+  pos = np.where(np.arange(batch) == 3, -1, lens - 1)
+  slot = np.array([tables[r, max(p, 0) // bs] * bs + max(p, 0) % bs for r, p in enumerate(pos)])
+  layer = 1
+  for r, p in enumerate(pos):  # the slot's stale content must never be read
+    if p >= 0:
+      kp[layer, :, slot[r] // bs, slot[r] % bs] = np.nan
+      vp[layer, :, slot[r] // bs, slot[r] % bs] = np.nan
+  kn = rng.standard_normal((batch, kvh, d)).astype(dtype)
+  vn = rng.standard_normal((batch, kvh, d)).astype(dtype)
+  if opts.get("nan_v"):
+    vn[1, 0, 3] = np.nan  # reaches exactly row 1's queries of KV head 0, component 3
+    vn[2, 1, 5] = np.inf
+  q = rng.standard_normal((batch, 1, kvh * ratio, d)).astype(dtype)
+  want_k, want_v = kp.copy(), vp.copy()
+  for r, p in enumerate(pos):
+    if p >= 0:
+      want_k[layer, :, slot[r] // bs, slot[r] % bs] = kn[r]
+      want_v[layer, :, slot[r] // bs, slot[r] % bs] = vn[r]
+  out, lse, k_out, v_out = pallas_gpu.paged_attention_gpu(
+      jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.int32(layer), jnp.asarray(tables),
+      jnp.asarray(lens, jnp.int32), jnp.ones(batch, jnp.int32), scale=d ** -0.5, soft_cap=cap,
+      sliding_window=window, return_lse=True, k_splits=k_splits, interpret=True,
+      new_kv=(jnp.asarray(kn), jnp.asarray(vn), jnp.asarray(pos, jnp.int32),
+              jnp.asarray(slot, jnp.int32)))
+  np.testing.assert_array_equal(np.asarray(k_out).view(np.uint8), want_k.view(np.uint8))
+  np.testing.assert_array_equal(np.asarray(v_out).view(np.uint8), want_v.view(np.uint8))
+  # Row 3 (no new token) reads its last slot from the pool: finite data there.
+  ref, ref_lse = attention_np(q, want_k, want_v, layer, tables, lens, np.ones(batch),
+                              scale=d ** -0.5, soft_cap=cap, sliding_window=window)
+  atol, rtol = TOLERANCES[dtype]
+  tol = dict(atol=atol, rtol=rtol)
+  out64 = np.asarray(out, np.float64)
+  np.testing.assert_array_equal(np.isnan(out64), np.isnan(ref))
+  np.testing.assert_array_equal(np.isposinf(out64), np.isposinf(ref))
+  fin = np.isfinite(ref)
+  np.testing.assert_allclose(out64[fin], ref[fin], **tol)
+  np.testing.assert_allclose(np.asarray(lse, np.float64), ref_lse, **tol)
+  if opts.get("nan_v"):
+    assert np.isnan(out64[1, 0, 0, 3]) and np.isposinf(out64[2, 0, 1, 5])
+
+
+def test_fused_write_refuses_what_it_cannot_run():
+  kp = jnp.zeros((1, 1, 4, 8, 16), jnp.float32)
+  q = jnp.zeros((1, 2, 1, 16), jnp.float32)
+  new = (jnp.zeros((1, 1, 16)), jnp.zeros((1, 1, 16)), jnp.zeros(1, jnp.int32),
+         jnp.zeros(1, jnp.int32))
+  args = (kp, kp, jnp.int32(0), jnp.ones((1, 2), jnp.int32), jnp.full(1, 3, jnp.int32),
+          jnp.full(1, 2, jnp.int32))
+  with pytest.raises(ValueError, match="q_len == 1"):
+    pallas_gpu.paged_attention_gpu(q, *args, scale=1.0, interpret=True, new_kv=new)
+  bad = (jnp.zeros((1, 1, 16), jnp.bfloat16),) + new[1:]
+  with pytest.raises(ValueError, match="new_kv"):
+    pallas_gpu.paged_attention_gpu(q[:, :1], *args[:-1], jnp.ones(1, jnp.int32), scale=1.0,
+                                   interpret=True, new_kv=bad)
+
+
+def _decode_cache(dtype=jnp.float32, kv_quant=None, pool_bits=False):
+  cfg = pk.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=32, num_blocks=20, max_seqs=4,
+                       max_seq_len=64, block_size=8, dtype=dtype, kv_quant=kv_quant,
+                       pool_bits=pool_bits)
+  rng = np.random.default_rng(3)
+  cache = pk.init_cache(cfg)
+  ids = jnp.arange(3, dtype=jnp.int32)
+  cache, _ = pk.allocate_sequences(cache, ids)
+  lens = jnp.asarray([7, 16, 20], jnp.int32)
+  kv = rng.standard_normal((2, 3, 20, 2, 32)).astype(np.float32)
+  cache, _ = pk.append_kv(cache, jnp.asarray(kv, dtype), jnp.asarray(-kv, dtype), ids,
+                          num_new=lens)
+  cache, slots, _ = pk.reserve(cache, ids, 1)
+  return cache, slots, ids, rng
+
+
+def test_write_and_attend_fused_equals_write_then_attend():
+  """The fused launch against write_kv + attention (XLA, and float64 over the written pools):
+  pools bitwise, attention within tolerance; under jit a bad slot writes nothing and reports
+  INVALID_TOKEN_SLOT, and eagerly it raises."""
+  cache, slots, ids, rng = _decode_cache()
+  q = jnp.asarray(rng.standard_normal((3, 1, 4, 32)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 1, 2, 32)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((3, 1, 2, 32)), jnp.float32)
+  want_cache, want, st = pk.write_and_attend(q, k, v, cache, slots, ids, 1, donate=False,
+                                             implementation="xla")
+  got_cache, got, st2 = pk.write_and_attend(q, k, v, cache, slots, ids, 1, donate=False,
+                                            implementation="pallas_gpu", fuse=True,
+                                            interpret=True, k_splits=2)
+  assert not np.any(np.asarray(st)) and not np.any(np.asarray(st2))
+  for a, b in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tables, lens = pk.cache.ops.gather_tables(want_cache, ids)
+  ref, _ = attention_np(q, want_cache.k_pool, want_cache.v_pool, 1, tables, lens, np.ones(3),
+                        scale=32 ** -0.5)
+  np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(want), ref, atol=2e-5, rtol=2e-5)
+
+  bad = slots.at[1, 0].set(slots[0, 0])  # row 1 names row 0's slot
+  fn = jax.jit(lambda c, s: pk.write_and_attend(q, k, v, c, s, ids, 1, fuse=True,
+                                                implementation="pallas_gpu", interpret=True))
+  out_cache, out, status = fn(cache, bad)
+  assert int(status[1]) == pk.Status.INVALID_TOKEN_SLOT
+  for a, b in zip(jax.tree_util.tree_leaves(out_cache), jax.tree_util.tree_leaves(cache),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tables, lens = pk.cache.ops.gather_tables(cache, ids)  # attention over the unwritten cache
+  ref, _ = attention_np(q, cache.k_pool, cache.v_pool, 1, tables, lens, np.ones(3),
+                        scale=32 ** -0.5)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
+  with pytest.raises(pk.InvalidTokenSlotError):
+    pk.write_and_attend(q, k, v, cache, bad, ids, 1, fuse=True, implementation="pallas_gpu",
+                        interpret=True, donate=False)
+
+
+def test_write_and_attend_fuses_only_where_it_can():
+  cache, slots, ids, rng = _decode_cache()
+  q = jnp.zeros((3, 1, 4, 32), jnp.float32)
+  k = jnp.zeros((3, 1, 2, 32), jnp.float32)
+  assert pk.fused_write_supported(cache, 1, "pallas_gpu") == ""
+  assert "decode" in pk.fused_write_supported(cache, 2, "pallas_gpu")
+  assert "xla" in pk.fused_write_supported(cache, 1, "xla")
+  quant_cache = _decode_cache(kv_quant="int8")[0]
+  assert "kv_quant" in pk.fused_write_supported(quant_cache, 1, "pallas_gpu")
+  bits = _decode_cache(dtype=jnp.bfloat16, pool_bits=True)[0]
+  assert "pool_bits" in pk.fused_write_supported(bits, 1, "pallas_gpu")
+  with pytest.raises(ValueError, match="cannot fuse"):
+    pk.write_and_attend(q, k, k, cache, slots, ids, 0, fuse=True, implementation="xla",
+                        donate=False)
+  with pytest.raises(ValueError, match="fuse must be"):
+    pk.write_and_attend(q, k, k, cache, slots, ids, 0, fuse="yes", donate=False)
+  # "auto" falls back to write + attend where fusion cannot run: same result as fuse=False.
+  a = pk.write_and_attend(q, k, k, cache, slots, ids, 0, fuse="auto", implementation="xla",
+                          donate=False)
+  b = pk.write_and_attend(q, k, k, cache, slots, ids, 0, implementation="xla", donate=False)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_models_fuse_their_decode_write_inside_fuse_write(monkeypatch):
+  """``with pk.fuse_write():`` the bundled model's decode layers take the fused launch (the
+  step is retraced, not served from the unfused trace) and give the unfused step's cache and
+  logits; prefill (q_len > 1) keeps write + attend."""
+  from jax_paged_kv.attention import api
+  from jax_paged_kv.models import init_params
+  from jax_paged_kv.serving.decoding import decode_step
+  from tests.llama_fixtures import SMALL, forward_jit
+
+  fused_calls = []
+  real, orig = pallas_gpu.paged_attention_gpu, api.get_implementation
+
+  def interpreted(*args, **kw):  # the kernel in interpret mode, recording fused launches
+    fused_calls.append(kw.get("new_kv") is not None)
+    return real(*args, interpret=True, **kw)
+
+  monkeypatch.setattr(api, "get_implementation",
+                      lambda name: interpreted if name == "pallas_gpu" else orig(name))
+  params = init_params(SMALL, jax.random.PRNGKey(5))
+  cc = SMALL.cache_config(num_blocks=32, max_seqs=3, max_seq_len=64, block_size=8)
+  ids = jnp.arange(3, dtype=jnp.int32)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cc), ids)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, 128, (3, 11)), jnp.int32)
+  with pk.fuse_write():
+    cache, _, _ = forward_jit(params, cache, prompt, ids, jnp.asarray([11, 4, 8], jnp.int32),
+                              config=SMALL, implementation="pallas_gpu")
+  assert fused_calls and not any(fused_calls)  # prefill: write, then attend
+  tokens = jnp.asarray([3, 9, 27], jnp.int32)
+  plain, fused = cache, jax.tree_util.tree_map(jnp.copy, cache)
+  for i in range(2):
+    fused_calls.clear()
+    plain, want, st = decode_step(params, plain, tokens, ids, model=SMALL,
+                                  implementation="pallas_gpu")
+    assert not any(fused_calls)
+    with pk.fuse_write():
+      fused, got, st2 = decode_step(params, fused, tokens, ids, model=SMALL,
+                                    implementation="pallas_gpu")
+    assert any(fused_calls) == (i == 0)  # traced once, in the context
+    assert not np.any(np.asarray(st)) and not np.any(np.asarray(st2))
+    # Layer 0's K/V are computed from the same inputs: bitwise. The fused softmax adds the new
+    # key in another order, so later layers' inputs differ by float32 rounding.
+    for name in ("k_pool", "v_pool"):
+      a, b = np.asarray(getattr(fused, name)), np.asarray(getattr(plain, name))
+      np.testing.assert_array_equal(a[0], b[0])
+      np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+    for name in ("block_tables", "seq_lens", "active"):
+      np.testing.assert_array_equal(np.asarray(getattr(fused, name)),
+                                    np.asarray(getattr(plain, name)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)

@@ -13,7 +13,15 @@ from jax_paged_kv.attention import per_shard
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import CacheShapeError
 from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
-from jax_paged_kv.cache.ops import check_readable, gather_tables
+from jax_paged_kv.cache.ops import (
+  _eager_or_traced,
+  check_readable,
+  check_write,
+  gather_tables,
+  write_context,
+  write_kv,
+  write_status,
+)
 from jax_paged_kv.cache.state import PagedKVCache, pool_values
 
 # name -> (module, function). Modules are imported lazily: the GPU/TPU kernels pull in Pallas
@@ -145,6 +153,21 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     CacheShapeError: shapes that do not fit the cache (trace time).
     InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
   """
+  q, seq_ids, layer, q_lens, scale = _check_query(
+      q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="paged_attention")
+  cfg = cache.config
+  name = implementation or default_implementation(config=cfg)
+  get_implementation(name)  # fail early, outside the trace, for an unknown name
+  if name == "xla" and cfg.strategy is CacheStrategy.CONTIGUOUS:
+    knobs.setdefault("interleave", 1)  # one slab per sequence: read it in order
+  return _paged_attention(
+      q, cache, seq_ids, layer, q_lens, scale=scale,
+      soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
+      return_lse=return_lse, implementation=name, knobs=tuple(sorted(knobs.items())))
+
+
+def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, *, op):
+  """Validates an attention call's query side (trace time; eagerly also the ids and layer)."""
   cfg = cache.config
   q = jnp.asarray(q)
   if q.ndim != 4:
@@ -166,19 +189,12 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     raise CacheShapeError(f"sliding_window must be a positive int, got {sliding_window!r}")
   if soft_cap is not None and not 0 < soft_cap < float("inf"):
     raise CacheShapeError(f"soft_cap must be positive, got {soft_cap!r}")
-  check_readable(cache, seq_ids, layer, op="paged_attention")
+  check_readable(cache, seq_ids, layer, op=op)
   q_lens = as_counts(q_len if q_lens is None else q_lens, b, "q_lens")
   scale = float(d ** -0.5 if scale is None else scale)
   if not abs(scale) < float("inf"):  # also NaN
     raise CacheShapeError(f"scale must be finite, got {scale!r}")
-  name = implementation or default_implementation(config=cfg)
-  get_implementation(name)  # fail early, outside the trace, for an unknown name
-  if name == "xla" and cfg.strategy is CacheStrategy.CONTIGUOUS:
-    knobs.setdefault("interleave", 1)  # one slab per sequence: read it in order
-  return _paged_attention(
-      q, cache, seq_ids, layer, q_lens, scale=scale,
-      soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
-      return_lse=return_lse, implementation=name, knobs=tuple(sorted(knobs.items())))
+  return q, seq_ids, layer, q_lens, scale
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",
@@ -200,3 +216,134 @@ def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, slidi
   k_pool, v_pool = pool_values(cache.k_pool, cfg.dtype), pool_values(cache.v_pool, cfg.dtype)
   return per_shard.run(call, q, k_pool, v_pool, layer, tables, kv_lens, q_lens,
                        return_lse=return_lse, k_scale=cache.k_scale, v_scale=cache.v_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# write + attend, optionally fused into one kernel launch
+
+
+# Whether the bundled models' layers fuse their K/V write into the decode kernel
+# (write_and_attend(fuse=...)): False, or "auto" (where it can run). A user context, so that
+# entering it changes the jit cache key: a step traced outside is retraced inside.
+FUSE_WRITE = jax.make_user_context(False)
+
+
+def fuse_write(mode: bool | str = "auto"):
+  """Context manager: inside it the models' decode layers write their new K/V from inside the
+  attention kernel (:func:`write_and_attend` with ``fuse=mode``; ``"auto"`` fuses where it can
+  run, i.e. the ``pallas_gpu`` kernel on unquantised, unsharded pools, else writes and attends
+  separately; False: never). Off by default until measured faster on a GPU
+  (``benchmarks/decode_step.py --fused``).
+
+  Example::
+
+    with pk.fuse_write():
+      cache, logits, status = decode_step(params, cache, tokens, ids, model=model)
+  """
+  if mode not in (False, True, "auto"):
+    raise ValueError(f"fuse_write mode must be False, True or 'auto', got {mode!r}")
+  return FUSE_WRITE(mode)
+
+
+def fused_write_supported(cache: PagedKVCache, q_len: int, implementation: str | None) -> str:
+  """Why :func:`write_and_attend` cannot fuse here ("" if it can)."""
+  cfg = cache.config
+  name = implementation or default_implementation(config=cfg)
+  if name != "pallas_gpu":
+    return f"implementation {name!r} (fusion is in the 'pallas_gpu' decode kernel)"
+  if q_len != 1:
+    return f"q_len={q_len} (fusion is for decode, q_len == 1)"
+  if cfg.kv_quant is not None:
+    return f"kv_quant={cfg.kv_quant!r} (a quantised write may rescale its block)"
+  if cache.k_pool.dtype != cfg.dtype:
+    return f"pools stored as {cache.k_pool.dtype} bit patterns (pool_bits)"
+  if per_shard.heads_sharding(cache.k_pool) is not None:
+    return "pools sharded over kv heads"
+  return ""
+
+
+def write_and_attend(q, k, v, cache: PagedKVCache, slots, seq_ids, layer, *, q_lens=None,
+                     scale: float | None = None, soft_cap: float | None = None,
+                     sliding_window: int | None = None, return_lse: bool = False,
+                     implementation: str | None = None, fuse: bool | str = False,
+                     donate: bool = True, **knobs):
+  """Writes one layer's new K/V (:func:`~jax_paged_kv.write_kv`), then attends
+  (:func:`paged_attention`): a model layer's cache step.
+
+  With ``fuse`` the decode kernel does both in one launch (the seed's "attention fusion"; also
+  tpu-inference's design on TPU): it attends to each row's new token from registers, not from
+  the pool, and writes it into its page, so the step skips the separate scatter and its launch
+  per layer. The result is the unfused one: the same pools bitwise and the same attention
+  (tested against float64 attention over the written pools). It needs the ``pallas_gpu``
+  kernel, decode (``q_len == 1``), unquantised pools stored in their dtype and unsharded heads
+  (:func:`fused_write_supported` says why not).
+
+  Args:
+    q: ``[batch, q_len, q_heads, head_dim]``.
+    k, v: ``[batch, T, kv_heads, head_dim]`` in the cache's dtype (as :func:`write_kv`).
+    cache: the cache; slots: ``int32[batch, T]`` from :func:`~jax_paged_kv.reserve`.
+    seq_ids: ``int32[batch]``; layer: ``int32[]`` (may be traced).
+    q_lens, scale, soft_cap, sliding_window, return_lse, implementation, **knobs: as in
+      :func:`paged_attention`.
+    fuse: False (write, then attend), True (fused; raises ``ValueError`` where it cannot run)
+      or ``"auto"`` (fused where it can run).
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, out, status)`` or, with ``return_lse``, ``(cache, (out, lse), status)``;
+    ``status`` is :func:`write_kv`'s: on a bad slot or layer nothing is written (eager calls
+    raise), and attention reads the cache as it was.
+  """
+  if fuse not in (False, True, "auto"):
+    raise ValueError(f"fuse must be False, True or 'auto', got {fuse!r}")
+  q_len = jnp.shape(q)[1] if jnp.ndim(q) == 4 else -1
+  why = fused_write_supported(cache, q_len, implementation) if fuse else "off"
+  if fuse is True and why:
+    raise ValueError(f"write_and_attend(fuse=True) cannot fuse: {why}")
+  attend = dict(q_lens=q_lens, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                return_lse=return_lse, implementation=implementation, **knobs)
+  if why:
+    cache, status = write_kv(cache, slots, k, v, layer, seq_ids=seq_ids, donate=donate)
+    return cache, paged_attention(q, cache, seq_ids, layer, **attend), status
+  q, seq_ids, layer, q_lens, scale = _check_query(
+      q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="write_and_attend")
+  slots, k, v = check_write(cache, slots, k, v, layer, seq_ids, op="write_and_attend")
+  if slots.shape[1] != 1:
+    raise CacheShapeError(f"write_and_attend(fuse) writes one token per row, got slots "
+                          f"{list(slots.shape)}")
+  static = dict(scale=scale, soft_cap=None if soft_cap is None else float(soft_cap),
+                sliding_window=sliding_window, return_lse=return_lse,
+                knobs=tuple(sorted(knobs.items())))
+  cache, *res, status = _fused(cache, slots, k, v, layer, seq_ids, q, q_lens, donate=donate,
+                               **static)
+  return cache, (tuple(res) if return_lse else res[0]), status
+
+
+def _fused_impl(cache, slots, k, v, layer, seq_ids, q, q_lens, *, scale, soft_cap,
+                sliding_window, return_lse, knobs):
+  cfg = cache.config
+  bs, nb, num_layers = cfg.block_size, cfg.num_blocks, cfg.num_layers
+  status = write_status(cache, slots, layer, seq_ids)
+  ok = jnp.all(status == 0)
+  tables, kv_lens = gather_tables(cache, seq_ids)
+  layer_ok = (layer >= 0) & (layer < num_layers)
+  kv_lens = jnp.where(layer_ok, kv_lens, 0)
+  lay = jnp.clip(layer, 0, num_layers - 1)
+  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
+  slot = slots[:, 0]
+  match = tables == (slot // bs)[:, None]  # the row's table entry holding the slot
+  has = ok & (slot < nb * bs) & jnp.any(match, axis=1)
+  new_pos = jnp.where(has, jnp.argmax(match, axis=1) * bs + slot % bs, -1).astype(jnp.int32)
+  kernel = get_implementation("pallas_gpu")
+  res = kernel(q, cache.k_pool, cache.v_pool, lay, tables, kv_lens, q_lens, scale=scale,
+               soft_cap=soft_cap, sliding_window=sliding_window, return_lse=return_lse,
+               new_kv=(k[:, 0], v[:, 0], new_pos, jnp.where(has, slot, 0)), **dict(knobs))
+  *attn, k_pool, v_pool = res
+  return (cache.replace(k_pool=k_pool, v_pool=v_pool), *attn, status)
+
+
+_fused = _eager_or_traced(
+    _fused_impl, "write_and_attend", context=lambda cache, slots, k, v, layer, seq_ids, *_, **__:
+    write_context(cache, slots, k, v, layer, seq_ids),
+    ids=lambda cache, slots, k, v, layer, seq_ids, *_: seq_ids,
+    static_argnames=("scale", "soft_cap", "sliding_window", "return_lse", "knobs"))

@@ -39,6 +39,12 @@ Design
   over the low and high nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each
   with its group's per-token scales on ``p``, into its own accumulator and output columns (no
   concatenation).
+* **Attention fusion** (``new_kv``, decode on unquantised pools): each row's new token comes
+  in as ``[kv_heads, head_dim]`` K / V with its position and slot. The pool scan skips that
+  position; the first split of each tile folds the new key into its online softmax from
+  registers (same masks, same non-finite V rule), and program ``(b, h, 0, 0)`` stores the token
+  into the pools, which are aliased to two extra outputs. No program reads the slot being
+  written, so the launch is race-free. Verified in interpret mode and by lowering; not timed.
 * **Merge.** Each program writes its normalised partial output and its log-sum-exp, for its
   real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
   the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
@@ -222,8 +228,10 @@ def _attention_kernel(
     q_ref,  # [block_rows, head_dim]
     k_ref,  # [layers, kv_heads, num_blocks, block_size, stored_dim] (stored_dim: int4 D / 2)
     v_ref,  # [layers, kv_heads, num_blocks, block_size, stored_dim]
-    *refs,  # (k_scale_ref, v_scale_ref if quantised: ``quant.scale_shapes``), then
-    #         o_ref [block_rows, head_dim], lse_ref [block_rows]
+    *refs,  # (k_scale_ref, v_scale_ref if quantised: ``quant.scale_shapes``; fused: new_pos_ref
+    #         [batch], new_slot_ref [batch], kn_ref [head_dim], vn_ref [head_dim]), then
+    #         o_ref [block_rows, head_dim], lse_ref [block_rows] (fused: then the pools again,
+    #         aliased to k_ref / v_ref, to write the new token into)
     k_mode: str | None,
     v_mode: str | None,
     group: int,
@@ -233,9 +241,12 @@ def _attention_kernel(
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
+    fused: bool = False,
 ):
   quantized = k_mode is not None
-  if quantized:
+  if fused:
+    pos_ref, slot_ref, kn_ref, vn_ref, o_ref, lse_ref, ko_ref, vo_ref = refs
+  elif quantized:
     ks_ref, vs_ref, o_ref, lse_ref = refs
   else:
     o_ref, lse_ref = refs
@@ -250,6 +261,9 @@ def _attention_kernel(
   kv_len = kv_lens_ref[b]
   q_count = q_lens_ref[b]
   q_start = kv_len - q_count  # position of query 0 of this row
+  # Attention fusion: the row's new token (at position new_pos; -1: none) comes from kn / vn,
+  # not from the pool, and this launch writes it there (no program reads that slot).
+  new_pos = pos_ref[b] if fused else jnp.int32(-1)
 
   # Queries this tile holds and the key range [lo, hi) any of them may see.
   row0 = t * block_rows
@@ -309,7 +323,7 @@ def _attention_kernel(
     ids = tables_ref[b, kpos // block_size]  # [step_k]
     # A null entry inside the range is a hole (a block free_outside_window freed): its keys
     # are gone, neither fetched nor seen.
-    kv_ok = (kpos >= lo) & (kpos < hi) & (ids != 0)  # [step_k]: never fetch a key outside
+    kv_ok = (kpos >= lo) & (kpos < hi) & (ids != 0) & (kpos != new_pos)  # [step_k]
     ids = jnp.clip(ids, 0, num_blocks - 1)
     slot = kpos % block_size  # [step_k]
 
@@ -412,6 +426,18 @@ def _attention_kernel(
       lambda: lax.fori_loop(cb_lo * sub, cb_hi * sub,
                             functools.partial(body, key_iota=exact_iota, exact=True), init),
       lambda: (acc, m, l))
+  if fused:
+    acc, m, l = _add_new_key(acc, m, l, q_parts[0], kn_ref[...], vn_ref[...], row_ok, row_pos,
+                             new_pos, first_split=s == 0, logit_scale=logit_scale,
+                             soft_cap=soft_cap, sliding_window=sliding_window)
+    # One program per (row, KV head) writes the token: K and V of this layer and head.
+    write = (t == 0) & (s == 0) & (new_pos >= 0)
+    flat = slot_ref[b]
+    page = jnp.full((stored_dim,), flat // block_size, jnp.int32)
+    off = jnp.full((stored_dim,), flat % block_size, jnp.int32)
+    mask = jnp.broadcast_to(write, (stored_dim,))
+    for dst, src in ((ko_ref, kn_ref), (vo_ref, vn_ref)):
+      _triton_store(dst.at[layer, h, page, off, dim_iota], src[...], mask=mask)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
@@ -422,6 +448,34 @@ def _attention_kernel(
     dst = o_ref if width == head_dim else o_ref.at[:, pl.ds(col, width)]
     _triton_store(dst, out, mask=jnp.broadcast_to(real[:, None], out.shape))
   _triton_store(lse_ref, jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf), mask=real)
+
+
+def _add_new_key(acc, m, l, q, kn, vn, row_ok, row_pos, new_pos, *, first_split, logit_scale,
+                 soft_cap, sliding_window):
+  """Folds the row's new key (``kn``, ``vn`` ``[head_dim]``, at ``new_pos``) into the online
+  softmax state ``(acc, m, l)`` of the split that takes it (the first), by the same rules as
+  the pool's keys: the query sees it causally and within the window, and a non-finite V
+  component reaches exactly the rows that see it (+Inf / -Inf per component, NaN as both)."""
+  (a,) = acc
+  kn32, vn32 = kn.astype(jnp.float32), vn.astype(jnp.float32)
+  logit = jnp.sum(q.astype(jnp.float32) * kn32[None, :], axis=1) * logit_scale  # [rows]
+  if soft_cap is not None:
+    logit = (soft_cap * _LOG2E) * jnp.tanh(logit / soft_cap)
+  vis = row_ok & first_split & (new_pos >= 0) & (new_pos <= row_pos)
+  if sliding_window is not None:
+    vis = vis & (new_pos > row_pos - sliding_window)
+  logit = jnp.where(vis, logit, -jnp.inf)
+  m_new = jnp.maximum(m, logit)
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(logit - m_safe)  # 0 where not seen
+  l = alpha * l + p
+  v_fin = jnp.where(jnp.isfinite(vn32), vn32, 0.0)
+  a = jnp.where(jnp.isfinite(a), alpha[:, None] * a, a) + p[:, None] * v_fin[None, :]
+  nan = jnp.isnan(vn32)
+  for inf, hit in ((jnp.inf, nan | (vn32 == jnp.inf)), (-jnp.inf, nan | (vn32 == -jnp.inf))):
+    a = jnp.where(vis[:, None] & hit[None, :], a + inf, a)
+  return (a,), m_new, l
 
 
 def _v_chunks(v_mode: str | None, head_dim: int, stored_dim: int) -> tuple:
@@ -475,7 +529,7 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
                         block_k: int | None = None, k_splits: int | None = None,
                         block_rows: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, interpret: bool = False,
-                        k_scale=None, v_scale=None):
+                        k_scale=None, v_scale=None, new_kv=None):
   """Paged attention with a Pallas (Triton) GPU kernel; contract in ``reference.py``.
 
   Args:
@@ -495,10 +549,18 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       head_dim]``) multiplies the K tile in registers, key by key. A V scale per token
       multiplies the probabilities before ``p @ v``; int4's per (token, group of 32 channels)
       do so for each group's columns.
+    new_kv: attention fusion (decode, unquantised pools): ``(k_new, v_new, new_pos,
+      new_slot)``, the step's new token per row (``[batch, kv_heads, head_dim]`` in the pools'
+      dtype), its position (``int32[batch]``, -1: no new token) and its flat token slot
+      (``block * block_size + offset``). The kernel attends to the new token from registers
+      instead of the pool, and writes it into the pools in the same launch (the pools are
+      aliased to two extra outputs; donate them under ``jit`` to update in place).
+      ``kv_lens`` counts the new token, as after :func:`~jax_paged_kv.write_kv`.
 
   Returns:
     ``out [batch, q_len, q_heads, head_dim]`` in ``q.dtype``, and with ``return_lse`` also
-    ``lse float32[batch, q_len, q_heads]``.
+    ``lse float32[batch, q_len, q_heads]``. With ``new_kv``: ``(out[, lse], k_pool, v_pool)``,
+    the pools with the new tokens written.
 
   Raises:
     ValueError: a non-GPU backend without ``interpret=True``, bad knobs, or shapes the kernel
@@ -520,6 +582,17 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   if k_pool.shape[-1] != quant.stored_head_dim(kv_quant, head_dim) or q_heads % kv_heads:
     raise ValueError(f"q {q.shape} does not fit pools {k_pool.shape}")
   check_supported(k_pool.dtype, block_size, head_dim, kv_quant=kv_quant)
+  fused = new_kv is not None
+  if fused:
+    k_new, v_new, new_pos, new_slot = new_kv
+    if quantized or q_len != 1:
+      raise ValueError("pallas_gpu attention fusion (new_kv) takes decode (q_len == 1) on "
+                       f"unquantised pools, got {q_len=}, kv_quant={kv_quant}")
+    want = (batch, kv_heads, head_dim)
+    for x in (k_new, v_new):
+      if x.shape != want or x.dtype != k_pool.dtype:
+        raise ValueError(f"new_kv: {x.dtype}{list(x.shape)}, expected {k_pool.dtype}"
+                         f"{list(want)}")
   max_blocks = block_tables.shape[1]
   group = q_heads // kv_heads
   # Bytes per K/V value (int4: half a byte) for the shared-memory plan.
@@ -555,11 +628,20 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   kernel = functools.partial(
       _attention_kernel, group=group, num_rows=rows, block_k=block_k, k_splits=splits,
       scale=float(scale), soft_cap=None if soft_cap is None else float(soft_cap),
-      sliding_window=sliding_window, k_mode=k_mode, v_mode=v_mode)
+      sliding_window=sliding_window, k_mode=k_mode, v_mode=v_mode, fused=fused)
   # Scales are read in their stored dtype (int4: bfloat16) and widened in the kernel.
   scale_specs = [_whole(k_scale.shape), _whole(v_scale.shape)] if quantized else []
   scale_args = (k_scale, v_scale) if quantized else ()
-  o, lse = pl.pallas_call(
+  pool_outs, pool_specs, aliases = [], [], {}
+  if fused:
+    new_spec = pl.BlockSpec((None, None, head_dim), lambda b, h, t, s: (b, h, 0))
+    scale_specs = [_whole((batch,)), _whole((batch,)), new_spec, new_spec]
+    scale_args = (jnp.asarray(new_pos, jnp.int32), jnp.asarray(new_slot, jnp.int32),
+                  k_new, v_new)
+    pool_outs = [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype)] * 2
+    pool_specs = [_whole(k_pool.shape)] * 2
+    aliases = {5: 2, 6: 3}  # k_pool, v_pool (inputs 5, 6) are outputs 2, 3
+  o, lse, *pools = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, tiles, splits),
       in_specs=[
@@ -575,15 +657,18 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
       out_specs=[
           pl.BlockSpec((None, None, None, tile, head_dim), lambda b, h, t, s: (s, b, h, t, 0)),
           pl.BlockSpec((None, None, None, tile), lambda b, h, t, s: (s, b, h, t)),
+          *pool_specs,
       ],
       out_shape=[
           jax.ShapeDtypeStruct((splits, batch, kv_heads, tiles * tile, head_dim), part_dtype),
           jax.ShapeDtypeStruct((splits, batch, kv_heads, tiles * tile), jnp.float32),
+          *pool_outs,
       ],
+      input_output_aliases=aliases,
       compiler_params=_TritonCompilerParams(num_warps=knobs["num_warps"],
                                             num_stages=knobs["num_stages"]),
       interpret=interpret,
-      name=f"paged_attention_gpu_k{block_k}_s{splits}_r{tile}",
+      name=f"paged_attention_gpu_k{block_k}_s{splits}_r{tile}{'_fused' if fused else ''}",
   )(layer, kv_lens, q_lens, tables, qr, k_pool, v_pool, *scale_args)
 
   o, lse = o[..., :rows, :], lse[..., :rows]  # padding rows were never written
@@ -594,7 +679,9 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   # [batch, kv_heads, rows, D] -> [batch, q_len, q_heads, D]
   o = o.reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   out = o.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)
-  if not return_lse:
-    return out
-  lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
-  return out, lse.reshape(batch, q_len, q_heads)
+  res = (out,)
+  if return_lse:
+    lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
+    res += (lse.reshape(batch, q_len, q_heads),)
+  res += tuple(pools)
+  return res[0] if len(res) == 1 else res

@@ -446,14 +446,20 @@ def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) 
   return ~none & ~owned
 
 
+def write_status(cache: PagedKVCache, slots: Array, layer: Array,
+                 seq_ids: Array | None) -> Array:
+  """:func:`write_kv`'s ``int32[batch]`` status for these slots and layer (traceable)."""
+  bad = _unreserved_slots(cache, slots, seq_ids)  # [batch, T]
+  layer_ok = (layer >= 0) & (layer < cache.config.num_layers)
+  status = jnp.where(jnp.any(bad, axis=1), Status.INVALID_TOKEN_SLOT, Status.OK)
+  return jnp.where(layer_ok, status, Status.INVALID_LAYER).astype(jnp.int32)
+
+
 def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Array,
                 seq_ids: Array | None):
   L, H, NB, BS, _ = cache.k_pool.shape
   D = cache.config.head_dim  # the unpacked head_dim (int4 pools hold two values per byte)
-  bad = _unreserved_slots(cache, slots, seq_ids)  # [batch, T]
-  layer_ok = (layer >= 0) & (layer < L)
-  status = jnp.where(jnp.any(bad, axis=1), Status.INVALID_TOKEN_SLOT, Status.OK)
-  status = jnp.where(layer_ok, status, Status.INVALID_LAYER).astype(jnp.int32)  # [batch]
+  status = write_status(cache, slots, layer, seq_ids)  # [batch]
   ok = jnp.all(status == 0)
   flat = _drop_index(ok & (slots < NB * BS), slots, NB * BS).reshape(-1)
   layer = jnp.clip(layer, 0, L - 1)
@@ -467,7 +473,9 @@ def _write_impl(cache: PagedKVCache, slots: Array, k: Array, v: Array, layer: Ar
   return _scatter_tokens(cache, (layer, slice(None)), blk, off, kf, vf), status
 
 
-def _write_context(cache, slots, k, v, layer, seq_ids):
+def write_context(cache, slots, k, v, layer, seq_ids):
+  """Detail for :func:`write_kv`'s error messages."""
+
   def bad_slot(row):
     bad = _unreserved_slots(cache, slots, seq_ids)[row]
     col = jnp.argmax(bad)
@@ -481,7 +489,7 @@ def _write_context(cache, slots, k, v, layer, seq_ids):
 
 
 _write = _eager_or_traced(
-    _write_impl, "write_kv", context=_write_context,
+    _write_impl, "write_kv", context=write_context,
     ids=lambda cache, slots, k, v, layer, seq_ids: seq_ids)
 
 
@@ -510,16 +518,21 @@ def write_kv(cache: PagedKVCache, slots, k, v, layer, *, seq_ids=None, donate: b
   Raises:
     InvalidTokenSlotError, InvalidLayerError, InvalidSlotError, InactiveSlotError: eager calls.
   """
+  slots, k, v = check_write(cache, slots, k, v, layer, seq_ids, op="write_kv")
+  return _write(cache, slots, k, v, as_layer(layer), None if seq_ids is None else
+                as_ids(seq_ids), donate=donate)
+
+
+def check_write(cache: PagedKVCache, slots, k, v, layer, seq_ids, *, op: str):
+  """Validates :func:`write_kv`'s arguments' shapes and dtypes; returns ``(slots, k, v)``."""
   slots = to_int32(slots, "slots", "ids")
   if slots.ndim != 2:
     raise CacheShapeError(f"slots must be int32[batch, T], got shape {list(slots.shape)}")
-  k, v = _check_kv(cache, k, v, slots.shape, "write_kv")
-  layer = as_layer(layer)
-  if seq_ids is not None:
-    seq_ids = as_ids(seq_ids)
-    if seq_ids.shape != slots.shape[:1]:
-      raise CacheShapeError(f"write_kv: {seq_ids.shape[0]} seq_ids for {slots.shape[0]} rows")
-  return _write(cache, slots, k, v, layer, seq_ids, donate=donate)
+  k, v = _check_kv(cache, k, v, slots.shape, op)
+  as_layer(layer)
+  if seq_ids is not None and as_ids(seq_ids).shape != slots.shape[:1]:
+    raise CacheShapeError(f"{op}: {as_ids(seq_ids).shape[0]} seq_ids for {slots.shape[0]} rows")
+  return slots, k, v
 
 
 def _append_impl(cache: PagedKVCache, seq_ids, num_new, k, v):

@@ -42,10 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.attention import paged_attention
+from jax_paged_kv.attention.api import FUSE_WRITE, write_and_attend
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import CacheShapeError
-from jax_paged_kv.cache.ops import write_kv
 from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import (
   attention_knobs,
@@ -347,10 +346,10 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     q = rope(q.reshape(b, t, nh, d), step.positions, c.rope_theta, c.rope_scaling)
     k = rope(k.reshape(b, t, nkv, d), step.positions, c.rope_theta, c.rope_scaling)
     v = v.reshape(b, t, nkv, d)
-    cache, _ = write_kv(cache, step.slots, k.astype(cache.config.dtype),
-                        v.astype(cache.config.dtype), layer, seq_ids=step.seq_ids)
-    attn = paged_attention(q, cache, step.seq_ids, layer, q_lens=step.q_lens,
-                           sliding_window=window, implementation=implementation, **knobs)
+    cache, attn, _ = write_and_attend(
+        q, k.astype(cache.config.dtype), v.astype(cache.config.dtype), cache, step.slots,
+        step.seq_ids, layer, q_lens=step.q_lens, sliding_window=window,
+        implementation=implementation, fuse=FUSE_WRITE.value, **knobs)
     x = x + dot(attn.reshape(b, t, nh * d), w["wo"])
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
     x = x + dot(jax.nn.silu(dot(h, w["w_gate"])) * dot(h, w["w_up"]), w["w_down"])
