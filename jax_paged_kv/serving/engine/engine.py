@@ -196,6 +196,7 @@ class Engine:
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
     self._to_free: list[int] = []  # slots finished this step, freed in one call
+    self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -341,10 +342,20 @@ class Engine:
     return ids
 
   def _flush_free(self) -> None:
-    """Frees the slots of the requests finished since the last call, in one call."""
+    """Frees the slots of the requests finished since the last call, and trims the ones parked
+    for prefix caching to their registered blocks: one call each, not one per request."""
+    changed = bool(self._to_free or self._to_trim)
     if self._to_free:
       self.cache, _ = free_sequences(self.cache, self._slots(self._to_free))
       self._to_free = []
+    if self._to_trim:
+      slots, counts = zip(*self._to_trim)
+      n = np.zeros(max(self.max_batch, len(slots)), np.int32)
+      n[:len(counts)] = counts
+      self.cache, _ = truncate_sequences(self.cache, self._slots(list(slots)), n)
+      self._to_trim = []
+    if changed:
+      self._sync_free()
 
   def run(self, progress: Callable[[int], object] | None = None) -> list[RequestOutput]:
     """Steps until every queued request finished.
@@ -430,8 +441,11 @@ class Engine:
     if self.prefix is None:  # every held block belongs to a running request
       m.peak_running_blocks = m.peak_blocks
       return
-    # The blocks in the running requests' tables.
+    # The blocks in the running requests' tables. Their sum over the requests bounds the
+    # distinct count: when it cannot beat the peak, skip the device read.
     slots = [r.slot for r in self.scheduler.running]
+    if int(self.ledger.held_at(self.ledger.lens[slots]).sum()) <= m.peak_running_blocks:
+      return
     tables, lens = jax.device_get((self.cache.block_tables, self.cache.seq_lens))  # one copy
     tables = tables[slots]  # [running, table_width]
     nb = self.ledger.blocks(lens[slots])  # [running]
@@ -551,10 +565,19 @@ class Engine:
         self.prefix.unregister(r.slot, cap)
     self.prefix.register(r.slot, tokens, r.cache_salt, written, max_blocks=cap)
 
+  def _hashes(self, r: Request) -> list[bytes]:
+    """The block hashes of ``r``'s context, computed once per context (the scheduler asks for
+    a waiting request's prefix every step)."""
+    cached = r.block_hashes
+    if cached is None or cached[0] is not r.context or cached[1] != r.cache_salt:
+      cached = r.block_hashes = (r.context, r.cache_salt,
+                                 self.prefix.hashes(r.context, r.cache_salt))
+    return cached[2]
+
   def _match(self, r: Request) -> tuple[int, int]:
     """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
     cap = (len(r.context) - 1) // self.cache_config.block_size
-    return self.prefix.match(r.context, r.cache_salt, cap)
+    return self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
 
   def _defer(self, r: Request) -> bool:
     """Whether ``r`` should wait: its next uncached block is being prefilled by a running
@@ -566,7 +589,7 @@ class Engine:
     cap = (len(r.context) - 1) // self.cache_config.block_size
     if k >= cap:
       return False
-    h = self.prefix.hashes(r.context, r.cache_salt, k + 1)[-1]
+    h = self._hashes(r)[k]
     return any(h in q.pending for q in self.scheduler.running if q.prefilling)
 
   def _install(self, r: Request) -> None:
@@ -581,14 +604,14 @@ class Engine:
       self.ledger.lens[r.slot] = r.swapped.seq_len
       r.swapped = None
       if self.prefix is not None:
-        r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
+        r.pending = frozenset(self._hashes(r))
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
         self._sync_free()
       return
     if self.prefix is None:
       self.cache, _ = allocate_sequences(self.cache, slot)
       return
-    r.pending = frozenset(self.prefix.hashes(r.context, r.cache_salt))
+    r.pending = frozenset(self._hashes(r))
     k, holder = self._match(r)
     if not k:
       self.cache, _ = allocate_sequences(self.cache, slot)
@@ -612,17 +635,17 @@ class Engine:
     written = int(self.ledger.lens[r.slot])
     self._register(r, r.out.prompt + r.out.tokens, written)
     keep = self.prefix.registered(r.slot)
+    # The device update waits for the end of the call (_flush_free): one free and one trim for
+    # all the requests finished in it.
     if not keep:
-      self.cache, _ = free_sequences(self.cache, np.int32(r.slot))
+      self._to_free.append(r.slot)
       self.scheduler.release(r)
     else:
       if written > keep * bs:
-        self.cache, _ = truncate_sequences(self.cache, np.int32(r.slot),
-                                           np.int32(written - keep * bs))
+        self._to_trim.append((r.slot, written - keep * bs))
       self.ledger.lens[r.slot] = keep * bs
       self.scheduler.running.remove(r)
       self.prefix.park(r.slot)
-    self._sync_free()
 
   def _evict(self, slot: int, num_blocks: int) -> None:
     """Drops the last ``num_blocks`` blocks of cached slot ``slot`` (all: frees the slot)."""

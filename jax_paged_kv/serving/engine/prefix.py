@@ -79,15 +79,19 @@ class PrefixIndex:
 
   # ---- lookup --------------------------------------------------------------------------------
 
-  def match(self, tokens: Sequence[int], salt: str | None, max_blocks: int) -> tuple[int, int]:
+  def match(self, tokens: Sequence[int], salt: str | None, max_blocks: int,
+            hashes: Sequence[bytes] | None = None) -> tuple[int, int]:
     """``(k, holder)``: the first ``k`` full blocks of ``tokens`` are cached; ``holder`` holds them.
 
-    Every hit is verified against the stored token ids, parent hash and salt.
+    Every hit is verified against the stored token ids, parent hash and salt. ``hashes``: the
+    block hashes of ``tokens`` if the caller has them (:meth:`hashes`), else computed here.
     """
     bs = self.block_size
     parent = self.root(salt)
     k, holder = 0, -1
-    for j, h in enumerate(self.hashes(tokens, salt, max_blocks)):
+    if hashes is None:
+      hashes = self.hashes(tokens, salt, max_blocks)
+    for j, h in enumerate(hashes[:max_blocks]):
       e = self.entries.get(h)
       if (e is None or not e.holders or e.parent != parent
           or e.tokens != tuple(tokens[j * bs:(j + 1) * bs]) or (j == 0 and e.salt != salt)):

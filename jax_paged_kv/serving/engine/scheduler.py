@@ -42,6 +42,8 @@ class Request:
   admit_order: int = 0
   cache_salt: str | None = None  # prefix caching: requests share blocks only with equal salts
   pending: frozenset = frozenset()  # prefix caching: hashes of the full blocks it will write
+  # prefix caching: (context, salt, hashes of the context's full blocks), computed once
+  block_hashes: tuple | None = dataclasses.field(default=None, repr=False)
   swapped: SwappedSequence | None = None  # swap preemption: its blocks, in host memory
 
   @property
