@@ -58,8 +58,14 @@ def make_workloads(args, vocab: int) -> dict[str, list[list[int]]]:
   return {"shared": shared, "distinct": distinct}
 
 
+_PROGRESS = None  # a tqdm bar over every engine run of main(), or None
+
+
 def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | None = None,
           prefill_token_budget: int = 512, **engine_kwargs) -> dict:
+  if _PROGRESS is not None:
+    _PROGRESS.set_postfix_str(f"{len(prompts)} requests, cache {'on' if caching else 'off'}"
+                              f"{', ' + engine_kwargs['preemption'] if engine_kwargs else ''}")
   engine = Engine(params, model, cc, enable_prefix_caching=caching, prefill_chunk=128,
                   prefill_token_budget=prefill_token_budget, decode_steps=8,
                   max_batch=args.max_batch,
@@ -73,6 +79,8 @@ def serve(params, model, cc, prompts, args, caching: bool, new_tokens: int | Non
   m = engine.metrics
   outs = sorted(engine.finished.values(), key=lambda o: o.request_id)
   steady = max(wall - m.compile_seconds, 1e-9)
+  if _PROGRESS is not None:
+    _PROGRESS.update(1)
   return {
       "caching": caching,
       "prefill_tokens": m.prompt_tokens,
@@ -200,7 +208,60 @@ def prefix_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
            "each), while with the cache prefills are short and many requests decode at once, "
            "each with its own suffix blocks beside the shared system prompt.")
   print(notes)
+  data["rows"] = rows
   return report.markdown_table(cols, rows), notes, data
+
+
+def plot_prefix(rows, args) -> str:
+  """Cache on / off ratios of the two workloads (bars; 1 = no change)."""
+  plt = report.pyplot()
+  metrics = [("vs off", "prefill tokens"), ("running vs off", "peak running blocks"),
+             ("throughput vs off", "tokens/s"), ("TTFT vs off", "mean TTFT")]
+  fig, ax = plt.subplots(figsize=(8, 3.8))
+  width = 0.38
+  for i, name in enumerate(("shared", "distinct")):
+    on = next(r for r in rows if r["workload"] == name and r["prefix cache"] == "on")
+    vals = [float(str(on[k]).rstrip("x")) for k, _ in metrics]
+    xs = np.arange(len(metrics)) + (i - 0.5) * width
+    bars = ax.bar(xs, vals, width, label=f"{name} prefix")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.axhline(0.25, color="C3", lw=0.8, ls="--", label="goal for tokens and blocks (0.25)")
+  ax.set_xticks(np.arange(len(metrics)), [m for _, m in metrics])
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
+  ax.yaxis.set_minor_formatter(plt.NullFormatter())
+  ax.set_ylabel("prefix cache on / off")
+  ax.legend(fontsize=8)
+  ax.set_title(f"Prefix caching: {args.requests} requests, with / without a shared "
+               f"{args.system}-token prompt")
+  fig.tight_layout()
+  return report.save_figure(fig, "prefix_cache")
+
+
+def plot_concurrency(rows) -> str:
+  """Peak running blocks against requests in flight, cache off and on, and their ratio."""
+  plt = report.pyplot()
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for on in ("off", "on"):
+    rs = [r for r in rows if r["prefix cache"] == on]
+    a.plot([r["running at once"] for r in rs], [r["peak running blocks"] for r in rs], "o-",
+           label=f"prefix cache {on}")
+  rs = [r for r in rows if r["prefix cache"] == "on"]
+  b.plot([r["running at once"] for r in rs], [float(r["running blocks vs off"]) for r in rs],
+         "o-", label="on / off")
+  b.axhline(0.25, color="C3", lw=0.8, ls="--", label="goal 0.25")
+  for ax in (a, b):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in flight")
+    ax.legend(fontsize=8)
+  a.set_yscale("log")
+  a.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
+  a.set_ylabel("peak running blocks")
+  b.set_ylabel("peak blocks, cache on / off")
+  fig.suptitle("Prefix caching at equal load: memory per request in flight")
+  fig.tight_layout()
+  return report.save_figure(fig, "prefix_cache_concurrency")
 
 
 def preemption_part(args, model, params, loads, machine) -> tuple[str, str, dict]:
@@ -310,6 +371,7 @@ def concurrency_part(args, model, params, loads, machine) -> tuple[str, str, dic
            f"their own (at most ~{own} each); without it, each holds all of them, so the ratio "
            "falls like 1/n. Peak running blocks with the cache / without, by requests at once: "
            f"{ratios} (goal <= 0.25). Outputs identical (checked).")
+  data["rows"] = rows
   return report.markdown_table(list(rows[0]), rows), notes, data
 
 
@@ -345,19 +407,27 @@ def main(argv=None):
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla"))
   machine = report.machine_name()
+  global _PROGRESS
+  from tqdm.auto import tqdm
+  runs = {"prefix": 2 * (2 + 2 * args.repeats), "concurrency": 2 * len(args.concurrency),
+          "preemption": 2 * (1 + args.repeats)}
+  _PROGRESS = tqdm(total=sum(n for k, n in runs.items() if args.part in ("all", k)),
+                   desc="prefix_cache engine runs", unit="run")
   model = workloads.model_config(args.model)
   params = init_params(model, jax.random.PRNGKey(args.seed), scale=2.0)
   loads = make_workloads(args, model.vocab_size)
   if args.part in ("all", "prefix"):
     markdown, notes, data = prefix_part(args, model, params, loads, machine)
     path = report.save("prefix_cache", title="Prefix caching: a shared system prompt",
-                       markdown=markdown, notes=notes, data=data)
+                       markdown=markdown, notes=notes, data=data,
+                       plot=plot_prefix(data["rows"], args))
     print(f"wrote {path}")
   if args.part in ("all", "concurrency"):
     markdown, notes, data = concurrency_part(args, model, params, loads, machine)
     path = report.save("prefix_cache_concurrency",
                        title="Prefix caching: peak blocks at equal concurrency",
-                       markdown=markdown, notes=notes, data=data, script="prefix_cache")
+                       markdown=markdown, notes=notes, data=data, script="prefix_cache",
+                       plot=plot_concurrency(data["rows"]))
     print(f"wrote {path}")
   if args.part in ("all", "preemption"):
     markdown, notes, data = preemption_part(args, model, params, loads, machine)
