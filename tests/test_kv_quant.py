@@ -468,3 +468,42 @@ def test_channel_k_fork_copy_on_write_truncate_free(kv_quant):
   np.testing.assert_array_equal(np.asarray(child2[0]), np.asarray(child[0, :8]))
   assert pk.check_invariants(cache).ok
   assert int(pk.cache_stats(cache).free_blocks) == cfg.usable_blocks - 1
+
+
+def test_fp8_heavy_tailed_error_is_the_e4m3_rounding_floor():
+  """fp8 on heavy-tailed data at a long context (2 x 2,048 tokens, head_dim 128, GQA 4): the
+  cache's attention error against float64 is that of rounding K and V to E4M3 with the same
+  per-(token, head) scales (the NumPy model of the format): the cache adds nothing to the
+  format's own error. That floor varies with the draw around the issue's 6e-2 bound (outlier
+  K channels x12 + 6 carry E4M3's ~3.6% RMS relative rounding into the logits; rescaling per
+  channel cannot help, the error is relative to each value): README, *Known misses*."""
+  batch, n, kvh, ratio, d = 2, 2048, 2, 4, 128
+  rng = np.random.default_rng(1)
+  k, v = rng.standard_normal((2, batch, n, kvh, d))
+  ch = rng.choice(d, 4, replace=False)
+  k[..., ch] = k[..., ch] * 12.0 + 6.0
+  v = v * np.exp(rng.standard_normal((batch, n, kvh)))[..., None]
+  q = rng.standard_normal((batch, 1, kvh * ratio, d))
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=kvh, head_dim=d, block_size=16,
+                       num_blocks=1 + batch * n // 16, max_seqs=batch, max_seq_len=n,
+                       dtype=jnp.float32, kv_quant="fp8")
+  ids = np.arange(batch)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), ids)
+  k32, v32 = k.astype(np.float32), v.astype(np.float32)
+  cache, _ = pk.append_kv(cache, jnp.asarray(k32)[None], jnp.asarray(v32)[None], ids)
+  out = np.asarray(pk.paged_attention(jnp.asarray(q, jnp.float32), cache, ids, 0), np.float64)
+
+  def dense(kk, vv):  # float64 decode attention over dense K / V
+    kk, vv = np.repeat(kk, ratio, axis=2), np.repeat(vv, ratio, axis=2)
+    s = np.einsum("bhd,bshd->bhs", q[:, 0], kk) * d ** -0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhs,bshd->bhd", p / p.sum(-1, keepdims=True), vv)[:, None]
+
+  def rounded(x):
+    codes, scale = quantize_np(x, "fp8")
+    return codes * scale[..., None]
+
+  want = dense(k32, v32)
+  err = np.linalg.norm(out - want) / np.linalg.norm(want)
+  floor = np.linalg.norm(dense(rounded(k32), rounded(v32)) - want) / np.linalg.norm(want)
+  assert err <= 1.02 * floor, (err, floor)
