@@ -1,5 +1,6 @@
 """Random admissions (with prefix-cache hits), decode appends, finishes, forks, truncations,
-evictions of cached blocks and swaps, against a plain-Python model of block ownership.
+evictions of cached blocks, swaps and window frees (holes), against a plain-Python model of
+block ownership.
 
 The engine's prefix caching is the cache ops (fork, truncate, free, swap) driven by the host
 :class:`~jax_paged_kv.serving.engine.prefix.PrefixIndex`; this machine drives them the way
@@ -34,6 +35,8 @@ _alloc = jax.jit(pk.allocate_sequences)
 _free = jax.jit(pk.free_sequences)
 _fork = jax.jit(pk.fork_sequence)
 _trunc = jax.jit(pk.truncate_sequences)
+_window = jax.jit(lambda c, ids, w, s: pk.free_outside_window(c, ids, window=w, sink_tokens=s),
+                  static_argnums=(2, 3))
 _lookup = jax.jit(lambda c, ids: pk.lookup_kv(c, ids, 0))
 
 # Prompts: one of a few shared starts plus a short suffix, from a two-letter alphabet, so that
@@ -53,8 +56,16 @@ def content(salt, tokens) -> float:
 class Slot:
   def __init__(self, tokens, blocks, salt):
     self.tokens: list[int] = list(tokens)
-    self.blocks: list[object] = list(blocks)
+    self.blocks: list[object | None] = list(blocks)  # None: a hole (free_outside_window)
     self.salt = salt
+
+  def shareable(self) -> int:
+    """Blocks before the first hole (a prefix hit forks the holder's table: the engine keeps
+    only those registered)."""
+    return next((j for j, b in enumerate(self.blocks) if b is None), len(self.blocks))
+
+  def registered(self) -> int:
+    return min(len(self.tokens) // BS, self.shareable())
 
 
 class PrefixMachine(RuleBasedStateMachine):
@@ -78,10 +89,20 @@ class PrefixMachine(RuleBasedStateMachine):
     return next((s for s in range(CFG.max_seqs) if s not in used), -1)
 
   def model_free(self) -> int:
-    return CFG.usable_blocks - len({id(b) for s in self.live().values() for b in s.blocks})
+    return CFG.usable_blocks - len({id(b) for s in self.live().values() for b in s.blocks
+                                    if b is not None})
 
   def refcount(self, block) -> int:
     return sum(b is block for s in self.live().values() for b in s.blocks)
+
+  def register(self, slot: int) -> None:
+    """What the engine's ``_register`` does: only blocks before the first hole stay in the
+    index (a slot's registrations past it are dropped once the window frees a block)."""
+    s = self.live()[slot]
+    cap = s.shareable()
+    if self.index.registered(slot) > cap:
+      self.index.unregister(slot, cap)
+    self.index.register(slot, s.tokens, s.salt, len(s.tokens), max_blocks=cap)
 
   def model_hit(self, tokens, salt) -> int:
     """Longest cached prefix (whole blocks, the last token excluded) any live slot holds."""
@@ -91,7 +112,7 @@ class PrefixMachine(RuleBasedStateMachine):
       if s.salt != salt:
         continue
       k = 0
-      while k < min(cap, len(s.tokens) // BS) and s.tokens[k * BS:(k + 1) * BS] == tokens[
+      while k < min(cap, s.registered()) and s.tokens[k * BS:(k + 1) * BS] == tokens[
           k * BS:(k + 1) * BS]:
         k += 1
       best = max(best, k)
@@ -113,7 +134,7 @@ class PrefixMachine(RuleBasedStateMachine):
     s.tokens = list(tokens)
     while len(s.blocks) * BS < len(s.tokens):
       s.blocks.append(object())
-    self.index.register(slot, s.tokens, s.salt, len(s.tokens))
+    self.register(slot)
 
   def need(self, s: Slot, n: int) -> int:
     old = len(s.tokens)
@@ -165,11 +186,12 @@ class PrefixMachine(RuleBasedStateMachine):
       self.cache, st2 = _trunc(self.cache, jnp.int32([slot]),
                                jnp.int32(len(h.tokens) - k * BS))
       assert int(st_) == 0 and not np.any(np.asarray(st2))
+      assert None not in h.blocks[:k]
       self.running[slot] = Slot(tokens[:k * BS], h.blocks[:k], salt)
       if holder in self.cached:  # a hit makes the holder the most recently used
         self.cached[holder] = self.cached.pop(holder)
         self.index.touch(holder)
-      self.index.register(slot, tokens, salt, k * BS)
+      self.register(slot)
     else:
       self.cache, st_ = _alloc(self.cache, jnp.int32([slot]))
       assert not np.any(np.asarray(st_))
@@ -191,7 +213,7 @@ class PrefixMachine(RuleBasedStateMachine):
   def finish(self, data):
     slot = data.draw(st.sampled_from(sorted(self.running)))
     s = self.running.pop(slot)
-    keep = len(s.tokens) // BS
+    keep = s.registered()
     assert self.index.registered(slot) == keep
     if not keep:
       self.cache, st_ = _free(self.cache, jnp.int32([slot]))
@@ -215,7 +237,7 @@ class PrefixMachine(RuleBasedStateMachine):
     assert int(st_) == 0
     p = self.running[parent]
     self.running[child] = Slot(p.tokens, p.blocks, p.salt)
-    self.index.register(child, p.tokens, p.salt, len(p.tokens))
+    self.register(child)
 
   @precondition(lambda self: self.running)
   @rule(data=st.data(), n=st.integers(1, 5))
@@ -223,11 +245,16 @@ class PrefixMachine(RuleBasedStateMachine):
     slot = data.draw(st.sampled_from(sorted(self.running)))
     s = self.running[slot]
     n = min(n, len(s.tokens))
+    new_blocks = -(-(len(s.tokens) - n) // BS)
     self.cache, st_ = _trunc(self.cache, jnp.int32([slot]), jnp.int32(n))
+    if new_blocks and s.blocks[new_blocks - 1] is None:  # into a hole: refused, nothing changes
+      event("truncate into a hole")
+      assert int(np.asarray(st_)[0]) == pk.Status.FREED_BLOCK
+      return
     assert not np.any(np.asarray(st_))
     del s.tokens[len(s.tokens) - n:]
-    del s.blocks[-(-len(s.tokens) // BS):]
-    self.index.unregister(slot, len(s.tokens) // BS)
+    del s.blocks[new_blocks:]
+    self.index.unregister(slot, s.registered())
 
   @precondition(lambda self: self.cached)
   @rule(blocks=st.integers(1, 4))
@@ -243,7 +270,8 @@ class PrefixMachine(RuleBasedStateMachine):
     self.index.unregister(slot)
     self.cache, sw = pk.swap_out(self.cache, slot, donate=False)
     s = self.running.pop(slot)
-    assert sw.seq_len == len(s.tokens) and sw.num_blocks == len(s.blocks)
+    assert sw.seq_len == len(s.tokens)
+    assert sw.num_blocks == sum(b is not None for b in s.blocks)  # holes are not swapped
     self.swapped.append((s, sw))
 
   @precondition(lambda self: self.swapped)
@@ -257,8 +285,26 @@ class PrefixMachine(RuleBasedStateMachine):
     self.cache, st_ = pk.swap_in(self.cache, slot, sw, donate=False)
     assert not np.any(np.asarray(st_))
     del self.swapped[i]
-    self.running[slot] = Slot(s.tokens, [object() for _ in s.blocks], s.salt)
-    self.index.register(slot, s.tokens, s.salt, len(s.tokens))
+    self.running[slot] = Slot(s.tokens, [None if b is None else object() for b in s.blocks],
+                              s.salt)
+    self.register(slot)
+
+  @precondition(lambda self: self.running)
+  @rule(data=st.data(), window=st.integers(1, 6), sinks=st.sampled_from([0, 0, 2, 3]))
+  def window_free(self, data, window, sinks):
+    """free_outside_window: blocks j past the sink blocks with (j + 1) * BS <= len - window."""
+    slot = data.draw(st.sampled_from(sorted(self.running)))
+    s = self.running[slot]
+    self.cache, freed, st_ = _window(self.cache, jnp.int32([slot]), window, sinks)
+    assert not np.any(np.asarray(st_))
+    gone = [j for j, b in enumerate(s.blocks) if b is not None and j >= -(-sinks // BS)
+            and (j + 1) * BS <= len(s.tokens) - window]
+    assert int(np.asarray(freed)[0]) == len(gone)
+    if gone:
+      event("window freed blocks")
+    for j in gone:
+      s.blocks[j] = None
+    self.register(slot)
 
   # --- invariants -------------------------------------------------------------------------
 
@@ -279,14 +325,18 @@ class PrefixMachine(RuleBasedStateMachine):
       assert lens[slot] == (len(live[slot].tokens) if slot in live else 0)
     assert list(self.index.cached) == list(self.cached)
     for slot, s in live.items():
-      assert self.index.registered(slot) == len(s.tokens) // BS
+      assert self.index.registered(slot) == s.registered()
     k, v, _ = _lookup(c, jnp.arange(CFG.max_seqs, dtype=jnp.int32))
     k, v = np.asarray(k), np.asarray(v)
-    for slot, s in live.items():
-      want = [content(s.salt, s.tokens[:i + 1]) for i in range(len(s.tokens))]
+    for slot, s in live.items():  # holes read as 0
+      want = [0.0 if s.blocks[i // BS] is None else content(s.salt, s.tokens[:i + 1])
+              for i in range(len(s.tokens))]
       np.testing.assert_array_equal(k[slot, :len(want), 0, 0], np.float32(want))
       np.testing.assert_array_equal(v[slot, :len(want), 0, 1], -np.float32(want))
-    entries = [(slot, j, b) for slot, s in live.items() for j, b in enumerate(s.blocks)]
+      for j, b in enumerate(s.blocks):
+        assert (tables[slot, j] == 0) == (b is None)
+    entries = [(slot, j, b) for slot, s in live.items() for j, b in enumerate(s.blocks)
+               if b is not None]
     for i, (s1, j1, b1) in enumerate(entries):
       assert refs[tables[s1, j1]] == self.refcount(b1)
       for s2, j2, b2 in entries[i + 1:]:
