@@ -349,7 +349,7 @@ class Engine:
       self.cache, _ = free_sequences(self.cache, self._slots(self._to_free))
       self._to_free = []
     if self._to_trim:
-      slots, counts = zip(*self._to_trim)
+      slots, counts = zip(*self._to_trim, strict=True)
       n = np.zeros(max(self.max_batch, len(slots)), np.int32)
       n[:len(counts)] = counts
       self.cache, _ = truncate_sequences(self.cache, self._slots(list(slots)), n)
