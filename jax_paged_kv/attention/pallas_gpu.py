@@ -323,7 +323,9 @@ def _attention_kernel(
     ids = tables_ref[b, kpos // block_size]  # [step_k]
     # A null entry inside the range is a hole (a block free_outside_window freed): its keys
     # are gone, neither fetched nor seen.
-    kv_ok = (kpos >= lo) & (kpos < hi) & (ids != 0) & (kpos != new_pos)  # [step_k]
+    kv_ok = (kpos >= lo) & (kpos < hi) & (ids != 0)  # [step_k]: never fetch a key outside
+    if fused:  # the new token comes from registers, not from its (not yet written) slot
+      kv_ok = kv_ok & (kpos != new_pos)
     ids = jnp.clip(ids, 0, num_blocks - 1)
     slot = kpos % block_size  # [step_k]
 
