@@ -131,3 +131,29 @@ def test_host_mirror_matches_the_device_every_step(strategy):
     assert engine.metrics.peak_blocks >= peak  # the peak inside a step is not visible here
   outs = engine.finished
   assert [outs[i].tokens for i in range(len(PROMPTS))] == REFS
+
+
+def test_all_greedy_programs_until_a_request_samples():
+  """Until a request with temperature > 0 is added, the engine runs programs without the
+  sampling branch; from then on the full ones. Greedy rows give the float64 reference either
+  way, and a sampled request gives the tokens it gets from an engine in full mode from the
+  start (sampling depends on its seed and position, not on the program)."""
+  cc = SMALL.cache_config(num_blocks=64, max_seqs=4, max_seq_len=64, block_size=4)
+  kw = dict(prefill_chunk=8, decode_steps=4, batch_bucket_min=4, bucket_blocks=False)
+  sampled = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=NEW)
+  engine = Engine(PARAMS, SMALL, cc, **kw)
+  first = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS[:2]]
+  engine.run()
+  assert engine._compiled and all(greedy for *_, greedy in engine._compiled)
+  later = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=NEW))
+  rid = engine.add_request(PROMPTS[0], sampled)
+  engine.run()
+  assert any(not greedy for *_, greedy in engine._compiled)
+  done = engine.finished
+  for i, p in zip(first + [later], PROMPTS[:3], strict=True):
+    assert done[i].tokens == reference_greedy(PARAMS, SMALL, p, NEW)
+  full = Engine(PARAMS, SMALL, cc, **kw)
+  want = full.add_request(PROMPTS[0], sampled)
+  full.run()
+  assert all(not greedy for *_, greedy in full._compiled)
+  assert done[rid].tokens == full.finished[want].tokens

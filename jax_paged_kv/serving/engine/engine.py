@@ -195,8 +195,13 @@ class Engine:
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
     self._seen_shapes: set[tuple] = set()
+    self._compiled: set[tuple] = set()  # (kind, width, reads, all_greedy) run so far
     self._to_free: list[int] = []  # slots finished this step, freed in one call
     self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
+    # Whether any request added so far samples (temperature > 0). Until one does, the steps run
+    # programs without the sampling branch (about a quarter of each program's compile time);
+    # from then on the full ones, for good, so at most two sets of programs ever compile.
+    self._any_sampled = False
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -209,7 +214,9 @@ class Engine:
 
   def shapes(self) -> list[tuple[str, int, int | None]]:
     """Every ``(kind, batch width, block-table columns read or None)`` the engine can compile
-    (each at its first use): a fixed set, whatever the workload."""
+    (each at its first use): a fixed set, whatever the workload. Each shape has up to two
+    programs: without the sampling branch while no request added so far samples
+    (temperature > 0), and with it from the first one that does."""
     return self.batcher.shapes()
 
   @property
@@ -259,6 +266,7 @@ class Engine:
       raise PoolExhaustedError(
           f"add_request: {total} tokens need {need} blocks at once, the pool has "
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
+    self._any_sampled |= sampling.temperature > 0
     rid = self._next_id
     self._next_id += 1
     req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
@@ -378,13 +386,16 @@ class Engine:
   # ---- pieces --------------------------------------------------------------------------------
 
   def _timed(self, key: tuple, fn, *args, **kwargs):
-    """Calls ``fn``; the first call per static shape counts as compile time."""
-    if key in self._seen_shapes:
+    """Calls ``fn``; the first call per static shape and sampling mode counts as compile
+    time."""
+    program = (*key, kwargs.get("all_greedy", False))
+    if program in self._compiled:
       return fn(*args, **kwargs)
     t0 = time.perf_counter()
     res = fn(*args, **kwargs)
     jax.block_until_ready(res)
     self.metrics.compile_seconds += time.perf_counter() - t0
+    self._compiled.add(program)
     self._seen_shapes.add(key)
     return res
 
@@ -403,7 +414,7 @@ class Engine:
     self.cache, nxt, _, status = self._timed(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
-        implementation=self.implementation, max_blocks=mb)
+        implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
@@ -518,7 +529,8 @@ class Engine:
     self.cache, state, out, n_steps, status = self._timed(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
-        implementation=self.implementation, max_blocks=mb, evict=self.evict)
+        implementation=self.implementation, max_blocks=mb, evict=self.evict,
+        all_greedy=not self._any_sampled)
     out, n_steps = np.asarray(out), int(n_steps)
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
