@@ -197,17 +197,22 @@ def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_wind
   return q, seq_ids, layer, q_lens, scale
 
 
+def _kernel_rows(cache, seq_ids, layer, q_lens, q_len: int):
+  """The kernel contract's per-row inputs: ``(tables, kv_lens, layer, q_lens)``. A bad layer
+  reads nothing (lengths 0); a row may not claim more queries than it has tokens or q holds."""
+  num_layers = cache.config.num_layers
+  tables, kv_lens = gather_tables(cache, seq_ids)
+  kv_lens = jnp.where((layer >= 0) & (layer < num_layers), kv_lens, 0)
+  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q_len))
+  return tables, kv_lens, jnp.clip(layer, 0, num_layers - 1), q_lens
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window",
                                              "return_lse", "implementation", "knobs"))
 def _paged_attention(q, cache, seq_ids, layer, q_lens, *, scale, soft_cap, sliding_window,
                      return_lse, implementation, knobs):
   cfg = cache.config
-  tables, kv_lens = gather_tables(cache, seq_ids)
-  layer_ok = (layer >= 0) & (layer < cfg.num_layers)
-  kv_lens = jnp.where(layer_ok, kv_lens, 0)
-  layer = jnp.clip(layer, 0, cfg.num_layers - 1)
-  # A row may not claim more queries than it has tokens or than q holds.
-  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
+  tables, kv_lens, layer, q_lens = _kernel_rows(cache, seq_ids, layer, q_lens, q.shape[1])
   call = functools.partial(get_implementation(implementation), scale=scale, soft_cap=soft_cap,
                            sliding_window=sliding_window, return_lse=return_lse, **dict(knobs))
   # On pools sharded over kv heads, once per shard (shard_map): never on a gathered pool. A
@@ -270,13 +275,13 @@ def write_and_attend(q, k, v, cache: PagedKVCache, slots, seq_ids, layer, *, q_l
   """Writes one layer's new K/V (:func:`~jax_paged_kv.write_kv`), then attends
   (:func:`paged_attention`): a model layer's cache step.
 
-  With ``fuse`` the decode kernel does both in one launch (the seed's "attention fusion"; also
-  tpu-inference's design on TPU): it attends to each row's new token from registers, not from
-  the pool, and writes it into its page, so the step skips the separate scatter and its launch
-  per layer. The result is the unfused one: the same pools bitwise and the same attention
-  (tested against float64 attention over the written pools). It needs the ``pallas_gpu``
-  kernel, decode (``q_len == 1``), unquantised pools stored in their dtype and unsharded heads
-  (:func:`fused_write_supported` says why not).
+  With ``fuse`` the decode kernel does both in one launch ("attention fusion", as in the LLMIR
+  design; also tpu-inference's design on TPU): it attends to each row's new token from
+  registers, not from the pool, and writes it into its page, so the step skips the separate
+  scatter and its launch per layer. The result is the unfused one: the same pools bitwise and
+  the same attention (tested against float64 attention over the written pools). It needs the
+  ``pallas_gpu`` kernel, decode (``q_len == 1``), unquantised pools stored in their dtype and
+  unsharded heads (:func:`fused_write_supported` says why not).
 
   Args:
     q: ``[batch, q_len, q_heads, head_dim]``.
@@ -322,14 +327,10 @@ def write_and_attend(q, k, v, cache: PagedKVCache, slots, seq_ids, layer, *, q_l
 def _fused_impl(cache, slots, k, v, layer, seq_ids, q, q_lens, *, scale, soft_cap,
                 sliding_window, return_lse, knobs):
   cfg = cache.config
-  bs, nb, num_layers = cfg.block_size, cfg.num_blocks, cfg.num_layers
+  bs, nb = cfg.block_size, cfg.num_blocks
   status = write_status(cache, slots, layer, seq_ids)
   ok = jnp.all(status == 0)
-  tables, kv_lens = gather_tables(cache, seq_ids)
-  layer_ok = (layer >= 0) & (layer < num_layers)
-  kv_lens = jnp.where(layer_ok, kv_lens, 0)
-  lay = jnp.clip(layer, 0, num_layers - 1)
-  q_lens = jnp.clip(q_lens, 0, jnp.minimum(kv_lens, q.shape[1]))
+  tables, kv_lens, lay, q_lens = _kernel_rows(cache, seq_ids, layer, q_lens, q.shape[1])
   slot = slots[:, 0]
   match = tables == (slot // bs)[:, None]  # the row's table entry holding the slot
   has = ok & (slot < nb * bs) & jnp.any(match, axis=1)
