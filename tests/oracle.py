@@ -99,6 +99,9 @@ def _bf16_toward_zero(x):
 
 
 _CHANNEL_QMAX = {"int8": 127.0, "int4": 7.0}
+# Channel K scales widen only past this many steps of overflow (the format's rule, stated here
+# independently of the library's constant).
+WIDEN_SLACK = 0.5
 
 
 def channel_scale_np(amax, kv_quant: str):
@@ -132,17 +135,35 @@ def quantize_channel_k_np(k_pool, kv_quant: str):
   return channel_codes_np(k, scale[..., None, :], kv_quant), scale
 
 
+def channel_k_error_bound(step, later_widenings, kv_quant: str):
+  """The largest ``|x - stored x|`` of an int8 / int4 K value, given its block's final channel
+  step ``step`` and how many write calls have touched the block after the value's own
+  (``later_widenings``: each may widen the scale once).
+
+  When written, a value is rounded (half a step) or clipped: its channel's scale is a bfloat16
+  rounded toward zero (up to 2^-7 of it lost, ``qmax * 2^-7`` steps at the top of the range),
+  and a write that overflows the range by at most ``WIDEN_SLACK`` steps keeps the old scale; so
+  at most ``max(0.5, WIDEN_SLACK + qmax * 2^-7)`` steps (with 2% for float32 arithmetic).
+  Each later widening requantises it once (half a step of a scale no larger than the final
+  one). Scales only grow, so every term is in final steps.
+  """
+  qmax = _CHANNEL_QMAX[kv_quant]
+  first = max(0.5, (WIDEN_SLACK + qmax * 2.0**-7) * 1.02)
+  return np.asarray(step) * (first + 0.5 * np.asarray(later_widenings))
+
+
 class ChannelKModel:
   """A NumPy model of int8 / int4 K written in pieces (``_scatter_tokens`` in ``ops.py``).
 
   Per block and channel: a write widens the scale to the max of the old one and the new tokens'
-  channel scales; a widened scale at least doubles; the block's older codes are requantised
+  channel scales unless that exceeds the old scale by at most ``WIDEN_SLACK`` steps (then the
+  new values clip to the old range); the block's older codes are requantised
   (dequantised with the old scale, rounded at the new one, float32 arithmetic), then the new
   tokens are coded. ``codes`` ``[layers, kv_heads, num_blocks, block_size, head_dim]`` and
   ``scale`` ``[layers, kv_heads, num_blocks, head_dim]`` (float64 holding float32 / bfloat16
-  values). ``tie`` marks codes that were rounded from (within float32 error of) a tie: a widening
-  that doubles a scale halves odd codes exactly, and XLA may compute ``x / s`` as ``x * (1 /
-  s)``, so such a code may legitimately be one step off (and so may its later requantisations).
+  values). ``tie`` marks codes that were rounded from (within float32 error of) a tie: XLA may
+  compute ``x / s`` as ``x * (1 / s)``, so such a code may legitimately be one step off (and so
+  may its later requantisations).
   """
 
   def __init__(self, kv_quant: str, pool_shape):
@@ -168,7 +189,8 @@ class ChannelKModel:
       need = old
       for _, x in items:
         need = np.maximum(need, channel_scale_np(np.abs(x), self.kv_quant))
-      new = np.where(need > old, np.maximum(need, 2 * old), old)
+      slack = 1 + WIDEN_SLACK / _CHANNEL_QMAX[self.kv_quant]
+      new = np.where(need > np.float32(old) * np.float32(slack), need, old)
       deq = np.asarray(self.codes[:, :, blk], np.float32) * np.asarray(old, np.float32)[:, :, None]
       self.codes[:, :, blk] = channel_codes_np(deq, new[:, :, None], self.kv_quant)
       self.tie[:, :, blk] |= self._near_tie(deq, new[:, :, None])

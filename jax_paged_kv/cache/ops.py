@@ -149,10 +149,7 @@ def _scatter_tokens(cache: PagedKVCache, lead: tuple, blk: Array, off: Array, k:
   need = cache.k_scale.at[(*lead, blk)].max(quant.channel_scale(jnp.abs(k), kv_quant),
                                             mode="drop")
   need = need[(*lead, gblk)]
-  # A widened scale at least doubles: requantising to a scale only slightly larger would round
-  # most codes back to themselves and drift their values upwards, step after step; doubling
-  # bounds the sum of all requantisation errors of a token by its block's final step.
-  new_s = jnp.where(need > old_s, jnp.maximum(need, 2 * old_s), old_s)
+  new_s = quant.widened_scale(old_s, need, kv_quant)
   k_scale = cache.k_scale.at[(*lead, blk)].set(new_s, mode="drop")
   block = quant.dequantize_channel_k(cache.k_pool[(*lead, gblk)], old_s[..., None, :])
   requant = quant.channel_codes(block, new_s[..., None, :], kv_quant)

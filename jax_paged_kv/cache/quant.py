@@ -23,8 +23,9 @@ Why per (block, channel) for int8 / int4 K: keys have outlier channels in real m
 KVQuant); a per-token scale is set by the outliers and flattens every other channel (int8 per
 token measured 5.8e-2 relative L2 on heavy-tailed keys, over the 5e-2 bound; int4 0.37-0.5).
 A channel's scale is the max over its block's tokens. When a write widens a channel's range in a
-partly filled block, the block's older tokens are requantised (O(block_size) per written token,
-never O(pool)) and the scale at least doubles (see ``_scatter_tokens`` in ``ops.py``). V's
+partly filled block by more than half a step (:func:`widened_scale`), the scale becomes the new
+max and the block's older tokens are requantised (O(block_size) per written token, never
+O(pool); see ``_scatter_tokens`` in ``ops.py``); a smaller overflow clips. V's
 outliers are whole tokens, so V keeps per-token (int4: per group) scales, fixed when written.
 fp8 is a floating format: its error is relative per value whatever the scale, so per-token
 scales (vLLM's choice) lose nothing to outlier channels. Bfloat16 scales keep float32's range in
@@ -191,6 +192,25 @@ def channel_scale(amax: Array, kv_quant: str) -> Array:
   """A K channel scale for ``max|x| = amax``: ``amax / qmax`` (7 for int4, 127 for int8) as a
   :func:`truncated_scale`. NaN / Inf stay non-finite."""
   return truncated_scale(amax, _QMAX[kv_quant])
+
+
+# A write widens a block's channel scale only when its new tokens overflow the current range by
+# more than this many steps; smaller overflows clip (an error no larger than rounding's).
+WIDEN_SLACK = 0.5
+
+
+def widened_scale(old: Array, need: Array, kv_quant: str) -> Array:
+  """A block's channel scale after a write whose tokens need ``need`` (``>= old``, both in the
+  channel-scale dtype): ``need`` if it exceeds ``old`` by more than :data:`WIDEN_SLACK` steps
+  (``old * (1 + WIDEN_SLACK / qmax)``), else ``old`` (the new values clip by at most that).
+
+  Each widening costs the block's older tokens one more rounding (half a step of the new
+  scale). The slack keeps slowly growing channels (RoPE rotates a key's large channels through
+  ramps) from widening, and requantising, at every token.
+  """
+  o = old.astype(jnp.float32)
+  widen = need.astype(jnp.float32) > o * (1 + WIDEN_SLACK / _QMAX[kv_quant])
+  return jnp.where(widen, need, old)
 
 
 def channel_codes(x: Array, scale: Array, kv_quant: str) -> Array:
