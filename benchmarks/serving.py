@@ -151,12 +151,12 @@ def main(argv=None):
           "queue p50 s": f"{med['queue_p50']:.3f}", "queue p90 s": f"{med['queue_p90']:.3f}",
           "tokens/s": f"{med['tokens_per_s']:.0f}",
           "peak seqs": max(r["peak_running"] for r in rs),
-          "mean seqs": f"{report.median([r['mean_running'] for r in rs]):.1f}",
+          "busy seqs": f"{report.median([r['busy_seqs'] for r in rs]):.1f}",
       })
   cols = ["strategy", "block", "slots", "KV MiB", "tokens/s", "vs contiguous", "peak seqs",
           "mean seqs", "KV util", "preempt", "decode steps", "wall s", "compile s"]
   lat_cols = ["strategy", "block", "rate req/s", "TTFT p50 s", "TTFT p90 s", "E2E p50 s",
-              "E2E p90 s", "queue p50 s", "queue p90 s", "tokens/s", "peak seqs", "mean seqs"]
+              "E2E p90 s", "queue p50 s", "queue p90 s", "tokens/s", "peak seqs", "busy seqs"]
   print(f"\n{args.requests} requests (prompt mean {p_mean:.0f}, output mean {o_mean:.0f}), "
         f"model {args.model} {workloads.MODELS[args.model]}, median of {args.repeats}; "
         f"machine: {machine} (load average {load_avg:.1f} at the start)\n")

@@ -361,12 +361,23 @@ def latency_summary(lat: dict) -> dict:
   return row
 
 
+def busy_mean(counts: Sequence[float], spans: Sequence[float], total: float) -> float:
+  """Time-weighted mean of ``counts`` (one per step, held for that step's ``spans``) over
+  ``total`` seconds; time outside the steps (an idle server) counts as 0. A per-step mean
+  would weight a short step of a small batch like a long step of a big one."""
+  counts, spans = np.asarray(counts, np.float64), np.asarray(spans, np.float64)
+  if counts.shape != spans.shape:
+    raise ValueError(f"{counts.shape[0]} counts for {spans.shape[0]} steps")
+  return float(counts @ spans / total) if total > 0 else 0.0
+
+
 def run_arrivals(params, model: LlamaConfig, cache_config: CacheConfig, requests,
                  arrivals: Sequence[float], *, desc: str, progress: bool = True,
                  **engine_kwargs) -> dict:
   """:func:`serve_arrivals` on a fresh engine; its result plus :func:`latency_summary` and the
-  engine's counters (``strategy``, ``slots``, ``peak_running``, ``mean_running``,
-  ``kv_utilization``, ``preemptions``)."""
+  engine's counters (``strategy``, ``slots``, ``peak_running``, ``mean_running`` (per step),
+  ``busy_seqs`` (running sequences averaged over the simulated time, first arrival to last
+  finish, idle gaps included: :func:`busy_mean`), ``kv_utilization``, ``preemptions``)."""
   engine = Engine(params, model, cache_config, **engine_kwargs)
   bar = None
   if progress:
@@ -382,6 +393,7 @@ def run_arrivals(params, model: LlamaConfig, cache_config: CacheConfig, requests
       "pool_mib": cache_config.pool_bytes / 2**20,
       "peak_running": m.peak_running,
       "mean_running": float(np.mean(m.running_trace)) if m.running_trace else 0.0,
+      "busy_seqs": busy_mean(m.running_trace, lat["step_span"], lat["makespan"]),
       "kv_utilization": m.utilization,
       "preemptions": m.preemptions,
   }

@@ -12,7 +12,7 @@ from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import SamplingParams
 from jax_paged_kv.serving.engine import Engine
 from jax_paged_kv.serving.engine.metrics import RequestOutput
-from jax_paged_kv.workloads import latency_summary, poisson_arrivals, serve_arrivals
+from jax_paged_kv.workloads import busy_mean, latency_summary, poisson_arrivals, serve_arrivals
 from tests.llama_fixtures import SMALL
 from tests.llama_reference import reference_greedy
 
@@ -160,3 +160,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
   assert capacity[0]["kv_utilization"] > capacity[1]["kv_utilization"]
   assert "What paging buys here" in out and "What it does not buy" in out
   assert (tmp_path / "demo.png").exists() and (tmp_path / "demo_latency.png").exists()
+
+
+def test_busy_mean_weights_steps_by_their_time_and_counts_idle_time_as_zero():
+  rng = np.random.default_rng(0)
+  counts = rng.integers(0, 7, 50)
+  spans = rng.exponential(0.01, 50) * (1 + counts)  # a step of a bigger batch takes longer
+  total = spans.sum() + 0.3  # 0.3 s idle between steps
+  # Plain integral over a fine time grid: the count in force at each instant, 0 when idle.
+  edges = np.concatenate([[0.0], np.cumsum(spans)])
+  t = np.linspace(0, total, 400_001)[:-1] + total / 800_000
+  step = np.searchsorted(edges, t, side="right") - 1
+  held = np.where(step < len(counts), counts[np.minimum(step, len(counts) - 1)], 0)
+  assert busy_mean(counts, spans, total) == pytest.approx(held.mean(), rel=2e-3)
+  assert busy_mean(counts, spans, total) != pytest.approx(counts.mean(), rel=0.05)
+  assert busy_mean([], [], 0.0) == 0.0
+  with pytest.raises(ValueError):
+    busy_mean([1, 2], [0.1], 1.0)
