@@ -68,3 +68,25 @@ def test_nonfinite_v_under_shard_map_over_kv_heads():
                               out_specs=P(None, None, "heads")))(cache, q)
   assert np.isnan(np.asarray(want)).any()
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)  # NaN = NaN
+
+
+def test_scratch_memory_does_not_grow_with_the_pool():
+  """A decode call's scratch (XLA's temp buffer) depends on the rows and the table width it
+  reads, not on the pool: indexing the layer separately (``pool[layer][...]``) let XLA copy
+  the whole layer of K and V into scratch for the non-finite-V branch, taken or not."""
+  import jax
+  import jax.numpy as jnp
+
+  from jax_paged_kv.attention.reference import paged_attention_xla
+
+  def temp_bytes(num_blocks):
+    pool = jax.ShapeDtypeStruct((4, 2, num_blocks, 16, 64), jnp.float32)
+    args = (jax.ShapeDtypeStruct((8, 1, 8, 64), jnp.float32), pool, pool,
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((8, 16), jnp.int32),
+            jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((8,), jnp.int32))
+    fn = jax.jit(lambda *a: paged_attention_xla(*a, scale=0.125))
+    return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  small, big = temp_bytes(64), temp_bytes(4096)  # one layer: 0.5 MiB vs 32 MiB per pool
+  assert big == small, (small, big)
+  assert small < 2 * 8 * 16 * 16 * 64 * 4 * 4  # a few copies of the rows' pages at most

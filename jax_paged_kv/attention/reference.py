@@ -197,7 +197,7 @@ def gather_dequantized(pool: Array, scale: Array | None, layer: Array, block_tab
   if key and quant.channel_k_scales(kv_quant):
     bs = pool.shape[3]
     blocks = block_tables[:, positions // bs]  # [batch, S]: each key's block
-    s = scale[layer][:, blocks].transpose(1, 0, 2, 3)  # [batch, kv_heads, S, head_dim]
+    s = jnp.moveaxis(scale[layer, :, blocks], 2, 1)  # [batch, kv_heads, S, head_dim]
     return quant.dequantize_channel_k(x, s), positions
   if kv_quant == "int4":
     s, _ = gather_pages(scale, layer, block_tables, interleave)  # [batch, h, S, groups]
@@ -221,8 +221,15 @@ def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int
   bs = pool.shape[3]
   main = nb - nb % interleave if interleave > 1 else 0
   parts, positions = [], []
+
+  def pages(table):  # [kv_heads, batch, n, block_size, head_dim]
+    # One gather from the whole pool, the layer part of its index: ``pool[layer][...]`` is a
+    # dynamic slice of the layer that XLA may materialise (it did, hoisted out of the
+    # non-finite-V loop below: two layer-sized copies in every attention call's scratch).
+    return jnp.moveaxis(pool[layer, :, table], 2, 0)
+
   if main:
-    x = pool[layer][:, block_tables[:, :main]]  # [kv_heads, batch, main, block_size, head_dim]
+    x = pages(block_tables[:, :main])
     h, _, _, _, d = x.shape
     x = x.reshape(h, batch, main // interleave, interleave, bs, d).transpose(1, 0, 2, 4, 3, 5)
     parts.append(x.reshape(batch, h, main * bs, d))
@@ -230,7 +237,7 @@ def gather_pages(pool: Array, layer: Array, block_tables: Array, interleave: int
     group, rest = s // (bs * interleave), s % (bs * interleave)
     positions.append((group * interleave + rest % interleave) * bs + rest // interleave)
   if main < nb:
-    x = pool[layer][:, block_tables[:, main:]]  # [kv_heads, batch, nb - main, block_size, d]
+    x = pages(block_tables[:, main:])
     h, _, _, _, d = x.shape
     parts.append(x.transpose(1, 0, 2, 3, 4).reshape(batch, h, (nb - main) * bs, d))
     positions.append(jnp.arange(main * bs, nb * bs, dtype=jnp.int32))
