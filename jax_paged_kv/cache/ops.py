@@ -663,15 +663,15 @@ def _lookup_impl(cache: PagedKVCache, seq_ids, layer, *, max_len: int):
   pos = jnp.arange(max_len)
   blk = tables[:, pos // bs]  # [batch, max_len]
   def read(pool, scale, which):
-    x = pool[layer][:, blk, pos % bs]  # [kv_heads, batch, max_len, stored head_dim]
+    # One gather each, the layer in its index (a separate pool[layer] slice may be copied).
+    x = pool[layer, :, blk, pos % bs]  # [batch, max_len, kv_heads, stored head_dim]
     x = pool_values(x, cfg.dtype) if scale is None else x
     if quant.channel_k_scales(cfg.kv_quant) and which == "k":  # the gathered tokens only
-      x = quant.dequantize_channel_k(x, scale[layer][:, blk], cfg.dtype)
+      x = quant.dequantize_channel_k(x, scale[layer, :, blk], cfg.dtype)
     elif cfg.kv_quant == "int4":
-      x = quant.dequantize_int4_v(x, scale[layer][:, blk, pos % bs], cfg.dtype)
+      x = quant.dequantize_int4_v(x, scale[layer, :, blk, pos % bs], cfg.dtype)
     elif scale is not None:
-      x = quant.dequantize(x, scale[layer][:, blk, pos % bs], cfg.dtype)
-    x = jnp.moveaxis(x, 0, 2)  # [batch, max_len, kv_heads, head_dim]
+      x = quant.dequantize(x, scale[layer, :, blk, pos % bs], cfg.dtype)
     kept = (pos[None, :] < lens[:, None]) & (blk != NULL_BLOCK)  # holes: freed, read as 0
     return jnp.where(kept[:, :, None, None], x, jnp.zeros((), x.dtype))
   return read(cache.k_pool, cache.k_scale, "k"), read(cache.v_pool, cache.v_scale, "v"), lens
