@@ -222,12 +222,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
           "paging to save; rerun, or raise --load or set --rate)")
   ratio = paged["tokens_per_s"] / contig["tokens_per_s"]
   if jax.default_backend() == "cpu":
-    print("What it does not buy on a CPU:")
+    print("What it buys little of, or none, on a CPU:")
     print(f"  * throughput: with every request queued at once paged ran at {ratio:.2f}x "
-          "contiguous tokens/s here (0.98x on a quiet 2-core CPU, benchmarks/RESULTS.md): a "
-          "CPU decode step costs about the same per row whatever the batch, so more sequences "
-          "at once do not raise tokens/s (on a GPU, where a step's cost is nearly flat in the "
-          "batch, the same request mix runs 2.02x faster paged: H100, benchmarks/RESULTS.md)")
+          "contiguous tokens/s here (0.98-1.22x in the runs recorded in README.md): a CPU "
+          "decode step's cost grows nearly linearly with its batch, so running many more "
+          "sequences at once saves only the weights' reads that more rows share (on a GPU, "
+          "where a step's cost is nearly flat in the batch, the same request mix runs 2.02x "
+          "faster paged: H100, benchmarks/RESULTS.md)")
     if not e2e_better:
       print(f"  * shorter requests: {e2e}; the paged server runs more sequences at once, each "
             "a little slower")
