@@ -157,7 +157,8 @@ class ChannelKModel:
 
   Per block and channel: a write widens the scale to the max of the old one and the new tokens'
   channel scales unless that exceeds the old scale by at most ``WIDEN_SLACK`` steps (then the
-  new values clip to the old range); the block's older codes are requantised
+  new values clip to the old range), or non-finite (a NaN / Inf written: the block's channel
+  then reads back as NaN); the block's older codes are requantised
   (dequantised with the old scale, rounded at the new one, float32 arithmetic), then the new
   tokens are coded. ``codes`` ``[layers, kv_heads, num_blocks, block_size, head_dim]`` and
   ``scale`` ``[layers, kv_heads, num_blocks, head_dim]`` (float64 holding float32 / bfloat16
@@ -190,7 +191,8 @@ class ChannelKModel:
       for _, x in items:
         need = np.maximum(need, channel_scale_np(np.abs(x), self.kv_quant))
       slack = 1 + WIDEN_SLACK / _CHANNEL_QMAX[self.kv_quant]
-      new = np.where(need > np.float32(old) * np.float32(slack), need, old)
+      widen = (need > np.float32(old) * np.float32(slack)) | ~np.isfinite(need)
+      new = np.where(widen, need, old)
       deq = np.asarray(self.codes[:, :, blk], np.float32) * np.asarray(old, np.float32)[:, :, None]
       self.codes[:, :, blk] = channel_codes_np(deq, new[:, :, None], self.kv_quant)
       self.tie[:, :, blk] |= self._near_tie(deq, new[:, :, None])

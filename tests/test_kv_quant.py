@@ -557,3 +557,45 @@ def test_channel_k_decode_appends_of_rotary_keys_stay_near_whole_block_writes(kv
     errs[chunk] = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
   assert errs[bs] <= INCREMENTAL_BOUNDS[kv_quant][1], errs
   assert errs[1] <= 1.4 * errs[bs], errs
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_channel_k_non_finite_input_reads_back_nan_in_its_block_channel(kv_quant, poison):
+  """A NaN / Inf written into K (per block and channel scales) makes that block's channel read
+  back as NaN for every token of the block, whether it arrives with the block's first tokens
+  or later; other channels, other blocks and other sequences read back what a clean run
+  stores (before, the channel silently read back as 0)."""
+  heads, d, bs, n = 1, 64, 8, 20
+  rng = np.random.default_rng(5)
+  k = rng.standard_normal((1, 2, n, heads, d)).astype(np.float32)
+  v = rng.standard_normal((1, 2, n, heads, d)).astype(np.float32)
+  cfg = _config(kv_quant, num_layers=1, num_kv_heads=heads, head_dim=d, block_size=bs,
+                num_blocks=1 + 2 * 3, max_seqs=2, max_seq_len=24)
+  app = jax.jit(lambda c, k, v: pk.append_kv(c, k, v, jnp.arange(2)))
+
+  def run(kk):
+    cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0, 1])
+    cache, _ = app(cache, jnp.asarray(kk[:, :, :4]), jnp.asarray(v[:, :, :4]))  # prefill 4
+    for t in range(4, n):  # then decode
+      cache, _ = app(cache, jnp.asarray(kk[:, :, t:t + 1]), jnp.asarray(v[:, :, t:t + 1]))
+    return cache, np.asarray(pk.lookup_kv(cache, [0, 1], 0, max_len=n)[0])
+
+  clean_cache, clean = run(k)
+  bad = k.copy()
+  bad[0, 0, 2, 0, 7] = poison  # block 0, written with the prefill
+  bad[0, 0, 13, 0, 40] = poison  # block 1, a decode step after the block's first tokens
+  cache, got = run(bad)
+  want = clean.copy()
+  want[0, 0:8, 0, 7] = np.nan  # every token of the poisoned blocks, in that channel
+  want[0, 8:16, 0, 40] = np.nan
+  np.testing.assert_array_equal(got, want)  # NaN where expected, bit-equal elsewhere
+  q = jnp.asarray(rng.standard_normal((2, 1, 2, d)), jnp.float32)
+  out, lse = map(np.asarray, pk.paged_attention(q, cache, [0, 1], 0, return_lse=True))
+  ref, ref_lse = map(np.asarray, pk.paged_attention(q, clean_cache, [0, 1], 0, return_lse=True))
+  # The attention contract for a NaN in a visible key: that query's logits are NaN, so it
+  # gets output 0 and LSE -inf (a silently finite key would give a plausible softmax instead).
+  assert (out[0] == 0).all() and (lse[0] == -np.inf).all()
+  assert np.isfinite(ref[0]).all() and (ref[0] != 0).any()
+  np.testing.assert_array_equal(out[1], ref[1])  # the other sequence is untouched
+  np.testing.assert_array_equal(lse[1], ref_lse[1])

@@ -206,10 +206,12 @@ def widened_scale(old: Array, need: Array, kv_quant: str) -> Array:
 
   Each widening costs the block's older tokens one more rounding (half a step of the new
   scale). The slack keeps slowly growing channels (RoPE rotates a key's large channels through
-  ramps) from widening, and requantising, at every token.
+  ramps) from widening, and requantising, at every token. A non-finite ``need`` (a NaN / Inf
+  written) always replaces ``old``, so that the block's channel reads back as NaN rather than
+  as silently finite values.
   """
-  o = old.astype(jnp.float32)
-  widen = need.astype(jnp.float32) > o * (1 + WIDEN_SLACK / _QMAX[kv_quant])
+  n = need.astype(jnp.float32)
+  widen = (n > old.astype(jnp.float32) * (1 + WIDEN_SLACK / _QMAX[kv_quant])) | ~jnp.isfinite(n)
   return jnp.where(widen, need, old)
 
 
