@@ -9,6 +9,7 @@ rejected updates leave the cache untouched, no NaN / Inf from finite input, size
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -591,11 +592,14 @@ def test_channel_k_non_finite_input_reads_back_nan_in_its_block_channel(kv_quant
   want[0, 8:16, 0, 40] = np.nan
   np.testing.assert_array_equal(got, want)  # NaN where expected, bit-equal elsewhere
   q = jnp.asarray(rng.standard_normal((2, 1, 2, d)), jnp.float32)
-  out, lse = map(np.asarray, pk.paged_attention(q, cache, [0, 1], 0, return_lse=True))
-  ref, ref_lse = map(np.asarray, pk.paged_attention(q, clean_cache, [0, 1], 0, return_lse=True))
-  # The attention contract for a NaN in a visible key: that query's logits are NaN, so it
-  # gets output 0 and LSE -inf (a silently finite key would give a plausible softmax instead).
-  assert (out[0] == 0).all() and (lse[0] == -np.inf).all()
-  assert np.isfinite(ref[0]).all() and (ref[0] != 0).any()
-  np.testing.assert_array_equal(out[1], ref[1])  # the other sequence is untouched
-  np.testing.assert_array_equal(lse[1], ref_lse[1])
+  for impl, kw in (("xla", {}), ("pallas_gpu", {"interpret": True})):
+    attend = functools.partial(pk.paged_attention, q, seq_ids=[0, 1], layer=0, return_lse=True,
+                               implementation=impl, **kw)
+    out, lse = map(np.asarray, attend(cache=cache))
+    ref, ref_lse = map(np.asarray, attend(cache=clean_cache))
+    # The attention contract for a NaN in a visible key: that query's logits are NaN, so it
+    # gets output 0 and LSE -inf (a silently finite key would give a plausible softmax).
+    assert (out[0] == 0).all() and (lse[0] == -np.inf).all(), impl
+    assert np.isfinite(ref[0]).all() and (ref[0] != 0).any()
+    np.testing.assert_array_equal(out[1], ref[1])  # the other sequence is untouched
+    np.testing.assert_array_equal(lse[1], ref_lse[1])
