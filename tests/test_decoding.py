@@ -274,3 +274,26 @@ def test_decode_loop_runs_the_allocator_only_in_steps_where_a_row_crosses_a_bloc
     lens = [n + 1 for n in lens]
   assert [int(n) for n in np.asarray(cache.seq_lens)[[2, 0, 3]]] == lens
   assert bool(check_invariants(cache).ok)
+
+
+def test_cpu_programs_compile_without_the_fusion_emitters_and_agree(monkeypatch):
+  """The jitted entry points compile with ``CPU_COMPILER_OPTIONS`` when the default backend is
+  the CPU and with XLA's defaults elsewhere; both programs give the reference's greedy tokens."""
+  import jax_paged_kv.serving.decoding as decoding
+
+  assert decoding.CPU_COMPILER_OPTIONS == {"xla_cpu_use_fusion_emitters": False}
+  for fn in (prefill_step, decode_loop, decoding.decode_step):
+    assert fn._pick() is fn._cpu and fn._cpu is not fn._default
+    assert fn.__wrapped__.__name__ == fn.__name__
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 128, n).tolist() for n in (6, 3)]
+  sampling = [SamplingParams(max_new_tokens=8)] * 2
+  refs = [reference_greedy(PARAMS, SMALL, p, 8) for p in prompts]
+  outs = {}
+  for backend in ("cpu", "gpu"):  # "gpu": the dispatch only; the programs still run on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert decode_loop._pick() is (decode_loop._cpu if backend == "cpu" else decode_loop._default)
+    cache = init_cache(CACHE, pool_fill=float("nan"))
+    cache, first = prefill(cache, prompts, [0, 1], sampling)
+    _, outs[backend], _ = decode_all(cache, first, [0, 1], sampling, calls=2)
+  assert outs["cpu"] == outs["gpu"] == refs
