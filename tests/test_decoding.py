@@ -1,5 +1,7 @@
 """Sampling, chunked prefill and the jitted decode loop, against numpy and full recomputation."""
 
+import functools
+
 import jax
 import numpy as np
 
@@ -277,13 +279,17 @@ def test_decode_loop_runs_the_allocator_only_in_steps_where_a_row_crosses_a_bloc
 
 
 def test_cpu_programs_compile_without_the_fusion_emitters_and_agree(monkeypatch):
-  """The jitted entry points compile with ``CPU_COMPILER_OPTIONS`` when the default backend is
+  """The jitted entry points compile with ``cpu_compiler_options()`` when the default backend is
   the CPU and with XLA's defaults elsewhere; both programs give the reference's greedy tokens."""
   import jax_paged_kv.serving.decoding as decoding
 
-  assert decoding.CPU_COMPILER_OPTIONS == {"xla_cpu_use_fusion_emitters": False}
+  options = decoding.cpu_compiler_options()
+  # JAX 0.10's XLA has the option; later ones always use the emitters (and reject it).
+  assert options == ({"xla_cpu_use_fusion_emitters": False}
+                     if jax.__version_info__ < (0, 11) else {})
   for fn in (prefill_step, decode_loop, decoding.decode_step):
-    assert fn._pick() is fn._cpu and fn._cpu is not fn._default
+    assert fn._pick() is fn._cpu
+    assert (fn._cpu is not fn._default) == bool(options)
     assert fn.__wrapped__.__name__ == fn.__name__
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, 128, n).tolist() for n in (6, 3)]
@@ -292,8 +298,29 @@ def test_cpu_programs_compile_without_the_fusion_emitters_and_agree(monkeypatch)
   outs = {}
   for backend in ("cpu", "gpu"):  # "gpu": the dispatch only; the programs still run on the CPU
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-    assert decode_loop._pick() is (decode_loop._cpu if backend == "cpu" else decode_loop._default)
+    want = decode_loop._cpu if backend == "cpu" else decode_loop._default
+    assert decode_loop._pick() is want
     cache = init_cache(CACHE, pool_fill=float("nan"))
     cache, first = prefill(cache, prompts, [0, 1], sampling)
     _, outs[backend], _ = decode_all(cache, first, [0, 1], sampling, calls=2)
   assert outs["cpu"] == outs["gpu"] == refs
+
+
+def test_entry_points_run_nested_in_a_users_jit():
+  """Inside another trace the entry points use plain ``jit`` (``compiler_options`` are refused
+  on a nested jit): with traced arguments, and with every argument a closed-over constant."""
+  import jax.numpy as jnp
+
+  import jax_paged_kv.serving.decoding as decoding
+
+  cache = init_cache(CACHE, pool_fill=float("nan"))
+  cache, _ = allocate_sequences(cache, np.asarray([0, 1], np.int32))
+  tokens = jnp.asarray([3, 9], jnp.int32)
+  ids = jnp.asarray([0, 1], jnp.int32)
+  step = functools.partial(decoding.decode_step, model=SMALL)
+  top = step(PARAMS, jax.tree.map(jnp.copy, cache), tokens, ids)[1]
+  traced = jax.jit(lambda c: step(PARAMS, c, tokens, ids)[1])(jax.tree.map(jnp.copy, cache))
+  consts = jax.tree.map(jnp.copy, cache)
+  closed = jax.jit(lambda: step(PARAMS, consts, tokens, ids)[1])()
+  np.testing.assert_allclose(np.asarray(traced), np.asarray(top), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(closed), np.asarray(top), rtol=1e-5, atol=1e-5)

@@ -35,40 +35,75 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from jax_paged_kv.cache.errors import is_tracing
 from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model, check_model
 
 Params = Any  # the model's parameter pytree
 
-# XLA:CPU compiles these programs without its MLIR fusion emitters. Their first use in a process
-# holds about 130 MiB for the rest of it: on the ``vs_transformers`` model (2-core Xeon) the
-# first prefill compilation raised RSS by ~165 MiB with them and ~37 MiB without, and a
-# ``generate`` process peaked at 724 instead of 882-894 MiB, its warm calls about 3% slower.
-# Other backends compile with their defaults. ``JAX_PAGED_KV_CPU_FUSION_EMITTERS=1`` (read at
-# import) keeps XLA's default on CPU too.
-CPU_COMPILER_OPTIONS = ({} if os.environ.get("JAX_PAGED_KV_CPU_FUSION_EMITTERS") == "1" else
-                        {"xla_cpu_use_fusion_emitters": False})
+# XLA:CPU compiles these programs without its MLIR fusion emitters where its version can (JAX
+# 0.10's XLA has the option; from 0.11 the emitters are always on). Their first use in a process
+# holds about 130 MiB for the rest of it: on the ``vs_transformers`` model (2-core Xeon, JAX
+# 0.10.2) the first prefill compilation raised RSS by ~165 MiB with them and ~37 MiB without,
+# and a ``generate`` process peaked at about 730 instead of about 890 MiB, its warm calls about
+# 8% slower. Other backends compile with their defaults. ``JAX_PAGED_KV_CPU_FUSION_EMITTERS=1``
+# (read at the first CPU compilation) keeps XLA's default on the CPU too.
+_CPU_OPTIONS_WANTED = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_compiler_options() -> dict:
+  """The ``compiler_options`` of the jitted entry points on the CPU: the emitters off where this
+  XLA has the option (probed once with a trivial compilation), else none."""
+  if os.environ.get("JAX_PAGED_KV_CPU_FUSION_EMITTERS") == "1":
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS_WANTED).lower(
+        jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  except Exception:  # noqa: BLE001 - "No such compile option" (JAX >= 0.11), however raised
+    return {}
+  return dict(_CPU_OPTIONS_WANTED)
 
 
 class BackendJit:
-  """``jax.jit(fun, **jit_kwargs)``, compiled with :data:`CPU_COMPILER_OPTIONS` when JAX's
+  """``jax.jit(fun, **jit_kwargs)``, compiled with :func:`cpu_compiler_options` when JAX's
   default backend is the CPU (chosen per call; the two jitted functions keep their own caches).
   Attributes (``lower``, ``trace``, ...) are those of the jitted function the call would use."""
 
   def __init__(self, fun, **jit_kwargs):
+    self._fun, self._jit_kwargs = fun, jit_kwargs
     self._default = jax.jit(fun, **jit_kwargs)
-    self._cpu = (jax.jit(fun, compiler_options=CPU_COMPILER_OPTIONS, **jit_kwargs)
-                 if CPU_COMPILER_OPTIONS else self._default)
+    self._cpu = None  # built at the first CPU call
     functools.update_wrapper(self, fun)
 
   def _pick(self):
-    return self._cpu if jax.default_backend() == "cpu" else self._default
+    if jax.default_backend() != "cpu":
+      return self._default
+    if self._cpu is None:
+      options = cpu_compiler_options()
+      self._cpu = (jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+                   if options else self._default)
+    return self._cpu
 
   def __call__(self, *args, **kwargs):
-    return self._pick()(*args, **kwargs)
+    fn = self._pick()
+    if fn is self._default:
+      return fn(*args, **kwargs)
+    # Called inside another trace (a user's jit, shard_map, vmap): jit refuses compiler_options
+    # on a nested jit, and the outer program's options are what count anyway.
+    if is_tracing(args, kwargs):
+      return self._default(*args, **kwargs)
+    try:
+      return fn(*args, **kwargs)
+    except ValueError as e:  # nested inside a trace that none of the arguments shows
+      if "compiler_options" not in str(e):
+        raise
+      return self._default(*args, **kwargs)
 
   def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
     return getattr(self._pick(), name)
 
 
