@@ -110,6 +110,8 @@ class BackendJit:
 def backend_jit(**jit_kwargs):
   """Decorator form of :class:`BackendJit`."""
   return lambda fun: BackendJit(fun, **jit_kwargs)
+
+
 _JIT_STATIC = ("model", "config", "implementation", "max_blocks")
 # Width of every DecodeState's stop-token table: the number of stop tokens a request has is not
 # part of any compiled shape (requests with 0 or 3 stop tokens share one program).

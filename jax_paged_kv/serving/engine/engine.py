@@ -194,7 +194,6 @@ class Engine:
     self.metrics = EngineMetrics()
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
-    self._seen_shapes: set[tuple] = set()
     self._compiled: set[tuple] = set()  # (kind, width, reads, all_greedy) run so far
     self._to_free: list[int] = []  # slots finished this step, freed in one call
     self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
@@ -222,7 +221,7 @@ class Engine:
   @property
   def compiled_shapes(self) -> set[tuple[str, int, int | None]]:
     """The shapes this engine has run so far (a subset of :meth:`shapes`)."""
-    return set(self._seen_shapes)
+    return {program[:-1] for program in self._compiled}
 
   @property
   def model_config(self) -> Model:
@@ -396,7 +395,6 @@ class Engine:
     jax.block_until_ready(res)
     self.metrics.compile_seconds += time.perf_counter() - t0
     self._compiled.add(program)
-    self._seen_shapes.add(key)
     return res
 
   def _prefill(self) -> list[RequestOutput]:
