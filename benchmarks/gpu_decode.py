@@ -214,14 +214,21 @@ def impl_mgpu(x: Inputs, interpret: bool, **knobs):
   return (lambda: f(*args)), jax_sync, ""
 
 
-def mgpu_sweep_grid(knobs: dict) -> list[dict]:
-  """Variants of the Mosaic GPU kernel's default knobs (``--sweep``)."""
+def mgpu_sweep_grid(knobs: dict, ws_knobs: dict | None = None) -> list[dict]:
+  """Variants of the Mosaic GPU kernel's default knobs (``--sweep``): with ``ws_knobs`` (the
+  warp-specialised defaults) first those, with twice and half the splits, and with two stages;
+  then smaller steps or other splits of the one-warpgroup kernel."""
   ks = knobs["k_splits"]
   grid = [dict(block_k=64, num_stages=2), dict(block_k=64, num_stages=4),
           dict(k_splits=max(1, ks // 2)), dict(k_splits=ks * 2), dict(k_splits=ks * 4)]
+  variants = []
+  if ws_knobs is not None:  # first: never timed yet, while the budget lasts
+    wks = ws_knobs["k_splits"]
+    variants += [ws_knobs | g for g in (
+        {}, dict(k_splits=wks * 2), dict(k_splits=max(1, wks // 2)), dict(num_stages=2))]
+  variants += [knobs | g for g in grid]
   out, seen = [], {tuple(sorted(knobs.items()))}
-  for g in grid:
-    kn = knobs | g
+  for kn in variants:
     if tuple(sorted(kn.items())) not in seen:
       seen.add(tuple(sorted(kn.items())))
       out.append(kn)
@@ -502,11 +509,13 @@ def main(argv=None):
       t, out = run_timed(fn, sync)
       record(cfg, x, "ours_mgpu", t, max_err(out, ref_out), note)
       if (args.sweep or args.sweep_mgpu) and args.sweep_block_size in (0, cfg.block_size):
-        mk = pallas_mgpu.default_knobs(
+        geometry = dict(
             head_dim=cfg.head_dim, block_size=cfg.block_size,
             rows=cfg.q_len * (cfg.q_heads // cfg.kv_heads), batch=cfg.batch,
             kv_heads=cfg.kv_heads, max_blocks=x.tables.shape[1], itemsize=dtype.itemsize)
-        for kn in mgpu_sweep_grid(mk):
+        mk = pallas_mgpu.default_knobs(**geometry)
+        for kn in mgpu_sweep_grid(mk, pallas_mgpu.default_knobs(**geometry,
+                                                                warp_specialized=True)):
           label = " ".join(f"{k}={v}" for k, v in kn.items())
           try:
             fn, sync, _ = impl_mgpu(x, args.interpret, **kn)
@@ -683,15 +692,22 @@ def print_tables(summary) -> tuple[str, str, str]:
                    ratio(impls.get("ours_mgpu"), o),
                    ratio(impls.get("ours_mgpu"), impls.get("cudnn")),
                    ratio(impls.get("ours_mgpu"), impls.get("torch_sdpa"))])
-  for sweep_impl, base in (("ours_sweep", "ours"), ("mgpu_sweep", "ours_mgpu")):
+  def ws(r):
+    return bool(r.get("knobs", {}).get("warp_specialized"))
+
+  for sweep_impl, base, kind, pick in (
+      ("ours_sweep", "ours", "", lambda r: True),
+      ("mgpu_sweep", "ours_mgpu", "", lambda r: not ws(r)),
+      ("mgpu_sweep", "ours_mgpu", "warp-specialised ", ws)):
     sweep = {}
     for r in summary["results"]:
-      if r["impl"] == sweep_impl and r.get("time_us") is not None and r["correct"]:
+      if (r["impl"] == sweep_impl and r.get("time_us") is not None and r["correct"]
+          and pick(r)):
         k = (r["config"], r["block_size"])
         if k not in sweep or r["time_us"] < sweep[k]["time_us"]:
           sweep[k] = r
     if sweep:
-      print(f"best {base} knob variant per config (--sweep): " + "; ".join(
+      print(f"best {kind}{base} knob variant per config (--sweep): " + "; ".join(
           f"{n} bs{b}: {r['note']} {r['time_us']:.1f} us "
           f"({by[(n, b)][base]['time_us'] / r['time_us']:.2f}x default)"
           for (n, b), r in sweep.items() if by[(n, b)].get(base, {}).get("time_us")))

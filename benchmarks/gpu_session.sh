@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one call (the GPU machine is lent for minutes at a time):
-#   1. tests_mgpu: the compiled Mosaic GPU kernel's test file (every shared case, slow included);
+#   1. tests_mgpu: the compiled Mosaic GPU kernel's test file (every shared case, slow included,
+#      one-warpgroup and warp-specialised);
 #   2. gpu_decode: benchmarks/gpu_decode.py, our kernels (Triton "ours", Mosaic GPU "ours_mgpu"
-#      with a sweep of its knobs, Triton on int8 / fp8 pools) vs JAX's Pallas kernel, cuDNN,
+#      with a sweep of its knobs, warp-specialised variants included, Triton on int8 / fp8 pools) vs JAX's Pallas kernel, cuDNN,
 #      torch SDPA and the copy ceiling;
 #   3. tests: the compiled Triton kernel against the float64 oracle (its test file, slow and
 #      quantised cases included) and the decoding tests on the GPU;
@@ -56,7 +57,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   # Order: the least-proven first (the Mosaic GPU kernel's compiled tests, then every kernel's
   # timings), the Triton tests (verified on an H100 before) after.
-  TAIL=30 part tests_mgpu 55 env JAX_PAGED_KV_GPU_COMPILED=1 python -m pytest -m "" -q -n 6 \
+  TAIL=30 part tests_mgpu 75 env JAX_PAGED_KV_GPU_COMPILED=1 python -m pytest -m "" -q -n 6 \
     --maxfail=20 -p no:cacheprovider -v tests/test_attention_pallas_mgpu.py
   # A kernel that hangs would eat the timing part's whole limit: time the others without it.
   if [ "$LAST_RC" = 124 ]; then export GPU_DECODE_NO_MGPU="its compiled tests timed out"; fi
@@ -71,10 +72,10 @@ else
     part decode_step 90 python -m benchmarks.decode_step --batch 1 8 32 --context 512 2048 --fused \
       --repeats 9
   else
-    TAIL=12 part decode_step 75 python -m benchmarks.decode_step --batch 8 32 --context 2048 --fused \
+    TAIL=12 part decode_step 65 python -m benchmarks.decode_step --batch 8 32 --context 2048 --fused \
       --repeats 7
   fi
-  TAIL=12 part serving 55 python -m benchmarks.serving --quick
+  TAIL=12 part serving 45 python -m benchmarks.serving --quick
   # The device tool brings back at most 8 files from $OUT: these two only on request.
   if [ "${GPU_SESSION_ALL:-0}" = 1 ]; then
     TAIL=15 part gpu_kernel_ab 40 python benchmarks/gpu_kernel_ab.py

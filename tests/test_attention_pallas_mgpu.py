@@ -10,6 +10,7 @@ default run keeps a few cases; the whole shared grid is marked slow.
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,75 @@ class TestPallasMGPU(AttentionCases):
     super().test_nonfinite_v(dataclasses.replace(pv, case=bf16(pv.case)))
 
 
+# JAX 0.10's interpreter needs 4 XLA CPU threads for the warp-specialised kernel's warpgroups
+# (see pallas_mgpu.warp_specialized_interpret_problem): on a smaller machine these tests run in
+# a subprocess with PJRT_NPROC=4 (test_warp_specialized_cases_in_a_process_with_4_xla_threads).
+WS_PROBLEM = None if COMPILED else pallas_mgpu.warp_specialized_interpret_problem()
+needs_ws_interpret = pytest.mark.skipif(WS_PROBLEM is not None, reason=WS_PROBLEM or "")
+
+
+@needs_ws_interpret
+class TestPallasMGPUWarpSpecialized(TestPallasMGPU):
+  """Every case again with ``warp_specialized=True``: a producer warpgroup issues the copies,
+  two compute warpgroups take alternate steps (their partials merged like splits). Fast: the
+  fast decode case with one split and two stages (slots reused by each compute warpgroup) and
+  the fast prefill case with two splits (four partials); slow: the whole grid, default knobs."""
+  knobs = {**KNOBS, "warp_specialized": True}
+  decode_cases = ([pytest.param(c, marks=pytest.mark.slow) for c in FAST_DECODE]
+                  + TestPallasMGPU.decode_cases[len(FAST_DECODE):])
+  prefill_cases = ([pytest.param(c, marks=pytest.mark.slow) for c in FAST_PREFILL]
+                   + TestPallasMGPU.prefill_cases[len(FAST_PREFILL):])
+
+  @pytest.mark.parametrize("case, knobs", [
+      (FAST_DECODE[0], dict(k_splits=1, num_stages=2)), (FAST_PREFILL[0], dict(k_splits=2))],
+      ids=["decode", "prefill"])
+  def test_fast_cases(self, case, knobs):
+    self.knobs = {**self.knobs, **knobs}  # this test's instance only
+    self.check(case)
+
+  @pytest.mark.slow
+  @pytest.mark.parametrize("pv", NONFINITE_V_CASES, ids=str)
+  def test_nonfinite_v(self, pv):
+    super().test_nonfinite_v(pv)
+
+
+@pytest.mark.skipif(WS_PROBLEM is None, reason="the warp-specialised cases run in this process")
+def test_warp_specialized_cases_in_a_process_with_4_xla_threads():
+  """Where JAX 0.10's interpreter lacks threads here, this file's fast warp-specialised tests
+  run in a pytest subprocess whose XLA CPU pool has 4 (``PJRT_NPROC=4``)."""
+  import subprocess
+  import sys
+
+  env = dict(os.environ, PJRT_NPROC="4")
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m",
+       "not slow", "-k", "WarpSpecialized or races or lowers", "-W", "ignore"],
+      env=env, capture_output=True, text=True, timeout=900, check=False)
+  tail = (proc.stdout + proc.stderr)[-3000:]
+  assert proc.returncode == 0, tail
+  counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", tail)}
+  # 2 fast cases, 12 quantised-format refusals, the race check, 3 lowerings (2 one-warpgroup)
+  assert counts.get("passed", 0) >= 18 and "failed" not in counts, tail
+
+
+def test_warp_specialized_interpret_refuses_too_few_threads(monkeypatch):
+  """On JAX 0.10 with fewer than 4 XLA CPU threads the interpreter could deadlock: refused,
+  naming the fix; JAX 0.11+ (or 4 threads) runs it."""
+  monkeypatch.setattr(pallas_mgpu, "_jax_version", lambda: (0, 10))
+  monkeypatch.setenv("PJRT_NPROC", "2")
+  assert "PJRT_NPROC=4" in pallas_mgpu.warp_specialized_interpret_problem()
+  case = Case((3, 17), ratio=2, dtype="bfloat16")
+  cache, q, seq_ids, q_lens, layer = build_case(case)
+  with pytest.raises(ValueError, match="PJRT_NPROC=4"):
+    pk.paged_attention(q, cache, seq_ids, layer, implementation="pallas_mgpu", interpret=True,
+                       warp_specialized=True)
+  monkeypatch.setenv("PJRT_NPROC", "4")
+  assert pallas_mgpu.warp_specialized_interpret_problem() is None
+  monkeypatch.setattr(pallas_mgpu, "_jax_version", lambda: (0, 11))
+  monkeypatch.setenv("PJRT_NPROC", "1")
+  assert pallas_mgpu.warp_specialized_interpret_problem() is None
+
+
 def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
   return pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, soft_cap=case.soft_cap,
                             sliding_window=case.sliding_window, return_lse=True,
@@ -120,7 +190,11 @@ def _call(case, cache, q, seq_ids, q_lens, layer, **knobs):
 
 
 @pytest.mark.parametrize("knobs", [
-    dict(block_k=64, num_stages=1, k_splits=1), dict(block_k=64, num_stages=3, k_splits=3)],
+    dict(block_k=64, num_stages=1, k_splits=1), dict(block_k=64, num_stages=3, k_splits=3),
+    pytest.param(dict(block_k=64, num_stages=2, k_splits=1, warp_specialized=True),
+                 marks=needs_ws_interpret),
+    pytest.param(dict(block_k=128, num_stages=4, k_splits=3, warp_specialized=True),
+                 marks=needs_ws_interpret)],
     ids=str)
 @pytest.mark.slow
 def test_knobs_do_not_change_the_answer(knobs):
@@ -159,6 +233,9 @@ def test_check_supported_names_the_reason(kwargs, match):
     (dict(num_stages=0), "num_stages"),
     (dict(k_splits=0), "k_splits"),
     (dict(block_k=256, num_stages=4), "227 KiB"),
+    (dict(warp_specialized=True, num_stages=3), "even num_stages"),
+    (dict(warp_specialized=True, block_k=128, num_stages=6), "227 KiB"),
+    (dict(warp_specialized=1), "must be a bool"),
 ], ids=str)
 def test_invalid_knobs_raise(knobs, match):
   case = Case((3, 17), block_size=16, ratio=2, head_dim=128, dtype="bfloat16")
@@ -192,14 +269,18 @@ def _lower_for_cuda(q_len, q_heads, kv_heads, head_dim, block_size, dtype, **kw)
     dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16),
     dict(q_len=1, q_heads=8, kv_heads=2, head_dim=256, block_size=128, dtype=jnp.bfloat16,
          sliding_window=300),
+    dict(q_len=1, q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16,
+         warp_specialized=True),
     *(pytest.param(a, marks=pytest.mark.slow) for a in [
+        dict(q_len=48, q_heads=40, kv_heads=8, head_dim=256, block_size=64,
+             dtype=jnp.bfloat16, soft_cap=30.0, warp_specialized=True),
         dict(q_len=1, q_heads=20, kv_heads=1, head_dim=64, block_size=8, dtype=jnp.float16,
              soft_cap=30.0, k_splits=4),
         dict(q_len=48, q_heads=40, kv_heads=8, head_dim=128, block_size=64,
              dtype=jnp.bfloat16, sliding_window=100),
         dict(q_len=1, q_heads=4, kv_heads=2, head_dim=16, block_size=8, dtype=jnp.bfloat16)]),
 ], ids=lambda a: f"q{a['q_len']}_h{a['q_heads']}/{a['kv_heads']}_d{a['head_dim']}"
-                 f"_bs{a['block_size']}")
+                 f"_bs{a['block_size']}{'_ws' if a.get('warp_specialized') else ''}")
 def test_lowers_to_a_mosaic_gpu_kernel_for_cuda(args, monkeypatch):
   """The compiled path (not interpret mode) lowers to a Mosaic GPU custom call: every op,
   layout and wgmma tile shape we emit is accepted by the lowering (PTX is not built here)."""
@@ -229,17 +310,21 @@ def test_default_implementation_prefers_mosaic_gpu_where_supported_when_opted_in
   assert pk.default_implementation(backend, cfg) == want
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("warp_specialized", [
+    pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=needs_ws_interpret)],
+    ids=["one_warpgroup", "ws"])
 @pytest.mark.skipif(COMPILED, reason="interpret mode's race detector")
-def test_pipeline_has_no_data_races():
-  """JAX's happens-before race detector over the TMA copies and the warpgroup's shared-memory
-  reads and writes (stale-slot V zeroing, p tile), with slots reused (2 stages, 4 steps). The
-  0.10 interpreter does not race-check wgmma operand reads; a missing barrier wait raises."""
+def test_pipeline_has_no_data_races(warp_specialized):
+  """JAX's happens-before race detector over the TMA copies and the warpgroups' shared-memory
+  reads and writes (stale-slot V zeroing, p tiles), with slots reused (2 stages, 4 steps); warp
+  specialised, the producer refills a slot only after its consumer released it. The 0.10
+  interpreter does not race-check wgmma operand reads; a missing barrier wait raises (as does
+  a warpgroup that misses one of its barriers' phases)."""
   case = Case((3, 200), block_size=16, ratio=2, head_dim=64, dtype="bfloat16")
   cache, q, seq_ids, q_lens, layer = build_case(case)
   out, _ = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, return_lse=True,
                               implementation="pallas_mgpu", interpret="races", block_k=64,
-                              num_stages=2, k_splits=1)
+                              num_stages=2, k_splits=1, warp_specialized=warp_specialized)
   jax.block_until_ready(out)
   assert not pallas_mgpu.races_found()
   want, _ = oracle(case, cache, q, seq_ids, q_lens, layer)

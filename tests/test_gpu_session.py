@@ -57,13 +57,20 @@ def test_mosaic_gpu_row_skips_with_a_reason_off_hopper(dtype, match):
 
 
 def test_mgpu_sweep_grid_varies_the_step_or_the_splits():
-  base = dict(block_k=128, num_stages=2, k_splits=4)
-  grid = gpu_decode.mgpu_sweep_grid(base)
+  base = dict(block_k=128, num_stages=2, k_splits=4, warp_specialized=False)
+  ws = dict(block_k=64, num_stages=4, k_splits=4, warp_specialized=True)
+  grid = gpu_decode.mgpu_sweep_grid(base, ws)
   assert base not in grid and len(grid) == len({tuple(sorted(g.items())) for g in grid})
-  for g in grid:  # either smaller steps (and their stage count) or other splits, not both
+  plain = [g for g in grid if not g["warp_specialized"]]
+  for g in plain:  # either smaller steps (and their stage count) or other splits, not both
     assert (g["k_splits"] == base["k_splits"]) != (g["block_k"] == base["block_k"])
   assert np.all([g["num_stages"] >= 2 for g in grid])
-  assert {g["k_splits"] for g in grid} == {2, 4, 8, 16}
+  assert {g["k_splits"] for g in plain} == {2, 4, 8, 16}
+  # The warp-specialised defaults, with other splits, and with two stages (always even).
+  special = [g for g in grid if g["warp_specialized"]]
+  assert ws in special and {g["k_splits"] for g in special} == {2, 4, 8}
+  assert {g["num_stages"] for g in special} == {2, 4}
+  assert gpu_decode.mgpu_sweep_grid(base) == plain
 
 
 @pytest.mark.slow

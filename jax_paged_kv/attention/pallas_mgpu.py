@@ -32,6 +32,18 @@ Design
   before its window) that hold stale or NaN data. Their logits are masked; their V rows are
   zeroed in shared memory on the (at most two) steps that hold such slots, because ``p @ v``
   would turn ``0 * NaN`` into NaN.
+* **Warp specialisation** (``warp_specialized=True``; off by default until timed on a GPU).
+  Three warpgroups per program, as in JAX's ``attention_mgpu``: warpgroup 2 only issues the
+  TMA copies (query tile, then every step's pages) and gives its registers to the others;
+  compute warpgroups 0 and 1 take the even and odd steps, each with its own online softmax and
+  ``p`` tile, and write their partial results as two more splits, merged with the rest by
+  log-sum-exp. A compute warpgroup arrives on the stage's *consumed* barrier once both its
+  ``wgmma`` have read the stage (after a proxy fence, ``commit_smem``); the producer waits on
+  it before refilling that stage, and at the end on every slot's last use. ``num_stages`` must
+  be even, so that each stage has one compute warpgroup, which then waits on every phase of
+  its barriers (a barrier's phase parity is tracked per thread). With one warpgroup a program
+  serialises the copy waits, both ``wgmma`` and the softmax of every step; here one compute
+  warpgroup's softmax overlaps the other's and the copies run ahead on their own.
 * **Non-finite V** (the contract: NaN / Inf reaches exactly the queries that see that key). A
   non-finite V inside a row's range spreads through ``p @ v`` to rows that cannot see it, so the
   output is then non-finite somewhere; the wrapper checks that (one reduction) and only then
@@ -66,15 +78,17 @@ copy ceiling on decode, 0.4-0.6x the Triton kernel and 0.4-0.66x cuDNN; chunked 
 cuDNN (``benchmarks/RESULTS.md``). So the dispatcher keeps the Triton kernel (``pallas_gpu``)
 and this one is opt-in. Tried on the H200: one wave of programs instead of two (up to 1.38x,
 now the default); copying each split's block-table entries into shared memory first (4-18%
-faster, but some compiled cases then hit ``CUDA_ERROR_ILLEGAL_INSTRUCTION``; not kept). Not
-tried: warp specialisation (a producer warp issuing the TMA copies while two consumer
-warpgroups compute, as in JAX's ``attention_mgpu``), which is where the next gain should be:
-one warpgroup here serialises the copy waits, both ``wgmma`` and the softmax of every step.
+faster, but some compiled cases then hit ``CUDA_ERROR_ILLEGAL_INSTRUCTION``; not kept). Warp
+specialisation (above) was written after that GPU session, without a GPU: it passes every case
+in interpret mode (JAX 0.10.2 and 0.11.2, with the race detector) and lowers for CUDA, but it
+has never been compiled to PTX or timed; ``benchmarks/gpu_decode.py --sweep-mgpu`` times it
+beside the one-warpgroup kernel, for the next GPU session to pick the default.
 
 Tuning knobs (keyword-only; ``None`` picks :func:`default_knobs`): ``block_k`` (keys per step,
 a multiple of 64 for the ``p @ v`` swizzle; default 128 for ``head_dim <= 128``, else 64),
 ``num_stages`` (default: as many as fit 200 KiB of shared memory, 2 to 4), ``k_splits``
-(default: one wave of programs on 132 SMs, at most one per step, at most 32), ``interpret``
+(default: one wave of programs on 132 SMs, at most one per step, at most 32),
+``warp_specialized`` (default False; True takes 64-key steps and 2 or 4 stages), ``interpret``
 (run in Mosaic GPU interpret mode; any backend).
 """
 
@@ -82,6 +96,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +113,7 @@ _ROWS = 64  # wgmma M: rows of one query tile
 _SMS = 132  # streaming multiprocessors of an H100 / H200 SXM
 _SMEM_PER_SM = 228 * 1024  # shared memory of one Hopper SM (227 KiB of it per block)
 _MAX_SPLITS = 32
+_PARTS = 2  # compute warpgroups of the warp-specialised kernel
 _SMEM_BUDGET = 200 * 1024  # of the H100's 227 KiB per block
 _NO_ROW = -(1 << 30)  # position of a padding row: below every key, so it sees none
 GPU_BACKENDS = ("gpu", "cuda")
@@ -153,29 +170,43 @@ def default_block_k(head_dim: int) -> int:
   return 128 if head_dim <= 128 else 64
 
 
+def _smem_bytes(*, block_k, num_stages, head_dim, itemsize, warp_specialized) -> int:
+  """Shared memory of one program: the stages, the query tile, the p tiles, LSE and rows."""
+  parts = _PARTS if warp_specialized else 1
+  return (num_stages * 2 * block_k * head_dim * itemsize + _ROWS * head_dim * itemsize
+          + parts * (_ROWS * block_k * itemsize + _ROWS * 4) + _ROWS * 4)
+
+
 def default_knobs(*, head_dim: int, block_size: int, rows: int, batch: int, kv_heads: int,
-                  max_blocks: int, itemsize: int) -> dict:
+                  max_blocks: int, itemsize: int, warp_specialized: bool = False) -> dict:
   """Default knobs: two stages, and one wave of programs on a 132-SM Hopper GPU.
 
   On an H200 (JAX 0.11.2, bf16, 32 / 8 heads, head_dim 128, 16-token pages) more programs
   than fit at once ran up to 1.38x slower than one wave (``k_splits`` 5 vs 2 at batch 8 x
   8192 tokens), and a third stage of 128 keys does not fit beside the query and ``p`` tiles.
+  Warp-specialised (not yet timed on a GPU): steps of 64 keys, and as many stages as fit (an
+  even number, 2 or 4), so that stages are in flight while both compute warpgroups work.
 
   Returns:
-    dict with ``block_k``, ``num_stages``, ``k_splits``.
+    dict with ``block_k``, ``num_stages``, ``k_splits``, ``warp_specialized``.
   """
-  block_k = default_block_k(head_dim)
+  block_k = 64 if warp_specialized else default_block_k(head_dim)
+  fixed = _smem_bytes(block_k=block_k, num_stages=0, head_dim=head_dim, itemsize=itemsize,
+                      warp_specialized=warp_specialized)
   stage = 2 * block_k * head_dim * itemsize
-  fixed = _ROWS * (head_dim + block_k) * itemsize + _ROWS * 8
   num_stages = max(2, min(4, (_SMEM_BUDGET - fixed) // stage))
+  if warp_specialized:
+    num_stages -= num_stages % 2
   resident = max(1, _SMEM_PER_SM // (num_stages * stage + fixed))
   steps = -(-max_blocks * block_size // block_k)
   programs = batch * kv_heads * -(-rows // _ROWS)
   k_splits = max(1, min(_SMS * resident // programs, steps, _MAX_SPLITS))
-  return dict(block_k=block_k, num_stages=num_stages, k_splits=k_splits)
+  return dict(block_k=block_k, num_stages=num_stages, k_splits=k_splits,
+              warp_specialized=warp_specialized)
 
 
-def _check_knobs(*, block_k, num_stages, k_splits, head_dim, block_size, itemsize):
+def _check_knobs(*, block_k, num_stages, k_splits, warp_specialized, head_dim, block_size,
+                 itemsize):
   if isinstance(block_k, bool) or not isinstance(block_k, int) or block_k < 64 or block_k % 64:
     raise ValueError(f"{block_k=} must be a positive multiple of 64 (the p tile's swizzle and "
                      "the wgmma K extent)")
@@ -185,8 +216,14 @@ def _check_knobs(*, block_k, num_stages, k_splits, head_dim, block_size, itemsiz
     raise ValueError(f"{num_stages=} must be an int >= 1")
   if isinstance(k_splits, bool) or not isinstance(k_splits, int) or k_splits < 1:
     raise ValueError(f"{k_splits=} must be an int >= 1")
-  smem = (num_stages * 2 * block_k * head_dim * itemsize
-          + _ROWS * (head_dim + block_k) * itemsize + _ROWS * 8)
+  if not isinstance(warp_specialized, bool):
+    raise ValueError(f"{warp_specialized=} must be a bool")
+  if warp_specialized and num_stages % 2:
+    raise ValueError(f"warp_specialized=True needs an even num_stages (each stage then has one "
+                     f"compute warpgroup, which waits on every phase of its barriers), got "
+                     f"{num_stages=}")
+  smem = _smem_bytes(block_k=block_k, num_stages=num_stages, head_dim=head_dim,
+                     itemsize=itemsize, warp_specialized=warp_specialized)
   if smem > 227 * 1024:
     raise ValueError(f"{num_stages=} stages of {block_k=} keys need {smem // 1024} KiB of shared "
                      "memory, over the 227 KiB of an H100 block")
@@ -204,14 +241,15 @@ def _attention_kernel(
     q_ref,  # [batch, kv_heads, tiles * 64, head_dim] (GMEM)
     k_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim] (GMEM)
     v_ref,  # [layers, kv_heads, num_blocks, block_size, head_dim] (GMEM)
-    o_ref,  # [k_splits, batch, kv_heads, tiles * 64, head_dim] float32 (GMEM)
-    lse_ref,  # [k_splits, batch, kv_heads, tiles * 64] float32 (GMEM)
+    o_ref,  # [k_splits * parts, batch, kv_heads, tiles * 64, head_dim] float32 (GMEM)
+    lse_ref,  # [k_splits * parts, batch, kv_heads, tiles * 64] float32 (GMEM)
     scratch,
     *,
     tiles: int,
     block_k: int,
     num_stages: int,
     k_splits: int,
+    warp_specialized: bool,
     scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
@@ -223,10 +261,13 @@ def _attention_kernel(
   (q_smem,  # [64, head_dim]
    k_smem,  # [num_stages, block_k, head_dim]
    v_smem,  # [num_stages, block_k, head_dim]
-   p_smem,  # [64, block_k]
-   lse_smem,  # [64] float32
+   p_smem,  # [parts, 64, block_k]: one p tile per compute warpgroup
+   lse_smem,  # [parts, 64] float32
    rowpos_smem,  # [64] int32
-   ), (q_bar, k_bar, v_bar) = scratch
+   ), barriers = scratch
+  q_bar, k_bar, v_bar = barriers[:3]
+  consumed = barriers[3] if warp_specialized else None  # [num_stages], one arrival per use
+  parts = _PARTS if warp_specialized else 1
   ht, b, s = lax.axis_index("ht"), lax.axis_index("b"), lax.axis_index("s")
   h, t = ht // tiles, ht % tiles
   head_dim = q_smem.shape[1]
@@ -237,9 +278,6 @@ def _attention_kernel(
   layer = layer_ref[0]
   row0 = t * _ROWS
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, _ROWS)], q_smem, q_bar.at[0])
-  plgpu.copy_gmem_to_smem(row_pos_ref.at[b, pl.ds(row0, _ROWS)], rowpos_smem, q_bar.at[1])
-
   # The steps of block_k keys (aligned to block_k) that hold the tile's key range, and this
   # split's contiguous share of them.
   lo, hi = ranges_ref[b, ht, 0], ranges_ref[b, ht, 1]
@@ -248,6 +286,10 @@ def _attention_kernel(
   per_split = (n_steps + k_splits - 1) // k_splits
   step_lo = jnp.minimum(s * per_split, n_steps)
   n_local = jnp.minimum(step_lo + per_split, n_steps) - step_lo
+
+  def load_q():
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, _ROWS)], q_smem, q_bar.at[0])
+    plgpu.copy_gmem_to_smem(row_pos_ref.at[b, pl.ds(row0, _ROWS)], rowpos_smem, q_bar.at[1])
 
   def issue(i, slot):
     """Starts the TMA copies of local step ``i``'s pages into stage ``slot``."""
@@ -260,96 +302,149 @@ def _attention_kernel(
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bar.at[slot])
 
-  for i in range(num_stages):
-    pl.when(i < n_local)(functools.partial(issue, i, i))
+  def prologue():
+    for i in range(num_stages):
+      pl.when(i < n_local)(functools.partial(issue, i, i))
 
-  plgpu.barrier_wait(q_bar.at[0])
-  plgpu.barrier_wait(q_bar.at[1])
-  layout = plgpu.Layout.WGMMA
-  row_pos = cast(rowpos_smem[...], layout.reduce(1))  # [64]
-  row_pos = lax.broadcast_in_dim(row_pos, (_ROWS, block_k), [0])
-  key_iota = cast(lax.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1), layout)
-  v_row_iota = cast(lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0), layout)
-  logit_scale = scale if soft_cap is not None else scale * _LOG2E
+  def compute(part, n_mine, step_of, release):
+    """One warpgroup's online softmax over local steps ``step_of(j)``, ``j < n_mine``.
 
-  def body(i, carry):
-    acc, m, l = carry  # [64, head_dim], [64], [64] float32 (m: base-2 running max)
-    slot = lax.rem(i, num_stages)
-    start = first + (step_lo + i) * block_k
+    ``release(i, slot)`` runs once a step's two ``wgmma`` have read its stage. The partial
+    result goes to split ``s * parts + part`` of the outputs.
+    """
+    plgpu.barrier_wait(q_bar.at[0])
+    plgpu.barrier_wait(q_bar.at[1])
+    layout = plgpu.Layout.WGMMA
+    row_pos = cast(rowpos_smem[...], layout.reduce(1))  # [64]
+    row_pos = lax.broadcast_in_dim(row_pos, (_ROWS, block_k), [0])
+    key_iota = cast(lax.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1), layout)
+    v_row_iota = cast(lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0), layout)
+    logit_scale = scale if soft_cap is not None else scale * _LOG2E
+    p_tile = p_smem.at[part]
 
-    plgpu.barrier_wait(k_bar.at[slot])
+    def body(j, carry):
+      acc, m, l = carry  # [64, head_dim], [64], [64] float32 (m: base-2 running max)
+      i = step_of(j)
+      slot = lax.rem(i, num_stages)
+      start = first + (step_lo + i) * block_k
 
-    def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-      return acc_ref[...]
+      plgpu.barrier_wait(k_bar.at[slot])
 
-    logits = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))  # [64, block_k]
-    logits = logits * logit_scale
-    if soft_cap is not None:
-      logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
-    kpos = start + key_iota
-    # A null table entry below the length is a hole (a block free_outside_window freed): its
-    # keys are gone, masked like keys past the length, and its V rows zeroed below.
-    nulls = [tables_ref[b, (start + p * page_keys) // block_size] == 0 for p in range(pages)]
-    # Each hole's page index (-1: not a hole), compared as int32: a scalar bool broadcast to
-    # a register layout does not lower on every JAX version.
-    hole_pages = [jnp.where(null, p, -1) for p, null in enumerate(nulls)]
-    visible = (kpos <= row_pos) & (kpos >= lo) & (kpos < hi)
-    for hp in hole_pages:
-      visible = visible & (key_iota // page_keys != hp)
-    if sliding_window is not None:
-      visible = visible & (kpos > row_pos - sliding_window)
-    logits = jnp.where(visible, logits, -jnp.inf)
-    m_new = jnp.maximum(m, logits.max(axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(logits - lax.broadcast_in_dim(m_safe, logits.shape, [0]))  # 0 where masked
-    l = alpha * l + p.sum(axis=1)
-    p_smem[...] = p.astype(dtype)
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
 
-    plgpu.barrier_wait(v_bar.at[slot])
-
-    # Slots outside [lo, hi) (past the length, before the window) may hold stale NaN / Inf:
-    # zero their V rows, so that p == 0 never meets them in p @ v.
-    any_null = functools.reduce(jnp.logical_or, nulls)
-
-    @pl.when((start < lo) | (start + block_k > hi) | any_null)
-    def _():
-      vpos = start + v_row_iota
-      v = cast(v_smem[slot], layout)
-      keep = (vpos >= lo) & (vpos < hi)
+      logits = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))  # [64, block_k]
+      logits = logits * logit_scale
+      if soft_cap is not None:
+        logits = (soft_cap * _LOG2E) * jnp.tanh(logits / soft_cap)
+      kpos = start + key_iota
+      # A null table entry below the length is a hole (a block free_outside_window freed):
+      # its keys are gone, masked like keys past the length, and its V rows zeroed below.
+      nulls = [tables_ref[b, (start + p * page_keys) // block_size] == 0 for p in range(pages)]
+      # Each hole's page index (-1: not a hole), compared as int32: a scalar bool broadcast to
+      # a register layout does not lower on every JAX version.
+      hole_pages = [jnp.where(null, p, -1) for p, null in enumerate(nulls)]
+      visible = (kpos <= row_pos) & (kpos >= lo) & (kpos < hi)
       for hp in hole_pages:
-        keep = keep & (v_row_iota // page_keys != hp)
-      v_smem[slot] = jnp.where(keep, v, jnp.zeros((), dtype))
+        visible = visible & (key_iota // page_keys != hp)
+      if sliding_window is not None:
+        visible = visible & (kpos > row_pos - sliding_window)
+      logits = jnp.where(visible, logits, -jnp.inf)
+      m_new = jnp.maximum(m, logits.max(axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(logits - lax.broadcast_in_dim(m_safe, logits.shape, [0]))  # 0 where masked
+      l = alpha * l + p.sum(axis=1)
+      p_tile[...] = p.astype(dtype)
 
+      plgpu.barrier_wait(v_bar.at[slot])
+
+      # Slots outside [lo, hi) (past the length, before the window) may hold stale NaN / Inf:
+      # zero their V rows, so that p == 0 never meets them in p @ v.
+      any_null = functools.reduce(jnp.logical_or, nulls)
+
+      @pl.when((start < lo) | (start + block_k > hi) | any_null)
+      def _():
+        vpos = start + v_row_iota
+        v = cast(v_smem[slot], layout)
+        keep = (vpos >= lo) & (vpos < hi)
+        for hp in hole_pages:
+          keep = keep & (v_row_iota // page_keys != hp)
+        v_smem[slot] = jnp.where(keep, v, jnp.zeros((), dtype))
+
+      plgpu.commit_smem()
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p_tile, v_smem.at[slot])
+        return acc_ref[...]
+
+      pv = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
+      acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
+      release(i, slot)  # both wgmmas have completed: the stage may be refilled
+      return acc, m_new, l
+
+    acc = cast(jnp.zeros((_ROWS, head_dim), jnp.float32), layout)
+    m = cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
+    l = cast(jnp.zeros((_ROWS,), jnp.float32), layout.reduce(1))
+    acc, m, l = lax.fori_loop(0, n_mine, body, (acc, m, l))
+
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    split = s * parts + part
+    # The partial output goes straight from registers to GMEM (a float32 staging tile would not
+    # fit beside two head_dim-256 stages).
+    o_ref[split, b, h, pl.ds(row0, _ROWS)] = jnp.where(
+        lax.broadcast_in_dim(seen, acc.shape, [0]),
+        acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), 0.0)
+    lse_smem.at[part][...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
     plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(lse_smem.at[part], lse_ref.at[split, b, h, pl.ds(row0, _ROWS)])
+    plgpu.wait_smem_to_gmem(0)
 
-    def pv(acc_ref):
-      plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-      return acc_ref[...]
+  if not warp_specialized:
+    # One warpgroup: it issues step i + num_stages into the slot step i just released.
+    def refill(i, slot):
+      pl.when(i + num_stages < n_local)(functools.partial(issue, i + num_stages, slot))
 
-    pv = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))
-    acc = lax.broadcast_in_dim(alpha, acc.shape, [0]) * acc + pv
-    # The stage is free again (both wgmmas have completed): refill it.
-    pl.when(i + num_stages < n_local)(functools.partial(issue, i + num_stages, slot))
-    return acc, m_new, l
+    load_q()
+    prologue()
+    compute(0, n_local, lambda j: j, refill)
+    return
 
-  acc = cast(jnp.zeros((_ROWS, head_dim), jnp.float32), layout)
-  m = cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
-  l = cast(jnp.zeros((_ROWS,), jnp.float32), layout.reduce(1))
-  acc, m, l = lax.fori_loop(0, n_local, body, (acc, m, l))
+  # Warp specialisation: warpgroup 2 only issues copies; compute warpgroups 0 and 1 take the
+  # even and odd local steps (with an even number of stages each slot has one consumer, whose
+  # waits then see every phase of its barriers), each with its own online softmax, merged with
+  # the splits by the wrapper. A consumer arrives on ``consumed[slot]`` when done with a stage;
+  # the producer waits for that before refilling it, and at the end for each slot's last use.
+  wg = lax.axis_index("wg")
 
-  seen = l > 0.0
-  l_safe = jnp.where(seen, l, 1.0)
-  # The partial output goes straight from registers to GMEM (a float32 staging tile would not
-  # fit beside two head_dim-256 stages).
-  o_ref[s, b, h, pl.ds(row0, _ROWS)] = jnp.where(
-      lax.broadcast_in_dim(seen, acc.shape, [0]),
-      acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), 0.0)
-  lse_smem[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[s, b, h, pl.ds(row0, _ROWS)])
-  plgpu.wait_smem_to_gmem(0)
+  @pl.when(wg == _PARTS)
+  def _producer():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+    load_q()
+    prologue()
+
+    def refill(i, _):
+      slot = lax.rem(i, num_stages)
+      plgpu.barrier_wait(consumed.at[slot])
+      issue(i, slot)
+
+    lax.fori_loop(num_stages, jnp.maximum(n_local, num_stages), refill, None)
+    for slot in range(num_stages):
+      pl.when(slot < n_local)(functools.partial(plgpu.barrier_wait, consumed.at[slot]))
+
+  @pl.when(wg < _PARTS)
+  def _consumer():
+    if not interpret:
+      plgpu.set_max_registers(232, action="increase")
+
+    def release(_, slot):
+      plgpu.commit_smem()  # order this warpgroup's shared-memory accesses before the refill
+      plgpu.barrier_arrive(consumed.at[slot])
+
+    compute(wg, (n_local - wg + _PARTS - 1) // _PARTS, lambda j: _PARTS * j + wg, release)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +452,22 @@ def _attention_kernel(
 
 
 def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, block_k,
-                 num_stages, k_splits, scale, soft_cap, sliding_window, interpret):
+                 num_stages, k_splits, warp_specialized, scale, soft_cap, sliding_window,
+                 interpret):
   batch, kv_heads, rows_padded, head_dim = q.shape
   dtype = k_pool.dtype
   kernel = functools.partial(
       _attention_kernel, tiles=tiles, block_k=block_k, num_stages=num_stages,
-      k_splits=k_splits, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
-      interpret=interpret)
+      k_splits=k_splits, warp_specialized=warp_specialized, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, interpret=interpret)
   pages = block_k // min(k_pool.shape[3], block_k)
+  parts = _PARTS if warp_specialized else 1
+  barriers = [plgpu.Barrier(num_barriers=2),
+              plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages),
+              plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages)]
+  if warp_specialized:
+    barriers.append(plgpu.Barrier(num_arrivals=1, num_barriers=num_stages))  # consumed
+  ws = dict(collective_axes="wg") if warp_specialized else {}
 
   def entry(*refs):
     pl.run_scoped(
@@ -373,22 +476,25 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
          _smem((num_stages, block_k, head_dim), dtype),
          _smem((num_stages, block_k, head_dim), dtype),
          # wgmma wants both operands of p @ v in one swizzle: v's.
-         _smem((_ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
-         plgpu.SMEM((_ROWS,), jnp.float32),
+         _smem((parts, _ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
+         plgpu.SMEM((parts, _ROWS), jnp.float32),
          plgpu.SMEM((_ROWS,), jnp.int32)),
-        (plgpu.Barrier(num_barriers=2),
-         plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages),
-         plgpu.Barrier(num_arrivals=pages, num_barriers=num_stages)),
+        tuple(barriers),
+        **ws,
     )
 
-  out_type = (jax.ShapeDtypeStruct((k_splits, batch, kv_heads, rows_padded, head_dim),
+  out_type = (jax.ShapeDtypeStruct((k_splits * parts, batch, kv_heads, rows_padded, head_dim),
                                    jnp.float32),
-              jax.ShapeDtypeStruct((k_splits, batch, kv_heads, rows_padded), jnp.float32))
+              jax.ShapeDtypeStruct((k_splits * parts, batch, kv_heads, rows_padded),
+                                   jnp.float32))
+  threads = dict(num_threads=parts + 1, thread_name="wg") if warp_specialized else {}
   return plgpu.kernel(
       entry, out_type=out_type, grid=(kv_heads * tiles, batch, k_splits),
       grid_names=("ht", "b", "s"),
       interpret=(interpret_params(interpret == "races") if interpret else None),
-      kernel_name=f"paged_attention_mgpu_k{block_k}_st{num_stages}_s{k_splits}",
+      kernel_name=(f"paged_attention_mgpu_k{block_k}_st{num_stages}_s{k_splits}"
+                   f"{'_ws' if warp_specialized else ''}"),
+      **threads,
   )(layer, ranges, tables, row_pos, q, k_pool, v_pool)
 
 
@@ -400,8 +506,8 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
                          scale: float, soft_cap: float | None = None,
                          sliding_window: int | None = None, return_lse: bool = False,
                          block_k: int | None = None, num_stages: int | None = None,
-                         k_splits: int | None = None, interpret: bool | str = False,
-                         k_scale=None, v_scale=None):
+                         k_splits: int | None = None, warp_specialized: bool = False,
+                         interpret: bool | str = False, k_scale=None, v_scale=None):
   """Paged attention with a Mosaic GPU kernel; contract in ``reference.py``.
 
   Args:
@@ -412,6 +518,8 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
     block_tables: ``int32[batch, table_width]``; kv_lens, q_lens: ``int32[batch]``.
     scale, soft_cap, sliding_window, return_lse: as in the contract.
     block_k, num_stages, k_splits: tuning knobs (``None``: :func:`default_knobs`).
+    warp_specialized: a producer warpgroup issues the copies while two compute warpgroups
+      take alternate steps (``None`` knobs then take the warp-specialised defaults).
     interpret: run in Mosaic GPU interpret mode (any backend; slow, for tests); ``"races"``
       also runs JAX's race detector (:func:`races_found`).
     k_scale, v_scale: must be None (quantised caches are not supported: see
@@ -446,11 +554,16 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
   max_blocks = block_tables.shape[1]
   itemsize = jnp.dtype(k_pool.dtype).itemsize
   knobs = default_knobs(head_dim=head_dim, block_size=block_size, rows=rows, batch=batch,
-                        kv_heads=kv_heads, max_blocks=max_blocks, itemsize=itemsize)
+                        kv_heads=kv_heads, max_blocks=max_blocks, itemsize=itemsize,
+                        warp_specialized=warp_specialized)
   given = dict(block_k=block_k, num_stages=num_stages, k_splits=k_splits)
   knobs.update({k: v for k, v in given.items() if v is not None})
   check_supported(k_pool.dtype, block_size, head_dim, block_k=knobs["block_k"])
   _check_knobs(**knobs, head_dim=head_dim, block_size=block_size, itemsize=itemsize)
+  if interpret and knobs["warp_specialized"]:
+    reason = warp_specialized_interpret_problem()
+    if reason is not None:
+      raise ValueError(reason)
   block_k = knobs["block_k"]
 
   kv_lens = jnp.clip(kv_lens.astype(jnp.int32), 0, max_blocks * block_size)
@@ -481,11 +594,12 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
 
   o, lse = _call_kernel(
       layer, ranges, tables, row_pos, qr, k_pool, v_pool, tiles=tiles, block_k=block_k,
-      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"], scale=float(scale),
+      num_stages=knobs["num_stages"], k_splits=knobs["k_splits"],
+      warp_specialized=knobs["warp_specialized"], scale=float(scale),
       soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
       interpret=interpret)
   o, lse = o[..., :rows, :], lse[..., :rows]
-  if knobs["k_splits"] == 1:
+  if o.shape[0] == 1:
     o, lse = o[0], lse[0]
   else:
     o, lse = _merge_partials(o, lse)
@@ -520,6 +634,43 @@ def _merge_partials(o, lse):
 
 # ---------------------------------------------------------------------------------------------
 # Interpret mode.
+
+
+_WS_INTERPRET_THREADS = 4  # the kernel's callback, blocked while its 3 warpgroups run
+
+
+def _xla_cpu_threads() -> int:
+  """The size of XLA's CPU thread pool: ``PJRT_NPROC`` / ``NPROC``, else the usable cores."""
+  for var in ("PJRT_NPROC", "NPROC"):
+    try:
+      return max(0, int(os.environ[var]))
+    except (KeyError, ValueError):
+      pass
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - not Linux
+    return os.cpu_count() or 1
+
+
+def warp_specialized_interpret_problem() -> str | None:
+  """Why the warp-specialised kernel cannot run in interpret mode here, or None.
+
+  JAX 0.10's GPU interpreter runs each warpgroup as a program on XLA's CPU thread pool, and a
+  warpgroup waiting on a barrier holds its thread: with fewer than 4 threads (the kernel's
+  callback, blocked until its 3 warpgroups finish, plus those 3) it can deadlock. That is a
+  machine with fewer than 4 cores unless ``PJRT_NPROC=4`` (read when JAX starts its CPU
+  client) raises the pool. JAX 0.11's interpreter ran every case on 2 cores.
+  """
+  if _jax_version() >= (0, 11) or _xla_cpu_threads() >= _WS_INTERPRET_THREADS:
+    return None
+  return (f"warp_specialized=True in interpret mode needs {_WS_INTERPRET_THREADS} XLA CPU "
+          f"threads on JAX {jax.__version__} (its GPU interpreter runs each of the 3 "
+          f"warpgroups on that pool and would deadlock on {_xla_cpu_threads()}): set "
+          f"PJRT_NPROC={_WS_INTERPRET_THREADS} before JAX starts, or use JAX >= 0.11")
+
+
+def _jax_version() -> tuple[int, ...]:
+  return tuple(int(x) for x in jax.__version__.split(".")[:2])
 
 
 def interpret_params(detect_races: bool = False):
@@ -573,16 +724,27 @@ def _patch_transposed_wgmma_operands():
       transforms = transforms[:-1]
     return transforms, perms
 
-  def wgmma(*, a_transforms, b_transforms, **kw):
+  lock = threading.Lock()
+
+  def wgmma(**kw):
+    # The warp-specialised kernel's warpgroups run concurrently (one host thread each): one
+    # wgmma at a time swaps the getter below, and it transposes only its own thread's reads.
+    with lock:
+      return transposing_wgmma(**kw)
+
+  def transposing_wgmma(*, a_transforms, b_transforms, **kw):
     a_transforms, a_perms = split(a_transforms)
     b_transforms, b_perms = split(b_transforms)
     if not a_perms and not b_perms:
       return original(a_transforms=a_transforms, b_transforms=b_transforms, **kw)
     memory = gpu_callbacks._get_shared_memory()
     get = memory.get_buffer_content
+    owner = threading.get_ident()
 
     def transposed_get(key, rng, *args, **kwargs):
       out = get(key, rng, *args, **kwargs)
+      if threading.get_ident() != owner:  # another warpgroup's read (e.g. a TMA copy)
+        return out
       perms = (a_perms if key == gpu_callbacks.HostAllocationKey.from_array(
           kw["a_allocation_key_as_array"]) else b_perms)
       if key == gpu_callbacks.HostAllocationKey.from_array(kw["acc_allocation_key_as_array"]):
