@@ -261,8 +261,8 @@ def _attention_kernel(
   (q_smem,  # [64, head_dim]
    k_smem,  # [num_stages, block_k, head_dim]
    v_smem,  # [num_stages, block_k, head_dim]
-   p_smem,  # [parts, 64, block_k]: one p tile per compute warpgroup
-   lse_smem,  # [parts, 64] float32
+   p_smem,  # [64, block_k], warp-specialised [parts, 64, block_k]: one per compute warpgroup
+   lse_smem,  # [64] float32, warp-specialised [parts, 64]
    rowpos_smem,  # [64] int32
    ), barriers = scratch
   q_bar, k_bar, v_bar = barriers[:3]
@@ -320,7 +320,9 @@ def _attention_kernel(
     key_iota = cast(lax.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1), layout)
     v_row_iota = cast(lax.broadcasted_iota(jnp.int32, (block_k, head_dim), 0), layout)
     logit_scale = scale if soft_cap is not None else scale * _LOG2E
-    p_tile = p_smem.at[part]
+    # Per compute warpgroup; the one-warpgroup kernel keeps the 2-D tiles compiled on the H200.
+    p_tile = p_smem.at[part] if warp_specialized else p_smem
+    lse_tile = lse_smem.at[part] if warp_specialized else lse_smem
 
     def body(j, carry):
       acc, m, l = carry  # [64, head_dim], [64], [64] float32 (m: base-2 running max)
@@ -397,9 +399,9 @@ def _attention_kernel(
     o_ref[split, b, h, pl.ds(row0, _ROWS)] = jnp.where(
         lax.broadcast_in_dim(seen, acc.shape, [0]),
         acc / lax.broadcast_in_dim(l_safe, acc.shape, [0]), 0.0)
-    lse_smem.at[part][...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+    lse_tile[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(lse_smem.at[part], lse_ref.at[split, b, h, pl.ds(row0, _ROWS)])
+    plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[split, b, h, pl.ds(row0, _ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
   if not warp_specialized:
@@ -468,6 +470,7 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
   if warp_specialized:
     barriers.append(plgpu.Barrier(num_arrivals=1, num_barriers=num_stages))  # consumed
   ws = dict(collective_axes="wg") if warp_specialized else {}
+  per_part = (parts,) if warp_specialized else ()  # a p and an LSE tile per compute warpgroup
 
   def entry(*refs):
     pl.run_scoped(
@@ -476,8 +479,8 @@ def _call_kernel(layer, ranges, tables, row_pos, q, k_pool, v_pool, *, tiles, bl
          _smem((num_stages, block_k, head_dim), dtype),
          _smem((num_stages, block_k, head_dim), dtype),
          # wgmma wants both operands of p @ v in one swizzle: v's.
-         _smem((parts, _ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
-         plgpu.SMEM((parts, _ROWS), jnp.float32),
+         _smem((*per_part, _ROWS, block_k), dtype, _swizzle(head_dim, jnp.dtype(dtype).itemsize)),
+         plgpu.SMEM((*per_part, _ROWS), jnp.float32),
          plgpu.SMEM((_ROWS,), jnp.int32)),
         tuple(barriers),
         **ws,
