@@ -168,7 +168,9 @@ def test_warp_specialized_cases_in_a_process_with_4_xla_threads():
 def test_warp_specialized_interpret_refuses_too_few_threads(monkeypatch):
   """On JAX 0.10 with fewer than 4 XLA CPU threads the interpreter could deadlock: refused,
   naming the fix; JAX 0.11+ (or 4 threads) runs it."""
-  monkeypatch.setattr(pallas_mgpu, "_jax_version", lambda: (0, 10))
+  from jax_paged_kv.attention import api
+
+  monkeypatch.setattr(api, "jax_version", lambda: (0, 10))
   monkeypatch.setenv("PJRT_NPROC", "2")
   assert "PJRT_NPROC=4" in pallas_mgpu.warp_specialized_interpret_problem()
   case = Case((3, 17), ratio=2, dtype="bfloat16")
@@ -178,7 +180,7 @@ def test_warp_specialized_interpret_refuses_too_few_threads(monkeypatch):
                        warp_specialized=True)
   monkeypatch.setenv("PJRT_NPROC", "4")
   assert pallas_mgpu.warp_specialized_interpret_problem() is None
-  monkeypatch.setattr(pallas_mgpu, "_jax_version", lambda: (0, 11))
+  monkeypatch.setattr(api, "jax_version", lambda: (0, 11))
   monkeypatch.setenv("PJRT_NPROC", "1")
   assert pallas_mgpu.warp_specialized_interpret_problem() is None
 

@@ -47,10 +47,14 @@ def _compute_capability() -> str | None:
     return None
 
 
+def jax_version() -> tuple[int, ...]:
+  """This JAX's ``(major, minor)``."""
+  return tuple(int(p) for p in jax.__version__.split(".")[:2] if p.isdigit())
+
+
 def _mosaic_gpu_jax_ok() -> bool:
   """Whether this JAX has the Mosaic GPU API the kernel is written against (0.10+)."""
-  version = tuple(int(p) for p in jax.__version__.split(".")[:2] if p.isdigit())
-  return version >= (0, 10)
+  return jax_version() >= (0, 10)
 
 
 def _supported(name: str, config: CacheConfig) -> bool:

@@ -664,16 +664,14 @@ def warp_specialized_interpret_problem() -> str | None:
   machine with fewer than 4 cores unless ``PJRT_NPROC=4`` (read when JAX starts its CPU
   client) raises the pool. JAX 0.11's interpreter ran every case on 2 cores.
   """
-  if _jax_version() >= (0, 11) or _xla_cpu_threads() >= _WS_INTERPRET_THREADS:
+  from jax_paged_kv.attention import api  # the dispatcher imports this module lazily
+
+  if api.jax_version() >= (0, 11) or _xla_cpu_threads() >= _WS_INTERPRET_THREADS:
     return None
   return (f"warp_specialized=True in interpret mode needs {_WS_INTERPRET_THREADS} XLA CPU "
           f"threads on JAX {jax.__version__} (its GPU interpreter runs each of the 3 "
           f"warpgroups on that pool and would deadlock on {_xla_cpu_threads()}): set "
           f"PJRT_NPROC={_WS_INTERPRET_THREADS} before JAX starts, or use JAX >= 0.11")
-
-
-def _jax_version() -> tuple[int, ...]:
-  return tuple(int(x) for x in jax.__version__.split(".")[:2])
 
 
 def interpret_params(detect_races: bool = False):
