@@ -419,6 +419,46 @@ class AttentionCases:
     fin = np.isfinite(clean_lse)
     np.testing.assert_allclose(lse[fin], clean_lse[fin], atol=atol, rtol=rtol)
 
+  nan_logits_dtype = "float32"
+
+  @pytest.mark.parametrize("overflow", [False, True], ids=["nan", "overflow"])
+  def test_nan_logits_give_nan_not_zero(self, overflow):
+    """A query whose logits are NaN (a NaN in the query, or in the K of a key it sees) or
+    overflow to +Inf (finite data, a huge scale) gets output and LSE NaN, as the float64
+    oracle does: never the 0 / -inf of a query that sees nothing. Other queries are exact."""
+    case = Case((5, 17, 33), ratio=2, q_len=3, dtype=self.nan_logits_dtype)
+    cache, q, seq_ids, q_lens, layer = build_case(case)
+    scale = case.head_dim ** -0.5
+    if overflow:  # row 1's logits overflow float32 (~1e39); the others' are as usual
+      scale = 1e20
+      q = q * jnp.asarray(np.where(np.arange(q.shape[0])[:, None, None, None] == 1, 1e19,
+                                   1e-20), q.dtype)
+    else:
+      q = q.at[1, 2, 1, 0].set(jnp.nan)  # row 1's last query, q head 1
+      k_pool = np.asarray(cache.k_pool, np.float32).copy()
+      blk = int(cache.block_tables[2, 0])  # row 2's key 5: every one of its queries sees it
+      k_pool[layer, 0, blk, 5, 3] = np.nan  # KV head 0: q heads 0 and 1
+      cache = cache.replace(k_pool=jnp.asarray(k_pool, cache.k_pool.dtype))
+    out, lse = pk.paged_attention(q, cache, seq_ids, layer, q_lens=q_lens, scale=scale,
+                                  return_lse=True, implementation=self.implementation,
+                                  **self.knobs)
+    want_out, want_lse = attention_np(q, cache.k_pool, cache.v_pool, layer,
+                                      np.asarray(cache.block_tables), np.array(case.lengths),
+                                      q_lens, scale=scale)
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    bad = np.isnan(want_lse)
+    if overflow:  # float64 does not overflow: row 1's queries that see a key are the NaN ones
+      bad = (np.arange(q.shape[0]) == 1)[:, None, None] & np.isfinite(want_lse)
+    assert bad.any() and (~bad & np.isfinite(want_lse)).any()  # the scenario tests something
+    np.testing.assert_array_equal(np.isnan(lse), bad)
+    np.testing.assert_array_equal(np.isnan(out).all(axis=-1), bad)
+    assert not np.isnan(out[~bad]).any()
+    atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+    np.testing.assert_allclose(out[~bad], want_out[~bad], atol=atol, rtol=rtol)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    fin = np.isfinite(want_lse) & ~bad
+    np.testing.assert_allclose(lse[fin], want_lse[fin], atol=atol, rtol=rtol)
+
   def test_stale_finite_data_is_never_read(self):
     """Garbage that is *finite* (not NaN) past each length would change a wrong kernel's output."""
     case = Case((5, 17, 33), block_size=8, ratio=2)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import numbers
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_paged_kv.attention import per_shard
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
-from jax_paged_kv.cache.errors import CacheShapeError
-from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer
+from jax_paged_kv.cache.errors import CacheShapeError, InvalidCountError, is_tracing
+from jax_paged_kv.cache.inputs import INT32_MAX, as_counts, as_ids, as_layer
 from jax_paged_kv.cache.ops import (
   _eager_or_traced,
   check_readable,
@@ -157,17 +159,26 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     CacheShapeError: shapes that do not fit the cache (trace time).
     InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
   """
-  q, seq_ids, layer, q_lens, scale = _check_query(
+  q, seq_ids, layer, q_lens, scale, soft_cap, sliding_window = _check_query(
       q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="paged_attention")
+  _check_return_lse(return_lse)
   cfg = cache.config
-  name = implementation or default_implementation(config=cfg)
+  name = default_implementation(config=cfg) if implementation is None else implementation
   get_implementation(name)  # fail early, outside the trace, for an unknown name
+  if q.size == 0:  # no query: nothing to read (the kernels' grids would be empty)
+    out = jnp.zeros(q.shape, q.dtype)
+    return (out, jnp.full(q.shape[:3], -jnp.inf, jnp.float32)) if return_lse else out
   if name == "xla" and cfg.strategy is CacheStrategy.CONTIGUOUS:
     knobs.setdefault("interleave", 1)  # one slab per sequence: read it in order
   return _paged_attention(
-      q, cache, seq_ids, layer, q_lens, scale=scale,
-      soft_cap=None if soft_cap is None else float(soft_cap), sliding_window=sliding_window,
-      return_lse=return_lse, implementation=name, knobs=tuple(sorted(knobs.items())))
+      q, cache, seq_ids, layer, q_lens, scale=scale, soft_cap=soft_cap,
+      sliding_window=sliding_window, return_lse=bool(return_lse), implementation=name,
+      knobs=tuple(sorted(knobs.items())))
+
+
+def _check_return_lse(return_lse) -> None:
+  if not isinstance(return_lse, (bool, np.bool_)):
+    raise CacheShapeError(f"return_lse must be a bool, got {return_lse!r}")
 
 
 def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, *, op):
@@ -189,16 +200,46 @@ def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_wind
   if seq_ids.shape != (b,):
     raise CacheShapeError(f"seq_ids must have shape ({b},), got {seq_ids.shape}")
   if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
-      sliding_window, int) or sliding_window < 1):
-    raise CacheShapeError(f"sliding_window must be a positive int, got {sliding_window!r}")
+      sliding_window, (int, np.integer)) or not 1 <= sliding_window <= INT32_MAX):
+    raise CacheShapeError(f"sliding_window must be a positive int (< 2**31), got "
+                          f"{sliding_window!r}")
+  sliding_window = None if sliding_window is None else int(sliding_window)
+  soft_cap = _static_float(soft_cap, "soft_cap")
   if soft_cap is not None and not 0 < soft_cap < float("inf"):
-    raise CacheShapeError(f"soft_cap must be positive, got {soft_cap!r}")
-  check_readable(cache, seq_ids, layer, op=op)
-  q_lens = as_counts(q_len if q_lens is None else q_lens, b, "q_lens")
-  scale = float(d ** -0.5 if scale is None else scale)
+    raise CacheShapeError(f"soft_cap must be positive and finite, got {soft_cap!r}")
+  scale = _static_float(d ** -0.5 if scale is None else scale, "scale")
   if not abs(scale) < float("inf"):  # also NaN
     raise CacheShapeError(f"scale must be finite, got {scale!r}")
-  return q, seq_ids, layer, q_lens, scale
+  check_readable(cache, seq_ids, layer, op=op)
+  explicit = q_lens is not None
+  q_lens = as_counts(q_len if q_lens is None else q_lens, b, "q_lens")
+  if explicit and not is_tracing(cache, seq_ids, q_lens):
+    _check_q_lens(cache, seq_ids, q_lens, q_len, op=op)
+  return q, seq_ids, layer, q_lens, scale, soft_cap, sliding_window
+
+
+def _static_float(x, name: str) -> float | None:
+  """A static float argument (``scale``, ``soft_cap``): a real number, not a bool or an array."""
+  if x is None:
+    return None
+  if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating,
+                                                            np.integer)):
+    raise CacheShapeError(f"{name} must be a Python or NumPy real number (static), got {x!r}")
+  return float(x)
+
+
+def _check_q_lens(cache, seq_ids, q_lens, q_len: int, *, op: str) -> None:
+  """Eager calls: each row's explicit ``q_lens`` must be in ``[0, q_len]`` and, for a row
+  naming a sequence, at most its length (its queries are its last ``q_lens`` tokens). Inside
+  ``jit`` a row's count is clipped into that range instead (nothing to raise there)."""
+  ids, counts = np.asarray(seq_ids), np.asarray(q_lens)
+  lens = np.asarray(cache.seq_lens)[np.clip(ids, 0, cache.config.max_seqs - 1)]
+  for row, (sid, n) in enumerate(zip(ids.tolist(), counts.tolist(), strict=True)):
+    top = q_len if sid < 0 else min(q_len, int(lens[row]))
+    if not 0 <= n <= top:
+      why = (f"more than q_len={q_len}" if n > q_len else "negative" if n < 0 else
+             f"more than the {int(lens[row])} tokens sequence {sid} holds")
+      raise InvalidCountError(f"{op}: q_lens[{row}]={n} is {why} (row {row}, sequence {sid})")
 
 
 def _kernel_rows(cache, seq_ids, layer, q_lens, q_len: int):
@@ -257,7 +298,7 @@ def fuse_write(mode: bool | str = "auto"):
 def fused_write_supported(cache: PagedKVCache, q_len: int, implementation: str | None) -> str:
   """Why :func:`write_and_attend` cannot fuse here ("" if it can)."""
   cfg = cache.config
-  name = implementation or default_implementation(config=cfg)
+  name = default_implementation(config=cfg) if implementation is None else implementation
   if name != "pallas_gpu":
     return f"implementation {name!r} (fusion is in the 'pallas_gpu' decode kernel)"
   if q_len != 1:
@@ -314,14 +355,15 @@ def write_and_attend(q, k, v, cache: PagedKVCache, slots, seq_ids, layer, *, q_l
   if why:
     cache, status = write_kv(cache, slots, k, v, layer, seq_ids=seq_ids, donate=donate)
     return cache, paged_attention(q, cache, seq_ids, layer, **attend), status
-  q, seq_ids, layer, q_lens, scale = _check_query(
+  q, seq_ids, layer, q_lens, scale, soft_cap, sliding_window = _check_query(
       q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="write_and_attend")
+  _check_return_lse(return_lse)
   slots, k, v = check_write(cache, slots, k, v, layer, seq_ids, op="write_and_attend")
   if slots.shape[1] != 1:
     raise CacheShapeError(f"write_and_attend(fuse) writes one token per row, got slots "
                           f"{list(slots.shape)}")
-  static = dict(scale=scale, soft_cap=None if soft_cap is None else float(soft_cap),
-                sliding_window=sliding_window, return_lse=return_lse,
+  static = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                return_lse=bool(return_lse),
                 knobs=tuple(sorted(knobs.items())))
   cache, *res, status = _fused(cache, slots, k, v, layer, seq_ids, q, q_lens, donate=donate,
                                **static)

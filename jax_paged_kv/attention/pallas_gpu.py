@@ -440,7 +440,7 @@ def _attention_kernel(
     mask = jnp.broadcast_to(write, (stored_dim,))
     for dst, src in ((ko_ref, kn_ref), (vo_ref, vn_ref)):
       _triton_store(dst.at[layer, h, page, off, dim_iota], src[...], mask=mask)
-  seen = l > 0.0
+  seen = l != 0.0  # a NaN l (NaN or overflowing logits) is seen: its output and LSE are NaN
   l_safe = jnp.where(seen, l, 1.0)
   # Padding rows (group padded to the tile, the last tile of q_len * group) are not written:
   # the wrapper slices them off, and skipping them saves most of the partials' traffic in GQA.
@@ -511,11 +511,11 @@ def merge_partials(o, lse):
     A partial's NaN / +-Inf (a non-finite V it saw, see the contract) is final: it is passed
     on unweighted (its weight may underflow to 0), and the splits' ones add up by IEEE rules.
   """
-  m = lse.max(axis=0)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  m = lse.max(axis=0)  # NaN if a split's LSE is NaN (its logits were)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
   w = jnp.exp(lse - m_safe[None])  # [k_splits, ...]; 0 for empty splits
   denom = w.sum(axis=0)
-  seen = denom > 0.0
+  seen = denom != 0.0  # NaN is seen: the merged output and LSE stay NaN
   denom_safe = jnp.where(seen, denom, 1.0)
   finite = jnp.isfinite(o)
   out = jnp.einsum("s...,s...d->...d", w, jnp.where(finite, o, 0.0),

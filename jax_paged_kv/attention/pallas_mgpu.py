@@ -391,7 +391,7 @@ def _attention_kernel(
     l = cast(jnp.zeros((_ROWS,), jnp.float32), layout.reduce(1))
     acc, m, l = lax.fori_loop(0, n_mine, body, (acc, m, l))
 
-    seen = l > 0.0
+    seen = l != 0.0  # a NaN l (NaN or overflowing logits) is seen: output and LSE NaN
     l_safe = jnp.where(seen, l, 1.0)
     split = s * parts + part
     # The partial output goes straight from registers to GMEM (a float32 staging tile would not
@@ -606,9 +606,8 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
     o, lse = o[0], lse[0]
   else:
     o, lse = _merge_partials(o, lse)
-  # A NaN K of a visible key makes that query's logits NaN: by the contract its LSE is -inf
-  # (and its output, non-finite here, becomes 0 in the exact path below).
-  lse = jnp.where(jnp.isnan(lse), -jnp.inf, lse)
+  # NaN logits (a NaN query, or a NaN K of a key it sees) leave that query's LSE NaN, and its
+  # output stays NaN through the exact path below (the contract).
   o = o.reshape(batch, kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   out = o.reshape(batch, q_len, q_heads, head_dim)
   lse = lse.reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
@@ -616,19 +615,20 @@ def paged_attention_mgpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens
   # A non-finite V in some row's range made its tile non-finite: recompute by the contract.
   exact = functools.partial(reference._nonfinite_v_paged, scale=float(scale), soft_cap=soft_cap,
                             sliding_window=sliding_window)
-  out = lax.cond(jnp.any(~jnp.isfinite(out)), exact,
-                 lambda *_: out.astype(q.dtype),
+  out = out.astype(q.dtype)
+  out = lax.cond(jnp.any(~jnp.isfinite(out)), reference.keep_finite_queries(exact, out),
+                 lambda *_: out,
                  q, k_pool, v_pool, layer[0], block_tables, kv_lens, q_lens, lse, None, None)
   return (out, lse) if return_lse else out
 
 
 def _merge_partials(o, lse):
   """Merges ``k_splits`` partial attentions (finite here: see the non-finite V rule)."""
-  m = lse.max(axis=0)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+  m = lse.max(axis=0)  # NaN if a split's LSE is NaN (its logits were)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
   w = jnp.exp(lse - m_safe[None])  # [k_splits, ...]; 0 for empty splits
   denom = w.sum(axis=0)
-  seen = denom > 0.0
+  seen = denom != 0.0  # NaN is seen: the merged output and LSE stay NaN
   denom_safe = jnp.where(seen, denom, 1.0)
   out = jnp.einsum("s...,s...d->...d", w, o, precision=lax.Precision.HIGHEST)
   out = jnp.where(seen[..., None], out / denom_safe[..., None], 0.0)

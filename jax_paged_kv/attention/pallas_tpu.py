@@ -421,7 +421,7 @@ def _paged_attention_kernel(
     lax.fori_loop(0, num_kv_blocks, functools.partial(body, exact=True), 0)
 
   l = l_ref[...]
-  seen = l > 0.0
+  seen = l != 0.0  # a NaN l (NaN or overflowing logits) is seen: its output and LSE are NaN
   inv = 1.0 / jnp.where(seen, l, 1.0)
   for j in range(halves):
     o_ref[j] = jnp.where(seen[:, :1], acc_ref[j] * inv[:, :1], 0.0).astype(o_ref.dtype)

@@ -38,8 +38,11 @@ Kernel contract (every implementation in this package has this signature)::
   ``d`` or visible keys hold both +Inf and -Inf there; else +Inf (-Inf) if a visible key holds
   +Inf (-Inf) there; else the usual softmax average. Visibility decides, not the probability:
   an Inf whose probability underflows to 0 still gives its sign (IEEE's ``0 * Inf`` would be
-  NaN), the same in every implementation. The LSE does not depend on V. (A NaN in the K of a
-  *visible* key makes that query's logits NaN: it gets output 0 and LSE -inf.)
+  NaN), the same in every implementation. The LSE does not depend on V.
+* NaN logits: a NaN in a query, or in the K of a key it sees, or a logit that overflows to
+  +Inf (finite inputs with a huge ``scale``), makes that query's output and LSE NaN (every
+  dim): never the 0 / -inf of a query that sees nothing, which an LSE merge would weigh 0.
+  Other queries and rows are unaffected.
 """
 
 from __future__ import annotations
@@ -110,20 +113,29 @@ def masked_softmax_attention(q, k, v, mask, *, scale, soft_cap, return_lse):
   k = jnp.where(valid_kv, k, jnp.zeros((), k.dtype))
   v = jnp.where(valid_kv, v, jnp.zeros((), v.dtype))
   logits = _grouped_logits(q, k, mask, scale=scale, soft_cap=soft_cap)
-  mx = jnp.max(logits, axis=-1, keepdims=True)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  mx = jnp.max(logits, axis=-1, keepdims=True)  # NaN if a logit is NaN
+  # Only an all-masked row's -inf is replaced; a NaN or +Inf max makes the row's p NaN.
+  mx = jnp.where(mx == -jnp.inf, 0.0, mx)
   p = jnp.where(mask[:, None, None, :, :], jnp.exp(logits - mx), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   acc = jnp.einsum("bhgqs,bhsd->bhgqd", p, v.astype(jnp.float32),
                    preferred_element_type=jnp.float32)
-  out = jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0)
+  empty = denom == 0  # sees no key (a NaN denom is not empty: its output is NaN)
+  out = jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, denom))
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d).astype(q.dtype)
   if not return_lse:
     return out
-  lse = jnp.where(denom[..., 0] > 0, mx[..., 0] + jnp.log(jnp.where(denom[..., 0] > 0,
-                                                                  denom[..., 0], 1.0)), -jnp.inf)
+  lse = jnp.where(empty[..., 0], -jnp.inf,
+                  mx[..., 0] + jnp.log(jnp.where(empty[..., 0], 1.0, denom[..., 0])))
   lse = lse.transpose(0, 3, 1, 2).reshape(b, q_len, qh)
   return out, lse
+
+
+def _by_lse(out: Array, lse: Array) -> Array:
+  """``out`` where the query saw keys; 0 where it saw none (LSE -inf), NaN where its logits
+  were NaN or overflowed (LSE NaN), whatever the slow path computed there."""
+  out = jnp.where((lse == -jnp.inf)[..., None], 0.0, out)
+  return jnp.where(jnp.isnan(lse)[..., None], jnp.nan, out)
 
 
 def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
@@ -172,7 +184,7 @@ def nonfinite_v_attention(q, k, v, mask, lse, *, scale, soft_cap, chunk=None):
   acc = lax.fori_loop(0, b * kvh * n_chunks, step,
                       jnp.zeros_like(p, shape=shape) + jnp.zeros_like(v, shape=shape))
   out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
-  return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
+  return _by_lse(out, lse).astype(q.dtype)
 
 
 def gather_kv(pool: Array, layer: Array, block_tables: Array, max_blocks: int | None = None):
@@ -272,8 +284,15 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   """
   if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
     raise ValueError(f"interleave must be a positive int, got {interleave!r}")
-  if max_blocks is not None:
+  if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(
+      max_blocks, int) or max_blocks < 1):
+    raise ValueError(f"max_blocks must be a positive int, got {max_blocks!r}")
+  # A row longer than the max_blocks pages read would silently lose its later keys: its
+  # output and LSE become NaN instead (a traced length cannot raise).
+  overlong = None
+  if max_blocks is not None and max_blocks < block_tables.shape[1]:
     block_tables = block_tables[:, :max_blocks]
+    overlong = kv_lens > max_blocks * k_pool.shape[3]  # [batch]
   k, positions = gather_dequantized(k_pool, k_scale, layer, block_tables, interleave)
   v, _ = gather_dequantized(v_pool, v_scale, layer, block_tables, interleave, key=False)
   mask = attention_masks(kv_lens, q_lens, q.shape[1], positions, sliding_window)
@@ -284,9 +303,22 @@ def paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   # Otherwise (or if a finite V overflowed) recompute the output by the contract's rule.
   exact = functools.partial(_nonfinite_v_paged, scale=scale, soft_cap=soft_cap,
                             sliding_window=sliding_window)
-  out = lax.cond(jnp.any(~jnp.isfinite(out)), exact, lambda *_: out,
+  out = lax.cond(jnp.any(~jnp.isfinite(out)), keep_finite_queries(exact, out), lambda *_: out,
                  q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, lse, k_scale, v_scale)
+  if overlong is not None:
+    out = jnp.where(overlong[:, None, None, None], jnp.nan, out).astype(out.dtype)
+    lse = jnp.where(overlong[:, None, None], jnp.nan, lse)
   return (out, lse) if return_lse else out
+
+
+def keep_finite_queries(exact, fast: Array):
+  """The slow path's output, except for queries whose fast output is all finite: those
+  are exact already (a non-finite V they see, or NaN logits, would make theirs non-finite),
+  and keep their bits whatever other queries of the call hold."""
+  def run(*args):
+    ok = jnp.all(jnp.isfinite(fast), axis=-1, keepdims=True)
+    return jnp.where(ok, fast, exact(*args).astype(fast.dtype))
+  return run
 
 
 _SLOW_PATH_CHUNK = 512  # keys per step of the slow path's loop (rounded to whole pages)
@@ -350,7 +382,7 @@ def _nonfinite_v_paged(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, 
          + jnp.zeros_like(v_pool, jnp.float32, shape=shape))
   acc = lax.fori_loop(0, b * n_chunks, step, acc)
   out = acc.transpose(0, 3, 1, 2, 4).reshape(b, q_len, qh, d)
-  return jnp.where(jnp.isfinite(lse)[..., None], out, 0.0).astype(q.dtype)
+  return _by_lse(out, lse).astype(q.dtype)
 
 
 def _float_bits(pool: Array, scale: Array | None) -> Array | None:
