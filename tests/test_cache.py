@@ -603,3 +603,64 @@ def test_contiguous_strategy_same_api_same_data():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   s = pk.cache_stats(caches["contig"]).as_dict()
   assert s["used_blocks"] == 3 * contig_cfg.max_blocks_per_seq
+
+
+def test_a_bool_among_ints_is_refused_not_taken_as_one():
+  """NumPy makes [0, True] an int64 array: without a check on the elements, True would free or
+  truncate slot / count 1."""
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=8, max_seqs=2,
+                       max_seq_len=16, block_size=4)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0, 1])
+  for call in (lambda: pk.free_sequences(cache, [0, True]),
+               lambda: pk.truncate_sequences(cache, [0, 1], [0, np.True_])):
+    with pytest.raises(pk.CacheShapeError, match="bool"):
+      call()
+  assert np.asarray(cache.active).all()
+
+
+def test_reserve_near_int32_max_reports_too_long_instead_of_wrapping():
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, block_size=2**16,
+                       num_blocks=8, max_seqs=2, max_seq_len=4 * 2**16)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  k = jnp.ones((1, 1, 10, 1, 4))
+  cache, _ = pk.append_kv(cache, k, k, [0])
+  f = jax.jit(lambda c, n: pk.reserve(c, jnp.array([0]), n, max_new=2**31 - 1))
+  out, _, status = f(cache, jnp.array([2**31 - 5], jnp.int32))  # 10 + n wraps in int32
+  assert list(np.asarray(status)) == [pk.Status.SEQUENCE_TOO_LONG]
+  for x, y in zip(jax.tree_util.tree_leaves(out.replace(telemetry=cache.telemetry)),
+                  jax.tree_util.tree_leaves(cache), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sizes_that_overflow_int32_are_refused():
+  with pytest.raises(ValueError, match="does not fit in int32"):
+    pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, block_size=2**20, num_blocks=8,
+                   max_seqs=2, max_seq_len=2**31 - 1)
+  with pytest.raises(ValueError, match="does not fit in int32"):
+    pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, block_size=2**16,
+                   num_blocks=2**15, max_seqs=2, max_seq_len=16)
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=8, max_seqs=2,
+                       max_seq_len=16, block_size=4)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  for kw in (dict(window=2**31), dict(window=4, sink_tokens=2**40)):
+    with pytest.raises(pk.CacheShapeError, match="must be an int in"):
+      pk.free_outside_window(cache, [0], **kw)
+
+
+def test_write_kv_with_a_bad_sequence_fails_even_when_every_slot_is_skipped():
+  """``seq_ids`` naming no active sequence is a bad row whatever its slots (the skip value
+  ``num_blocks * block_size`` included): the status says so, eagerly it raises."""
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=16, max_seqs=4,
+                       max_seq_len=16, block_size=4)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  skip = np.full((1, 1), cfg.num_blocks * cfg.block_size, np.int32)
+  z = jnp.zeros((1, 1, 1, 4))
+  for sid in (99, 2):  # out of range; inactive
+    with pytest.raises(pk.InvalidTokenSlotError, match=f"sequence {sid}"):
+      pk.write_kv(cache, skip, z, z, 0, seq_ids=[sid])
+    _, status = jax.jit(lambda c, i: pk.write_kv(c, skip, z, z, 0, seq_ids=i))(
+        cache, jnp.array([sid], jnp.int32))
+    assert list(np.asarray(status)) == [pk.Status.INVALID_TOKEN_SLOT]
+  # Padding (-1) with every slot skipped is fine.
+  _, status = pk.write_kv(cache, skip, z, z, 0, seq_ids=[-1])
+  assert list(np.asarray(status)) == [0]

@@ -102,9 +102,21 @@ def test_swap_bad_input_raises_or_reports_and_changes_nothing():
     pk.swap_out(cache, 3)
   with pytest.raises(pk.InvalidSlotError):
     pk.swap_out(cache, cfg.max_seqs)
+  # A one-sequence op has no padding: -1 would read slot max_seqs - 1 (NumPy's indexing).
+  with pytest.raises(pk.InvalidSlotError):
+    pk.swap_out(cache, -1)
   cache, sw = pk.swap_out(cache, 1)  # 2 blocks out: 6 free
   with pytest.raises(pk.SlotInUseError):
     pk.swap_in(cache, 0, sw)
+  with pytest.raises(pk.InvalidSlotError):
+    pk.swap_in(cache, -1, sw)
+  before = jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.asarray, cache))
+  dev = dataclasses.replace(sw, blocks={n: jnp.asarray(np.asarray(x))
+                                        for n, x in sw.blocks.items()}, memory_kind=None)
+  out, status = jax.jit(lambda c, i: pk.swap_in(c, i, dev))(cache, jnp.int32(-1))
+  assert list(np.asarray(status)) == [pk.Status.INVALID_SLOT]  # not a silent drop
+  for x, y in zip(jax.tree_util.tree_leaves(out), before, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), y)
   with pytest.raises(pk.CacheShapeError, match="k_scale"):
     pk.swap_in(pk.init_cache(dataclasses.replace(cfg, kv_quant="int8")), 3, sw)
   # Take every free block: eagerly an exception, inside jit a status and the cache unchanged.

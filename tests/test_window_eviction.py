@@ -144,8 +144,16 @@ def test_fork_truncate_and_free_keep_the_counts_right():
   for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(cache),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # 30 -> 24 tokens keeps the last block, but the window of position 24 (keys > 16) reaches
+  # into block 4 (keys 16..19), which is gone: refused with or without the window.
+  for window in (None, 8):
+    with pytest.raises(pk.FreedBlockError, match="hole"):
+      pk.truncate_sequences(cache, jnp.array([2]), 6, window=window, donate=False)
+  # 30 -> 28 with the window: every hole ends at or before 28 - 8. Without it: unverifiable.
+  with pytest.raises(pk.FreedBlockError, match="pass window="):
+    pk.truncate_sequences(cache, jnp.array([2]), 2, donate=False)
   # Truncating within the kept blocks works and frees the child's emptied shared block once.
-  cache, _ = pk.truncate_sequences(cache, jnp.array([2]), 6)  # 30 -> 24 tokens: drops block 6..7
+  cache, _ = pk.truncate_sequences(cache, jnp.array([2]), 2, window=8)  # drops block 7
   refs = np.asarray(cache.allocator.ref_counts)
   assert refs[parent[7]] == 1 and refs[parent[5]] == 2
   _assert_invariants(cache)
@@ -532,3 +540,52 @@ def test_streaming_sinks_are_shared_by_prefix_caching():
   on, engine = _serve(SMALL, params, prompts, 30, enable_prefix_caching=True, **kw)
   assert on == off
   assert engine.metrics.cached_prompt_tokens >= 2 * len(head)
+
+
+def _serve_one_by_one(params, prompts, new, *, preempt_at=None, **kw):
+  """Each prompt served to its end before the next is added (one engine): the tokens of each,
+  with ``engine._preempt()`` forced after step ``preempt_at`` of every request."""
+  from jax_paged_kv.serving.engine import Engine
+
+  cc = SMALL.cache_config(num_blocks=65, max_seqs=4, max_seq_len=96, block_size=4)
+  engine = Engine(params, SMALL, cc, **ENGINE_KW, **kw)
+  outs = []
+  for p in prompts:
+    rid = engine.add_request(p, SamplingParams(max_new_tokens=new))
+    steps = 0
+    while engine.has_work:
+      engine.step()
+      steps += 1
+      if steps == preempt_at:
+        engine._preempt()  # the engine's own preemption path
+      _assert_invariants(engine.cache)
+    outs.append(engine.finished[rid].tokens)
+  return outs, engine
+
+
+def test_token_eviction_does_not_depend_on_what_else_the_engine_did():
+  """Under StreamingLLM eviction a prompt query sees the keys kept when its chunk started, so
+  the engine keeps every chunk where a lone run of the request puts it: a prefix hit is cut to
+  a chunk boundary (here the one sink block, 4 tokens, is not one: prefill_chunk is 8), a
+  recomputed request replays its generated tokens one per step as they were decoded, and the
+  token budget never cuts a chunk short. Each request's tokens equal those of the request
+  served alone in a fresh engine."""
+  params = init_params(SMALL, jax.random.PRNGKey(4), scale=2.0)
+  rng = np.random.default_rng(11)
+  sink = rng.integers(0, 128, 4).tolist()
+  prompts = [sink + rng.integers(0, 128, n).tolist() for n in (20, 20, 13)]
+  evict = dict(window_eviction=(8, 4))
+  alone = [_serve_one_by_one(params, [p], 12, **evict)[0][0] for p in prompts]
+  shared, engine = _serve_one_by_one(params, prompts, 12, enable_prefix_caching=True, **evict)
+  assert shared == alone
+  # The recompute replay: forced after prefill and a few decode steps.
+  for pre in ("recompute", "swap"):
+    got, engine = _serve_one_by_one(params, prompts[:1], 30, preempt_at=4, preemption=pre,
+                                    **evict)
+    assert engine.metrics.preemptions == 1
+    assert got[0] == _serve_one_by_one(params, prompts[:1], 30, **evict)[0][0], pre
+  # Two prompts prefilled together under a budget of one chunk and 3 tokens: the second waits
+  # for a whole chunk instead of taking 3 tokens.
+  together, _ = _serve(SMALL, params, prompts[:2], 12, num_blocks=65, prefill_token_budget=11,
+                       **evict)
+  assert together == alone[:2]

@@ -122,6 +122,14 @@ class CacheConfig:
       if value < 1:
         raise ValueError(f"CacheConfig.{name} must be >= 1, got {name}={value}")
       object.__setattr__(self, name, int(value))
+    # Positions and token slots are int32 on device, and num_blocks * block_size is the
+    # "no token" slot: every one of them must fit, or a sum wraps.
+    top = np.iinfo(np.int32).max
+    for what, value in (("num_blocks * block_size", self.num_blocks * self.block_size),
+                        ("max_seq_len rounded up to a block",
+                         -(-self.max_seq_len // self.block_size) * self.block_size)):
+      if value > top:
+        raise ValueError(f"CacheConfig: {what} = {value} does not fit in int32 (<= {top})")
     try:
       dtype = jnp.dtype(self.dtype)
     except TypeError as e:

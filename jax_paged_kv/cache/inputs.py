@@ -57,6 +57,10 @@ def _host_ints(x, name: str) -> np.ndarray:
     raise CacheShapeError(f"{name} must be integers, got {x!r}") from e
   if a.size == 0 and not isinstance(x, (np.ndarray, np.generic, jax.Array)):
     return a.astype(np.int32)  # an empty Python list is an empty batch (NumPy calls it float)
+  if isinstance(x, (list, tuple)) and any(
+      isinstance(v, (bool, np.bool_)) for v in np.asarray(x, dtype=object).reshape(-1).tolist()):
+    # NumPy promotes [0, True] to int64: a bool among ints would silently become 1.
+    raise CacheShapeError(f"{name} must be integers, got a bool in {x!r}")
   if a.dtype == object:
     flat = a.reshape(-1).tolist()
     if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in flat):

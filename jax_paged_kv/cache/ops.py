@@ -45,7 +45,7 @@ from jax_paged_kv.cache.errors import (
     raise_for_report,
     raise_for_status,
 )
-from jax_paged_kv.cache.inputs import as_counts, as_ids, as_layer, to_int32
+from jax_paged_kv.cache.inputs import INT32_MAX, as_counts, as_ids, as_layer, to_int32
 from jax_paged_kv.cache.state import PagedKVCache, Telemetry, pool_values, stored_values
 from jax_paged_kv.cache.stats import check_invariants
 
@@ -268,8 +268,8 @@ def _reserve_impl(cache: PagedKVCache, seq_ids: Array, num_new: Array, *, max_ne
   n = jnp.where(pad, 0, num_new)
   status = jnp.where((status == 0) & ((n < 0) | (n > max_new)), Status.INVALID_COUNT, status)
   old_len = cache.seq_lens[sid]
-  new_len = old_len + n
-  status = jnp.where((status == 0) & (new_len > cfg.max_seq_len), Status.SEQUENCE_TOO_LONG,
+  # n > max_seq_len - old_len, not old_len + n > max_seq_len: the sum can wrap in int32.
+  status = jnp.where((status == 0) & (n > cfg.max_seq_len - old_len), Status.SEQUENCE_TOO_LONG,
                      status)
   row_ok = (status == 0) & ~pad
   n = jnp.where(row_ok, n, 0)
@@ -440,6 +440,8 @@ def _unreserved_slots(cache: PagedKVCache, slots: Array, seq_ids: Array | None) 
     pos = start[None, None, :] + (slots % bs)[:, :, None]  # [batch, T, table_width]
     mine = (tables[:, None, :] == blk[:, :, None]) & (pos < lens[:, None, None])
     owned = owned & row_ok[:, None] & jnp.any(mine, axis=-1)
+    # A row naming no active sequence fails even where it skips every slot.
+    return (~none & ~owned) | (~row_ok & ~pad)[:, None]
   return ~none & ~owned
 
 
@@ -841,7 +843,8 @@ def fork_sequence(cache: PagedKVCache, parent_ids, child_ids, *, donate: bool = 
   return cache, (status[0] if scalar else status)
 
 
-def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
+def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array, *,
+                   window: int | None):
   cfg = cache.config
   sid, pad, status = _row_checks(cache, seq_ids)
   lens = cache.seq_lens[sid]
@@ -854,9 +857,19 @@ def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
   last = cache.block_tables[sid, jnp.clip(new_nb - 1, 0, cfg.max_blocks_per_seq - 1)]
   status = jnp.where((status == 0) & ~pad & (new_nb > 0) & (last == NULL_BLOCK),
                      Status.FREED_BLOCK, status)
+  # Holes below the new length: free_outside_window freed them for the old length's window,
+  # so after a rollback the window of the new last position may reach into them. Without the
+  # window this cannot be checked (refused); with it, every hole must lie wholly before it.
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  holes = (j[None, :] < new_nb[:, None]) & (cache.block_tables[sid] == NULL_BLOCK)
+  if window is None:
+    lost = jnp.any(holes, axis=1) & (n > 0)
+  else:
+    lost = jnp.any(holes & ((j[None, :] + 1) * cfg.block_size > (new_len - window)[:, None]),
+                   axis=1)
+  status = jnp.where((status == 0) & ~pad & lost, Status.FREED_BLOCK, status)
   ok = jnp.all(status == 0)
   rows = ok & ~pad
-  j = jnp.arange(cfg.max_blocks_per_seq)
   drop = rows[:, None] & (j[None, :] >= new_nb[:, None]) & (j[None, :] < old_nb[:, None])
   alloc = alloc_lib.release_blocks(cache.allocator, cache.block_tables[sid], drop,
                                    push=cfg.strategy is CacheStrategy.PAGED)
@@ -869,38 +882,56 @@ def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array):
   ), status
 
 
-def _truncate_context(cache, seq_ids, num_tokens):
+def _truncate_context(cache, seq_ids, num_tokens, **_):
   sid = jnp.clip(seq_ids, 0, cache.config.max_seqs - 1)
   return {Status.INVALID_COUNT: ("num_tokens={num_tokens} is not in [0, length={length}]",
                                  lambda row: {"num_tokens": num_tokens[row],
                                               "length": cache.seq_lens[sid[row]]}),
           Status.FREED_BLOCK: ("truncating {num_tokens} of {length} tokens ends in a block "
-                               "free_outside_window freed",
+                               "free_outside_window freed, or leaves one (a hole) that the "
+                               "window of the new last position may see (pass window= to "
+                               "check that it does not)",
                                lambda row: {"num_tokens": num_tokens[row],
                                             "length": cache.seq_lens[sid[row]]})}
 
 
-_truncate = _eager_or_traced(_truncate_impl, "truncate_sequences", context=_truncate_context)
+_truncate = _eager_or_traced(_truncate_impl, "truncate_sequences", context=_truncate_context,
+                             static_argnames=("window",))
 
 
-def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, donate: bool = True):
+def truncate_sequences(cache: PagedKVCache, seq_ids, num_tokens, *, window: int | None = None,
+                       donate: bool = True):
   """Rolls back the last ``num_tokens[b]`` tokens of each sequence and frees emptied blocks.
 
   For speculative decoding: append the draft tokens, verify, truncate the rejected ones. (Or keep
   the old cache: with an immutable cache a snapshot is free.)
 
+  A sequence with holes (blocks :func:`free_outside_window` freed) can be rolled back only when
+  no query at the new length could see a freed key: pass the attention ``window`` the blocks
+  were freed for, and every hole must end at or before ``new_length - window`` (the rule the
+  free uses). Without ``window`` such a rollback is refused (``FREED_BLOCK``): the window of
+  the new last position may reach keys that are gone, and attention would silently skip them.
+
   Args:
     cache: the cache.
     seq_ids: ``int32[batch]`` active slots (negative: padding).
     num_tokens: ``int32[batch]`` or scalar, tokens to drop per row, in ``[0, length]``.
+    window: static int >= 1, the sliding window of the attention that reads the cache (only
+      checked for sequences with holes).
     donate: eager calls only: donate the input cache.
 
   Returns:
-    ``(cache, status)``; ``status`` ``int32[batch]``.
+    ``(cache, status)``; ``status`` ``int32[batch]``: ``INVALID_SLOT``, ``INACTIVE_SLOT``,
+    ``DUPLICATE_SLOT``, ``INVALID_COUNT``, ``FREED_BLOCK`` (on any bad row nothing changes).
   """
+  if window is not None and (isinstance(window, bool) or not isinstance(
+      window, (int, np.integer)) or not 1 <= window <= INT32_MAX):
+    raise CacheShapeError(f"truncate_sequences: window must be None or an int in [1, "
+                          f"{INT32_MAX}], got {window!r}")
   seq_ids = as_ids(seq_ids)
   num_tokens = as_counts(num_tokens, seq_ids.shape[0], "num_tokens")
-  return _truncate(cache, seq_ids, num_tokens, donate=donate)
+  return _truncate(cache, seq_ids, num_tokens, donate=donate,
+                   window=None if window is None else int(window))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,9 +1008,10 @@ def free_outside_window(cache: PagedKVCache, seq_ids, *, window: int, sink_token
     raise CacheShapeError("free_outside_window needs a PAGED cache (a contiguous slot owns its "
                           "slab; nothing can be freed from it)")
   for name, value, low in (("window", window, 1), ("sink_tokens", sink_tokens, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-      raise CacheShapeError(f"free_outside_window: {name} must be an int >= {low}, got "
-                            f"{value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
+        or value > INT32_MAX):
+      raise CacheShapeError(f"free_outside_window: {name} must be an int in [{low}, "
+                            f"{INT32_MAX}], got {value!r}")
   scalar = np.ndim(seq_ids) == 0
   cache, freed, status = _free_window(cache, as_ids(seq_ids), window=int(window),
                                       sink_tokens=int(sink_tokens), donate=donate)

@@ -34,6 +34,7 @@ from jax_paged_kv.cache import allocator as alloc_lib
 from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
 from jax_paged_kv.cache.errors import (
   CacheShapeError,
+  InvalidSlotError,
   Status,
   is_tracing,
   raise_for_status,
@@ -145,9 +146,12 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
   ids = as_ids(seq_id).reshape(1)
   if is_tracing(cache, ids):
     raise CacheShapeError("swap_out moves data to host memory: call it outside jit")
+  sid = int(ids[0])
+  if sid < 0:  # padding means nothing to a one-sequence op (and -1 would index the last slot)
+    raise InvalidSlotError(f"swap_out: seq_id={sid} is not a slot (0 <= seq_id < "
+                           f"{cache.config.max_seqs})")
   raise_for_status(_status(cache, ids), ids, op="swap_out")
   cfg = cache.config
-  sid = int(ids[0])
   lens, tables = jax.device_get((cache.seq_lens, cache.block_tables))  # small: one copy
   seq_len, table = int(lens[sid]), tables[sid]
   held = np.flatnonzero(table[:-(-seq_len // cfg.block_size)] != NULL_BLOCK).astype(np.int32)
@@ -174,6 +178,8 @@ def _swap_in_impl(cache: PagedKVCache, seq_ids: Array, seq_lens: Array, data: di
   bs = cfg.block_size
   width = data["k_pool"].shape[2]
   sid, pad, status = _row_checks(cache, seq_ids, want_active=False)  # [1]
+  # One sequence, so no padding: a negative id would drop the data and report success.
+  status = jnp.where(pad, Status.INVALID_SLOT, status)
   n = jnp.where(pad, 0, seq_lens)
   # positions[i]: table position of data block i; -1 past the swapped blocks.
   valid = positions >= 0  # [width]
