@@ -1,5 +1,7 @@
 """The Hugging Face loader reads what it implements and refuses everything else, by name."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from jax_paged_kv.models import (
   config_from_hf,
   gemma2,
   llama,
+  load_hf_checkpoint,
   params_from_hf,
   params_to_hf,
 )
@@ -111,3 +114,84 @@ def test_state_dict_roundtrip_and_unused_tensors(config):
     params_from_hf(dict(state, **{"lm_head.weight": embed}), config)
     with pytest.raises(ValueError, match="lm_head"):
       params_from_hf(dict(state, **{"lm_head.weight": embed + 1}), config)
+
+
+def test_absent_fields_take_transformers_class_defaults():
+  """An absent key means transformers' class default, which an explicit null need not: a
+  Mistral config without ``sliding_window`` runs a 4096 window in transformers (null: none),
+  and one without ``num_key_value_heads`` has 8 KV heads (Qwen2 32, Gemma 2 4, Llama: the
+  query heads)."""
+  def without(model_type, *keys, **kw):
+    hf = cfg(model_type, **kw)
+    for k in keys:
+      hf.pop(k, None)
+    return hf
+
+  assert config_from_hf(without("mistral", "sliding_window")).layer_windows == (4096, 4096)
+  assert config_from_hf(cfg("mistral", sliding_window=None)).layer_windows == (None, None)
+  c = config_from_hf(without("qwen2", "sliding_window", use_sliding_window=True,
+                             max_window_layers=1))
+  assert c.layer_windows == (None, 4096)
+  heads = dict(num_attention_heads=32, hidden_size=256)
+  for model_type, want in (("mistral", 8), ("qwen2", 32), ("gemma2", 4), ("llama", 32)):
+    c = config_from_hf(without(model_type, "num_key_value_heads", **heads))
+    assert c.num_kv_heads == want, model_type
+    assert config_from_hf(cfg(model_type, **heads, num_key_value_heads=None)).num_kv_heads == 32
+
+
+@pytest.mark.parametrize("hf, match", [
+    (cfg("llama", num_hidden_layers=2.5), "num_hidden_layers=2.5 is not an integer"),
+    (cfg("llama", head_dim=8.5), "head_dim=8.5 is not an integer"),
+    (cfg("llama", num_key_value_heads=True), "num_key_value_heads=True"),
+    (cfg("gemma2", query_pre_attn_scalar=None), "query_pre_attn_scalar=None"),
+], ids=["float_layers", "float_head_dim", "bool_kv_heads", "null_scalar"])
+def test_refuses_fields_transformers_rejects(hf, match):
+  with pytest.raises(ValueError, match=match):
+    config_from_hf(hf)
+
+
+def _small_checkpoint():
+  config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=4, num_kv_heads=2)
+  params = llama.init_params(config, jax.random.PRNGKey(0))
+  return config, params, params_to_hf(params, config)
+
+
+def test_integer_tensors_are_refused_by_name():
+  config, _, state = _small_checkpoint()
+  name = "model.layers.0.mlp.up_proj.weight"
+  with pytest.raises(ValueError, match="up_proj.weight.*int8"):
+    params_from_hf(dict(state, **{name: state[name].astype(np.int8)}), config)
+
+
+def test_checkpoint_files_resolve_as_transformers_does(tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  config, params, state = _small_checkpoint()
+  (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+  names = sorted(state)
+  half = len(names) // 2
+  shards = {"model-00001-of-00002.safetensors": names[:half],
+            "model-00002-of-00002.safetensors": names[half:]}
+  for file, keys in shards.items():
+    st.save_file({k: state[k] for k in keys}, str(tmp_path / file))
+  # Two shards and no index: which files form the checkpoint is ambiguous.
+  with pytest.raises(ValueError, match="ambiguous"):
+    load_hf_checkpoint(tmp_path)
+  index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  _, loaded = load_hf_checkpoint(tmp_path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+  # A stray file beside the shards is not read (transformers ignores it too) ...
+  st.save_file({"model.norm.weight": np.full(32, 7.0, np.float32)},
+               str(tmp_path / "zz-extra.safetensors"))
+  _, loaded = load_hf_checkpoint(tmp_path)
+  np.testing.assert_array_equal(loaded["final_norm"], params["final_norm"])
+  # ... but a tensor two listed files hold, or one the index misplaces, is refused.
+  index["weight_map"]["model.norm.weight"] = "zz-extra.safetensors"
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(ValueError, match="model.norm.weight"):
+    load_hf_checkpoint(tmp_path)
+  # model.safetensors wins over everything else, as in transformers.
+  st.save_file(state, str(tmp_path / "model.safetensors"))
+  _, loaded = load_hf_checkpoint(tmp_path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)

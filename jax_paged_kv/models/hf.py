@@ -100,6 +100,20 @@ class _Reader:
     value = self.hf.get(key)
     return default if value is None else value
 
+  def get_absent(self, key: str, absent: Any) -> Any:
+    """``key``'s value where the config has the key (an explicit ``null`` stays None), else
+    ``absent``: transformers' class default, which differs from what a ``null`` means for
+    some fields (Mistral's ``sliding_window``: absent is 4096, ``null`` is no window)."""
+    self.read.add(key)
+    return self.hf[key] if key in self.hf else absent
+
+  def get_int(self, key: str, default: Any = None, *, required: bool = False) -> int:
+    """An integer field (a bool or a float such as 2.5 is refused, as transformers does)."""
+    value = self.require(key) if required else self.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise self.refuse(f"{key}={value!r} is not an integer")
+    return value
+
   def has(self, key: str) -> bool:
     self.read.add(key)
     return self.hf.get(key) is not None
@@ -164,20 +178,26 @@ def _rope(r: _Reader, max_position_embeddings: int) -> tuple[float, RopeScaling 
 
 def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
   """The shape fields every family shares, with Hugging Face's per-family defaults."""
-  heads = int(r.require("num_attention_heads"))
-  hidden = int(r.require("hidden_size"))
-  max_pos = int(r.get("max_position_embeddings", defaults["max_position_embeddings"]))
+  heads = r.get_int("num_attention_heads", required=True)
+  hidden = r.get_int("hidden_size", required=True)
+  max_pos = r.get_int("max_position_embeddings", defaults["max_position_embeddings"])
+  # transformers' class default when the key is absent (Mistral 8, Qwen2 32, Gemma 2 4;
+  # Llama: the query heads); an explicit null means the query heads.
+  kv_heads = r.get_absent("num_key_value_heads", defaults.get("num_key_value_heads"))
+  kv_heads = heads if kv_heads is None else kv_heads
+  if isinstance(kv_heads, bool) or not isinstance(kv_heads, int):
+    raise r.refuse(f"num_key_value_heads={kv_heads!r} is not an integer")
   theta, scaling = _rope(r, max_pos)
   for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
               "num_experts_per_tok"):
     if r.has(key):
       raise r.refuse(f"{key} (mixture of experts) is not implemented")
   return dict(
-      vocab_size=int(r.require("vocab_size")), hidden_size=hidden,
-      intermediate_size=int(r.require("intermediate_size")),
-      num_layers=int(r.require("num_hidden_layers")), num_heads=heads,
-      num_kv_heads=int(r.get("num_key_value_heads", heads)),
-      head_dim=int(r.get("head_dim", defaults.get("head_dim") or hidden // heads)),
+      vocab_size=r.get_int("vocab_size", required=True), hidden_size=hidden,
+      intermediate_size=r.get_int("intermediate_size", required=True),
+      num_layers=r.get_int("num_hidden_layers", required=True), num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads),
       rope_theta=theta, rope_scaling=scaling,
       rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
       tie_word_embeddings=bool(r.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
@@ -188,15 +208,17 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   """``llama``, ``mistral`` and ``qwen2``: one model, three ways to spell its options."""
   t = r.model_type
   defaults = {"llama": dict(max_position_embeddings=2048),
-              "mistral": dict(max_position_embeddings=131072),
-              "qwen2": dict(max_position_embeddings=32768)}[t]
+              "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
+              "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
   act = r.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
     raise r.refuse(f"hidden_act={act!r} is not implemented (SwiGLU with SiLU only)")
   if r.get("mlp_bias", False):
     raise r.refuse("mlp_bias=True is not implemented")
-  window = r.get("sliding_window")
+  # Absent, Mistral's and Qwen2's window is transformers' default 4096; an explicit null is no
+  # window (Mistral v0.2+). Llama has none.
+  window = r.get_absent("sliding_window", None if t == "llama" else 4096)
   use_window = r.get("use_sliding_window")
   layer_types = r.get("layer_types")
   max_window_layers = r.get("max_window_layers")
@@ -244,7 +266,8 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
 
 
 def _gemma2(r: _Reader, dtype) -> Gemma2Config:
-  fields = _common(r, dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256))
+  fields = _common(r, dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256,
+                           num_key_value_heads=4))
   act = r.get("hidden_activation", "gelu_pytorch_tanh")
   r.read.add("hidden_act")  # transformers' Gemma 2 reads hidden_activation only
   if act != "gelu_pytorch_tanh":
@@ -266,7 +289,10 @@ def _gemma2(r: _Reader, dtype) -> Gemma2Config:
                                                       ("final_logit_softcapping", 30.0))}
   r.read.update(caps)
   layer_types = r.get("layer_types")
-  scalar = float(r.get("query_pre_attn_scalar", 256))
+  scalar = r.get_absent("query_pre_attn_scalar", 256)
+  if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not scalar > 0:
+    raise r.refuse(f"query_pre_attn_scalar={scalar!r} is not a positive number")
+  scalar = float(scalar)
   r.check_all_read(frozenset({"cache_implementation"}))  # which HF cache class to build
   return Gemma2Config(**fields, query_pre_attn_scalar=scalar, sliding_window=window, dtype=dtype,
                       layer_types=None if layer_types is None else tuple(layer_types), **caps)
@@ -396,7 +422,12 @@ def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
     if key is None:
       raise ValueError(f"checkpoint has no tensor {name!r}")
     used.add(key)
-    return np.asarray(state[key])
+    w = np.asarray(state[key])
+    if not (np.issubdtype(w.dtype, np.floating) or w.dtype == jnp.bfloat16):
+      # An integer tensor (a quantised weight without its scales) would load as its raw codes.
+      raise ValueError(f"checkpoint tensor {key!r} is {w.dtype}, not a float: quantised "
+                       "weights are not implemented")
+    return w
 
   c = config
   dt = c.dtype
@@ -446,9 +477,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
   """Loads a local Hugging Face checkpoint of a supported family; never touches the network.
 
   Args:
-    path: a checkpoint directory (``config.json`` plus ``model.safetensors`` or sharded
-      ``model-0000x-of-0000y.safetensors``), or one ``.safetensors`` file (then give
-      ``hf_config``).
+    path: a checkpoint directory (``config.json`` plus ``model.safetensors``, or shards listed
+      by ``model.safetensors.index.json``, or a single other ``.safetensors`` file), or one
+      ``.safetensors`` file (then give ``hf_config``).
     hf_config: the ``config.json`` contents, overriding the directory's.
     dtype: dtype of the returned weights (and of the model's activations and cache).
 
@@ -469,16 +500,50 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
         raise FileNotFoundError(f"{cfg_path} not found")
       with open(cfg_path) as f:
         hf_config = json.load(f)
-    files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                   if n.endswith(".safetensors"))
+    files, index = _checkpoint_files(path)
   else:
-    files = [path]
+    files, index = [path], None
   if hf_config is None:
     raise FileNotFoundError(f"{path} is a single file: pass hf_config (the config.json dict)")
-  if not files:
-    raise FileNotFoundError(f"no .safetensors files in {path}")
   config = config_from_hf(dict(hf_config), dtype=dtype)  # refuse before reading any tensor
   state: dict[str, np.ndarray] = {}
+  origin: dict[str, str] = {}
   for f in files:
-    state.update(read_safetensors(f))
+    for name, w in read_safetensors(f).items():
+      if name in state:  # two files would silently overwrite each other's tensor
+        raise ValueError(f"tensor {name!r} is in both {origin[name]} and {f}")
+      state[name], origin[name] = w, f
+  if index is not None:
+    for name, file in index.items():
+      if origin.get(name) != os.path.join(path, file):
+        raise ValueError(f"model.safetensors.index.json puts {name!r} in {file}, but "
+                         f"{'no file' if name not in origin else origin[name]} holds it")
   return config, params_from_hf(state, config)
+
+
+def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+  """A directory's weight files as transformers resolves them: ``model.safetensors``, else
+  the files ``model.safetensors.index.json`` lists (returned as its ``weight_map``), else the
+  directory's one ``.safetensors`` file. Any other layout is refused, never merged."""
+  single = os.path.join(path, "model.safetensors")
+  index_path = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(single):
+    return [single], None
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index_path} has no weight_map")
+    files = [os.path.join(path, n) for n in sorted(set(weight_map.values()))]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+      raise FileNotFoundError(f"{index_path} lists missing file(s) {missing}")
+    return files, dict(weight_map)
+  found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+  if len(found) == 1:
+    return [os.path.join(path, found[0])], None
+  if not found:
+    raise FileNotFoundError(f"no .safetensors files in {path}")
+  raise ValueError(f"{path} holds {found} but neither model.safetensors nor "
+                   "model.safetensors.index.json: which files form the checkpoint is ambiguous "
+                   "(pass the one file with hf_config)")
