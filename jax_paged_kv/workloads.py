@@ -245,8 +245,8 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
   Returns:
     ``float64[n]`` arrival times in seconds, non-decreasing.
   """
-  if rate <= 0:
-    raise ValueError(f"{rate=} must be > 0")
+  if not 0 < rate < float("inf"):  # also NaN
+    raise ValueError(f"{rate=} must be positive and finite")
   return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
 
 
@@ -284,8 +284,9 @@ def serve_arrivals(engine, requests, arrivals: Sequence[float], *,
   """
   arrivals = np.asarray(arrivals, np.float64)
   n = len(requests)
-  if arrivals.shape != (n,) or np.any(np.diff(arrivals) < 0):
-    raise ValueError("arrivals must be one non-decreasing time per request")
+  if arrivals.shape != (n,) or not np.all(np.isfinite(arrivals)) or np.any(
+      np.diff(arrivals) < 0):
+    raise ValueError("arrivals must be one finite, non-decreasing time per request")
   starts_wall, ends_wall, starts_sim, spans, compiles = [], [], [], [], []
   ids: dict[int, int] = {}  # engine request id -> index into requests
   outs: dict[int, object] = {}

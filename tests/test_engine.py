@@ -157,3 +157,45 @@ def test_all_greedy_programs_until_a_request_samples():
   full.run()
   assert all(not greedy for *_, greedy in full._compiled)
   assert done[rid].tokens == full.finished[want].tokens
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be in \[1,"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(top_k=2**40), r"top_k must be in \[0, 2147483647\]"),
+    (dict(stop_tokens=(2**40,)), "stop token must be in"),
+    (dict(stop_tokens=(1.0,)), "stop token must be an integer"),
+    (dict(seed=2**32), r"seed must be in \[0, 4294967295\]"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature="1"), "temperature must be a real number"),
+    (dict(top_p=float("nan")), "top_p"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_sampling_params_refuse_what_the_step_cannot_hold(kwargs, match):
+  """A value the compiled step would truncate or wrap is refused when the request is made, so
+  one bad request can never wedge an engine that serves others."""
+  with pytest.raises(ValueError, match=match):
+    SamplingParams(**kwargs)
+
+
+def test_distinct_seeds_draw_distinct_tokens_up_to_2_pow_32():
+  from jax_paged_kv.serving.decoding import make_key
+  keys = {tuple(make_key(SamplingParams(seed=s).seed)) for s in (0, 1, 2**31, 2**32 - 1)}
+  assert len(keys) == 4
+
+
+def test_engine_refuses_bad_tokens_and_batch_sizes():
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 8), **FIXED)
+  for prompt in ([1.7, 2.2], [True, 3], ["1"]):
+    with pytest.raises(ValueError, match="prompt token must be an integer"):
+      engine.add_request(prompt)
+  with pytest.raises(ValueError, match="stop token 128 is outside"):
+    engine.add_request([1, 2], SamplingParams(stop_tokens=(128,)))
+  with pytest.raises(TypeError, match="SamplingParams"):
+    engine.add_request([1, 2], {"max_new_tokens": 3})
+  assert not engine.has_work
+  for max_batch in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="max_batch"):
+      Engine(PARAMS, SMALL, cache_config(1 + 8), max_batch=max_batch, **FIXED)

@@ -518,6 +518,25 @@ def test_mesh_engine_two_d_gives_the_one_device_tokens():
     assert bool(report.ok) and int(pk.cache_stats(cache).free_blocks) == 8
 
 
+def test_mesh_engine_passes_the_cache_salt():
+  """With prefix caching, requests on one shard share cached blocks only under equal salts."""
+  layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
+  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=2, max_seq_len=32, block_size=4)
+  engine = MeshEngine(PARAMS, MODEL, cc, layout, prefill_chunk=CHUNK, decode_steps=4,
+                      batch_bucket_min=2, bucket_blocks=False, track_stats=False,
+                      enable_prefix_caching=True)
+  prompt = PROMPTS[1]
+  assert len(prompt) >= 8
+  cached = []
+  for salt in ("a", "b", "a"):  # one at a time on shard 0, so each sees the last one's blocks
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=2), shard=0, cache_salt=salt)
+    before = engine.metrics[0].cached_prompt_tokens
+    (out,) = engine.run()
+    assert out.request_id == rid and out.tokens == reference(1)[:2]
+    cached.append(engine.metrics[0].cached_prompt_tokens - before)
+  assert cached[0] == 0 and cached[1] == 0 and cached[2] > 0, cached
+
+
 # ---------------------------------------------------------------------------------------------
 # beyond one machine
 

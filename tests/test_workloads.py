@@ -29,8 +29,21 @@ def test_poisson_arrivals_have_exponential_gaps():
   assert abs(gaps.std() - 1 / rate) < 5 * se * np.sqrt(2)
   # P(gap > mean) = exp(-1) for an exponential.
   assert abs(np.mean(gaps > 1 / rate) - np.exp(-1)) < 5 * np.sqrt(np.exp(-1) / n)
-  with pytest.raises(ValueError):
-    poisson_arrivals(3, 0.0)
+  for rate in (0.0, -1.0, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="positive and finite"):
+      poisson_arrivals(3, rate)
+
+
+@pytest.mark.parametrize("arrivals", [[0.0, float("nan")], [0.0, float("inf")], [1.0, 0.5],
+                                      [0.0]])
+def test_serve_arrivals_refuses_bad_times(arrivals):
+  """A NaN time compares False both ways: unchecked, no request would ever arrive and the
+  simulated server would step an empty engine forever."""
+  class NoEngine:  # never reached: the arrivals are refused first
+    has_work = False
+
+  with pytest.raises(ValueError, match="finite, non-decreasing"):
+    serve_arrivals(NoEngine(), [([1], None), ([2], None)], arrivals)
 
 
 class FakeClock:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
+import operator
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -151,19 +153,44 @@ class SamplingParams:
   seed: int = 0
 
   def __post_init__(self):
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
+                                                                      np.floating)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     if not self.temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if int(self.top_k) < 0:
-      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if int(self.max_new_tokens) < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+    # Integers the compiled step holds as int32 (the seed: as a 32-bit PRNG seed): a float
+    # is never truncated (max_new_tokens=2.5 would stop on device and not on the host) and
+    # nothing wraps (two seeds 2**32 apart would draw the same tokens).
+    object.__setattr__(self, "top_k", int_in_range(self.top_k, "top_k", 0, _INT32_MAX))
+    object.__setattr__(self, "max_new_tokens",
+                       int_in_range(self.max_new_tokens, "max_new_tokens", 1, _INT32_MAX))
+    object.__setattr__(self, "seed", int_in_range(self.seed, "seed", 0, 2**32 - 1))
+    object.__setattr__(self, "stop_tokens", tuple(
+        int_in_range(t, "stop token", 0, _INT32_MAX) for t in self.stop_tokens))
     if len(self.stop_tokens) > MAX_STOP_TOKENS:
       raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
                        "supported (the stop-token table has one fixed width, so that requests "
                        "with different numbers of stop tokens share one compiled step)")
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def int_in_range(value, name: str, low: int, high: int) -> int:
+  """``value`` as an int in ``[low, high]``; a bool, float or out-of-range value raises."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+  if not low <= value <= high:
+    raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+  return value
 
 
 def make_key(seed: int) -> np.ndarray:

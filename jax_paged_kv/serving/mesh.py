@@ -141,8 +141,11 @@ class MeshEngine:
   # ---- requests ------------------------------------------------------------------------------
 
   def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
-                  shard: int | None = None) -> int:
+                  shard: int | None = None, cache_salt: str | None = None) -> int:
     """Queues a request on ``shard`` (default: the least loaded); returns its id.
+
+    ``cache_salt``: as for :meth:`~jax_paged_kv.Engine.add_request` (with prefix caching,
+    only requests with equal salts share cached blocks, within their shard).
 
     Raises:
       What :meth:`~jax_paged_kv.Engine.add_request` raises.
@@ -152,7 +155,7 @@ class MeshEngine:
       shard = min(range(self.data_shards), key=lambda s: (self._load[s], s))
     if not 0 <= shard < self.data_shards:
       raise ValueError(f"{shard=} is not in [0, {self.data_shards})")
-    local = self.engines[shard].add_request(prompt, sampling)
+    local = self.engines[shard].add_request(prompt, sampling, cache_salt=cache_salt)
     rid = self._next_id
     self._next_id += 1
     self._where[rid] = (shard, local)

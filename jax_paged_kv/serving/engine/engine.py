@@ -82,7 +82,13 @@ from jax_paged_kv.models.base import (
   check_model,
   layer_windows,
 )
-from jax_paged_kv.serving.decoding import Params, SamplingParams, decode_loop, prefill_step
+from jax_paged_kv.serving.decoding import (
+  Params,
+  SamplingParams,
+  decode_loop,
+  int_in_range,
+  prefill_step,
+)
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
 from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
@@ -169,6 +175,8 @@ class Engine:
     self.params = params
     self.model = model
     self.cache_config = cc
+    if max_batch is not None:  # 0 or -1 would admit nothing, and run() would wait forever
+      max_batch = int_in_range(max_batch, "max_batch", 1, 2**31 - 1)
     self.max_batch = min(max_batch or cc.max_seqs, cc.max_seqs)
     self.prefill_chunk = int(prefill_chunk)
     self.prefill_token_budget = int(prefill_token_budget or 4 * prefill_chunk)
@@ -180,9 +188,13 @@ class Engine:
     self.track_stats = track_stats
     self.evict = _window_eviction(window_eviction, model, cc)
     self.ledger = BlockLedger(cc, self.evict)
+    # (window, sink_tokens) given explicitly is token eviction, an approximation whose result
+    # depends on chunk boundaries; "auto" evicts only what no query can see (exact).
+    self._token_eviction = self.evict is not None and not isinstance(window_eviction, str)
     self.scheduler = Scheduler(self.ledger, max_batch=self.max_batch,
                                watermark_blocks=int(watermark * cc.usable_blocks),
-                               reserve_ratio=float(reserve_ratio))
+                               reserve_ratio=float(reserve_ratio),
+                               fixed_chunks=self._token_eviction)
     self.batcher = Batcher(
         max_batch=self.max_batch, table_width=cc.max_blocks_per_seq, block_size=cc.block_size,
         bucket_blocks=bucket_blocks and bool(attention_knobs(implementation, 1, cc)),
@@ -247,13 +259,21 @@ class Engine:
         window eviction: the blocks it holds at once, see ``BlockLedger.peak_need``).
     """
     sampling = sampling or SamplingParams()
-    prompt = [int(t) for t in prompt]
+    if not isinstance(sampling, SamplingParams):
+      raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    vocab = self.model.vocab_size
+    # A float or bool token is refused, never truncated (1.7 is not token 1).
+    prompt = [int_in_range(t, "prompt token", -2**63, 2**63 - 1) for t in prompt]
     cc = self.cache_config
     if not prompt:
       raise ValueError("empty prompt: a request needs at least one token")
-    bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-      raise ValueError(f"prompt token {bad[0]} is outside [0, {self.model.vocab_size})")
+      raise ValueError(f"prompt token {bad[0]} is outside [0, {vocab})")
+    bad = [t for t in sampling.stop_tokens if t >= vocab]
+    if bad:
+      raise ValueError(f"stop token {bad[0]} is outside [0, {vocab}): it could never stop "
+                       "the request")
     total = len(prompt) + sampling.max_new_tokens
     if total > cc.max_seq_len:
       raise SequenceTooLongError(
@@ -586,8 +606,15 @@ class Engine:
 
   def _match(self, r: Request) -> tuple[int, int]:
     """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
-    cap = (len(r.context) - 1) // self.cache_config.block_size
-    return self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
+    bs = self.cache_config.block_size
+    cap = (len(r.context) - 1) // bs
+    k, holder = self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
+    if self._token_eviction:
+      # The rest is prefilled from the hit on: it must start where a chunk of a run without
+      # the hit would, so that every query sees the keys it would have seen there.
+      step = math.lcm(bs, self.prefill_chunk) // bs
+      k -= k % step
+    return k, holder
 
   def _defer(self, r: Request) -> bool:
     """Whether ``r`` should wait: its next uncached block is being prefilled by a running

@@ -45,6 +45,9 @@ class Request:
   # prefix caching: (context, salt, hashes of the context's full blocks), computed once
   block_hashes: tuple | None = dataclasses.field(default=None, repr=False)
   swapped: SwappedSequence | None = None  # swap preemption: its blocks, in host memory
+  # Recompute under approximate (token) eviction: context positions >= replay_from (the
+  # tokens it had generated) are prefilled one per step, as they were decoded.
+  replay_from: int | None = None
 
   @property
   def prefilling(self) -> bool:
@@ -63,8 +66,12 @@ class Scheduler:
   """
 
   def __init__(self, ledger: BlockLedger, *, max_batch: int, watermark_blocks: int,
-               reserve_ratio: float):
+               reserve_ratio: float, fixed_chunks: bool = False):
     self.ledger = ledger
+    # Token eviction (StreamingLLM) makes what a prompt query sees depend on where its chunk
+    # starts: with fixed_chunks every prefill chunk starts at a multiple of the chunk size
+    # (a row the budget cannot take whole waits), and replayed generated tokens go one by one.
+    self.fixed_chunks = fixed_chunks
     self.max_batch = max_batch
     self.watermark_blocks = watermark_blocks
     self.reserve_ratio = reserve_ratio
@@ -148,7 +155,13 @@ class Scheduler:
     for r in self.running:
       if not r.prefilling or budget <= 0 or (max_rows is not None and len(rows) >= max_rows):
         continue
-      n = min(chunk, len(r.context) - r.prefilled, budget)
+      end = len(r.context)
+      if r.replay_from is not None:
+        end = r.replay_from if r.prefilled < r.replay_from else r.prefilled + 1
+      n = min(chunk, end - r.prefilled)
+      if self.fixed_chunks and n > budget:
+        continue  # never a cut chunk: its boundaries would depend on the batch-mates
+      n = min(n, budget)
       if self.ledger.paged:
         grow = int(self.ledger.blocks(r.prefilled + n) - self.ledger.blocks(r.prefilled))
         if grow > room:
@@ -192,5 +205,7 @@ class Scheduler:
     if swapped is None:
       r.context = r.out.prompt + r.out.tokens
       r.prefilled = 0
+      if self.fixed_chunks:
+        r.replay_from = len(r.out.prompt)
     r.out.num_preemptions += 1
     self.waiting.appendleft(r)
