@@ -607,3 +607,45 @@ def test_channel_k_non_finite_input_reads_back_nan_in_its_block_channel(kv_quant
     assert np.isfinite(ref[0]).all() and (ref[0] != 0).any()
     np.testing.assert_array_equal(out[1], ref[1])  # the other sequence is untouched
     np.testing.assert_array_equal(lse[1], ref_lse[1])
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_rollback_of_an_outlier_narrows_the_block_channel_scales(kv_quant):
+  """A rejected draft token that widened its block's K channel scales (an outlier) must not
+  keep the block coarse: after truncate_sequences the new last block's scales fit the tokens
+  it keeps, so a token written after the rollback is as exact as in a block that never saw the
+  outlier. (The kept tokens were requantised when the outlier was written: that precision is
+  gone; a lossless rollback keeps the old cache, a free snapshot.) A block shared with a fork
+  is left as it is, and a rollback of tokens that widened nothing changes no bit."""
+  qmax = {"int8": 127.0, "int4": 7.0}[kv_quant]
+  cfg = _config(kv_quant, num_layers=1, num_kv_heads=1, head_dim=32, max_seqs=2)
+  rng = np.random.default_rng(3)
+  k = rng.standard_normal((1, 1, 4, 1, 32)).astype(np.float32)
+  outlier = np.full((1, 1, 1, 1, 32), 1e4, np.float32)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  cache, _ = pk.append_kv(cache, k[:, :, :3], k[:, :, :3], [0])
+  base = jax.tree_util.tree_map(np.asarray, cache)
+  # Rolling back a token inside the range widens nothing: every bit stays.
+  small, _ = pk.append_kv(cache, k[:, :, 3:] * 0.1, k[:, :, 3:] * 0.1, [0], donate=False)
+  small, _ = pk.truncate_sequences(small, [0], 1)
+  np.testing.assert_array_equal(np.asarray(small.k_pool), base.k_pool)
+  np.testing.assert_array_equal(np.asarray(small.k_scale), base.k_scale)
+  # A fork shares the block: its rollback must not touch the parent's codes or scales.
+  wide, _ = pk.append_kv(cache, outlier, outlier, [0], donate=False)
+  forked, _ = pk.fork_sequence(wide, 0, 1, donate=False)
+  forked, _ = pk.truncate_sequences(forked, [1], 1)
+  np.testing.assert_array_equal(np.asarray(forked.k_pool), np.asarray(wide.k_pool))
+  np.testing.assert_array_equal(np.asarray(forked.k_scale), np.asarray(wide.k_scale))
+  # Alone: the scales narrow to the kept tokens, and the next token is exact to the format.
+  cache, status = pk.truncate_sequences(wide, [0], 1)
+  assert list(np.asarray(status)) == [0]
+  kept = np.asarray(pk.lookup_kv(cache, [0], 0, max_len=3)[0])[0, :, 0]  # [3, head_dim]
+  blk = int(cache.block_tables[0, 0])
+  scale = np.asarray(cache.k_scale, np.float64)[0, 0, blk]
+  assert (scale <= np.abs(kept).max(axis=0) / qmax * (1 + 1e-6)).all()
+  cache, _ = pk.append_kv(cache, k[:, :, 3:], k[:, :, 3:], [0])
+  got = np.asarray(pk.lookup_kv(cache, [0], 0, max_len=4)[0], np.float64)[0, 3, 0]
+  step = np.maximum(np.abs(kept).max(axis=0), np.abs(k[0, 0, 3, 0])) / qmax
+  assert (np.abs(got - k[0, 0, 3, 0]) <= step * (0.5 + 0.5) + 1e-6).all()  # before: read 0
+  assert np.abs(k[0, 0, 3, 0]).max() < 0.5 * 1e4 / qmax  # the old scale rounds it all to 0
+  assert np.abs(got).max() > 0

@@ -49,8 +49,9 @@ Design
   real rows only (GQA padding rows are masked out of the store). With ``k_splits == 1`` that is
   the result (written in ``q.dtype``); otherwise the partials are float32 and an XLA epilogue
   merges them with their LSE weights (:func:`merge_partials`). A query that sees nothing gets
-  output 0 and LSE -inf, and no NaN is ever produced (max of an all -inf row is replaced by 0
-  before ``exp2``).
+  output 0 and LSE -inf, never NaN (max of an all -inf row is replaced by 0 before ``exp2``);
+  a query whose logits are NaN or overflow gets a NaN ``l``, which counts as seen: output and
+  LSE NaN (the contract), also through the merge.
 * **Non-finite V** (the contract: NaN / Inf reaches exactly the queries that see that key).
   The inner loop's ``p @ v`` would spread a NaN / Inf to every row of the tile, masked ones
   too (``0 * NaN``), so it leaves ``acc`` non-finite; after the loop one reduction checks for

@@ -875,11 +875,44 @@ def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array, *,
                                    push=cfg.strategy is CacheStrategy.PAGED)
   tables = jnp.where(drop, NULL_BLOCK, cache.block_tables[sid])
   idx = _drop_index(rows, sid, cfg.max_seqs)
+  if quant.channel_k_scales(cfg.kv_quant):
+    cache = _narrow_k_scales(cache, sid, rows & (n > 0), new_len)
   return cache.replace(
       allocator=alloc,
       block_tables=cache.block_tables.at[idx].set(tables, mode="drop"),
       seq_lens=cache.seq_lens.at[idx].set(new_len, mode="drop"),
   ), status
+
+
+def _narrow_k_scales(cache: PagedKVCache, sid: Array, rows: Array, new_len: Array):
+  """int8 / int4 K after a rollback: the new last block's channel scales are recomputed from
+  the tokens it keeps, and those tokens requantised, wherever a rolled-back token had widened
+  a channel by more than the widening slack. Otherwise a rejected draft token with an outlier
+  would keep the block coarse, and the tokens written after the rollback would round to its
+  scale (a 1e4 outlier made every later token of the block read 0). O(block_size) per row.
+
+  Only a block this sequence holds alone (a shared one is another sequence's data too), and
+  only finite scales: a non-finite one (a NaN / Inf was written) already lost the block's
+  older tokens in that channel, which must keep reading NaN.
+  """
+  cfg = cache.config
+  bs, nb = cfg.block_size, cfg.num_blocks
+  kept = new_len % bs  # [batch]: tokens of a partly filled new last block (0: none)
+  blk = cache.block_tables[sid, jnp.clip(new_len // bs, 0, cfg.max_blocks_per_seq - 1)]
+  alone = cfg.strategy is not CacheStrategy.PAGED or cache.allocator.ref_counts[blk] == 1
+  on = rows & (kept > 0) & (blk != NULL_BLOCK) & alone  # [batch]
+  gblk = jnp.where(on, blk, 0)
+  old_s = cache.k_scale[:, :, gblk]  # [L, H, batch, head_dim]
+  x = quant.dequantize_channel_k(cache.k_pool[:, :, gblk], old_s[..., None, :])
+  live = jnp.arange(bs)[None, :] < kept[:, None]  # [batch, block_size]
+  x = jnp.where(live[None, None, :, :, None], x, 0.0)  # the rolled-back slots are empty again
+  amax = jnp.max(jnp.abs(x), axis=-2)  # [L, H, batch, head_dim]
+  fit = quant.channel_scale(amax, cfg.kv_quant).astype(old_s.dtype)
+  new_s = quant.narrowed_scale(old_s, fit, cfg.kv_quant)
+  codes = quant.channel_codes(x, new_s[..., None, :], cfg.kv_quant)
+  dst = jnp.where(on, blk, nb)  # dropped where off
+  return cache.replace(k_pool=cache.k_pool.at[:, :, dst].set(codes, mode="drop"),
+                       k_scale=cache.k_scale.at[:, :, dst].set(new_s, mode="drop"))
 
 
 def _truncate_context(cache, seq_ids, num_tokens, **_):

@@ -215,6 +215,17 @@ def widened_scale(old: Array, need: Array, kv_quant: str) -> Array:
   return jnp.where(widen, need, old)
 
 
+def narrowed_scale(old: Array, fit: Array, kv_quant: str) -> Array:
+  """A block's channel scale after a rollback whose kept tokens need ``fit`` (``<= old``):
+  ``fit`` where ``old`` exceeds it by more than :data:`WIDEN_SLACK` steps (the mirror of
+  :func:`widened_scale`, so a rollback of tokens that did not widen the block changes
+  nothing), else ``old``. A non-finite ``old`` stays: the NaN / Inf written into the block
+  already lost its older tokens in that channel."""
+  o = old.astype(jnp.float32)
+  narrow = (o > fit.astype(jnp.float32) * (1 + WIDEN_SLACK / _QMAX[kv_quant])) & jnp.isfinite(o)
+  return jnp.where(narrow, fit.astype(old.dtype), old)
+
+
 def channel_codes(x: Array, scale: Array, kv_quant: str) -> Array:
   """``x [..., head_dim]`` as stored codes for the channel scales ``scale`` (broadcast):
   ``round(x / scale)`` clipped to the format's range (0 where the scale is 0), int4 packed."""
