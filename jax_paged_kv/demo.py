@@ -128,11 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Refuses nonsense values before any work (a bad --load failed only after the capacity
+  pass; --rate 0 silently fell back to --load)."""
+  for name in ("requests", "slabs", "max_seq_len", "block_size", "max_batch", "prefill_chunk",
+               "decode_steps"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  for name in ("load", "prompt_mean", "output_mean"):
+    value = getattr(args, name)
+    if not 0 < value < float("inf"):
+      parser.error(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+  if args.rate is not None and not 0 < args.rate < float("inf"):
+    parser.error(f"--rate must be positive and finite, got {args.rate}")
+  if not 0 <= args.reserve_ratio <= 1:
+    parser.error(f"--reserve-ratio must be in [0, 1], got {args.reserve_ratio}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   """Runs the demo; returns ``{"capacity": [paged, contiguous], "latency": [paged,
   contiguous], "rate": requests/s}`` (the dicts of ``run_engine`` / ``run_arrivals``)."""
   t_start = time.perf_counter()
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  _check_args(parser, args)
   if not args.no_compile_cache:
     cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "jax_paged_kv", "xla")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -175,10 +194,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   # estimate that kept some of it would set a rate that leaves the contiguous server idle.
   compiling = max(contig["compile_s"], contig["compile_all_s"])
   contig_rps = len(requests) / max(contig["wall_s"] - compiling, 1e-9)
-  rate = args.rate or args.load * contig_rps
+  rate = args.rate if args.rate is not None else args.load * contig_rps
   print(f"\n2. latency under load: Poisson arrivals at {rate:.1f} requests/s"
-        + ("" if args.rate else f" ({args.load:.2f}x the contiguous server's capacity of "
-           f"{contig_rps:.1f} requests/s)"))
+        + ("" if args.rate is not None else
+           f" ({args.load:.2f}x the contiguous server's capacity of {contig_rps:.1f} "
+           "requests/s)"))
   arrivals = poisson_arrivals(len(requests), rate, seed=args.seed)
   latency = [run_arrivals(params, model, cc, requests, arrivals,
                           desc=f"{cc.strategy.value} (arrivals)", progress=not args.quiet,

@@ -1,11 +1,15 @@
 """Sampling, chunked prefill and the jitted decode loop, against numpy and full recomputation."""
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jax_paged_kv import (
+  CacheShapeError,
   Status,
   allocate_sequences,
   cache_stats,
@@ -22,6 +26,7 @@ from jax_paged_kv.serving.decoding import (
   _top_k_mask,
   _top_p_mask,
   decode_loop,
+  decode_step,
   make_key,
   prefill_step,
   sample_tokens,
@@ -324,3 +329,79 @@ def test_entry_points_run_nested_in_a_users_jit():
   closed = jax.jit(lambda: step(PARAMS, consts, tokens, ids)[1])()
   np.testing.assert_allclose(np.asarray(traced), np.asarray(top), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(closed), np.asarray(top), rtol=1e-5, atol=1e-5)
+
+
+def _two_rows():
+  cache = init_cache(SMALL.cache_config(num_blocks=16, max_seqs=2, max_seq_len=32,
+                                        block_size=4))
+  cache, _ = allocate_sequences(cache, np.asarray([0, 1], np.int32))
+  cache, _, status = decode_step(PARAMS, cache, np.asarray([3, 4], np.int32),
+                                 np.asarray([0, 1], np.int32), model=SMALL)
+  assert not np.any(np.asarray(status))
+  return cache
+
+
+def _assert_unchanged(out, cache):
+  for x, y in zip(jax.tree_util.tree_leaves(out.replace(telemetry=cache.telemetry)),
+                  jax.tree_util.tree_leaves(cache), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_step_refuses_tokens_outside_the_vocabulary():
+  """Token 5000 (vocab 128) was clamped to token 127 with status OK; now the step fails with
+  INVALID_TOKEN on that row and changes nothing."""
+  cache = _two_rows()
+  keep = jax.tree_util.tree_map(np.asarray, cache)
+  for bad in (SMALL.vocab_size, 5000, -7):
+    out, _, status = decode_step(PARAMS, jax.tree_util.tree_map(jnp.asarray, keep),
+                                 np.asarray([bad, 5], np.int32), np.asarray([0, 1], np.int32),
+                                 model=SMALL)
+    assert np.asarray(status)[0] == Status.INVALID_TOKEN
+    _assert_unchanged(out, keep)
+  with pytest.raises(ValueError, match="token must be an integer"):
+    DecodeState.create([1.7], [0], [SamplingParams()])
+
+
+def test_a_step_refuses_rows_longer_than_max_blocks():
+  """max_blocks bounds the table columns attention reads: a row growing past it would attend
+  without its later keys (NaN logits became token 0 with status OK). It fails with
+  SEQUENCE_TOO_LONG and nothing changes."""
+  cache = _two_rows()  # one token per row; block 4
+  keep = jax.tree_util.tree_map(np.asarray, cache)
+  tokens = np.zeros((2, 4), np.int32)
+  args = (np.zeros(2, np.float32), np.zeros(2, np.int32), np.ones(2, np.float32),
+          np.stack([make_key(0)] * 2), np.zeros(2, np.int32))
+  out, _, _, status = prefill_step(PARAMS, cache, tokens, np.asarray([0, 1], np.int32),
+                                   np.asarray([4, 3], np.int32), *args, model=SMALL,
+                                   max_blocks=1)
+  assert list(np.asarray(status)) == [Status.SEQUENCE_TOO_LONG, 0]  # 1 + 4 > 4; 1 + 3 fits
+  _assert_unchanged(out, keep)
+
+
+def test_steps_refuse_a_cache_of_another_geometry():
+  """A protocol model is checked against the cache at trace time by every step entry point
+  (a 1-layer cache under a 2-layer model read zeros for layer 1 with status OK)."""
+  cc = SMALL.cache_config(num_blocks=8, max_seqs=1, max_seq_len=16, block_size=4)
+  cache = init_cache(dataclasses.replace(cc, num_layers=cc.num_layers - 1))
+  with pytest.raises(CacheShapeError, match="does not fit the model"):
+    decode_step(PARAMS, cache, np.asarray([1], np.int32), np.asarray([0], np.int32),
+                model=SMALL)
+
+
+def test_tiny_temperatures_sample_the_argmax():
+  """logits / 2e-38 overflowed to +inf and the draw took the first token (the lowest logit)."""
+  logits = jnp.asarray([[100.0, 300.0, 200.0]] * 6)
+  keys = jax.random.split(jax.random.key(0), 6)
+  for t in (2e-38, 1e-30, 1e-3):
+    for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.9)):
+      got = sample_tokens(logits, keys, jnp.full(6, t), jnp.full(6, top_k, jnp.int32),
+                          jnp.full(6, top_p))
+      assert np.asarray(got).tolist() == [1] * 6, (t, top_k, top_p)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(head_dim=8.9), "head_dim"), (dict(rms_norm_eps=float("inf")), "finite"),
+    (dict(rope_theta=float("inf")), "finite")])
+def test_model_configs_refuse_truncation_and_infinities(kw, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(SMALL, **kw)

@@ -190,3 +190,16 @@ def test_busy_mean_weights_steps_by_their_time_and_counts_idle_time_as_zero():
   assert busy_mean([], [], 0.0) == 0.0
   with pytest.raises(ValueError):
     busy_mean([1, 2], [0.1], 1.0)
+
+
+@pytest.mark.parametrize("argv", [["--rate", "0"], ["--load", "nan"], ["--load", "-1"],
+                                  ["--requests", "0"], ["--block-size", "0"],
+                                  ["--prompt-mean", "-5"], ["--output-mean", "0"],
+                                  ["--reserve-ratio", "2"]],
+                         ids=lambda a: "".join(a))
+def test_demo_refuses_nonsense_flags_before_any_work(argv, capsys):
+  from jax_paged_kv import demo
+
+  with pytest.raises(SystemExit) as e:
+    demo.main(argv)
+  assert e.value.code == 2 and "must be" in capsys.readouterr().err

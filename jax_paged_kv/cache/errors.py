@@ -41,6 +41,7 @@ class Status(enum.IntEnum):
   INVALID_LAYER = 8  # layer index outside [0, num_layers)
   INVALID_TOKEN_SLOT = 9  # write_kv: a token slot that no active row reserved
   FREED_BLOCK = 10  # truncating into a block freed by free_outside_window
+  INVALID_TOKEN = 11  # a model step: a token id outside [0, vocab_size)
 
 
 class PagedKVCacheError(Exception):
@@ -100,6 +101,10 @@ class CacheInvariantError(PagedKVCacheError):
   """Checking mode only: an update left a cache invariant broken (a library bug; please report)."""
 
 
+class InvalidTokenError(PagedKVCacheError, ValueError):
+  """A model step was given a token id outside ``[0, vocab_size)`` (it was never clamped)."""
+
+
 class FreedBlockError(PagedKVCacheError, ValueError):
   """The operation needs a block that :func:`~jax_paged_kv.free_outside_window` freed."""
 
@@ -119,6 +124,7 @@ _EXCEPTIONS: dict[Status, type[PagedKVCacheError]] = {
     Status.INVALID_LAYER: InvalidLayerError,
     Status.INVALID_TOKEN_SLOT: InvalidTokenSlotError,
     Status.FREED_BLOCK: FreedBlockError,
+    Status.INVALID_TOKEN: InvalidTokenError,
 }
 
 _MESSAGES: dict[Status, str] = {
@@ -133,8 +139,9 @@ _MESSAGES: dict[Status, str] = {
     Status.INVALID_LAYER: "layer index is outside [0, num_layers)",
     Status.INVALID_TOKEN_SLOT: "a token slot is not a reserved slot of an active sequence (pass "
                                "the slots reserve() returned)",
-    Status.FREED_BLOCK: "the sequence's new last block was freed outside the window (its "
-                        "tokens are gone: truncate less, or keep them with a larger window)",
+    Status.FREED_BLOCK: "the operation needs a block free_outside_window freed (its tokens "
+                        "are gone: truncate less, or keep them with a larger window)",
+    Status.INVALID_TOKEN: "a token id is outside [0, vocab_size) (nothing was written)",
 }
 
 

@@ -45,7 +45,7 @@ from jax import Array
 
 from jax_paged_kv.attention import default_implementation
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
-from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.errors import CacheShapeError, Status
 from jax_paged_kv.cache.ops import gather_tables, reserve
 from jax_paged_kv.cache.state import PagedKVCache
 
@@ -227,7 +227,7 @@ class Step:
 
 
 def begin_step(model: Model, cache: PagedKVCache, tokens: Array, seq_ids: Array,
-               num_new: Array | None) -> Step:
+               num_new: Array | None, max_blocks: int | None = None) -> Step:
   """Validates a step's inputs against the model and reserves room for the new tokens.
 
   Args:
@@ -236,6 +236,9 @@ def begin_step(model: Model, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     tokens: ``int32[batch, T]``.
     seq_ids: ``int32[batch]``; negative: padding row.
     num_new: ``int32[batch]`` in ``[0, T]``, or None for ``T`` everywhere.
+    max_blocks: static; the block-table columns attention will read. A row that would grow
+      past ``max_blocks * block_size`` fails the step with ``SEQUENCE_TOO_LONG`` (attention
+      could not see its later keys), and, as for any failing row, nothing is reserved.
 
   Returns:
     A :class:`Step`.
@@ -255,7 +258,20 @@ def begin_step(model: Model, cache: PagedKVCache, tokens: Array, seq_ids: Array,
   num_new = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
   if num_new.shape != (b,):
     raise CacheShapeError(f"num_new must have shape ({b},), got {num_new.shape}")
+  # Rows the step cannot run: a token id outside the vocabulary (never clamped to a real
+  # one), or, with max_blocks, a length past the columns attention reads. Their count is set
+  # past max_new, which fails reserve's row check, so nothing is reserved for any row.
+  used = jnp.arange(t)[None, :] < num_new[:, None]
+  bad_token = (seq_ids >= 0) & jnp.any(used & ((tokens < 0) | (tokens >= model.vocab_size)),
+                                       axis=1)
+  overlong = jnp.zeros_like(bad_token)
+  if max_blocks is not None:
+    _, old = gather_tables(cache, seq_ids)
+    overlong = (seq_ids >= 0) & (num_new > max_blocks * cache.config.block_size - old)
+  num_new = jnp.where(bad_token | overlong, t + 1, num_new)
   cache, slots, status = reserve(cache, seq_ids, num_new, max_new=t)  # slots [batch, T]
+  status = jnp.where(overlong, Status.SEQUENCE_TOO_LONG, status)
+  status = jnp.where(bad_token, Status.INVALID_TOKEN, status).astype(jnp.int32)
   ok = jnp.all(status == 0)
   _, lens = gather_tables(cache, seq_ids)  # [batch], lengths including the new tokens
   q_lens = jnp.where(ok & (seq_ids >= 0), num_new, 0)

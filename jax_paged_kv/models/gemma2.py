@@ -133,8 +133,8 @@ class Gemma2Config:
       value = getattr(self, name)
       if value is None and name.endswith("softcapping"):
         continue
-      if not value > 0:
-        raise ValueError(f"Gemma2Config.{name} must be positive, got {value!r}")
+      if not 0 < value < float("inf"):
+        raise ValueError(f"Gemma2Config.{name} must be positive and finite, got {value!r}")
       object.__setattr__(self, name, float(value))
     if self.layer_types is None:
       object.__setattr__(self, "layer_types", tuple(
@@ -275,7 +275,7 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
   why = check_rope_context(c.rope_scaling, c.max_position_embeddings, cache.config.max_seq_len)
   if why:
     raise CacheShapeError(why)
-  step = begin_step(c, cache, tokens, seq_ids, num_new)
+  step = begin_step(c, cache, tokens, seq_ids, num_new, max_blocks)
   b, t = step.tokens.shape
   knobs = attention_knobs(implementation, max_blocks, cache.config)
   nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim

@@ -126,15 +126,15 @@ class LlamaConfig:
         raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
                          f"num_heads={self.num_heads} when head_dim is not given")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-    if int(self.head_dim) < 2 or int(self.head_dim) % 2:
+    check_positive_ints(self, ("head_dim",))  # a float such as 8.9 is refused, not truncated
+    if self.head_dim < 2 or self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be a positive even int (rotary pairs)")
-    object.__setattr__(self, "head_dim", int(self.head_dim))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be divisible by "
                        f"num_kv_heads={self.num_kv_heads}")
-    if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+    if not 0 < self.rope_theta < float("inf") or not 0 < self.rms_norm_eps < float("inf"):
       raise ValueError(f"rope_theta={self.rope_theta} and rms_norm_eps={self.rms_norm_eps} "
-                       "must be positive")
+                       "must be positive and finite")
     object.__setattr__(self, "rope_theta", float(self.rope_theta))
     object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
     dtype = jnp.dtype(self.dtype)
@@ -331,7 +331,7 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
   why = check_rope_context(c.rope_scaling, c.max_position_embeddings, cache.config.max_seq_len)
   if why:
     raise CacheShapeError(why)
-  step = begin_step(c, cache, tokens, seq_ids, num_new)
+  step = begin_step(c, cache, tokens, seq_ids, num_new, max_blocks)
   b, t = step.tokens.shape
   knobs = attention_knobs(implementation, max_blocks, cache.config)
   nh, nkv, d = c.num_heads, c.num_kv_heads, c.head_dim

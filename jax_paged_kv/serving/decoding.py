@@ -40,7 +40,7 @@ from jax import Array
 from jax_paged_kv.cache.errors import is_tracing
 from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
-from jax_paged_kv.models.base import Model, check_model
+from jax_paged_kv.models.base import Model, check_cache_fits, check_model
 
 Params = Any  # the model's parameter pytree
 
@@ -138,7 +138,8 @@ class SamplingParams:
     temperature: ``0`` is greedy (argmax); otherwise logits are divided by it.
     top_k: keep the ``top_k`` most likely tokens (``0``: no limit).
     top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
-      (``1.0``: no limit). Applied after ``top_k``.
+      (``1.0``: no limit), plus every token tied with the last one kept (like ``top_k``'s
+      ties; Hugging Face cuts ties by sort order). Applied after ``top_k``.
     max_new_tokens: generate at most this many tokens.
     stop_tokens: generation ends after any of these (it is included in the output); at most
       :data:`MAX_STOP_TOKENS`.
@@ -288,7 +289,10 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
 
   def sample(_):
     t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
-    z = logits / t[:, None]
+    # Shifted by the row's max first: logits / t overflows to +inf for a tiny t (2e-38), and a
+    # row of infs samples its first token, not its argmax. Same distribution and thresholds.
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    z = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / t[:, None]
     bits = _ordered_bits(z)
     keep = jax.lax.cond(jnp.any(sampling & (top_k > 0)), lambda: _top_k_mask(bits, top_k),
                         lambda: jnp.ones(z.shape, bool))
@@ -363,9 +367,11 @@ class DecodeState:
     stops = np.full((n, width), -1, np.int32)
     for i, s in enumerate(sampling):
       stops[i, :len(s.stop_tokens)] = s.stop_tokens
-    ids = np.asarray(seq_ids, np.int32)
+    # Integers, never truncated (1.7 is not token 1); a token outside the model's vocabulary
+    # fails the first step with INVALID_TOKEN.
+    ids = np.asarray([int_in_range(i, "seq_id", -2**31, _INT32_MAX) for i in seq_ids], np.int32)
     max_new = np.asarray([s.max_new_tokens for s in sampling], np.int32)
-    last = np.asarray(tokens, np.int32)
+    last = np.asarray([int_in_range(t, "token", -2**31, _INT32_MAX) for t in tokens], np.int32)
     done = (ids < 0) | (gen >= max_new) | np.any(stops == last[:, None], axis=1)
     state = cls(
         tokens=last, seq_ids=ids, num_generated=gen, max_new_tokens=max_new, done=done,
@@ -420,6 +426,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
     ``next_tokens`` is only meaningful for rows whose prompt this chunk completed.
   """
   model = resolve_model(model, config)
+  check_cache_fits(model, cache.config)  # at trace time, for any protocol model
   cache, logits, status = model.forward(params, cache, tokens, seq_ids, num_new,
                                         implementation=implementation, max_blocks=max_blocks)
   nxt = _next_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p,
@@ -444,6 +451,7 @@ def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Arr
     ``(cache, logits float32[batch, vocab], status int32[batch])``.
   """
   model = resolve_model(model, config)
+  check_cache_fits(model, cache.config)  # at trace time, for any protocol model
   num_new = jnp.ones(jnp.shape(seq_ids), jnp.int32)
   return model.forward(params, cache, tokens[:, None], seq_ids, num_new,
                        implementation=implementation, max_blocks=max_blocks)
@@ -488,6 +496,7 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     the number of steps applied; ``status`` is the failing step's (zeros if none failed).
   """
   model = resolve_model(model, config)
+  check_cache_fits(model, cache.config)  # at trace time, for any protocol model
   b = state.seq_ids.shape[0]
   num_steps = jnp.minimum(jnp.asarray(num_steps, jnp.int32), max_steps)
   state = state.replace(done=state.done | (state.seq_ids < 0)
