@@ -51,6 +51,7 @@ from jax_paged_kv.attention.per_shard import KERNEL_SHARDING, KernelSharding
 from jax_paged_kv.cache import (
   CacheConfig,
   CacheInvariantError,
+  CacheShapeError,
   InvariantReport,
   PagedKVCache,
   check_invariants,
@@ -399,6 +400,18 @@ def map_shards(fn: Callable, layout: MeshLayout, *, shared_argnums: Sequence[int
 
   @functools.wraps(fn)
   def mapped(*args):
+    # Each shard gets its block's first entry: a leading axis that is a multiple of
+    # data_shards (not equal to it) would silently drop the others.
+    n = layout.data_shards
+    for i, a in enumerate(args):
+      if i in shared:
+        continue
+      for leaf in jax.tree_util.tree_leaves(a):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != n:
+          raise CacheShapeError(f"map_shards: argument {i} has a leaf of shape "
+                                f"{jnp.shape(leaf)}; its leading axis must be the "
+                                f"{n} data shards (stack_shards), or pass it in "
+                                "shared_argnums")
     in_specs = tuple(P() if i in shared else P(layout.data_axis) for i in range(len(args)))
     f = jax.shard_map(body, mesh=layout.mesh, in_specs=in_specs, out_specs=P(layout.data_axis),
                       axis_names=manual, check_vma=False)

@@ -52,6 +52,9 @@ class Seq:
     self.tokens: list[float] = []
     self.marks: list[int] = []  # per token: its block's write count just after the token's write
     self.blocks: list[Block] = []
+    # Quantised K, per token: its error bound (per layer, absolute) from before a rollback
+    # narrowed its block's scale; the marks then restart (see truncate).
+    self.floors: list[np.ndarray] = []
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -183,6 +186,7 @@ class CacheMachine(RuleBasedStateMachine):
       for j in range(old // bs, (len(seq.tokens) - 1) // bs + 1):
         seq.blocks[j].writes += 1
       seq.marks.extend(seq.blocks[p // bs].writes for p in range(old, len(seq.tokens)))
+      seq.floors.extend(np.zeros(self.cfg.num_layers) for _ in range(old, len(seq.tokens)))
 
   @rule(data=st.data(), n=st.integers(1, 2))
   def free(self, data, n):
@@ -215,6 +219,7 @@ class CacheMachine(RuleBasedStateMachine):
       src = self.seqs[parent]
       dst = self.seqs[child] = Seq()
       dst.tokens, dst.marks, dst.blocks = list(src.tokens), list(src.marks), list(src.blocks)
+      dst.floors = list(src.floors)
 
   @rule(data=st.data(), rows=st.integers(1, 2), n=st.integers(-1, 9))
   def truncate(self, data, rows, n):
@@ -233,7 +238,20 @@ class CacheMachine(RuleBasedStateMachine):
         seq = self.seqs[s]
         del seq.tokens[len(seq.tokens) - n:]
         del seq.marks[len(seq.marks) - n:]
+        del seq.floors[len(seq.floors) - n:]
         del seq.blocks[-(-len(seq.tokens) // self.cfg.block_size):]
+        bs, kept = self.cfg.block_size, len(seq.tokens)
+        if self.cfg.kv_quant is not None and kept % bs:
+          # The rollback may narrow the new last block's scale and requantise its tokens:
+          # their error so far (bounded in the old steps) becomes a floor, and each is
+          # rounded once more (the "first" term of the bound, in the new steps).
+          steps = np.asarray(before.k_scale.astype(jnp.float32), np.float64)
+          blk = int(np.asarray(before.block_tables)[s, kept // bs])
+          for p in range(kept - kept % bs, kept):
+            later = seq.blocks[p // bs].writes - seq.marks[p]
+            seq.floors[p] = seq.floors[p] + channel_k_error_bound(steps[:, 0, blk, 0], later,
+                                                                  "int8")
+            seq.marks[p] = seq.blocks[p // bs].writes
 
   # --- invariants -------------------------------------------------------------------------
 
@@ -271,7 +289,8 @@ class CacheMachine(RuleBasedStateMachine):
           pos = np.arange(n) // self.cfg.block_size
           step = k_step[layer, 0, tables[s, pos], 0]
           later = np.array([seq.blocks[j].writes for j in pos]) - np.asarray(seq.marks)
-          bound = channel_k_error_bound(step, later, "int8")
+          bound = channel_k_error_bound(step, later, "int8") + np.asarray(
+              [f[layer] for f in seq.floors], np.float64).reshape(n)
           assert (np.abs(k[s, :n, 0, 0] - want) <= bound).all()
     # Sharing structure: two table entries name the same block iff the model says they share.
     entries = [(s, j, b) for s, seq in self.seqs.items() for j, b in enumerate(seq.blocks)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -664,3 +666,61 @@ def test_write_kv_with_a_bad_sequence_fails_even_when_every_slot_is_skipped():
   # Padding (-1) with every slot skipped is fine.
   _, status = pk.write_kv(cache, skip, z, z, 0, seq_ids=[-1])
   assert list(np.asarray(status)) == [0]
+
+
+def test_invariants_catch_a_block_at_two_positions():
+  """Blocks are shared only by forks, which keep a block's table position. A block twice in
+  one table, or at different positions in two tables (then a sequence reads another's tokens
+  as its own), passed every other invariant once the counts were made to agree."""
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=16, max_seqs=2,
+                       max_seq_len=16, block_size=4)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0, 1])
+  k = jnp.ones((1, 2, 10, 1, 4))
+  cache, _ = pk.append_kv(cache, k, k, [0, 1])  # three blocks each
+  assert pk.check_invariants(cache).ok
+  tables = np.asarray(cache.block_tables)
+  refs = np.asarray(cache.allocator.ref_counts).copy()
+
+  def corrupt(row, col, block):
+    t, r = tables.copy(), refs.copy()
+    r[t[row, col]] -= 1
+    r[block] += 1
+    t[row, col] = block
+    # Keep the free stack complete: the block that lost its reference goes on it.
+    a = cache.allocator
+    stack, n = np.asarray(a.free_stack).copy(), int(a.num_free)
+    stack[n] = tables[row, col]
+    alloc = dataclasses.replace(a, ref_counts=jnp.asarray(r), free_stack=jnp.asarray(stack),
+                                num_free=jnp.asarray(n + 1, a.num_free.dtype))
+    return cache.replace(block_tables=jnp.asarray(t), allocator=alloc)
+
+  twice = corrupt(0, 1, tables[0, 0])  # [b0, b0, b2]
+  elsewhere = corrupt(1, 0, tables[0, 2])  # row 1 starts with row 0's last block
+  for bad in (twice, elsewhere):
+    report = pk.check_invariants(bad)
+    assert report.failures() == ["blocks_at_one_position"], report.failures()
+  forked, _ = pk.free_sequences(cache, [1], donate=False)
+  forked, _ = pk.fork_sequence(forked, 0, 1)  # shared at the same positions: fine
+  assert pk.check_invariants(forked).ok
+
+
+@pytest.mark.parametrize("change", [dict(block_size=2), dict(max_seqs=1), dict(num_blocks=8),
+                                    dict(max_seq_len=8), dict(dtype=jnp.bfloat16, pool_bits=False)],
+                         ids=lambda c: next(iter(c)))
+def test_a_cache_rebuilt_under_another_config_is_refused(change):
+  """Saved leaves restored under a config they were not made for (a checkpoint) read garbage
+  (block_size 2 for leaves of block 4) or passed check_invariants (fewer max_seqs)."""
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=4, num_blocks=16, max_seqs=2,
+                       max_seq_len=16, block_size=4)
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  other = pk.init_cache(dataclasses.replace(cfg, **change))
+  assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(other)] != [
+      (x.shape, x.dtype) for x in jax.tree_util.tree_leaves(cache)]
+  rebuilt = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(other),
+                                         jax.tree_util.tree_leaves(cache))
+  for call in (lambda: pk.check_invariants(rebuilt), lambda: pk.cache_stats(rebuilt),
+               lambda: pk.lookup_kv(rebuilt, [0], 0),
+               lambda: pk.allocate_sequences(rebuilt, [1]),
+               lambda: jax.jit(pk.free_sequences)(rebuilt, jnp.array([0]))):
+    with pytest.raises(pk.CacheShapeError, match="another config"):
+      call()

@@ -1,5 +1,7 @@
 """The decode step exported with jax.export: serialise, deserialise, run, same results."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -59,3 +61,25 @@ def test_exported_step_rejects_wrong_leaves():
   with pytest.raises(CacheShapeError, match="leaves"):
     step({"embed": params["embed"]}, cache, [1, 2], [0, 1])
 
+
+
+def test_exported_step_refuses_another_cache_config_and_bad_tokens():
+  """max_seq_len 29 and 32 give the same leaf shapes at block 4 (8-block tables): the artifact
+  would run a 29-token cache with its own limit of 32. The config travels with the serialised
+  artifact and is compared on every call; float tokens are refused, not truncated."""
+  pytest.importorskip("flatbuffers")
+  params = init_params(SMALL, jax.random.PRNGKey(0))
+  cc = SMALL.cache_config(num_blocks=8, max_seqs=2, max_seq_len=32, block_size=4)
+  step = export_decode_step(params, init_cache(cc), batch=2, config=SMALL)
+  loaded = ExportedDecodeStep.deserialize(step.serialize())
+  other = init_cache(dataclasses.replace(cc, max_seq_len=29))
+  assert [x.shape for x in jax.tree_util.tree_leaves(other)] == [
+      x.shape for x in jax.tree_util.tree_leaves(init_cache(cc))]
+  for s in (step, loaded):
+    with pytest.raises(CacheShapeError, match="max_seq_len=32"):
+      s(params, other, [1, 2], [0, 1])
+    with pytest.raises(CacheShapeError, match="integer"):
+      s(params, init_cache(cc), [1.7, 2.2], [0, 1])
+  # A bare jax.export artifact (no header) still loads; its config is unknown.
+  bare = ExportedDecodeStep.deserialize(step.exported.serialize())
+  assert bare.cache_config is None and bare.batch == 2

@@ -234,6 +234,21 @@ def test_tensor_parallel_matches_one_device(explicit):
   assert all(r.ok for r in shd.shard_invariants(got_cache, layout))
 
 
+def test_map_shards_refuses_arguments_not_stacked_per_shard():
+  """Each shard takes its block's first entry: four caches (or four id rows) on two shards
+  lost two of them silently."""
+  layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), data_axis="data")
+  two = shd.init_sharded_cache(CFG, layout)
+  four = shd.stack_shards([pk.init_cache(CFG) for _ in range(4)])
+  f = shd.map_shards(pk.allocate_sequences, layout)
+  for cache, ids in ((four, jnp.zeros((4, 1), jnp.int32)), (two, jnp.zeros((4, 1), jnp.int32)),
+                     (two, jnp.int32(0))):
+    with pytest.raises(pk.CacheShapeError, match="leading axis must be the 2 data shards"):
+      jax.jit(f)(cache, ids)
+  out, status = jax.jit(f)(two, jnp.zeros((2, 1), jnp.int32))
+  assert status.shape == (2, 1) and np.asarray(out.active).shape == (2, CFG.max_seqs)
+
+
 def test_data_parallel_matches_one_device_per_shard():
   """Four independent caches, one per device."""
   rng = np.random.default_rng(2)

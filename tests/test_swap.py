@@ -119,6 +119,16 @@ def test_swap_bad_input_raises_or_reports_and_changes_nothing():
     np.testing.assert_array_equal(np.asarray(x), y)
   with pytest.raises(pk.CacheShapeError, match="k_scale"):
     pk.swap_in(pk.init_cache(dataclasses.replace(cfg, kv_quant="int8")), 3, sw)
+  # bfloat16 and float16 pool_bits pools both store uint16: the bits would be misread.
+  bits = dataclasses.replace(cfg, dtype=jnp.bfloat16, pool_bits=True)
+  half, _ = pk.allocate_sequences(pk.init_cache(bits), np.int32(0))
+  ones = jnp.full((cfg.num_layers, 1, 3, cfg.num_kv_heads, cfg.head_dim), 1.5, jnp.bfloat16)
+  half, _ = pk.append_kv(half, ones, ones, np.int32([0]))
+  half, sw16 = pk.swap_out(half, 0)
+  f16 = pk.init_cache(dataclasses.replace(bits, dtype=jnp.float16))
+  assert f16.k_pool.dtype == half.k_pool.dtype  # the same storage
+  with pytest.raises(pk.CacheShapeError, match="misread"):
+    pk.swap_in(f16, 0, sw16)
   # Take every free block: eagerly an exception, inside jit a status and the cache unchanged.
   cache, _ = pk.allocate_sequences(cache, np.int32(1))
   k = np.zeros((cfg.num_layers, 1, 6 * cfg.block_size, cfg.num_kv_heads, cfg.head_dim),

@@ -46,7 +46,13 @@ from jax_paged_kv.cache.errors import (
     raise_for_status,
 )
 from jax_paged_kv.cache.inputs import INT32_MAX, as_counts, as_ids, as_layer, to_int32
-from jax_paged_kv.cache.state import PagedKVCache, Telemetry, pool_values, stored_values
+from jax_paged_kv.cache.state import (
+  PagedKVCache,
+  Telemetry,
+  check_layout,
+  pool_values,
+  stored_values,
+)
 from jax_paged_kv.cache.stats import check_invariants
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +190,7 @@ def _eager_or_traced(impl, op: str, *, ids=None, context=None, static_argnames=(
     return row_ids, (None if context is None else context(cache, *args, **static))
 
   def run(cache, *args, donate=True, **static):
+    check_layout(cache, op=op)
     if is_tracing(cache, args):
       out = impl(cache, *args, **static)
       if checking_enabled():
@@ -641,6 +648,7 @@ def check_readable(cache: PagedKVCache, seq_ids: Array, layer: Array, *, op: str
 
   Inside a trace without checking mode this does nothing: unreadable rows read as empty.
   """
+  check_layout(cache, op=op)
   if is_tracing(cache, seq_ids, layer):
     if checking_enabled():
       check_status(readable_status(cache, seq_ids, layer), seq_ids, op=op,

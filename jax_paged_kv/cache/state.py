@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from jax import Array, lax
 
 from jax_paged_kv.cache import quant
 from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
+from jax_paged_kv.cache.errors import CacheShapeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,3 +170,46 @@ def init_cache(config: CacheConfig, *, pool_fill: float = 0.0) -> PagedKVCache:
       config=config,
       **scales,
   )
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_leaves(config: CacheConfig):
+  """``(names, shapes, dtypes, per_head)`` of the leaves ``init_cache(config)`` has."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(functools.partial(init_cache, config)))
+  names = tuple(jax.tree_util.keystr(path) for path, _ in flat)
+  per_head = tuple(any(p in n for p in POOL_LEAVES) for n in names)
+  return names, tuple(tuple(x.shape) for _, x in flat), tuple(x.dtype for _, x in flat), per_head
+
+
+def check_layout(cache: PagedKVCache, *, op: str) -> None:
+  """Raises :class:`~jax_paged_kv.CacheShapeError` unless every array of ``cache`` has the
+  shape and dtype its ``config`` gives it (trace time; static shapes only).
+
+  A cache rebuilt from saved leaves under another config (``block_size`` 2 for leaves written
+  at 4, fewer ``max_seqs``) would otherwise read garbage or pass the invariants. Axis 1 of the
+  pools and scales may be any divisor of ``num_kv_heads``: a shard's heads under
+  ``shard_map``.
+  """
+  names, shapes, dtypes, per_head = _expected_leaves(cache.config)
+  leaves = jax.tree_util.tree_leaves(cache)
+  heads = cache.config.num_kv_heads
+  bad = None
+  if len(leaves) != len(names):
+    bad = f"{len(leaves)} leaves, its config gives {len(names)}"
+  for name, x, want, dtype, ph in zip(names, leaves, shapes, dtypes, per_head, strict=False):
+    if bad is not None:
+      break
+    shape = tuple(jnp.shape(x))
+    if ph and len(shape) == len(want) and shape[1] >= 1 and heads % shape[1] == 0:
+      shape = shape[:1] + want[1:2] + shape[2:]  # a shard's heads
+    got = jnp.result_type(x)
+    if ph and {got, dtype} == {jnp.dtype(jnp.uint16), jnp.dtype(cache.config.dtype)}:
+      got = dtype  # a 16-bit pool as its bit patterns or as its values: both read right
+    if "scale" in name and jnp.issubdtype(got, jnp.floating):
+      got = dtype  # scales are read as float32 whatever their float dtype
+    if shape != want or got != dtype:
+      bad = (f"cache{name} is {jnp.result_type(x)}{list(jnp.shape(x))}, but its config gives "
+             f"{dtype}{list(want)}")
+  if bad is not None:
+    raise CacheShapeError(f"{op}: {bad} (was the cache rebuilt under another config?)")

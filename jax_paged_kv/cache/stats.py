@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jax_paged_kv.cache.config import NULL_BLOCK, CacheStrategy
-from jax_paged_kv.cache.state import PagedKVCache
+from jax_paged_kv.cache.state import PagedKVCache, check_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,7 @@ def cache_stats(cache: PagedKVCache) -> KVCacheStats:
   Returns:
     A :class:`KVCacheStats`.
   """
+  check_layout(cache, op="cache_stats")
   cfg = cache.config
   nb = cfg.num_blocks
   held, fill = _held(cache)
@@ -132,6 +133,7 @@ class InvariantReport:
   inactive_slots_empty: Array
   tables_match_lengths: Array
   contiguous_layout: Array
+  blocks_at_one_position: Array
 
   @property
   def ok(self) -> Array:
@@ -160,7 +162,11 @@ def check_invariants(cache: PagedKVCache) -> InvariantReport:
     :func:`~jax_paged_kv.free_outside_window` left, never the last block, paged only), and the
     rest are null; inactive slots have length 0 and null tables.
   * ``CONTIGUOUS``: held entries are the slot's own slab.
+  * A block appears at most once in a table, and every table holding it holds it at the same
+    position (blocks are shared only by forks, which keep positions): a block at two positions
+    would let a sequence read another's tokens as its own.
   """
+  check_layout(cache, op="check_invariants")
   cfg = cache.config
   nb = cfg.num_blocks
   a = cache.allocator
@@ -200,7 +206,16 @@ def check_invariants(cache: PagedKVCache) -> InvariantReport:
     s = jnp.arange(cfg.max_seqs)[:, None]
     j = jnp.arange(cfg.max_blocks_per_seq)[None, :]
     layout = jnp.all(~held | (cache.block_tables == cfg.contiguous_block(s, j)))
+  col = jnp.broadcast_to(jnp.arange(cfg.max_blocks_per_seq, dtype=jnp.int32),
+                         cache.block_tables.shape)
+  where = jnp.where(held, cache.block_tables, nb)
+  first = jnp.full((nb,), cfg.max_blocks_per_seq, jnp.int32).at[where].min(col, mode="drop")
+  final = jnp.full((nb,), -1, jnp.int32).at[where].max(col, mode="drop")
+  one_column = jnp.all((first == final) | (final < 0))
+  ordered = jnp.sort(jnp.where(held, cache.block_tables, -1 - col), axis=1)  # unheld: distinct
+  once_per_table = jnp.all(ordered[:, 1:] != ordered[:, :-1])
   return InvariantReport(
+      blocks_at_one_position=one_column & once_per_table,
       num_free_in_range=num_free_ok,
       free_stack_valid=stack_valid,
       free_stack_distinct=stack_distinct,

@@ -67,6 +67,8 @@ class SwappedSequence:
       arrays.
     positions: ``int32[num_blocks]``, the table position of each swapped block, or None when
       the sequence had no holes (block ``j`` at position ``j``).
+    values: what the stored bits mean: ``(dtype, kv_quant)`` of the cache swapped out of
+      (a bfloat16 and a float16 ``pool_bits`` pool both store ``uint16``); None: unchecked.
   """
 
   blocks: dict[str, Array | np.ndarray]
@@ -74,6 +76,7 @@ class SwappedSequence:
   num_blocks: int
   memory_kind: str | None
   positions: np.ndarray | None = None
+  values: tuple[str, str | None] | None = None
 
   @property
   def width(self) -> int:
@@ -169,7 +172,11 @@ def swap_out(cache: PagedKVCache, seq_id, *, memory_kind: str | None = "auto",
     host = {k: jax.device_put(x, x.sharding.with_memory_kind(memory_kind))
             for k, x in data.items()}
   cache, _ = free_sequences(cache, ids, donate=donate)
-  return cache, SwappedSequence(host, seq_len, n, memory_kind, positions)
+  return cache, SwappedSequence(host, seq_len, n, memory_kind, positions, _values(cfg))
+
+
+def _values(cfg) -> tuple[str, str | None]:
+  return str(jnp.dtype(cfg.dtype)), cfg.kv_quant
 
 
 def _swap_in_impl(cache: PagedKVCache, seq_ids: Array, seq_lens: Array, data: dict[str, Array],
@@ -263,6 +270,9 @@ def swap_in(cache: PagedKVCache, seq_id, swapped: SwappedSequence, *, donate: bo
   if set(swapped.blocks) != set(want):
     raise CacheShapeError(f"swap_in: swapped leaves {sorted(swapped.blocks)} do not match the "
                           f"cache's {sorted(want)}")
+  if swapped.values is not None and swapped.values != _values(cache.config):
+    raise CacheShapeError(f"swap_in: the data holds {swapped.values} (dtype, kv_quant) values, "
+                          f"the cache {_values(cache.config)}: its bits would be misread")
   width = swapped.width
   if width > cache.config.max_blocks_per_seq:
     raise CacheShapeError(f"swap_in: {width=} > table width {cache.config.max_blocks_per_seq}")

@@ -18,6 +18,7 @@ Any model that implements the model protocol (:mod:`jax_paged_kv.models.base`) e
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_paged_kv.cache.errors import CacheShapeError
+from jax_paged_kv.cache.inputs import as_ids, to_int32
 from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model
 from jax_paged_kv.serving.decoding import Params, decode_step, resolve_model
@@ -40,6 +42,11 @@ class ExportedDecodeStep:
   """
 
   exported: jax.export.Exported
+  # The exported cache's CacheConfig as text (config_fingerprint): leaf shapes cannot tell
+  # configs apart (max_seq_len 29 and 32 give the same 8-block tables at block 4), and the
+  # artifact enforces the one it was traced with. None only for artifacts serialised before
+  # it was recorded (their config cannot be checked).
+  cache_config: str | None = None
 
   @property
   def batch(self) -> int:
@@ -64,23 +71,46 @@ class ExportedDecodeStep:
     if (len(p_leaves), len(c_leaves)) != (n_p, n_c):
       raise CacheShapeError(f"exported step expects {n_p} parameter and {n_c} cache leaves, "
                             f"got {len(p_leaves)} and {len(c_leaves)}")
-    tokens = jnp.asarray(tokens, jnp.int32)
-    seq_ids = jnp.asarray(seq_ids, jnp.int32)
+    if self.cache_config is not None and config_fingerprint(cache.config) != self.cache_config:
+      raise CacheShapeError(f"exported step was traced for the cache config "
+                            f"{self.cache_config}; this cache has "
+                            f"{config_fingerprint(cache.config)}")
+    tokens = to_int32(tokens, "tokens", "ids")
+    seq_ids = as_ids(seq_ids)
     new_leaves, logits, status = self.exported.call(p_leaves, c_leaves, tokens, seq_ids)
     return jax.tree_util.tree_unflatten(c_tree, new_leaves), logits, status
 
   def serialize(self) -> bytes:
-    """The StableHLO artifact as bytes (``jax.export`` serialisation format)."""
-    return bytes(self.exported.serialize())
+    """The artifact as bytes: a small header naming the cache config, then the StableHLO
+    (``jax.export`` serialisation format)."""
+    header = json.dumps({"cache_config": self.cache_config}).encode()
+    return _MAGIC + len(header).to_bytes(4, "little") + header + bytes(self.exported.serialize())
 
   @classmethod
   def deserialize(cls, data: bytes | bytearray) -> ExportedDecodeStep:
-    """Inverse of :meth:`serialize`."""
-    return cls(jax.export.deserialize(bytearray(data)))
+    """Inverse of :meth:`serialize` (also reads a bare ``jax.export`` artifact, whose cache
+    config is then unknown and unchecked)."""
+    data = bytes(data)
+    if not data.startswith(_MAGIC):
+      return cls(jax.export.deserialize(bytearray(data)))
+    n = int.from_bytes(data[len(_MAGIC):len(_MAGIC) + 4], "little")
+    start = len(_MAGIC) + 4
+    header = json.loads(data[start:start + n])
+    return cls(jax.export.deserialize(bytearray(data[start + n:])), header["cache_config"])
+
 
   def mlir_module(self) -> str:
     """The StableHLO text (for inspection)."""
     return self.exported.mlir_module()
+
+
+_MAGIC = b"jax_paged_kv.ExportedDecodeStep/1\n"
+
+
+def config_fingerprint(config) -> str:
+  """A ``CacheConfig`` as canonical text (every field), for comparing configs across
+  processes."""
+  return ", ".join(f"{f.name}={getattr(config, f.name)!s}" for f in dataclasses.fields(config))
 
 
 def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
@@ -124,4 +154,4 @@ def export_decode_step(params: Params, cache: PagedKVCache, batch: int, *,
           jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
   kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
   exported = jax.export.export(jax.jit(step, donate_argnums=1), **kwargs)(*args)
-  return ExportedDecodeStep(exported)
+  return ExportedDecodeStep(exported, config_fingerprint(cache.config))
