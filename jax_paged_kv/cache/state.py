@@ -194,12 +194,10 @@ def check_layout(cache: PagedKVCache, *, op: str) -> None:
   names, shapes, dtypes, per_head = _expected_leaves(cache.config)
   leaves = jax.tree_util.tree_leaves(cache)
   heads = cache.config.num_kv_heads
-  bad = None
   if len(leaves) != len(names):
-    bad = f"{len(leaves)} leaves, its config gives {len(names)}"
-  for name, x, want, dtype, ph in zip(names, leaves, shapes, dtypes, per_head, strict=False):
-    if bad is not None:
-      break
+    raise CacheShapeError(f"{op}: the cache has {len(leaves)} leaves, its config gives "
+                          f"{len(names)} (was the cache rebuilt under another config?)")
+  for name, x, want, dtype, ph in zip(names, leaves, shapes, dtypes, per_head, strict=True):
     shape = tuple(jnp.shape(x))
     if ph and len(shape) == len(want) and shape[1] >= 1 and heads % shape[1] == 0:
       shape = shape[:1] + want[1:2] + shape[2:]  # a shard's heads
@@ -209,7 +207,6 @@ def check_layout(cache: PagedKVCache, *, op: str) -> None:
     if "scale" in name and jnp.issubdtype(got, jnp.floating):
       got = dtype  # scales are read as float32 whatever their float dtype
     if shape != want or got != dtype:
-      bad = (f"cache{name} is {jnp.result_type(x)}{list(jnp.shape(x))}, but its config gives "
-             f"{dtype}{list(want)}")
-  if bad is not None:
-    raise CacheShapeError(f"{op}: {bad} (was the cache rebuilt under another config?)")
+      raise CacheShapeError(f"{op}: cache{name} is {jnp.result_type(x)}{list(jnp.shape(x))}, "
+                            f"but its config gives {dtype}{list(want)} (was the cache rebuilt "
+                            "under another config?)")

@@ -109,7 +109,9 @@ class _Reader:
 
   def get_int(self, key: str, default: Any = None, *, required: bool = False) -> int:
     """An integer field (a bool or a float such as 2.5 is refused, as transformers does)."""
-    value = self.require(key) if required else self.get(key, default)
+    return self.as_int(key, self.require(key) if required else self.get(key, default))
+
+  def as_int(self, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
       raise self.refuse(f"{key}={value!r} is not an integer")
     return value
@@ -184,9 +186,7 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
   # transformers' class default when the key is absent (Mistral 8, Qwen2 32, Gemma 2 4;
   # Llama: the query heads); an explicit null means the query heads.
   kv_heads = r.get_absent("num_key_value_heads", defaults.get("num_key_value_heads"))
-  kv_heads = heads if kv_heads is None else kv_heads
-  if isinstance(kv_heads, bool) or not isinstance(kv_heads, int):
-    raise r.refuse(f"num_key_value_heads={kv_heads!r} is not an integer")
+  kv_heads = r.as_int("num_key_value_heads", heads if kv_heads is None else kv_heads)
   theta, scaling = _rope(r, max_pos)
   for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
               "num_experts_per_tok"):

@@ -38,6 +38,7 @@ import numpy as np
 from jax import Array
 
 from jax_paged_kv.cache.errors import is_tracing
+from jax_paged_kv.cache.inputs import INT32_MAX, INT32_MIN
 from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
 from jax_paged_kv.models.base import Model, check_cache_fits, check_model
@@ -166,23 +167,21 @@ class SamplingParams:
     # Integers the compiled step holds as int32 (the seed: as a 32-bit PRNG seed): a float
     # is never truncated (max_new_tokens=2.5 would stop on device and not on the host) and
     # nothing wraps (two seeds 2**32 apart would draw the same tokens).
-    object.__setattr__(self, "top_k", int_in_range(self.top_k, "top_k", 0, _INT32_MAX))
+    object.__setattr__(self, "top_k", int_in_range(self.top_k, "top_k", 0))
     object.__setattr__(self, "max_new_tokens",
-                       int_in_range(self.max_new_tokens, "max_new_tokens", 1, _INT32_MAX))
+                       int_in_range(self.max_new_tokens, "max_new_tokens", 1))
     object.__setattr__(self, "seed", int_in_range(self.seed, "seed", 0, 2**32 - 1))
     object.__setattr__(self, "stop_tokens", tuple(
-        int_in_range(t, "stop token", 0, _INT32_MAX) for t in self.stop_tokens))
+        int_in_range(t, "stop token", 0) for t in self.stop_tokens))
     if len(self.stop_tokens) > MAX_STOP_TOKENS:
       raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
                        "supported (the stop-token table has one fixed width, so that requests "
                        "with different numbers of stop tokens share one compiled step)")
 
 
-_INT32_MAX = 2**31 - 1
-
-
-def int_in_range(value, name: str, low: int, high: int) -> int:
-  """``value`` as an int in ``[low, high]``; a bool, float or out-of-range value raises."""
+def int_in_range(value, name: str, low: int = INT32_MIN, high: int = INT32_MAX) -> int:
+  """``value`` as an int in ``[low, high]`` (default: int32); a bool, float or out-of-range
+  value raises ``ValueError``."""
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f"{name} must be an integer, got {value!r}")
   try:
@@ -369,9 +368,9 @@ class DecodeState:
       stops[i, :len(s.stop_tokens)] = s.stop_tokens
     # Integers, never truncated (1.7 is not token 1); a token outside the model's vocabulary
     # fails the first step with INVALID_TOKEN.
-    ids = np.asarray([int_in_range(i, "seq_id", -2**31, _INT32_MAX) for i in seq_ids], np.int32)
+    ids = np.asarray([int_in_range(i, "seq_id") for i in seq_ids], np.int32)
     max_new = np.asarray([s.max_new_tokens for s in sampling], np.int32)
-    last = np.asarray([int_in_range(t, "token", -2**31, _INT32_MAX) for t in tokens], np.int32)
+    last = np.asarray([int_in_range(t, "token") for t in tokens], np.int32)
     done = (ids < 0) | (gen >= max_new) | np.any(stops == last[:, None], axis=1)
     state = cls(
         tokens=last, seq_ids=ids, num_generated=gen, max_new_tokens=max_new, done=done,

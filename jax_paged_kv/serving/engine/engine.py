@@ -176,7 +176,7 @@ class Engine:
     self.model = model
     self.cache_config = cc
     if max_batch is not None:  # 0 or -1 would admit nothing, and run() would wait forever
-      max_batch = int_in_range(max_batch, "max_batch", 1, 2**31 - 1)
+      max_batch = int_in_range(max_batch, "max_batch", 1)
     self.max_batch = min(max_batch or cc.max_seqs, cc.max_seqs)
     self.prefill_chunk = int(prefill_chunk)
     self.prefill_token_budget = int(prefill_token_budget or 4 * prefill_chunk)
@@ -263,7 +263,7 @@ class Engine:
       raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     vocab = self.model.vocab_size
     # A float or bool token is refused, never truncated (1.7 is not token 1).
-    prompt = [int_in_range(t, "prompt token", -2**63, 2**63 - 1) for t in prompt]
+    prompt = [int_in_range(t, "prompt token") for t in prompt]
     cc = self.cache_config
     if not prompt:
       raise ValueError("empty prompt: a request needs at least one token")
