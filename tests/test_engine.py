@@ -199,3 +199,50 @@ def test_engine_refuses_bad_tokens_and_batch_sizes():
   for max_batch in (0, -1, 1.5):
     with pytest.raises(ValueError, match="max_batch"):
       Engine(PARAMS, SMALL, cache_config(1 + 8), max_batch=max_batch, **FIXED)
+
+
+def test_compile_seconds_counts_jax_compile_events_and_nothing_warm():
+  """``metrics.compile_seconds`` is JAX's own compile time inside the steps (checked against a
+  listener of the test's own), and 0 for a second engine that runs the same programs."""
+  from jax_paged_kv.serving.engine.metrics import COMPILE_EVENTS, compile_timer
+
+  cc = cache_config(1 + 4 * 12 + 3)  # a pool size no other test uses: these programs are new
+  seen = []
+
+  def listener(name, seconds, **_):
+    if name in COMPILE_EVENTS:
+      seen.append(seconds)
+
+  runs = []
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(2):
+      engine = Engine(PARAMS, SMALL, cc, **FIXED)
+      for p in PROMPTS[:3]:
+        engine.add_request(p, SamplingParams(max_new_tokens=4))
+      before = len(seen)
+      engine.run()
+      runs.append((engine.metrics.compile_seconds, sum(seen[before:]), engine.metrics))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  (cold, cold_events, m), (warm, warm_events, _) = runs
+  assert cold_events > 0 and cold == pytest.approx(cold_events, rel=1e-9)
+  assert cold < m.wall_seconds
+  assert warm == 0.0 and warm_events == 0.0
+
+  # Per thread: a compile on another thread does not reach this thread's timer.
+  import threading
+
+  with compile_timer() as mine:
+    t = threading.Thread(target=lambda: jax.jit(lambda x: x * 3 + 1)(np.ones(7, np.float32)))
+    t.start()
+    t.join()
+  assert mine[0] == 0.0
+  with compile_timer() as outer:
+    with compile_timer() as inner:  # equal values when it closes: the outer one keeps counting
+      jax.jit(lambda x: x * 5 + 2)(np.ones(9, np.float32))
+    jax.jit(lambda x: x * 7 + 4)(np.ones(11, np.float32))
+  assert outer[0] > inner[0] > 0
+  with compile_timer() as after:
+    jax.jit(lambda x: x * 9 + 6)(np.ones(13, np.float32))
+  assert after[0] > 0 and inner[0] < outer[0]  # closed timers count nothing more

@@ -91,7 +91,7 @@ from jax_paged_kv.serving.decoding import (
 )
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
-from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
+from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput, compile_timer
 from jax_paged_kv.serving.engine.prefix import PrefixIndex
 from jax_paged_kv.serving.engine.scheduler import Request, Scheduler
 
@@ -320,13 +320,15 @@ class Engine:
     """
     t0 = time.perf_counter()
     finished: list[RequestOutput] = []
-    self.scheduler.admit(install=self._install)
-    running = self.scheduler.running
-    if any(r.prefilling for r in running):
-      finished += self._prefill()
-    if any(not r.prefilling for r in running):
-      finished += self._decode()
+    with compile_timer() as compiling:
+      self.scheduler.admit(install=self._install)
+      running = self.scheduler.running
+      if any(r.prefilling for r in running):
+        finished += self._prefill()
+      if any(not r.prefilling for r in running):
+        finished += self._decode()
     m = self.metrics
+    m.compile_seconds += compiling[0]
     m.steps += 1
     m.peak_running = max(m.peak_running, len(running))
     m.running_trace.append(len(running))
@@ -405,17 +407,9 @@ class Engine:
   # ---- pieces --------------------------------------------------------------------------------
 
   def _timed(self, key: tuple, fn, *args, **kwargs):
-    """Calls ``fn``; the first call per static shape and sampling mode counts as compile
-    time."""
-    program = (*key, kwargs.get("all_greedy", False))
-    if program in self._compiled:
-      return fn(*args, **kwargs)
-    t0 = time.perf_counter()
-    res = fn(*args, **kwargs)
-    jax.block_until_ready(res)
-    self.metrics.compile_seconds += time.perf_counter() - t0
-    self._compiled.add(program)
-    return res
+    """Calls ``fn``, recording its static shape and sampling mode (:attr:`compiled_shapes`)."""
+    self._compiled.add((*key, kwargs.get("all_greedy", False)))
+    return fn(*args, **kwargs)
 
   def _prefill(self) -> list[RequestOutput]:
     chunk = self.prefill_chunk
