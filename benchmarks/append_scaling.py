@@ -120,10 +120,8 @@ def bench_sixteen(num_blocks: int, dtype, pool_bits, repeats: int, number: int) 
   return report.time_fn(donated, repeats=repeats, number=number)
 
 
-def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def plot(rows):
+  plt = report.pyplot()
   x = [r["num_blocks"] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.loglog(x, [r["append_donated_us"] for r in rows], "o-", label="append, cache donated")
@@ -140,8 +138,7 @@ def plot(rows, path):
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None):
@@ -193,13 +190,13 @@ def main(argv=None):
                        for dt, bits in SIXTEEN)
            + " (goal <= 1.3; 'as floats' is `pool_bits=False`, which XLA:CPU lowers through "
            "float32, rewriting the whole pool on every scatter).")
-  report.PLOTS_DIR.mkdir(exist_ok=True)
-  plot(rows, report.PLOTS_DIR / "append_scaling.png")
   name = "append_scaling" if dtype == jnp.float32 else f"append_scaling_{dtype.name}"
+  # A --quick run's figure goes to out/, never over the committed one.
+  figure = report.save_figure(plot(rows), name)
   report.save(name, title="Append and allocation cost vs pool size",
               markdown=md, data={"rows": rows, "ratio_append": ratio,
                                  "ratio_alloc": alloc_ratio},
-              notes=notes, plot="plots/append_scaling.png")
+              notes=notes, plot=figure)
   print(notes)
 
 

@@ -18,7 +18,11 @@ and on the same data:
 * ``xla_gather``: our XLA reference (gather the pages to a dense copy, then attend);
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on a contiguous copy;
 * ``torch_sdpa``: torch ``scaled_dot_product_attention`` on a contiguous copy (optional);
-* ``copy``: the device's copy ceiling (read + write of a ~2 GiB array).
+* ``copy``: the device's copy ceiling (read + write of a ~2 GiB array), and beside it a
+  read-only reference (a float32 sum of the same array). Decode attention mostly reads, and
+  reads stream faster than a read + write mix, so a kernel can pass 1.0 of the copy figure
+  (torch SDPA reached up to 1.17 of it on an H200): the copy figure is the goal's yardstick,
+  not the hardware's limit; ``fraction_read`` in the raw rows is the share of the read one.
 
 Reports the median time per call (after warmup; each sample times ``--inner`` back-to-back
 calls ended by one ``block_until_ready``), the effective bandwidth (KV bytes read / time) and
@@ -375,6 +379,15 @@ def copy_ceiling(tiny: bool, args) -> float:
   return 2 * n * 2 / t  # bytes read + written per second
 
 
+def read_reference(tiny: bool, args) -> float:
+  """Read-only bandwidth: a float32 sum over the copy ceiling's array (bytes read / s)."""
+  n = (1 << 24) if tiny else (1 << 30)
+  x = jnp.ones((n,), jnp.bfloat16)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  t, _ = time_fn(lambda: f(x), jax_sync, warmup=2, repeats=args.repeats, inner=args.inner)
+  return n * 2 / t
+
+
 def sweep_grid(knobs: dict) -> list[dict]:
   """Variants of the default knobs, one or two changed at a time (``--sweep``)."""
   bk, ks, nw, ns = (knobs[k] for k in ("block_k", "k_splits", "num_warps", "num_stages"))
@@ -447,7 +460,9 @@ def main(argv=None):
     sys.exit("no GPU backend: run on a GPU machine, or pass --interpret --tiny")
 
   ceiling = copy_ceiling(args.tiny, args)
-  log(f"copy ceiling (read+write) {ceiling / 1e9:.1f} GB/s")
+  read_bw = read_reference(args.tiny, args)
+  log(f"copy ceiling (read+write) {ceiling / 1e9:.1f} GB/s; read-only reference "
+      f"{read_bw / 1e9:.1f} GB/s")
   results = []
 
   def record(cfg, x, impl, t, err, note="", knobs=None, status="ok", tol=tol):
@@ -456,6 +471,7 @@ def main(argv=None):
     if t is not None:
       gbps = x.kv_bytes / t / 1e9
       row.update(time_us=t * 1e6, gbps=gbps, fraction=gbps * 1e9 / ceiling,
+                 fraction_read=gbps * 1e9 / read_bw,
                  tflops=x.flops / t / 1e12, max_err=err,
                  correct=bool(err is not None and err <= tol))
     if knobs:
@@ -596,7 +612,8 @@ def main(argv=None):
   summary = dict(heads=heads, device_kind=kind, backend=jax.default_backend(),
                  jax_version=jax.__version__,
                  dtype=dtype.name, interpret=args.interpret, tiny=args.tiny,
-                 copy_ceiling_gbps=ceiling / 1e9, elapsed_s=elapsed, goals=GOALS,
+                 copy_ceiling_gbps=ceiling / 1e9, read_reference_gbps=read_bw / 1e9,
+                 elapsed_s=elapsed, goals=GOALS,
                  results=results)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -715,7 +732,11 @@ def print_tables(summary) -> tuple[str, str, str]:
   md = report.markdown_table(head, rows)
   notes = (f"{summary['dtype']}, {summary['heads']}"
            + (", INTERPRET MODE, tiny shapes: not performance" if summary["interpret"] else "")
-           + f". Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s. Cells: "
+           + f". Copy ceiling (read+write): {summary['copy_ceiling_gbps']:.0f} GB/s"
+           + (f"; read-only reference (a sum): {summary['read_reference_gbps']:.0f} GB/s (decode "
+              "mostly reads, so a kernel can pass 1.0 of copy: the copy figure is the goal's "
+              "yardstick, not the hardware limit)" if "read_reference_gbps" in summary else "")
+           + ". Cells: "
            "median time per call (fraction of the copy ceiling); 'vs X' = X time / ours, "
            "'mgpu vs X' = X time / ours_mgpu (ours = the Triton kernel), "
            f"measured in the same run; 'int8 / ours' = int8 time / unquantised time (goal "

@@ -130,17 +130,20 @@ def main(argv=None):
                    compiled=sum(r["compiled_steps"] for rs in latency.values() for r in rs),
                    steps=sum(r["steps"] for rs in latency.values() for r in rs))
     for name, rs in results.items():
-      tps = report.median([r["tokens_per_s"] for r in rs])
+      # Every column is the median over the repeats (the counts are the same in each repeat
+      # unless timing changed the schedule).
+      med = {k: report.median([r[k] for r in rs])
+             for k in ("tokens_per_s", "peak_running", "mean_running", "kv_utilization",
+                       "preemptions", "decode_steps", "wall_s", "compile_s")}
       r0 = rs[0]
       rows.append({
           "strategy": name, "block": bs, "slots": r0["slots"],
-          "KV MiB": f"{r0['pool_mib']:.1f}", "tokens/s": f"{tps:.0f}",
-          "vs contiguous": f"{tps / base:.2f}x", "peak seqs": r0["peak_running"],
-          "mean seqs": f"{r0['mean_running']:.1f}",
-          "KV util": f"{100 * report.median([r['kv_utilization'] for r in rs]):.1f}%",
-          "preempt": r0["preemptions"], "decode steps": r0["decode_steps"],
-          "wall s": f"{report.median([r['wall_s'] for r in rs]):.1f}",
-          "compile s": f"{r0['compile_s']:.1f}",
+          "KV MiB": f"{r0['pool_mib']:.1f}", "tokens/s": f"{med['tokens_per_s']:.0f}",
+          "vs contiguous": f"{med['tokens_per_s'] / base:.2f}x",
+          "peak seqs": f"{med['peak_running']:g}", "mean seqs": f"{med['mean_running']:.1f}",
+          "KV util": f"{100 * med['kv_utilization']:.1f}%",
+          "preempt": f"{med['preemptions']:g}", "decode steps": f"{med['decode_steps']:g}",
+          "wall s": f"{med['wall_s']:.1f}", "compile s": f"{med['compile_s']:.1f}",
       })
     for name, rs in latency.items():
       med = {k: report.median([r[k] for r in rs]) for k in LATENCY_KEYS}
@@ -185,17 +188,21 @@ def main(argv=None):
       "`Engine.add_request` on arrival; latencies run on a clock advanced by each engine "
       "step's measured wall time (`workloads.serve_arrivals`: idle gaps skipped, compilation "
       f"excluded; {first['compiled']} of {first['steps']} timed steps compiled). Paged p90 time "
-      f"to first token **{lp['TTFT p90 s']} s vs {lc['TTFT p90 s']} s: {ttft:.1f}x lower** "
-      "(goal >= 2x; per repeat " + ", ".join(f"{x:.1f}x" for x in first["ttft_ratio"])
+      f"to first token {lp['TTFT p90 s']} s vs {lc['TTFT p90 s']} s (each the median over the "
+      "repeats); contiguous / paged p90 TTFT within a repeat: **median "
+      f"{ttft:.1f}x lower** (goal >= 2x; per repeat "
+      + ", ".join(f"{x:.1f}x" for x in first["ttft_ratio"])
       + f"), p90 queueing {lp['queue p90 s']} s vs {lc['queue p90 s']} s, end-to-end p50 "
       f"{lp['E2E p50 s']} s vs {lc['E2E p50 s']} s and p90 {lp['E2E p90 s']} s vs "
       f"{lc['E2E p90 s']} s: arriving requests start at once instead of waiting for one of "
       f"{args.slabs} contiguous slots.\n\n"
       f"**Capacity** (first table): paged / contiguous throughput **{paged['vs contiguous']}** "
-      "(per repeat " + ", ".join(f"{x:.2f}x" for x in first["per_repeat"]) + "), paged KV "
+      "(the ratio of the median tokens/s; within each repeat "
+      + ", ".join(f"{x:.2f}x" for x in first["per_repeat"]) + "), paged KV "
       f"utilisation **{paged['KV util']}** (goal >= 97%), {paged['peak seqs']} vs "
       f"{contig['peak seqs']} sequences at peak. Paged runs "
-      f"{contig['decode steps'] / paged['decode steps']:.1f}x fewer decode steps (more "
+      f"{float(contig['decode steps']) / float(paged['decode steps']):.1f}x fewer decode steps "
+      "(more "
       "sequences per step); whether that buys throughput depends on how much a step's cost "
       "grows with its batch (nearly linear on a small CPU, so not there; nearly flat on a "
       "GPU, where a step's fixed cost dominates).")

@@ -2,7 +2,7 @@
 own fresh process.
 
 The model: a random-weight ``LlamaForCausalLM`` built with ``transformers`` (hidden 512,
-8 layers, 8 query / 2 KV heads, vocab 8192, intermediate 1376, float32: 30.9M parameters),
+8 layers, 8 query / 2 KV heads, vocab 8192, intermediate 1376, float32: 30.5M parameters),
 saved as safetensors and loaded into ours with :func:`~jax_paged_kv.load_hf_checkpoint`. The
 workload: 32 requests with log-normal prompt / output lengths (means ~105 / ~140 tokens),
 greedy, no stop token (every request produces exactly its drawn output length).
