@@ -497,3 +497,26 @@ class AttentionCases:
                                 scale=case.head_dim ** -0.5)
     atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
     np.testing.assert_allclose(out, exact_out, atol=atol, rtol=rtol)
+
+  @pytest.mark.parametrize("kv_quant", QUANT_FORMATS)
+  def test_quantized_small_values_with_float16_queries(self, kv_quant):
+    """float16 queries over a quantised cache of small K / V (V ~ 1e-4): a V scale times a
+    probability is far below float16's normal range, so no path may round it to float16."""
+    case = Case((37, 64, 5), q_len=4, block_size=32, ratio=3, head_dim=64, dtype="float16",
+                seed=5)
+    cache, q, seq_ids, q_lens, layer = build_case(case)
+    small = 1e-4
+    cache = cache.replace(k_pool=(cache.k_pool.astype(jnp.float32) * 1e-2).astype(jnp.float16),
+                          v_pool=(cache.v_pool.astype(jnp.float32) * small).astype(jnp.float16))
+    qcache = quantized_cache(cache, kv_quant)
+    if self.unsupported_format(kv_quant) is not None:
+      pytest.skip(f"{self.implementation} rejects {kv_quant} (test_quantized checks how)")
+    out, lse = self.attend(case, qcache, q, seq_ids, q_lens, layer)
+    deq_k, deq_v = dequantized_pools(qcache)
+    want_out, want_lse = attention_np(q, deq_k, deq_v, layer, np.asarray(cache.block_tables),
+                                      [max(n, 0) for n in case.lengths], q_lens,
+                                      scale=case.head_dim ** -0.5)
+    atol, rtol = TOLERANCES[jnp.dtype(case.dtype)]
+    np.testing.assert_allclose(np.asarray(out, np.float64), want_out, atol=atol * small,
+                               rtol=rtol)
+    np.testing.assert_allclose(np.asarray(lse, np.float64), want_lse, atol=atol, rtol=rtol)

@@ -29,16 +29,16 @@ Design
   scale, soft cap, causal + window mask with ``where`` (-inf), an online softmax in base 2, and
   ``p @ v``. Queries are rounded to the cache dtype (``tl.dot`` needs one operand dtype); f32
   dots use IEEE precision (``Precision.HIGHEST``), not TF32.
-* **Quantised caches** (``cache/quant.py``): the 8-bit tiles are converted exactly to q's
-  dtype. Per-token scales (fp8 K, int8 / fp8 V) multiply the logits per key, or the
+* **Quantised caches** (``cache/quant.py``): the 8-bit tiles are converted exactly to q's dtype
+  (float32 for float16 queries: float16's range would round a small V scale times a probability to a
+  subnormal or 0). Per-token scales (fp8 K, int8 / fp8 V) multiply the logits per key, or the
   probabilities before ``p @ v``. Per-(block, channel) K scales dequantise the step's K tile in
-  registers (each key's page scales come by one gathered load that hits cache), so a step
-  still spans whole pages in one ``q @ k.T``. (Folding the scales into q instead needed a dot
-  per page, and steps of one page ran int8 decode 2-2.8x slower than bfloat16 on an H200.)
-  int4 packs channels ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots
-  over the low and high nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each
-  with its group's per-token scales on ``p``, into its own accumulator and output columns (no
-  concatenation).
+  registers (each key's page scales come by one gathered load that hits cache), so a step still
+  spans whole pages in one ``q @ k.T``. (Folding the scales into q instead needed a dot per page,
+  and steps of one page ran int8 decode 2-2.8x slower than bfloat16 on an H200.) int4 packs channels
+  ``j`` and ``j + head_dim / 2`` in byte ``j``: ``q . k`` is two half-dots over the low and high
+  nibbles, and ``p @ v`` runs per nibble and group of 32 channels, each with its group's per-token
+  scales on ``p``, into its own accumulator and output columns (no concatenation).
 * **Attention fusion** (``new_kv``, decode on unquantised pools): each row's new token comes
   in as ``[kv_heads, head_dim]`` K / V with its position and slot. The pool scan skips that
   position; the first split of each tile folds the new key into its online softmax from
@@ -546,12 +546,12 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
     interpret: run in Pallas interpret mode (any backend; slow, for tests).
     k_scale, v_scale: the scales of a quantised cache (both or neither), in the layout of
       ``quant.scale_shapes`` for the pools' format. The kernel loads the quantised tiles and
-      converts them exactly to q's dtype (int4: the low and high nibbles as two half-width
-      tiles). A K scale per token (``[layers, kv_heads, num_blocks, block_size]``) multiplies
-      the logits per key; one per (block, channel) (``[layers, kv_heads, num_blocks,
-      head_dim]``) multiplies the K tile in registers, key by key. A V scale per token
-      multiplies the probabilities before ``p @ v``; int4's per (token, group of 32 channels)
-      do so for each group's columns.
+      converts them exactly to q's dtype, float32 for a float16 q (int4: the low and high nibbles as
+      two half-width tiles). A K scale per token (``[layers, kv_heads, num_blocks, block_size]``)
+      multiplies the logits per key; one per (block, channel) (``[layers, kv_heads, num_blocks,
+      head_dim]``) multiplies the K tile in registers, key by key. A V scale per token multiplies
+      the probabilities before ``p @ v``; int4's per (token, group of 32 channels) do so for each
+      group's columns.
     new_kv: attention fusion (decode, unquantised pools): ``(k_new, v_new, new_pos,
       new_slot)``, the step's new token per row (``[batch, kv_heads, head_dim]`` in the pools'
       dtype), its position (``int32[batch]``, -1: no new token) and its flat token slot
@@ -613,10 +613,14 @@ def paged_attention_gpu(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
   tiles = -(-rows // tile)
   # [batch, q_len, q_heads, D] -> [batch, kv_heads, rows (token-major), D], padded to the tiles.
   # tl.dot needs both operands in one dtype: queries are rounded to the cache's dtype.
-  # A quantised cache's tiles are converted to q's dtype instead (float32 for other q dtypes).
+  # A quantised cache's tiles are converted to q's dtype instead when it is bfloat16 or
+  # float32, and to float32 otherwise: the probabilities times V's scales (and K times its
+  # channel scales) are rounded to that dtype, and in float16 a small scale times p < 1 is
+  # subnormal or 0 (V ~ 1e-4 lost 2-8% of the output) and a K above 65504 overflows.
   cdt = k_pool.dtype
   if quantized:
-    cdt = q.dtype if q.dtype in _SUPPORTED_DTYPES else jnp.dtype(jnp.float32)
+    cdt = q.dtype if q.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else (
+        jnp.dtype(jnp.float32))
   qr = q.astype(cdt).reshape(batch, q_len, kv_heads, group, head_dim)
   qr = qr.transpose(0, 2, 1, 3, 4)
   qr = qr.reshape(batch, kv_heads, rows, head_dim)
