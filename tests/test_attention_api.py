@@ -7,6 +7,8 @@ be read whole).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +85,8 @@ def test_xla_max_blocks_too_small_gives_nan_for_longer_rows_only():
     (dict(scale=np.array([1.0, 2.0])), pk.CacheShapeError),
     (dict(soft_cap=True), pk.CacheShapeError),
     (dict(soft_cap=float("inf")), pk.CacheShapeError),
+    (dict(soft_cap=1e36), pk.CacheShapeError),  # logits / cap flush to 0 in float32
+    (dict(soft_cap=1e39), pk.CacheShapeError),  # above float32's range
     (dict(sliding_window=2**40), pk.CacheShapeError),
     (dict(return_lse="no"), pk.CacheShapeError),
     (dict(implementation=""), ValueError),
@@ -99,3 +103,17 @@ def test_numpy_scalars_are_accepted_as_static_arguments():
                            sliding_window=np.int64(5), return_lse=np.bool_(False))
   ref = pk.paged_attention(q, cache, seq_ids, layer, scale=0.25, sliding_window=5)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize("impl, knobs", IMPLS)
+def test_the_largest_soft_cap_matches_the_oracle(impl, knobs):
+  """At ``MAX_SOFT_CAP`` every implementation still computes ``c * tanh(s / c)`` (about s)."""
+  from jax_paged_kv.attention.api import MAX_SOFT_CAP
+
+  case, cache, q, seq_ids, q_lens, layer = _setup()
+  out, lse = pk.paged_attention(q, cache, seq_ids, layer, soft_cap=MAX_SOFT_CAP,
+                                return_lse=True, implementation=impl, **knobs)
+  want, want_lse = oracle(dataclasses.replace(case, soft_cap=MAX_SOFT_CAP), cache, q, seq_ids,
+                          q_lens, layer)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse, np.float64), want_lse, atol=2e-5, rtol=2e-5)

@@ -138,10 +138,12 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     seq_ids: ``int32[batch]`` slot ids; padding (negative) and, inside ``jit``, invalid or
       inactive ids give zeros and read nothing.
     layer: ``int32[]`` layer index, may be traced.
-    q_lens: ``int32[batch]`` valid queries per row (ragged prefill; default ``q_len``). Queries
-      past it give zeros.
+    q_lens: ``int32[batch]`` valid queries per row (ragged prefill; default ``q_len``,
+      clipped to each row's length: a row holding fewer tokens has queries at positions 0 to
+      length - 1 only). Queries past it give zeros.
     scale: logit scale, default ``head_dim ** -0.5`` (q is *not* expected pre-scaled).
-    soft_cap: optional logit soft cap ``c``: ``c * tanh(logits / c)``.
+    soft_cap: optional logit soft cap ``c``: ``c * tanh(logits / c)``, ``0 < c <= 1e30``
+      (``MAX_SOFT_CAP``; float32 flushes ``logits / c`` to 0 for larger caps).
     sliding_window: optional window ``w``: a query sees the last ``w`` positions (itself
       included).
     return_lse: also return the float32 log-sum-exp ``[batch, q_len, q_heads]``, for merging
@@ -181,6 +183,12 @@ def _check_return_lse(return_lse) -> None:
     raise CacheShapeError(f"return_lse must be a bool, got {return_lse!r}")
 
 
+# The largest soft cap float32 computes faithfully: logits / cap flushes to 0 only below
+# cap * 2**-126 (1.2e-8 at this cap, under float32 rounding of any logit that matters), and
+# cap * log2(e) (the Triton kernel's base-2 softmax) stays finite. Real caps are 30-50.
+MAX_SOFT_CAP = 1e30
+
+
 def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, *, op):
   """Validates an attention call's query side (trace time; eagerly also the ids and layer)."""
   cfg = cache.config
@@ -205,8 +213,11 @@ def _check_query(q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_wind
                           f"{sliding_window!r}")
   sliding_window = None if sliding_window is None else int(sliding_window)
   soft_cap = _static_float(soft_cap, "soft_cap")
-  if soft_cap is not None and not 0 < soft_cap < float("inf"):
-    raise CacheShapeError(f"soft_cap must be positive and finite, got {soft_cap!r}")
+  if soft_cap is not None and not 0 < soft_cap <= MAX_SOFT_CAP:
+    raise CacheShapeError(
+        f"soft_cap must be positive and at most {MAX_SOFT_CAP:g}, got {soft_cap!r}: in float32 "
+        "a larger cap flushes logits / cap to 0 (every logit capped to 0: uniform attention) "
+        "or overflows; for no cap pass None")
   scale = _static_float(d ** -0.5 if scale is None else scale, "scale")
   if not abs(scale) < float("inf"):  # also NaN
     raise CacheShapeError(f"scale must be finite, got {scale!r}")

@@ -267,6 +267,9 @@ def _paged_attention_kernel(
   row_ok = (r < queries_per_block * group) & (q_idx < n_q)
   q_parts = [q_ref[j] for j in range(halves)]  # [R, head_dim / halves] each
 
+  def precision(x):  # float32 operands: full float32 products (Mosaic's default may not be)
+    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
   def exact_dot(x, y):  # 0/1 selection matmuls: each output is one product, exactly
     return lax.dot_general(x, y, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)
@@ -357,7 +360,7 @@ def _paged_attention_kernel(
       kept_row &= ~((row_page == i) & null)
     s = None
     for qj, kj in zip(q_parts, k_tiles(slot), strict=True):
-      part = lax.dot_general(qj, kj, (((1,), (1,)), ((), ())),
+      part = lax.dot_general(qj, kj, (((1,), (1,)), ((), ())), precision=precision(kj),
                              preferred_element_type=jnp.float32)  # [R, kv]
       s = part if s is None else s + part
     s = s * scale
@@ -385,6 +388,7 @@ def _paged_attention_kernel(
       if not exact:
         pw = p * v_sc if v_mode == "key" else p  # V's per-key scales weight the probabilities
         pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision(v),
                              preferred_element_type=jnp.float32)  # [R, head_dim / halves]
         acc_ref[j] = alpha[:, :1] * acc_ref[j] + pv
         continue
@@ -396,6 +400,7 @@ def _paged_attention_kernel(
       op_dt = compute_dtype
       v_fin = jnp.where(jnp.isfinite(v32), v32, 0.0).astype(op_dt)
       pv = lax.dot_general(p.astype(op_dt), v_fin, (((1,), (0,)), ((), ())),
+                           precision=precision(v_fin),
                            preferred_element_type=jnp.float32)  # [R, head_dim / halves]
       acc = acc_ref[j]
       acc = jnp.where(jnp.isfinite(acc), alpha[:, :1] * acc, acc) + pv
