@@ -140,15 +140,18 @@ def channel_k_error_bound(step, later_widenings, kv_quant: str):
   step ``step`` and how many write calls have touched the block after the value's own
   (``later_widenings``: each may widen the scale once).
 
-  When written, a value is rounded (half a step) or clipped: its channel's scale is a bfloat16
-  rounded toward zero (up to 2^-7 of it lost, ``qmax * 2^-7`` steps at the top of the range),
-  and a write that overflows the range by at most ``WIDEN_SLACK`` steps keeps the old scale; so
-  at most ``max(0.5, WIDEN_SLACK + qmax * 2^-7)`` steps (with 2% for float32 arithmetic).
-  Each later widening requantises it once (half a step of a scale no larger than the final
-  one). Scales only grow, so every term is in final steps.
+  When written, a value is rounded (half a step) or clipped. A write keeps the old scale ``s``
+  when its own scale, a bfloat16 rounded toward zero (so at least ``1 - 2^-7`` of the exact
+  one), is at most ``s * (1 + WIDEN_SLACK / qmax)``; the value it clips is then at most
+  ``(qmax + WIDEN_SLACK) / (1 - 2^-7)`` steps of ``s`` and loses all above ``qmax``. A write
+  that widens stores such a rounded-down scale too, and clips its own largest value the same
+  way (a smaller loss). So at most ``max(0.5, (qmax + WIDEN_SLACK) / (1 - 2^-7) - qmax)``
+  steps, about ``0.5 + (qmax + 0.5) * 2^-7``, plus float32 arithmetic (1e-4 steps). Each later
+  widening requantises it once (half a step of a scale no larger than the final one). Scales
+  only grow, so every term is in final steps.
   """
   qmax = _CHANNEL_QMAX[kv_quant]
-  first = max(0.5, (WIDEN_SLACK + qmax * 2.0**-7) * 1.02)
+  first = max(0.5, (qmax + WIDEN_SLACK) / (1 - 2.0**-7) - qmax) + 1e-4
   return np.asarray(step) * (first + 0.5 * np.asarray(later_widenings))
 
 

@@ -297,8 +297,9 @@ def test_int4_sizes():
 def test_config_rejects_unknown_formats():
   with pytest.raises(ValueError, match="kv_quant"):
     _config("int3")
-  with pytest.raises(ValueError, match="int4"):
-    _config("int4", head_dim=48)
+  for head_dim in (48, np.int64(48), np.int32(33), 3):  # NumPy integers are checked too
+    with pytest.raises(ValueError, match="int4"):
+      _config("int4", head_dim=head_dim)
   assert pk.init_cache(_config(None)).k_scale is None  # unquantised: no scale leaves
 
 
@@ -649,3 +650,21 @@ def test_rollback_of_an_outlier_narrows_the_block_channel_scales(kv_quant):
   assert (np.abs(got - k[0, 0, 3, 0]) <= step * (0.5 + 0.5) + 1e-6).all()  # before: read 0
   assert np.abs(k[0, 0, 3, 0]).max() < 0.5 * 1e4 / qmax  # the old scale rounds it all to 0
   assert np.abs(got).max() > 0
+
+
+def test_channel_k_clip_at_the_widening_threshold_is_within_the_stated_bound():
+  """The worst clip: a value whose rounded-down bfloat16 scale sits just under the widening
+  threshold keeps the old scale and loses ``(qmax + 0.5) / (1 - 2^-7) - qmax`` steps at most
+  (more than the ``0.5 + qmax * 2^-7`` an earlier README stated)."""
+  cfg = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=3, max_seqs=1,
+                       max_seq_len=8, block_size=8, kv_quant="int8")
+  cache, _ = pk.allocate_sequences(pk.init_cache(cfg), [0])
+  big = np.nextafter(np.float32(255.984375), np.float32(0))  # its scale truncates to 2.0
+  for x in (np.float32(253.01), big):  # the first sets the scale to bfloat16 1.9921875
+    k = jnp.asarray(np.array([x, 1.0], np.float32).reshape(1, 1, 1, 1, 2))
+    cache, _ = pk.append_kv(cache, k, k, [0])
+  step = float(cache.k_scale[0, 0, 1, 0])
+  assert step == 1.9921875  # not widened: 2.0 <= 1.9921875 * (1 + 0.5 / 127)
+  got = np.asarray(pk.lookup_kv(cache, [0], 0, max_len=2)[0], np.float64)[0, 1, 0, 0]
+  err = (np.float64(big) - got) / step
+  assert 0.5 + 127 * 2**-7 < err <= channel_k_error_bound(step, 0, "int8") / step

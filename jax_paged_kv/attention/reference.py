@@ -14,11 +14,13 @@ Kernel contract (every implementation in this package has this signature)::
   (``<= q_len`` and ``<= kv_lens``). Query ``i`` of row ``b`` sits at position
   ``kv_lens[b] - q_lens[b] + i`` and sees keys at positions ``p`` with
   ``p <= its position`` (causal) and, with a sliding window ``w``, ``p > position - w``.
-* ``k_scale``, ``v_scale`` (keyword, optional): a quantised cache's float32 scales
-  in the pools' block layout (:mod:`jax_paged_kv.cache.quant`); the pools then hold ``int8`` /
-  ``float8_e4m3fn`` values (key ``p`` of head ``h`` is ``pool[layer, h, blk, off] *
-  scale[layer, h, blk, off]``) or packed int4 (``uint8[..., head_dim / 2]``, K scales per
-  block and channel, V scales per token and group of 32 channels). Implementations dequantise
+* ``k_scale``, ``v_scale`` (keyword, optional): a quantised cache's scales in the pools'
+  block layout (:mod:`jax_paged_kv.cache.quant`, ``quant.scale_shapes``); the pools then hold
+  ``float8_e4m3fn`` values with float32 scales per token (value ``pool[layer, h, blk, off] *
+  scale[layer, h, blk, off]``), ``int8`` values (K: bfloat16 scales per block and channel,
+  ``pool[layer, h, blk, off, c] * k_scale[layer, h, blk, c]``; V: float32 per token), or
+  packed int4 (``uint8[..., head_dim / 2]``, K scales per block and channel, V scales per
+  token and group of 32 channels). Implementations dequantise
   the pages they read, on the fly: never a dequantised copy of the pool.
 * ``scale``: multiplies ``q . k`` (default ``head_dim ** -0.5``); ``soft_cap``: logits become
   ``soft_cap * tanh(logits / soft_cap)`` after scaling.

@@ -110,10 +110,6 @@ class CacheConfig:
 
   def __post_init__(self):
     quant.check_format(self.kv_quant)
-    if self.kv_quant == "int4" and isinstance(self.head_dim, int) and (
-        self.head_dim % 2 or self.head_dim % quant.int4_group(self.head_dim)):
-      raise ValueError(f"kv_quant='int4' needs an even head_dim that is a multiple of "
-                       f"{quant.INT4_GROUP} (or below it), got {self.head_dim=}")
     for name in ("num_layers", "num_kv_heads", "head_dim", "num_blocks", "max_seqs",
                  "max_seq_len", "block_size"):
       value = getattr(self, name)
@@ -122,6 +118,11 @@ class CacheConfig:
       if value < 1:
         raise ValueError(f"CacheConfig.{name} must be >= 1, got {name}={value}")
       object.__setattr__(self, name, int(value))
+    # After the conversion: a NumPy integer head_dim gets the same check as an int.
+    if self.kv_quant == "int4" and (
+        self.head_dim % 2 or self.head_dim % quant.int4_group(self.head_dim)):
+      raise ValueError(f"kv_quant='int4' needs an even head_dim that is a multiple of "
+                       f"{quant.INT4_GROUP} (or below it), got head_dim={self.head_dim}")
     # Positions and token slots are int32 on device, and num_blocks * block_size is the
     # "no token" slot: every one of them must fit, or a sum wraps.
     top = np.iinfo(np.int32).max
@@ -234,14 +235,15 @@ class CacheConfig:
   @property
   def k_scale_shape(self) -> tuple[int, ...]:
     """``k_scale``'s shape: ``[layers, kv_heads, num_blocks, block_size]`` (a scale per token
-    and head) for int8 / fp8; ``[layers, kv_heads, num_blocks, head_dim]`` (per block and
-    channel) for int4."""
+    and head) for fp8; ``[layers, kv_heads, num_blocks, head_dim]`` (per block and channel)
+    for int8 and int4."""
     return quant.scale_shapes(self.kv_quant, self.pool_shape)[0]
 
   @property
   def v_scale_shape(self) -> tuple[int, ...]:
-    """``v_scale``'s shape: as ``k_scale`` for int8 / fp8; ``[layers, kv_heads, num_blocks,
-    block_size, head_dim / 32]`` (per token and group of 32 channels) for int4."""
+    """``v_scale``'s shape: ``[layers, kv_heads, num_blocks, block_size]`` for int8 / fp8;
+    ``[layers, kv_heads, num_blocks, block_size, head_dim / 32]`` (per token and group of 32
+    channels) for int4."""
     return quant.scale_shapes(self.kv_quant, self.pool_shape)[1]
 
   def contiguous_block(self, slot, j):

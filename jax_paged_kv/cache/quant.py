@@ -38,11 +38,11 @@ keep their meaning (scales move with their block).
 No NaN or Inf from finite input: an all-zero token gets scale 0 (and dequantises to exactly 0),
 values are divided by ``max|x|`` (after an exact power-of-two normalisation) before the
 format's range is applied, so a huge ``max|x|`` cannot overflow or flush ``1 / s``, and codes are
-clipped into the format's range. A non-finite input value makes its token's scale non-finite
-(int8 / int4 K: its block's channel scale), so that (token, KV head) (that block's channel)
-reads back as NaN: the attention
-contract for non-finite V then applies to the whole head vector (quantisation cannot keep one
-dim's NaN apart from its neighbours; an Inf reads back as NaN too).
+clipped into the format's range. A non-finite input value makes its scale non-finite, so what
+shares that scale reads back as NaN: its (token, KV head) for int8 / fp8 V and fp8 K, its
+token's group of 32 channels for int4 V, its block's channel for int8 / int4 K. The attention
+contract for non-finite V then applies to those values (quantisation cannot keep one dim's NaN
+apart from its neighbours; an Inf reads back as NaN too).
 """
 
 from __future__ import annotations
@@ -290,7 +290,8 @@ def quantize(x: Array, kv_quant: str) -> tuple[Array, Array]:
   y = jnp.clip(unit * qmax, -qmax, qmax)
   if kv_quant == "int8":
     y = jnp.round(y)
-  # amax / qmax underflows to 0 only for denormal tokens: they read back as 0.
+  # amax / qmax is a float32 subnormal (flushed to 0 by XLA on CPU) below qmax * 2^-126:
+  # such tiny tokens (under ~1.5e-36 for int8) read back as 0, an absolute error < 1e-35.
   scale = jnp.where(nonzero | ~jnp.isfinite(amax), amax / qmax, 0.0)
   y = jnp.where(jnp.isfinite(y), y, 0.0)  # the non-finite scale carries a non-finite token
   return y.astype(_STORAGE[kv_quant]), scale[..., 0].astype(SCALE_DTYPE)

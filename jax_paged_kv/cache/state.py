@@ -59,10 +59,11 @@ class PagedKVCache:
       bit patterns with ``config.pool_bits``: read them with :func:`pool_values`).
     v_pool: same shape and dtype, values.
     k_scale: the key scales of a quantised cache, in the pool's block layout (``None``, an
-      empty subtree, otherwise): ``float32[layers, kv_heads, num_blocks, block_size]`` for int8
-      / fp8, ``bfloat16[layers, kv_heads, num_blocks, head_dim]`` (per block and channel) for
-      int4 (whose pools are ``uint8[..., head_dim / 2]``).
-    v_scale: the value scales: as ``k_scale`` for int8 / fp8, ``bfloat16[layers, kv_heads,
+      empty subtree, otherwise): ``float32[layers, kv_heads, num_blocks, block_size]`` (per
+      token) for fp8, ``bfloat16[layers, kv_heads, num_blocks, head_dim]`` (per block and
+      channel) for int8 and int4 (whose pools are ``uint8[..., head_dim / 2]``).
+    v_scale: the value scales: ``float32[layers, kv_heads, num_blocks, block_size]`` for int8
+      / fp8, ``bfloat16[layers, kv_heads,
       num_blocks, block_size, head_dim / 32]`` for int4.
     block_tables: ``int32[max_seqs, table_width]``; entry ``j`` of slot ``s`` is the physical block
       holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
