@@ -267,3 +267,24 @@ def test_preemption_with_prefix_caching_matches_recomputation():
   assert [o.tokens for o in outs] == refs
   assert engine.metrics.preemptions > 0 and engine.metrics.prefix_hits > 0
   assert_all_free_or_cached(engine)
+
+
+def test_new_params_drop_the_cached_prefixes_and_wait_for_an_idle_engine():
+  """K/V cached under the old weights are never served after ``engine.params`` changes (the
+  root hash names the model config, not the weights), and the weights cannot change under a
+  request in flight."""
+  new_params = init_params(SMALL, jax.random.PRNGKey(99), scale=2.0)
+  prompt = list(range(1, 14))
+  engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
+  engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
+  engine.step()
+  with pytest.raises(ValueError, match="in flight"):
+    engine.params = new_params
+  engine.run()
+  assert cache_stats(engine.cache).used_blocks > 0  # the finished prompt's blocks are cached
+  engine.params = new_params
+  assert int(cache_stats(engine.cache).used_blocks) == 0
+  rid = engine.add_request(prompt + [5], SamplingParams(max_new_tokens=NEW))
+  engine.run()
+  assert engine.metrics.cached_prompt_tokens == 0
+  assert engine.finished[rid].tokens == reference_greedy(new_params, SMALL, prompt + [5], NEW)

@@ -172,7 +172,7 @@ class Engine:
     if preemption == "swap" and cc.strategy is not CacheStrategy.PAGED:
       raise ValueError("preemption='swap' needs a PAGED cache")
     self.preemption = preemption
-    self.params = params
+    self._params = params
     self.model = model
     self.cache_config = cc
     if max_batch is not None:  # 0 or -1 would admit nothing, and run() would wait forever
@@ -296,6 +296,27 @@ class Engine:
   @property
   def has_work(self) -> bool:
     return bool(self.scheduler.waiting or self.scheduler.running)
+
+  @property
+  def params(self) -> Params:
+    """The model parameters every step runs with."""
+    return self._params
+
+  @params.setter
+  def params(self, params: Params) -> None:
+    """Replaces the parameters (new weights, or the same ones placed on other devices).
+
+    Only between runs: requests in flight hold K/V the old weights computed, so assigning while
+    any request is waiting or running raises ``ValueError``. Cached prefix blocks were computed
+    with the old weights too: they are dropped (``reset_prefix_cache``), so no later request
+    reuses them.
+    """
+    if self.has_work:
+      raise ValueError(
+          f"Engine.params can change only when no request is in flight ({self.num_running} "
+          f"running, {self.num_waiting} waiting): their K/V were computed with the old weights")
+    self.reset_prefix_cache()
+    self._params = params
 
   @property
   def finished(self) -> dict[int, RequestOutput]:
