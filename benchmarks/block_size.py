@@ -89,8 +89,9 @@ def utilization(block_size: int, snapshots: list[np.ndarray]) -> dict:
 
 
 def step_timers(model, params, lengths: np.ndarray, block_sizes, extra: int):
-  """One timed decode-step closure per block size (compiled and warmed up)."""
-  timers = {}
+  """One timed decode-step closure per block size (compiled and warmed up), and each one's
+  :func:`report.first_call` (wall, compile seconds)."""
+  timers, first = {}, {}
   tokens = np.ones(len(lengths), np.int32)
   for bs in tqdm(block_sizes, desc="block_size: compile", unit="block", leave=False):
     max_len = int(lengths.max()) + extra
@@ -107,9 +108,10 @@ def step_timers(model, params, lengths: np.ndarray, block_sizes, extra: int):
                                               max_blocks=max_blocks)
       return logits
 
-    report.repeat(step, repeats=0, warmup=2)
+    first[bs] = report.first_call(step)  # the cold start: compile + one step
+    report.repeat(step, repeats=0, warmup=1)
     timers[bs] = step
-  return timers
+  return timers, first
 
 
 def plot(rows) -> str:
@@ -185,7 +187,7 @@ def main(argv=None):
   model = model_config(args.model)
   params = init_params(model, jax.random.PRNGKey(0))
   lengths = snapshot_lengths(args.batch, rng)
-  timers = step_timers(model, params, lengths, BLOCK_SIZES, extra=args.repeats + 8)
+  timers, first = step_timers(model, params, lengths, BLOCK_SIZES, extra=args.repeats + 8)
   samples = {bs: [] for bs in BLOCK_SIZES}
   for _ in tqdm(range(args.repeats), desc="block_size: decode step", unit="round"):
     for bs, step in timers.items():  # round-robin: load from elsewhere hits all alike
@@ -194,13 +196,15 @@ def main(argv=None):
 
   base = step_ms[DEFAULT_BLOCK]
   rows = [{"block": bs, **util[bs], "step_ms": step_ms[bs], "step_ratio": step_ms[bs] / base,
-           "util_ratio": util[bs]["utilization"] / util[DEFAULT_BLOCK]["utilization"]}
+           "util_ratio": util[bs]["utilization"] / util[DEFAULT_BLOCK]["utilization"],
+           "first_call_s": first[bs][0], "compile_s": first[bs][1]}
           for bs in BLOCK_SIZES]
   cols = ["block", "KV util", "util vs 16", "waste tokens/seq", "decode step ms",
-          "step vs 16"]
+          "step vs 16", "first call s", "compile s"]
   table = [[r["block"], f"{100 * r['utilization']:.1f}%", f"{r['util_ratio']:.3f}",
             f"{r['waste_tokens_per_seq']:.1f}", f"{r['step_ms']:.2f}",
-            f"{r['step_ratio']:.2f}"] for r in rows]
+            f"{r['step_ratio']:.2f}", f"{r['first_call_s']:.2f}", f"{r['compile_s']:.2f}"]
+           for r in rows]
   print(f"\nmachine: {report.machine_name()}\n")
   print(report.text_table(cols, table))
   chosen, why = conclusion(rows)
@@ -210,7 +214,8 @@ def main(argv=None):
            "checked against the hand count. Decode step: `decode_step` of the "
            f"`{args.model}` model on {args.batch} such rows, XLA attention, median of "
            f"{args.repeats} round-robin repeats; ratios against block {DEFAULT_BLOCK} in the "
-           f"same run. {why}")
+           f"same run. Cold start: each block size's first decode step (compile + one step) "
+           f"and the JAX compile time inside it. {why}")
   print("\n" + notes)
   path = report.save("block_size", title="Block size: KV utilisation and decode-step time",
                      markdown=report.markdown_table(cols, table), notes=notes, plot=plot(rows),

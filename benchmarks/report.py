@@ -127,6 +127,20 @@ def repeat(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[
   return times
 
 
+def first_call(fn: Callable[[], object]) -> tuple[float, float]:
+  """``(wall seconds, compile seconds)`` of a call of ``fn`` (its result blocked until ready):
+  call it first, and the wall time is the cold start a user pays for that shape. The compile
+  seconds are JAX's own tracing, lowering and compilation inside the call (its compile
+  events), 0 when this process compiled the same programs before."""
+  from jax_paged_kv.serving.engine.metrics import compile_timer
+
+  with compile_timer() as compiling:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    wall = time.perf_counter() - t0
+  return wall, compiling[0]
+
+
 def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs))
 
