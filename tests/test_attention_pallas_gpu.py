@@ -484,7 +484,8 @@ def test_write_and_attend_fused_equals_write_then_attend():
   for a, b in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  tables, lens = pk.cache.ops.gather_tables(want_cache, ids)
+  # Rows 0-2 hold 7, 16 and 20 tokens plus the new one (slots 0-2 of the cache, in order).
+  tables, lens = np.asarray(want_cache.block_tables)[:3], np.array([8, 17, 21])
   ref, _ = attention_np(q, want_cache.k_pool, want_cache.v_pool, 1, tables, lens, np.ones(3),
                         scale=32 ** -0.5)
   np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=2e-5)
@@ -498,7 +499,8 @@ def test_write_and_attend_fused_equals_write_then_attend():
   for a, b in zip(jax.tree_util.tree_leaves(out_cache), jax.tree_util.tree_leaves(cache),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  tables, lens = pk.cache.ops.gather_tables(cache, ids)  # attention over the unwritten cache
+  tables = np.asarray(cache.block_tables)[:3]  # attention over the unwritten cache: the new
+  lens = np.array([8, 17, 21])  # tokens' slots are reserved but hold the pools' old values
   ref, _ = attention_np(q, cache.k_pool, cache.v_pool, 1, tables, lens, np.ones(3),
                         scale=32 ** -0.5)
   np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)

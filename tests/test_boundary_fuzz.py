@@ -582,8 +582,9 @@ def test_fuzz_lookup(data):
   k, v, lens = call(BASE)
   m = CFG.max_seq_len if max_len is None else max_len
   wk, wv, wl = _expected_read(iv, lay)
-  np.testing.assert_array_equal(np.asarray(k), wk[:, :m] if m <= CFG.max_seq_len else np.pad(
-      wk, ((0, 0), (0, m - CFG.max_seq_len), (0, 0), (0, 0))))
+  pad = ((0, 0), (0, max(m - CFG.max_seq_len, 0)), (0, 0), (0, 0))
+  np.testing.assert_array_equal(np.asarray(k), np.pad(wk, pad)[:, :m])
+  np.testing.assert_array_equal(np.asarray(v), np.pad(wv, pad)[:, :m])
   np.testing.assert_array_equal(np.asarray(lens), np.minimum(wl, m))
   record("lookup_kv", "ok")
   jids, jl = jit_form(ids), jit_form(layer)
@@ -594,6 +595,7 @@ def test_fuzz_lookup(data):
     wk, wv, wl = _expected_read(tv, traced_values(jl, "layer"))
     np.testing.assert_array_equal(np.asarray(lens), np.minimum(wl, m))
     np.testing.assert_array_equal(np.asarray(k)[:, :CFG.max_seq_len], wk[:, :m])
+    np.testing.assert_array_equal(np.asarray(v)[:, :CFG.max_seq_len], wv[:, :m])
     record("lookup_kv (jit)", "ok")
 
 

@@ -405,7 +405,7 @@ def test_both_sides_copying_the_same_block_in_one_batch_frees_it():
   assert pk.check_invariants(cache).ok
 
 
-def test_truncate_frees_emptied_blocks_and_rewrites():
+def test_truncate_frees_emptied_blocks_and_keeps_the_rest():
   rng = np.random.default_rng(9)
   cfg = small_config()
   cache = filled_cache(rng, cfg)

@@ -315,6 +315,12 @@ def test_checking_mode_raises_inside_jit_with_the_eager_message(name, ids):
     eager = None
   except pk.PagedKVCacheError as e:
     eager = e
+  # Slot 3 is inactive and 9 out of range for every op; slot 0 is valid, but truncating it by
+  # 6 tokens (more than its 5) is not.
+  want = {3: pk.InactiveSlotError, 9: pk.InvalidSlotError}.get(ids[0])
+  if name == "truncate_sequences" and ids == [0]:
+    want = pk.InvalidCountError
+  assert type(eager) is (type(None) if want is None else want), eager
   checked = pk.checked(fn)
   if eager is None:
     out = checked(cache, ids_arr)
@@ -373,7 +379,7 @@ def test_default_path_has_no_callback_or_check():
 # isolation property: unowned memory and masked positions cannot change any output
 
 import hypothesis.strategies as st  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 
 # Geometry every kernel takes (the GPU kernel wants head_dim >= 16, the TPU one 8-token pages).
 ISO_CFG = pk.CacheConfig(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=16, max_seqs=5,
@@ -438,10 +444,11 @@ def _reads(cache, q, ids, q_lens, window, implementation):
   return tuple(np.asarray(x) for x in _read_fn(window, implementation)(cache, q, ids, q_lens))
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), window=st.sampled_from([None, 3, 6]),
-       implementation=st.sampled_from(["xla", "xla", "pallas_gpu", "pallas_tpu"]))
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("window", [None, 3, 6])
+@settings(max_examples=1, deadline=None, derandomize=True,  # 9 cases: one per combination
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(seed=st.integers(0, 2**16))
 def test_unowned_memory_and_masked_v_never_reach_an_output(seed, window, implementation):
   rng = np.random.default_rng(seed)
   cache = _workload(rng, 12)
@@ -457,15 +464,16 @@ def test_unowned_memory_and_masked_v_never_reach_an_output(seed, window, impleme
   assert np.all(np.isfinite(clean[2]))
   # A sequence's own V poisoned at a position some of its chunk's queries cannot see (later
   # in the chunk, or before their window): those queries are unchanged, and so is everyone else.
-  live = [s for s in range(ISO_CFG.max_seqs) if lens[s] >= 2]
-  if not live:
-    return
+  # A row whose last token's block no fork shares (poisoning a shared block would change the
+  # other sequence's data); a workload without one is redrawn, never silently passed.
+  tables = np.asarray(cache.block_tables)
+  refs = np.asarray(cache.allocator.ref_counts)
+  live = [s for s in range(ISO_CFG.max_seqs)
+          if lens[s] >= 2 and refs[tables[s, (lens[s] - 1) // ISO_CFG.block_size]] == 1]
+  assume(live)
   s = int(rng.choice(live))
   p = int(lens[s]) - 1  # the chunk's last token: queries before it cannot see it
-  tables = np.asarray(cache.block_tables)
   blk, off = tables[s, p // ISO_CFG.block_size], p % ISO_CFG.block_size
-  if np.asarray(cache.allocator.ref_counts)[blk] > 1:
-    return  # a block shared by a fork: poisoning it would change the other sequence's data
   bad = cache.replace(v_pool=cache.v_pool.at[0, :, blk, off].set(jnp.nan))
   ref = _reads(cache, q, ids, q_lens, window, implementation)[2]
   got = _reads(bad, q, ids, q_lens, window, implementation)[2]

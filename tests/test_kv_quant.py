@@ -138,7 +138,7 @@ def test_write_kv_quantises_and_lookup_dequantises(kv_quant):
         else:  # within the format's relative step of the token's max|x|
           bound = REL_ERR[kv_quant] * np.abs(x).max(axis=-1, keepdims=True)
         assert (np.abs(got - x) <= bound * (1 + 1e-5)).all()
-        assert (np.asarray(k[r, n:]) == 0).all()
+      assert (np.asarray(k[r, n:]) == 0).all() and (np.asarray(v[r, n:]) == 0).all()
 
 
 @pytest.mark.parametrize("kv_quant", ALL_FORMATS)
@@ -530,9 +530,10 @@ def _rope(x, pos, base=10000.0):
 def test_channel_k_decode_appends_of_rotary_keys_stay_near_whole_block_writes(kv_quant):
   """Keys as a RoPE model makes them (a few large constant channels, rotated by position) turn
   a block's channel ranges into ramps, so decode appends widen the scales token after token.
-  Their attention error stays within 1.4x that of the same keys written a whole block at a time
-  (both against float64 on the true data; widening to at least twice the old scale, the rule
-  before, measured 1.4-1.8x for int4 and 1.1-2.0x for int8 here)."""
+  Their attention error stays within 1.25x (int8) / 1.3x (int4) that of the same keys written a
+  whole block at a time (both against float64 on the true data; now 1.20x / 1.00x). Widening to
+  at least twice the old scale, the rule before, measures 1.31x / 1.70x here: both gates catch
+  it."""
   batch, n, heads, d, bs = 4, 128, 2, 64, 16
   rng = np.random.default_rng(0)
   mu = rng.standard_normal((heads, d)) * 0.5
@@ -562,7 +563,7 @@ def test_channel_k_decode_appends_of_rotary_keys_stay_near_whole_block_writes(kv
     want, _ = attention_np(q, kp, vp, 0, tables, [n] * batch, [1] * batch, scale=d ** -0.5)
     errs[chunk] = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
   assert errs[bs] <= INCREMENTAL_BOUNDS[kv_quant][1], errs
-  assert errs[1] <= 1.4 * errs[bs], errs
+  assert errs[1] <= {"int8": 1.25, "int4": 1.3}[kv_quant] * errs[bs], errs
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf], ids=["nan", "inf"])

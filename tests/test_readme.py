@@ -4,6 +4,8 @@ one's own run through generate and the Engine."""
 import pathlib
 import re
 
+import numpy as np
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
@@ -19,6 +21,16 @@ def test_quickstart_runs(capsys):
   namespace = run_block("pk.CacheConfig(")
   cache = namespace["cache"]
   pk = namespace["pk"]
+  # Every V is 1, so any query's attention output is exactly 1; lookup_kv returns rows 0 (40
+  # tokens) and 1 (7 tokens) of ones, zero-padded to max_seq_len.
+  np.testing.assert_array_equal(np.asarray(namespace["out"]), np.ones((2, 1, 8, 64)))
+  keys, values, lens = (np.asarray(x) for x in (namespace["keys"], namespace["values"],
+                                                namespace["lens"]))
+  np.testing.assert_array_equal(lens, [40, 7])
+  want = np.zeros((2, 1024, 2, 64), np.float32)
+  want[0, :40] = want[1, :7] = 1.0
+  np.testing.assert_array_equal(keys, want)
+  np.testing.assert_array_equal(values, want)
   # Hand count: slot 0 holds 40 - 5 = 35 tokens in ceil(35 / 16) = 3 blocks, nothing else lives.
   stats = pk.cache_stats(cache).as_dict()
   assert stats["active_sequences"] == 1 and stats["tokens_stored"] == 35
@@ -26,9 +38,32 @@ def test_quickstart_runs(capsys):
   assert "utilization" in capsys.readouterr().out
 
 
+def _my_model_greedy(params, prompt, steps):
+  """float64 NumPy greedy decoding of the README's ``MyModel``: full causal recomputation of
+  the whole sequence at every step (two heads of 32, no positions, residual attention only)."""
+  embed = np.asarray(params["embed"], np.float64)
+  wqkv = np.asarray(params["layers"]["wqkv"], np.float64)
+  wo = np.asarray(params["layers"]["wo"], np.float64)
+  seq = list(prompt)
+  for _ in range(steps):
+    x = embed[seq]  # [T, 64]
+    t = len(seq)
+    for layer in range(2):
+      q, k, v = (a.reshape(t, 2, 32) for a in np.split(x @ wqkv[layer], 3, axis=-1))
+      s = np.einsum("qhd,khd->hqk", q, k) * 32 ** -0.5
+      s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      o = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v)
+      x = x + o.reshape(t, 64) @ wo[layer]
+    seq.append(int(np.argmax(x[-1] @ embed.T)))
+  return seq[len(prompt):]
+
+
 def test_own_model_runs_through_generate_and_engine():
   namespace = run_block("class MyModel")
+  params = namespace["params"]
   outs = namespace["outs"]
-  assert [len(o) for o in outs] == [8, 8]
-  assert all(0 <= t < 256 for o in outs for t in o)
+  assert [list(o) for o in outs] == [_my_model_greedy(params, p, 8) for p in ([1, 2, 3], [4, 5])]
+  (engine_out,) = namespace["engine"].finished.values()
+  assert engine_out.tokens == _my_model_greedy(params, [7, 8, 9], 8)
   assert namespace["engine"].metrics.generated_tokens == 8

@@ -47,8 +47,7 @@ def filled_cache(cfg, rng):
   return cache
 
 
-@pytest.mark.parametrize("kv_quant", [None, "int8",
-                                      pytest.param("int4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
 def test_swap_round_trip_is_bitwise(kv_quant):
   cfg = dataclasses.replace(CFG, kv_quant=kv_quant)
   rng = np.random.default_rng(0)

@@ -94,10 +94,23 @@ def test_frees_exactly_the_blocks_no_future_query_sees(window, sink_tokens):
       for p in range(n):
         want = 0.0 if p // 4 in gone else k[layer, r, p]
         np.testing.assert_allclose(np.asarray(got_k[r, p]), want, rtol=1e-6, atol=0)
-  # A second call frees nothing more; a smaller window frees more, never a kept sink block.
+  # A second call frees nothing more.
   cache, freed2, _ = pk.free_outside_window(cache, jnp.arange(3), window=window,
                                             sink_tokens=sink_tokens)
   assert np.all(np.asarray(freed2) == 0)
+  _assert_invariants(cache)
+  # A smaller window frees more (against the model), never a kept sink block.
+  tables = np.asarray(cache.block_tables).copy()
+  cache, freed3, _ = pk.free_outside_window(cache, jnp.arange(3), window=max(window // 2, 1),
+                                            sink_tokens=sink_tokens)
+  for r, n in enumerate(lengths):
+    gone_now = set(_model_freed(n, 4, max(window // 2, 1), sink_tokens))
+    gone_before = set(_model_freed(n, 4, window, sink_tokens))
+    assert int(freed3[r]) == len(gone_now - gone_before), r
+    for j in range(-(-n // 4)):
+      assert (np.asarray(cache.block_tables)[r, j] == 0) == (j in gone_now), (r, j)
+      if j < -(-sink_tokens // 4):
+        assert np.asarray(cache.block_tables)[r, j] == tables[r, j] != 0  # sinks kept
   _assert_invariants(cache)
 
 
@@ -260,12 +273,24 @@ def _implementations():
 def test_attention_sees_exactly_the_kept_keys(implementation, knobs, dtype, q_len):
   """Sinks + holes inside full attention's range: the freed blocks' data (and the null block,
   NaN here) never reach an output."""
+  _check_kept_keys(implementation, knobs, dtype, q_len, (150, 70, 9),
+                   {0: [2, 3, 4, 6], 1: [1, 2]})  # row 2 keeps everything
+
+
+@pytest.mark.parametrize("implementation, knobs, dtype", [  # without their slow marks
+    pytest.param(*p.values, id=p.id) for p in _implementations()
+    if p.id in ("pallas_tpu", "pallas_mgpu")])
+def test_the_slow_kernels_mask_holes_in_a_small_case(implementation, knobs, dtype):
+  """The TPU and Mosaic GPU kernels' hole masks on every CI run (their full cases are slow)."""
+  _check_kept_keys(implementation, {**knobs}, dtype, 1, (48, 20), {0: [1]})
+
+
+def _check_kept_keys(implementation, knobs, dtype, q_len, lengths, holes):
   bs = 8 if implementation == "pallas_tpu" else 16
-  case = Case((150, 70, 9), block_size=bs, ratio=2, head_dim=64, q_len=q_len, dtype=dtype)
+  case = Case(lengths, block_size=bs, ratio=2, head_dim=64, q_len=q_len, dtype=dtype)
   cache, q, seq_ids, q_lens, layer = build_case(case)
   tables = np.asarray(cache.block_tables)
   kept = tables > 0
-  holes = {0: [2, 3, 4, 6], 1: [1, 2]}  # row 2 keeps everything
   holes = {r: [j * 16 // bs for j in js] for r, js in holes.items()}
   holed = tables.copy()
   for r, js in holes.items():
@@ -348,15 +373,15 @@ def test_sliding_window_model_generates_the_same_tokens_in_o_of_the_window():
   assert max(peak) <= -(-8 // 4) + 1  # the window's blocks plus the one being filled
 
 
-@pytest.mark.slow
-def test_attention_sinks_match_a_float64_model_that_sees_the_same_keys():
+@pytest.mark.parametrize("steps", [18, pytest.param(40, marks=pytest.mark.slow)])
+def test_attention_sinks_match_a_float64_model_that_sees_the_same_keys(steps):
   """StreamingLLM on a full-attention model: each query sees its sink blocks and the blocks
   the window had not yet freed when it ran; a float64 recomputation with that mask (per query
-  position) must give the same greedy tokens, and the held blocks stay bounded."""
+  position) must give the same greedy tokens, and the held blocks stay bounded. (18 steps:
+  both rows have freed blocks by the end.)"""
   params = init_params(SMALL, jax.random.PRNGKey(4), scale=2.0)
   bs, window, sinks = 4, 12, 4
   prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [27, 18, 28, 18]]
-  steps = 40
   outs, peak = _generate_with_eviction(SMALL, params, prompts, steps, evict=(window, sinks))
   assert max(peak) <= -(-window // bs) + 1 + -(-sinks // bs)
   for prompt, got in zip(prompts, outs, strict=True):
