@@ -427,7 +427,7 @@ class Engine:
 
   # ---- pieces --------------------------------------------------------------------------------
 
-  def _timed(self, key: tuple, fn, *args, **kwargs):
+  def _run_program(self, key: tuple, fn, *args, **kwargs):
     """Calls ``fn``, recording its static shape and sampling mode (:attr:`compiled_shapes`)."""
     self._compiled.add((*key, kwargs.get("all_greedy", False)))
     return fn(*args, **kwargs)
@@ -444,7 +444,7 @@ class Engine:
     tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
     _, temp, top_k, top_p, keys = self.batcher.sampling_rows([r for r, _ in rows], width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
-    self.cache, nxt, _, status = self._timed(
+    self.cache, nxt, _, status = self._run_program(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled)
@@ -559,7 +559,7 @@ class Engine:
     max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
     mb = self.batcher.max_blocks(max_len)
     key = ("decode", width, mb)
-    self.cache, state, out, n_steps, status = self._timed(
+    self.cache, state, out, n_steps, status = self._run_program(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
         implementation=self.implementation, max_blocks=mb, evict=self.evict,
