@@ -28,8 +28,8 @@ BENCHMARKS = {
     "decode_step": "one decode step, paged vs contiguous cache",
     "serving": "request mix through the engine, paged vs contiguous at equal memory",
     "block_size": "KV utilisation and step time for block sizes 8..128",
-    "reliability": "bad-input fuzz cases held/broken, soak steps, blocks leaked, mismatches",
-    "kv_quant": "int8 / fp8 KV: bytes per token, capacity, attention time, accuracy, serving",
+    "reliability": "bad-input fuzz cases held, tests failed, soak steps, blocks leaked, mismatches",
+    "kv_quant": "int8 / fp8 / int4 KV: bytes per token, capacity, attention, accuracy, serving",
     "prefix_cache": ("shared system prompt with and without prefix caching; no-hit overhead; "
                      "swap GB/s; recompute vs swap preemption"),
     "streaming": "token eviction (attention sinks + window) vs full attention: agreement, blocks",

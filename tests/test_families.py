@@ -199,3 +199,16 @@ def test_matches_transformers_bfloat16(tmp_path, name):
   hf_err = np.abs(hf_bf16 - exact).max() / scale
   assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
   assert np.abs(logits - hf_bf16).max() / scale < 0.04
+
+
+def test_init_params_picks_each_family_s_initialiser():
+  import jax_paged_kv as pk
+
+  for name, config in REFERENCE_CASES.items():
+    module = gemma2 if isinstance(config, Gemma2Config) else llama
+    want = module.init_params(config, jax.random.PRNGKey(3), scale=2.0)
+    got = pk.init_params(config, jax.random.PRNGKey(3), scale=2.0)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want), name
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  with pytest.raises(TypeError, match="LlamaConfig and Gemma2Config"):
+    pk.init_params(object(), jax.random.PRNGKey(3))

@@ -115,8 +115,8 @@ def scale_shapes(kv_quant: str, pool_shape) -> tuple[tuple[int, ...], tuple[int,
 def scale_layout(kv_quant: str) -> tuple[str, str]:
   """``(k_mode, v_mode)``: how attention applies a format's scales (the shapes of
   :func:`scale_shapes`). ``"key"``: one scale per token (K: multiplies the logits per key; V:
-  the probabilities); ``"channel"``: K scales per (block, channel), applied to q (or the K
-  page) per page; ``"group"``: V scales per (token, group of channels), one per group's
+  the probabilities); ``"channel"``: K scales per (block, channel), applied to the codes of
+  each K page as it is read; ``"group"``: V scales per (token, group of channels), one per group's
   columns."""
   return ("channel" if channel_k_scales(kv_quant) else "key"), (
       "group" if kv_quant == "int4" else "key")

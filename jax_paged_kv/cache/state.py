@@ -63,11 +63,11 @@ class PagedKVCache:
       token) for fp8, ``bfloat16[layers, kv_heads, num_blocks, head_dim]`` (per block and
       channel) for int8 and int4 (whose pools are ``uint8[..., head_dim / 2]``).
     v_scale: the value scales: ``float32[layers, kv_heads, num_blocks, block_size]`` for int8
-      / fp8, ``bfloat16[layers, kv_heads,
-      num_blocks, block_size, head_dim / 32]`` for int4.
+      / fp8, ``bfloat16[layers, kv_heads, num_blocks, block_size, head_dim / 32]`` for int4.
     block_tables: ``int32[max_seqs, table_width]``; entry ``j`` of slot ``s`` is the physical block
       holding tokens ``[j * block_size, (j + 1) * block_size)``. A sequence of length ``n`` holds
-      exactly ``ceil(n / block_size)`` blocks; every other entry is the null block 0.
+      exactly ``ceil(n / block_size)`` blocks, less the holes ``free_outside_window`` left (null
+      entries before its last block); every other entry is the null block 0.
     seq_lens: ``int32[max_seqs]``, tokens stored per slot (0 for inactive slots).
     active: ``bool[max_seqs]``, which slots hold a live sequence.
     allocator: the :class:`AllocatorState`.
