@@ -282,7 +282,16 @@ def get_shard(cache: PagedKVCache, shard: int) -> PagedKVCache:
     raise ValueError("get_shard expects a data-parallel cache (leading [data_shards] axis)")
   if not 0 <= shard < n:
     raise ValueError(f"{shard=} is not in [0, {n})")
-  return jax.tree_util.tree_map(lambda x: x[shard], cache)
+
+  def take(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and any(t == AxisType.Explicit for t in s.mesh.axis_types):
+      # Explicit axes type the gather: the shard keeps the rest of the leaf's spec.
+      spec = (*s.spec, *(None,) * (x.ndim - len(s.spec)))
+      return x.at[shard].get(out_sharding=NamedSharding(s.mesh, P(*spec[1:])))
+    return x[shard]
+
+  return jax.tree_util.tree_map(take, cache)
 
 
 def place_cache(cache: PagedKVCache | Sequence[PagedKVCache], mesh, *,
@@ -375,7 +384,10 @@ def map_shards(fn: Callable, layout: MeshLayout, *, shared_argnums: Sequence[int
   ``[data_shards]`` axis; ``fn`` sees one shard's
   slice without it. There is no communication between shards. Inside, a ``model_axis`` stays
   automatic (XLA partitions the shard's tensor-parallel work) and attention runs per heads
-  shard. Use the result inside ``jit`` (or call it: it is traced on each call).
+  shard. Use the result inside ``jit`` (or call it: it is traced on each call). On an
+  explicit-axes mesh the sharding is part of each array's type: place the per-shard arguments
+  on the mesh over ``data_axis`` first (``jax.device_put(x, NamedSharding(mesh,
+  P(data_axis)))``), or JAX refuses them as not matching the ``in_specs``.
 
   Args:
     fn: a function of arrays and pytrees, e.g. ``lambda c, ids: append_kv(c, k, v, ids)``.

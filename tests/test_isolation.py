@@ -350,6 +350,22 @@ def test_checking_mode_reports_exhaustion_with_counts_and_broken_invariants():
     pk.free_sequences(broken, [1], donate=False)
 
 
+def test_checking_mode_is_the_outermost_transform():
+  """``checked(vmap(fn))`` raises the failing member's eager exception; ``vmap(checked(fn))``
+  (or under jit) is refused with the fix, not a tracer error from inside."""
+  caches = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), filled())
+  k = jnp.ones((2, 2, 1, 1, 4))  # [layers, batch, T, kv_heads, head_dim]
+  append = lambda c, n: pk.append_kv(c, k, k, jnp.asarray([0, 1]), num_new=n)  # noqa: E731
+  ok = pk.checked(jax.vmap(append))(caches, jnp.asarray([[1, 1], [1, 1]]))
+  want = jax.vmap(append)(caches, jnp.asarray([[1, 1], [1, 1]]))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ok, want)
+  with pytest.raises(pk.InvalidCountError, match="row 1, sequence 1"):
+    pk.checked(jax.vmap(append))(caches, jnp.asarray([[1, 1], [1, 9]]))
+  for outer in (jax.vmap, jax.jit):
+    with pytest.raises(TypeError, match=r"pk.checked\(jax.vmap\(fn\)\)"):
+      outer(pk.checked(append))(caches, jnp.asarray([[1, 1], [1, 1]]))
+
+
 def test_default_path_has_no_callback_or_check():
   """The fast path's program has no host callback and no checkify check."""
   cache = filled()

@@ -283,6 +283,21 @@ def test_two_d_mesh_matches_one_device_per_shard():
   assert all(r.ok for r in shd.shard_invariants(got_cache, layout))
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto_axes", "explicit_axes"])
+def test_get_shard_and_shard_invariants_on_a_placed_data_parallel_cache(explicit):
+  """Two different plain caches stacked and placed on a 2 x 4 mesh: ``get_shard`` gives each
+  back bitwise (explicit axes type the gather, which ``x[shard]`` alone cannot do)."""
+  rng = np.random.default_rng(5)
+  plain = [one_device(pk.init_cache(CFG), *shard_inputs(rng))[0] for _ in range(2)]
+  layout = shd.MeshLayout(mesh_2x4(explicit), model_axis="model", data_axis="data")
+  cache = shd.place_cache(plain, layout.mesh, model_axis="model", data_axis="data")
+  assert spec(cache.k_pool) == ("data", None, "model")
+  for s in range(2):
+    assert leaves_equal(shd.get_shard(cache, s), plain[s])
+  reports = shd.shard_invariants(cache, layout)
+  assert len(reports) == 2 and all(r.ok for r in reports)
+
+
 def test_two_d_mesh_pallas_tpu_interpreter():
   """The TPU interpreter runs on host callbacks, which XLA:CPU's Shardy partitioner aborts on
   inside a nested shard_map (an ordered io_callback in an inner shard_map is enough); the same

@@ -265,7 +265,8 @@ def checked(fn: Callable) -> Callable:
   Returns a function with ``fn``'s signature that traces ``fn`` under :func:`checking`, compiles
   it with ``checkify``, runs it, and raises the same named exception (and message) an eager call
   would raise for the first failing check. Its outputs are ``fn``'s outputs. Static arguments are
-  not supported: close over them.
+  not supported: close over them. It is the outermost transform (it raises on the host): wrap
+  ``jax.vmap(fn)``, not the other way round; called on traced values it raises ``TypeError``.
   """
   from jax.experimental import checkify  # noqa: PLC0415
 
@@ -277,6 +278,11 @@ def checked(fn: Callable) -> Callable:
 
   @functools.wraps(fn)
   def run(*args, **kwargs):
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+      raise TypeError(
+          "pk.checked(fn) runs its own compiled program and raises on the host, so it cannot "
+          "run inside jit / vmap / another transform: put the transform inside, e.g. "
+          "pk.checked(jax.vmap(fn))")
     err, out = program(*args, **kwargs)
     msg = err.get()
     if msg is not None:

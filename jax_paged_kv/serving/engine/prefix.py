@@ -4,9 +4,9 @@ A *full* block of a sequence is identified by a SHA-256 chain: block ``j``'s has
 of block ``j - 1`` (block 0's covers a root that names the model, the cache layout and the
 request's ``cache_salt``) and the block's token ids. Two blocks with the same hash hold the same
 K/V, because K/V at a position depend only on the tokens up to it (and on the model's weights:
-assigning ``Engine.params`` drops every cached block). For int8 / int4 caches "the same" means within the
-format's error bound, not bitwise: their per-(block, channel) K scales make a block's bits
-depend on how it was written (token by token or in one prefill chunk).
+assigning ``Engine.params`` drops every cached block). For int8 / int4 caches "the same" means
+within the format's error bound, not bitwise: their per-(block, channel) K scales make a
+block's bits depend on how it was written (token by token or in one prefill chunk).
 
 Blocks are shared through the device allocator as forks are: the index maps a block hash to the
 sequence slots whose table holds such a block at that depth (*holders*). A new request whose
