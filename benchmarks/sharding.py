@@ -138,10 +138,11 @@ def main(argv=None):
   cpu = jax.default_backend() == "cpu"
   runs = [("one device", 1)] + [(name, n) for n in counts if n > 1
                                 for name in ("tensor", "data")]
-  steps, held = {}, {}
+  steps, held, first = {}, {}, {}
   for name, n in tqdm(runs, desc="sharding: compile", unit="layout"):
     step, cache_bytes, weight_bytes = setup(args, "tensor" if n == 1 else name, n)
-    report.repeat(step, repeats=0, warmup=2)
+    first[(name, n)] = report.first_call(step)  # the cold start: compile + one step
+    report.repeat(step, repeats=0, warmup=1)
     steps[(name, n)] = step
     held[(name, n)] = (cache_bytes, weight_bytes)
   samples = {k: [] for k in steps}
@@ -159,8 +160,11 @@ def main(argv=None):
                  "vs one device": f"{ratio:.2f}",
                  f"vs ideal on {cores if cpu else n} cores": f"{ratio / share:.2f}",
                  "cache MiB / device": f"{cache_b / 2**20:.2f}",
-                 "weights MiB / device": f"{weight_b / 2**20:.2f}"})
+                 "weights MiB / device": f"{weight_b / 2**20:.2f}",
+                 "first call s": f"{first[(name, n)][0]:.2f}",
+                 "compile s": f"{first[(name, n)][1]:.2f}"})
     data.append({"layout": name, "devices": n, "ms": ms, "ratio": ratio,
+                 "first_call_s": first[(name, n)][0], "compile_s": first[(name, n)][1],
                  "ratio_vs_ideal": ratio / share, "cache_bytes_per_device": cache_b,
                  "weight_bytes_per_device": weight_b})
   cols = list(rows[0])
@@ -183,7 +187,8 @@ def main(argv=None):
       + f"Worst overhead: tensor parallel **{worst['tensor']:.2f}x**, data parallel "
       f"**{worst['data']:.2f}x**. Cache bytes per device stay those of one device's share in "
       "both layouts; tensor parallel also splits the weights (embedding and LM head "
-      "replicated).")
+      "replicated). Cold start: each layout's first step (compile + one step) and the JAX "
+      "compile time inside it (a mesh of n devices compiles one SPMD program).")
   if cpu:
     load = os.getloadavg()[0]
     notes += (f" Load average at the end of the run: {load:.1f} on {cores} cores (other "
