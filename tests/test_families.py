@@ -23,7 +23,7 @@ from jax_paged_kv.models import (
   load_hf_checkpoint,
 )
 from tests.llama_fixtures import decode_greedy, run_chunked
-from tests.llama_reference import reference_logits
+from tests.llama_reference import reference_greedy, reference_logits
 
 WINDOW = 5
 PROMPT_LEN, CHUNK, NEW = 13, 5, 6
@@ -96,6 +96,24 @@ def test_dynamic_rope_refuses_caches_past_its_context():
                                          block_size=4))
   with pytest.raises(CacheShapeError, match="dynamic RoPE"):
     config.forward(params, cache, np.zeros((1, 2), np.int32), np.zeros(1, np.int32))
+
+
+def test_generate_s_default_cache_stays_within_a_dynamic_rope_context():
+  """``generate`` without a cache: requests that fit ``max_position_embeddings`` run (its
+  default cache stops at that context instead of the next power of two, which is refused),
+  with the float64 reference's tokens; a request past it is still refused."""
+  from jax_paged_kv.serving.decoding import SamplingParams
+  from jax_paged_kv.serving.engine import generate
+
+  config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=2, max_position_embeddings=24,
+                       rope_scaling=RopeScaling("dynamic", 2.0))
+  params = llama.init_params(config, jax.random.PRNGKey(0), scale=2.0)
+  prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+  (out,) = generate(params, config, [prompt], SamplingParams(max_new_tokens=12))
+  assert out == reference_greedy(params, config, prompt, 12)
+  with pytest.raises(CacheShapeError, match="dynamic RoPE"):
+    generate(params, config, [prompt], SamplingParams(max_new_tokens=20))
 
 
 # ---- Hugging Face transformers ---------------------------------------------------------------

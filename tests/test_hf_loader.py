@@ -144,7 +144,21 @@ def test_absent_fields_take_transformers_class_defaults():
     (cfg("llama", head_dim=8.5), "head_dim=8.5 is not an integer"),
     (cfg("llama", num_key_value_heads=True), "num_key_value_heads=True"),
     (cfg("gemma2", query_pre_attn_scalar=None), "query_pre_attn_scalar=None"),
-], ids=["float_layers", "float_head_dim", "bool_kv_heads", "null_scalar"])
+    # A null or a mistyped value is not the default (transformers refuses each of these).
+    (cfg("llama", tie_word_embeddings="false"), "tie_word_embeddings='false' is not a bool"),
+    (cfg("llama", tie_word_embeddings=None), "tie_word_embeddings=None"),
+    (cfg("llama", rms_norm_eps=None), "rms_norm_eps=None"),
+    (cfg("llama", hidden_act=None), "hidden_act=None"),
+    (cfg("llama", attention_bias=None), "attention_bias=None"),
+    (cfg("llama", rope_theta=None), "rope_theta=None"),
+    (cfg("llama", max_position_embeddings=None), "max_position_embeddings=None"),
+    (cfg("qwen2", use_sliding_window=None), "use_sliding_window=None"),
+    (cfg("qwen2", max_window_layers=None), "max_window_layers=None"),
+    (cfg("gemma2", hidden_activation=None), "hidden_activation=None"),
+    (cfg("gemma2", head_dim=None), "head_dim=None"),
+], ids=["float_layers", "float_head_dim", "bool_kv_heads", "null_scalar", "str_tie", "null_tie",
+        "null_eps", "null_act", "null_bias", "null_theta", "null_max_pos", "null_qwen_window",
+        "null_max_window_layers", "null_gemma_act", "null_gemma_head_dim"])
 def test_refuses_fields_transformers_rejects(hf, match):
   with pytest.raises(ValueError, match=match):
     config_from_hf(hf)

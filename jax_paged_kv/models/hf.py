@@ -107,9 +107,28 @@ class _Reader:
     self.read.add(key)
     return self.hf[key] if key in self.hf else absent
 
-  def get_int(self, key: str, default: Any = None, *, required: bool = False) -> int:
-    """An integer field (a bool or a float such as 2.5 is refused, as transformers does)."""
+  def get_int(self, key: str, default: Any = None, *, required: bool = False,
+              null_ok: bool = False) -> int:
+    """An integer field (a bool or a float such as 2.5 is refused, as transformers does; so is
+    an explicit ``null`` unless ``null_ok``: then it means ``default``)."""
+    if not (required or null_ok) and key in self.hf and self.hf[key] is None:
+      raise self.refuse(f"{key}=None is not an integer")
     return self.as_int(key, self.require(key) if required else self.get(key, default))
+
+  def typed(self, key: str, default: Any, kind: type) -> Any:
+    """A ``bool``, ``float`` or ``str`` field: ``default`` where the key is absent; an explicit
+    ``null`` or a value of another type is refused, as transformers refuses them (``"false"``
+    is not False, ``null`` is not the default)."""
+    self.read.add(key)
+    if key not in self.hf:
+      return default
+    value = self.hf[key]
+    ok = {bool: isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[kind]
+    if not ok:
+      raise self.refuse(f"{key}={value!r} is not a {kind.__name__}")
+    return kind(value)
 
   def as_int(self, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -150,7 +169,7 @@ def _rope(r: _Reader, max_position_embeddings: int) -> tuple[float, RopeScaling 
   rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
   rope.pop("type", None)
   theta = rope.pop("rope_theta", None)
-  theta = float(theta if theta is not None else r.get("rope_theta", 10000.0))
+  theta = float(theta if theta is not None else r.typed("rope_theta", 10000.0, float))
   r.read.add("rope_theta")
   partial = rope.pop("partial_rotary_factor", None) or r.get("partial_rotary_factor")
   if partial is not None and float(partial) != 1.0:
@@ -197,10 +216,12 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
       intermediate_size=r.get_int("intermediate_size", required=True),
       num_layers=r.get_int("num_hidden_layers", required=True), num_heads=heads,
       num_kv_heads=kv_heads,
-      head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads),
+      # A null head_dim means hidden / heads in the Llama family; Gemma 2 has no such rule.
+      head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads,
+                         null_ok=r.model_type != "gemma2"),
       rope_theta=theta, rope_scaling=scaling,
-      rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-      tie_word_embeddings=bool(r.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+      rms_norm_eps=r.typed("rms_norm_eps", 1e-6, float),
+      tie_word_embeddings=r.typed("tie_word_embeddings", defaults["tie_word_embeddings"], bool),
       max_position_embeddings=max_pos)
 
 
@@ -211,19 +232,22 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
               "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
-  act = r.get("hidden_act", "silu")
+  act = r.typed("hidden_act", "silu", str)
   if act not in ("silu", "swish"):
     raise r.refuse(f"hidden_act={act!r} is not implemented (SwiGLU with SiLU only)")
-  if r.get("mlp_bias", False):
+  if r.typed("mlp_bias", False, bool):
     raise r.refuse("mlp_bias=True is not implemented")
   # Absent, Mistral's and Qwen2's window is transformers' default 4096; an explicit null is no
   # window (Mistral v0.2+). Llama has none.
   window = r.get_absent("sliding_window", None if t == "llama" else 4096)
-  use_window = r.get("use_sliding_window")
+  use_window = r.typed("use_sliding_window", None, bool) if t == "qwen2" else r.get(
+      "use_sliding_window")
   layer_types = r.get("layer_types")
-  max_window_layers = r.get("max_window_layers")
+  max_window_layers = r.get_absent("max_window_layers", None)
+  if max_window_layers is not None or (t == "qwen2" and "max_window_layers" in r.hf):
+    max_window_layers = r.as_int("max_window_layers", max_window_layers)  # Qwen2: null refused
   n = fields["num_layers"]
-  bias = r.get("attention_bias")
+  bias = r.typed("attention_bias", None, bool)
   if t == "llama":
     if bias:
       raise r.refuse("attention_bias=True (Llama puts biases on q/k/v *and* o_proj) is not "
@@ -268,15 +292,15 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
 def _gemma2(r: _Reader, dtype) -> Gemma2Config:
   fields = _common(r, dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256,
                            num_key_value_heads=4))
-  act = r.get("hidden_activation", "gelu_pytorch_tanh")
+  act = r.typed("hidden_activation", "gelu_pytorch_tanh", str)
   r.read.add("hidden_act")  # transformers' Gemma 2 reads hidden_activation only
   if act != "gelu_pytorch_tanh":
     raise r.refuse(f"hidden_activation={act!r} is not implemented (gelu_pytorch_tanh only)")
-  if r.get("attention_bias", False):
+  if r.typed("attention_bias", False, bool):
     raise r.refuse("attention_bias=True is not implemented")
   if r.get("use_bidirectional_attention", False):
     raise r.refuse("use_bidirectional_attention=True is not implemented (causal only)")
-  if r.get("mlp_bias", False):
+  if r.typed("mlp_bias", False, bool):
     raise r.refuse("mlp_bias=True is not implemented")
   window = r.hf.get("sliding_window", 4096)
   r.read.add("sliding_window")

@@ -82,6 +82,7 @@ from jax_paged_kv.models.base import (
   check_model,
   layer_windows,
 )
+from jax_paged_kv.models.layers import check_rope_context
 from jax_paged_kv.serving.decoding import (
   Params,
   SamplingParams,
@@ -780,6 +781,12 @@ def default_cache_config(model: Model, prompts: Sequence[Sequence[int]],
   if not totals:
     raise ValueError("no prompts")
   max_len = block_size * math.ceil(_pow2(max(256, max(totals))) / block_size)
+  # A model exact only up to some context (dynamic RoPE) refuses longer caches: when every
+  # request fits that context, the default cache stops there instead.
+  limit = getattr(model, "max_position_embeddings", None)
+  if (limit is not None and max(totals) <= limit < max_len
+      and check_rope_context(getattr(model, "rope_scaling", None), limit, max_len)):
+    max_len = limit
   blocks = sorted((math.ceil(t / block_size) for t in totals), reverse=True)
   need = 1 + sum(blocks[:DEFAULT_MAX_SEQS])  # the null block, then every request at once
   return cache_config_for(check_model(model), num_blocks=_pow2(need),
