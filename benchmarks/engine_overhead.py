@@ -37,7 +37,7 @@ PROMPT, NEW, BLOCK = 32, 200, 16
 
 def engine_runner(params, model, cc, batch: int, decode_steps: int):
   """A function that runs the workload through one engine (warmed up) and returns its wall
-  seconds per decode step over its decode-only steps."""
+  seconds per decode step over its decode-only steps; and its first run's cold start."""
   engine = Engine(params, model, cc, decode_steps=decode_steps, batch_bucket_min=batch)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, model.vocab_size, PROMPT).tolist() for _ in range(batch)]
@@ -58,13 +58,23 @@ def engine_runner(params, model, cc, batch: int, decode_steps: int):
         steps += m.decode_steps - decoded
     return wall / steps, cpu / steps
 
-  one_run()  # compiles
-  return one_run
+  return one_run, _cold(one_run)  # the first run compiles
+
+
+def _cold(run) -> tuple[float, float]:
+  """``(wall seconds, JAX compile seconds)`` of ``run``'s first call: the cold start."""
+  from jax_paged_kv.serving.engine.metrics import compile_timer
+
+  with compile_timer() as compiling:
+    t0 = time.perf_counter()
+    run()
+    wall = time.perf_counter() - t0
+  return wall, compiling[0]
 
 
 def loop_runner(params, model, cc, batch: int, decode_steps: int):
   """A function that runs ``decode_loop`` alone at the engine's shape (warmed up) and returns
-  its seconds per step."""
+  its seconds per step; and its first run's cold start."""
   from jax_paged_kv import allocate_sequences, init_cache, reserve
   ids = np.arange(batch, dtype=np.int32)
   mb = -(-(PROMPT + NEW) // BLOCK)
@@ -90,8 +100,7 @@ def loop_runner(params, model, cc, batch: int, decode_steps: int):
       steps += n
     return wall / steps, cpu / steps
 
-  one_run()
-  return one_run
+  return one_run, _cold(one_run)
 
 
 def main(argv=None):
@@ -113,8 +122,8 @@ def main(argv=None):
   for b in tqdm(batches, desc="engine_overhead", unit="batch"):
     cc = model.cache_config(num_blocks=1 + b * -(-(PROMPT + NEW) // BLOCK), max_seqs=b,
                             max_seq_len=BLOCK * -(-(PROMPT + NEW) // BLOCK), block_size=BLOCK)
-    loop = loop_runner(params, model, cc, b, args.decode_steps)
-    engine = engine_runner(params, model, cc, b, args.decode_steps)
+    loop, loop_cold = loop_runner(params, model, cc, b, args.decode_steps)
+    engine, engine_cold = engine_runner(params, model, cc, b, args.decode_steps)
     pairs = [(loop(), engine()) for _ in range(repeats)]  # alternate: load drift hits both
     med = report.median
     rows.append({"batch": b, "loop_ms": 1e3 * med([a[0] for a, _ in pairs]),
@@ -122,11 +131,16 @@ def main(argv=None):
                  "ratio": med([e[0] / a[0] for a, e in pairs]),
                  "loop_cpu_ms": 1e3 * med([a[1] for a, _ in pairs]),
                  "engine_cpu_ms": 1e3 * med([e[1] for _, e in pairs]),
-                 "cpu_ratio": med([e[1] / a[1] for a, e in pairs]), "pairs": pairs})
+                 "cpu_ratio": med([e[1] / a[1] for a, e in pairs]), "pairs": pairs,
+                 "loop_first_s": loop_cold[0], "loop_compile_s": loop_cold[1],
+                 "engine_first_s": engine_cold[0], "engine_compile_s": engine_cold[1]})
   columns = ["batch", "decode_loop alone ms/step", "engine ms/step", "engine / loop",
-             "CPU ms/step, loop alone", "CPU ms/step, engine", "engine / loop (CPU)"]
+             "CPU ms/step, loop alone", "CPU ms/step, engine", "engine / loop (CPU)",
+             "first run s, loop / engine", "compile s, loop / engine"]
   table = [[r["batch"], f"{r['loop_ms']:.2f}", f"{r['engine_ms']:.2f}", f"{r['ratio']:.2f}x",
-            f"{r['loop_cpu_ms']:.2f}", f"{r['engine_cpu_ms']:.2f}", f"{r['cpu_ratio']:.2f}x"]
+            f"{r['loop_cpu_ms']:.2f}", f"{r['engine_cpu_ms']:.2f}", f"{r['cpu_ratio']:.2f}x",
+            f"{r['loop_first_s']:.1f} / {r['engine_first_s']:.1f}",
+            f"{r['loop_compile_s']:.1f} / {r['engine_compile_s']:.1f}"]
            for r in rows]
   print(report.text_table(columns, table))
   notes = (f"Model `{args.model}` (random weights), {PROMPT}-token prompts, {NEW} new tokens "
@@ -135,7 +149,10 @@ def main(argv=None):
            f"shape, each call waited for. Runs alternate; medians of {repeats} runs (the ratio: "
            f"median of the runs' ratios) on {machine}. Process CPU time (all threads) per step is "
            "shown too: on a shared machine it moves less with other processes' load than wall "
-           "time. Goal: engine / loop <= 1.25.")
+           "time. Goal: engine / loop <= 1.25. Cold start: each side's first run (the same "
+           "requests, compilation included; the engine also prefills and compiles its prefill "
+           "program, and runs after the loop in one process, so a program both use compiles "
+           "once, in the loop's run) and the JAX compile seconds in it.")
   report.save(report.result_name("engine_overhead"), script="engine_overhead",
               title="Engine overhead per decode step",
               markdown=report.markdown_table(columns, table), notes=notes,
