@@ -58,18 +58,7 @@ def engine_runner(params, model, cc, batch: int, decode_steps: int):
         steps += m.decode_steps - decoded
     return wall / steps, cpu / steps
 
-  return one_run, _cold(one_run)  # the first run compiles
-
-
-def _cold(run) -> tuple[float, float]:
-  """``(wall seconds, JAX compile seconds)`` of ``run``'s first call: the cold start."""
-  from jax_paged_kv.serving.engine.metrics import compile_timer
-
-  with compile_timer() as compiling:
-    t0 = time.perf_counter()
-    run()
-    wall = time.perf_counter() - t0
-  return wall, compiling[0]
+  return one_run, report.first_call(one_run)  # the first run compiles
 
 
 def loop_runner(params, model, cc, batch: int, decode_steps: int):
@@ -100,7 +89,7 @@ def loop_runner(params, model, cc, batch: int, decode_steps: int):
       steps += n
     return wall / steps, cpu / steps
 
-  return one_run, _cold(one_run)
+  return one_run, report.first_call(one_run)
 
 
 def main(argv=None):

@@ -98,7 +98,6 @@ class ExportedDecodeStep:
     header = json.loads(data[start:start + n])
     return cls(jax.export.deserialize(bytearray(data[start + n:])), header["cache_config"])
 
-
   def mlir_module(self) -> str:
     """The StableHLO text (for inspection)."""
     return self.exported.mlir_module()
