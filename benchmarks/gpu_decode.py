@@ -11,7 +11,9 @@ and on the same data:
   (``CacheConfig(kv_quant=...)``; int8: K scales per (block, channel), V per (token, KV head);
   fp8: float32 scales per (token, KV head)); the pools are quantised once, outside the timing.
   Correct means a relative L2 error against the unquantised reference within the README's
-  bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time;
+  bounds (1.5e-2 / 6e-2); goal: int8 decode <= 0.6x the bf16 time; with ``--sweep-quant
+  int8,fp8`` also the knob grid of ``--sweep`` on those pools (``int8_sweep`` / ``fp8_sweep``:
+  the bf16 sweep found nothing above 8%, but a tile of half the bytes may want other knobs);
 * ``jax_pallas``: JAX's ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
   8/16 x pages_per_compute_block 4/8; its layout is one layer ``[kv_heads, pages, page_size,
   head_dim]`` and q must be pre-scaled, both prepared outside the timing; decode only);
@@ -425,6 +427,8 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="also time a grid of our kernels' knobs")
   p.add_argument("--sweep-mgpu", action="store_true",
                  help="time the grid of the Mosaic GPU kernel's knobs only")
+  p.add_argument("--sweep-quant", default="",
+                 help="also sweep our knobs on these quantised pools (comma list: int8,fp8)")
   p.add_argument("--sweep-block-size", type=int, default=16,
                  help="sweep the knobs on the configs of this block size only (0: all)")
   p.add_argument("--skip", default="",
@@ -436,6 +440,9 @@ def main(argv=None):
   skip = {name for name in args.skip.split(",") if name}
   if skip - set(IMPLS):
     p.error(f"--skip takes names from {IMPLS}, got {sorted(skip - set(IMPLS))}")
+  sweep_quant = [name for name in args.sweep_quant.split(",") if name]
+  if set(sweep_quant) - set(QUANT_TOL):
+    p.error(f"--sweep-quant takes names from {sorted(QUANT_TOL)}, got {args.sweep_quant!r}")
   if args.replot:
     return replot()
   slow = args.interpret or args.tiny
@@ -493,8 +500,11 @@ def main(argv=None):
     first_call[0] = time.perf_counter() - t0
     return time_fn(fn, sync, warmup=max(warmup - 1, 0), repeats=args.repeats, inner=args.inner)
 
+  def over_budget():  # a sweep stops where the budget ends (a killed run saves nothing)
+    return time.perf_counter() - t_start > args.time_budget
+
   for cfg in make_configs(args.tiny):
-    if time.perf_counter() - t_start > args.time_budget:
+    if over_budget():
       record(cfg, None, "all", None, None, status="skipped", note="time budget exhausted")
       continue
     log(f"config {cfg.name} block {cfg.block_size} q_len {cfg.q_len}")
@@ -514,6 +524,8 @@ def main(argv=None):
     record(cfg, x, "ours", t, max_err(out, ref_out), note, knobs=knobs)
     if args.sweep and args.sweep_block_size in (0, cfg.block_size):
       for kn in sweep_grid(knobs):
+        if over_budget():
+          break
         fn, sync, _ = impl_ours(x, args.interpret, **kn)
         try:
           t, out = run_timed(fn, sync)
@@ -538,6 +550,8 @@ def main(argv=None):
         mk = pallas_mgpu.default_knobs(**geometry)
         for kn in mgpu_sweep_grid(mk, pallas_mgpu.default_knobs(**geometry,
                                                                 warp_specialized=True)):
+          if over_budget():
+            break
           label = " ".join(f"{k}={v}" for k, v in kn.items())
           try:
             fn, sync, _ = impl_mgpu(x, args.interpret, **kn)
@@ -567,6 +581,23 @@ def main(argv=None):
         continue
       err = rel_l2(out, ref_out)
       record(cfg, xq, f"ours_{kv_quant}", t, err, f"rel. L2 {err:.2e}", tol=qtol)
+      if kv_quant in sweep_quant and args.sweep_block_size in (0, cfg.block_size):
+        qknobs = pallas_gpu.default_knobs(
+            head_dim=cfg.head_dim, block_size=cfg.block_size, q_len=cfg.q_len,
+            group=cfg.q_heads // cfg.kv_heads, batch=cfg.batch, kv_heads=cfg.kv_heads,
+            max_blocks=x.tables.shape[1], itemsize=xq.k_pool.dtype.itemsize)
+        for kn in sweep_grid(qknobs):
+          if over_budget():
+            break
+          fn, sync, _ = impl_ours(xq, args.interpret, **scales, **kn)
+          try:
+            t, out = run_timed(fn, sync)
+          except Exception as e:  # noqa: BLE001 - e.g. a variant over the shared-memory limit
+            record(cfg, xq, f"{kv_quant}_sweep", None, None, status="failed", knobs=kn,
+                   note=f"{knob_label(kn)}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+          err = rel_l2(out, ref_out)
+          record(cfg, xq, f"{kv_quant}_sweep", t, err, knob_label(kn), kn, tol=qtol)
       del xq, scales
 
     # JAX's Pallas paged kernel: best variant
@@ -719,8 +750,11 @@ def print_tables(summary) -> tuple[str, str, str]:
   def ws(r):
     return bool(r.get("knobs", {}).get("warp_specialized"))
 
+  best_lines = []
   for sweep_impl, base, kind, pick in (
       ("ours_sweep", "ours", "", lambda r: True),
+      ("int8_sweep", "ours_int8", "", lambda r: True),
+      ("fp8_sweep", "ours_fp8", "", lambda r: True),
       ("mgpu_sweep", "ours_mgpu", "", lambda r: not ws(r)),
       ("mgpu_sweep", "ours_mgpu", "warp-specialised ", ws)):
     sweep = {}
@@ -731,7 +765,7 @@ def print_tables(summary) -> tuple[str, str, str]:
         if k not in sweep or r["time_us"] < sweep[k]["time_us"]:
           sweep[k] = r
     if sweep:
-      print(f"best {kind}{base} knob variant per config (--sweep): " + "; ".join(
+      best_lines.append(f"best {kind}{base} knob variant per config (--sweep): " + "; ".join(
           f"{n} bs{b}: {r['note']} {r['time_us']:.1f} us "
           f"({by[(n, b)][base]['time_us'] / r['time_us']:.2f}x default)"
           for (n, b), r in sweep.items() if by[(n, b)].get(base, {}).get("time_us")))
@@ -748,7 +782,8 @@ def print_tables(summary) -> tuple[str, str, str]:
            "'mgpu vs X' = X time / ours_mgpu (ours = the Triton kernel), "
            f"measured in the same run; 'int8 / ours' = int8 time / unquantised time (goal "
            f"<= 0.6x). {summary['goals']}. Each raw row also keeps its first call's time "
-           "(`first_call_s`: compile + one call, the cold start).")
+           "(`first_call_s`: compile + one call, the cold start)."
+           + "".join(f" {line}." for line in best_lines))
   print()
   print(f"{summary['device_kind']}  jax {summary['jax_version']}  {summary['dtype']}  copy "
         f"ceiling {summary['copy_ceiling_gbps']:.1f} GB/s"

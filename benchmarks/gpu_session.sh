@@ -3,7 +3,8 @@
 #   1. tests_mgpu: the compiled Mosaic GPU kernel's test file (every shared case, slow included,
 #      one-warpgroup and warp-specialised);
 #   2. gpu_decode: benchmarks/gpu_decode.py, our kernels (Triton "ours", Mosaic GPU "ours_mgpu"
-#      with a sweep of its knobs, warp-specialised variants included, Triton on int8 / fp8 pools) vs JAX's Pallas kernel, cuDNN,
+#      with a sweep of its knobs, warp-specialised variants included, Triton on int8 / fp8 pools
+#      with a sweep of its knobs on int8) vs JAX's Pallas kernel, cuDNN,
 #      torch SDPA and the copy ceiling;
 #   3. tests: the compiled Triton kernel against the float64 oracle (its test file, slow and
 #      quantised cases included) and the decoding tests on the GPU;
@@ -49,7 +50,7 @@ python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 if [ "$SMOKE" = 1 ]; then
   part tests 600 python -m pytest tests/test_attention_pallas_gpu.py -q -x -k "decode and bs16"
   part tests_mgpu 600 python -m pytest tests/test_attention_pallas_mgpu.py -q -x -k "decode"
-  part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny
+  part gpu_decode 300 python benchmarks/gpu_decode.py --interpret --tiny --sweep-quant int8
   part gpu_kernel_ab 300 python benchmarks/gpu_kernel_ab.py --interpret --tiny
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2 --fused
   part serving 300 python -m benchmarks.serving --quick --requests 6
@@ -62,7 +63,7 @@ else
   # A kernel that hangs would eat the timing part's whole limit: time the others without it.
   if [ "$LAST_RC" = 124 ]; then export GPU_DECODE_NO_MGPU="its compiled tests timed out"; fi
   TAIL=45 part gpu_decode 225 python benchmarks/gpu_decode.py --time-budget 185 --repeats 9 \
-    --sweep-mgpu --sweep-block-size 0 ${GPU_DECODE_ARGS:-} --out benchmarks/out/gpu_decode_raw.json
+    --sweep-mgpu --sweep-quant int8 --sweep-block-size 0 ${GPU_DECODE_ARGS:-} --out benchmarks/out/gpu_decode_raw.json
   TAIL=15 part tests 70 env JAX_PAGED_KV_GPU_COMPILED=1 JAX_DEFAULT_MATMUL_PRECISION=highest \
     python -m pytest -m "" -q -n 8 \
     --maxfail=10 -p no:cacheprovider tests/test_attention_pallas_gpu.py tests/test_decoding.py

@@ -47,6 +47,13 @@ def test_gpu_decode_help_and_rows(capsys):
   assert gpu_decode.IMPLS[:2] == ("ours", "ours_mgpu")
 
 
+def test_gpu_decode_refuses_an_unknown_quantised_sweep(capsys):
+  with pytest.raises(SystemExit) as e:
+    gpu_decode.main(["--interpret", "--tiny", "--sweep-quant", "int8,int3"])
+  assert e.value.code == 2
+  assert "--sweep-quant takes names from ['fp8', 'int8']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype, match", [("float32", "bfloat16 and float16 pools"),
                                           ("bfloat16", "sm90")])
 def test_mosaic_gpu_row_skips_with_a_reason_off_hopper(dtype, match):
