@@ -246,3 +246,63 @@ def test_compile_seconds_counts_jax_compile_events_and_nothing_warm():
   with compile_timer() as after:
     jax.jit(lambda x: x * 9 + 6)(np.ones(13, np.float32))
   assert after[0] > 0 and inner[0] < outer[0]  # closed timers count nothing more
+
+
+@pytest.mark.parametrize("strategy", [CacheStrategy.PAGED, CacheStrategy.CONTIGUOUS])
+def test_abort_running_and_waiting_requests(strategy):
+  """Aborted requests stop where they were, give their blocks back at once, and change
+  nothing for the others (float64 greedy references)."""
+  cc = cache_config(1 + 4 * 12, strategy)
+  engine = Engine(PARAMS, SMALL, cc, **FIXED)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  engine.step()
+  engine.step()
+  running = [r.out.request_id for r in engine.scheduler.running]
+  waiting = [r.out.request_id for r in engine.scheduler.waiting]
+  assert len(running) == 4 and len(waiting) == 2, (running, waiting)
+  victim_run, victim_wait = running[1], waiting[-1]
+  lens_before = np.asarray(engine.cache.seq_lens).copy()
+  slot = next(r.slot for r in engine.scheduler.running if r.out.request_id == victim_run)
+  assert lens_before[slot] > 0
+  out = engine.abort_request(victim_run)
+  assert out.finish_reason == "abort" and out.request_id == victim_run
+  assert out.tokens == REFS[victim_run][:len(out.tokens)]
+  # Its slot is free now, not at the next step: the others' lengths are untouched.
+  lens = np.asarray(engine.cache.seq_lens)
+  assert lens[slot] == 0 and not bool(np.asarray(engine.cache.active)[slot])
+  np.testing.assert_array_equal(np.delete(lens, slot), np.delete(lens_before, slot))
+  if strategy is CacheStrategy.PAGED:
+    held = int(engine.ledger.held_at(engine.ledger.lens).sum())
+    assert int(engine.cache.allocator.num_free) == cc.usable_blocks - held
+  out_w = engine.abort_request(victim_wait)
+  assert out_w.finish_reason == "abort" and out_w.tokens == []
+  assert engine.num_waiting == 1
+  # Already aborted: None; never issued: KeyError; not an integer: ValueError.
+  assert engine.abort_request(victim_run) is None
+  with pytest.raises(KeyError, match="no request 6"):
+    engine.abort_request(len(PROMPTS))
+  with pytest.raises(KeyError, match="no request -1"):
+    engine.abort_request(-1)
+  with pytest.raises(ValueError, match="request_id must be an integer"):
+    engine.abort_request(1.0)
+  while engine.has_work:
+    engine.step()
+    report = check_invariants(engine.cache)
+    assert bool(report.ok), report.failures()
+  done = engine.finished
+  assert sorted(done) == ids and engine.metrics.aborted_requests == 2
+  for i in ids:
+    if i not in (victim_run, victim_wait):
+      assert done[i].tokens == REFS[i] and done[i].finish_reason == "length", i
+  assert engine.abort_request(ids[0]) is None  # finished: nothing to stop
+  stats = cache_stats(engine.cache)
+  assert int(stats.active_sequences) == 0
+  if strategy is CacheStrategy.PAGED:
+    assert int(stats.free_blocks) == cc.usable_blocks
+  # pop_finished hands the outputs out once, and the engine forgets them.
+  popped = engine.pop_finished()
+  assert sorted(popped) == ids and popped[ids[0]].tokens == REFS[0]
+  assert engine.finished == {} and engine.pop_finished() == {}
+  rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=NEW))
+  engine.run()
+  assert list(engine.pop_finished()) == [rid]

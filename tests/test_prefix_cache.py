@@ -288,3 +288,28 @@ def test_new_params_drop_the_cached_prefixes_and_wait_for_an_idle_engine():
   engine.run()
   assert engine.metrics.cached_prompt_tokens == 0
   assert engine.finished[rid].tokens == reference_greedy(new_params, SMALL, prompt + [5], NEW)
+
+
+def test_abort_mid_prefill_keeps_its_written_blocks_cached():
+  """A request aborted halfway through its prompt leaves the full blocks it wrote in the prefix
+  cache (their K/V are complete): the same prompt later hits them and matches the float64
+  reference; a request deferred behind it is not left waiting."""
+  rng = np.random.default_rng(5)
+  prompt = tokens(rng, 30)  # 4 prefill chunks of 8
+  engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
+  rid = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
+  engine.step()
+  engine.step()  # 16 tokens written: 4 full blocks
+  twin = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW))
+  engine.step()  # the twin waits for the blocks the first one is writing
+  assert engine.num_waiting == 1
+  out = engine.abort_request(rid)
+  assert out.finish_reason == "abort" and out.tokens == []
+  written = 24
+  assert engine.prefix.registered(0) == written // BS
+  outs = run_checked(engine)
+  assert outs[1].request_id == twin and outs[1].tokens == reference_greedy(PARAMS, SMALL,
+                                                                           prompt, NEW)
+  assert engine.metrics.cached_prompt_tokens == written
+  assert engine.metrics.aborted_requests == 1
+  assert_all_free_or_cached(engine)

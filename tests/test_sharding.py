@@ -567,6 +567,34 @@ def test_mesh_engine_passes_the_cache_salt():
   assert cached[0] == 0 and cached[1] == 0 and cached[2] > 0, cached
 
 
+def test_mesh_engine_abort_and_pop_finished():
+  """Aborting on a shard frees its blocks and leaves the other requests' tokens as they were;
+  pop_finished hands each output out once and forgets its route."""
+  layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
+  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=2, max_seq_len=32, block_size=4)
+  engine = MeshEngine(PARAMS, MODEL, cc, layout, prefill_chunk=CHUNK, decode_steps=4,
+                      batch_bucket_min=2, bucket_blocks=False, track_stats=False)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  engine.step()
+  victim = next(i for i in ids if engine.shard_of(i)[0] == 1)
+  out = engine.abort_request(victim)
+  assert out.request_id == victim and out.finish_reason == "abort"
+  assert out.tokens == reference(victim)[:len(out.tokens)]
+  assert engine.abort_request(victim) is None
+  outs = engine.run()
+  assert victim not in [o.request_id for o in outs]
+  for o in outs:
+    assert o.tokens == reference(o.request_id), o.request_id
+  assert engine._load == [0, 0]
+  popped = engine.pop_finished()
+  assert list(popped) == ids and popped[victim].finish_reason == "abort"
+  assert engine.finished == {} and engine.pop_finished() == {}
+  with pytest.raises(KeyError, match="already taken by pop_finished"):
+    engine.abort_request(victim)
+  for cache in engine.caches:
+    assert int(pk.cache_stats(cache).free_blocks) == 16
+
+
 # ---------------------------------------------------------------------------------------------
 # beyond one machine
 

@@ -242,3 +242,23 @@ def test_swap_round_trip_of_a_cache_sharded_over_kv_heads():
   for x, y in zip(got, want, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert bool(pk.check_invariants(cache).ok)
+
+
+def test_abort_a_swapped_out_request_drops_its_host_copy():
+  engine = Engine(PARAMS, SMALL, engine_config(1 + 16), watermark=0.0, reserve_ratio=0.0,
+                  preemption="swap", **FIXED)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  while not any(r.swapped is not None for r in engine.scheduler.waiting):
+    engine.step()
+  victim = next(r for r in engine.scheduler.waiting if r.swapped is not None)
+  vid, made = victim.out.request_id, list(victim.out.tokens)
+  out = engine.abort_request(vid)
+  assert out.finish_reason == "abort" and victim.swapped is None
+  assert out.tokens == made == REFS[vid][:len(made)]
+  outs = run_checked(engine)
+  assert [o.request_id for o in outs] == ids
+  for o in outs:
+    if o.request_id != vid:
+      assert o.tokens == REFS[o.request_id], o.request_id
+  assert int(engine.cache.allocator.num_free) == 16
+  assert not np.any(np.asarray(engine.cache.active))

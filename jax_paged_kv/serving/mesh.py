@@ -181,6 +181,37 @@ class MeshEngine:
         out[rid] = dataclasses.replace(done, request_id=rid)
     return out
 
+  def pop_finished(self) -> dict[int, RequestOutput]:
+    """Returns :attr:`finished` and forgets it (each shard's outputs and the ids' routes), so
+    a long-running server holds only what it has not handed out yet."""
+    ids = {v: k for k, v in self._where.items()}
+    out = {}
+    for shard, engine in enumerate(self.engines):
+      for local, done in engine.pop_finished().items():
+        rid = ids[(shard, local)]
+        del self._where[rid]
+        out[rid] = dataclasses.replace(done, request_id=rid)
+    return dict(sorted(out.items()))
+
+  def abort_request(self, request_id: int) -> RequestOutput | None:
+    """Stops a request on its shard (:meth:`~jax_paged_kv.Engine.abort_request`); returns
+    its output so far (``finish_reason="abort"``), or None if it had already finished.
+
+    Raises:
+      KeyError: an id never returned by :meth:`add_request`, or one whose output
+        :meth:`pop_finished` already handed out.
+    """
+    if request_id not in self._where:
+      raise KeyError(f"abort_request: no request {request_id} on this mesh (never added, or "
+                     "its output was already taken by pop_finished)")
+    shard, local = self._where[request_id]
+    with use_layout(self.layouts[shard]):
+      out = self.engines[shard].abort_request(local)
+    if out is None:
+      return None
+    self._load[shard] -= self._cost.pop(request_id)
+    return dataclasses.replace(out, request_id=request_id)
+
   @property
   def caches(self) -> list[PagedKVCache]:
     """Each shard's cache (on that shard's devices)."""

@@ -321,8 +321,53 @@ class Engine:
 
   @property
   def finished(self) -> dict[int, RequestOutput]:
-    """Every request finished so far, by request id."""
+    """Every request finished (or aborted) so far and not yet taken by :meth:`pop_finished`,
+    by request id."""
     return dict(self._finished)
+
+  def pop_finished(self) -> dict[int, RequestOutput]:
+    """Returns :attr:`finished` and forgets it, so a long-running server holds only the
+    outputs it has not handed out yet (``finished`` keeps every output until then)."""
+    done, self._finished = self._finished, {}
+    return done
+
+  def abort_request(self, request_id: int) -> RequestOutput | None:
+    """Stops a request that has not finished (its client went away), between steps.
+
+    A waiting request leaves the queue (a swapped-out one drops its host copy); a running one
+    gives its blocks back at once, exactly as a finished one does (with prefix caching its full
+    written blocks stay cached for later requests: their K/V are complete). Nothing else
+    changes: the other requests' outputs are those of a run without it.
+
+    Args:
+      request_id: an id :meth:`add_request` returned.
+
+    Returns:
+      Its output so far, with ``finish_reason="abort"`` (also in :attr:`finished`), or None if
+      it had already finished or been aborted.
+
+    Raises:
+      KeyError: ``request_id`` was never returned by :meth:`add_request`.
+    """
+    rid = int_in_range(request_id, "request_id")
+    if not 0 <= rid < self._next_id:
+      raise KeyError(f"abort_request: no request {rid} (ids so far: 0..{self._next_id - 1})")
+    sched = self.scheduler
+    r = next((q for q in sched.running if q.out.request_id == rid), None)
+    if r is not None:
+      self._finish(r)  # frees or parks its slot like a finish, at the flush below
+      self._flush_free()
+    else:
+      r = next((q for q in sched.waiting if q.out.request_id == rid), None)
+      if r is None:
+        return None
+      sched.waiting.remove(r)
+      r.swapped = None  # its host copy of the blocks, if it was swapped out
+      r.out.finish_time = time.perf_counter()
+      self._finished[rid] = r.out
+    r.out.finish_reason = "abort"
+    self.metrics.aborted_requests += 1
+    return r.out
 
   @property
   def num_running(self) -> int:

@@ -55,7 +55,8 @@ class RequestOutput:
     request_id: the id :meth:`Engine.add_request` returned.
     prompt: the prompt tokens.
     tokens: generated tokens (a stop token, if hit, is the last one).
-    finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), or None.
+    finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), ``"abort"``
+      (:meth:`Engine.abort_request`), or None while it runs.
     num_preemptions: times the request was preempted (then recomputed or swapped back in).
     arrival_time, first_scheduled_time, first_token_time, finish_time:
       ``time.perf_counter()`` stamps of :meth:`Engine.add_request`, the first admission into
@@ -94,6 +95,7 @@ class EngineMetrics:
       ``peak_blocks`` but without the cached blocks of finished requests, which are evictable
       at any time; equal to it without prefix caching).
     preemptions: requests preempted (each is recomputed or swapped back in later).
+    aborted_requests: requests stopped by :meth:`Engine.abort_request` before they finished.
     swapped_out_blocks / swapped_bytes: blocks (and their bytes, scales included) that swap
       preemption copied to host memory; each comes back once.
     swap_out_seconds / swap_in_seconds: wall time of those copies (out: gather, copy to host
@@ -122,6 +124,7 @@ class EngineMetrics:
   peak_blocks: int = 0
   peak_running_blocks: int = 0
   preemptions: int = 0
+  aborted_requests: int = 0
   swapped_out_blocks: int = 0
   swapped_bytes: int = 0
   swap_out_seconds: float = 0.0
