@@ -424,6 +424,27 @@ def test_fuzz_reserve_max_new(data):
   record("reserve", "ok")
 
 
+def test_reserve_negative_count_without_max_new_is_a_bad_row():
+  """Found by the 240-example fuzz: ``reserve(c, ids, -1)`` raised CacheShapeError about a
+  ``max_new`` the caller never passed; it is a bad count (a status under jit)."""
+  with pytest.raises(pk.InvalidCountError) as info:
+    pk.reserve(BASE, [0], -1, donate=False)
+  assert info.value.status == Status.INVALID_COUNT and info.value.row == 0
+  out, slots, status = jax.jit(lambda c: pk.reserve(c, [0, 1], -1))(BASE)
+  assert list(np.asarray(status)) == [Status.INVALID_COUNT] * 2 and slots.shape == (2, 0)
+  assert unchanged(out) and unchanged(BASE)
+
+
+def test_write_kv_refuses_a_float_layer_before_reading_the_slots():
+  """Found by the 240-example fuzz: a float layer with uint32 slots past int32 raised
+  InvalidSlotError; the wrong-type argument is named first, whatever the slots hold."""
+  k = np.ones((1, 1, H, D), np.float32)
+  slots = np.asarray([[-1]], np.int64).astype(np.uint32)
+  with pytest.raises(pk.CacheShapeError, match="layer"):
+    pk.write_kv(BASE, slots, k, -k, 1.5, donate=False)
+  assert unchanged(BASE)
+
+
 # ---------------------------------------------------------------------------------------------
 # write_kv
 

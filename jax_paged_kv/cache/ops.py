@@ -400,7 +400,9 @@ def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = No
   if max_new is None:
     if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)):
       raise CacheShapeError("reserve needs a static max_new when num_new is not a Python int")
-    max_new = int(num_new)
+    # A negative count is a bad row (INVALID_COUNT: raised eagerly, a status under jit), not a
+    # bad static bound.
+    max_new = max(int(num_new), 0)
   if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or not (
       0 <= max_new < 2**31):
     raise CacheShapeError(f"max_new must be a non-negative int, got {max_new!r}")
@@ -531,11 +533,11 @@ def write_kv(cache: PagedKVCache, slots, k, v, layer, *, seq_ids=None, donate: b
 
 def check_write(cache: PagedKVCache, slots, k, v, layer, seq_ids, *, op: str):
   """Validates :func:`write_kv`'s arguments' shapes and dtypes; returns ``(slots, k, v)``."""
+  as_layer(layer)  # a layer of the wrong type is refused whatever the slots hold
   slots = to_int32(slots, "slots", "ids")
   if slots.ndim != 2:
     raise CacheShapeError(f"slots must be int32[batch, T], got shape {list(slots.shape)}")
   k, v = _check_kv(cache, k, v, slots.shape, op)
-  as_layer(layer)
   if seq_ids is not None and as_ids(seq_ids).shape != slots.shape[:1]:
     raise CacheShapeError(f"{op}: {as_ids(seq_ids).shape[0]} seq_ids for {slots.shape[0]} rows")
   return slots, k, v
