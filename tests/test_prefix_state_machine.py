@@ -27,7 +27,7 @@ import jax_paged_kv as pk
 from jax_paged_kv.serving.engine.prefix import PrefixIndex
 
 BS, T = 2, 8
-CFG = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=1 + 14, max_seqs=5,
+CFG = pk.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=1 + 20, max_seqs=8,
                      max_seq_len=12, block_size=BS, dtype=jnp.float32)
 
 _append = jax.jit(lambda c, k, v, ids, n: pk.append_kv(c, k, v, ids, num_new=n))
@@ -121,13 +121,14 @@ class PrefixMachine(RuleBasedStateMachine):
   def write(self, slot: int, tokens: list[int], start: int) -> None:
     """Appends ``tokens[start:]`` to ``slot`` (values from the content function)."""
     s = self.running[slot]
-    n = len(tokens) - start
-    vals = np.zeros((1, 1, T, 1, 2), np.float32)
-    for i in range(n):
-      vals[0, 0, i] = content(s.salt, tokens[:start + i + 1])
-    self.cache, status = _append(self.cache, jnp.asarray(vals), -jnp.asarray(vals),
-                                 jnp.int32([slot]), jnp.int32([n]))
-    assert int(status[0]) == 0
+    for lo in range(start, len(tokens), T):  # appends of at most T tokens
+      n = min(T, len(tokens) - lo)
+      vals = np.zeros((1, 1, T, 1, 2), np.float32)
+      for i in range(n):
+        vals[0, 0, i] = content(s.salt, tokens[:lo + i + 1])
+      self.cache, status = _append(self.cache, jnp.asarray(vals), -jnp.asarray(vals),
+                                   jnp.int32([slot]), jnp.int32([n]))
+      assert int(status[0]) == 0
     if start % BS and self.refcount(s.blocks[-1]) > 1:
       event("copy-on-write")
       s.blocks[-1] = object()
@@ -167,6 +168,12 @@ class PrefixMachine(RuleBasedStateMachine):
       self.evict(v, len(self.cached[v].blocks))
     return True
 
+  def refill(self, data) -> None:
+    """Admits a new prompt when no request runs: with only a few rules enabled, hypothesis
+    often gives up drawing one and drops the example."""
+    if not self.running:
+      self.admit(data.draw(prompts), data.draw(salts))
+
   # --- rules ------------------------------------------------------------------------------
 
   @rule(tokens=prompts, salt=salts)
@@ -189,6 +196,7 @@ class PrefixMachine(RuleBasedStateMachine):
       assert None not in h.blocks[:k]
       self.running[slot] = Slot(tokens[:k * BS], h.blocks[:k], salt)
       if holder in self.cached:  # a hit makes the holder the most recently used
+        event("prefix hit on a cached slot")
         self.cached[holder] = self.cached.pop(holder)
         self.index.touch(holder)
       self.register(slot)
@@ -197,6 +205,19 @@ class PrefixMachine(RuleBasedStateMachine):
       assert not np.any(np.asarray(st_))
       self.running[slot] = Slot([], [], salt)
     self.write(slot, tokens, k * BS)
+
+  @precondition(lambda self: self.live())
+  @rule(data=st.data(), tail=st.lists(st.integers(0, 1), max_size=3))
+  def admit_sharing(self, data, tail):
+    """A prompt that starts with part of a live slot's tokens (generated ones included), under
+    its salt or another: the prefix-hit paths (fork + truncate of a holder, running or cached,
+    with holes or copy-on-write after it) come up far more often than from random prompts."""
+    holder = self.live()[data.draw(st.sampled_from(sorted(self.live())))]
+    keep = data.draw(st.one_of(st.just(len(holder.tokens)), st.integers(0, len(holder.tokens))))
+    salt = data.draw(st.sampled_from([holder.salt, holder.salt, "other"]))
+    tokens = (holder.tokens[:keep] + tail) or [0]
+    if len(tokens) <= CFG.max_seq_len:
+      self.admit(tokens, salt)
 
   @precondition(lambda self: self.running)
   @rule(data=st.data(), new=st.lists(st.integers(0, 1), min_size=1, max_size=3))
@@ -225,6 +246,7 @@ class PrefixMachine(RuleBasedStateMachine):
       self.cached[slot] = s
       self.index.park(slot)
     assert not np.any(np.asarray(st_))
+    self.refill(data)
 
   @precondition(lambda self: self.running)
   @rule(data=st.data())
@@ -277,6 +299,7 @@ class PrefixMachine(RuleBasedStateMachine):
     assert sw.seq_len == len(s.tokens)
     assert sw.num_blocks == sum(b is not None for b in s.blocks)  # holes are not swapped
     self.swapped.append((s, sw))
+    self.refill(data)
 
   @precondition(lambda self: self.swapped)
   @rule(data=st.data())
