@@ -61,6 +61,27 @@ def test_empty_queries_give_empty_results(impl, knobs, shape):
     assert lse.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("impl, knobs, match", [
+    (None, {"block_k": 32}, r"implementation='xla' \(picked by implementation=None.*takes no "
+     r"knob block_k; its knobs are max_blocks, interleave; block_k is a knob of 'pallas_gpu' / "
+     r"'pallas_mgpu': pass implementation= explicitly"),
+    ("pallas_tpu", {"interpret": True, "num_warps": 4},
+     r"'pallas_tpu' takes no knob num_warps; its knobs are pages_per_compute_block, "
+     r"queries_per_block, interpret; num_warps is a knob of 'pallas_gpu'"),
+    ("xla", {"blok_k": 32}, r"takes no knob blok_k; its knobs are max_blocks, interleave(?!;)"),
+])
+def test_a_knob_of_another_implementation_is_named(impl, knobs, match):
+  """A stray knob fails with the knobs the chosen kernel takes and the kernels that take it,
+  eagerly and under jit, instead of a bare 'unexpected keyword argument'."""
+  _, cache, q, seq_ids, _, layer = _setup()
+  assert pk.default_implementation(config=cache.config) == "xla"  # this CPU
+  with pytest.raises(TypeError, match=match):
+    pk.paged_attention(q, cache, seq_ids, layer, implementation=impl, **knobs)
+  with pytest.raises(TypeError, match=match):
+    jax.jit(lambda q: pk.paged_attention(q, cache, seq_ids, layer, implementation=impl,
+                                         **knobs))(q)
+
+
 @pytest.mark.parametrize("max_blocks", [0, -1, True, 1.5])
 def test_xla_max_blocks_must_be_a_positive_int(max_blocks):
   _, cache, q, seq_ids, _, layer = _setup()

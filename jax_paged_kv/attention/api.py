@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import numbers
 import os
 
@@ -120,6 +121,40 @@ def get_implementation(name: str):
     raise RuntimeError(f"implementation={name!r} cannot be loaded here: {e}") from e
 
 
+# Keyword arguments paged_attention passes to every implementation itself: never knobs.
+_PASSED = frozenset({"scale", "soft_cap", "sliding_window", "return_lse", "k_scale", "v_scale",
+                     "new_kv"})
+
+
+def implementation_knobs(name: str) -> tuple[str, ...]:
+  """The tuning knobs (keyword-only options) implementation ``name`` takes."""
+  params = inspect.signature(get_implementation(name)).parameters.values()
+  return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _PASSED)
+
+
+def check_knobs(name: str, knobs, *, picked: bool = False, op: str = "paged_attention") -> None:
+  """Raises ``TypeError`` naming the knobs ``name`` does not take, the ones it does, and which
+  implementations take the strays (e.g. ``block_k`` meant for ``pallas_gpu`` reaching ``xla``
+  because ``implementation=None`` picked it on this backend)."""
+  own = implementation_knobs(name)
+  bad = sorted(set(knobs) - set(own))
+  if not bad:
+    return
+  owners = []
+  for other in IMPLEMENTATIONS:
+    try:
+      if other != name and set(bad) <= set(implementation_knobs(other)):
+        owners.append(other)
+    except RuntimeError:  # pragma: no cover - a kernel this JAX cannot load
+      continue
+  how = " (picked by implementation=None for this backend and cache)" if picked else ""
+  hint = (f"; {', '.join(bad)} {'is a knob' if len(bad) == 1 else 'are knobs'} of "
+          f"{' / '.join(repr(o) for o in owners)}: pass implementation= explicitly"
+          if owners else "")
+  raise TypeError(f"{op}: implementation={name!r}{how} takes no knob {', '.join(bad)}; its "
+                  f"knobs are {', '.join(own) or 'none'}{hint}")
+
+
 def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
                     scale: float | None = None, soft_cap: float | None = None,
                     sliding_window: int | None = None, return_lse: bool = False,
@@ -151,7 +186,8 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
     implementation: ``"xla"``, ``"pallas_gpu"``, ``"pallas_mgpu"``, ``"pallas_tpu"`` or None:
       the backend's
       kernel where it takes this cache's geometry, else ``"xla"`` (:func:`default_implementation`).
-    **knobs: keyword-only tuning options of the chosen kernel (e.g. ``interpret=True``).
+    **knobs: keyword-only tuning options of the chosen kernel (e.g. ``interpret=True``;
+      :func:`implementation_knobs` lists them).
 
   Returns:
     ``out`` ``[batch, q_len, q_heads, head_dim]`` in ``q.dtype`` (float32 accumulation), or
@@ -160,6 +196,8 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   Raises:
     CacheShapeError: shapes that do not fit the cache (trace time).
     InvalidSlotError, InactiveSlotError, InvalidLayerError: eager calls with bad ids or layer.
+    TypeError: a knob the chosen implementation does not take (the message names the ones it
+      takes and the implementations that take the stray one).
   """
   q, seq_ids, layer, q_lens, scale, soft_cap, sliding_window = _check_query(
       q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="paged_attention")
@@ -167,6 +205,7 @@ def paged_attention(q, cache: PagedKVCache, seq_ids, layer, *, q_lens=None,
   cfg = cache.config
   name = default_implementation(config=cfg) if implementation is None else implementation
   get_implementation(name)  # fail early, outside the trace, for an unknown name
+  check_knobs(name, knobs, picked=implementation is None)
   if q.size == 0:  # no query: nothing to read (the kernels' grids would be empty)
     out = jnp.zeros(q.shape, q.dtype)
     return (out, jnp.full(q.shape[:3], -jnp.inf, jnp.float32)) if return_lse else out
@@ -366,6 +405,7 @@ def write_and_attend(q, k, v, cache: PagedKVCache, slots, seq_ids, layer, *, q_l
   if why:
     cache, status = write_kv(cache, slots, k, v, layer, seq_ids=seq_ids, donate=donate)
     return cache, paged_attention(q, cache, seq_ids, layer, **attend), status
+  check_knobs("pallas_gpu", knobs, op="write_and_attend(fuse)")
   q, seq_ids, layer, q_lens, scale, soft_cap, sliding_window = _check_query(
       q, cache, seq_ids, layer, q_lens, scale, soft_cap, sliding_window, op="write_and_attend")
   _check_return_lse(return_lse)
