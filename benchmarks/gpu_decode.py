@@ -28,8 +28,16 @@ and on the same data:
 
 Reports the median time per call (after warmup; each sample times ``--inner`` back-to-back
 calls ended by one ``block_until_ready``), the effective bandwidth (KV bytes read / time) and
-the fraction of the copy ceiling. Prints a table and saves through :mod:`benchmarks.report`: on a
-GPU, ``benchmarks/results/gpu_decode.json`` plus the GPU section of ``benchmarks/RESULTS.md``; in
+the fraction of the copy ceiling. The bytes are the useful ones, the same for every
+implementation: K and V of the tokens attended (plus a quantised pool's scales). Not counted:
+the unused tail of a row's last page (only ``mixed`` has one: 0.35% of its KV bytes at 16-token
+pages, 1.6% at 64), and q plus the output (0.05-0.8% of the KV bytes for the decode configs;
+as much again as the KV for ``prefill``, which is compute bound and reports TFLOP/s too). So a
+fraction is a lower bound on the traffic a kernel moves, and the ratios between
+implementations do not depend on the convention.
+
+Prints a table and saves through :mod:`benchmarks.report`: on a GPU,
+``benchmarks/results/gpu_decode.json`` plus the GPU section of ``benchmarks/RESULTS.md``; in
 interpret mode (or with ``--tiny``) ``benchmarks/out/gpu_decode_interpret.json`` only, so a CPU
 smoke run never replaces the GPU numbers. ``--out PATH`` also writes the raw summary there.
 
