@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+import jax_paged_kv as pk
 from jax_paged_kv import (
   CacheStrategy,
   PoolExhaustedError,
@@ -306,3 +307,44 @@ def test_abort_running_and_waiting_requests(strategy):
   rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=NEW))
   engine.run()
   assert list(engine.pop_finished()) == [rid]
+
+
+def test_stream_deltas_concatenate_to_the_reference_under_preemption():
+  """Token streaming: after every yield each request's streamed tokens are exactly what it has
+  generated so far (nothing held back, nothing taken back by a recompute preemption), and they
+  concatenate to the float64 reference; a request added mid-stream that finishes in its first
+  step, and one aborted mid-stream, each get their last delta."""
+  cc = cache_config(1 + 16)  # the tiny pool: preemption
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, **FIXED)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  got = {}
+  finals = {}
+  late = aborted = None
+  for deltas in engine.stream():
+    assert [d.request_id for d in deltas] == sorted({d.request_id for d in deltas})
+    for d in deltas:
+      assert d.request_id not in finals, "a delta after the request's last one"
+      got.setdefault(d.request_id, []).extend(d.tokens)
+      if d.finish_reason is not None:
+        finals[d.request_id] = d.finish_reason
+    in_flight = [r.out for r in (*engine.scheduler.running, *engine.scheduler.waiting)]
+    for out in in_flight:  # no lag: what was streamed is all it has
+      assert got.get(out.request_id, []) == out.tokens, out.request_id
+    if aborted is None and engine.metrics.preemptions:  # after the first preemption
+      late = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=1))
+      victim = next(o for o in in_flight if o.tokens)
+      aborted = victim.request_id
+      assert engine.abort_request(aborted).finish_reason == "abort"
+  assert engine.metrics.preemptions > 0
+  assert finals.pop(aborted) == "abort"
+  cut = engine.finished[aborted].tokens
+  assert got.pop(aborted) == cut == REFS[aborted][:len(cut)] and cut
+  assert finals == {i: "length" for i in ids + [late] if i != aborted}
+  for i in ids:
+    if i != aborted:
+      assert got[i] == REFS[i], i
+  assert got[late] == REFS[2][:1]
+  # A request admitted, prefilled and finished within one step streams too.
+  rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=1))
+  assert list(engine.stream()) == [[pk.StreamDelta(rid, tuple(REFS[0][:1]), "length")]]
+  assert int(cache_stats(engine.cache).free_blocks) == 16

@@ -16,6 +16,7 @@ from jax_paged_kv.serving.engine import (
     Engine,
     EngineMetrics,
     RequestOutput,
+    StreamDelta,
     default_cache_config,
     generate,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "MeshEngine",
     "RequestOutput",
     "SamplingParams",
+    "StreamDelta",
     "decode_loop",
     "decode_loop_on_mesh",
     "decode_step",

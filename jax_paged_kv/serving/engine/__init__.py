@@ -11,6 +11,7 @@
 
 from jax_paged_kv.serving.engine.batching import bucket
 from jax_paged_kv.serving.engine.engine import Engine, default_cache_config, generate
-from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput
+from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput, StreamDelta
 
-__all__ = ["Engine", "EngineMetrics", "RequestOutput", "bucket", "default_cache_config", "generate"]
+__all__ = ["Engine", "EngineMetrics", "RequestOutput", "StreamDelta", "bucket",
+           "default_cache_config", "generate"]

@@ -51,7 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,12 @@ from jax_paged_kv.serving.decoding import (
 )
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
-from jax_paged_kv.serving.engine.metrics import EngineMetrics, RequestOutput, compile_timer
+from jax_paged_kv.serving.engine.metrics import (
+  EngineMetrics,
+  RequestOutput,
+  StreamDelta,
+  compile_timer,
+)
 from jax_paged_kv.serving.engine.prefix import PrefixIndex
 from jax_paged_kv.serving.engine.scheduler import Request, Scheduler
 
@@ -470,6 +475,41 @@ class Engine:
       if progress is not None and fin:
         progress(len(fin))
     return sorted(done, key=lambda o: o.request_id)
+
+  def stream(self) -> Iterator[list[StreamDelta]]:
+    """Steps until every queued request finished, yielding after each step what each request
+    produced in it: token streaming for a server.
+
+    Between two ``next()`` calls the caller may :meth:`add_request` (the new request streams
+    from the next step on) or :meth:`abort_request` (its last delta, ``finish_reason="abort"``,
+    comes with the next step's; one added and aborted between the same two calls yields
+    nothing, :meth:`abort_request` returned its output). A request's deltas concatenate to its
+    final tokens: tokens are yielded once, preemption (recompute or swap) never takes one back.
+
+    Yields:
+      A list of :class:`StreamDelta` per step, in request-id order: one for every request
+      that generated tokens or finished in that step (empty when no request did, e.g. a step
+      that only prefilled part of a prompt).
+    """
+    sent: dict[int, int] = {}  # request id -> tokens handed out so far, while it is in flight
+    while self.has_work or sent:
+      done = {o.request_id: o for o in self.step()} if self.has_work else {}
+      sched = self.scheduler
+      in_flight = {r.out.request_id: r.out for r in (*sched.running, *sched.waiting)}
+      deltas = []
+      for rid in sorted(set(sent) | set(in_flight) | set(done)):
+        out = in_flight.get(rid) or done.get(rid) or self._finished.get(rid)
+        n = sent.get(rid, 0)
+        if out is None:  # finished and already taken by pop_finished: nothing more to say
+          sent.pop(rid)
+          continue
+        if len(out.tokens) > n or out.finish_reason is not None:
+          deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason))
+        if out.finish_reason is None:
+          sent[rid] = len(out.tokens)
+        else:
+          sent.pop(rid, None)
+      yield deltas
 
   # ---- pieces --------------------------------------------------------------------------------
 

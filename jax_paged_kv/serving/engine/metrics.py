@@ -74,6 +74,22 @@ class RequestOutput:
   finish_time: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamDelta:
+  """What one request produced in one engine step (:meth:`Engine.stream`).
+
+  Attributes:
+    request_id: the id :meth:`Engine.add_request` returned.
+    tokens: the tokens generated in this step (possibly none, in the request's last delta).
+    finish_reason: None while it runs; else as :attr:`RequestOutput.finish_reason` (this is
+      the request's last delta).
+  """
+
+  request_id: int
+  tokens: tuple[int, ...]
+  finish_reason: str | None = None
+
+
 @dataclasses.dataclass
 class EngineMetrics:
   """Counters of an engine run (host-side numbers).
