@@ -82,6 +82,33 @@ def test_a_knob_of_another_implementation_is_named(impl, knobs, match):
                                          **knobs))(q)
 
 
+SEEN_KNOBS = []
+
+
+def _kernel_with_any_knobs(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens, *, scale,
+                           soft_cap, sliding_window, return_lse, k_scale=None, v_scale=None,
+                           **knobs):
+  """A user's kernel in the contract's ``**knobs`` form (here: xla underneath)."""
+  from jax_paged_kv.attention.reference import paged_attention_xla
+  SEEN_KNOBS.append(knobs)
+  return paged_attention_xla(q, k_pool, v_pool, layer, block_tables, kv_lens, q_lens,
+                             scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                             return_lse=return_lse, k_scale=k_scale, v_scale=v_scale,
+                             max_blocks=knobs.get("max_blocks"))
+
+
+def test_a_kernel_declared_with_var_knobs_takes_any_knob(monkeypatch):
+  from jax_paged_kv.attention import api
+  monkeypatch.setitem(api.IMPLEMENTATIONS, "mine",
+                      ("tests.test_attention_api", "_kernel_with_any_knobs"))
+  case, cache, q, seq_ids, _, layer = _setup()
+  got = pk.paged_attention(q, cache, seq_ids, layer, implementation="mine", max_blocks=2,
+                           my_knob=7)
+  assert SEEN_KNOBS[-1] == {"max_blocks": 2, "my_knob": 7}
+  want, _ = oracle(case, cache, q, seq_ids, np.array([1, 3]), layer)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("max_blocks", [0, -1, True, 1.5])
 def test_xla_max_blocks_must_be_a_positive_int(max_blocks):
   _, cache, q, seq_ids, _, layer = _setup()

@@ -427,9 +427,11 @@ def test_fuzz_reserve_max_new(data):
 def test_reserve_negative_count_without_max_new_is_a_bad_row():
   """Found by the 240-example fuzz: ``reserve(c, ids, -1)`` raised CacheShapeError about a
   ``max_new`` the caller never passed; it is a bad count (a status under jit)."""
-  with pytest.raises(pk.InvalidCountError) as info:
-    pk.reserve(BASE, [0], -1, donate=False)
-  assert info.value.status == Status.INVALID_COUNT and info.value.row == 0
+  for count in (-1, 2**31, 2**40):  # a scalar past int32 is refused whole (no row)
+    with pytest.raises(pk.InvalidCountError, match="num_new") as info:
+      pk.reserve(BASE, [0], count, donate=False)
+    assert info.value.status == Status.INVALID_COUNT
+    assert info.value.row == (0 if count < 0 else None)
   out, slots, status = jax.jit(lambda c: pk.reserve(c, [0, 1], -1))(BASE)
   assert list(np.asarray(status)) == [Status.INVALID_COUNT] * 2 and slots.shape == (2, 0)
   assert unchanged(out) and unchanged(BASE)

@@ -258,16 +258,17 @@ def test_abort_running_and_waiting_requests(strategy):
   ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
   engine.step()
   engine.step()
-  running = [r.out.request_id for r in engine.scheduler.running]
+  engine.step()
+  decoding = [r.out.request_id for r in engine.scheduler.running if r.out.tokens]
   waiting = [r.out.request_id for r in engine.scheduler.waiting]
-  assert len(running) == 4 and len(waiting) == 2, (running, waiting)
-  victim_run, victim_wait = running[1], waiting[-1]
+  assert len(decoding) >= 2 and len(waiting) == 2, (decoding, waiting)
+  victim_run, victim_wait = decoding[1], waiting[-1]
   lens_before = np.asarray(engine.cache.seq_lens).copy()
   slot = next(r.slot for r in engine.scheduler.running if r.out.request_id == victim_run)
   assert lens_before[slot] > 0
   out = engine.abort_request(victim_run)
   assert out.finish_reason == "abort" and out.request_id == victim_run
-  assert out.tokens == REFS[victim_run][:len(out.tokens)]
+  assert 0 < len(out.tokens) < NEW and out.tokens == REFS[victim_run][:len(out.tokens)]
   # Its slot is free now, not at the next step: the others' lengths are untouched.
   lens = np.asarray(engine.cache.seq_lens)
   assert lens[slot] == 0 and not bool(np.asarray(engine.cache.active)[slot])

@@ -313,3 +313,29 @@ def test_abort_mid_prefill_keeps_its_written_blocks_cached():
   assert engine.metrics.cached_prompt_tokens == written
   assert engine.metrics.aborted_requests == 1
   assert_all_free_or_cached(engine)
+
+
+def test_abort_mid_decode_parks_its_generated_blocks():
+  """A request aborted while decoding keeps its full written blocks cached, generated tokens
+  included: a later prompt that continues its text hits them, and its greedy tokens are the
+  float64 reference's for that prompt."""
+  rng = np.random.default_rng(6)
+  prompt = tokens(rng, 9)
+  engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
+  rid = engine.add_request(prompt, SamplingParams(max_new_tokens=20))
+  engine.step()
+  while len(engine.scheduler.running[0].out.tokens) < 8:
+    engine.step()
+  out = engine.abort_request(rid)
+  made = out.tokens
+  assert out.finish_reason == "abort" and made == reference_greedy(PARAMS, SMALL, prompt,
+                                                                   len(made))
+  written = len(prompt) + len(made) - 1  # the last token was emitted, not yet written
+  assert engine.prefix.registered(0) == written // BS
+  follow = prompt + made + tokens(rng, 3)
+  fid = engine.add_request(follow, SamplingParams(max_new_tokens=NEW))
+  outs = run_checked(engine)
+  assert [o.request_id for o in outs] == [rid, fid]
+  assert outs[1].tokens == reference_greedy(PARAMS, SMALL, follow, NEW)
+  assert engine.metrics.cached_prompt_tokens == (written // BS) * BS
+  assert_all_free_or_cached(engine)

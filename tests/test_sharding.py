@@ -581,6 +581,8 @@ def test_mesh_engine_abort_and_pop_finished():
   assert out.request_id == victim and out.finish_reason == "abort"
   assert out.tokens == reference(victim)[:len(out.tokens)]
   assert engine.abort_request(victim) is None
+  with pytest.raises(ValueError, match="request_id must be an integer"):
+    engine.abort_request(True)  # equal to 1 as a dict key, but not a request id
   outs = engine.run()
   assert victim not in [o.request_id for o in outs]
   for o in outs:

@@ -248,9 +248,12 @@ def test_abort_a_swapped_out_request_drops_its_host_copy():
   engine = Engine(PARAMS, SMALL, engine_config(1 + 16), watermark=0.0, reserve_ratio=0.0,
                   preemption="swap", **FIXED)
   ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
-  while not any(r.swapped is not None for r in engine.scheduler.waiting):
+  while engine.has_work and not any(r.swapped is not None for r in engine.scheduler.waiting):
     engine.step()
-  victim = next(r for r in engine.scheduler.waiting if r.swapped is not None)
+  victim = next((r for r in engine.scheduler.waiting if r.swapped is not None), None)
+  assert victim is not None, "no request was swapped out"
+  assert victim.out.tokens, "the victim had generated nothing: a weaker case"
+
   vid, made = victim.out.request_id, list(victim.out.tokens)
   out = engine.abort_request(vid)
   assert out.finish_reason == "abort" and victim.swapped is None

@@ -127,7 +127,8 @@ _PASSED = frozenset({"scale", "soft_cap", "sliding_window", "return_lse", "k_sca
 
 
 def implementation_knobs(name: str) -> tuple[str, ...]:
-  """The tuning knobs (keyword-only options) implementation ``name`` takes."""
+  """The tuning knobs (keyword-only options) implementation ``name`` takes (a kernel declared
+  with ``**knobs`` takes any: :func:`check_knobs` passes them all through)."""
   params = inspect.signature(get_implementation(name)).parameters.values()
   return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _PASSED)
 
@@ -136,6 +137,9 @@ def check_knobs(name: str, knobs, *, picked: bool = False, op: str = "paged_atte
   """Raises ``TypeError`` naming the knobs ``name`` does not take, the ones it does, and which
   implementations take the strays (e.g. ``block_k`` meant for ``pallas_gpu`` reaching ``xla``
   because ``implementation=None`` picked it on this backend)."""
+  params = inspect.signature(get_implementation(name)).parameters.values()
+  if any(p.kind is p.VAR_KEYWORD for p in params):  # a kernel of yours taking **knobs
+    return
   own = implementation_knobs(name)
   bad = sorted(set(knobs) - set(own))
   if not bad:

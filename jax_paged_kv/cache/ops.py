@@ -400,9 +400,9 @@ def reserve(cache: PagedKVCache, seq_ids, num_new=1, *, max_new: int | None = No
   if max_new is None:
     if isinstance(num_new, bool) or not isinstance(num_new, (int, np.integer)):
       raise CacheShapeError("reserve needs a static max_new when num_new is not a Python int")
-    # A negative count is a bad row (INVALID_COUNT: raised eagerly, a status under jit), not a
-    # bad static bound.
-    max_new = max(int(num_new), 0)
+    # A count outside [0, int32 max] is a bad row (INVALID_COUNT: raised eagerly, a status
+    # under jit), not a bad static bound the caller never passed.
+    max_new = min(max(int(num_new), 0), 2**31 - 1)
   if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or not (
       0 <= max_new < 2**31):
     raise CacheShapeError(f"max_new must be a non-negative int, got {max_new!r}")

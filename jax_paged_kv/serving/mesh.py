@@ -30,7 +30,12 @@ import jax
 
 from jax_paged_kv.cache import CacheConfig, PagedKVCache
 from jax_paged_kv.models.base import Model
-from jax_paged_kv.serving.decoding import SamplingParams, decode_loop, prefill_step
+from jax_paged_kv.serving.decoding import (
+  SamplingParams,
+  decode_loop,
+  int_in_range,
+  prefill_step,
+)
 from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput
 from jax_paged_kv.sharding import (
     MeshLayout,
@@ -201,6 +206,7 @@ class MeshEngine:
       KeyError: an id never returned by :meth:`add_request`, or one whose output
         :meth:`pop_finished` already handed out.
     """
+    request_id = int_in_range(request_id, "request_id")  # True / 1.0 are not request 1
     if request_id not in self._where:
       raise KeyError(f"abort_request: no request {request_id} on this mesh (never added, or "
                      "its output was already taken by pop_finished)")

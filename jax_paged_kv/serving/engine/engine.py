@@ -332,7 +332,8 @@ class Engine:
 
   def pop_finished(self) -> dict[int, RequestOutput]:
     """Returns :attr:`finished` and forgets it, so a long-running server holds only the
-    outputs it has not handed out yet (``finished`` keeps every output until then)."""
+    outputs it has not handed out yet (``finished`` keeps every output until then; the
+    per-step traces of :attr:`metrics` still grow by one entry per step)."""
     done, self._finished = self._finished, {}
     return done
 

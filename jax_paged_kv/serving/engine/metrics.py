@@ -113,13 +113,15 @@ class EngineMetrics:
     preemptions: requests preempted (each is recomputed or swapped back in later).
     aborted_requests: requests stopped by :meth:`Engine.abort_request` before they finished.
     swapped_out_blocks / swapped_bytes: blocks (and their bytes, scales included) that swap
-      preemption copied to host memory; each comes back once.
+      preemption copied to host memory; each comes back once, unless its request is aborted
+      while swapped out.
     swap_out_seconds / swap_in_seconds: wall time of those copies (out: gather, copy to host
       and free; in: copy back and scatter into fresh blocks).
     util_tokens / util_slots: sums over steps of ``tokens_stored`` and ``allocated_slots`` (as
       :func:`~jax_paged_kv.cache_stats` counts them, from the host mirror of the lengths);
       their ratio is the KV memory utilisation.
-    running_trace / util_trace / time_trace: per-step concurrency, utilisation and time.
+    running_trace / util_trace / time_trace: per-step concurrency, utilisation and time (one
+      entry per step each: a server running for days should clear them now and then).
     compile_seconds: seconds JAX spent tracing, lowering and compiling inside
       :meth:`Engine.step` (the step programs and the small cache ops the engine calls
       eagerly), from JAX's compile events (:func:`compile_timer`): 0 when everything the
