@@ -597,6 +597,31 @@ def test_mesh_engine_abort_and_pop_finished():
     assert int(pk.cache_stats(cache).free_blocks) == 16
 
 
+def test_mesh_engine_stream_gives_each_request_its_tokens_once():
+  layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
+  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=2, max_seq_len=32, block_size=4)
+  engine = MeshEngine(PARAMS, MODEL, cc, layout, prefill_chunk=CHUNK, decode_steps=4,
+                      batch_bucket_min=2, bucket_blocks=False, track_stats=False)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  got, finals, aborted = {}, {}, None
+  for deltas in engine.stream():
+    for d in deltas:
+      assert d.request_id not in finals
+      got.setdefault(d.request_id, []).extend(d.tokens)
+      if d.finish_reason:
+        finals[d.request_id] = d.finish_reason
+    route = {w: rid for rid, w in engine._where.items()}
+    for shard, e in enumerate(engine.engines):  # no lag: streamed is all it has
+      for local, out in e.in_flight().items():
+        assert got.get(route[(shard, local)], []) == out.tokens
+    if aborted is None and any(got.values()):  # abort one that has streamed tokens
+      aborted = next(i for i in ids if got.get(i) and i not in finals)
+      cut = engine.abort_request(aborted).tokens
+      assert got[aborted] == cut
+  assert finals == {i: "abort" if i == aborted else "length" for i in ids}
+  for i in ids:
+    want = reference(i)
+    assert got[i] == (want[:len(got[i])] if i == aborted else want), i
 # ---------------------------------------------------------------------------------------------
 # beyond one machine
 

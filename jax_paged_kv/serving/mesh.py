@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,8 @@ from jax_paged_kv.serving.decoding import (
   int_in_range,
   prefill_step,
 )
-from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput
+from jax_paged_kv.serving.engine import Engine, EngineMetrics, RequestOutput, StreamDelta
+from jax_paged_kv.serving.engine.engine import stream_deltas
 from jax_paged_kv.sharding import (
     MeshLayout,
     on_mesh,
@@ -244,6 +245,23 @@ class MeshEngine:
         self._load[shard] -= self._cost.pop(rid)
         finished.append(dataclasses.replace(out, request_id=rid))
     return finished
+
+  def stream(self) -> Iterator[list[StreamDelta]]:
+    """Token streaming over every shard: as :meth:`~jax_paged_kv.Engine.stream`, with
+    mesh-wide request ids (each yield follows one :meth:`step` of every shard with work)."""
+    sent: dict[int, int] = {}
+    while self.has_work or sent:
+      done = {o.request_id: o for o in self.step()} if self.has_work else {}
+      ids = {v: k for k, v in self._where.items()}
+      now = {ids[(shard, local)]: out for shard, e in enumerate(self.engines)
+             for local, out in e.in_flight().items()}
+
+      def finished(rid):
+        where = self._where.get(rid)
+        return None if where is None else self.engines[where[0]].finished.get(where[1])
+
+      yield stream_deltas(sent, {rid: now.get(rid) or done.get(rid) or finished(rid)
+                                 for rid in set(sent) | set(now) | set(done)})
 
   def run(self, progress: Callable[[int], object] | None = None) -> list[RequestOutput]:
     """Steps until every request finished; returns them ordered by request id."""

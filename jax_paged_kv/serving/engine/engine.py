@@ -495,22 +495,14 @@ class Engine:
     sent: dict[int, int] = {}  # request id -> tokens handed out so far, while it is in flight
     while self.has_work or sent:
       done = {o.request_id: o for o in self.step()} if self.has_work else {}
-      sched = self.scheduler
-      in_flight = {r.out.request_id: r.out for r in (*sched.running, *sched.waiting)}
-      deltas = []
-      for rid in sorted(set(sent) | set(in_flight) | set(done)):
-        out = in_flight.get(rid) or done.get(rid) or self._finished.get(rid)
-        n = sent.get(rid, 0)
-        if out is None:  # finished and already taken by pop_finished: nothing more to say
-          sent.pop(rid)
-          continue
-        if len(out.tokens) > n or out.finish_reason is not None:
-          deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason))
-        if out.finish_reason is None:
-          sent[rid] = len(out.tokens)
-        else:
-          sent.pop(rid, None)
-      yield deltas
+      now = self.in_flight()
+      yield stream_deltas(sent, {rid: now.get(rid) or done.get(rid) or self._finished.get(rid)
+                                 for rid in set(sent) | set(now) | set(done)})
+
+  def in_flight(self) -> dict[int, RequestOutput]:
+    """The outputs so far of the requests waiting or running, by request id."""
+    sched = self.scheduler
+    return {r.out.request_id: r.out for r in (*sched.running, *sched.waiting)}
 
   # ---- pieces --------------------------------------------------------------------------------
 
@@ -831,6 +823,24 @@ class Engine:
         keep = -1
       held = self.prefix.registered(slot)
       self._evict(slot, held if need_slot else min(held, short))
+
+
+def stream_deltas(sent: dict[int, int],
+                  outputs: dict[int, RequestOutput | None]) -> list[StreamDelta]:
+  """One step of :meth:`Engine.stream`: the deltas of ``outputs`` (every request in flight at
+  the last yield or now, or finished in the step; None: finished and already taken by
+  ``pop_finished``) past the ``sent`` token counts, which it updates (a finished request
+  leaves it)."""
+  deltas = []
+  for rid in sorted(outputs):
+    out, n = outputs[rid], sent.get(rid, 0)
+    if out is not None and (len(out.tokens) > n or out.finish_reason is not None):
+      deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason))
+    if out is not None and out.finish_reason is None:
+      sent[rid] = len(out.tokens)
+    else:
+      sent.pop(rid, None)
+  return deltas
 
 
 DEFAULT_MAX_SEQS = 256  # sequence slots of generate's default cache
