@@ -16,7 +16,7 @@ from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import SamplingParams
 from jax_paged_kv.serving.engine import Engine, generate
 from tests.llama_fixtures import SMALL
-from tests.llama_reference import reference_greedy
+from tests.llama_reference import reference_greedy, reference_logits
 
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 # One compiled shape per step kind (batch width = max_batch, all table columns).
@@ -173,6 +173,8 @@ def test_all_greedy_programs_until_a_request_samples():
     (dict(temperature=float("nan")), "temperature must be >= 0"),
     (dict(temperature="1"), "temperature must be a real number"),
     (dict(top_p=float("nan")), "top_p"),
+    (dict(logprobs=1), "logprobs must be a bool"),
+    (dict(logprobs="yes"), "logprobs must be a bool"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_sampling_params_refuse_what_the_step_cannot_hold(kwargs, match):
   """A value the compiled step would truncate or wrap is refused when the request is made, so
@@ -349,3 +351,71 @@ def test_stream_deltas_concatenate_to_the_reference_under_preemption():
   rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=1))
   assert list(engine.stream()) == [[pk.StreamDelta(rid, tuple(REFS[0][:1]), "length")]]
   assert int(cache_stats(engine.cache).free_blocks) == 16
+
+
+def oracle_logprobs(prompt, toks):
+  """float64 log-softmax of the raw logits at each generated token (the oracle of logprobs)."""
+  logits = reference_logits(PARAMS, SMALL, list(prompt) + list(toks[:-1]))
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + len(toks))
+  return logits[pos, toks] - lse[pos]
+
+
+def test_logprobs_match_the_float64_model_under_preemption_and_sampling():
+  """``SamplingParams(logprobs=True)``: one log-probability per token, the model's raw
+  distribution at it (before temperature / top-k), through prefill (first token), decode,
+  recompute preemption and streaming; requests that did not ask get None."""
+  cc = cache_config(1 + 16)  # the tiny pool: preemption
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, **FIXED)
+  kinds = [SamplingParams(max_new_tokens=NEW, logprobs=True),
+           SamplingParams(max_new_tokens=NEW, temperature=1.5, top_k=5, seed=4, logprobs=True),
+           SamplingParams(max_new_tokens=NEW)]
+  ids = [engine.add_request(p, kinds[i % 3]) for i, p in enumerate(PROMPTS)]
+  streamed = {}
+  for deltas in engine.stream():
+    for d in deltas:
+      if d.logprobs is not None:
+        assert len(d.logprobs) == len(d.tokens)
+        streamed.setdefault(d.request_id, []).extend(d.logprobs)
+  assert engine.metrics.preemptions > 0
+  outs = engine.finished
+  for i in ids:
+    out = outs[i]
+    if i % 3 == 2:
+      assert out.logprobs is None and out.tokens == REFS[i] and i not in streamed
+      continue
+    assert len(out.logprobs) == len(out.tokens) == NEW
+    if i % 3 == 0:
+      assert out.tokens == REFS[i]
+    np.testing.assert_allclose(out.logprobs, oracle_logprobs(PROMPTS[i], out.tokens),
+                               atol=2e-4, rtol=0)
+    assert streamed[i] == out.logprobs
+
+
+def test_decode_loop_logprobs_are_an_extra_output():
+  from jax_paged_kv.serving.decoding import DecodeState, decode_loop, prefill_step, token_logprobs
+  cc = cache_config(1 + 16)
+  prompt = PROMPTS[1]
+  runs = []
+  for ret in (False, True):
+    cache = pk.init_cache(cc)
+    cache, _ = pk.allocate_sequences(cache, np.int32([0]))
+    toks = np.zeros((1, len(prompt)), np.int32)
+    toks[0] = prompt
+    one = np.ones(1, np.float32)
+    cache, first, logits, _ = prefill_step(
+        PARAMS, cache, toks, np.int32([0]), np.int32([len(prompt)]), 0 * one,
+        np.int32([0]), one, np.zeros((1, 2), np.uint32), np.int32([0]), model=SMALL)
+    lp0 = float(token_logprobs(logits, first)[0])
+    state = DecodeState.create([int(first[0])], [0], [SamplingParams(max_new_tokens=NEW)])
+    res = decode_loop(PARAMS, cache, state, np.int32(6), max_steps=6, model=SMALL,
+                      **({"return_logprobs": True} if ret else {}))
+    assert len(res) == (6 if ret else 5)
+    runs.append(res)
+  out = np.asarray(runs[1][2])[0]
+  np.testing.assert_array_equal(out, np.asarray(runs[0][2])[0])  # same tokens either way
+  got = [lp0] + np.asarray(runs[1][5])[0].tolist()
+  toks = [int(first[0])] + out.tolist()
+  assert toks == REFS[1][:7]
+  np.testing.assert_allclose(got, oracle_logprobs(prompt, toks), atol=2e-4, rtol=0)
+  assert np.isnan(token_logprobs(logits, np.int32([-1]))[0])

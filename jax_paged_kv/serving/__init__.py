@@ -11,6 +11,7 @@ from jax_paged_kv.serving.decoding import (
     decode_step,
     prefill_step,
     sample_tokens,
+    token_logprobs,
 )
 from jax_paged_kv.serving.engine import (
     Engine,
@@ -42,4 +43,5 @@ __all__ = [
     "prefill_step",
     "prefill_step_on_mesh",
     "sample_tokens",
+    "token_logprobs",
 ]

@@ -145,6 +145,9 @@ class SamplingParams:
     stop_tokens: generation ends after any of these (it is included in the output); at most
       :data:`MAX_STOP_TOKENS`.
     seed: the request's PRNG seed (``fold_in(key(seed), n)`` samples its ``n``-th token).
+    logprobs: also report each generated token's log-probability under the model's own
+      distribution (:func:`token_logprobs`: the log-softmax of the raw logits, before
+      temperature, top-k and top-p; ``RequestOutput.logprobs``).
   """
 
   temperature: float = 0.0
@@ -153,6 +156,7 @@ class SamplingParams:
   max_new_tokens: int = 16
   stop_tokens: tuple[int, ...] = ()
   seed: int = 0
+  logprobs: bool = False
 
   def __post_init__(self):
     for name in ("temperature", "top_p"):
@@ -173,6 +177,9 @@ class SamplingParams:
     object.__setattr__(self, "seed", int_in_range(self.seed, "seed", 0, 2**32 - 1))
     object.__setattr__(self, "stop_tokens", tuple(
         int_in_range(t, "stop token", 0) for t in self.stop_tokens))
+    if not isinstance(self.logprobs, (bool, np.bool_)):
+      raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
+    object.__setattr__(self, "logprobs", bool(self.logprobs))
     if len(self.stop_tokens) > MAX_STOP_TOKENS:
       raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
                        "supported (the stop-token table has one fixed width, so that requests "
@@ -386,6 +393,17 @@ jax.tree_util.register_dataclass(
     DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[])
 
 
+def token_logprobs(logits: Array, tokens: Array) -> Array:
+  """``float32[batch]``: ``log_softmax(logits[b])[tokens[b]]``, each token's log-probability
+  under the model's raw distribution (before temperature, top-k and top-p; vLLM's default
+  ``raw_logprobs``). ``logits``: ``[batch, vocab]``; ``tokens``: ``int32[batch]`` (a
+  negative token, e.g. a padding row's ``-1``, gives NaN)."""
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  got = jnp.take_along_axis(lp, jnp.clip(tokens, 0, lp.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  return jnp.where((tokens >= 0) & (tokens < lp.shape[-1]), got, jnp.nan)
+
+
 def _next_tokens(logits, keys, temperature, top_k, top_p, all_greedy: bool):
   """:func:`sample_tokens`, or only its argmax when the caller guarantees every row is greedy
   (``all_greedy``, static: the engine's programs for all-greedy workloads leave the sampling
@@ -456,12 +474,13 @@ def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Arr
                        implementation=implementation, max_blocks=max_blocks)
 
 
-@backend_jit(static_argnames=(*_JIT_STATIC, "max_steps", "evict", "all_greedy"),
-             donate_argnames=("cache",))
+@backend_jit(static_argnames=(*_JIT_STATIC, "max_steps", "evict", "all_greedy",
+                              "return_logprobs"), donate_argnames=("cache",))
 def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_steps, *,
                 max_steps: int, model: Model | None = None, config: Model | None = None,
                 implementation: str | None = None, max_blocks: int | None = None,
-                evict: tuple[int, int] | None = None, all_greedy: bool = False):
+                evict: tuple[int, int] | None = None, all_greedy: bool = False,
+                return_logprobs: bool = False):
   """Up to ``num_steps`` decode steps inside one ``jit`` (a ``lax.while_loop``).
 
   Each step appends every live row's last token to the cache, runs the model and samples the
@@ -488,11 +507,14 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
       ``sink_tokens=0``); for other models it is StreamingLLM's token eviction (attention
       sinks), an approximation (``benchmarks/streaming.py`` measures it).
     all_greedy: static, as for :func:`prefill_step`.
+    return_logprobs: static; also return each generated token's :func:`token_logprobs`.
 
   Returns:
     ``(cache, state, out_tokens int32[batch, max_steps], steps int32[], status int32[batch])``:
     ``out_tokens[b, s]`` is the token row ``b`` generated at step ``s`` or ``-1``; ``steps`` is
-    the number of steps applied; ``status`` is the failing step's (zeros if none failed).
+    the number of steps applied; ``status`` is the failing step's (zeros if none failed). With
+    ``return_logprobs`` a sixth element, ``float32[batch, max_steps]``: the log-probability of
+    ``out_tokens[b, s]`` (NaN where it is ``-1``).
   """
   model = resolve_model(model, config)
   check_cache_fits(model, cache.config)  # at trace time, for any protocol model
@@ -501,14 +523,16 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
   state = state.replace(done=state.done | (state.seq_ids < 0)
                         | (state.num_generated >= state.max_new_tokens))
   out = jnp.full((b, max_steps), -1, jnp.int32)
+  # The logprob buffer only exists when asked for: the default program is unchanged.
+  lps = jnp.full((b, max_steps), jnp.nan, jnp.float32) if return_logprobs else None
   status0 = jnp.zeros((b,), jnp.int32)
 
   def cond(carry):
-    _, st, _, step, status = carry
+    _, st, _, _, step, status = carry
     return (step < num_steps) & ~jnp.all(st.done) & jnp.all(status == 0)
 
   def body(carry):
-    cache, st, out, step, _ = carry
+    cache, st, out, lps, step, _ = carry
     live = ~st.done
     ids = jnp.where(live, st.seq_ids, -1)
     new_cache, logits, status = model.forward(params, cache, st.tokens[:, None], ids,
@@ -524,12 +548,16 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     done = st.done | (take & (stop | (gen >= st.max_new_tokens)))
     st = st.replace(tokens=jnp.where(take, nxt, st.tokens), num_generated=gen, done=done)
     out = out.at[:, step].set(jnp.where(take, nxt, -1))
+    if lps is not None:
+      lps = lps.at[:, step].set(jnp.where(take, token_logprobs(logits, nxt), jnp.nan))
     if evict is not None:  # the step's attention is done: drop what no later query sees
       new_cache, _, _ = free_outside_window(new_cache, jnp.where(ok, st.seq_ids, -1),
                                             window=evict[0], sink_tokens=evict[1])
     # On failure forward already returned the cache unchanged (but for telemetry).
-    return new_cache, st, out, step + ok.astype(jnp.int32), status
+    return new_cache, st, out, lps, step + ok.astype(jnp.int32), status
 
-  cache, state, out, steps, status = jax.lax.while_loop(
-      cond, body, (cache, state, out, jnp.zeros((), jnp.int32), status0))
+  cache, state, out, lps, steps, status = jax.lax.while_loop(
+      cond, body, (cache, state, out, lps, jnp.zeros((), jnp.int32), status0))
+  if return_logprobs:
+    return cache, state, out, steps, status, lps
   return cache, state, out, steps, status

@@ -89,6 +89,7 @@ from jax_paged_kv.serving.decoding import (
   decode_loop,
   int_in_range,
   prefill_step,
+  token_logprobs,
 )
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
@@ -219,6 +220,9 @@ class Engine:
     # programs without the sampling branch (about a quarter of each program's compile time);
     # from then on the full ones, for good, so at most two sets of programs ever compile.
     self._any_sampled = False
+    # Likewise for logprobs: from the first request that asks, the decode programs also return
+    # each token's log-probability (a second set of decode programs, compiled at first use).
+    self._any_logprobs = False
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -292,9 +296,11 @@ class Engine:
           f"add_request: {total} tokens need {need} blocks at once, the pool has "
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     self._any_sampled |= sampling.temperature > 0
+    self._any_logprobs |= sampling.logprobs
     rid = self._next_id
     self._next_id += 1
-    req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter()),
+    req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter(),
+                                    logprobs=[] if sampling.logprobs else None),
                   sampling=sampling, context=list(prompt), cache_salt=cache_salt)
     self.scheduler.waiting.append(req)
     return rid
@@ -523,7 +529,7 @@ class Engine:
     tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
     _, temp, top_k, top_p, keys = self.batcher.sampling_rows([r for r, _ in rows], width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
-    self.cache, nxt, _, status = self._run_program(
+    self.cache, nxt, logits, status = self._run_program(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled)
@@ -531,6 +537,9 @@ class Engine:
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
                               sink_tokens=self.evict[1])
+    # Rows that asked for logprobs and complete their prompt here: their first token's.
+    want_lp = any(r.sampling.logprobs and r.prefilled + n == len(r.context) for r, n in rows)
+    lps = np.asarray(_token_logprobs_jit(logits, nxt)) if want_lp else None
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
@@ -547,7 +556,7 @@ class Engine:
       if not r.prefilling:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
-        if self._emit(r, [int(nxt[i])]):
+        if self._emit(r, [int(nxt[i])], None if lps is None else [float(lps[i])]):
           finished.append(self._finish(r))
     self._flush_free()
     return finished
@@ -575,11 +584,14 @@ class Engine:
     held = (np.arange(tables.shape[1])[None, :] < nb[:, None]) & (tables != NULL_BLOCK)
     m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
-  def _emit(self, r: Request, toks: Iterable[int]) -> bool:
-    """Appends generated tokens; True if the request is now finished."""
+  def _emit(self, r: Request, toks: Iterable[int], lps: Sequence[float] | None = None) -> bool:
+    """Appends generated tokens (and, if the request asked, their logprobs ``lps``); True if
+    the request is now finished."""
     s = r.sampling
-    for t in toks:
+    for i, t in enumerate(toks):
       r.out.tokens.append(t)
+      if s.logprobs:
+        r.out.logprobs.append(lps[i])
       self.metrics.generated_tokens += 1
       if t in s.stop_tokens:
         r.out.finish_reason = "stop"
@@ -638,27 +650,32 @@ class Engine:
     max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
     mb = self.batcher.max_blocks(max_len)
     key = ("decode", width, mb)
-    self.cache, state, out, n_steps, status = self._run_program(
+    extra = {"return_logprobs": True} if self._any_logprobs else {}
+    self.cache, state, out, n_steps, status, *lps = self._run_program(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
         implementation=self.implementation, max_blocks=mb, evict=self.evict,
-        all_greedy=not self._any_sampled)
+        all_greedy=not self._any_sampled, **extra)
     out, n_steps = np.asarray(out), int(n_steps)
+    lps = np.asarray(lps[0]) if lps else None
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
     self._sync_free()
     self.metrics.decode_steps += n_steps
     finished = []
-    r_toks = {}
+    r_toks, r_lps = {}, {}
     for i, r in enumerate(reqs):
       toks = [int(t) for t in out[i, :n_steps] if t >= 0]
       r_toks[r.slot] = toks
+      if lps is not None:
+        r_lps[r.slot] = [float(x) for x, t in zip(lps[i, :n_steps], out[i, :n_steps],
+                                                  strict=True) if t >= 0]
       self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
       if self.prefix is not None:
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
     self._note_peak()  # the blocks the rows grew into, before the finished ones are freed
     for r in reqs:
-      if self._emit(r, r_toks[r.slot]):
+      if self._emit(r, r_toks[r.slot], r_lps.get(r.slot)):
         finished.append(self._finish(r))
     self._flush_free()
     return finished
@@ -835,7 +852,8 @@ def stream_deltas(sent: dict[int, int],
   for rid in sorted(outputs):
     out, n = outputs[rid], sent.get(rid, 0)
     if out is not None and (len(out.tokens) > n or out.finish_reason is not None):
-      deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason))
+      deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason,
+                                None if out.logprobs is None else tuple(out.logprobs[n:])))
     if out is not None and out.finish_reason is None:
       sent[rid] = len(out.tokens)
     else:
@@ -931,6 +949,9 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   if bar:
     bar.close()
   return [outs[i].tokens for i in ids]
+
+
+_token_logprobs_jit = jax.jit(token_logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sink_tokens"), donate_argnums=0)

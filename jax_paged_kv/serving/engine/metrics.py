@@ -55,6 +55,9 @@ class RequestOutput:
     request_id: the id :meth:`Engine.add_request` returned.
     prompt: the prompt tokens.
     tokens: generated tokens (a stop token, if hit, is the last one).
+    logprobs: with ``SamplingParams(logprobs=True)``, each token's log-probability under the
+      model's raw distribution (:func:`~jax_paged_kv.serving.decoding.token_logprobs`), one
+      per token; else None.
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), ``"abort"``
       (:meth:`Engine.abort_request`), or None while it runs.
     num_preemptions: times the request was preempted (then recomputed or swapped back in).
@@ -66,6 +69,7 @@ class RequestOutput:
   request_id: int
   prompt: list[int]
   tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] | None = None
   finish_reason: str | None = None
   num_preemptions: int = 0
   arrival_time: float = 0.0
@@ -83,11 +87,13 @@ class StreamDelta:
     tokens: the tokens generated in this step (possibly none, in the request's last delta).
     finish_reason: None while it runs; else as :attr:`RequestOutput.finish_reason` (this is
       the request's last delta).
+    logprobs: the tokens' log-probabilities if the request asked for them, else None.
   """
 
   request_id: int
   tokens: tuple[int, ...]
   finish_reason: str | None = None
+  logprobs: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass
