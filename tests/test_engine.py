@@ -145,18 +145,18 @@ def test_all_greedy_programs_until_a_request_samples():
   engine = Engine(PARAMS, SMALL, cc, **kw)
   first = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS[:2]]
   engine.run()
-  assert engine._compiled and all(greedy for *_, greedy in engine._compiled)
+  assert engine._compiled and all(greedy for *_, greedy, _ in engine._compiled)
   later = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=NEW))
   rid = engine.add_request(PROMPTS[0], sampled)
   engine.run()
-  assert any(not greedy for *_, greedy in engine._compiled)
+  assert any(not greedy for *_, greedy, _ in engine._compiled)
   done = engine.finished
   for i, p in zip(first + [later], PROMPTS[:3], strict=True):
     assert done[i].tokens == reference_greedy(PARAMS, SMALL, p, NEW)
   full = Engine(PARAMS, SMALL, cc, **kw)
   want = full.add_request(PROMPTS[0], sampled)
   full.run()
-  assert all(not greedy for *_, greedy in full._compiled)
+  assert all(not greedy for *_, greedy, _ in full._compiled)
   assert done[rid].tokens == full.finished[want].tokens
 
 
@@ -361,32 +361,38 @@ def oracle_logprobs(prompt, toks):
   return logits[pos, toks] - lse[pos]
 
 
-def test_logprobs_match_the_float64_model_under_preemption_and_sampling():
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_logprobs_match_the_float64_model_under_preemption_and_sampling(preemption):
   """``SamplingParams(logprobs=True)``: one log-probability per token, the model's raw
-  distribution at it (before temperature / top-k), through prefill (first token), decode,
-  recompute preemption and streaming; requests that did not ask get None."""
+  distribution at it (before temperature / top-k), through prefill (first token), decode, a
+  stop token inside the decode loop, preemption (the re-prefilled request's next token too) and
+  streaming; a request that did not ask gets None."""
   cc = cache_config(1 + 16)  # the tiny pool: preemption
-  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, **FIXED)
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, preemption=preemption,
+                  **FIXED)
   kinds = [SamplingParams(max_new_tokens=NEW, logprobs=True),
            SamplingParams(max_new_tokens=NEW, temperature=1.5, top_k=5, seed=4, logprobs=True),
-           SamplingParams(max_new_tokens=NEW)]
+           SamplingParams(max_new_tokens=NEW, stop_tokens=(REFS[2][6],), logprobs=True)]
   ids = [engine.add_request(p, kinds[i % 3]) for i, p in enumerate(PROMPTS)]
+  plain = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=NEW))
   streamed = {}
   for deltas in engine.stream():
     for d in deltas:
       if d.logprobs is not None:
         assert len(d.logprobs) == len(d.tokens)
         streamed.setdefault(d.request_id, []).extend(d.logprobs)
-  assert engine.metrics.preemptions > 0
   outs = engine.finished
+  assert any(outs[i].num_preemptions for i in ids), "no logprobs request was preempted"
+  assert outs[plain].logprobs is None and outs[plain].tokens == REFS[0]
+  assert plain not in streamed
+  assert any(lp for *_, lp in engine._compiled)
   for i in ids:
     out = outs[i]
-    if i % 3 == 2:
-      assert out.logprobs is None and out.tokens == REFS[i] and i not in streamed
-      continue
-    assert len(out.logprobs) == len(out.tokens) == NEW
+    assert len(out.logprobs) == len(out.tokens)
     if i % 3 == 0:
       assert out.tokens == REFS[i]
+    if i == 2:  # stopped inside a decode loop, on its 7th token
+      assert out.finish_reason == "stop" and out.tokens == REFS[2][:7]
     np.testing.assert_allclose(out.logprobs, oracle_logprobs(PROMPTS[i], out.tokens),
                                atol=2e-4, rtol=0)
     assert streamed[i] == out.logprobs

@@ -339,3 +339,23 @@ def test_abort_mid_decode_parks_its_generated_blocks():
   assert outs[1].tokens == reference_greedy(PARAMS, SMALL, follow, NEW)
   assert engine.metrics.cached_prompt_tokens == (written // BS) * BS
   assert_all_free_or_cached(engine)
+
+
+def test_logprobs_after_a_prefix_hit_match_the_float64_model():
+  """A request served from cached blocks reports its first token's logprob from the prefill of
+  its uncached tail, and the rest from decode, as a cold run would."""
+  rng = np.random.default_rng(8)
+  system = tokens(rng, 12)
+  engine = Engine(PARAMS, SMALL, cache_config(), enable_prefix_caching=True, **FIXED)
+  engine.add_request(system + tokens(rng, 3), SamplingParams(max_new_tokens=NEW))
+  engine.run()
+  prompt = system + tokens(rng, 5)
+  rid = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW, logprobs=True))
+  (out,) = engine.run()
+  assert out.request_id == rid and engine.metrics.cached_prompt_tokens == 12
+  assert out.tokens == reference_greedy(PARAMS, SMALL, prompt, NEW)
+  logits = reference_logits(PARAMS, SMALL, prompt + out.tokens[:-1])
+  top = logits.max(-1, keepdims=True)
+  lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
+  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + NEW)
+  np.testing.assert_allclose(out.logprobs, logits[pos, out.tokens] - lse[pos], atol=2e-4, rtol=0)

@@ -86,6 +86,7 @@ from jax_paged_kv.models.layers import check_rope_context
 from jax_paged_kv.serving.decoding import (
   Params,
   SamplingParams,
+  backend_jit,
   decode_loop,
   int_in_range,
   prefill_step,
@@ -213,7 +214,7 @@ class Engine:
     self.metrics = EngineMetrics()
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
-    self._compiled: set[tuple] = set()  # (kind, width, reads, all_greedy) run so far
+    self._compiled: set[tuple] = set()  # (kind, width, reads, all_greedy, logprobs) run so far
     self._to_free: list[int] = []  # slots finished this step, freed in one call
     self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
     # Whether any request added so far samples (temperature > 0). Until one does, the steps run
@@ -237,13 +238,14 @@ class Engine:
     """Every ``(kind, batch width, block-table columns read or None)`` the engine can compile
     (each at its first use): a fixed set, whatever the workload. Each shape has up to two
     programs: without the sampling branch while no request added so far samples
-    (temperature > 0), and with it from the first one that does."""
+    (temperature > 0), and with it from the first one that does; a decode shape has up to two
+    more once a request asks for logprobs (the loop then also returns them)."""
     return self.batcher.shapes()
 
   @property
   def compiled_shapes(self) -> set[tuple[str, int, int | None]]:
     """The shapes this engine has run so far (a subset of :meth:`shapes`)."""
-    return {program[:-1] for program in self._compiled}
+    return {program[:-2] for program in self._compiled}
 
   @property
   def model_config(self) -> Model:
@@ -513,8 +515,10 @@ class Engine:
   # ---- pieces --------------------------------------------------------------------------------
 
   def _run_program(self, key: tuple, fn, *args, **kwargs):
-    """Calls ``fn``, recording its static shape and sampling mode (:attr:`compiled_shapes`)."""
-    self._compiled.add((*key, kwargs.get("all_greedy", False)))
+    """Calls ``fn``, recording its static shape, sampling mode and whether it returns logprobs
+    (:attr:`compiled_shapes` keeps the shapes)."""
+    self._compiled.add((*key, kwargs.get("all_greedy", False),
+                        kwargs.get("return_logprobs", False)))
     return fn(*args, **kwargs)
 
   def _prefill(self) -> list[RequestOutput]:
@@ -951,7 +955,7 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   return [outs[i].tokens for i in ids]
 
 
-_token_logprobs_jit = jax.jit(token_logprobs)
+_token_logprobs_jit = backend_jit()(token_logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sink_tokens"), donate_argnums=0)

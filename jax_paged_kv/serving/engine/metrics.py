@@ -69,13 +69,13 @@ class RequestOutput:
   request_id: int
   prompt: list[int]
   tokens: list[int] = dataclasses.field(default_factory=list)
-  logprobs: list[float] | None = None
   finish_reason: str | None = None
   num_preemptions: int = 0
   arrival_time: float = 0.0
   first_scheduled_time: float | None = None
   first_token_time: float | None = None
   finish_time: float | None = None
+  logprobs: list[float] | None = None  # last: positional construction keeps its meaning
 
 
 @dataclasses.dataclass(frozen=True)
