@@ -528,6 +528,27 @@ def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
   assert all(r.ok for r in shd.shard_invariants(cache, layout))
 
 
+def test_decode_loop_on_mesh_returns_the_one_device_logprobs():
+  """``return_logprobs`` passes through: tensor parallel over 2 devices, tokens equal and
+  logprobs within float32 rounding of the one-device loop (itself tested against float64)."""
+  layout = shd.MeshLayout(shd.local_mesh(model=2), model_axis="model")
+  rows = [0, 1, 2]
+  cache, first = prefilled_on_one_device(rows)
+  state = DecodeState.create(first[:3].tolist(), rows, [SamplingParams(max_new_tokens=NEW)] * 3)
+  want = pk.decode_loop(PARAMS, cache, state, np.int32(STEPS), max_steps=STEPS, model=MODEL,
+                        return_logprobs=True)
+  cache, first = prefilled_on_one_device(rows)
+  params = jax.device_put(PARAMS, shd.param_shardings(PARAMS, MODEL, layout))
+  got = decode_loop_on_mesh(params, shd.place_cache(cache, layout), state, np.int32(STEPS),
+                            layout=layout, model=MODEL, max_steps=STEPS, return_logprobs=True)
+  assert len(got) == 6
+  np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+  lp, out = np.asarray(got[5]), np.asarray(got[2])
+  assert (out[:3] >= 0).sum() >= 3 * (STEPS - 1)
+  np.testing.assert_array_equal(np.isfinite(lp), out >= 0)  # NaN where no token
+  np.testing.assert_allclose(lp, np.asarray(want[5]), atol=1e-5, rtol=0)
+
+
 def test_mesh_engine_two_d_gives_the_one_device_tokens():
   """Two cache shards (one host scheduler), each 2-way tensor parallel, with preemption."""
   layout = shd.MeshLayout(shd.local_mesh(model=2, data=2), model_axis="model", data_axis="data")

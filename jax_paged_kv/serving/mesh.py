@@ -55,10 +55,12 @@ def _check_auto(layout: MeshLayout) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "model", "max_steps", "implementation",
-                                             "max_blocks"), donate_argnames=("cache",))
+                                             "max_blocks", "return_logprobs"),
+                   donate_argnames=("cache",))
 def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps, *,
                         layout: MeshLayout, model: Model, max_steps: int,
-                        implementation: str | None = None, max_blocks: int | None = None):
+                        implementation: str | None = None, max_blocks: int | None = None,
+                        return_logprobs: bool = False):
   """:func:`~jax_paged_kv.decode_loop` on a mesh layout, as one jitted program.
 
   Tensor parallel: ``params`` placed with :func:`~jax_paged_kv.sharding.param_shardings` and
@@ -73,15 +75,17 @@ def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps,
     state: the :class:`~jax_paged_kv.DecodeState` (stacked per shard with ``data_axis``).
     num_steps: steps to run (``int32[data_shards]`` with ``data_axis``).
     layout: the :class:`~jax_paged_kv.sharding.MeshLayout` (static).
-    model, max_steps, implementation, max_blocks: as for ``decode_loop`` (static).
+    model, max_steps, implementation, max_blocks, return_logprobs: as for ``decode_loop``
+      (static).
 
   Returns:
     ``(cache, state, out_tokens, steps, status)`` as ``decode_loop`` (per shard with
-    ``data_axis``).
+    ``data_axis``), and the logprobs after them with ``return_logprobs``.
   """
   _check_auto(layout)
+  extra = {"return_logprobs": True} if return_logprobs else {}
   fn = functools.partial(decode_loop, model=model, max_steps=max_steps,
-                         implementation=implementation, max_blocks=max_blocks)
+                         implementation=implementation, max_blocks=max_blocks, **extra)
   return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, state, num_steps)
 
 
