@@ -425,3 +425,28 @@ def test_decode_loop_logprobs_are_an_extra_output():
   assert toks == REFS[1][:7]
   np.testing.assert_allclose(got, oracle_logprobs(prompt, toks), atol=2e-4, rtol=0)
   assert np.isnan(token_logprobs(logits, np.int32([-1]))[0])
+
+
+def test_trace_steps_bounds_the_per_step_traces():
+  """``trace_steps``: the traces keep the last steps of an unbounded run's (same workload),
+  between n and 2n of them; the whole-run counters are unchanged."""
+  runs = []
+  for limit in (None, 3):
+    engine = Engine(PARAMS, SMALL, cache_config(1 + 16), watermark=0.0, reserve_ratio=0.0,
+                    trace_steps=limit, **FIXED)
+    for p in PROMPTS:
+      engine.add_request(p, SamplingParams(max_new_tokens=NEW))
+    outs = engine.run()
+    assert [o.tokens for o in outs] == REFS
+    runs.append(engine.metrics)
+  full, short = runs
+  assert full.steps == short.steps > 6 and len(full.running_trace) == full.steps
+  assert 3 <= len(short.running_trace) < 6
+  n = len(short.running_trace)
+  assert len(short.util_trace) == len(short.time_trace) == n
+  assert short.running_trace == full.running_trace[-n:]
+  np.testing.assert_array_equal(short.util_trace, full.util_trace[-n:])
+  assert (short.util_tokens, short.util_slots, short.peak_running) == (
+      full.util_tokens, full.util_slots, full.peak_running)
+  with pytest.raises(ValueError, match="trace_steps must be in"):
+    Engine(PARAMS, SMALL, cache_config(1 + 16), trace_steps=0)

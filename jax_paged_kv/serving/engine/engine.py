@@ -140,6 +140,10 @@ class Engine:
     track_stats: record the KV utilisation every step (from the host mirror of the lengths;
       with prefix caching :func:`~jax_paged_kv.cache_stats` is read every ``STATS_EVERY``
       steps).
+    trace_steps: keep only about the last ``trace_steps`` steps (between ``trace_steps`` and
+      twice that) of the per-step traces ``EngineMetrics.running_trace`` / ``util_trace`` /
+      ``time_trace``, so a long-running server's memory stays bounded (None: every step). The
+      counters (``util_tokens``, ``peak_running``, ...) always cover the whole run.
     enable_prefix_caching: share full prompt blocks already in the cache between requests and
       keep finished requests' blocks cached (``PAGED`` only; vLLM's option name).
     preemption: ``"recompute"`` (free the victim's blocks, recompute them later) or ``"swap"``
@@ -164,7 +168,8 @@ class Engine:
                block_bucket_min: int | None = None, bucket_factor: int = 2,
                decode_width_step: int | None = None,
                watermark: float = 0.01, reserve_ratio: float = 0.5,
-               track_stats: bool = True, enable_prefix_caching: bool = False,
+               track_stats: bool = True, trace_steps: int | None = None,
+               enable_prefix_caching: bool = False,
                preemption: str = "recompute",
                window_eviction: str | tuple[int, int] | None = "auto"):
     cc = cache_config
@@ -194,6 +199,8 @@ class Engine:
     self.decode_steps = int(decode_steps)
     self.implementation = implementation
     self.track_stats = track_stats
+    self.trace_steps = None if trace_steps is None else int_in_range(trace_steps,
+                                                                     "trace_steps", 1)
     self.evict = _window_eviction(window_eviction, model, cc)
     self.ledger = BlockLedger(cc, self.evict)
     # (window, sink_tokens) given explicitly is token eviction, an approximation whose result
@@ -341,7 +348,7 @@ class Engine:
   def pop_finished(self) -> dict[int, RequestOutput]:
     """Returns :attr:`finished` and forgets it, so a long-running server holds only the
     outputs it has not handed out yet (``finished`` keeps every output until then; the
-    per-step traces of :attr:`metrics` still grow by one entry per step)."""
+    per-step traces of :attr:`metrics` are bounded by ``trace_steps``)."""
     done, self._finished = self._finished, {}
     return done
 
@@ -420,6 +427,10 @@ class Engine:
       m.util_trace.append(tokens / slots if slots else float("nan"))
     m.wall_seconds += time.perf_counter() - t0
     m.time_trace.append(m.wall_seconds)
+    keep = self.trace_steps
+    if keep is not None and len(m.running_trace) >= 2 * keep:  # amortised O(1) per step
+      for trace in (m.running_trace, m.util_trace, m.time_trace):
+        del trace[:-keep]
     return finished
 
   STATS_EVERY = 16  # steps between reads of the device's statistics (prefix caching)

@@ -127,7 +127,7 @@ class EngineMetrics:
       :func:`~jax_paged_kv.cache_stats` counts them, from the host mirror of the lengths);
       their ratio is the KV memory utilisation.
     running_trace / util_trace / time_trace: per-step concurrency, utilisation and time (one
-      entry per step each: a server running for days should clear them now and then).
+      entry per step each; ``Engine(trace_steps=n)`` keeps only about the last ``n``).
     compile_seconds: seconds JAX spent tracing, lowering and compiling inside
       :meth:`Engine.step` (the step programs and the small cache ops the engine calls
       eagerly), from JAX's compile events (:func:`compile_timer`): 0 when everything the
