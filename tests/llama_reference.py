@@ -164,3 +164,14 @@ def reference_greedy(params, config, prompt, max_new_tokens, stop_tokens=()) -> 
     if tok in stop_tokens:
       break
   return out
+
+
+def reference_logprobs(params, config, prompt, tokens) -> np.ndarray:
+  """float64 ``log_softmax`` of the raw logits at each of ``tokens``, generated after
+  ``prompt`` (the oracle of ``SamplingParams(logprobs=True)``)."""
+  tokens = list(tokens)
+  logits = reference_logits(params, config, list(prompt) + tokens[:-1])
+  top = logits.max(-1, keepdims=True)
+  lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
+  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
+  return logits[pos, tokens] - lse[pos]

@@ -16,7 +16,7 @@ from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import SamplingParams
 from jax_paged_kv.serving.engine import Engine, generate
 from tests.llama_fixtures import SMALL
-from tests.llama_reference import reference_greedy, reference_logits
+from tests.llama_reference import reference_greedy, reference_logprobs
 
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 # One compiled shape per step kind (batch width = max_batch, all table columns).
@@ -353,14 +353,6 @@ def test_stream_deltas_concatenate_to_the_reference_under_preemption():
   assert int(cache_stats(engine.cache).free_blocks) == 16
 
 
-def oracle_logprobs(prompt, toks):
-  """float64 log-softmax of the raw logits at each generated token (the oracle of logprobs)."""
-  logits = reference_logits(PARAMS, SMALL, list(prompt) + list(toks[:-1]))
-  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + len(toks))
-  return logits[pos, toks] - lse[pos]
-
-
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_logprobs_match_the_float64_model_under_preemption_and_sampling(preemption):
   """``SamplingParams(logprobs=True)``: one log-probability per token, the model's raw
@@ -393,8 +385,8 @@ def test_logprobs_match_the_float64_model_under_preemption_and_sampling(preempti
       assert out.tokens == REFS[i]
     if i == 2:  # stopped inside a decode loop, on its 7th token
       assert out.finish_reason == "stop" and out.tokens == REFS[2][:7]
-    np.testing.assert_allclose(out.logprobs, oracle_logprobs(PROMPTS[i], out.tokens),
-                               atol=2e-4, rtol=0)
+    want = reference_logprobs(PARAMS, SMALL, PROMPTS[i], out.tokens)
+    np.testing.assert_allclose(out.logprobs, want, atol=2e-4, rtol=0)
     assert streamed[i] == out.logprobs
 
 
@@ -423,7 +415,8 @@ def test_decode_loop_logprobs_are_an_extra_output():
   got = [lp0] + np.asarray(runs[1][5])[0].tolist()
   toks = [int(first[0])] + out.tolist()
   assert toks == REFS[1][:7]
-  np.testing.assert_allclose(got, oracle_logprobs(prompt, toks), atol=2e-4, rtol=0)
+  want = reference_logprobs(PARAMS, SMALL, prompt, toks)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
   assert np.isnan(token_logprobs(logits, np.int32([-1]))[0])
 
 

@@ -13,7 +13,7 @@ from jax_paged_kv.serving.engine import Engine, generate
 from jax_paged_kv.serving.engine import prefix as prefix_lib
 from jax_paged_kv.serving.engine.prefix import PrefixIndex
 from tests.llama_fixtures import SMALL, forward_jit, run_chunked
-from tests.llama_reference import reference_greedy, reference_logits
+from tests.llama_reference import reference_greedy, reference_logits, reference_logprobs
 
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 FIXED = dict(prefill_chunk=8, decode_steps=4, batch_bucket_min=4, bucket_blocks=False)
@@ -354,8 +354,5 @@ def test_logprobs_after_a_prefix_hit_match_the_float64_model():
   (out,) = engine.run()
   assert out.request_id == rid and engine.metrics.cached_prompt_tokens == 12
   assert out.tokens == reference_greedy(PARAMS, SMALL, prompt, NEW)
-  logits = reference_logits(PARAMS, SMALL, prompt + out.tokens[:-1])
-  top = logits.max(-1, keepdims=True)
-  lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
-  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + NEW)
-  np.testing.assert_allclose(out.logprobs, logits[pos, out.tokens] - lse[pos], atol=2e-4, rtol=0)
+  np.testing.assert_allclose(out.logprobs, reference_logprobs(PARAMS, SMALL, prompt, out.tokens),
+                             atol=2e-4, rtol=0)

@@ -72,16 +72,13 @@ def test_own_model_runs_through_generate_and_engine():
 def test_serving_snippet_streams_the_reference_tokens_and_logprobs(capsys):
   """The README's streaming snippet: the kept request streams the float64 model's greedy tokens
   and log-probabilities; the aborted one stops early with its blocks back."""
-  from tests.llama_reference import reference_greedy, reference_logits
+  from tests.llama_reference import reference_greedy, reference_logprobs
   ns = run_block("engine.stream()")
   params, model, engine = ns["params"], ns["model"], ns["engine"]
   prompt = [1, 2, 3, 4]
   assert ns["text"] == reference_greedy(params, model, prompt, 12)
-  logits = reference_logits(params, model, prompt + ns["text"][:-1])
-  top = logits.max(-1, keepdims=True)
-  lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
-  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + 12)
-  np.testing.assert_allclose(ns["logprobs"], logits[pos, ns["text"]] - lse[pos], atol=2e-4)
+  np.testing.assert_allclose(ns["logprobs"], reference_logprobs(params, model, prompt, ns["text"]),
+                             atol=2e-4)
   gone = engine.finished[ns["gone"]]
   assert gone.finish_reason == "abort" and 0 < len(gone.tokens) < 12
   assert gone.tokens == reference_greedy(params, model, [5, 6, 7], len(gone.tokens))

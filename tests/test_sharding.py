@@ -23,7 +23,7 @@ from jax_paged_kv import sharding as shd
 from jax_paged_kv.models import LlamaConfig, init_params
 from jax_paged_kv.serving.decoding import DecodeState, SamplingParams, make_key, prefill_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
-from tests.llama_reference import reference_greedy, reference_logits
+from tests.llama_reference import reference_greedy, reference_logprobs
 from tests.oracle import attention_np
 
 CFG = pk.CacheConfig(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=20, max_seqs=4,
@@ -645,11 +645,8 @@ def test_mesh_engine_stream_gives_each_request_its_tokens_once():
   for i in ids:
     want = reference(i)
     assert got[i] == (want[:len(got[i])] if i == aborted else want), i
-    logits = reference_logits(PARAMS, MODEL, PROMPTS[i] + got[i][:-1])  # float64
-    top = logits.max(-1, keepdims=True)
-    lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
-    pos = np.arange(len(PROMPTS[i]) - 1, len(PROMPTS[i]) - 1 + len(got[i]))
-    np.testing.assert_allclose(lps[i], logits[pos, got[i]] - lse[pos], atol=2e-4, rtol=0)
+    np.testing.assert_allclose(lps[i], reference_logprobs(PARAMS, MODEL, PROMPTS[i], got[i]),
+                               atol=2e-4, rtol=0)
 # ---------------------------------------------------------------------------------------------
 # beyond one machine
 
