@@ -92,6 +92,7 @@ from jax_paged_kv.serving import (  # isort: skip
     prefill_step_on_mesh,
     sample_tokens,
     token_logprobs,
+    top_token_logprobs,
 )
 from jax_paged_kv import sharding  # isort: skip  (the module: pk.sharding.shard_seq_ids, ...)
 
@@ -131,6 +132,7 @@ __all__ = [
     "prefill_step_on_mesh",
     "sample_tokens",
     "token_logprobs",
+    "top_token_logprobs",
     "sharding",
     "use_layout",
     "AllocatorState",

@@ -166,12 +166,35 @@ def reference_greedy(params, config, prompt, max_new_tokens, stop_tokens=()) -> 
   return out
 
 
+def reference_log_softmax(params, config, prompt, tokens) -> np.ndarray:
+  """float64 ``log_softmax`` of the raw logits at the position of each of ``tokens``,
+  generated after ``prompt``: ``[len(tokens), vocab]`` (the oracle of ``top_logprobs``)."""
+  tokens = list(tokens)
+  logits = reference_logits(params, config, list(prompt) + tokens[:-1])
+  logits = logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+  top = logits.max(-1, keepdims=True)
+  return logits - (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)
+
+
 def reference_logprobs(params, config, prompt, tokens) -> np.ndarray:
   """float64 ``log_softmax`` of the raw logits at each of ``tokens``, generated after
   ``prompt`` (the oracle of ``SamplingParams(logprobs=True)``)."""
   tokens = list(tokens)
-  logits = reference_logits(params, config, list(prompt) + tokens[:-1])
-  top = logits.max(-1, keepdims=True)
-  lse = (np.log(np.exp(logits - top).sum(-1, keepdims=True)) + top)[:, 0]
-  pos = np.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
-  return logits[pos, tokens] - lse[pos]
+  lp = reference_log_softmax(params, config, prompt, tokens)
+  return lp[np.arange(len(tokens)), tokens]
+
+
+def check_top_logprobs(top, tokens, ref_lp, k, atol=2e-4) -> None:
+  """Asserts that ``top`` (per token: ``((token, logprob), ...)``) holds, at each position, the
+  ``k`` most likely tokens of the float64 ``ref_lp`` ([len(tokens), vocab]) with their
+  log-probabilities, most likely first (a float32 near-tie may swap two tokens)."""
+  assert len(top) == len(tokens)
+  for pos, alts in enumerate(top):
+    assert len(alts) == k, (pos, alts)
+    ids = [t for t, _ in alts]
+    vals = np.asarray([v for _, v in alts])
+    assert len(set(ids)) == k, (pos, ids)
+    np.testing.assert_allclose(vals, ref_lp[pos, ids], atol=atol, rtol=0, err_msg=str(pos))
+    assert np.all(np.diff(vals) <= 0), (pos, vals)
+    kth = np.sort(ref_lp[pos])[::-1][k - 1]
+    assert np.all(ref_lp[pos, ids] >= kth - 2 * atol), (pos, ids)

@@ -16,7 +16,12 @@ from jax_paged_kv.models import init_params
 from jax_paged_kv.serving.decoding import SamplingParams
 from jax_paged_kv.serving.engine import Engine, generate
 from tests.llama_fixtures import SMALL
-from tests.llama_reference import reference_greedy, reference_logprobs
+from tests.llama_reference import (
+  check_top_logprobs,
+  reference_greedy,
+  reference_log_softmax,
+  reference_logprobs,
+)
 
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 # One compiled shape per step kind (batch width = max_batch, all table columns).
@@ -175,6 +180,11 @@ def test_all_greedy_programs_until_a_request_samples():
     (dict(top_p=float("nan")), "top_p"),
     (dict(logprobs=1), "logprobs must be a bool"),
     (dict(logprobs="yes"), "logprobs must be a bool"),
+    (dict(logprobs=True, top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
+    (dict(logprobs=True, top_logprobs=-1), r"top_logprobs must be in \[0, 20\]"),
+    (dict(logprobs=True, top_logprobs=2.0), "top_logprobs must be an integer"),
+    (dict(logprobs=True, top_logprobs=True), "top_logprobs must be an integer"),
+    (dict(top_logprobs=3), "top_logprobs=3 needs logprobs=True"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_sampling_params_refuse_what_the_step_cannot_hold(kwargs, match):
   """A value the compiled step would truncate or wrap is refused when the request is made, so
@@ -443,3 +453,115 @@ def test_trace_steps_bounds_the_per_step_traces():
       full.util_tokens, full.util_slots, full.peak_running)
   with pytest.raises(ValueError, match="trace_steps must be in"):
     Engine(PARAMS, SMALL, cache_config(1 + 16), trace_steps=0)
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_top_logprobs_match_the_float64_model_under_preemption_and_sampling(preemption):
+  """``SamplingParams(top_logprobs=k)``: per token, the k most likely tokens at its position
+  and their log-probabilities (the float64 model's top k, most likely first), whatever k each
+  request asks (one compiled width), through prefill, decode, a stop token, preemption and
+  streaming; the chosen token's entry, when it is among them, is its ``logprobs`` value."""
+  cc = cache_config(1 + 16)
+  engine = Engine(PARAMS, SMALL, cc, watermark=0.0, reserve_ratio=0.0, preemption=preemption,
+                  **FIXED)
+  kinds = [SamplingParams(max_new_tokens=NEW, logprobs=True, top_logprobs=1),
+           SamplingParams(max_new_tokens=NEW, temperature=1.5, top_k=5, seed=4, logprobs=True,
+                          top_logprobs=20),
+           SamplingParams(max_new_tokens=NEW, stop_tokens=(REFS[2][6],), logprobs=True,
+                          top_logprobs=5)]
+  ids = [engine.add_request(p, kinds[i % 3]) for i, p in enumerate(PROMPTS)]
+  only_lp = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=NEW, logprobs=True))
+  streamed = {}
+  for deltas in engine.stream():
+    for d in deltas:
+      if d.top_logprobs is not None:
+        assert len(d.top_logprobs) == len(d.tokens)
+        streamed.setdefault(d.request_id, []).extend(d.top_logprobs)
+  outs = engine.finished
+  assert any(outs[i].num_preemptions for i in ids), "no top_logprobs request was preempted"
+  assert outs[only_lp].top_logprobs is None and only_lp not in streamed
+  assert outs[only_lp].tokens == REFS[1]
+  assert {lp for *_, lp in engine._compiled} >= {20}  # decode: the one fixed width
+  for i in ids:
+    out, k = outs[i], kinds[i % 3].top_logprobs
+    if i % 3 != 1:  # greedy: the reference tokens, each the top alternative
+      assert out.tokens == (REFS[2][:7] if i == 2 else REFS[i])
+      assert [alts[0][0] for alts in out.top_logprobs] == out.tokens
+    ref = reference_log_softmax(PARAMS, SMALL, PROMPTS[i], out.tokens)
+    check_top_logprobs(out.top_logprobs, out.tokens, ref, k)
+    for t, lp, alts in zip(out.tokens, out.logprobs, out.top_logprobs, strict=True):
+      assert dict(alts).get(t, lp) == lp
+    assert streamed[i] == out.top_logprobs
+
+
+def test_decode_loop_top_logprobs_are_two_more_outputs():
+  """decode_loop(top_logprobs=k): ``int32[batch, steps, k]`` tokens and their log-probabilities
+  at each generated position (-1 / NaN for steps a row did not take: it finished, or it is
+  padding), against the float64 model; the tokens and logprobs are those of a run without;
+  without ``return_logprobs`` it is refused."""
+  from jax_paged_kv.serving.decoding import (
+    DecodeState,
+    decode_loop,
+    prefill_step,
+    top_token_logprobs,
+  )
+  cc = cache_config(1 + 16)
+  rows, n, k = (1, 3), 6, 4
+  width = max(len(PROMPTS[i]) for i in rows)
+  toks = np.zeros((3, width), np.int32)
+  for r, i in enumerate(rows):
+    toks[r, :len(PROMPTS[i])] = PROMPTS[i]
+  lens = np.int32([len(PROMPTS[i]) for i in rows] + [0])
+  one = np.ones(3, np.float32)
+  runs = []
+  for extra in ({"return_logprobs": True}, {"return_logprobs": True, "top_logprobs": k}):
+    cache = pk.init_cache(cc)
+    cache, _ = pk.allocate_sequences(cache, np.int32([0, 1]))
+    cache, first, logits, _ = prefill_step(
+        PARAMS, cache, toks, np.int32([0, 1, -1]), lens, 0 * one, np.int32([0] * 3), one,
+        np.zeros((3, 2), np.uint32), np.int32([0] * 3), model=SMALL)
+    first = np.asarray(first)
+    state = DecodeState.create([int(first[0]), int(first[1]), 0], [0, 1, -1],
+                               [SamplingParams(max_new_tokens=NEW),
+                                SamplingParams(max_new_tokens=3), SamplingParams()])
+    res = decode_loop(PARAMS, cache, state, np.int32(n), max_steps=n, model=SMALL, **extra)
+    assert len(res) == 5 + len(extra) + ("top_logprobs" in extra)
+    runs.append(res)
+  np.testing.assert_array_equal(runs[1][2], runs[0][2])  # same tokens and logprobs either way
+  np.testing.assert_array_equal(runs[1][5], runs[0][5])
+  out, top_t, top_v = (np.asarray(runs[1][i]) for i in (2, 6, 7))
+  assert top_t.shape == top_v.shape == (3, n, k) and top_t.dtype == np.int32
+  for r, i in enumerate(rows):
+    taken = out[r] >= 0
+    assert taken.sum() == (n if r == 0 else 2)  # row 1 stops at max_new_tokens=3
+    assert np.all(top_t[r, ~taken] == -1) and np.all(np.isnan(top_v[r, ~taken]))
+    gen = [int(first[r])] + out[r, taken].tolist()
+    assert gen == REFS[i][:len(gen)]
+    ref = reference_log_softmax(PARAMS, SMALL, PROMPTS[i], gen)[1:]
+    alts = [tuple(zip(top_t[r, s].tolist(), top_v[r, s].tolist(), strict=True))
+            for s in np.flatnonzero(taken)]
+    check_top_logprobs(alts, gen[1:], ref, k)
+  assert np.all(top_t[2] == -1) and np.all(np.isnan(top_v[2]))  # the padding row
+  with pytest.raises(ValueError, match="needs return_logprobs=True"):
+    decode_loop(PARAMS, pk.init_cache(cc), runs[0][1], np.int32(n), max_steps=n, model=SMALL,
+                top_logprobs=3)
+  with pytest.raises(ValueError, match=r"k=129 is outside \[0, vocab=128\]"):
+    top_token_logprobs(np.zeros((1, 128), np.float32), 129)
+
+
+def test_engine_refuses_top_logprobs_beyond_the_vocabulary():
+  """A model with a vocabulary of 16 has no 20 alternatives: refused at add_request, before
+  any program runs; 16 are served (the programs' fixed width shrinks to the vocabulary)."""
+  import dataclasses
+  tiny = dataclasses.replace(SMALL, vocab_size=16)
+  params = init_params(tiny, jax.random.PRNGKey(1), scale=2.0)
+  engine = Engine(params, tiny, tiny.cache_config(num_blocks=17, max_seqs=2, max_seq_len=48,
+                                                  block_size=4), **FIXED)
+  with pytest.raises(ValueError, match=r"top_logprobs=17 exceeds the vocabulary \(16\)"):
+    engine.add_request([1, 2], SamplingParams(logprobs=True, top_logprobs=17))
+  assert not engine.has_work
+  rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=3, logprobs=True,
+                                                     top_logprobs=16))
+  out = {o.request_id: o for o in engine.run()}[rid]
+  ref = reference_log_softmax(params, tiny, [1, 2, 3], out.tokens)
+  check_top_logprobs(out.top_logprobs, out.tokens, ref, 16)

@@ -70,15 +70,22 @@ def test_own_model_runs_through_generate_and_engine():
 
 
 def test_serving_snippet_streams_the_reference_tokens_and_logprobs(capsys):
-  """The README's streaming snippet: the kept request streams the float64 model's greedy tokens
-  and log-probabilities; the aborted one stops early with its blocks back."""
-  from tests.llama_reference import reference_greedy, reference_logprobs
+  """The README's streaming snippet: the kept request streams the float64 model's greedy tokens,
+  log-probabilities and top 3 alternatives; the aborted one stops early with its blocks back."""
+  from tests.llama_reference import (
+    check_top_logprobs,
+    reference_greedy,
+    reference_log_softmax,
+    reference_logprobs,
+  )
   ns = run_block("engine.stream()")
   params, model, engine = ns["params"], ns["model"], ns["engine"]
   prompt = [1, 2, 3, 4]
   assert ns["text"] == reference_greedy(params, model, prompt, 12)
   np.testing.assert_allclose(ns["logprobs"], reference_logprobs(params, model, prompt, ns["text"]),
                              atol=2e-4)
+  check_top_logprobs(ns["alternatives"], ns["text"],
+                     reference_log_softmax(params, model, prompt, ns["text"]), 3)
   gone = engine.finished[ns["gone"]]
   assert gone.finish_reason == "abort" and 0 < len(gone.tokens) < 12
   assert gone.tokens == reference_greedy(params, model, [5, 6, 7], len(gone.tokens))

@@ -529,24 +529,29 @@ def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
 
 
 def test_decode_loop_on_mesh_returns_the_one_device_logprobs():
-  """``return_logprobs`` passes through: tensor parallel over 2 devices, tokens equal and
-  logprobs within float32 rounding of the one-device loop (itself tested against float64)."""
+  """``return_logprobs`` and ``top_logprobs`` pass through: tensor parallel over 2 devices,
+  tokens and top tokens equal, logprobs within float32 rounding of the one-device loop (itself
+  tested against float64)."""
   layout = shd.MeshLayout(shd.local_mesh(model=2), model_axis="model")
   rows = [0, 1, 2]
   cache, first = prefilled_on_one_device(rows)
   state = DecodeState.create(first[:3].tolist(), rows, [SamplingParams(max_new_tokens=NEW)] * 3)
   want = pk.decode_loop(PARAMS, cache, state, np.int32(STEPS), max_steps=STEPS, model=MODEL,
-                        return_logprobs=True)
+                        return_logprobs=True, top_logprobs=3)
   cache, first = prefilled_on_one_device(rows)
   params = jax.device_put(PARAMS, shd.param_shardings(PARAMS, MODEL, layout))
   got = decode_loop_on_mesh(params, shd.place_cache(cache, layout), state, np.int32(STEPS),
-                            layout=layout, model=MODEL, max_steps=STEPS, return_logprobs=True)
-  assert len(got) == 6
+                            layout=layout, model=MODEL, max_steps=STEPS, return_logprobs=True,
+                            top_logprobs=3)
+  assert len(got) == len(want) == 8
   np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
   lp, out = np.asarray(got[5]), np.asarray(got[2])
   assert (out[:3] >= 0).sum() >= 3 * (STEPS - 1)
   np.testing.assert_array_equal(np.isfinite(lp), out >= 0)  # NaN where no token
   np.testing.assert_allclose(lp, np.asarray(want[5]), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(got[6]), np.asarray(want[6]))
+  np.testing.assert_allclose(np.asarray(got[7]), np.asarray(want[7]), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(got[6])[:, :, 0], out)  # greedy: the first one
 
 
 def test_mesh_engine_two_d_gives_the_one_device_tokens():

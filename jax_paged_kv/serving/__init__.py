@@ -5,6 +5,7 @@ and ``jax.export`` of a decode step. It depends on the model *protocol*
 
 from jax_paged_kv.serving.decoding import (
     MAX_STOP_TOKENS,
+    MAX_TOP_LOGPROBS,
     DecodeState,
     SamplingParams,
     decode_loop,
@@ -12,6 +13,7 @@ from jax_paged_kv.serving.decoding import (
     prefill_step,
     sample_tokens,
     token_logprobs,
+    top_token_logprobs,
 )
 from jax_paged_kv.serving.engine import (
     Engine,
@@ -26,6 +28,7 @@ from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_s
 
 __all__ = [
     "MAX_STOP_TOKENS",
+    "MAX_TOP_LOGPROBS",
     "DecodeState",
     "Engine",
     "EngineMetrics",
@@ -44,4 +47,5 @@ __all__ = [
     "prefill_step_on_mesh",
     "sample_tokens",
     "token_logprobs",
+    "top_token_logprobs",
 ]

@@ -119,6 +119,10 @@ _JIT_STATIC = ("model", "config", "implementation", "max_blocks")
 # Width of every DecodeState's stop-token table: the number of stop tokens a request has is not
 # part of any compiled shape (requests with 0 or 3 stop tokens share one program).
 MAX_STOP_TOKENS = 16
+# Most alternatives a request can ask for per token (``SamplingParams.top_logprobs``; OpenAI's
+# and vLLM's default limit). The engine's programs return this many once any request asks, so
+# requests asking for 1 or 20 share one compiled program.
+MAX_TOP_LOGPROBS = 20
 
 
 def resolve_model(model: Model | None, config: Model | None) -> Model:
@@ -148,6 +152,10 @@ class SamplingParams:
     logprobs: also report each generated token's log-probability under the model's own
       distribution (:func:`token_logprobs`: the log-softmax of the raw logits, before
       temperature, top-k and top-p; ``RequestOutput.logprobs``).
+    top_logprobs: with ``logprobs``, also report the ``top_logprobs`` most likely tokens at
+      each position and their log-probabilities, most likely first (OpenAI's
+      ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most
+      :data:`MAX_TOP_LOGPROBS`.
   """
 
   temperature: float = 0.0
@@ -157,6 +165,7 @@ class SamplingParams:
   stop_tokens: tuple[int, ...] = ()
   seed: int = 0
   logprobs: bool = False
+  top_logprobs: int = 0
 
   def __post_init__(self):
     for name in ("temperature", "top_p"):
@@ -180,6 +189,10 @@ class SamplingParams:
     if not isinstance(self.logprobs, (bool, np.bool_)):
       raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
     object.__setattr__(self, "logprobs", bool(self.logprobs))
+    object.__setattr__(self, "top_logprobs", int_in_range(self.top_logprobs, "top_logprobs", 0,
+                                                          MAX_TOP_LOGPROBS))
+    if self.top_logprobs and not self.logprobs:
+      raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True")
     if len(self.stop_tokens) > MAX_STOP_TOKENS:
       raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
                        "supported (the stop-token table has one fixed width, so that requests "
@@ -404,6 +417,21 @@ def token_logprobs(logits: Array, tokens: Array) -> Array:
   return jnp.where((tokens >= 0) & (tokens < lp.shape[-1]), got, jnp.nan)
 
 
+def top_token_logprobs(logits: Array, k: int) -> tuple[Array, Array]:
+  """The ``k`` most likely tokens of each row and their log-probabilities, most likely first.
+
+  ``logits``: ``[batch, vocab]``; ``k`` (static): ``0 <= k <= vocab``. Returns
+  ``(tokens int32[batch, k], logprobs float32[batch, k])`` under the same raw distribution as
+  :func:`token_logprobs`; equal log-probabilities are ordered by token id.
+  """
+  vocab = logits.shape[-1]
+  if not 0 <= k <= vocab:
+    raise ValueError(f"top_token_logprobs: k={k} is outside [0, vocab={vocab}]")
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  values, tokens = jax.lax.top_k(lp, k)
+  return tokens.astype(jnp.int32), values
+
+
 def _next_tokens(logits, keys, temperature, top_k, top_p, all_greedy: bool):
   """:func:`sample_tokens`, or only its argmax when the caller guarantees every row is greedy
   (``all_greedy``, static: the engine's programs for all-greedy workloads leave the sampling
@@ -475,12 +503,12 @@ def decode_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Arr
 
 
 @backend_jit(static_argnames=(*_JIT_STATIC, "max_steps", "evict", "all_greedy",
-                              "return_logprobs"), donate_argnames=("cache",))
+                              "return_logprobs", "top_logprobs"), donate_argnames=("cache",))
 def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_steps, *,
                 max_steps: int, model: Model | None = None, config: Model | None = None,
                 implementation: str | None = None, max_blocks: int | None = None,
                 evict: tuple[int, int] | None = None, all_greedy: bool = False,
-                return_logprobs: bool = False):
+                return_logprobs: bool = False, top_logprobs: int = 0):
   """Up to ``num_steps`` decode steps inside one ``jit`` (a ``lax.while_loop``).
 
   Each step appends every live row's last token to the cache, runs the model and samples the
@@ -508,16 +536,23 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
       sinks), an approximation (``benchmarks/streaming.py`` measures it).
     all_greedy: static, as for :func:`prefill_step`.
     return_logprobs: static; also return each generated token's :func:`token_logprobs`.
+    top_logprobs: static; with ``return_logprobs``, also return each step's
+      :func:`top_token_logprobs` (that many per row).
 
   Returns:
     ``(cache, state, out_tokens int32[batch, max_steps], steps int32[], status int32[batch])``:
     ``out_tokens[b, s]`` is the token row ``b`` generated at step ``s`` or ``-1``; ``steps`` is
     the number of steps applied; ``status`` is the failing step's (zeros if none failed). With
     ``return_logprobs`` a sixth element, ``float32[batch, max_steps]``: the log-probability of
-    ``out_tokens[b, s]`` (NaN where it is ``-1``).
+    ``out_tokens[b, s]`` (NaN where it is ``-1``). With ``top_logprobs`` a seventh and eighth,
+    ``int32[batch, max_steps, top_logprobs]`` and ``float32[...]``: the most likely tokens
+    at the position of ``out_tokens[b, s]`` and their log-probabilities (``-1`` and NaN where
+    it is ``-1``).
   """
   model = resolve_model(model, config)
   check_cache_fits(model, cache.config)  # at trace time, for any protocol model
+  if top_logprobs and not return_logprobs:
+    raise ValueError(f"decode_loop: top_logprobs={top_logprobs} needs return_logprobs=True")
   b = state.seq_ids.shape[0]
   num_steps = jnp.minimum(jnp.asarray(num_steps, jnp.int32), max_steps)
   state = state.replace(done=state.done | (state.seq_ids < 0)
@@ -525,6 +560,9 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
   out = jnp.full((b, max_steps), -1, jnp.int32)
   # The logprob buffer only exists when asked for: the default program is unchanged.
   lps = jnp.full((b, max_steps), jnp.nan, jnp.float32) if return_logprobs else None
+  if top_logprobs:
+    lps = (lps, jnp.full((b, max_steps, top_logprobs), -1, jnp.int32),
+           jnp.full((b, max_steps, top_logprobs), jnp.nan, jnp.float32))
   status0 = jnp.zeros((b,), jnp.int32)
 
   def cond(carry):
@@ -548,7 +586,12 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     done = st.done | (take & (stop | (gen >= st.max_new_tokens)))
     st = st.replace(tokens=jnp.where(take, nxt, st.tokens), num_generated=gen, done=done)
     out = out.at[:, step].set(jnp.where(take, nxt, -1))
-    if lps is not None:
+    if top_logprobs:
+      top_t, top_v = top_token_logprobs(logits, top_logprobs)
+      lps = (lps[0].at[:, step].set(jnp.where(take, token_logprobs(logits, nxt), jnp.nan)),
+             lps[1].at[:, step].set(jnp.where(take[:, None], top_t, -1)),
+             lps[2].at[:, step].set(jnp.where(take[:, None], top_v, jnp.nan)))
+    elif lps is not None:
       lps = lps.at[:, step].set(jnp.where(take, token_logprobs(logits, nxt), jnp.nan))
     if evict is not None:  # the step's attention is done: drop what no later query sees
       new_cache, _, _ = free_outside_window(new_cache, jnp.where(ok, st.seq_ids, -1),
@@ -558,6 +601,8 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
 
   cache, state, out, lps, steps, status = jax.lax.while_loop(
       cond, body, (cache, state, out, lps, jnp.zeros((), jnp.int32), status0))
+  if top_logprobs:
+    return cache, state, out, steps, status, *lps
   if return_logprobs:
     return cache, state, out, steps, status, lps
   return cache, state, out, steps, status

@@ -55,12 +55,13 @@ def _check_auto(layout: MeshLayout) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "model", "max_steps", "implementation",
-                                             "max_blocks", "return_logprobs"),
+                                             "max_blocks", "return_logprobs",
+                                             "top_logprobs"),
                    donate_argnames=("cache",))
 def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps, *,
                         layout: MeshLayout, model: Model, max_steps: int,
                         implementation: str | None = None, max_blocks: int | None = None,
-                        return_logprobs: bool = False):
+                        return_logprobs: bool = False, top_logprobs: int = 0):
   """:func:`~jax_paged_kv.decode_loop` on a mesh layout, as one jitted program.
 
   Tensor parallel: ``params`` placed with :func:`~jax_paged_kv.sharding.param_shardings` and
@@ -75,15 +76,18 @@ def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps,
     state: the :class:`~jax_paged_kv.DecodeState` (stacked per shard with ``data_axis``).
     num_steps: steps to run (``int32[data_shards]`` with ``data_axis``).
     layout: the :class:`~jax_paged_kv.sharding.MeshLayout` (static).
-    model, max_steps, implementation, max_blocks, return_logprobs: as for ``decode_loop``
-      (static).
+    model, max_steps, implementation, max_blocks, return_logprobs, top_logprobs: as for
+      ``decode_loop`` (static).
 
   Returns:
     ``(cache, state, out_tokens, steps, status)`` as ``decode_loop`` (per shard with
-    ``data_axis``), and the logprobs after them with ``return_logprobs``.
+    ``data_axis``), and the logprobs after them with ``return_logprobs`` (and the top
+    alternatives with ``top_logprobs``).
   """
   _check_auto(layout)
   extra = {"return_logprobs": True} if return_logprobs else {}
+  if top_logprobs:
+    extra["top_logprobs"] = top_logprobs
   fn = functools.partial(decode_loop, model=model, max_steps=max_steps,
                          implementation=implementation, max_blocks=max_blocks, **extra)
   return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, state, num_steps)

@@ -84,6 +84,7 @@ from jax_paged_kv.models.base import (
 )
 from jax_paged_kv.models.layers import check_rope_context
 from jax_paged_kv.serving.decoding import (
+  MAX_TOP_LOGPROBS,
   Params,
   SamplingParams,
   backend_jit,
@@ -91,6 +92,7 @@ from jax_paged_kv.serving.decoding import (
   int_in_range,
   prefill_step,
   token_logprobs,
+  top_token_logprobs,
 )
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
@@ -221,7 +223,9 @@ class Engine:
     self.metrics = EngineMetrics()
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
-    self._compiled: set[tuple] = set()  # (kind, width, reads, all_greedy, logprobs) run so far
+    # (kind, width, reads, all_greedy, logprobs) run so far; logprobs: False, True, or the
+    # width of the top alternatives returned.
+    self._compiled: set[tuple] = set()
     self._to_free: list[int] = []  # slots finished this step, freed in one call
     self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
     # Whether any request added so far samples (temperature > 0). Until one does, the steps run
@@ -231,6 +235,9 @@ class Engine:
     # Likewise for logprobs: from the first request that asks, the decode programs also return
     # each token's log-probability (a second set of decode programs, compiled at first use).
     self._any_logprobs = False
+    # And from the first request that asks for top alternatives, their fixed width
+    # (MAX_TOP_LOGPROBS, or the vocabulary if smaller): one more set, whatever each one asks.
+    self._top_width = 0
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -246,7 +253,8 @@ class Engine:
     (each at its first use): a fixed set, whatever the workload. Each shape has up to two
     programs: without the sampling branch while no request added so far samples
     (temperature > 0), and with it from the first one that does; a decode shape has up to two
-    more once a request asks for logprobs (the loop then also returns them)."""
+    more once a request asks for logprobs (the loop then also returns them), and again once
+    one asks for ``top_logprobs``."""
     return self.batcher.shapes()
 
   @property
@@ -293,6 +301,8 @@ class Engine:
     if bad:
       raise ValueError(f"stop token {bad[0]} is outside [0, {vocab}): it could never stop "
                        "the request")
+    if sampling.top_logprobs > vocab:
+      raise ValueError(f"top_logprobs={sampling.top_logprobs} exceeds the vocabulary ({vocab})")
     total = len(prompt) + sampling.max_new_tokens
     if total > cc.max_seq_len:
       raise SequenceTooLongError(
@@ -306,10 +316,13 @@ class Engine:
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     self._any_sampled |= sampling.temperature > 0
     self._any_logprobs |= sampling.logprobs
+    if sampling.top_logprobs:
+      self._top_width = min(MAX_TOP_LOGPROBS, vocab)
     rid = self._next_id
     self._next_id += 1
     req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter(),
-                                    logprobs=[] if sampling.logprobs else None),
+                                    logprobs=[] if sampling.logprobs else None,
+                                    top_logprobs=[] if sampling.top_logprobs else None),
                   sampling=sampling, context=list(prompt), cache_salt=cache_salt)
     self.scheduler.waiting.append(req)
     return rid
@@ -529,7 +542,7 @@ class Engine:
     """Calls ``fn``, recording its static shape, sampling mode and whether it returns logprobs
     (:attr:`compiled_shapes` keeps the shapes)."""
     self._compiled.add((*key, kwargs.get("all_greedy", False),
-                        kwargs.get("return_logprobs", False)))
+                        kwargs.get("top_logprobs") or kwargs.get("return_logprobs", False)))
     return fn(*args, **kwargs)
 
   def _prefill(self) -> list[RequestOutput]:
@@ -553,8 +566,12 @@ class Engine:
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
                               sink_tokens=self.evict[1])
     # Rows that asked for logprobs and complete their prompt here: their first token's.
-    want_lp = any(r.sampling.logprobs and r.prefilled + n == len(r.context) for r, n in rows)
-    lps = np.asarray(_token_logprobs_jit(logits, nxt)) if want_lp else None
+    done = [r for r, n in rows if r.prefilled + n == len(r.context)]
+    lps = tops = None
+    if any(r.sampling.logprobs for r in done):
+      lps = np.asarray(_token_logprobs_jit(logits, nxt))
+    if any(r.sampling.top_logprobs for r in done):
+      tops = jax.device_get(_top_logprobs_jit(logits, self._top_width))
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
@@ -571,7 +588,8 @@ class Engine:
       if not r.prefilling:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
-        if self._emit(r, [int(nxt[i])], None if lps is None else [float(lps[i])]):
+        if self._emit(r, [int(nxt[i])], None if lps is None else [float(lps[i])],
+                      None if tops is None else [_alternatives(tops, i, 0, r)]):
           finished.append(self._finish(r))
     self._flush_free()
     return finished
@@ -599,14 +617,17 @@ class Engine:
     held = (np.arange(tables.shape[1])[None, :] < nb[:, None]) & (tables != NULL_BLOCK)
     m.peak_running_blocks = max(m.peak_running_blocks, len(np.unique(tables[held])))
 
-  def _emit(self, r: Request, toks: Iterable[int], lps: Sequence[float] | None = None) -> bool:
-    """Appends generated tokens (and, if the request asked, their logprobs ``lps``); True if
-    the request is now finished."""
+  def _emit(self, r: Request, toks: Iterable[int], lps: Sequence[float] | None = None,
+            tops: Sequence[tuple] | None = None) -> bool:
+    """Appends generated tokens (and, if the request asked, their logprobs ``lps`` and top
+    alternatives ``tops``); True if the request is now finished."""
     s = r.sampling
     for i, t in enumerate(toks):
       r.out.tokens.append(t)
       if s.logprobs:
         r.out.logprobs.append(lps[i])
+      if s.top_logprobs:
+        r.out.top_logprobs.append(tops[i])
       self.metrics.generated_tokens += 1
       if t in s.stop_tokens:
         r.out.finish_reason = "stop"
@@ -666,31 +687,34 @@ class Engine:
     mb = self.batcher.max_blocks(max_len)
     key = ("decode", width, mb)
     extra = {"return_logprobs": True} if self._any_logprobs else {}
+    if self._top_width:
+      extra["top_logprobs"] = self._top_width
     self.cache, state, out, n_steps, status, *lps = self._run_program(
         key, decode_loop, self.params, self.cache, state, jnp.int32(steps),
         model=self.model, max_steps=self.decode_steps,
         implementation=self.implementation, max_blocks=mb, evict=self.evict,
         all_greedy=not self._any_sampled, **extra)
     out, n_steps = np.asarray(out), int(n_steps)
-    lps = np.asarray(lps[0]) if lps else None
+    lps, tops = (np.asarray(lps[0]) if lps else None), jax.device_get(lps[1:]) or None
     raise_for_status(status, state.seq_ids, op="Engine decode")  # accounting guarantees room
     self.metrics.decode_calls += 1
     self._sync_free()
     self.metrics.decode_steps += n_steps
     finished = []
-    r_toks, r_lps = {}, {}
+    r_toks, r_lps, r_tops = {}, {}, {}
     for i, r in enumerate(reqs):
-      toks = [int(t) for t in out[i, :n_steps] if t >= 0]
-      r_toks[r.slot] = toks
+      taken = [s for s in range(n_steps) if out[i, s] >= 0]
+      r_toks[r.slot] = [int(out[i, s]) for s in taken]
       if lps is not None:
-        r_lps[r.slot] = [float(x) for x, t in zip(lps[i, :n_steps], out[i, :n_steps],
-                                                  strict=True) if t >= 0]
-      self.ledger.grow(r.slot, len(toks))  # each step wrote the previous token
+        r_lps[r.slot] = [float(lps[i, s]) for s in taken]
+      if tops is not None and r.sampling.top_logprobs:
+        r_tops[r.slot] = [_alternatives(tops, i, s, r) for s in taken]
+      self.ledger.grow(r.slot, len(taken))  # each step wrote the previous token
       if self.prefix is not None:
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
     self._note_peak()  # the blocks the rows grew into, before the finished ones are freed
     for r in reqs:
-      if self._emit(r, r_toks[r.slot], r_lps.get(r.slot)):
+      if self._emit(r, r_toks[r.slot], r_lps.get(r.slot), r_tops.get(r.slot)):
         finished.append(self._finish(r))
     self._flush_free()
     return finished
@@ -867,8 +891,10 @@ def stream_deltas(sent: dict[int, int],
   for rid in sorted(outputs):
     out, n = outputs[rid], sent.get(rid, 0)
     if out is not None and (len(out.tokens) > n or out.finish_reason is not None):
-      deltas.append(StreamDelta(rid, tuple(out.tokens[n:]), out.finish_reason,
-                                None if out.logprobs is None else tuple(out.logprobs[n:])))
+      deltas.append(StreamDelta(
+          rid, tuple(out.tokens[n:]), out.finish_reason,
+          None if out.logprobs is None else tuple(out.logprobs[n:]),
+          None if out.top_logprobs is None else tuple(out.top_logprobs[n:])))
     if out is not None and out.finish_reason is None:
       sent[rid] = len(out.tokens)
     else:
@@ -967,6 +993,18 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
 
 
 _token_logprobs_jit = backend_jit()(token_logprobs)
+_top_logprobs_jit = backend_jit(static_argnums=1)(top_token_logprobs)
+
+
+def _alternatives(tops, row: int, step: int | None, r: Request) -> tuple[tuple[int, float], ...]:
+  """Request ``r``'s top alternatives from a program's ``(tokens, logprobs)`` arrays (prefill:
+  ``[batch, width]``, ``step`` 0 of a fake step axis; decode: ``[batch, steps, width]``)."""
+  toks, vals = tops
+  if toks.ndim == 2:
+    toks, vals = toks[:, None], vals[:, None]
+  k = r.sampling.top_logprobs
+  return tuple((int(t), float(v)) for t, v in zip(toks[row, step, :k], vals[row, step, :k],
+                                                  strict=True))
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sink_tokens"), donate_argnums=0)

@@ -58,6 +58,9 @@ class RequestOutput:
     logprobs: with ``SamplingParams(logprobs=True)``, each token's log-probability under the
       model's raw distribution (:func:`~jax_paged_kv.serving.decoding.token_logprobs`), one
       per token; else None.
+    top_logprobs: with ``SamplingParams(top_logprobs=k)``, per token the ``k`` most likely
+      tokens at its position as ``((token, logprob), ...)``, most likely first
+      (:func:`~jax_paged_kv.serving.decoding.top_token_logprobs`); else None.
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), ``"abort"``
       (:meth:`Engine.abort_request`), or None while it runs.
     num_preemptions: times the request was preempted (then recomputed or swapped back in).
@@ -76,6 +79,7 @@ class RequestOutput:
   first_token_time: float | None = None
   finish_time: float | None = None
   logprobs: list[float] | None = None  # last: positional construction keeps its meaning
+  top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +92,15 @@ class StreamDelta:
     finish_reason: None while it runs; else as :attr:`RequestOutput.finish_reason` (this is
       the request's last delta).
     logprobs: the tokens' log-probabilities if the request asked for them, else None.
+    top_logprobs: the tokens' top alternatives (as :attr:`RequestOutput.top_logprobs`) if the
+      request asked for them, else None.
   """
 
   request_id: int
   tokens: tuple[int, ...]
   finish_reason: str | None = None
   logprobs: tuple[float, ...] | None = None
+  top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 @dataclasses.dataclass
