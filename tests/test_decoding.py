@@ -92,8 +92,9 @@ def decode_all(cache, first, slots, sampling, calls):
 # ---- sampling --------------------------------------------------------------------------------
 
 
-def numpy_filtered_probs(logits, temperature, top_k, top_p):
-  """The distribution sample_tokens draws from, in float64 numpy (HF/vLLM filter semantics)."""
+def numpy_filtered_probs(logits, temperature, top_k, top_p, min_p=0.0):
+  """The distribution sample_tokens draws from, in float64 numpy (HF filter semantics and
+  order: temperature, top-k, top-p, min-p)."""
   z = logits.astype(np.float64) / temperature
   order = np.argsort(-z, kind="stable")
   keep = np.zeros_like(z, bool)
@@ -106,6 +107,8 @@ def numpy_filtered_probs(logits, temperature, top_k, top_p):
   drop = order[(before >= top_p) & (np.arange(z.size) > 0)]
   keep[drop] = False
   p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  p[p < min_p * p.max()] = 0.0
   return p / p.sum()
 
 
@@ -124,6 +127,32 @@ def test_sample_tokens_matches_numpy_distribution():
   for row in (1, 2, 4, 5):
     probs = numpy_filtered_probs(logits[row], temp[row], top_k[row], top_p[row])
     freq = np.bincount(samples[:, row], minlength=10) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), row
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-9), (row, freq, probs)
+
+
+def test_min_p_matches_numpy_distribution():
+  """min_p after temperature, top-k and top-p (Hugging Face's order), against the float64
+  distribution; min_p = 1 keeps only the most likely token; a greedy row ignores it."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(6, 12)).astype(np.float32) * 2
+  temp = np.asarray([1.0, 0.7, 1.5, 2.0, 0.0, 1.0], np.float32)
+  top_k = np.asarray([0, 4, 0, 0, 0, 0], np.int32)
+  top_p = np.asarray([1.0, 1.0, 0.8, 1.0, 1.0, 1.0], np.float32)
+  min_p = np.asarray([0.1, 0.3, 0.2, 1.0, 0.5, 0.0], np.float32)
+  n = 6000
+  keys = jax.random.split(jax.random.key(4), n * 6).reshape(n, 6)
+  draw = jax.jit(jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None, None)))
+  samples = np.asarray(draw(logits, keys, temp, top_k, top_p, min_p))  # [n, 6]
+  assert np.all(samples[:, 3] == np.argmax(logits[3]))  # min_p 1: the argmax only
+  assert np.all(samples[:, 4] == np.argmax(logits[4]))  # temperature 0: greedy
+  for row in (0, 1, 2, 5):
+    probs = numpy_filtered_probs(logits[row], temp[row], top_k[row], top_p[row], min_p[row])
+    if row != 5:  # the filter removes tokens the unfiltered distribution would draw
+      assert np.sum(probs > 0) < np.sum(numpy_filtered_probs(logits[row], temp[row],
+                                                             top_k[row], top_p[row]) > 0)
+    freq = np.bincount(samples[:, row], minlength=12) / n
     assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), row
     sigma = np.sqrt(probs * (1 - probs) / n)
     assert np.all(np.abs(freq - probs) <= 5 * sigma + 1e-9), (row, freq, probs)

@@ -178,6 +178,11 @@ def test_all_greedy_programs_until_a_request_samples():
     (dict(temperature=float("nan")), "temperature must be >= 0"),
     (dict(temperature="1"), "temperature must be a real number"),
     (dict(top_p=float("nan")), "top_p"),
+    (dict(min_p=-0.1), r"min_p must be in \[0, 1\]"),
+    (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+    (dict(min_p=float("nan")), r"min_p must be in \[0, 1\]"),
+    (dict(min_p="0.1"), "min_p must be a real number"),
+    (dict(min_p=True), "min_p must be a real number"),
     (dict(logprobs=1), "logprobs must be a bool"),
     (dict(logprobs="yes"), "logprobs must be a bool"),
     (dict(logprobs=True, top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
@@ -565,3 +570,21 @@ def test_engine_refuses_top_logprobs_beyond_the_vocabulary():
   out = {o.request_id: o for o in engine.run()}[rid]
   ref = reference_log_softmax(params, tiny, [1, 2, 3], out.tokens)
   check_top_logprobs(out.top_logprobs, out.tokens, ref, 16)
+
+
+def test_min_p_reaches_prefill_and_decode():
+  """A request sampled at temperature 1.5 under min_p=1 keeps only the most likely token at
+  every step, prefill's first token and the decode loop's: the float64 model's greedy tokens
+  (a lost min_p would sample others), beside an unfiltered sampled request; min_p=0 with
+  temperature 0 is plain greedy."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 32), **FIXED)
+  hot = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, temperature=1.5, seed=i,
+                                              min_p=1.0)) for i, p in enumerate(PROMPTS[:3])]
+  wild = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=NEW, temperature=1.5,
+                                                       seed=9))
+  cold = engine.add_request(PROMPTS[3], SamplingParams(max_new_tokens=NEW, min_p=0.0))
+  outs = {o.request_id: o for o in engine.run()}
+  for i, rid in enumerate(hot):
+    assert outs[rid].tokens == REFS[i], i
+  assert outs[wild].tokens != REFS[0]  # the same temperature without min_p samples
+  assert outs[cold].tokens == REFS[3]

@@ -485,7 +485,7 @@ def prefilled_on_one_device(prompts: list[int]):
                          ids=["tensor", "data", "two_d"])
 def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
   """Tensor- and data-parallel loops start from a one-device prefill placed on the mesh; the
-  2-D run prefills on the mesh too (prefill_step_on_mesh)."""
+  2-D run prefills on the mesh too (prefill_step_on_mesh, sampling under min_p=1)."""
   mesh = shd.local_mesh(model=model or 1, data=data or 1)
   layout = shd.MeshLayout(mesh, model_axis=model and "model", data_axis=data and "data")
   shards = layout.data_shards
@@ -495,9 +495,12 @@ def test_decode_loop_on_mesh_gives_the_one_device_tokens(model, data):
   if model and data:
     cache = shd.init_sharded_cache(MODEL_CACHE, layout)
     cache, _ = jax.jit(shd.on_mesh(pk.allocate_sequences, layout))(cache, ids)
+    batch = stack([shard_batch(a) for a in assignment])
+    # Sampled at temperature 2 under min_p=1: only each row's most likely token survives (the
+    # reference's greedy one), so min_p must reach every shard.
+    batch = (*batch[:3], np.full_like(batch[3], 2.0), *batch[4:])
     cache, first, _, status = prefill_step_on_mesh(
-        params, cache, *stack([shard_batch(a) for a in assignment]), layout=layout,
-        model=MODEL)
+        params, cache, *batch, layout=layout, model=MODEL, min_p=np.ones_like(batch[3]))
     assert not np.any(np.asarray(status))
   else:
     caches, first = zip(*(prefilled_on_one_device(a) for a in assignment), strict=True)

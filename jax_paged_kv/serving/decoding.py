@@ -145,6 +145,9 @@ class SamplingParams:
     top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
       (``1.0``: no limit), plus every token tied with the last one kept (like ``top_k``'s
       ties; Hugging Face cuts ties by sort order). Applied after ``top_k``.
+    min_p: keep only tokens at least ``min_p`` times as likely as the most likely one
+      (``0.0``: no limit; Hugging Face's and vLLM's ``min_p``). Applied last, after
+      temperature (the top-k / top-p renormalisation does not change the ratio).
     max_new_tokens: generate at most this many tokens.
     stop_tokens: generation ends after any of these (it is included in the output); at most
       :data:`MAX_STOP_TOKENS`.
@@ -161,6 +164,7 @@ class SamplingParams:
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0
   max_new_tokens: int = 16
   stop_tokens: tuple[int, ...] = ()
   seed: int = 0
@@ -168,7 +172,7 @@ class SamplingParams:
   top_logprobs: int = 0
 
   def __post_init__(self):
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "min_p"):
       value = getattr(self, name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
                                                                       np.floating)):
@@ -177,6 +181,8 @@ class SamplingParams:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if not 0 <= self.min_p <= 1:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
     # Integers the compiled step holds as int32 (the seed: as a 32-bit PRNG seed): a float
     # is never truncated (max_new_tokens=2.5 would stop on device and not on the host) and
     # nothing wraps (two seeds 2**32 apart would draw the same tokens).
@@ -284,13 +290,13 @@ def _top_p_mask(bits: Array, probs: Array, top_p: Array) -> Array:
 
 
 def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
-                  top_p: Array) -> Array:
-  """Samples one token per row with per-row temperature, top-k and top-p.
+                  top_p: Array, min_p: Array | None = None) -> Array:
+  """Samples one token per row with per-row temperature, top-k, top-p and min-p.
 
-  Filters are applied in the usual order: temperature, then top-k, then top-p on the
-  renormalised top-k distribution. Thresholds are found by bisection over the float bits
-  rather than by sorting the vocabulary (32 vectorised passes; each filter only runs when some
-  row uses it, and an all-greedy batch only takes an argmax).
+  Filters are applied in the usual order (Hugging Face's): temperature, then top-k, then top-p
+  on the renormalised top-k distribution, then min-p. Thresholds are found by bisection over
+  the float bits rather than by sorting the vocabulary (32 vectorised passes; each filter only
+  runs when some row uses it, and an all-greedy batch only takes an argmax).
 
   Args:
     logits: ``float32[batch, vocab]``.
@@ -298,6 +304,8 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
     temperature: ``float32[batch]``; ``0`` picks the argmax.
     top_k: ``int32[batch]``; ``0`` keeps every token.
     top_p: ``float32[batch]`` in ``(0, 1]``.
+    min_p: ``float32[batch]`` in ``[0, 1]``, or None (no min-p filter): keep tokens whose
+      probability is at least ``min_p`` times the row's largest.
 
   Returns:
     ``int32[batch]`` token ids.
@@ -323,6 +331,13 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
 
     keep = jax.lax.cond(jnp.any(sampling & (top_p < 1)), nucleus, lambda: keep)
     z = jnp.where(keep, z, -jnp.inf)
+    if min_p is not None:
+      # p_i >= min_p * p_max, as z_i >= z_max + log(min_p): top-k and top-p keep the row's
+      # most likely token, and renormalising changes no ratio. min_p = 0 keeps every token.
+      mp = jnp.where(sampling, min_p, 0.0).astype(jnp.float32)
+      floor = jnp.max(z, axis=-1) + jnp.log(mp)
+      z = jax.lax.cond(jnp.any(mp > 0), lambda: jnp.where(z >= floor[:, None], z, -jnp.inf),
+                       lambda: z)
     sampled = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
     return jnp.where(sampling, sampled, greedy)
 
@@ -344,6 +359,7 @@ class DecodeState:
     top_k: ``int32[batch]``.
     top_p: ``float32[batch]``.
     keys: ``uint32[batch, key_words]`` raw key data (see :func:`make_key`).
+    min_p: ``float32[batch]``, or None (no min-p filter; a state built before the field).
   """
 
   tokens: Array
@@ -356,6 +372,7 @@ class DecodeState:
   top_k: Array
   top_p: Array
   keys: Array
+  min_p: Array | None = None
 
   def replace(self, **kwargs) -> DecodeState:
     return dataclasses.replace(self, **kwargs)
@@ -398,7 +415,8 @@ class DecodeState:
         temperature=np.asarray([s.temperature for s in sampling], np.float32),
         top_k=np.asarray([s.top_k for s in sampling], np.int32),
         top_p=np.asarray([s.top_p for s in sampling], np.float32),
-        keys=np.stack([make_key(s.seed) for s in sampling]))
+        keys=np.stack([make_key(s.seed) for s in sampling]),
+        min_p=np.asarray([s.min_p for s in sampling], np.float32))
     return jax.device_put(state)  # one batched transfer, not ten
 
 
@@ -432,13 +450,13 @@ def top_token_logprobs(logits: Array, k: int) -> tuple[Array, Array]:
   return tokens.astype(jnp.int32), values
 
 
-def _next_tokens(logits, keys, temperature, top_k, top_p, all_greedy: bool):
+def _next_tokens(logits, keys, temperature, top_k, top_p, min_p, all_greedy: bool):
   """:func:`sample_tokens`, or only its argmax when the caller guarantees every row is greedy
   (``all_greedy``, static: the engine's programs for all-greedy workloads leave the sampling
   branch out, about a quarter of their compile time; the tokens are the same)."""
   if all_greedy:
     return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-  return sample_tokens(logits, keys, temperature, top_k, top_p)
+  return sample_tokens(logits, keys, temperature, top_k, top_p, min_p)
 
 
 @backend_jit(static_argnames=(*_JIT_STATIC, "all_greedy"), donate_argnames=("cache",))
@@ -446,7 +464,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
                  num_new: Array, temperature: Array, top_k: Array, top_p: Array, keys: Array,
                  key_index: Array, *, model: Model | None = None, config: Model | None = None,
                  implementation: str | None = None, max_blocks: int | None = None,
-                 all_greedy: bool = False):
+                 all_greedy: bool = False, min_p: Array | None = None):
   """One chunk of prefill for a batch of rows, then one sampled token per row.
 
   Args:
@@ -465,6 +483,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
     all_greedy: static; True only if every row's temperature is 0 (the program then takes the
       argmax and leaves the sampling branch out; a row with temperature > 0 would be decoded
       greedily). The engine sets it for workloads with no sampled request.
+    min_p: ``float32[batch]`` per-row min-p (see :func:`sample_tokens`), or None.
 
   Returns:
     ``(cache, next_tokens int32[batch], logits float32[batch, vocab], status int32[batch])``;
@@ -474,7 +493,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
   check_cache_fits(model, cache.config)  # at trace time, for any protocol model
   cache, logits, status = model.forward(params, cache, tokens, seq_ids, num_new,
                                         implementation=implementation, max_blocks=max_blocks)
-  nxt = _next_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p,
+  nxt = _next_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p, min_p,
                      all_greedy)
   return cache, nxt, logits, status
 
@@ -579,7 +598,7 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
                                               max_blocks=max_blocks)
     ok = jnp.all(status == 0)
     nxt = _next_tokens(logits, _token_keys(st.keys, st.num_generated), st.temperature,
-                       st.top_k, st.top_p, all_greedy)
+                       st.top_k, st.top_p, st.min_p, all_greedy)
     take = live & ok
     gen = st.num_generated + take.astype(jnp.int32)
     stop = jnp.any(nxt[:, None] == st.stop_tokens, axis=1)

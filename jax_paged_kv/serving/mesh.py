@@ -98,17 +98,21 @@ def decode_loop_on_mesh(params: Any, cache: PagedKVCache, state: Any, num_steps,
 def prefill_step_on_mesh(params: Any, cache: PagedKVCache, tokens, seq_ids, num_new,
                          temperature, top_k, top_p, keys, key_index, *, layout: MeshLayout,
                          model: Model, implementation: str | None = None,
-                         max_blocks: int | None = None):
+                         max_blocks: int | None = None, min_p=None):
   """:func:`~jax_paged_kv.prefill_step` on a mesh layout, as one jitted program.
 
   Arguments and results as for ``prefill_step``; with a ``data_axis`` every argument but
-  ``params``, and every result, has a leading ``[data_shards]`` axis.
+  ``params`` (``min_p`` too, when given), and every result, has a leading ``[data_shards]``
+  axis.
   """
   _check_auto(layout)
-  fn = functools.partial(prefill_step, model=model, implementation=implementation,
-                         max_blocks=max_blocks)
+  def fn(*args):
+    *args, min_p = args
+    return prefill_step(*args, model=model, implementation=implementation,
+                        max_blocks=max_blocks, min_p=min_p)
   return on_mesh(fn, layout, shared_argnums=(0,))(params, cache, tokens, seq_ids, num_new,
-                                                  temperature, top_k, top_p, keys, key_index)
+                                                  temperature, top_k, top_p, keys, key_index,
+                                                  min_p)
 
 
 class MeshEngine:

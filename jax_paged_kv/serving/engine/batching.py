@@ -117,7 +117,8 @@ class Batcher:
     top_k = np.asarray([s.top_k for s in samp], np.int32)
     top_p = np.asarray([s.top_p for s in samp], np.float32)
     keys = np.stack([make_key(s.seed) for s in samp])
-    return samp, temp, top_k, top_p, keys
+    min_p = np.asarray([s.min_p for s in samp], np.float32)
+    return samp, temp, top_k, top_p, keys, min_p
 
   @staticmethod
   def prefill_arrays(rows: Sequence[tuple[Request, int]], width: int, chunk: int):

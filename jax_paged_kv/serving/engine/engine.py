@@ -555,12 +555,13 @@ class Engine:
       return []
     width = self.batcher.width(len(rows))
     tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
-    _, temp, top_k, top_p, keys = self.batcher.sampling_rows([r for r, _ in rows], width)
+    _, temp, top_k, top_p, keys, min_p = self.batcher.sampling_rows([r for r, _ in rows], width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
     self.cache, nxt, logits, status = self._run_program(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
-        implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled)
+        implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled,
+        min_p=min_p)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
