@@ -198,3 +198,31 @@ def check_top_logprobs(top, tokens, ref_lp, k, atol=2e-4) -> None:
     assert np.all(np.diff(vals) <= 0), (pos, vals)
     kth = np.sort(ref_lp[pos])[::-1][k - 1]
     assert np.all(ref_lp[pos, ids] >= kth - 2 * atol), (pos, ids)
+
+
+def penalise(logits, prompt, output, repetition_penalty=1.0, presence_penalty=0.0,
+             frequency_penalty=0.0) -> np.ndarray:
+  """float64 repetition / presence / frequency penalties of one row (vLLM's semantics, from
+  its ``apply_penalties``): repetition on tokens in the prompt or the output (divide a
+  positive logit, multiply a negative one), presence and frequency on the output only."""
+  logits = np.asarray(logits, np.float64)
+  counts = np.bincount(np.asarray(output, np.int64), minlength=logits.shape[-1])
+  seen = counts > 0
+  seen[np.asarray(prompt, np.int64)] = True
+  rep = repetition_penalty
+  logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+  return logits - frequency_penalty * counts - presence_penalty * (counts > 0)
+
+
+def reference_greedy_penalised(params, config, prompt, max_new_tokens, stop_tokens=(),
+                               **penalties) -> list[int]:
+  """:func:`reference_greedy` with :func:`penalise` applied to each step's logits."""
+  seq, out = list(prompt), []
+  for _ in range(max_new_tokens):
+    logits = reference_logits(params, config, seq)[-1]
+    tok = int(np.argmax(penalise(logits, prompt, out, **penalties)))
+    out.append(tok)
+    seq.append(tok)
+    if tok in stop_tokens:
+      break
+  return out

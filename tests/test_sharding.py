@@ -23,7 +23,11 @@ from jax_paged_kv import sharding as shd
 from jax_paged_kv.models import LlamaConfig, init_params
 from jax_paged_kv.serving.decoding import DecodeState, SamplingParams, make_key, prefill_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
-from tests.llama_reference import reference_greedy, reference_logprobs
+from tests.llama_reference import (
+  reference_greedy,
+  reference_greedy_penalised,
+  reference_logprobs,
+)
 from tests.oracle import attention_np
 
 CFG = pk.CacheConfig(num_layers=2, num_kv_heads=4, head_dim=16, num_blocks=20, max_seqs=4,
@@ -558,16 +562,23 @@ def test_decode_loop_on_mesh_returns_the_one_device_logprobs():
 
 
 def test_mesh_engine_two_d_gives_the_one_device_tokens():
-  """Two cache shards (one host scheduler), each 2-way tensor parallel, with preemption."""
+  """Two cache shards (one host scheduler), each 2-way tensor parallel, with preemption; every
+  other request has a repetition and frequency penalty (each shard's steps then carry the
+  token counts, zero penalties for the others)."""
   layout = shd.MeshLayout(shd.local_mesh(model=2, data=2), model_axis="model", data_axis="data")
   cc = MODEL.cache_config(num_blocks=1 + 8, max_seqs=3, max_seq_len=32, block_size=4)
   engine = MeshEngine(PARAMS, MODEL, cc, layout, prefill_chunk=CHUNK, decode_steps=4,
                       batch_bucket_min=3, bucket_blocks=False, watermark=0.0, reserve_ratio=0.0,
                       track_stats=False)
-  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS]
+  pen = dict(repetition_penalty=1.8, frequency_penalty=1.0)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, **(pen if i % 2 else {})))
+         for i, p in enumerate(PROMPTS)]
   outs = engine.run()
   assert [o.request_id for o in outs] == ids
-  assert [o.tokens for o in outs] == [reference(i) for i in range(len(PROMPTS))]
+  want = [reference_greedy_penalised(PARAMS, MODEL, p, NEW, **pen) if i % 2 else reference(i)
+          for i, p in enumerate(PROMPTS)]
+  assert [o.tokens for o in outs] == want
+  assert sum(w != reference(i) for i, w in enumerate(want)) >= 2  # the penalties mattered
   assert {engine.shard_of(i)[0] for i in ids} == {0, 1}
   assert sum(m.preemptions for m in engine.metrics) > 0
   for cache, sub in zip(engine.caches, engine.layouts, strict=True):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import operator
 import os
@@ -155,6 +156,15 @@ class SamplingParams:
     logprobs: also report each generated token's log-probability under the model's own
       distribution (:func:`token_logprobs`: the log-softmax of the raw logits, before
       temperature, top-k and top-p; ``RequestOutput.logprobs``).
+    repetition_penalty: a token already in the prompt or the output has its logit divided by
+      it if positive, multiplied if negative (``1.0``: none; Hugging Face's and vLLM's
+      ``repetition_penalty``, > 0).
+    presence_penalty: subtracted from the logit of every token the output holds (``0.0``:
+      none; OpenAI's, in ``[-2, 2]``).
+    frequency_penalty: times a token's count in the output, subtracted from its logit
+      (``0.0``: none; OpenAI's, in ``[-2, 2]``). The three penalties act on the raw logits,
+      before temperature and the filters, greedy rows included (:class:`Penalties`);
+      ``logprobs`` stay those of the raw distribution.
     top_logprobs: with ``logprobs``, also report the ``top_logprobs`` most likely tokens at
       each position and their log-probabilities, most likely first (OpenAI's
       ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most
@@ -170,9 +180,13 @@ class SamplingParams:
   seed: int = 0
   logprobs: bool = False
   top_logprobs: int = 0
+  repetition_penalty: float = 1.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
 
   def __post_init__(self):
-    for name in ("temperature", "top_p", "min_p"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
       value = getattr(self, name)
       if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
                                                                       np.floating)):
@@ -183,6 +197,12 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if not 0 <= self.min_p <= 1:
       raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+    if not 0 < self.repetition_penalty < math.inf:
+      raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                       f"{self.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not -2 <= getattr(self, name) <= 2:
+        raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
     # Integers the compiled step holds as int32 (the seed: as a 32-bit PRNG seed): a float
     # is never truncated (max_new_tokens=2.5 would stop on device and not on the host) and
     # nothing wraps (two seeds 2**32 apart would draw the same tokens).
@@ -203,6 +223,13 @@ class SamplingParams:
       raise ValueError(f"{len(self.stop_tokens)} stop tokens; at most {MAX_STOP_TOKENS=} are "
                        "supported (the stop-token table has one fixed width, so that requests "
                        "with different numbers of stop tokens share one compiled step)")
+
+
+  @property
+  def has_penalties(self) -> bool:
+    """Whether any of the repetition, presence and frequency penalties is on."""
+    return (self.repetition_penalty != 1 or self.presence_penalty != 0
+            or self.frequency_penalty != 0)
 
 
 def int_in_range(value, name: str, low: int = INT32_MIN, high: int = INT32_MAX) -> int:
@@ -345,6 +372,98 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
 
 
 @dataclasses.dataclass(frozen=True)
+class Penalties:
+  """Per-row repetition, presence and frequency penalties and the token counts they act on (a
+  pytree of arrays; :attr:`DecodeState.penalties`, ``prefill_step(penalties=...)``).
+
+  vLLM's semantics: ``repetition`` on the tokens in the prompt or the output, ``presence`` and
+  ``frequency`` on the output only. The counts live on device as ``[batch, vocab]`` tables,
+  built from the rows' token lists by :meth:`create` (only the lists cross to the device) and
+  updated by the decode loop as it samples.
+
+  Attributes:
+    seen: ``bool[batch, vocab]``: the token is in the row's prompt or output.
+    counts: ``int32[batch, vocab]``: times the row's output holds the token.
+    repetition: ``float32[batch]`` (``1``: none).
+    presence: ``float32[batch]`` (``0``: none).
+    frequency: ``float32[batch]`` (``0``: none).
+  """
+
+  seen: Array
+  counts: Array
+  repetition: Array
+  presence: Array
+  frequency: Array
+
+  @classmethod
+  def create(cls, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+             sampling: Sequence[SamplingParams], vocab_size: int, *,
+             length: int | None = None) -> Penalties:
+    """From each row's prompt and output tokens so far (the last generated token included).
+
+    Args:
+      prompts, outputs: per row, token ids (tokens outside ``[0, vocab_size)`` count for
+        nothing; an empty list for a padding row).
+      sampling: per row, the :class:`SamplingParams` holding the penalties.
+      vocab_size: the model's vocabulary.
+      length: static padded length of the token lists sent to the device (default: the
+        longest, rounded up to a power of two, so that few shapes compile; the engine passes
+        its ``max_seq_len``: one shape).
+    """
+    n = len(sampling)
+    if not len(prompts) == len(outputs) == n:
+      raise ValueError(f"{len(prompts)} prompts, {len(outputs)} outputs and {n} sampling "
+                       "params must match")
+    longest = max([1, *(len(p) for p in prompts), *(len(o) for o in outputs)])
+    length = 1 << (longest - 1).bit_length() if length is None else int(length)
+    if longest > length:
+      raise ValueError(f"a row has {longest} tokens, more than {length=}")
+    toks = np.full((2, n, length), -1, np.int32)
+    for i, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
+      toks[0, i, :len(p)] = [int_in_range(t, "token") for t in p]
+      toks[1, i, :len(o)] = [int_in_range(t, "token") for t in o]
+    seen, counts = _count_tokens(jax.device_put(toks), vocab_size=int(vocab_size))
+    return cls(seen=seen, counts=counts,
+               repetition=jnp.asarray([s.repetition_penalty for s in sampling], jnp.float32),
+               presence=jnp.asarray([s.presence_penalty for s in sampling], jnp.float32),
+               frequency=jnp.asarray([s.frequency_penalty for s in sampling], jnp.float32))
+
+  def apply(self, logits: Array) -> Array:
+    """``float32[batch, vocab]``: ``logits`` with the penalties applied."""
+    logits = logits.astype(jnp.float32)
+    rep = self.repetition[:, None]
+    logits = jnp.where(self.seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = self.counts.astype(jnp.float32)
+    return (logits - self.frequency[:, None] * counts
+            - self.presence[:, None] * (counts > 0).astype(jnp.float32))
+
+  def update(self, tokens: Array, take: Array) -> Penalties:
+    """Counts ``tokens[b]`` (``int32[batch]``) for the rows where ``take[b]``."""
+    rows = jnp.arange(tokens.shape[0])
+    vocab = self.counts.shape[-1]
+    idx = jnp.where(take & (tokens >= 0) & (tokens < vocab), tokens, vocab)  # else: dropped
+    return dataclasses.replace(self, counts=self.counts.at[rows, idx].add(1, mode="drop"),
+                               seen=self.seen.at[rows, idx].set(True, mode="drop"))
+
+
+jax.tree_util.register_dataclass(
+    Penalties, data_fields=[f.name for f in dataclasses.fields(Penalties)], meta_fields=[])
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size",))
+def _count_tokens(toks: Array, *, vocab_size: int) -> tuple[Array, Array]:
+  """``(seen bool[b, vocab], counts int32[b, vocab])`` from ``toks int32[2, b, L]`` (prompt,
+  output; ``-1`` padded)."""
+  b = toks.shape[1]
+  rows = jnp.arange(b)[:, None]
+  def count(t):
+    idx = jnp.where((t >= 0) & (t < vocab_size), t, vocab_size)  # out of range: dropped
+    return jnp.zeros((b, vocab_size), jnp.int32).at[rows, idx].add(1, mode="drop")
+  counts = count(toks[1])
+  return (count(toks[0]) > 0) | (counts > 0), counts
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeState:
   """Per-row state of the decode loop (a pytree of arrays).
 
@@ -360,6 +479,8 @@ class DecodeState:
     top_p: ``float32[batch]``.
     keys: ``uint32[batch, key_words]`` raw key data (see :func:`make_key`).
     min_p: ``float32[batch]``, or None (no min-p filter; a state built before the field).
+    penalties: :class:`Penalties`, or None (no row has a penalty: the loop's program has none
+      of their work).
   """
 
   tokens: Array
@@ -373,6 +494,7 @@ class DecodeState:
   top_p: Array
   keys: Array
   min_p: Array | None = None
+  penalties: Penalties | None = None
 
   def replace(self, **kwargs) -> DecodeState:
     return dataclasses.replace(self, **kwargs)
@@ -380,7 +502,9 @@ class DecodeState:
   @classmethod
   def create(cls, tokens: Sequence[int], seq_ids: Sequence[int],
              sampling: Sequence[SamplingParams], num_generated: Sequence[int] | None = None,
-             *, num_stop: int | None = None) -> DecodeState:
+             *, num_stop: int | None = None,
+             history: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+             vocab_size: int | None = None, history_length: int | None = None) -> DecodeState:
     """Host-side constructor from per-row :class:`SamplingParams`.
 
     Args:
@@ -390,6 +514,12 @@ class DecodeState:
       num_generated: tokens generated so far per row (default 1: the token from prefill).
       num_stop: width of ``stop_tokens`` (default :data:`MAX_STOP_TOKENS`, so the width is the
         same for every batch).
+      history: per row, ``(prompt, output so far)`` token lists (``tokens[i]`` is the output's
+        last): the state then carries :class:`Penalties` (needed when a row has a penalty;
+        with none, the state's program is the one with penalties, at no effect). Needs
+        ``vocab_size``.
+      vocab_size: the model's vocabulary (with ``history``).
+      history_length: static padded length of the lists (:meth:`Penalties.create`).
     """
     n = len(seq_ids)
     if not (len(tokens) == len(sampling) == n):
@@ -417,7 +547,17 @@ class DecodeState:
         top_p=np.asarray([s.top_p for s in sampling], np.float32),
         keys=np.stack([make_key(s.seed) for s in sampling]),
         min_p=np.asarray([s.min_p for s in sampling], np.float32))
-    return jax.device_put(state)  # one batched transfer, not ten
+    state = jax.device_put(state)  # one batched transfer, not ten
+    if history is not None or any(s.has_penalties for s in sampling):
+      if history is None or vocab_size is None:
+        raise ValueError("a row has a repetition, presence or frequency penalty: pass history "
+                         "(each row's prompt and output tokens) and vocab_size")
+      if len(history) != n:
+        raise ValueError(f"{len(history)} history rows for {n} seq_ids")
+      state = state.replace(penalties=Penalties.create(
+          [h[0] for h in history], [h[1] for h in history], sampling, vocab_size,
+          length=history_length))
+    return state
 
 
 jax.tree_util.register_dataclass(
@@ -464,7 +604,8 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
                  num_new: Array, temperature: Array, top_k: Array, top_p: Array, keys: Array,
                  key_index: Array, *, model: Model | None = None, config: Model | None = None,
                  implementation: str | None = None, max_blocks: int | None = None,
-                 all_greedy: bool = False, min_p: Array | None = None):
+                 all_greedy: bool = False, min_p: Array | None = None,
+                 penalties: Penalties | None = None):
   """One chunk of prefill for a batch of rows, then one sampled token per row.
 
   Args:
@@ -484,6 +625,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
       argmax and leaves the sampling branch out; a row with temperature > 0 would be decoded
       greedily). The engine sets it for workloads with no sampled request.
     min_p: ``float32[batch]`` per-row min-p (see :func:`sample_tokens`), or None.
+    penalties: :class:`Penalties` applied before sampling, or None.
 
   Returns:
     ``(cache, next_tokens int32[batch], logits float32[batch, vocab], status int32[batch])``;
@@ -493,8 +635,8 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
   check_cache_fits(model, cache.config)  # at trace time, for any protocol model
   cache, logits, status = model.forward(params, cache, tokens, seq_ids, num_new,
                                         implementation=implementation, max_blocks=max_blocks)
-  nxt = _next_tokens(logits, _token_keys(keys, key_index), temperature, top_k, top_p, min_p,
-                     all_greedy)
+  nxt = _next_tokens(logits if penalties is None else penalties.apply(logits),
+                     _token_keys(keys, key_index), temperature, top_k, top_p, min_p, all_greedy)
   return cache, nxt, logits, status
 
 
@@ -597,9 +739,12 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
                                               implementation=implementation,
                                               max_blocks=max_blocks)
     ok = jnp.all(status == 0)
-    nxt = _next_tokens(logits, _token_keys(st.keys, st.num_generated), st.temperature,
-                       st.top_k, st.top_p, st.min_p, all_greedy)
+    nxt = _next_tokens(logits if st.penalties is None else st.penalties.apply(logits),
+                       _token_keys(st.keys, st.num_generated), st.temperature, st.top_k,
+                       st.top_p, st.min_p, all_greedy)
     take = live & ok
+    if st.penalties is not None:
+      st = st.replace(penalties=st.penalties.update(nxt, take))
     gen = st.num_generated + take.astype(jnp.int32)
     stop = jnp.any(nxt[:, None] == st.stop_tokens, axis=1)
     done = st.done | (take & (stop | (gen >= st.max_new_tokens)))

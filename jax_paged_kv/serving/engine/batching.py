@@ -134,12 +134,19 @@ class Batcher:
       key_index[i] = len(r.out.tokens)
     return tokens, seq_ids, num_new, key_index
 
-  def decode_state(self, reqs: Sequence[Request], width: int) -> DecodeState:
-    """The :class:`~jax_paged_kv.serving.decoding.DecodeState` of the decoding rows."""
+  def decode_state(self, reqs: Sequence[Request], width: int, *,
+                   vocab_size: int | None = None,
+                   history_length: int | None = None) -> DecodeState:
+    """The :class:`~jax_paged_kv.serving.decoding.DecodeState` of the decoding rows; with
+    ``vocab_size``, carrying their penalties (padded to ``history_length`` tokens)."""
     samp, *_ = self.sampling_rows(reqs, width)
     pad = width - len(reqs)
+    history = None
+    if vocab_size is not None:
+      history = [(r.out.prompt, r.out.tokens) for r in reqs] + [((), ())] * pad
     return DecodeState.create(
         tokens=[r.out.tokens[-1] for r in reqs] + [0] * pad,
         seq_ids=[r.slot for r in reqs] + [-1] * pad,
         sampling=samp,
-        num_generated=[len(r.out.tokens) for r in reqs] + [0] * pad)
+        num_generated=[len(r.out.tokens) for r in reqs] + [0] * pad,
+        history=history, vocab_size=vocab_size, history_length=history_length)

@@ -86,6 +86,7 @@ from jax_paged_kv.models.layers import check_rope_context
 from jax_paged_kv.serving.decoding import (
   MAX_TOP_LOGPROBS,
   Params,
+  Penalties,
   SamplingParams,
   backend_jit,
   decode_loop,
@@ -223,8 +224,8 @@ class Engine:
     self.metrics = EngineMetrics()
     self._next_id = 0
     self._finished: dict[int, RequestOutput] = {}
-    # (kind, width, reads, all_greedy, logprobs) run so far; logprobs: False, True, or the
-    # width of the top alternatives returned.
+    # (kind, width, reads, penalties, all_greedy, logprobs) run so far; logprobs: False,
+    # True, or the width of the top alternatives returned.
     self._compiled: set[tuple] = set()
     self._to_free: list[int] = []  # slots finished this step, freed in one call
     self._to_trim: list[tuple[int, int]] = []  # (slot, tokens) parked slots trim in one call
@@ -238,6 +239,9 @@ class Engine:
     # And from the first request that asks for top alternatives, their fixed width
     # (MAX_TOP_LOGPROBS, or the vocabulary if smaller): one more set, whatever each one asks.
     self._top_width = 0
+    # And from the first request with a repetition, presence or frequency penalty, the steps
+    # take every row's token counts (Penalties): one more set.
+    self._any_penalty = False
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -254,13 +258,14 @@ class Engine:
     programs: without the sampling branch while no request added so far samples
     (temperature > 0), and with it from the first one that does; a decode shape has up to two
     more once a request asks for logprobs (the loop then also returns them), and again once
-    one asks for ``top_logprobs``."""
+    one asks for ``top_logprobs``; each doubles once a request has a repetition, presence or
+    frequency penalty."""
     return self.batcher.shapes()
 
   @property
   def compiled_shapes(self) -> set[tuple[str, int, int | None]]:
     """The shapes this engine has run so far (a subset of :meth:`shapes`)."""
-    return {program[:-2] for program in self._compiled}
+    return {program[:3] for program in self._compiled}
 
   @property
   def model_config(self) -> Model:
@@ -316,6 +321,7 @@ class Engine:
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     self._any_sampled |= sampling.temperature > 0
     self._any_logprobs |= sampling.logprobs
+    self._any_penalty |= sampling.has_penalties
     if sampling.top_logprobs:
       self._top_width = min(MAX_TOP_LOGPROBS, vocab)
     rid = self._next_id
@@ -539,9 +545,9 @@ class Engine:
   # ---- pieces --------------------------------------------------------------------------------
 
   def _run_program(self, key: tuple, fn, *args, **kwargs):
-    """Calls ``fn``, recording its static shape, sampling mode and whether it returns logprobs
-    (:attr:`compiled_shapes` keeps the shapes)."""
-    self._compiled.add((*key, kwargs.get("all_greedy", False),
+    """Calls ``fn``, recording its static shape, whether it takes penalties, its sampling mode
+    and whether it returns logprobs (:attr:`compiled_shapes` keeps the shapes)."""
+    self._compiled.add((*key, self._any_penalty, kwargs.get("all_greedy", False),
                         kwargs.get("top_logprobs") or kwargs.get("return_logprobs", False)))
     return fn(*args, **kwargs)
 
@@ -555,13 +561,14 @@ class Engine:
       return []
     width = self.batcher.width(len(rows))
     tokens, seq_ids, num_new, key_index = self.batcher.prefill_arrays(rows, width, chunk)
-    _, temp, top_k, top_p, keys, min_p = self.batcher.sampling_rows([r for r, _ in rows], width)
+    samp, temp, top_k, top_p, keys, min_p = self.batcher.sampling_rows([r for r, _ in rows],
+                                                                       width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
     self.cache, nxt, logits, status = self._run_program(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled,
-        min_p=min_p)
+        min_p=min_p, penalties=self._penalties([r for r, _ in rows], samp))
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
@@ -594,6 +601,16 @@ class Engine:
           finished.append(self._finish(r))
     self._flush_free()
     return finished
+
+  def _penalties(self, reqs: Sequence[Request], samp: Sequence[SamplingParams]):
+    """The :class:`Penalties` of a step's rows (None until a request has one): each row's
+    prompt and output so far, padded to ``max_seq_len`` (one shape per batch width)."""
+    if not self._any_penalty:
+      return None
+    pad = len(samp) - len(reqs)
+    return Penalties.create([r.out.prompt for r in reqs] + [[]] * pad,
+                            [r.out.tokens for r in reqs] + [[]] * pad, samp,
+                            self.model.vocab_size, length=self.cache_config.max_seq_len)
 
   def _note_peak(self) -> None:
     """Updates ``peak_blocks`` from the host's block accounting (no device read) and
@@ -683,7 +700,9 @@ class Engine:
         break
       self._preempt()
     width = self.batcher.width(len(reqs), decode=True)
-    state = self.batcher.decode_state(reqs, width)
+    state = self.batcher.decode_state(
+        reqs, width, vocab_size=self.model.vocab_size if self._any_penalty else None,
+        history_length=self.cache_config.max_seq_len)
     max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
     mb = self.batcher.max_blocks(max_len)
     key = ("decode", width, mb)
