@@ -226,3 +226,13 @@ def reference_greedy_penalised(params, config, prompt, max_new_tokens, stop_toke
     if tok in stop_tokens:
       break
   return out
+
+
+def reference_prompt_logprobs(params, config, prompt) -> list[float | None]:
+  """float64 log-probability of each prompt token given the ones before it (None for the
+  first): the oracle of ``SamplingParams(prompt_logprobs=True)``."""
+  prompt = list(prompt)
+  if len(prompt) == 1:
+    return [None]
+  lp = reference_log_softmax(params, config, prompt[:1], prompt[1:])
+  return [None] + lp[np.arange(len(prompt) - 1), prompt[1:]].tolist()

@@ -202,3 +202,13 @@ def test_equal_models_share_compilations():
   before = decode_step._cache_size()
   run(pk.init_cache(cc), model=TinyGPT())
   assert decode_step._cache_size() == before
+
+
+def test_prompt_logprobs_are_refused_for_a_model_without_all_logits():
+  """TinyGPT's forward returns only each row's last logits: a request scoring its prompt is
+  refused when it is added (never a wrong score), and the engine serves the others."""
+  cc = pk.cache_config_for(MODEL, num_blocks=17, max_seqs=2, max_seq_len=32, block_size=4)
+  engine = pk.Engine(PARAMS, MODEL, cc, **FIXED)
+  with pytest.raises(ValueError, match="TinyGPT.forward has no all_logits option"):
+    engine.add_request(PROMPTS[0], pk.SamplingParams(prompt_logprobs=True))
+  assert not engine.has_work

@@ -42,7 +42,7 @@ from jax_paged_kv.cache.errors import is_tracing
 from jax_paged_kv.cache.inputs import INT32_MAX, INT32_MIN
 from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
-from jax_paged_kv.models.base import Model, check_cache_fits, check_model
+from jax_paged_kv.models.base import Model, check_cache_fits, check_model, last_token
 
 Params = Any  # the model's parameter pytree
 
@@ -165,6 +165,11 @@ class SamplingParams:
       (``0.0``: none; OpenAI's, in ``[-2, 2]``). The three penalties act on the raw logits,
       before temperature and the filters, greedy rows included (:class:`Penalties`);
       ``logprobs`` stay those of the raw distribution.
+    prompt_logprobs: also report each prompt token's log-probability given the tokens before
+      it (``RequestOutput.prompt_logprobs``, None for the first; vLLM's ``prompt_logprobs=0``):
+      scoring and perplexity. Needs a model whose ``forward`` takes ``all_logits`` (the
+      bundled ones); such a request never takes cached prefix blocks (it must compute every
+      position).
     top_logprobs: with ``logprobs``, also report the ``top_logprobs`` most likely tokens at
       each position and their log-probabilities, most likely first (OpenAI's
       ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most
@@ -183,6 +188,7 @@ class SamplingParams:
   repetition_penalty: float = 1.0
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
+  prompt_logprobs: bool = False
 
   def __post_init__(self):
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -215,6 +221,9 @@ class SamplingParams:
     if not isinstance(self.logprobs, (bool, np.bool_)):
       raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
     object.__setattr__(self, "logprobs", bool(self.logprobs))
+    if not isinstance(self.prompt_logprobs, (bool, np.bool_)):
+      raise ValueError(f"prompt_logprobs must be a bool, got {self.prompt_logprobs!r}")
+    object.__setattr__(self, "prompt_logprobs", bool(self.prompt_logprobs))
     object.__setattr__(self, "top_logprobs", int_in_range(self.top_logprobs, "top_logprobs", 0,
                                                           MAX_TOP_LOGPROBS))
     if self.top_logprobs and not self.logprobs:
@@ -605,7 +614,7 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
                  key_index: Array, *, model: Model | None = None, config: Model | None = None,
                  implementation: str | None = None, max_blocks: int | None = None,
                  all_greedy: bool = False, min_p: Array | None = None,
-                 penalties: Penalties | None = None):
+                 penalties: Penalties | None = None, targets: Array | None = None):
   """One chunk of prefill for a batch of rows, then one sampled token per row.
 
   Args:
@@ -626,17 +635,39 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
       greedily). The engine sets it for workloads with no sampled request.
     min_p: ``float32[batch]`` per-row min-p (see :func:`sample_tokens`), or None.
     penalties: :class:`Penalties` applied before sampling, or None.
+    targets: ``int32[batch, T]`` or None: the token that follows each chunk position (``-1``:
+      none wanted). Given, the model computes every position's logits (its ``forward`` must
+      take ``all_logits``) and a fifth result holds their log-probabilities (prompt logprobs).
 
   Returns:
     ``(cache, next_tokens int32[batch], logits float32[batch, vocab], status int32[batch])``;
-    ``next_tokens`` is only meaningful for rows whose prompt this chunk completed.
+    ``next_tokens`` is only meaningful for rows whose prompt this chunk completed. With
+    ``targets``, a fifth: ``float32[batch, T]``, ``log_softmax(logits at [b, t])[targets[b,
+    t]]`` (NaN where ``targets`` is ``-1`` or ``t >= num_new[b]``).
   """
   model = resolve_model(model, config)
   check_cache_fits(model, cache.config)  # at trace time, for any protocol model
+  extra = {} if targets is None else {"all_logits": True}
   cache, logits, status = model.forward(params, cache, tokens, seq_ids, num_new,
-                                        implementation=implementation, max_blocks=max_blocks)
+                                        implementation=implementation, max_blocks=max_blocks,
+                                        **extra)
+  if targets is not None:
+    b, t = tokens.shape
+    if logits.shape[:2] != (b, t) or logits.ndim != 3:
+      raise ValueError(f"prefill_step(targets=...): {type(model).__name__}.forward("
+                       f"all_logits=True) returned logits of shape {logits.shape}, not "
+                       f"[batch, T, vocab] = [{b}, {t}, vocab]")
+    targets = jnp.asarray(targets, jnp.int32)
+    if targets.shape != (b, t):
+      raise ValueError(f"prefill_step: targets of shape {targets.shape}, tokens {(b, t)}")
+    every, logits = logits, last_token(logits, num_new)
+    want = (targets >= 0) & (jnp.arange(t)[None, :] < num_new[:, None])
+    target_lps = token_logprobs(every.reshape(b * t, -1),
+                                jnp.where(want, targets, -1).reshape(-1)).reshape(b, t)
   nxt = _next_tokens(logits if penalties is None else penalties.apply(logits),
                      _token_keys(keys, key_index), temperature, top_k, top_p, min_p, all_greedy)
+  if targets is not None:
+    return cache, nxt, logits, status, target_lps
   return cache, nxt, logits, status
 
 

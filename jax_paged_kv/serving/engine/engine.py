@@ -49,6 +49,7 @@ prompts against its ``vocab_size``, and calls the jitted steps with it.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -242,6 +243,9 @@ class Engine:
     # And from the first request with a repetition, presence or frequency penalty, the steps
     # take every row's token counts (Penalties): one more set.
     self._any_penalty = False
+    # And from the first request asking for prompt logprobs, the prefill programs compute
+    # every position's logits (the model's all_logits) and return the prompt tokens' ones.
+    self._any_prompt_logprobs = False
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -306,6 +310,10 @@ class Engine:
     if bad:
       raise ValueError(f"stop token {bad[0]} is outside [0, {vocab}): it could never stop "
                        "the request")
+    if sampling.prompt_logprobs and not _takes_all_logits(self.model):
+      raise ValueError(f"prompt_logprobs: {type(self.model).__name__}.forward has no "
+                       "all_logits option (every position's logits), so the prompt's "
+                       "log-probabilities cannot be computed")
     if sampling.top_logprobs > vocab:
       raise ValueError(f"top_logprobs={sampling.top_logprobs} exceeds the vocabulary ({vocab})")
     total = len(prompt) + sampling.max_new_tokens
@@ -322,13 +330,16 @@ class Engine:
     self._any_sampled |= sampling.temperature > 0
     self._any_logprobs |= sampling.logprobs
     self._any_penalty |= sampling.has_penalties
+    self._any_prompt_logprobs |= sampling.prompt_logprobs
     if sampling.top_logprobs:
       self._top_width = min(MAX_TOP_LOGPROBS, vocab)
     rid = self._next_id
     self._next_id += 1
     req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter(),
                                     logprobs=[] if sampling.logprobs else None,
-                                    top_logprobs=[] if sampling.top_logprobs else None),
+                                    top_logprobs=[] if sampling.top_logprobs else None,
+                                    prompt_logprobs=[None] if sampling.prompt_logprobs
+                                    else None),
                   sampling=sampling, context=list(prompt), cache_salt=cache_salt)
     self.scheduler.waiting.append(req)
     return rid
@@ -548,7 +559,8 @@ class Engine:
     """Calls ``fn``, recording its static shape, whether it takes penalties, its sampling mode
     and whether it returns logprobs (:attr:`compiled_shapes` keeps the shapes)."""
     self._compiled.add((*key, self._any_penalty, kwargs.get("all_greedy", False),
-                        kwargs.get("top_logprobs") or kwargs.get("return_logprobs", False)))
+                        kwargs.get("top_logprobs") or kwargs.get("return_logprobs", False)
+                        or kwargs.get("targets") is not None))
     return fn(*args, **kwargs)
 
   def _prefill(self) -> list[RequestOutput]:
@@ -564,11 +576,12 @@ class Engine:
     samp, temp, top_k, top_p, keys, min_p = self.batcher.sampling_rows([r for r, _ in rows],
                                                                        width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
-    self.cache, nxt, logits, status = self._run_program(
+    targets = self._prompt_targets(rows, width, chunk)
+    self.cache, nxt, logits, status, *prompt_lps = self._run_program(
         ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
         num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled,
-        min_p=min_p, penalties=self._penalties([r for r, _ in rows], samp))
+        min_p=min_p, penalties=self._penalties([r for r, _ in rows], samp), targets=targets)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
@@ -591,6 +604,8 @@ class Engine:
       self.metrics.prompt_tokens += n
       if self.prefix is not None:
         self._register(r, r.context, r.prefilled)
+    if prompt_lps:
+      self._record_prompt_logprobs(rows, targets, np.asarray(prompt_lps[0]))
     self._note_peak()
     for i, (r, _) in enumerate(rows):
       if not r.prefilling:
@@ -601,6 +616,31 @@ class Engine:
           finished.append(self._finish(r))
     self._flush_free()
     return finished
+
+  def _prompt_targets(self, rows, width: int, chunk: int) -> np.ndarray | None:
+    """``int32[width, chunk]``: for the rows asking for prompt logprobs, the prompt token
+    after each chunk position not yet scored (else ``-1``); None until a request asks."""
+    if not self._any_prompt_logprobs:
+      return None
+    targets = np.full((width, chunk), -1, np.int32)
+    for i, (r, n) in enumerate(rows):
+      if r.sampling.prompt_logprobs:
+        prompt, done = r.out.prompt, len(r.out.prompt_logprobs)
+        for j in range(n):
+          pos = r.prefilled + j + 1  # the token position position r.prefilled + j predicts
+          if done <= pos < len(prompt):
+            targets[i, j] = prompt[pos]
+    return targets
+
+  def _record_prompt_logprobs(self, rows, targets: np.ndarray, lps: np.ndarray) -> None:
+    """Appends the scored prompt positions (in order: chunks come in order, and a
+    re-prefill after preemption scores nothing twice)."""
+    for i, (r, n) in enumerate(rows):
+      if r.sampling.prompt_logprobs:
+        for j in range(n):
+          if targets[i, j] >= 0:
+            assert r.prefilled - n + j + 1 == len(r.out.prompt_logprobs)
+            r.out.prompt_logprobs.append(float(lps[i, j]))
 
   def _penalties(self, reqs: Sequence[Request], samp: Sequence[SamplingParams]):
     """The :class:`Penalties` of a step's rows (None until a request has one): each row's
@@ -775,7 +815,10 @@ class Engine:
     return cached[2]
 
   def _match(self, r: Request) -> tuple[int, int]:
-    """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed."""
+    """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed (and
+    every one, for a request scoring its prompt: no hit)."""
+    if r.sampling.prompt_logprobs:
+      return 0, -1
     bs = self.cache_config.block_size
     cap = (len(r.context) - 1) // bs
     k, holder = self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
@@ -1013,6 +1056,15 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
 
 
 _token_logprobs_jit = backend_jit()(token_logprobs)
+
+
+def _takes_all_logits(model: Model) -> bool:
+  """Whether ``model.forward`` has an ``all_logits`` keyword (every position's logits)."""
+  try:
+    params = inspect.signature(model.forward).parameters
+  except (TypeError, ValueError):
+    return False
+  return "all_logits" in params
 _top_logprobs_jit = backend_jit(static_argnums=1)(top_token_logprobs)
 
 

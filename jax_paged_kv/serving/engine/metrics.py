@@ -58,6 +58,8 @@ class RequestOutput:
     logprobs: with ``SamplingParams(logprobs=True)``, each token's log-probability under the
       model's raw distribution (:func:`~jax_paged_kv.serving.decoding.token_logprobs`), one
       per token; else None.
+    prompt_logprobs: with ``SamplingParams(prompt_logprobs=True)``, each prompt token's
+      log-probability given the tokens before it (None for the first); else None.
     top_logprobs: with ``SamplingParams(top_logprobs=k)``, per token the ``k`` most likely
       tokens at its position as ``((token, logprob), ...)``, most likely first
       (:func:`~jax_paged_kv.serving.decoding.top_token_logprobs`); else None.
@@ -80,6 +82,7 @@ class RequestOutput:
   finish_time: float | None = None
   logprobs: list[float] | None = None  # last: positional construction keeps its meaning
   top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+  prompt_logprobs: list[float | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""Prompt logprobs (scoring): each prompt token's log-probability given the ones before it,
+through chunked prefill, preemption and prefix caching, against the float64 model."""
+
+import jax
+import numpy as np
+import pytest
+
+from jax_paged_kv.models import init_params
+from jax_paged_kv.serving.decoding import SamplingParams
+from jax_paged_kv.serving.engine import Engine
+from tests.llama_fixtures import SMALL
+from tests.llama_reference import reference_greedy, reference_prompt_logprobs
+
+PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
+RNG = np.random.default_rng(5)
+PROMPTS = [RNG.integers(0, 128, n).tolist() for n in (1, 3, 17, 30, 9, 8)]
+NEW = 6
+FIXED = dict(prefill_chunk=8, decode_steps=4, batch_bucket_min=4, bucket_blocks=False)
+
+
+def cache_config(num_blocks, max_seqs=4):
+  return SMALL.cache_config(num_blocks=num_blocks, max_seqs=max_seqs, max_seq_len=48,
+                            block_size=4)
+
+
+def check(out, prompt):
+  want = reference_prompt_logprobs(PARAMS, SMALL, prompt)
+  assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+  np.testing.assert_allclose(np.asarray(out.prompt_logprobs[1:], float),
+                             np.asarray(want[1:], float), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_prompt_logprobs_match_the_float64_model(preemption):
+  """Prompts of 1 to 30 tokens (up to four chunks of 8, chunks of several rows together) in a
+  pool small enough to preempt: every prompt position scored once (a re-prefill scores
+  nothing again), the generated tokens unchanged; a request that did not ask gets None."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 16), watermark=0.0, reserve_ratio=0.0,
+                  preemption=preemption, **FIXED)
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, prompt_logprobs=i != 4))
+         for i, p in enumerate(PROMPTS)]
+  outs = {o.request_id: o for o in engine.run()}
+  assert sum(o.num_preemptions for o in outs.values()) > 0
+  for i, rid in enumerate(ids):
+    assert outs[rid].tokens == reference_greedy(PARAMS, SMALL, PROMPTS[i], NEW), i
+    if i == 4:
+      assert outs[rid].prompt_logprobs is None
+    else:
+      check(outs[rid], PROMPTS[i])
+  assert any(lp for kind, *_, lp in engine._compiled if kind == "prefill")
+
+
+def test_a_scoring_request_computes_its_whole_prompt_under_prefix_caching():
+  """With prefix caching, a request asking for prompt logprobs takes no cached blocks (it
+  scores every position, as the float64 model does); the next one without takes them."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 32), enable_prefix_caching=True, **FIXED)
+  shared = PROMPTS[3][:24]
+  first = engine.add_request(shared + [1, 2], SamplingParams(max_new_tokens=2))
+  engine.run()
+  assert engine.metrics.prefix_hits == 0
+  scored = engine.add_request(shared + [3, 4], SamplingParams(max_new_tokens=2,
+                                                             prompt_logprobs=True))
+  out = {o.request_id: o for o in engine.run()}[scored]
+  assert engine.metrics.prefix_hits == 0
+  check(out, shared + [3, 4])
+  assert out.tokens == reference_greedy(PARAMS, SMALL, shared + [3, 4], 2)
+  plain = engine.add_request(shared + [5], SamplingParams(max_new_tokens=2))
+  out = {o.request_id: o for o in engine.run()}[plain]
+  assert engine.metrics.prefix_hits == 1 and out.prompt_logprobs is None
+  assert out.tokens == reference_greedy(PARAMS, SMALL, shared + [5], 2)
+  assert first != scored
+
+
+def test_prompt_logprobs_must_be_a_bool():
+  with pytest.raises(ValueError, match="prompt_logprobs must be a bool"):
+    SamplingParams(prompt_logprobs=1)
