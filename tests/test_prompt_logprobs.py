@@ -34,19 +34,27 @@ def check(out, prompt):
 def test_prompt_logprobs_match_the_float64_model(preemption):
   """Prompts of 1 to 30 tokens (up to four chunks of 8, chunks of several rows together) in a
   pool small enough to preempt: every prompt position scored once (a re-prefill scores
-  nothing again), the generated tokens unchanged; a request that did not ask gets None."""
+  nothing again), the generated tokens unchanged, streamed once with the first tokens; a
+  request that did not ask gets None."""
   engine = Engine(PARAMS, SMALL, cache_config(1 + 16), watermark=0.0, reserve_ratio=0.0,
                   preemption=preemption, **FIXED)
   ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, prompt_logprobs=i != 4))
          for i, p in enumerate(PROMPTS)]
-  outs = {o.request_id: o for o in engine.run()}
+  streamed = {}  # request id -> the prompt logprobs of its deltas
+  for deltas in engine.stream():
+    for d in deltas:
+      if d.prompt_logprobs is not None:
+        assert d.tokens and d.request_id not in streamed  # once, with the first tokens
+        streamed[d.request_id] = list(d.prompt_logprobs)
+  outs = engine.finished
   assert sum(o.num_preemptions for o in outs.values()) > 0
   for i, rid in enumerate(ids):
     assert outs[rid].tokens == reference_greedy(PARAMS, SMALL, PROMPTS[i], NEW), i
     if i == 4:
-      assert outs[rid].prompt_logprobs is None
+      assert outs[rid].prompt_logprobs is None and rid not in streamed
     else:
       check(outs[rid], PROMPTS[i])
+      assert streamed[rid] == outs[rid].prompt_logprobs
   assert any(lp for kind, *_, lp in engine._compiled if kind == "prefill")
 
 

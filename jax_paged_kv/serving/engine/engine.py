@@ -957,7 +957,9 @@ def stream_deltas(sent: dict[int, int],
       deltas.append(StreamDelta(
           rid, tuple(out.tokens[n:]), out.finish_reason,
           None if out.logprobs is None else tuple(out.logprobs[n:]),
-          None if out.top_logprobs is None else tuple(out.top_logprobs[n:])))
+          None if out.top_logprobs is None else tuple(out.top_logprobs[n:]),
+          tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and n == 0
+          and out.tokens else None))
     if out is not None and out.finish_reason is None:
       sent[rid] = len(out.tokens)
     else:

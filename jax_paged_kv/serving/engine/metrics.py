@@ -97,6 +97,8 @@ class StreamDelta:
     logprobs: the tokens' log-probabilities if the request asked for them, else None.
     top_logprobs: the tokens' top alternatives (as :attr:`RequestOutput.top_logprobs`) if the
       request asked for them, else None.
+    prompt_logprobs: in a request's first delta with tokens, its
+      :attr:`RequestOutput.prompt_logprobs` if it asked for them (complete by then), else None.
   """
 
   request_id: int
@@ -104,6 +106,7 @@ class StreamDelta:
   finish_reason: str | None = None
   logprobs: tuple[float, ...] | None = None
   top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+  prompt_logprobs: tuple[float | None, ...] | None = None
 
 
 @dataclasses.dataclass
