@@ -147,6 +147,16 @@ def test_min_p_matches_numpy_distribution():
   samples = np.asarray(draw(logits, keys, temp, top_k, top_p, min_p))  # [n, 6]
   assert np.all(samples[:, 3] == np.argmax(logits[3]))  # min_p 1: the argmax only
   assert np.all(samples[:, 4] == np.argmax(logits[4]))  # temperature 0: greedy
+  # The order: probabilities .4 .3 .1 .1 .1, top-p .5 then min-p .5 keep the first two (min-p
+  # first, as vLLM v1 does, would leave top-p only the first).
+  lg = np.log(np.asarray([[0.4, 0.3, 0.1, 0.1, 0.1]], np.float32))
+  keys5 = jax.random.split(jax.random.key(8), 4000)[:, None]
+  got = np.asarray(jax.vmap(sample_tokens, in_axes=(None, 0, None, None, None, None))(
+      lg, keys5, np.float32([1.0]), np.int32([0]), np.float32([0.5]), np.float32([0.5])))
+  freq = np.bincount(got[:, 0], minlength=5) / got.shape[0]
+  want = numpy_filtered_probs(lg[0], 1.0, 0, 0.5, 0.5)
+  np.testing.assert_allclose(want, [4 / 7, 3 / 7, 0, 0, 0], atol=1e-12)
+  np.testing.assert_allclose(freq, want, atol=5 * np.sqrt(0.25 / got.shape[0]))
   for row in (0, 1, 2, 5):
     probs = numpy_filtered_probs(logits[row], temp[row], top_k[row], top_p[row], min_p[row])
     if row != 5:  # the filter removes tokens the unfiltered distribution would draw

@@ -109,13 +109,14 @@ def test_engine_penalised_greedy_matches_the_float64_model(preemption):
                                reference_logprobs(PARAMS, SMALL, PROMPTS[i], want),
                                atol=2e-4, rtol=0)
   assert changed >= 3  # the penalties changed what greedy decoding picks
-  assert {pen for _, _, _, pen, *_ in engine._compiled} == {True}
+  # Steps with a penalised row take the counts; others (the unpenalised request alone) not.
+  assert {pen for _, _, _, pen, *_ in engine._compiled} == {True, False}
 
 
 def test_decode_loop_carries_the_counts_across_calls():
   """Two decode_loop calls of 4 steps continue from the returned state (its counts updated by
   the loop) exactly as one call of 8; a state with penalties needs the rows' history."""
-  prompt, kw = PROMPTS[1], KINDS[1]
+  prompt, kw = PROMPTS[1], {**KINDS[1], "repetition_penalty": 1.8}
   want = reference_greedy_penalised(PARAMS, SMALL, prompt, 9, **kw)
   samp = SamplingParams(max_new_tokens=20, **kw)
   runs = []
@@ -140,6 +141,8 @@ def test_decode_loop_carries_the_counts_across_calls():
   assert runs[0] == runs[1] == want
   with pytest.raises(ValueError, match="pass history"):
     DecodeState.create([1], [0], [samp])
+  with pytest.raises(ValueError, match="history needs vocab_size"):
+    DecodeState.create([1], [0], [SamplingParams()], history=[([1], [1])])
 
 
 def _prefill_rows(cache, contexts, penalties):
@@ -173,17 +176,20 @@ def test_a_recomputed_prefill_penalises_what_the_request_had_generated():
   assert want != reference_greedy(PARAMS, SMALL, prompt, n)
 
 
-def _prompt_repeating_its_next_token(repetition):
-  """A prompt whose greedy next token is already in it and loses to another under
-  ``repetition`` (searched with the float64 model)."""
+def _prompt_repeating_its_next_token(repetition, head=()):
+  """A prompt (``head`` + a random tail) whose greedy next token is already in ``head`` (in
+  it, if ``head`` is empty) and loses to another under ``repetition`` (searched with the
+  float64 model)."""
   rng = np.random.default_rng(11)
-  for _ in range(200):
-    prompt = rng.integers(0, 128, int(rng.integers(4, 12))).tolist()
+  for _ in range(400):
+    tail = rng.integers(0, 128, int(rng.integers(2 if head else 4, 12))).tolist()
+    prompt = list(head) + tail
     logits = reference_logits(PARAMS, SMALL, prompt)[-1]
     top = int(np.argmax(logits))
-    if top in prompt and int(np.argmax(penalise(logits, prompt, [], repetition))) != top:
+    if (top in (head or prompt) and top not in (tail if head else ())
+        and int(np.argmax(penalise(logits, prompt, [], repetition))) != top):
       return prompt
-  raise AssertionError("no such prompt in 200 tries")
+  raise AssertionError("no such prompt in 400 tries")
 
 
 def test_the_engine_penalises_the_prompt_in_its_first_token():
@@ -199,3 +205,22 @@ def test_the_engine_penalises_the_prompt_in_its_first_token():
                                                         repetition_penalty=rep)
   assert outs[plain].tokens == reference_greedy(PARAMS, SMALL, prompt, 3)
   assert outs[rid].tokens[0] != outs[plain].tokens[0]
+
+
+def test_penalties_count_the_whole_prompt_under_prefix_caching():
+  """A prefix-cache hit skips prefilling the shared blocks, not counting them: the second
+  request (a hit on 4 blocks) has its greedy next token only in the shared part, and still gets
+  the float64 model's penalised tokens."""
+  rep = 1.8
+  shared = PROMPTS[3][:16]
+  prompt = _prompt_repeating_its_next_token(rep, head=shared)
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 32), enable_prefix_caching=True, **FIXED)
+  samp = SamplingParams(max_new_tokens=4, repetition_penalty=rep)
+  outs = []
+  for p in (shared + [9, 9], prompt):
+    rid = engine.add_request(p, samp)
+    outs.append({o.request_id: o for o in engine.run()}[rid])
+  assert engine.metrics.prefix_hits == 1 and engine.metrics.cached_prompt_tokens == 16
+  for out, p in zip(outs, (shared + [9, 9], prompt), strict=True):
+    assert out.tokens == reference_greedy_penalised(PARAMS, SMALL, p, 4, repetition_penalty=rep)
+  assert outs[1].tokens[0] != reference_greedy(PARAMS, SMALL, prompt, 1)[0]

@@ -2,10 +2,12 @@
 inside one ``jit`` (``lax.while_loop``, cache donated), and sampling.
 
 Sampling is per row, so requests with different settings share one compiled step: greedy
-(``temperature == 0``), temperature, top-k and top-p (nucleus), each row with its own explicit
-PRNG key. The key of a row's ``n``-th generated token is ``fold_in(row_key, n)``, so a sequence
-samples the same tokens whatever else is in the batch, and again after it was preempted and
-recomputed.
+(``temperature == 0``), temperature, top-k, top-p (nucleus) and min-p, each row with its own
+explicit PRNG key; repetition, presence and frequency penalties (:class:`Penalties`, on-device
+token counts) act before them. Logprobs (the sampled token's, the top alternatives, the
+prompt's) are those of the raw distribution. The key of a row's ``n``-th generated token is
+``fold_in(row_key, n)``, so a sequence samples the same tokens whatever else is in the batch,
+and again after it was preempted and recomputed.
 
 The steps take any model that implements the model protocol (:mod:`jax_paged_kv.models.base`:
 a hashable object with the cache geometry, ``vocab_size`` and a pure ``forward``), passed as the
@@ -147,8 +149,9 @@ class SamplingParams:
       (``1.0``: no limit), plus every token tied with the last one kept (like ``top_k``'s
       ties; Hugging Face cuts ties by sort order). Applied after ``top_k``.
     min_p: keep only tokens at least ``min_p`` times as likely as the most likely one
-      (``0.0``: no limit; Hugging Face's and vLLM's ``min_p``). Applied last, after
-      temperature (the top-k / top-p renormalisation does not change the ratio).
+      (``0.0``: no limit; Hugging Face's ``min_p``). Applied last, in Hugging Face's (and
+      vLLM v0's) order, after temperature, top-k and top-p; vLLM v1 applies it before top-k /
+      top-p (top-p then cuts a smaller, renormalised set, so it can keep fewer tokens).
     max_new_tokens: generate at most this many tokens.
     stop_tokens: generation ends after any of these (it is included in the output); at most
       :data:`MAX_STOP_TOKENS`.
@@ -558,9 +561,11 @@ class DecodeState:
         min_p=np.asarray([s.min_p for s in sampling], np.float32))
     state = jax.device_put(state)  # one batched transfer, not ten
     if history is not None or any(s.has_penalties for s in sampling):
-      if history is None or vocab_size is None:
+      if history is None:
         raise ValueError("a row has a repetition, presence or frequency penalty: pass history "
                          "(each row's prompt and output tokens) and vocab_size")
+      if vocab_size is None:
+        raise ValueError("history needs vocab_size (the penalties' token tables)")
       if len(history) != n:
         raise ValueError(f"{len(history)} history rows for {n} seq_ids")
       state = state.replace(penalties=Penalties.create(

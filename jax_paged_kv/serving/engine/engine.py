@@ -240,9 +240,9 @@ class Engine:
     # And from the first request that asks for top alternatives, their fixed width
     # (MAX_TOP_LOGPROBS, or the vocabulary if smaller): one more set, whatever each one asks.
     self._top_width = 0
-    # And from the first request with a repetition, presence or frequency penalty, the steps
-    # take every row's token counts (Penalties): one more set.
-    self._any_penalty = False
+    # Steps whose rows include one with a repetition, presence or frequency penalty take the
+    # rows' token counts (Penalties; built per step, so a step without one pays nothing): one
+    # more set of programs.
     # And from the first request asking for prompt logprobs, the prefill programs compute
     # every position's logits (the model's all_logits) and return the prompt tokens' ones.
     self._any_prompt_logprobs = False
@@ -329,7 +329,6 @@ class Engine:
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     self._any_sampled |= sampling.temperature > 0
     self._any_logprobs |= sampling.logprobs
-    self._any_penalty |= sampling.has_penalties
     self._any_prompt_logprobs |= sampling.prompt_logprobs
     if sampling.top_logprobs:
       self._top_width = min(MAX_TOP_LOGPROBS, vocab)
@@ -556,9 +555,10 @@ class Engine:
   # ---- pieces --------------------------------------------------------------------------------
 
   def _run_program(self, key: tuple, fn, *args, **kwargs):
-    """Calls ``fn``, recording its static shape, whether it takes penalties, its sampling mode
-    and whether it returns logprobs (:attr:`compiled_shapes` keeps the shapes)."""
-    self._compiled.add((*key, self._any_penalty, kwargs.get("all_greedy", False),
+    """Calls ``fn``, recording ``key`` (its static shape and whether it takes penalties), its
+    sampling mode and whether it returns logprobs (:attr:`compiled_shapes` keeps the
+    shapes)."""
+    self._compiled.add((*key, kwargs.get("all_greedy", False),
                         kwargs.get("top_logprobs") or kwargs.get("return_logprobs", False)
                         or kwargs.get("targets") is not None))
     return fn(*args, **kwargs)
@@ -577,11 +577,12 @@ class Engine:
                                                                        width)
     mb = self.batcher.max_blocks(max(r.prefilled + n for r, n in rows), decode=False)
     targets = self._prompt_targets(rows, width, chunk)
+    penalties = self._penalties([r for r, _ in rows], samp)
     self.cache, nxt, logits, status, *prompt_lps = self._run_program(
-        ("prefill", width, mb), prefill_step, self.params, self.cache, tokens, seq_ids,
-        num_new, temp, top_k, top_p, keys, key_index, model=self.model,
+        ("prefill", width, mb, penalties is not None), prefill_step, self.params, self.cache,
+        tokens, seq_ids, num_new, temp, top_k, top_p, keys, key_index, model=self.model,
         implementation=self.implementation, max_blocks=mb, all_greedy=not self._any_sampled,
-        min_p=min_p, penalties=self._penalties([r for r, _ in rows], samp), targets=targets)
+        min_p=min_p, penalties=penalties, targets=targets)
     raise_for_status(status, seq_ids, op="Engine prefill")  # host accounting guarantees room
     if self.evict is not None:  # the chunk's attention is done: drop what no later query sees
       self.cache = _evict_jit(self.cache, seq_ids, window=self.evict[0],
@@ -643,9 +644,9 @@ class Engine:
             r.out.prompt_logprobs.append(float(lps[i, j]))
 
   def _penalties(self, reqs: Sequence[Request], samp: Sequence[SamplingParams]):
-    """The :class:`Penalties` of a step's rows (None until a request has one): each row's
-    prompt and output so far, padded to ``max_seq_len`` (one shape per batch width)."""
-    if not self._any_penalty:
+    """The :class:`Penalties` of a step's rows (None unless one of them has a penalty): each
+    row's prompt and output so far, padded to ``max_seq_len`` (one shape per batch width)."""
+    if not any(s.has_penalties for s in samp):
       return None
     pad = len(samp) - len(reqs)
     return Penalties.create([r.out.prompt for r in reqs] + [[]] * pad,
@@ -741,11 +742,12 @@ class Engine:
       self._preempt()
     width = self.batcher.width(len(reqs), decode=True)
     state = self.batcher.decode_state(
-        reqs, width, vocab_size=self.model.vocab_size if self._any_penalty else None,
+        reqs, width, vocab_size=self.model.vocab_size
+        if any(r.sampling.has_penalties for r in reqs) else None,
         history_length=self.cache_config.max_seq_len)
     max_len = max(int(self.ledger.lens[r.slot]) for r in reqs) + steps
     mb = self.batcher.max_blocks(max_len)
-    key = ("decode", width, mb)
+    key = ("decode", width, mb, state.penalties is not None)
     extra = {"return_logprobs": True} if self._any_logprobs else {}
     if self._top_width:
       extra["top_logprobs"] = self._top_width
