@@ -36,6 +36,7 @@ BENCHMARKS = {
     "sharding": "decode step on 1-8 devices, tensor / data parallel, equal per-device work",
     "engine_overhead": "engine wall time per decode step vs the jitted decode loop alone",
     "vs_transformers": "head-to-head with HF transformers: first call, warm, peak RSS, tokens",
+    "sampling": "cost per decode step of each sampling feature (top-p, min-p, penalties, logprobs)",
 }
 
 
