@@ -92,6 +92,20 @@ def runner(params, model, batch: int, decode_steps: int, calls: int, variant: st
   return one_run
 
 
+def _reading(rows, vocab: int) -> str:
+  """What the table says, from its own numbers."""
+  def ratio(v):
+    return max(r["ratio"] for r in rows if r["variant"] == v)
+  return (f" Reading: sampling at a temperature costs up to {ratio('temperature 1'):.2f}x "
+          f"greedy here, the price of an exact draw on CPU (one Gumbel, two logarithms and "
+          f"threefry bits, per vocabulary entry: {vocab} per row per step); top-k with top-p "
+          f"adds two 32-pass bisections ({ratio('top-k 50 + top-p 0.9'):.2f}x), min-p (one "
+          f"comparison) about nothing ({ratio('min-p 0.05'):.2f}x); the penalties "
+          f"(tables built per call included, {ratio('penalties (greedy)'):.2f}x), logprobs "
+          f"({ratio('logprobs'):.2f}x) and 20 top alternatives ({ratio('top 20 logprobs'):.2f}x) "
+          "cost far less (the largest ratio over the batch sizes is quoted).")
+
+
 def plot(rows, batches) -> str:
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4))
@@ -165,7 +179,7 @@ def main(argv=None):
            f"ratios) on {machine}. Cold start: each variant's first run, in one process after "
            "the previous variants (a program they share compiles once): its wall seconds and "
            "JAX's compile seconds in it. Greedy runs the argmax-only program (`all_greedy`); "
-           "the others add their work to it.")
+           "the others add their work to it." + _reading(rows, model.vocab_size))
   report.save(report.result_name("sampling"), script="sampling",
               title="Sampling features per decode step",
               markdown=report.markdown_table(columns, table), notes=notes,
