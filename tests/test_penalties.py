@@ -109,8 +109,6 @@ def test_engine_penalised_greedy_matches_the_float64_model(preemption):
                                reference_logprobs(PARAMS, SMALL, PROMPTS[i], want),
                                atol=2e-4, rtol=0)
   assert changed >= 3  # the penalties changed what greedy decoding picks
-  # Steps with a penalised row take the counts; others (the unpenalised request alone) not.
-  assert {pen for _, _, _, pen, *_ in engine._compiled} == {True, False}
 
 
 def test_decode_loop_carries_the_counts_across_calls():
@@ -224,3 +222,22 @@ def test_penalties_count_the_whole_prompt_under_prefix_caching():
   for out, p in zip(outs, (shared + [9, 9], prompt), strict=True):
     assert out.tokens == reference_greedy_penalised(PARAMS, SMALL, p, 4, repetition_penalty=rep)
   assert outs[1].tokens[0] != reference_greedy(PARAMS, SMALL, prompt, 1)[0]
+
+
+def test_only_steps_with_a_penalised_row_take_the_counts():
+  """A penalised request's prefill and decode steps run the programs with penalties; once it
+  is done, plain requests run the programs without (no table building), and give the float64
+  model's greedy tokens."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 16), **FIXED)
+  rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=NEW, **KINDS[0]))
+  assert {o.request_id: o for o in engine.run()}[rid].tokens == reference_greedy_penalised(
+      PARAMS, SMALL, PROMPTS[0], NEW, **KINDS[0])
+  assert {(kind, pen) for kind, _, _, pen, *_ in engine._compiled} == {("prefill", True),
+                                                                      ("decode", True)}
+  engine._compiled.clear()
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in PROMPTS[1:3]]
+  outs = {o.request_id: o for o in engine.run()}
+  for i, p in zip(ids, PROMPTS[1:3], strict=True):
+    assert outs[i].tokens == reference_greedy(PARAMS, SMALL, p, NEW)
+  assert {(kind, pen) for kind, _, _, pen, *_ in engine._compiled} == {("prefill", False),
+                                                                      ("decode", False)}

@@ -60,23 +60,58 @@ def test_prompt_logprobs_match_the_float64_model(preemption):
 
 def test_a_scoring_request_computes_its_whole_prompt_under_prefix_caching():
   """With prefix caching, a request asking for prompt logprobs takes no cached blocks (it
-  scores every position, as the float64 model does); the next one without takes them."""
+  scores every position, as the float64 model does), waits for no other request's prefill of
+  them, and its own blocks are cached for the next request."""
   engine = Engine(PARAMS, SMALL, cache_config(1 + 32), enable_prefix_caching=True, **FIXED)
   shared = PROMPTS[3][:24]
-  first = engine.add_request(shared + [1, 2], SamplingParams(max_new_tokens=2))
-  engine.run()
-  assert engine.metrics.prefix_hits == 0
   scored = engine.add_request(shared + [3, 4], SamplingParams(max_new_tokens=2,
                                                              prompt_logprobs=True))
   out = {o.request_id: o for o in engine.run()}[scored]
-  assert engine.metrics.prefix_hits == 0
   check(out, shared + [3, 4])
   assert out.tokens == reference_greedy(PARAMS, SMALL, shared + [3, 4], 2)
   plain = engine.add_request(shared + [5], SamplingParams(max_new_tokens=2))
-  out = {o.request_id: o for o in engine.run()}[plain]
+  out = {o.request_id: o for o in engine.run()}[plain]  # a hit on the scoring request's blocks
   assert engine.metrics.prefix_hits == 1 and out.prompt_logprobs is None
   assert out.tokens == reference_greedy(PARAMS, SMALL, shared + [5], 2)
-  assert first != scored
+  # Cached blocks of the prefix exist now; a second scoring request does not take them, and
+  # is admitted beside a plain request still prefilling past the same prefix (it waits for
+  # no block: a plain request would, for the block being written).
+  hits = engine.metrics.prefix_hits
+  engine.add_request(shared + PROMPTS[4] + PROMPTS[5], SamplingParams(max_new_tokens=2))
+  again = engine.add_request(shared + [6], SamplingParams(max_new_tokens=2,
+                                                          prompt_logprobs=True))
+  engine.step()
+  assert engine.in_flight()[again].first_scheduled_time is not None
+  out = {o.request_id: o for o in engine.run()}[again]
+  assert engine.metrics.prefix_hits == hits + 1  # the plain request's hit only
+  check(out, shared + [6])
+
+
+def test_a_step_scores_only_when_a_row_asks_and_an_abort_streams_what_was_scored():
+  """A prefill step computes every position's logits only when one of its rows scores
+  prompt positions: after the scoring request, plain ones run the last-logits programs again.
+  A scoring request aborted during its prefill keeps (and streams, in its last delta) the
+  positions scored so far, the float64 model's."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 16), **FIXED)
+  prompt = PROMPTS[3]  # 30 tokens: 4 chunks of 8
+  rid = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW, prompt_logprobs=True))
+  deltas = []
+  for step, ds in enumerate(engine.stream()):
+    deltas += ds
+    if step == 1:
+      engine.abort_request(rid)
+  out = engine.finished[rid]
+  assert out.finish_reason == "abort" and not out.tokens
+  assert len(out.prompt_logprobs) == 17  # None, then tokens 1..16 (two chunks' predictions)
+  want = reference_prompt_logprobs(PARAMS, SMALL, prompt)[:17]
+  np.testing.assert_allclose(out.prompt_logprobs[1:], want[1:], atol=2e-4, rtol=0)
+  assert [d.prompt_logprobs for d in deltas] == [tuple(out.prompt_logprobs)]
+  assert {lp for kind, *_, lp in engine._compiled if kind == "prefill"} == {True}
+  engine._compiled.clear()
+  plain = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=2))
+  assert {o.request_id: o for o in engine.run()}[plain].tokens == reference_greedy(
+      PARAMS, SMALL, PROMPTS[2], 2)
+  assert {lp for kind, *_, lp in engine._compiled if kind == "prefill"} == {False}
 
 
 def test_prompt_logprobs_must_be_a_bool():

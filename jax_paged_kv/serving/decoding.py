@@ -171,8 +171,11 @@ class SamplingParams:
     prompt_logprobs: also report each prompt token's log-probability given the tokens before
       it (``RequestOutput.prompt_logprobs``, None for the first; vLLM's ``prompt_logprobs=0``):
       scoring and perplexity. Needs a model whose ``forward`` takes ``all_logits`` (the
-      bundled ones); such a request never takes cached prefix blocks (it must compute every
-      position).
+      bundled ones); such a request takes no cached prefix blocks (it computes every
+      position; its own blocks are cached for others as usual). Under the engine's token
+      eviction (``window_eviction``) each position sees what the eviction kept, as generated
+      tokens do (an approximation of the full context); an aborted request keeps the
+      positions scored so far.
     top_logprobs: with ``logprobs``, also report the ``top_logprobs`` most likely tokens at
       each position and their log-probabilities, most likely first (OpenAI's
       ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most

@@ -243,9 +243,8 @@ class Engine:
     # Steps whose rows include one with a repetition, presence or frequency penalty take the
     # rows' token counts (Penalties; built per step, so a step without one pays nothing): one
     # more set of programs.
-    # And from the first request asking for prompt logprobs, the prefill programs compute
-    # every position's logits (the model's all_logits) and return the prompt tokens' ones.
-    self._any_prompt_logprobs = False
+    # Likewise a prefill step with prompt positions to score computes every position's logits
+    # (the model's all_logits) and returns the prompt tokens' log-probabilities.
     self.prefix: PrefixIndex | None = None
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
@@ -258,12 +257,15 @@ class Engine:
 
   def shapes(self) -> list[tuple[str, int, int | None]]:
     """Every ``(kind, batch width, block-table columns read or None)`` the engine can compile
-    (each at its first use): a fixed set, whatever the workload. Each shape has up to two
-    programs: without the sampling branch while no request added so far samples
-    (temperature > 0), and with it from the first one that does; a decode shape has up to two
-    more once a request asks for logprobs (the loop then also returns them), and again once
-    one asks for ``top_logprobs``; each doubles once a request has a repetition, presence or
-    frequency penalty."""
+    (each at its first use): a fixed set, whatever the workload. A shape has one program per
+    combination of a few switches: without the sampling branch while no request added so far
+    samples (temperature > 0), with it from the first one that does; with or without
+    penalties (a step with a penalised row takes the token counts); a prefill shape with or
+    without prompt scoring (a step scoring prompt positions computes every position's
+    logits); a decode shape without logprobs, with them from the first request asking, with
+    the top alternatives too from the first asking ``top_logprobs``. So at most 8 programs per
+    prefill shape and 12 per decode shape, and a workload using none of these features
+    compiles one per shape (two if it samples)."""
     return self.batcher.shapes()
 
   @property
@@ -329,7 +331,6 @@ class Engine:
           f"{cc.usable_blocks}", status=Status.POOL_EXHAUSTED)
     self._any_sampled |= sampling.temperature > 0
     self._any_logprobs |= sampling.logprobs
-    self._any_prompt_logprobs |= sampling.prompt_logprobs
     if sampling.top_logprobs:
       self._top_width = min(MAX_TOP_LOGPROBS, vocab)
     rid = self._next_id
@@ -620,8 +621,9 @@ class Engine:
 
   def _prompt_targets(self, rows, width: int, chunk: int) -> np.ndarray | None:
     """``int32[width, chunk]``: for the rows asking for prompt logprobs, the prompt token
-    after each chunk position not yet scored (else ``-1``); None until a request asks."""
-    if not self._any_prompt_logprobs:
+    after each chunk position not yet scored (else ``-1``); None if there is none (the step
+    then runs the program that computes only the last logits)."""
+    if not any(r.sampling.prompt_logprobs for r, _ in rows):
       return None
     targets = np.full((width, chunk), -1, np.int32)
     for i, (r, n) in enumerate(rows):
@@ -631,7 +633,7 @@ class Engine:
           pos = r.prefilled + j + 1  # the token position position r.prefilled + j predicts
           if done <= pos < len(prompt):
             targets[i, j] = prompt[pos]
-    return targets
+    return targets if np.any(targets >= 0) else None
 
   def _record_prompt_logprobs(self, rows, targets: np.ndarray, lps: np.ndarray) -> None:
     """Appends the scored prompt positions (in order: chunks come in order, and a
@@ -835,7 +837,7 @@ class Engine:
     """Whether ``r`` should wait: its next uncached block is being prefilled by a running
     request (a block is shared only once its K/V are written; waiting a few steps for it beats
     computing it twice, e.g. many requests with one system prompt arriving together)."""
-    if r.swapped is not None:
+    if r.swapped is not None or r.sampling.prompt_logprobs:  # the latter takes no cached block
       return False
     k = self._match(r)[0]
     cap = (len(r.context) - 1) // self.cache_config.block_size
@@ -961,7 +963,7 @@ def stream_deltas(sent: dict[int, int],
           None if out.logprobs is None else tuple(out.logprobs[n:]),
           None if out.top_logprobs is None else tuple(out.top_logprobs[n:]),
           tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and n == 0
-          and out.tokens else None))
+          and (out.tokens or out.finish_reason is not None) else None))
     if out is not None and out.finish_reason is None:
       sent[rid] = len(out.tokens)
     else:
@@ -1060,6 +1062,7 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
 
 
 _token_logprobs_jit = backend_jit()(token_logprobs)
+_top_logprobs_jit = backend_jit(static_argnums=1)(top_token_logprobs)
 
 
 def _takes_all_logits(model: Model) -> bool:
@@ -1069,7 +1072,6 @@ def _takes_all_logits(model: Model) -> bool:
   except (TypeError, ValueError):
     return False
   return "all_logits" in params
-_top_logprobs_jit = backend_jit(static_argnums=1)(top_token_logprobs)
 
 
 def _alternatives(tops, row: int, step: int | None, r: Request) -> tuple[tuple[int, float], ...]:

@@ -59,7 +59,8 @@ class RequestOutput:
       model's raw distribution (:func:`~jax_paged_kv.serving.decoding.token_logprobs`), one
       per token; else None.
     prompt_logprobs: with ``SamplingParams(prompt_logprobs=True)``, each prompt token's
-      log-probability given the tokens before it (None for the first); else None.
+      log-probability given the tokens before it (None for the first; fewer than the prompt's
+      tokens if the request was aborted during its prefill); else None.
     top_logprobs: with ``SamplingParams(top_logprobs=k)``, per token the ``k`` most likely
       tokens at its position as ``((token, logprob), ...)``, most likely first
       (:func:`~jax_paged_kv.serving.decoding.top_token_logprobs`); else None.
@@ -97,8 +98,9 @@ class StreamDelta:
     logprobs: the tokens' log-probabilities if the request asked for them, else None.
     top_logprobs: the tokens' top alternatives (as :attr:`RequestOutput.top_logprobs`) if the
       request asked for them, else None.
-    prompt_logprobs: in a request's first delta with tokens, its
-      :attr:`RequestOutput.prompt_logprobs` if it asked for them (complete by then), else None.
+    prompt_logprobs: in a request's first delta with tokens (or its last, if it was aborted
+      before its first token), its :attr:`RequestOutput.prompt_logprobs` if it asked for them,
+      else None.
   """
 
   request_id: int
