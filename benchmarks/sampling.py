@@ -100,7 +100,8 @@ def _reading(rows, vocab: int) -> str:
           f"greedy here, the price of an exact draw on CPU (one Gumbel, two logarithms and "
           f"threefry bits, per vocabulary entry: {vocab} per row per step); top-k with top-p "
           f"adds two 32-pass bisections ({ratio('top-k 50 + top-p 0.9'):.2f}x), min-p (one "
-          f"comparison) about nothing ({ratio('min-p 0.05'):.2f}x); the penalties "
+          f"comparison) adds about nothing to sampling ({ratio('min-p 0.05'):.2f}x); the "
+          f"penalties "
           f"(tables built per call included, {ratio('penalties (greedy)'):.2f}x), logprobs "
           f"({ratio('logprobs'):.2f}x) and 20 top alternatives ({ratio('top 20 logprobs'):.2f}x) "
           "cost far less (the largest ratio over the batch sizes is quoted).")
