@@ -368,6 +368,18 @@ def test_stream_deltas_concatenate_to_the_reference_under_preemption():
   assert int(cache_stats(engine.cache).free_blocks) == 16
 
 
+def stream_field(engine, field: str) -> dict[int, list]:
+  """Runs ``engine.stream()`` to the end; per request, the concatenation of its deltas'
+  ``field`` (each, when present, one entry per token of its delta)."""
+  streamed = {}
+  for deltas in engine.stream():
+    for d in deltas:
+      if getattr(d, field) is not None:
+        assert len(getattr(d, field)) == len(d.tokens)
+        streamed.setdefault(d.request_id, []).extend(getattr(d, field))
+  return streamed
+
+
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_logprobs_match_the_float64_model_under_preemption_and_sampling(preemption):
   """``SamplingParams(logprobs=True)``: one log-probability per token, the model's raw
@@ -382,12 +394,7 @@ def test_logprobs_match_the_float64_model_under_preemption_and_sampling(preempti
            SamplingParams(max_new_tokens=NEW, stop_tokens=(REFS[2][6],), logprobs=True)]
   ids = [engine.add_request(p, kinds[i % 3]) for i, p in enumerate(PROMPTS)]
   plain = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=NEW))
-  streamed = {}
-  for deltas in engine.stream():
-    for d in deltas:
-      if d.logprobs is not None:
-        assert len(d.logprobs) == len(d.tokens)
-        streamed.setdefault(d.request_id, []).extend(d.logprobs)
+  streamed = stream_field(engine, "logprobs")
   outs = engine.finished
   assert any(outs[i].num_preemptions for i in ids), "no logprobs request was preempted"
   assert outs[plain].logprobs is None and outs[plain].tokens == REFS[0]
@@ -476,12 +483,7 @@ def test_top_logprobs_match_the_float64_model_under_preemption_and_sampling(pree
                           top_logprobs=5)]
   ids = [engine.add_request(p, kinds[i % 3]) for i, p in enumerate(PROMPTS)]
   only_lp = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=NEW, logprobs=True))
-  streamed = {}
-  for deltas in engine.stream():
-    for d in deltas:
-      if d.top_logprobs is not None:
-        assert len(d.top_logprobs) == len(d.tokens)
-        streamed.setdefault(d.request_id, []).extend(d.top_logprobs)
+  streamed = stream_field(engine, "top_logprobs")
   outs = engine.finished
   assert any(outs[i].num_preemptions for i in ids), "no top_logprobs request was preempted"
   assert outs[only_lp].top_logprobs is None and only_lp not in streamed
