@@ -116,13 +116,18 @@ def _leak_figures(cache) -> dict[str, int]:
 
 def make_requests(rng: np.random.Generator, steps: int, *, vocab: int, max_seq_len: int,
                   arrival_rate: float, max_prompt: int, max_new: int,
-                  sampled_fraction: float = 0.3, stop_fraction: float = 0.2):
+                  sampled_fraction: float = 0.3, stop_fraction: float = 0.2,
+                  feature_fraction: float = 0.0, feature_seed: int = 0):
   """Random arrivals: ``[(arrival_step, prompt, SamplingParams)]`` over ``steps`` steps.
 
   Each step gets ``Poisson(arrival_rate)`` requests; prompt and output lengths are uniform
   (their sum fits ``max_seq_len``); a ``sampled_fraction`` samples (temperature, top-k, top-p
-  and seed drawn at random), a ``stop_fraction`` has one random stop token.
+  and seed drawn at random), a ``stop_fraction`` has one random stop token. A
+  ``feature_fraction`` also takes some of min-p, the repetition / presence / frequency
+  penalties, logprobs with top alternatives, and prompt logprobs, drawn from their own
+  generator (``feature_seed``), so the other draws are those of a run without them.
   """
+  extra = np.random.default_rng(feature_seed)
   reqs = []
   for step in range(steps):
     for _ in range(rng.poisson(arrival_rate)):
@@ -136,14 +141,56 @@ def make_requests(rng: np.random.Generator, steps: int, *, vocab: int, max_seq_l
                   seed=int(rng.integers(0, 2**31 - 1)))
       if rng.random() < stop_fraction:
         kw.update(stop_tokens=(int(rng.integers(0, vocab)),))
+      if extra.random() < feature_fraction:
+        if extra.random() < 0.5:
+          kw.update(min_p=float(extra.choice([0.05, 0.2])))
+        if extra.random() < 0.5:
+          kw.update(repetition_penalty=float(extra.choice([0.8, 1.3])),
+                    presence_penalty=float(extra.choice([0.0, 0.5])),
+                    frequency_penalty=float(extra.choice([0.0, -0.5, 1.0])))
+        if extra.random() < 0.5:
+          kw.update(logprobs=True, top_logprobs=int(extra.choice([0, 3])))
+        if extra.random() < 0.5:
+          kw.update(prompt_logprobs=True)
       reqs.append((step, prompt, SamplingParams(**kw)))
   return reqs
+
+
+def _same_scores(got, want, atol: float = 1e-4) -> bool:
+  """Whether two requests' logprobs, top alternatives and prompt logprobs agree (to ``atol``;
+  two alternatives within ``atol`` of each other may come in either order)."""
+  for field in ("logprobs", "prompt_logprobs"):
+    a, b = getattr(got, field), getattr(want, field)
+    if (a is None) != (b is None):
+      return False
+    if a is not None:
+      a, b = np.asarray(a, float), np.asarray(b, float)
+      if a.shape != b.shape or not np.allclose(a, b, atol=atol, rtol=0, equal_nan=True):
+        return False
+  a, b = got.top_logprobs, want.top_logprobs
+  if (a is None) != (b is None):
+    return False
+  if len(a or ()) != len(b or ()):
+    return False
+  for x, y in zip(a or (), b or (), strict=True):
+    vx, vy = np.asarray([v for _, v in x]), np.asarray([v for _, v in y])
+    if vx.shape != vy.shape or not np.allclose(vx, vy, atol=atol, rtol=0):
+      return False
+    for j, ((tx, _), (ty, _)) in enumerate(zip(x, y, strict=True)):
+      # Two tokens may swap places only in a near tie: with a neighbour in the list, or, in
+      # the last place, with the first token left out (the values already agree).
+      tie = j == len(vy) - 1 or any(abs(vy[j] - vy[k]) <= atol for k in (j - 1, j + 1)
+                                    if 0 <= k < len(vy))
+      if tx != ty and not tie:
+        return False
+  return True
 
 
 def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MODEL,
                 params=None, usable_blocks: int = 16, max_seqs: int = 4, max_seq_len: int = 48,
                 block_size: int = 4, arrival_rate: float = 0.6, max_prompt: int = 24,
                 max_new: int = 16, prefill_chunk: int = 8, decode_steps: int = 4,
+                feature_fraction: float = 0.3,
                 progress: Callable[[str], object] | None = None,
                 progress_every: int = 100) -> SoakReport:
   """Random arrivals into a preempting engine; checks every step and against an unconstrained run.
@@ -157,6 +204,8 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
     arrival_rate: mean requests arriving per step.
     max_prompt, max_new: prompt and output length bounds.
     prefill_chunk, decode_steps: engine knobs (one compiled shape per step kind).
+    feature_fraction: share of requests that also use min-p, penalties, logprobs (with top
+      alternatives) or prompt logprobs; their scores must match the unconstrained run's too.
     progress: called with a status line every ``progress_every`` steps.
 
   Returns:
@@ -170,7 +219,8 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
   if params is None:
     params = init_params(model, jax.random.PRNGKey(seed), scale=2.0)
   requests = make_requests(rng, steps, vocab=model.vocab_size, max_seq_len=max_seq_len,
-                           arrival_rate=arrival_rate, max_prompt=max_prompt, max_new=max_new)
+                           arrival_rate=arrival_rate, max_prompt=max_prompt, max_new=max_new,
+                           feature_fraction=feature_fraction, feature_seed=seed + 7919)
   rep = SoakReport("engine", {}, [], 0.0)
   # One compiled shape per step kind: full batch width, every table column.
   knobs = dict(prefill_chunk=prefill_chunk, decode_steps=decode_steps, batch_bucket_min=max_seqs,
@@ -211,7 +261,7 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
   big = config(1 + max_seqs * small.max_blocks_per_seq)
   ref_engine = Engine(params, model, big, watermark=0.0, reserve_ratio=1.0, **knobs)
   ref_ids = [ref_engine.add_request(p, s) for _, p, s in requests]
-  ref = {o.request_id: o.tokens for o in ref_engine.run()}
+  ref = {o.request_id: o for o in ref_engine.run()}
   if progress is not None:
     progress(f"reference run: {ref_engine.metrics.steps} steps, "
              f"{ref_engine.metrics.preemptions} preemptions")
@@ -219,9 +269,13 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
   mismatches = 0
   for i, (_, prompt, sampling) in enumerate(requests):
     got = done[ids[i]].tokens if ids[i] in done else None
-    want = ref[ref_ids[i]]
+    want = ref[ref_ids[i]].tokens
     rep.outputs[i] = (prompt, sampling, got)
-    if got != want:
+    if got == want and not _same_scores(done[ids[i]], ref[ref_ids[i]]):
+      mismatches += 1
+      rep.problem(f"request {i}: logprobs, top alternatives or prompt logprobs differ from the "
+                  "unconstrained run's")
+    elif got != want:
       mismatches += 1
       rep.problem(f"request {i} ({'sampled' if sampling.temperature else 'greedy'}, "
                   f"{done[ids[i]].num_preemptions if ids[i] in done else '?'} preemptions): "
@@ -237,6 +291,9 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
       "engine steps": m.steps,
       "requests": len(requests),
       "sampled requests": sum(s.temperature > 0 for _, _, s in requests),
+      "requests with min-p, penalties or logprobs": sum(
+          s.min_p > 0 or s.has_penalties or s.logprobs or s.prompt_logprobs
+          for _, _, s in requests),
       "preemptions": m.preemptions,
       "generated tokens": m.generated_tokens,
       "invariant failures": invariant_failures,

@@ -14,7 +14,7 @@ from benchmarks import soak
 from jax_paged_kv import fork_sequence
 from jax_paged_kv.models import init_params
 from tests.llama_fixtures import SMALL
-from tests.llama_reference import reference_greedy
+from tests.llama_reference import reference_greedy_penalised
 
 PARAMS = init_params(SMALL, jax.random.PRNGKey(7), scale=2.0)
 
@@ -30,8 +30,10 @@ def emit(rep: soak.SoakReport, record_property) -> None:
 
 def test_engine_soak_random_arrivals_with_preemption(record_property):
   """~300 engine steps on a 16-block pool: invariants every step, nothing leaked at the end,
-  every request's tokens equal to an unconstrained run (greedy and seeded sampled alike), and
-  greedy ones equal to a float64 numpy recomputation."""
+  every request's tokens equal to an unconstrained run (greedy and seeded sampled alike; with
+  min-p, penalties, logprobs, top alternatives and prompt logprobs on some, their scores too),
+  and greedy ones equal to a float64 numpy recomputation (penalised ones: its penalised
+  greedy decoder)."""
   rep = soak.engine_soak(300, seed=0, model=SMALL, params=PARAMS, usable_blocks=16)
   emit(rep, record_property)
   f = rep.figures
@@ -43,10 +45,14 @@ def test_engine_soak_random_arrivals_with_preemption(record_property):
   assert f["blocks leaked"] == 0 and f["nonzero ref counts"] == 0 and f["live slots"] == 0
   assert f["mismatches"] == 0
   assert rep.problems == []
+  assert f["requests with min-p, penalties or logprobs"] >= 20
   greedy = [(i, p, s, toks) for i, (p, s, toks) in rep.outputs.items() if s.temperature == 0]
-  assert len(greedy) >= 50
+  assert len(greedy) >= 50 and sum(s.has_penalties for _, _, s, _ in greedy) >= 5
   wrong = [i for i, p, s, toks in greedy
-           if toks != reference_greedy(PARAMS, SMALL, p, s.max_new_tokens, s.stop_tokens)]
+           if toks != reference_greedy_penalised(
+               PARAMS, SMALL, p, s.max_new_tokens, s.stop_tokens,
+               repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+               frequency_penalty=s.frequency_penalty)]
   assert wrong == []
 
 
