@@ -12,7 +12,8 @@ Two parts, each an existing check run bigger:
   *held* when the call did exactly what the specification says; *broken* counts the failing
   tests (each stops at its first broken case, after shrinking it).
 * **Soak.** ``benchmarks/soak.py``'s engine soak (random arrivals, sampled and greedy requests,
-  preemption on a 16-block pool, invariants every step, outputs against an unconstrained run)
+  some with min-p, penalties, logprobs, top alternatives or prompt logprobs, preemption on a
+  16-block pool, invariants every step, outputs and scores against an unconstrained run)
   and cache soak (random ops under ``jit``, forks with several children, truncations, against a
   plain-Python model), then everything freed: blocks leaked and mismatches must be 0.
 """
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
       ("fuzz + isolation pytest tests failed", fuzz["tests broken"]),
       ("engine soak steps (requests, preemptions)",
        f"{e['engine steps']} ({e['requests']}, {e['preemptions']})"),
+      ("engine soak requests sampled; with min-p, penalties or logprobs",
+       f"{e['sampled requests']}; {e['requests with min-p, penalties or logprobs']}"),
       ("cache soak ops (forks, truncations)", f"{c['ops']} ({c['forks']}, {c['truncations']})"),
       ("blocks leaked (engine + cache)", e["blocks leaked"] + c["blocks leaked"]),
       ("invariant failures", e["invariant failures"] + c.get("invariant failures", 0)),
