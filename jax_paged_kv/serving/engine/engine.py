@@ -630,7 +630,7 @@ class Engine:
       if r.sampling.prompt_logprobs:
         prompt, done = r.out.prompt, len(r.out.prompt_logprobs)
         for j in range(n):
-          pos = r.prefilled + j + 1  # the token position position r.prefilled + j predicts
+          pos = r.prefilled + j + 1  # the prompt position that position r.prefilled + j predicts
           if done <= pos < len(prompt):
             targets[i, j] = prompt[pos]
     return targets if np.any(targets >= 0) else None
