@@ -586,10 +586,7 @@ def token_logprobs(logits: Array, tokens: Array) -> Array:
   under the model's raw distribution (before temperature, top-k and top-p; vLLM's default
   ``raw_logprobs``). ``logits``: ``[batch, vocab]``; ``tokens``: ``int32[batch]`` (a
   negative token, e.g. a padding row's ``-1``, gives NaN)."""
-  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  got = jnp.take_along_axis(lp, jnp.clip(tokens, 0, lp.shape[-1] - 1)[:, None], axis=-1)[:, 0]
-  return jnp.where((tokens >= 0) & (tokens < lp.shape[-1]), got, jnp.nan)
+  return token_scores(logits, tokens, 0)[0]
 
 
 def top_token_logprobs(logits: Array, k: int) -> tuple[Array, Array]:
@@ -599,12 +596,26 @@ def top_token_logprobs(logits: Array, k: int) -> tuple[Array, Array]:
   ``(tokens int32[batch, k], logprobs float32[batch, k])`` under the same raw distribution as
   :func:`token_logprobs`; equal log-probabilities are ordered by token id.
   """
+  return token_scores(logits, None, k)[1:]
+
+
+def token_scores(logits: Array, tokens: Array | None, k: int) -> tuple:
+  """:func:`token_logprobs` of ``tokens`` (unless None) and, if ``k`` (static), the
+  :func:`top_token_logprobs` after it, from one log-softmax: ``(logprobs, top tokens, top
+  logprobs)``, the parts asked for."""
   vocab = logits.shape[-1]
   if not 0 <= k <= vocab:
     raise ValueError(f"top_token_logprobs: k={k} is outside [0, vocab={vocab}]")
   lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  values, tokens = jax.lax.top_k(lp, k)
-  return tokens.astype(jnp.int32), values
+  out = ()
+  if tokens is not None:
+    tokens = jnp.asarray(tokens, jnp.int32)
+    got = jnp.take_along_axis(lp, jnp.clip(tokens, 0, vocab - 1)[:, None], axis=-1)[:, 0]
+    out += (jnp.where((tokens >= 0) & (tokens < vocab), got, jnp.nan),)
+  if k:
+    values, top = jax.lax.top_k(lp, k)
+    out += (top.astype(jnp.int32), values)
+  return out
 
 
 def _next_tokens(logits, keys, temperature, top_k, top_p, min_p, all_greedy: bool):
@@ -758,11 +769,15 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
   state = state.replace(done=state.done | (state.seq_ids < 0)
                         | (state.num_generated >= state.max_new_tokens))
   out = jnp.full((b, max_steps), -1, jnp.int32)
-  # The logprob buffer only exists when asked for: the default program is unchanged.
-  lps = jnp.full((b, max_steps), jnp.nan, jnp.float32) if return_logprobs else None
+  # The logprob buffers only exist when asked for: the default program is unchanged. Each is
+  # filled at a step with token_scores' matching part, or with its empty value.
+  empty = (jnp.nan, -1, jnp.nan)
+  lps = ()
+  if return_logprobs:
+    lps = (jnp.full((b, max_steps), jnp.nan, jnp.float32),)
   if top_logprobs:
-    lps = (lps, jnp.full((b, max_steps, top_logprobs), -1, jnp.int32),
-           jnp.full((b, max_steps, top_logprobs), jnp.nan, jnp.float32))
+    lps += tuple(jnp.full((b, max_steps, top_logprobs), e, d)
+                 for e, d in zip(empty[1:], (jnp.int32, jnp.float32), strict=True))
   status0 = jnp.zeros((b,), jnp.int32)
 
   def cond(carry):
@@ -789,13 +804,10 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
     done = st.done | (take & (stop | (gen >= st.max_new_tokens)))
     st = st.replace(tokens=jnp.where(take, nxt, st.tokens), num_generated=gen, done=done)
     out = out.at[:, step].set(jnp.where(take, nxt, -1))
-    if top_logprobs:
-      top_t, top_v = top_token_logprobs(logits, top_logprobs)
-      lps = (lps[0].at[:, step].set(jnp.where(take, token_logprobs(logits, nxt), jnp.nan)),
-             lps[1].at[:, step].set(jnp.where(take[:, None], top_t, -1)),
-             lps[2].at[:, step].set(jnp.where(take[:, None], top_v, jnp.nan)))
-    elif lps is not None:
-      lps = lps.at[:, step].set(jnp.where(take, token_logprobs(logits, nxt), jnp.nan))
+    if lps:
+      lps = tuple(buf.at[:, step].set(jnp.where(take.reshape((b,) + (1,) * (x.ndim - 1)), x, e))
+                  for buf, x, e in zip(lps, token_scores(logits, nxt, top_logprobs), empty,
+                                       strict=False))
     if evict is not None:  # the step's attention is done: drop what no later query sees
       new_cache, _, _ = free_outside_window(new_cache, jnp.where(ok, st.seq_ids, -1),
                                             window=evict[0], sink_tokens=evict[1])
@@ -804,8 +816,4 @@ def decode_loop(params: Params, cache: PagedKVCache, state: DecodeState, num_ste
 
   cache, state, out, lps, steps, status = jax.lax.while_loop(
       cond, body, (cache, state, out, lps, jnp.zeros((), jnp.int32), status0))
-  if top_logprobs:
-    return cache, state, out, steps, status, *lps
-  if return_logprobs:
-    return cache, state, out, steps, status, lps
-  return cache, state, out, steps, status
+  return cache, state, out, steps, status, *lps

@@ -93,8 +93,7 @@ from jax_paged_kv.serving.decoding import (
   decode_loop,
   int_in_range,
   prefill_step,
-  token_logprobs,
-  top_token_logprobs,
+  token_scores,
 )
 from jax_paged_kv.serving.engine.batching import Batcher
 from jax_paged_kv.serving.engine.blocks import BlockLedger
@@ -591,10 +590,10 @@ class Engine:
     # Rows that asked for logprobs and complete their prompt here: their first token's.
     done = [r for r, n in rows if r.prefilled + n == len(r.context)]
     lps = tops = None
-    if any(r.sampling.logprobs for r in done):
-      lps = np.asarray(_token_logprobs_jit(logits, nxt))
-    if any(r.sampling.top_logprobs for r in done):
-      tops = jax.device_get(_top_logprobs_jit(logits, self._top_width))
+    if any(r.sampling.logprobs for r in done):  # and their top alternatives, if one asks
+      k = self._top_width if any(r.sampling.top_logprobs for r in done) else 0
+      lps, *tops = jax.device_get(_token_scores_jit(logits, nxt, k))
+      tops = tops or None
     nxt = np.asarray(nxt)
     self.metrics.prefill_calls += 1
     self._sync_free()
@@ -614,7 +613,7 @@ class Engine:
         if r.out.first_token_time is None:
           r.out.first_token_time = now
         if self._emit(r, [int(nxt[i])], None if lps is None else [float(lps[i])],
-                      None if tops is None else [_alternatives(tops, i, 0, r)]):
+                      None if tops is None else [_alternatives(tops[0][i], tops[1][i], r)]):
           finished.append(self._finish(r))
     self._flush_free()
     return finished
@@ -772,7 +771,7 @@ class Engine:
       if lps is not None:
         r_lps[r.slot] = [float(lps[i, s]) for s in taken]
       if tops is not None and r.sampling.top_logprobs:
-        r_tops[r.slot] = [_alternatives(tops, i, s, r) for s in taken]
+        r_tops[r.slot] = [_alternatives(tops[0][i, s], tops[1][i, s], r) for s in taken]
       self.ledger.grow(r.slot, len(taken))  # each step wrote the previous token
       if self.prefix is not None:
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
@@ -1061,8 +1060,7 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   return [outs[i].tokens for i in ids]
 
 
-_token_logprobs_jit = backend_jit()(token_logprobs)
-_top_logprobs_jit = backend_jit(static_argnums=1)(top_token_logprobs)
+_token_scores_jit = backend_jit(static_argnums=2)(token_scores)
 
 
 def _takes_all_logits(model: Model) -> bool:
@@ -1074,15 +1072,11 @@ def _takes_all_logits(model: Model) -> bool:
   return "all_logits" in params
 
 
-def _alternatives(tops, row: int, step: int | None, r: Request) -> tuple[tuple[int, float], ...]:
-  """Request ``r``'s top alternatives from a program's ``(tokens, logprobs)`` arrays (prefill:
-  ``[batch, width]``, ``step`` 0 of a fake step axis; decode: ``[batch, steps, width]``)."""
-  toks, vals = tops
-  if toks.ndim == 2:
-    toks, vals = toks[:, None], vals[:, None]
+def _alternatives(toks, vals, r: Request) -> tuple[tuple[int, float], ...]:
+  """Request ``r``'s top alternatives at one position, from the program's ``[width]`` rows of
+  tokens and log-probabilities (most likely first)."""
   k = r.sampling.top_logprobs
-  return tuple((int(t), float(v)) for t, v in zip(toks[row, step, :k], vals[row, step, :k],
-                                                  strict=True))
+  return tuple((int(t), float(v)) for t, v in zip(toks[:k], vals[:k], strict=True))
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sink_tokens"), donate_argnums=0)
