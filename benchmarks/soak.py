@@ -80,16 +80,17 @@ class SoakReport:
     figures: ordered ``{name: count}``, e.g. steps run, preemptions, blocks leaked, mismatches.
     problems: the first :data:`MAX_PROBLEMS` failed checks, in words (empty if all held).
     seconds: wall time of the soak.
-    outputs: engine soak only: ``{request_id: (prompt, sampling, tokens)}`` of the constrained
-      run, for extra oracles (the CI test checks greedy requests against float64 numpy).
+    outputs: engine soak only: ``{request index: (prompt, sampling, tokens)}`` of the
+      constrained run (key ``(request index, sample)`` for the samples of one with ``n > 1``),
+      for extra oracles (the CI test checks greedy requests against float64 numpy).
   """
 
   name: str
   figures: dict[str, int]
   problems: list[str]
   seconds: float
-  outputs: dict[int, tuple[list[int], SamplingParams, list[int]]] = dataclasses.field(
-      default_factory=dict)
+  outputs: dict[int | tuple[int, int], tuple[list[int], SamplingParams, list[int]]] = (
+      dataclasses.field(default_factory=dict))
 
   @property
   def ok(self) -> bool:
@@ -124,8 +125,9 @@ def make_requests(rng: np.random.Generator, steps: int, *, vocab: int, max_seq_l
   (their sum fits ``max_seq_len``); a ``sampled_fraction`` samples (temperature, top-k, top-p
   and seed drawn at random), a ``stop_fraction`` has one random stop token. A
   ``feature_fraction`` also takes some of min-p, the repetition / presence / frequency
-  penalties, logprobs with top alternatives, and prompt logprobs, drawn from their own
-  generator (``feature_seed``), so the other draws are those of a run without them.
+  penalties, logprobs with top alternatives, prompt logprobs, and 2 or 3 parallel samples
+  (``n``), drawn from their own generator (``feature_seed``), so the other draws are those of
+  a run without them.
   """
   extra = np.random.default_rng(feature_seed)
   reqs = []
@@ -152,6 +154,8 @@ def make_requests(rng: np.random.Generator, steps: int, *, vocab: int, max_seq_l
           kw.update(logprobs=True, top_logprobs=int(extra.choice([0, 3])))
         if extra.random() < 0.5:
           kw.update(prompt_logprobs=True)
+        if extra.random() < 0.3:
+          kw.update(n=int(extra.choice([2, 3])))
       reqs.append((step, prompt, SamplingParams(**kw)))
   return reqs
 
@@ -205,7 +209,8 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
     max_prompt, max_new: prompt and output length bounds.
     prefill_chunk, decode_steps: engine knobs (one compiled shape per step kind).
     feature_fraction: share of requests that also use min-p, penalties, logprobs (with top
-      alternatives) or prompt logprobs; their scores must match the unconstrained run's too.
+      alternatives), prompt logprobs or parallel samples; their scores must match the
+      unconstrained run's too.
     progress: called with a status line every ``progress_every`` steps.
 
   Returns:
@@ -254,8 +259,9 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
                f"{len(engine.finished)} finished, {engine.num_running} running, "
                f"{engine.num_waiting} waiting, {m.preemptions} preemptions")
   done = engine.finished
-  if len(done) != len(requests):
-    rep.problem(f"{len(done)} of {len(requests)} requests finished")
+  outputs = sum(s.n for _, _, s in requests)  # a request with n > 1 has n samples
+  if len(done) != outputs:
+    rep.problem(f"{len(done)} of {outputs} outputs ({len(requests)} requests) finished")
 
   # The unconstrained run: every request queued at once; room for max_seqs full sequences.
   big = config(1 + max_seqs * small.max_blocks_per_seq)
@@ -268,18 +274,21 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
 
   mismatches = 0
   for i, (_, prompt, sampling) in enumerate(requests):
-    got = done[ids[i]].tokens if ids[i] in done else None
-    want = ref[ref_ids[i]].tokens
-    rep.outputs[i] = (prompt, sampling, got)
-    if got == want and not _same_scores(done[ids[i]], ref[ref_ids[i]]):
-      mismatches += 1
-      rep.problem(f"request {i}: logprobs, top alternatives or prompt logprobs differ from the "
-                  "unconstrained run's")
-    elif got != want:
-      mismatches += 1
-      rep.problem(f"request {i} ({'sampled' if sampling.temperature else 'greedy'}, "
-                  f"{done[ids[i]].num_preemptions if ids[i] in done else '?'} preemptions): "
-                  f"{got} != unconstrained {want}")
+    for j in range(sampling.n):  # sample j of request i has id ids[i] + j in both runs
+      rid = ids[i] + j
+      got = done[rid].tokens if rid in done else None
+      want = ref[ref_ids[i] + j].tokens
+      rep.outputs[i if sampling.n == 1 else (i, j)] = (prompt, sampling, got)
+      name = f"request {i}" + (f" sample {j}" if sampling.n > 1 else "")
+      if got == want and not _same_scores(done[rid], ref[ref_ids[i] + j]):
+        mismatches += 1
+        rep.problem(f"{name}: logprobs, top alternatives or prompt logprobs differ from the "
+                    "unconstrained run's")
+      elif got != want:
+        mismatches += 1
+        rep.problem(f"{name} ({'sampled' if sampling.temperature else 'greedy'}, "
+                    f"{done[rid].num_preemptions if rid in done else '?'} preemptions): "
+                    f"{got} != unconstrained {want}")
   m = engine.metrics
   if sum(o.num_preemptions for o in done.values()) != m.preemptions:
     rep.problem("per-request preemption counts do not add up to metrics.preemptions")
@@ -294,6 +303,8 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
       "requests with min-p, penalties or logprobs": sum(
           s.min_p > 0 or s.has_penalties or s.logprobs or s.prompt_logprobs
           for _, _, s in requests),
+      "requests with n > 1 samples": sum(s.n > 1 for _, _, s in requests),
+      "prompt tokens shared by samples": m.shared_prompt_tokens,
       "preemptions": m.preemptions,
       "generated tokens": m.generated_tokens,
       "invariant failures": invariant_failures,

@@ -637,6 +637,33 @@ def test_mesh_engine_abort_and_pop_finished():
     assert int(pk.cache_stats(cache).free_blocks) == 16
 
 
+def test_mesh_engine_parallel_samples_stay_on_one_shard():
+  """``SamplingParams(n=3)`` on a mesh: the samples get consecutive mesh ids on one shard and
+  the tokens of one-device requests with seeds seed, seed + 1, seed + 2."""
+  layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
+  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=4, max_seq_len=32, block_size=4)
+  knobs = dict(prefill_chunk=CHUNK, decode_steps=4, batch_bucket_min=4, bucket_blocks=False,
+               track_stats=False)
+  engine = MeshEngine(PARAMS, MODEL, cc, layout, **knobs)
+  sampled = SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=11, n=3)
+  before = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=NEW))
+  first = engine.add_request(PROMPTS[1], sampled)
+  after = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=NEW))
+  assert (first, after) == (before + 1, before + 4)
+  assert len({engine.shard_of(first + i)[0] for i in range(3)}) == 1
+  outs = {o.request_id: o for o in engine.run()}
+  one = pk.Engine(PARAMS, MODEL, cc, **knobs)
+  for i in range(3):
+    one.add_request(PROMPTS[1], SamplingParams(max_new_tokens=NEW, temperature=1.0,
+                                               seed=11 + i))
+  want = [o.tokens for o in one.run()]
+  assert [outs[first + i].tokens for i in range(3)] == want and len(set(map(tuple, want))) > 1
+  assert [outs[first + i].index for i in range(3)] == [0, 1, 2]
+  assert outs[before].tokens == reference(0) and outs[after].tokens == reference(2)
+  assert engine._load == [0, 0]
+  assert sum(m.shared_prompt_tokens for m in engine.metrics) == 2 * 8
+
+
 def test_mesh_engine_stream_gives_each_request_its_tokens_once():
   layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
   cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=2, max_seq_len=32, block_size=4)

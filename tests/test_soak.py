@@ -31,7 +31,8 @@ def emit(rep: soak.SoakReport, record_property) -> None:
 def test_engine_soak_random_arrivals_with_preemption(record_property):
   """~300 engine steps on a 16-block pool: invariants every step, nothing leaked at the end,
   every request's tokens equal to an unconstrained run (greedy and seeded sampled alike; with
-  min-p, penalties, logprobs, top alternatives and prompt logprobs on some, their scores too),
+  min-p, penalties, logprobs, top alternatives and prompt logprobs on some, their scores too;
+  parallel samples sample by sample),
   and greedy ones equal to a float64 numpy recomputation (penalised ones: its penalised
   greedy decoder)."""
   rep = soak.engine_soak(300, seed=0, model=SMALL, params=PARAMS, usable_blocks=16)
@@ -46,6 +47,7 @@ def test_engine_soak_random_arrivals_with_preemption(record_property):
   assert f["mismatches"] == 0
   assert rep.problems == []
   assert f["requests with min-p, penalties or logprobs"] >= 20
+  assert f["requests with n > 1 samples"] >= 5 and f["prompt tokens shared by samples"] > 0
   greedy = [(i, p, s, toks) for i, (p, s, toks) in rep.outputs.items() if s.temperature == 0]
   assert len(greedy) >= 50 and sum(s.has_penalties for _, _, s, _ in greedy) >= 5
   wrong = [i for i, p, s, toks in greedy

@@ -180,6 +180,10 @@ class SamplingParams:
       each position and their log-probabilities, most likely first (OpenAI's
       ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most
       :data:`MAX_TOP_LOGPROBS`.
+    n: the engine generates ``n`` continuations of the prompt (parallel sampling; OpenAI's
+      and vLLM's ``n``): sample ``i`` draws with seed ``seed + i`` (vLLM's rule), so it equals
+      a request of its own with that seed, and the samples share the prompt's full blocks
+      (:meth:`~jax_paged_kv.Engine.add_request`).
   """
 
   temperature: float = 0.0
@@ -195,6 +199,7 @@ class SamplingParams:
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
   prompt_logprobs: bool = False
+  n: int = 1
 
   def __post_init__(self):
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -222,6 +227,8 @@ class SamplingParams:
     object.__setattr__(self, "max_new_tokens",
                        int_in_range(self.max_new_tokens, "max_new_tokens", 1))
     object.__setattr__(self, "seed", int_in_range(self.seed, "seed", 0, 2**32 - 1))
+    # Sample i draws with seed + i: the last must still be a distinct 32-bit seed.
+    object.__setattr__(self, "n", int_in_range(self.n, "n", 1, 2**32 - self.seed))
     object.__setattr__(self, "stop_tokens", tuple(
         int_in_range(t, "stop token", 0) for t in self.stop_tokens))
     if not isinstance(self.logprobs, (bool, np.bool_)):

@@ -163,7 +163,9 @@ class MeshEngine:
     """Queues a request on ``shard`` (default: the least loaded); returns its id.
 
     ``cache_salt``: as for :meth:`~jax_paged_kv.Engine.add_request` (with prefix caching,
-    only requests with equal salts share cached blocks, within their shard).
+    only requests with equal salts share cached blocks, within their shard). With
+    ``SamplingParams(n=k)`` its ``k`` samples go to one shard (they share the prompt's
+    blocks), with ids ``id`` to ``id + k - 1``.
 
     Raises:
       What :meth:`~jax_paged_kv.Engine.add_request` raises.
@@ -174,12 +176,13 @@ class MeshEngine:
     if not 0 <= shard < self.data_shards:
       raise ValueError(f"{shard=} is not in [0, {self.data_shards})")
     local = self.engines[shard].add_request(prompt, sampling, cache_salt=cache_salt)
-    rid = self._next_id
-    self._next_id += 1
-    self._where[rid] = (shard, local)
-    self._cost[rid] = len(prompt) + sampling.max_new_tokens
-    self._load[shard] += self._cost[rid]
-    return rid
+    first = self._next_id
+    for i in range(sampling.n):  # the shard gave its samples the ids local .. local + n - 1
+      self._where[first + i] = (shard, local + i)
+      self._cost[first + i] = len(prompt) + sampling.max_new_tokens
+      self._load[shard] += self._cost[first + i]
+    self._next_id += sampling.n
+    return first
 
   def shard_of(self, request_id: int) -> tuple[int, int]:
     """``(shard, the shard engine's request id)`` of a request."""

@@ -48,6 +48,7 @@ prompts against its ``vocab_size``, and calls the jitted steps with it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -245,14 +246,19 @@ class Engine:
     # Likewise a prefill step with prompt positions to score computes every position's logits
     # (the model's all_logits) and returns the prompt tokens' log-probabilities.
     self.prefix: PrefixIndex | None = None
+    # Whether sequences may share blocks (prefix caching, or parallel samples sharing their
+    # prompt's blocks, from the first request with n > 1): lengths then no longer give the free
+    # count, which is read from the device after each cache update instead.
+    self._shared = False
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
         raise ValueError("enable_prefix_caching needs a PAGED cache")
       self.prefix = PrefixIndex(cc.block_size, f"{model!r}|{cc!r}".encode())
+      self._shared = True
       self.ledger.device_free = cc.usable_blocks
-      self.scheduler.hit_blocks = lambda r: 0 if r.swapped else self._match(r)[0]
       self.scheduler.reclaim = self._reclaim
-      self.scheduler.defer = self._defer
+    self.scheduler.hit_blocks = lambda r: 0 if r.swapped else self._match(r)[0]
+    self.scheduler.defer = self._defer
 
   def shapes(self) -> list[tuple[str, int, int | None]]:
     """Every ``(kind, batch width, block-table columns read or None)`` the engine can compile
@@ -282,6 +288,14 @@ class Engine:
   def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
                   cache_salt: str | None = None) -> int:
     """Queues a request; returns its id.
+
+    With ``SamplingParams(n=k)`` it queues ``k`` samples of the prompt, with ids ``id`` to
+    ``id + k - 1`` (:attr:`RequestOutput.index` ``0`` to ``k - 1``): each one finishes,
+    streams and can be aborted on its own, and sample ``i`` gives the tokens of a request of
+    its own with seed ``seed + i``. The prompt is prefilled once: a sample admitted while
+    another one holds the prompt forks that one's full prompt blocks (shared by reference
+    count, never copied) and prefills only the rest, under a block; samples queued behind one
+    still prefilling the prompt wait for it. With ``prompt_logprobs`` sample 0 reports them.
 
     Args:
       prompt: token ids.
@@ -332,16 +346,29 @@ class Engine:
     self._any_logprobs |= sampling.logprobs
     if sampling.top_logprobs:
       self._top_width = min(MAX_TOP_LOGPROBS, vocab)
-    rid = self._next_id
-    self._next_id += 1
-    req = Request(out=RequestOutput(rid, prompt, arrival_time=time.perf_counter(),
-                                    logprobs=[] if sampling.logprobs else None,
-                                    top_logprobs=[] if sampling.top_logprobs else None,
-                                    prompt_logprobs=[None] if sampling.prompt_logprobs
-                                    else None),
-                  sampling=sampling, context=list(prompt), cache_salt=cache_salt)
-    self.scheduler.waiting.append(req)
-    return rid
+    n = sampling.n
+    group: list[Request] | None = None
+    if n > 1:
+      group = []
+      if cc.strategy is CacheStrategy.PAGED and not self._shared:
+        self._shared = True  # from now on, blocks may be shared: read the free count
+        self.ledger.device_free = int(self.cache.allocator.num_free)
+    first, now = self._next_id, time.perf_counter()
+    for i in range(n):
+      s = sampling if n == 1 else dataclasses.replace(
+          sampling, n=1, seed=sampling.seed + i,
+          prompt_logprobs=sampling.prompt_logprobs and i == 0)
+      req = Request(out=RequestOutput(first + i, list(prompt), arrival_time=now,
+                                      logprobs=[] if s.logprobs else None,
+                                      top_logprobs=[] if s.top_logprobs else None,
+                                      prompt_logprobs=[None] if s.prompt_logprobs else None,
+                                      index=i),
+                    sampling=s, context=list(prompt), cache_salt=cache_salt, group=group)
+      if group is not None:
+        group.append(req)
+      self.scheduler.waiting.append(req)
+    self._next_id += n
+    return first
 
   @property
   def has_work(self) -> bool:
@@ -442,6 +469,10 @@ class Engine:
       running = self.scheduler.running
       if any(r.prefilling for r in running):
         finished += self._prefill()
+        if self.scheduler.waiting and self.scheduler.waiting[0].group is not None:
+          # Samples waiting on a sibling's prompt join as soon as it is written, before the
+          # sibling decodes on (under the window eviction, before it frees their blocks).
+          self.scheduler.admit(install=self._install)
       if any(not r.prefilling for r in running):
         finished += self._decode()
     m = self.metrics
@@ -472,7 +503,7 @@ class Engine:
     ``STATS_EVERY`` steps (the last reading repeats in between).
     """
     cc = self.cache_config
-    if self.prefix is None:
+    if not self._shared:
       lens = self.ledger.lens
       if cc.strategy is CacheStrategy.PAGED:  # evicted blocks hold no tokens
         gone = self.ledger.freed(lens) * cc.block_size
@@ -792,8 +823,8 @@ class Engine:
     return self.metrics.evicted_blocks - before
 
   def _sync_free(self) -> None:
-    """Reads the device's free block count (prefix caching: blocks are shared)."""
-    if self.prefix is not None:
+    """Reads the device's free block count (when blocks may be shared)."""
+    if self._shared:
       self.ledger.device_free = int(self.cache.allocator.num_free)
 
   def _register(self, r: Request, tokens, written: int) -> None:
@@ -818,29 +849,57 @@ class Engine:
     return cached[2]
 
   def _match(self, r: Request) -> tuple[int, int]:
-    """``(blocks, holder)`` of ``r``'s cached prefix; its last token is always computed (and
-    every one, for a request scoring its prompt: no hit)."""
-    if r.sampling.prompt_logprobs:
+    """``(blocks, holder)`` of the longest prefix of ``r``'s context already in the cache in
+    full blocks: cached (prefix caching) or held by another of its samples (parallel
+    sampling). Its last token is always computed (and every one, for a request scoring its
+    prompt: no hit)."""
+    if r.sampling.prompt_logprobs or (self.prefix is None and r.group is None):
       return 0, -1
     bs = self.cache_config.block_size
     cap = (len(r.context) - 1) // bs
-    k, holder = self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
-    if self._token_eviction:
-      # The rest is prefilled from the hit on: it must start where a chunk of a run without
-      # the hit would, so that every query sees the keys it would have seen there.
-      step = math.lcm(bs, self.prefill_chunk) // bs
-      k -= k % step
+    k, holder = 0, -1
+    if self.prefix is not None:
+      k, holder = self.prefix.match(r.context, r.cache_salt, cap, self._hashes(r))
+      k -= k % self._hit_step
+    for q in r.group or ():
+      if q is r or q.slot < 0 or q.out.finish_reason is not None:
+        continue  # not in the cache: waiting, or finished (cached ones are in the index)
+      held = int(self.ledger.lens[q.slot])
+      # The tokens both contexts start with: the prompt (then each its own tokens).
+      j = min(cap, len(r.out.prompt) // bs, held // bs)
+      j -= j % self._hit_step
+      # Blocks the window eviction freed in q's table stay holes in the fork: only those that
+      # no query of r from position j * block_size on can see (the rule of truncate).
+      if j > k and self.ledger.freed(held) <= self.ledger.freed(j * bs):
+        k, holder = j, q.slot
     return k, holder
+
+  @property
+  def _hit_step(self) -> int:
+    """Blocks a shared prefix is a multiple of: 1, or under token eviction as many as make a
+    whole number of prefill chunks (the rest is prefilled from the hit on: it must start where
+    a chunk of a run without the hit would, so that every query sees the keys it would have
+    seen there)."""
+    bs = self.cache_config.block_size
+    return math.lcm(bs, self.prefill_chunk) // bs if self._token_eviction else 1
 
   def _defer(self, r: Request) -> bool:
     """Whether ``r`` should wait: its next uncached block is being prefilled by a running
-    request (a block is shared only once its K/V are written; waiting a few steps for it beats
-    computing it twice, e.g. many requests with one system prompt arriving together)."""
+    request, or another of its samples is prefilling the prompt (a block is shared only once
+    its K/V are written; waiting a few steps for it beats computing it twice, e.g. many
+    requests with one system prompt arriving together, or the samples of one prompt)."""
     if r.swapped is not None or r.sampling.prompt_logprobs:  # the latter takes no cached block
+      return False
+    if self.prefix is None and r.group is None:
       return False
     k = self._match(r)[0]
     cap = (len(r.context) - 1) // self.cache_config.block_size
     if k >= cap:
+      return False
+    if any(q is not r and q.slot >= 0 and q.prefilling and q.out.finish_reason is None
+           for q in r.group or ()):
+      return True
+    if self.prefix is None:
       return False
     h = self._hashes(r)[k]
     return any(h in q.pending for q in self.scheduler.running if q.prefilling)
@@ -861,10 +920,8 @@ class Engine:
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
         self._sync_free()
       return
-    if self.prefix is None:
-      self.cache, _ = allocate_sequences(self.cache, slot)
-      return
-    r.pending = frozenset(self._hashes(r))
+    if self.prefix is not None:
+      r.pending = frozenset(self._hashes(r))
     k, holder = self._match(r)
     if not k:
       self.cache, _ = allocate_sequences(self.cache, slot)
@@ -872,14 +929,18 @@ class Engine:
     bs = self.cache_config.block_size
     self.cache, _ = fork_sequence(self.cache, np.int32(holder), slot)
     extra = int(self.ledger.lens[holder]) - k * bs
-    if extra:
-      self.cache, _ = truncate_sequences(self.cache, slot, np.int32(extra))
+    if extra:  # holes the window eviction left below the hit are checked against its window
+      self.cache, _ = truncate_sequences(self.cache, slot, np.int32(extra),
+                                         window=None if self.evict is None else self.evict[0])
     self.ledger.lens[r.slot] = k * bs
     r.prefilled = k * bs
-    self._register(r, r.context, k * bs)
-    self.prefix.touch(holder)
-    self.metrics.cached_prompt_tokens += k * bs
-    self.metrics.prefix_hits += 1
+    if self.prefix is not None:
+      self._register(r, r.context, k * bs)
+      self.prefix.touch(holder)
+      self.metrics.cached_prompt_tokens += k * bs
+      self.metrics.prefix_hits += 1
+    else:
+      self.metrics.shared_prompt_tokens += k * bs
     self._sync_free()
 
   def _park(self, r: Request) -> None:
@@ -962,7 +1023,7 @@ def stream_deltas(sent: dict[int, int],
           None if out.logprobs is None else tuple(out.logprobs[n:]),
           None if out.top_logprobs is None else tuple(out.top_logprobs[n:]),
           tuple(out.prompt_logprobs) if out.prompt_logprobs is not None and n == 0
-          and (out.tokens or out.finish_reason is not None) else None))
+          and (out.tokens or out.finish_reason is not None) else None, out.index))
     if out is not None and out.finish_reason is None:
       sent[rid] = len(out.tokens)
     else:
@@ -1044,6 +1105,9 @@ def generate(params: Params, model: Model, prompts: Sequence[Sequence[int]],
     sampling = [sampling or SamplingParams()] * len(prompts)
   if len(sampling) != len(prompts):
     raise ValueError(f"{len(sampling)} sampling params for {len(prompts)} prompts")
+  if any(s.n > 1 for s in sampling):
+    raise ValueError("generate returns one continuation per prompt: for SamplingParams(n > 1) "
+                     "use Engine.add_request (its samples are requests id .. id + n - 1)")
   if not prompts:
     return []
   if cache_config is None:

@@ -67,6 +67,9 @@ class RequestOutput:
     finish_reason: ``"stop"`` (a stop token), ``"length"`` (``max_new_tokens``), ``"abort"``
       (:meth:`Engine.abort_request`), or None while it runs.
     num_preemptions: times the request was preempted (then recomputed or swapped back in).
+    index: which of its request's ``SamplingParams(n=...)`` samples this is (OpenAI's
+      ``choices[i].index``); sample ``i`` of the request whose id
+      :meth:`Engine.add_request` returned has id ``request_id + i``.
     arrival_time, first_scheduled_time, first_token_time, finish_time:
       ``time.perf_counter()`` stamps of :meth:`Engine.add_request`, the first admission into
       the cache (its queueing time ends there), the first generated token and the finish.
@@ -84,6 +87,7 @@ class RequestOutput:
   logprobs: list[float] | None = None  # last: positional construction keeps its meaning
   top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
   prompt_logprobs: list[float | None] | None = None
+  index: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ class StreamDelta:
     prompt_logprobs: in a request's first delta with tokens (or its last, if it was aborted
       before its first token), its :attr:`RequestOutput.prompt_logprobs` if it asked for them,
       else None.
+    index: as :attr:`RequestOutput.index` (which of a request's ``n`` samples).
   """
 
   request_id: int
@@ -109,6 +114,7 @@ class StreamDelta:
   logprobs: tuple[float, ...] | None = None
   top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
   prompt_logprobs: tuple[float | None, ...] | None = None
+  index: int = 0
 
 
 @dataclasses.dataclass
@@ -123,6 +129,9 @@ class EngineMetrics:
       excluded).
     cached_prompt_tokens: prompt tokens taken from the prefix cache instead of prefilled.
     prefix_hits: admissions that shared at least one cached block.
+    shared_prompt_tokens: prompt tokens a parallel sample (``SamplingParams(n=...)``) took
+      from another sample's blocks instead of prefilling them (prefix cache off; with it on,
+      such shares count as prefix hits).
     evicted_blocks: blocks that cached-prefix eviction returned to the free list.
     generated_tokens: tokens generated.
     peak_running: most sequences in the cache at once.
@@ -157,6 +166,7 @@ class EngineMetrics:
   prompt_tokens: int = 0
   cached_prompt_tokens: int = 0
   prefix_hits: int = 0
+  shared_prompt_tokens: int = 0
   evicted_blocks: int = 0
   generated_tokens: int = 0
   peak_running: int = 0

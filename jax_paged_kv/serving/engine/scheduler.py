@@ -48,6 +48,9 @@ class Request:
   # Recompute under approximate (token) eviction: context positions >= replay_from (the
   # tokens it had generated) are prefilled one per step, as they were decoded.
   replay_from: int | None = None
+  # Parallel sampling (SamplingParams(n > 1)): the request's samples, this one included (one
+  # list shared by all); a sample shares the prompt's full blocks of another one in the cache.
+  group: list[Request] | None = dataclasses.field(default=None, repr=False)
 
   @property
   def prefilling(self) -> bool:
