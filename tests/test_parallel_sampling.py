@@ -180,6 +180,14 @@ def test_sliding_window_samples_share_a_prompt_with_evicted_blocks():
   # The samples after the first took blocks 5-6 (28 tokens, 5 of them holes).
   assert engine.metrics.shared_prompt_tokens == 2 * 28
   assert int(cache_stats(engine.cache).free_blocks) == 40
+  # Two at a time: the third sample starts when the others have decoded on and freed blocks
+  # 5-6, which its queries see: it computes its prompt instead of forking.
+  engine = Engine(params, model, cache_config(1 + 40, model=model), max_batch=2, **FIXED)
+  first = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW, n=3))
+  outs = {o.request_id: o for o in engine.run()}
+  assert [outs[first + i].tokens for i in range(3)] == [want] * 3
+  assert engine.metrics.shared_prompt_tokens == 28
+  assert engine.metrics.prompt_tokens == 30 + 2 + 30
 
 
 @pytest.mark.parametrize("kwargs, match", [
