@@ -104,6 +104,20 @@ def test_samples_are_requests_with_consecutive_seeds_and_share_the_prompt_blocks
     print("PEAK", m.peak_blocks)
 
 
+def test_samples_waiting_for_their_prompt_let_the_requests_behind_them_in():
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 40), **FIXED)
+  first = engine.add_request(PROMPT, SamplingParams(max_new_tokens=NEW, n=3))
+  other = engine.add_request(OTHER, SamplingParams(max_new_tokens=NEW))
+  engine.step()  # the prompt's first chunk: its other samples wait, the next request goes in
+  assert {r.out.request_id for r in engine.scheduler.running} == {first, other}
+  assert [r.out.request_id for r in engine.scheduler.waiting] == [first + 1, first + 2]
+  outs = {o.request_id: o for o in engine.run()}
+  want = reference_greedy(PARAMS, SMALL, PROMPT, NEW)
+  assert [outs[first + i].tokens for i in range(3)] == [want] * 3
+  assert outs[other].tokens == reference_greedy(PARAMS, SMALL, OTHER, NEW)
+  assert engine.metrics.shared_prompt_tokens == 2 * 16
+
+
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_preempted_samples_give_the_same_tokens(preemption):
   """A tiny pool: samples are preempted (recomputed: sharing again from a sibling in the cache;

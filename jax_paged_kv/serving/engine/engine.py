@@ -295,7 +295,8 @@ class Engine:
     its own with seed ``seed + i``. The prompt is prefilled once: a sample admitted while
     another one holds the prompt forks that one's full prompt blocks (shared by reference
     count, never copied) and prefills only the rest, under a block; samples queued behind one
-    still prefilling the prompt wait for it. With ``prompt_logprobs`` sample 0 reports them.
+    still prefilling the prompt wait for it (letting the requests behind them in, ahead of
+    which they stay). With ``prompt_logprobs`` sample 0 reports them.
 
     Args:
       prompt: token ids.

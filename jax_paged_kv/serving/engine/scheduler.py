@@ -6,7 +6,9 @@ The scheduler owns the request queues and the free sequence slots, and decides f
 * **Admission** (``PAGED``): a waiting request is admitted, in arrival order, while a slot is
   free and its expected blocks fit beside what every running request is still expected to take
   (``reserve_ratio`` of its remaining ``max_new_tokens``, SGLang's "new token ratio"), keeping a
-  watermark free.
+  watermark free. (A request the engine defers, to share blocks another one is still
+  prefilling, waits at the head of the queue; a parallel sample waiting so lets the requests
+  behind it in.)
 * **Prefill**: up to ``chunk`` prompt tokens per request, ``budget`` in all, for the rows whose
   new blocks fit now.
 * **Decode**: as many steps (at most ``max_steps``) as the worst case of every row's growth fits.
@@ -113,13 +115,20 @@ class Scheduler:
       install: called on each admitted request right after its slot is assigned, before the
         next request is considered (the engine puts it in the cache there).
     """
-    admitted = []
+    admitted, held = [], []
     while self.waiting and len(self.running) < self.max_batch:
       req = self.waiting[0]
       if not self.free_slots and self.reclaim is not None:
         self.reclaim(req, 0, True)
-      if not self.free_slots or self.defer(req):
+      if not self.free_slots:
         break
+      if self.defer(req):
+        if req.group is None:
+          break
+        # A parallel sample waiting for a sibling's prompt lets the requests behind it in (it
+        # stays ahead of them in the queue: the first admitted once it may be).
+        held.append(self.waiting.popleft())
+        continue
       if self.ledger.paged:
         short = self._shortfall(req)
         if short > 0 and self.reclaim is not None:
@@ -139,6 +148,7 @@ class Scheduler:
         req.out.first_scheduled_time = time.perf_counter()
       if install is not None:
         install(req)
+    self.waiting.extendleft(reversed(held))
     return admitted
 
   def _shortfall(self, req: Request) -> int:
