@@ -37,6 +37,7 @@ BENCHMARKS = {
     "engine_overhead": "engine wall time per decode step vs the jitted decode loop alone",
     "vs_transformers": "head-to-head with HF transformers: first call, warm, peak RSS, tokens",
     "sampling": "cost per decode step of each sampling feature (top-p, min-p, penalties, logprobs)",
+    "parallel_sampling": "n samples per prompt sharing its blocks vs n separate requests",
 }
 
 

@@ -91,3 +91,22 @@ def test_serving_snippet_streams_the_reference_tokens_and_logprobs(capsys):
   assert gone.tokens == reference_greedy(params, model, [5, 6, 7], len(gone.tokens))
   assert int(ns["pk"].cache_stats(engine.cache).free_blocks) == engine.cache_config.usable_blocks
   assert str(ns["text"][:3])[:-1] in capsys.readouterr().out
+
+
+def test_parallel_sampling_snippet_gives_the_requests_with_consecutive_seeds(capsys):
+  """The README's parallel-sampling snippet (run after the streaming one, whose engine it
+  uses): sample i has the tokens of a request of its own with seed 7 + i, and the three
+  shared the prompt's two full blocks."""
+  ns = run_block("engine.stream()")
+  (code,) = [b for b in BLOCKS if "SamplingParams(n=3" in b]
+  exec(compile(code, "README.md:parallel sampling", "exec"), ns)  # noqa: S102
+  pk, engine = ns["pk"], ns["engine"]
+  alone = pk.Engine(ns["params"], ns["model"], engine.cache_config)
+  for i in range(3):
+    alone.add_request(ns["prompt"], pk.SamplingParams(temperature=1.0, seed=7 + i,
+                                                      max_new_tokens=8))
+  want = {i: o.tokens for i, o in enumerate(alone.run())}
+  assert ns["samples"] == want and len({tuple(t) for t in want.values()}) > 1
+  assert engine.metrics.shared_prompt_tokens == 2 * 32
+  assert int(pk.cache_stats(engine.cache).free_blocks) == engine.cache_config.usable_blocks
+  assert str(want[0])[:-1] in capsys.readouterr().out
