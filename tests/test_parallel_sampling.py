@@ -35,11 +35,12 @@ def cache_config(num_blocks, strategy=CacheStrategy.PAGED, max_seqs=6, model=SMA
                             block_size=4, strategy=strategy)
 
 
-def alone(prompt, sampling, model=SMALL, params=PARAMS, strategy=CacheStrategy.PAGED):
+def alone(prompt, sampling, model=SMALL, params=PARAMS, strategy=CacheStrategy.PAGED, **kw):
   """The oracle: each sample as a request of its own (seed + i), in an engine with room for
   all of them and nothing shared."""
   engine = Engine(params, model, cache_config(1 + 40 if strategy is CacheStrategy.PAGED
-                                              else 1 + 6 * 12, strategy, model=model), **FIXED)
+                                              else 1 + 6 * 12, strategy, model=model),
+                  **FIXED, **kw)
   for i in range(sampling.n):
     engine.add_request(prompt, dataclasses.replace(sampling, n=1, seed=sampling.seed + i))
   return engine.run()
@@ -202,6 +203,23 @@ def test_sliding_window_samples_share_a_prompt_with_evicted_blocks():
   assert [outs[first + i].tokens for i in range(3)] == [want] * 3
   assert engine.metrics.shared_prompt_tokens == 28
   assert engine.metrics.prompt_tokens == 30 + 2 + 30
+
+
+def test_token_eviction_samples_share_whole_chunks_only():
+  """StreamingLLM's token eviction (an approximation whose keys depend on where each chunk
+  starts): a sample shares a whole number of prefill chunks (24 of the 28 tokens in full
+  blocks, chunks of 8) and computes the rest from a chunk boundary, as its own request does."""
+  prompt = RNG.integers(0, 128, 30).tolist()
+  evict = dict(window_eviction=(24, 4))
+  sampling = SamplingParams(temperature=1.0, seed=3, max_new_tokens=NEW, logprobs=True, n=3)
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 40), **FIXED, **evict)
+  first = engine.add_request(prompt, sampling)
+  outs = {o.request_id: o for o in engine.run()}
+  want = alone(prompt, sampling, **evict)
+  for i in range(3):
+    assert outs[first + i].tokens == want[i].tokens and outs[first + i].logprobs == (
+        want[i].logprobs), i
+  assert engine.metrics.shared_prompt_tokens == 2 * 24
 
 
 @pytest.mark.parametrize("kwargs, match", [
