@@ -12,10 +12,12 @@ Two parts, each an existing check run bigger:
   *held* when the call did exactly what the specification says; *broken* counts the failing
   tests (each stops at its first broken case, after shrinking it).
 * **Soak.** ``benchmarks/soak.py``'s engine soak (random arrivals, sampled and greedy requests,
-  some with min-p, penalties, logprobs, top alternatives or prompt logprobs, preemption on a
-  16-block pool, invariants every step, outputs and scores against an unconstrained run)
-  and cache soak (random ops under ``jit``, forks with several children, truncations, against a
-  plain-Python model), then everything freed: blocks leaked and mismatches must be 0.
+  some with min-p, penalties, logprobs, top alternatives, prompt logprobs or parallel samples,
+  preemption on a 16-block pool, invariants every step, outputs and scores against an
+  unconstrained run where parallel samples are requests of their own), once with recompute
+  and once with swap preemption, and cache soak (random ops under ``jit``, forks with several
+  children, truncations, against a plain-Python model), then everything freed: blocks leaked
+  and mismatches must be 0.
 """
 
 from __future__ import annotations
@@ -79,35 +81,44 @@ def main(argv=None) -> int:
   examples = args.examples or (60 if args.quick else 240)
   steps = args.steps or (300 if args.quick else 2000)
   print(f"machine: {report.machine_name()}", flush=True)
-  print(f"[1/3] boundary fuzz + isolation tests, {examples} examples per fuzz test ...",
+  print(f"[1/4] boundary fuzz + isolation tests, {examples} examples per fuzz test ...",
         flush=True)
   fuzz = run_fuzz(examples)
   print(f"      {fuzz['fuzz cases held']} cases held, {fuzz['tests broken']} tests broken "
         f"({fuzz['seconds']:.0f} s)", flush=True)
   say = lambda msg: print("      " + msg, flush=True)  # noqa: E731
-  print(f"[2/3] engine soak, {steps} steps ...", flush=True)
+  print(f"[2/4] engine soak, recompute preemption, {steps} steps ...", flush=True)
   eng = soak.engine_soak(steps, seed=args.seed, progress=say, progress_every=max(1, steps // 5))
-  print(f"[3/3] cache soak, {steps} ops ...", flush=True)
+  print(f"[3/4] engine soak, swap preemption, {steps} steps ...", flush=True)
+  swap = soak.engine_soak(steps, seed=args.seed + 1, preemption="swap", progress=say,
+                          progress_every=max(1, steps // 5))
+  print(f"[4/4] cache soak, {steps} ops ...", flush=True)
   cache = soak.cache_soak(steps, seed=args.seed, progress=say, progress_every=max(1, steps // 5))
-  e, c = eng.figures, cache.figures
+  e, s, c = eng.figures, swap.figures, cache.figures
   rows = [
       ("bad-input fuzz cases held (eager + jit; a case that breaks fails its test)",
        fuzz["fuzz cases held"]),
       ("fuzz + isolation pytest tests passed", fuzz["regression/property tests passed"]),
       ("fuzz + isolation pytest tests failed", fuzz["tests broken"]),
-      ("engine soak steps (requests, preemptions)",
+      ("engine soak steps, recompute (requests, preemptions)",
        f"{e['engine steps']} ({e['requests']}, {e['preemptions']})"),
-      ("engine soak requests sampled; with min-p, penalties or logprobs",
-       f"{e['sampled requests']}; {e['requests with min-p, penalties or logprobs']}"),
+      ("engine soak steps, swap (requests, preemptions)",
+       f"{s['engine steps']} ({s['requests']}, {s['preemptions']})"),
+      ("engine soak requests sampled; with min-p, penalties or logprobs; with n > 1 samples",
+       f"{e['sampled requests'] + s['sampled requests']}; "
+       f"{e['requests with min-p, penalties or logprobs'] + s['requests with min-p, penalties or logprobs']}; "  # noqa: E501
+       f"{e['requests with n > 1 samples'] + s['requests with n > 1 samples']}"),
       ("cache soak ops (forks, truncations)", f"{c['ops']} ({c['forks']}, {c['truncations']})"),
-      ("blocks leaked (engine + cache)", e["blocks leaked"] + c["blocks leaked"]),
-      ("invariant failures", e["invariant failures"] + c.get("invariant failures", 0)),
+      ("blocks leaked (engine + cache)",
+       e["blocks leaked"] + s["blocks leaked"] + c["blocks leaked"]),
+      ("invariant failures", e["invariant failures"] + s["invariant failures"]
+       + c.get("invariant failures", 0)),
       ("mismatches (outputs vs unconstrained run; contents vs model)",
-       e["mismatches"] + c["mismatches"]),
+       e["mismatches"] + s["mismatches"] + c["mismatches"]),
   ]
   markdown = report.markdown_table(["check", "count"], rows)
   print("\n" + report.text_table(["check", "count"], rows))
-  problems = eng.problems + cache.problems
+  problems = eng.problems + swap.problems + cache.problems
   for msg in problems:
     print("problem:", msg)
   notes = (
@@ -115,9 +126,11 @@ def main(argv=None) -> int:
       f"(`tests/test_boundary_fuzz.py`), each call eager and, where `jit` takes the argument "
       f"type, under `jit`, against the plain-Python specification in "
       f"`tests/boundary_model.py`; plus `tests/test_isolation.py`. Soaks: "
-      f"`benchmarks/soak.py`, seed {args.seed}. Every check must read 0 broken / leaked / "
+      f"`benchmarks/soak.py`, seeds {args.seed} (recompute, cache) and {args.seed + 1} "
+      "(swap). Every check must read 0 broken / leaked / "
       "mismatched; a nonzero count fails the run (exit status 1).")
-  data = {"fuzz": fuzz, "engine_soak": e, "cache_soak": c, "problems": problems,
+  data = {"fuzz": fuzz, "engine_soak": e, "engine_soak_swap": s, "cache_soak": c,
+          "problems": problems,
           "examples": examples, "steps": steps, "seed": args.seed}
   report.save("reliability", title="Reliability: bad input, isolation and soak",
               markdown=markdown, data=json.loads(json.dumps(data, default=str)), notes=notes,

@@ -194,7 +194,7 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
                 params=None, usable_blocks: int = 16, max_seqs: int = 4, max_seq_len: int = 48,
                 block_size: int = 4, arrival_rate: float = 0.6, max_prompt: int = 24,
                 max_new: int = 16, prefill_chunk: int = 8, decode_steps: int = 4,
-                feature_fraction: float = 0.3,
+                feature_fraction: float = 0.3, preemption: str = "recompute",
                 progress: Callable[[str], object] | None = None,
                 progress_every: int = 100) -> SoakReport:
   """Random arrivals into a preempting engine; checks every step and against an unconstrained run.
@@ -211,6 +211,7 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
     feature_fraction: share of requests that also use min-p, penalties, logprobs (with top
       alternatives), prompt logprobs or parallel samples; their scores must match the
       unconstrained run's too.
+    preemption: the constrained engine's ``preemption`` (``"recompute"`` or ``"swap"``).
     progress: called with a status line every ``progress_every`` steps.
 
   Returns:
@@ -236,7 +237,8 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
                               block_size=block_size)
 
   small = config(1 + usable_blocks)
-  engine = Engine(params, model, small, watermark=0.0, reserve_ratio=0.0, **knobs)
+  engine = Engine(params, model, small, watermark=0.0, reserve_ratio=0.0,
+                  preemption=preemption, **knobs)
   by_step = collections.defaultdict(list)
   for arrival, prompt, sampling in requests:
     by_step[arrival].append((prompt, sampling))
@@ -264,9 +266,14 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
     rep.problem(f"{len(done)} of {outputs} outputs ({len(requests)} requests) finished")
 
   # The unconstrained run: every request queued at once; room for max_seqs full sequences.
+  # A request with n samples goes in as n requests of its own with seeds seed .. seed + n - 1
+  # (what its samples must equal), so nothing is shared there.
   big = config(1 + max_seqs * small.max_blocks_per_seq)
   ref_engine = Engine(params, model, big, watermark=0.0, reserve_ratio=1.0, **knobs)
-  ref_ids = [ref_engine.add_request(p, s) for _, p, s in requests]
+  ref_ids = [[ref_engine.add_request(p, dataclasses.replace(s, n=1, seed=s.seed + j,
+                                                            prompt_logprobs=s.prompt_logprobs
+                                                            and j == 0))
+              for j in range(s.n)] for _, p, s in requests]
   ref = {o.request_id: o for o in ref_engine.run()}
   if progress is not None:
     progress(f"reference run: {ref_engine.metrics.steps} steps, "
@@ -274,13 +281,13 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
 
   mismatches = 0
   for i, (_, prompt, sampling) in enumerate(requests):
-    for j in range(sampling.n):  # sample j of request i has id ids[i] + j in both runs
+    for j in range(sampling.n):  # sample j of request i: id ids[i] + j, the reference ref_ids[i][j]
       rid = ids[i] + j
       got = done[rid].tokens if rid in done else None
-      want = ref[ref_ids[i] + j].tokens
+      want = ref[ref_ids[i][j]].tokens
       rep.outputs[i if sampling.n == 1 else (i, j)] = (prompt, sampling, got)
       name = f"request {i}" + (f" sample {j}" if sampling.n > 1 else "")
-      if got == want and not _same_scores(done[rid], ref[ref_ids[i] + j]):
+      if got == want and not _same_scores(done[rid], ref[ref_ids[i][j]]):
         mismatches += 1
         rep.problem(f"{name}: logprobs, top alternatives or prompt logprobs differ from the "
                     "unconstrained run's")
@@ -688,6 +695,8 @@ def main(argv=None) -> int:
                  help="cache ops, if different from --steps")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--only", choices=["engine", "cache"], default=None)
+  p.add_argument("--preemption", choices=["recompute", "swap"], default="recompute",
+                 help="the engine soak's preemption")
   p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
   p.add_argument("--quiet", action="store_true", help="no progress lines")
   args = p.parse_args(argv)
@@ -695,7 +704,8 @@ def main(argv=None) -> int:
   every = max(1, args.steps // 20)
   reports = []
   if args.only in (None, "engine"):
-    reports.append(engine_soak(args.steps, seed=args.seed, progress=say, progress_every=every))
+    reports.append(engine_soak(args.steps, seed=args.seed, preemption=args.preemption,
+                               progress=say, progress_every=every))
   if args.only in (None, "cache"):
     n = args.cache_steps or args.steps
     reports.append(cache_soak(n, seed=args.seed, progress=say, progress_every=max(1, n // 20)))

@@ -119,11 +119,12 @@ def test_samples_waiting_for_their_prompt_let_the_requests_behind_them_in():
   assert engine.metrics.shared_prompt_tokens == 2 * 16
 
 
-@pytest.mark.parametrize("preemption", ["recompute", "swap"])
-def test_preempted_samples_give_the_same_tokens(preemption):
+@pytest.mark.parametrize("preemption, pool", [("recompute", 12), ("swap", 12), ("swap", 9)])
+def test_preempted_samples_give_the_same_tokens(preemption, pool):
   """A tiny pool: samples are preempted (recomputed: sharing again from a sibling in the cache;
-  or swapped out and in) and still give their own requests' tokens."""
-  engine = Engine(PARAMS, SMALL, cache_config(1 + 12), watermark=0.0, reserve_ratio=0.0,
+  or swapped out and in, the free count read back after the swap-in) and still give their
+  own requests' tokens."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + pool), watermark=0.0, reserve_ratio=0.0,
                   preemption=preemption, **FIXED)
   sampling = dataclasses.replace(SAMPLED, n=3)
   other = engine.add_request(OTHER, SamplingParams(max_new_tokens=NEW))
@@ -133,8 +134,26 @@ def test_preempted_samples_give_the_same_tokens(preemption):
   assert sum(outs[first + i].num_preemptions for i in range(3)) > 0
   check_samples(outs, first, alone(PROMPT, sampling), exact=preemption == "swap")
   assert outs[other].tokens == reference_greedy(PARAMS, SMALL, OTHER, NEW)
-  assert int(cache_stats(engine.cache).free_blocks) == 12
+  assert int(cache_stats(engine.cache).free_blocks) == pool
   assert bool(check_invariants(engine.cache).ok)
+
+
+def test_swap_after_a_parallel_request_reads_the_free_count_back():
+  """Once a request with n > 1 ran, the engine's free count is the device's: later requests
+  swapped out and back in (none of them shared) must see it updated, or the pool overcommits."""
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, 128, int(rng.integers(5, 20))).tolist() for _ in range(5)]
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 8), watermark=0.0, reserve_ratio=0.0,
+                  preemption="swap", **FIXED)
+  engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2, n=2))
+  engine.run()
+  ids = [engine.add_request(p, SamplingParams(max_new_tokens=min(14, 32 - len(p))))
+         for p in prompts]
+  outs = {o.request_id: o for o in engine.run()}
+  assert engine.metrics.preemptions > 0
+  for i, p in zip(ids, prompts, strict=True):
+    assert outs[i].tokens == reference_greedy(PARAMS, SMALL, p, min(14, 32 - len(p)))
+  assert int(cache_stats(engine.cache).free_blocks) == 8
 
 
 def test_stream_and_abort_one_sample():
@@ -182,7 +201,13 @@ def test_sliding_window_samples_share_a_prompt_with_evicted_blocks():
   engine = Engine(params, model, cache_config(1 + 40, model=model), **FIXED)
   assert engine.evict == (8, 0)
   first = engine.add_request(prompt, SamplingParams(max_new_tokens=NEW, n=3))
-  holes = 0
+  holes, hit_seen = 0, []
+
+  def hit_blocks(r):  # the admission hook, recording (blocks shared, blocks counted as held)
+    hit_seen.append((engine._match(r)[0], engine._hit_blocks(r)))
+    return hit_seen[-1][1]
+
+  engine.scheduler.hit_blocks = hit_blocks
   while engine.has_work:
     engine.step()
     tables = np.asarray(engine.cache.block_tables)
@@ -192,6 +217,8 @@ def test_sliding_window_samples_share_a_prompt_with_evicted_blocks():
   want = reference_greedy(params, model, prompt, NEW)
   assert [outs[first + i].tokens for i in range(3)] == [want] * 3
   assert holes == 5  # blocks 0-4 wholly before position 28 - 8: freed, and not copied back
+  # What admission counted as already held: the 7 shared blocks less the 5 holes.
+  assert {hit for k, hit in hit_seen if k == 7} == {7 - 5}
   # The samples after the first took blocks 5-6 (28 tokens, 5 of them holes).
   assert engine.metrics.shared_prompt_tokens == 2 * 28
   assert int(cache_stats(engine.cache).free_blocks) == 40
@@ -228,6 +255,7 @@ def test_token_eviction_samples_share_whole_chunks_only():
     (dict(n=2.0), "n must be an integer"),
     (dict(n=True), "n must be an integer"),
     (dict(n=3, seed=2**32 - 2), r"n must be in \[1, 2\]"),
+    (dict(n=129), r"n must be in \[1, 128\]"),  # MAX_SAMPLES
 ])
 def test_bad_n_is_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ and ``jax.export`` of a decode step. It depends on the model *protocol*
 """
 
 from jax_paged_kv.serving.decoding import (
+    MAX_SAMPLES,
     MAX_STOP_TOKENS,
     MAX_TOP_LOGPROBS,
     DecodeState,
@@ -29,6 +30,7 @@ from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_s
 
 __all__ = [
     "MAX_STOP_TOKENS",
+    "MAX_SAMPLES",
     "MAX_TOP_LOGPROBS",
     "DecodeState",
     "Engine",

@@ -127,6 +127,10 @@ MAX_STOP_TOKENS = 16
 # requests asking for 1 or 20 share one compiled program.
 MAX_TOP_LOGPROBS = 20
 
+# Most parallel samples one request can ask for (``SamplingParams.n``; OpenAI's limit): each is
+# a request of the engine's, queued at once.
+MAX_SAMPLES = 128
+
 
 def resolve_model(model: Model | None, config: Model | None) -> Model:
   """The model given as ``model=`` or under its earlier name ``config=`` (checked)."""
@@ -181,8 +185,9 @@ class SamplingParams:
       ``top_logprobs``; :func:`top_token_logprobs`; ``RequestOutput.top_logprobs``), at most
       :data:`MAX_TOP_LOGPROBS`.
     n: the engine generates ``n`` continuations of the prompt (parallel sampling; OpenAI's
-      and vLLM's ``n``): sample ``i`` draws with seed ``seed + i`` (vLLM's rule), so it equals
-      a request of its own with that seed, and the samples share the prompt's full blocks
+      and vLLM's ``n``), at most :data:`MAX_SAMPLES`: sample ``i`` draws with seed
+      ``seed + i`` (vLLM's rule), so it gives the tokens of a request of its own with that
+      seed, and the samples share the prompt's full blocks
       (:meth:`~jax_paged_kv.Engine.add_request`).
   """
 
@@ -228,7 +233,8 @@ class SamplingParams:
                        int_in_range(self.max_new_tokens, "max_new_tokens", 1))
     object.__setattr__(self, "seed", int_in_range(self.seed, "seed", 0, 2**32 - 1))
     # Sample i draws with seed + i: the last must still be a distinct 32-bit seed.
-    object.__setattr__(self, "n", int_in_range(self.n, "n", 1, 2**32 - self.seed))
+    object.__setattr__(self, "n", int_in_range(self.n, "n", 1,
+                                               min(MAX_SAMPLES, 2**32 - self.seed)))
     object.__setattr__(self, "stop_tokens", tuple(
         int_in_range(t, "stop token", 0) for t in self.stop_tokens))
     if not isinstance(self.logprobs, (bool, np.bool_)):

@@ -26,8 +26,8 @@ class BlockLedger:
     # (free_outside_window): a sequence of n tokens then holds held_at(n) blocks.
     self.evict = evict
     self.lens = np.zeros(config.max_seqs, np.int64)  # host mirror of seq_lens
-    # With prefix caching blocks are shared, so lengths no longer give the free count: the
-    # engine reads the device's ``num_free`` after each update instead (a scalar).
+    # Once blocks may be shared (prefix caching, parallel samples), lengths no longer give the
+    # free count: the engine reads the device's ``num_free`` after each update instead.
     self.device_free: int | None = None
 
   @property

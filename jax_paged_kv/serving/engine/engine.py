@@ -36,8 +36,9 @@ are the cache's sequence ids; padding rows use ``-1``.
 The host never waits on the device for its bookkeeping: block counts, the peak and the
 utilisation statistics come from the host mirror of every sequence's length
 (:class:`~jax_paged_kv.serving.engine.blocks.BlockLedger`), slots are allocated and freed in one
-fixed-width call per step, and the only reads are the tokens each call generated. (With prefix
-caching blocks are shared, so the free count is read back after each cache update.)
+fixed-width call per step, and the only reads are the tokens each call generated. (Once blocks
+may be shared, with prefix caching or from the first request with parallel samples, the free
+count is read back after each cache update.)
 
 :func:`generate` is the one-call convenience for a list of prompts.
 
@@ -142,8 +143,8 @@ class Engine:
       beside them. ``1.0`` never preempts requests that run to their limit; ``0.0`` admits
       whenever the prompt fits (vLLM's policy) and relies on preemption.
     track_stats: record the KV utilisation every step (from the host mirror of the lengths;
-      with prefix caching :func:`~jax_paged_kv.cache_stats` is read every ``STATS_EVERY``
-      steps).
+      once blocks may be shared, prefix caching or parallel samples,
+      :func:`~jax_paged_kv.cache_stats` is read every ``STATS_EVERY`` steps).
     trace_steps: keep only about the last ``trace_steps`` steps (between ``trace_steps`` and
       twice that) of the per-step traces ``EngineMetrics.running_trace`` / ``util_trace`` /
       ``time_trace``, so a long-running server's memory stays bounded (None: every step). The
@@ -257,7 +258,7 @@ class Engine:
       self._shared = True
       self.ledger.device_free = cc.usable_blocks
       self.scheduler.reclaim = self._reclaim
-    self.scheduler.hit_blocks = lambda r: 0 if r.swapped else self._match(r)[0]
+    self.scheduler.hit_blocks = self._hit_blocks
     self.scheduler.defer = self._defer
 
   def shapes(self) -> list[tuple[str, int, int | None]]:
@@ -292,11 +293,15 @@ class Engine:
     With ``SamplingParams(n=k)`` it queues ``k`` samples of the prompt, with ids ``id`` to
     ``id + k - 1`` (:attr:`RequestOutput.index` ``0`` to ``k - 1``): each one finishes,
     streams and can be aborted on its own, and sample ``i`` gives the tokens of a request of
-    its own with seed ``seed + i``. The prompt is prefilled once: a sample admitted while
-    another one holds the prompt forks that one's full prompt blocks (shared by reference
-    count, never copied) and prefills only the rest, under a block; samples queued behind one
-    still prefilling the prompt wait for it (letting the requests behind them in, ahead of
-    which they stay). With ``prompt_logprobs`` sample 0 reports them.
+    its own with seed ``seed + i`` (with an int8 / int4 cache, to quantisation error: see
+    the README's prefix caching). The prompt is prefilled once: a sample admitted while
+    another one holds the prompt forks that one's full prompt blocks (``PAGED``: shared by
+    reference count, never copied; ``CONTIGUOUS``: copied into its slab) and prefills only
+    the rest (less than a block; under token eviction, from a prefill-chunk boundary; under
+    the window eviction, all of it once the holder has freed blocks its queries see);
+    samples queued behind one still prefilling the prompt wait for it (letting the requests
+    behind them in, ahead of which they stay). With ``prompt_logprobs`` sample 0 reports
+    them.
 
     Args:
       prompt: token ids.
@@ -494,14 +499,14 @@ class Engine:
         del trace[:-keep]
     return finished
 
-  STATS_EVERY = 16  # steps between reads of the device's statistics (prefix caching)
+  STATS_EVERY = 16  # steps between reads of the device's statistics (blocks shared)
 
   def _usage(self) -> tuple[int, int]:
     """``(tokens stored, token slots allocated)`` in the cache now.
 
-    From the host mirror of the lengths; with prefix caching (blocks shared, so lengths do not
-    give the blocks held) from :func:`~jax_paged_kv.cache_stats`, read every
-    ``STATS_EVERY`` steps (the last reading repeats in between).
+    From the host mirror of the lengths; once blocks may be shared (prefix caching, parallel
+    samples: lengths do not give the blocks held) from :func:`~jax_paged_kv.cache_stats`, read
+    every ``STATS_EVERY`` steps (the last reading repeats in between).
     """
     cc = self.cache_config
     if not self._shared:
@@ -875,6 +880,15 @@ class Engine:
         k, holder = j, q.slot
     return k, holder
 
+  def _hit_blocks(self, r: Request) -> int:
+    """Blocks of ``r``'s expected ones (:meth:`Scheduler.expected_blocks`, which leaves out the
+    blocks the window eviction frees) that a shared prefix already holds: the hit less its
+    holes (a swapped-out request gets its own blocks back, none shared)."""
+    if r.swapped is not None:
+      return 0
+    k = self._match(r)[0]
+    return k - int(self.ledger.freed(k * self.cache_config.block_size)) if k else 0
+
   @property
   def _hit_step(self) -> int:
     """Blocks a shared prefix is a multiple of: 1, or under token eviction as many as make a
@@ -906,8 +920,9 @@ class Engine:
     return any(h in q.pending for q in self.scheduler.running if q.prefilling)
 
   def _install(self, r: Request) -> None:
-    """Puts an admitted request in the cache: swaps it back in, or shares its cached prefix
-    blocks (prefix caching), or allocates an empty slot."""
+    """Puts an admitted request in the cache: swaps it back in, or shares the full blocks of
+    its prompt that are already in the cache (:meth:`_match`: cached by prefix caching, or
+    held by another of its parallel samples), or allocates an empty slot."""
     slot = np.int32(r.slot)
     if r.swapped is not None:
       t0 = time.perf_counter()
@@ -919,7 +934,7 @@ class Engine:
       if self.prefix is not None:
         r.pending = frozenset(self._hashes(r))
         self._register(r, r.out.prompt + r.out.tokens, int(self.ledger.lens[r.slot]))
-        self._sync_free()
+      self._sync_free()  # when blocks may be shared, the free count is the device's
       return
     if self.prefix is not None:
       r.pending = frozenset(self._hashes(r))

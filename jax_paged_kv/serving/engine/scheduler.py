@@ -84,8 +84,9 @@ class Scheduler:
     self.running: list[Request] = []
     self.free_slots = list(range(ledger.config.max_seqs - 1, -1, -1))  # pop() gives slot 0
     self._admitted = 0
-    # Prefix caching hooks (set by the engine): blocks of a request already cached, and a way
-    # to evict cached blocks: ``reclaim(req, blocks_short, need_slot)``.
+    # Hooks the engine sets: blocks of a request already in the cache (prefix caching, parallel
+    # samples), whether it should wait for blocks another request is writing, and (prefix
+    # caching) a way to evict cached blocks: ``reclaim(req, blocks_short, need_slot)``.
     self.hit_blocks: Callable[[Request], int] = lambda r: 0
     self.defer: Callable[[Request], bool] = lambda r: False
     self.reclaim: Callable[[Request, int, bool], None] | None = None
