@@ -113,6 +113,8 @@ def main(argv=None) -> int:
        e["blocks leaked"] + s["blocks leaked"] + c["blocks leaked"]),
       ("invariant failures", e["invariant failures"] + s["invariant failures"]
        + c.get("invariant failures", 0)),
+      ("engine free-count drifts (its count vs the device's, every step)",
+       e["free count drifts"] + s["free count drifts"]),
       ("mismatches (outputs vs unconstrained run; contents vs model)",
        e["mismatches"] + s["mismatches"] + c["mismatches"]),
   ]

@@ -243,7 +243,7 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
   for arrival, prompt, sampling in requests:
     by_step[arrival].append((prompt, sampling))
   ids: dict[int, int] = {}  # request index -> engine request id
-  invariant_failures = 0
+  invariant_failures = free_drift = 0
   step = 0
   while step < steps or engine.has_work:
     for prompt, sampling in by_step.get(step, ()):
@@ -254,6 +254,13 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
       if not bool(inv.ok):
         invariant_failures += 1
         rep.problem(f"engine step {engine.metrics.steps}: invariants fail: {inv.failures()}")
+      # The scheduler's free count (host mirror, or the device's once blocks are shared) is
+      # the device's own after every step: a stale one overcommits the pool.
+      host, device = engine.ledger.free_blocks(), int(engine.cache.allocator.num_free)
+      if host != device:
+        free_drift += 1
+        rep.problem(f"engine step {engine.metrics.steps}: the engine counts {host} free "
+                    f"blocks, the device {device}")
     step += 1
     if progress is not None and step % progress_every == 0:
       m = engine.metrics
@@ -315,6 +322,7 @@ def engine_soak(steps: int = 300, *, seed: int = 0, model: LlamaConfig = SOAK_MO
       "preemptions": m.preemptions,
       "generated tokens": m.generated_tokens,
       "invariant failures": invariant_failures,
+      "free count drifts": free_drift,
       **leaks,
       "mismatches": mismatches,
       "reference preemptions": ref_engine.metrics.preemptions,

@@ -119,6 +119,43 @@ def test_samples_waiting_for_their_prompt_let_the_requests_behind_them_in():
   assert engine.metrics.shared_prompt_tokens == 2 * 16
 
 
+def test_waiting_samples_stay_ahead_of_the_requests_behind_them():
+  """Two at a time: the samples waiting for their prompt let one request in, and stay at the
+  head of the queue, so they are admitted before the request behind it."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 40), max_batch=2, **FIXED)
+  first = engine.add_request(PROMPT, SamplingParams(max_new_tokens=NEW, n=3))
+  other = engine.add_request(OTHER, SamplingParams(max_new_tokens=NEW))
+  last = engine.add_request(OTHER[:5], SamplingParams(max_new_tokens=NEW))
+  engine.step()
+  assert {r.out.request_id for r in engine.scheduler.running} == {first, other}
+  assert [r.out.request_id for r in engine.scheduler.waiting] == [first + 1, first + 2, last]
+  outs = {o.request_id: o for o in engine.run()}
+  admitted = sorted(outs, key=lambda i: outs[i].first_scheduled_time)
+  assert admitted == [first, other, first + 1, first + 2, last]
+  want = reference_greedy(PARAMS, SMALL, PROMPT, NEW)
+  assert [outs[first + i].tokens for i in range(3)] == [want] * 3
+  assert outs[last].tokens == reference_greedy(PARAMS, SMALL, OTHER[:5], NEW)
+
+
+def test_a_sample_waiting_for_another_request_s_block_holds_the_queue():
+  """Prefix caching: sample 0 of a request waits for a block another request is writing, as
+  any request does, first in line (the requests behind it wait too); only waiting for a
+  sibling lets them pass."""
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 40), enable_prefix_caching=True, **FIXED)
+  writer = engine.add_request(PROMPT, SamplingParams(max_new_tokens=NEW))
+  first = engine.add_request(PROMPT[:16] + OTHER[:4], SamplingParams(max_new_tokens=NEW, n=2))
+  other = engine.add_request(OTHER, SamplingParams(max_new_tokens=NEW))
+  engine.step()  # the writer's first chunk: 8 of the 16 tokens the samples want
+  assert [r.out.request_id for r in engine.scheduler.running] == [writer]
+  assert [r.out.request_id for r in engine.scheduler.waiting] == [first, first + 1, other]
+  outs = {o.request_id: o for o in engine.run()}
+  admitted = sorted(outs, key=lambda i: outs[i].first_scheduled_time)
+  assert admitted.index(other) > admitted.index(first)
+  want = reference_greedy(PARAMS, SMALL, PROMPT[:16] + OTHER[:4], NEW)
+  assert outs[first].tokens == outs[first + 1].tokens == want
+  assert engine.metrics.cached_prompt_tokens >= 2 * 16
+
+
 @pytest.mark.parametrize("preemption, pool", [("recompute", 12), ("swap", 12), ("swap", 9)])
 def test_preempted_samples_give_the_same_tokens(preemption, pool):
   """A tiny pool: samples are preempted (recomputed: sharing again from a sibling in the cache;

@@ -42,7 +42,7 @@ def test_engine_soak_random_arrivals_with_preemption(record_property):
   assert f["engine steps"] >= 250 and f["requests"] >= 100
   assert f["preemptions"] > 0 and f["sampled requests"] > 0
   assert f["reference preemptions"] == 0
-  assert f["invariant failures"] == 0
+  assert f["invariant failures"] == 0 and f["free count drifts"] == 0
   assert f["blocks leaked"] == 0 and f["nonzero ref counts"] == 0 and f["live slots"] == 0
   assert f["mismatches"] == 0
   assert rep.problems == []
@@ -68,6 +68,7 @@ def test_engine_soak_with_swap_preemption(record_property):
   f = rep.figures
   assert f["preemptions"] > 0 and f["requests with n > 1 samples"] >= 3
   assert f["invariant failures"] == 0 and f["mismatches"] == 0 and rep.problems == []
+  assert f["free count drifts"] == 0
   assert f["blocks leaked"] == 0 and f["nonzero ref counts"] == 0 and f["live slots"] == 0
 
 

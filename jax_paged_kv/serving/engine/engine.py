@@ -475,9 +475,12 @@ class Engine:
       running = self.scheduler.running
       if any(r.prefilling for r in running):
         finished += self._prefill()
-        if self.scheduler.waiting and self.scheduler.waiting[0].group is not None:
-          # Samples waiting on a sibling's prompt join as soon as it is written, before the
-          # sibling decodes on (under the window eviction, before it frees their blocks).
+        if (self.evict is not None and self.scheduler.waiting
+            and self.scheduler.waiting[0].group is not None):
+          # Under the window eviction, samples waiting on a sibling's prompt join as soon as it
+          # is written, before the sibling decodes on and frees blocks they would see.
+          # (Elsewhere the prompt's blocks stay: they join at the next step, so the decode of
+          # this one keeps its room.)
           self.scheduler.admit(install=self._install)
       if any(not r.prefilling for r in running):
         finished += self._decode()
@@ -898,26 +901,28 @@ class Engine:
     bs = self.cache_config.block_size
     return math.lcm(bs, self.prefill_chunk) // bs if self._token_eviction else 1
 
-  def _defer(self, r: Request) -> bool:
-    """Whether ``r`` should wait: its next uncached block is being prefilled by a running
-    request, or another of its samples is prefilling the prompt (a block is shared only once
-    its K/V are written; waiting a few steps for it beats computing it twice, e.g. many
-    requests with one system prompt arriving together, or the samples of one prompt)."""
+  def _defer(self, r: Request) -> str | None:
+    """Why ``r`` should wait, or None: ``"sibling"``, another of its parallel samples is
+    prefilling the prompt (the scheduler lets the requests behind it in meanwhile); ``"block"``,
+    its next uncached block is being prefilled by another running request (it holds the queue,
+    as first in line). A block is shared only once its K/V are written: waiting a few steps for
+    it beats computing it twice (the samples of one prompt; many requests with one system
+    prompt arriving together)."""
     if r.swapped is not None or r.sampling.prompt_logprobs:  # the latter takes no cached block
-      return False
+      return None
     if self.prefix is None and r.group is None:
-      return False
+      return None
     k = self._match(r)[0]
     cap = (len(r.context) - 1) // self.cache_config.block_size
     if k >= cap:
-      return False
+      return None
     if any(q is not r and q.slot >= 0 and q.prefilling and q.out.finish_reason is None
            for q in r.group or ()):
-      return True
+      return "sibling"
     if self.prefix is None:
-      return False
+      return None
     h = self._hashes(r)[k]
-    return any(h in q.pending for q in self.scheduler.running if q.prefilling)
+    return "block" if any(h in q.pending for q in self.scheduler.running if q.prefilling) else None
 
   def _install(self, r: Request) -> None:
     """Puts an admitted request in the cache: swaps it back in, or shares the full blocks of

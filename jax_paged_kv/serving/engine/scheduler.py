@@ -88,7 +88,10 @@ class Scheduler:
     # samples), whether it should wait for blocks another request is writing, and (prefix
     # caching) a way to evict cached blocks: ``reclaim(req, blocks_short, need_slot)``.
     self.hit_blocks: Callable[[Request], int] = lambda r: 0
-    self.defer: Callable[[Request], bool] = lambda r: False
+    # defer(req): None, or why it waits: "sibling" (a parallel sample whose sibling is
+    # prefilling the prompt: the requests behind it go in meanwhile) or anything else (it holds
+    # the queue).
+    self.defer: Callable[[Request], str | None] = lambda r: None
     self.reclaim: Callable[[Request, int, bool], None] | None = None
 
   # ---- accounting ----------------------------------------------------------------------------
@@ -123,8 +126,9 @@ class Scheduler:
         self.reclaim(req, 0, True)
       if not self.free_slots:
         break
-      if self.defer(req):
-        if req.group is None:
+      why = self.defer(req)
+      if why:
+        if why != "sibling":
           break
         # A parallel sample waiting for a sibling's prompt lets the requests behind it in (it
         # stays ahead of them in the queue: the first admitted once it may be).
