@@ -119,6 +119,19 @@ def test_samples_waiting_for_their_prompt_let_the_requests_behind_them_in():
   assert engine.metrics.shared_prompt_tokens == 2 * 16
 
 
+def test_samples_of_a_short_request_share_before_its_first_sample_finishes():
+  """The first sample's prompt completes and it finishes in the same step's decode (3 tokens,
+  decode loops of 4): the others join right after the prefill, while it still holds the
+  prompt, not at the next step, when its blocks are gone."""
+  prompt = PROMPT + OTHER[:6]  # 23 tokens: its 5th full block is written by the last chunk
+  engine = Engine(PARAMS, SMALL, cache_config(1 + 40), **FIXED)
+  first = engine.add_request(prompt, SamplingParams(max_new_tokens=3, n=3))
+  outs = {o.request_id: o for o in engine.run()}
+  want = reference_greedy(PARAMS, SMALL, prompt, 3)
+  assert [outs[first + i].tokens for i in range(3)] == [want] * 3
+  assert engine.metrics.shared_prompt_tokens == 2 * 20
+
+
 def test_waiting_samples_stay_ahead_of_the_requests_behind_them():
   """Two at a time: the samples waiting for their prompt let one request in, and stay at the
   head of the queue, so they are admitted before the request behind it."""

@@ -475,12 +475,12 @@ class Engine:
       running = self.scheduler.running
       if any(r.prefilling for r in running):
         finished += self._prefill()
-        if (self.evict is not None and self.scheduler.waiting
-            and self.scheduler.waiting[0].group is not None):
-          # Under the window eviction, samples waiting on a sibling's prompt join as soon as it
-          # is written, before the sibling decodes on and frees blocks they would see.
-          # (Elsewhere the prompt's blocks stay: they join at the next step, so the decode of
-          # this one keeps its room.)
+        if self.scheduler.waiting and self.scheduler.waiting[0].group is not None:
+          # Samples waiting on a sibling's prompt join as soon as it is written, before the
+          # sibling decodes on: it may finish in this step's decode (a short request frees its
+          # blocks at once) or, under the window eviction, free blocks they would see. (They
+          # take room this step's decode might have used: under memory pressure, a few more
+          # preemptions; sharing the prompt saves more.)
           self.scheduler.admit(install=self._install)
       if any(not r.prefilling for r in running):
         finished += self._decode()
