@@ -641,8 +641,9 @@ def test_mesh_engine_parallel_samples_stay_on_one_shard():
   """``SamplingParams(n=3)`` on a mesh: the samples get consecutive mesh ids on one shard and
   the tokens of one-device requests with seeds seed, seed + 1, seed + 2."""
   layout = shd.MeshLayout(shd.local_mesh(model=1, data=2), model_axis="model", data_axis="data")
-  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=4, max_seq_len=32, block_size=4)
-  knobs = dict(prefill_chunk=CHUNK, decode_steps=4, batch_bucket_min=4, bucket_blocks=False,
+  # The other mesh engine tests' shapes (compiled programs shared): two rows per shard.
+  cc = MODEL.cache_config(num_blocks=1 + 16, max_seqs=2, max_seq_len=32, block_size=4)
+  knobs = dict(prefill_chunk=CHUNK, decode_steps=4, batch_bucket_min=2, bucket_blocks=False,
                track_stats=False)
   engine = MeshEngine(PARAMS, MODEL, cc, layout, **knobs)
   sampled = SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=11, n=3)
