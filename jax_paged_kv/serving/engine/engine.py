@@ -247,16 +247,11 @@ class Engine:
     # Likewise a prefill step with prompt positions to score computes every position's logits
     # (the model's all_logits) and returns the prompt tokens' log-probabilities.
     self.prefix: PrefixIndex | None = None
-    # Whether sequences may share blocks (prefix caching, or parallel samples sharing their
-    # prompt's blocks, from the first request with n > 1): lengths then no longer give the free
-    # count, which is read from the device after each cache update instead.
-    self._shared = False
     if enable_prefix_caching:
       if cc.strategy is not CacheStrategy.PAGED:
         raise ValueError("enable_prefix_caching needs a PAGED cache")
       self.prefix = PrefixIndex(cc.block_size, f"{model!r}|{cc!r}".encode())
-      self._shared = True
-      self.ledger.device_free = cc.usable_blocks
+      self.ledger.device_free = cc.usable_blocks  # blocks are shared from the start
       self.scheduler.reclaim = self._reclaim
     self.scheduler.hit_blocks = self._hit_blocks
     self.scheduler.defer = self._defer
@@ -278,6 +273,13 @@ class Engine:
   def compiled_shapes(self) -> set[tuple[str, int, int | None]]:
     """The shapes this engine has run so far (a subset of :meth:`shapes`)."""
     return {program[:3] for program in self._compiled}
+
+  @property
+  def _shared(self) -> bool:
+    """Whether sequences may share blocks (prefix caching, or parallel samples sharing their
+    prompt's blocks, from the first request with n > 1): lengths then no longer give the free
+    count, which the ledger takes from the device after each cache update instead."""
+    return self.ledger.device_free is not None
 
   @property
   def model_config(self) -> Model:
@@ -357,7 +359,7 @@ class Engine:
     if n > 1:
       group = []
       if cc.strategy is CacheStrategy.PAGED and not self._shared:
-        self._shared = True  # from now on, blocks may be shared: read the free count
+        # From now on blocks may be shared: the free count is read from the device.
         self.ledger.device_free = int(self.cache.allocator.num_free)
     first, now = self._next_id, time.perf_counter()
     for i in range(n):
