@@ -40,6 +40,7 @@ from jax_paged_kv.cache import (
     lookup_kv,
     pool_values,
     raise_for_status,
+    reorder_sequences,
     reserve,
     swap_in,
     swap_out,
@@ -75,6 +76,8 @@ from jax_paged_kv.sharding import (  # isort: skip
     use_layout,
 )
 from jax_paged_kv.serving import (  # isort: skip
+    BeamHypothesis,
+    BeamSearchParams,
     DecodeState,
     Engine,
     EngineMetrics,
@@ -84,6 +87,8 @@ from jax_paged_kv.serving import (  # isort: skip
     RequestOutput,
     SamplingParams,
     StreamDelta,
+    beam_search,
+    beam_search_loop,
     decode_loop,
     decode_loop_on_mesh,
     decode_step,
@@ -101,6 +106,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NULL_BLOCK",
+    "BeamHypothesis",
+    "BeamSearchParams",
     "DecodeState",
     "Engine",
     "EngineMetrics",
@@ -115,6 +122,8 @@ __all__ = [
     "RopeScaling",
     "SamplingParams",
     "StreamDelta",
+    "beam_search",
+    "beam_search_loop",
     "cache_config_for",
     "cache_shardings",
     "decode_loop",
@@ -179,6 +188,7 @@ __all__ = [
     "fused_write_supported",
     "fuse_write",
     "raise_for_status",
+    "reorder_sequences",
     "reserve",
     "swap_in",
     "swap_out",

@@ -3,7 +3,7 @@ errors. It imports nothing from the layers above (attention, models, serving).
 
 Modules: ``config`` (``CacheConfig`` and the pool layout, defined once), ``state`` (the
 ``PagedKVCache`` pytree and ``init_cache``), ``allocator`` (free stack and reference counts),
-``ops`` (allocate / reserve / write / append / lookup / fork / truncate / free), ``swap``
+``ops`` (allocate / reserve / write / append / lookup / fork / reorder / truncate / free), ``swap``
 (``swap_out`` / ``swap_in``: a sequence's blocks to host memory and back), ``stats``
 (``cache_stats``, ``check_invariants``), ``errors`` (status codes, named exceptions, checking
 mode), ``inputs`` (how caller-supplied ids, counts and layers become ``int32``).
@@ -48,6 +48,7 @@ from jax_paged_kv.cache.ops import (  # isort: skip  (ops builds on the modules 
     free_sequences,
     gather_tables,
     lookup_kv,
+    reorder_sequences,
     reserve,
     truncate_sequences,
     write_kv,
@@ -94,6 +95,7 @@ __all__ = [
     "pool_values",
     "lookup_kv",
     "raise_for_status",
+    "reorder_sequences",
     "reserve",
     "swap_in",
     "swap_out",

@@ -853,6 +853,104 @@ def fork_sequence(cache: PagedKVCache, parent_ids, child_ids, *, donate: bool = 
   return cache, (status[0] if scalar else status)
 
 
+def _reorder_checks(cache: PagedKVCache, seq_ids: Array, src_ids: Array):
+  """Per-row ``(status, source_at_fault)`` of a reorder; one source may be on several rows."""
+  _, pad, status = _row_checks(cache, seq_ids)
+  _, spad, sstatus = _row_checks(cache, src_ids, duplicates=False)
+  source_bad = (status == 0) & (sstatus != 0)
+  status = jnp.where(status == 0, sstatus, status)
+  status = jnp.where((status == 0) & (pad != spad), Status.INVALID_SLOT, status)
+  return status, source_bad
+
+
+def _reorder_context(cache, seq_ids, src_ids):
+  return {
+      Status.INVALID_SLOT: (
+          "sequence {seq}, source {src}: both must be in [0, max_seqs={max_seqs}), or both "
+          "negative (padding)",
+          lambda row: {"seq": seq_ids[row], "src": src_ids[row],
+                       "max_seqs": cache.config.max_seqs}),
+      Status.INACTIVE_SLOT: ("slot {slot} is not active",
+                             lambda row: {"slot": _reorder_culprits(cache, seq_ids,
+                                                                    src_ids)[row]}),
+      Status.DUPLICATE_SLOT: ("sequence {seq} appears on more than one row",
+                              lambda row: {"seq": seq_ids[row]}),
+  }
+
+
+def _reorder_culprits(cache, seq_ids, src_ids):
+  """The id each row's message names: the source if it is at fault, else the sequence."""
+  return jnp.where(_reorder_checks(cache, seq_ids, src_ids)[1], src_ids, seq_ids)
+
+
+def _reorder_impl(cache: PagedKVCache, seq_ids: Array, src_ids: Array):
+  cfg = cache.config
+  status, _ = _reorder_checks(cache, seq_ids, src_ids)
+  sid = jnp.clip(seq_ids, 0, cfg.max_seqs - 1)
+  src = jnp.clip(src_ids, 0, cfg.max_seqs - 1)
+  rows = jnp.all(status == 0) & (seq_ids >= 0)
+  j = jnp.arange(cfg.max_blocks_per_seq)
+  lens = cache.seq_lens[src]
+  src_tables = cache.block_tables[src]
+  # A hole (a block free_outside_window freed) stays a hole.
+  held = (rows[:, None] & (j[None, :] < _ceil_div(lens, cfg.block_size)[:, None])
+          & (src_tables != NULL_BLOCK))
+  old_held = rows[:, None] & (j[None, :] < _ceil_div(cache.seq_lens[sid],
+                                                     cfg.block_size)[:, None])
+  if cfg.strategy is CacheStrategy.PAGED:
+    tables = jnp.where(held, src_tables, NULL_BLOCK)
+  else:  # each slot keeps its slab: the source's data is copied in (all reads come first)
+    tables = jnp.where(held, cfg.contiguous_block(sid[:, None], j[None, :]), NULL_BLOCK)
+    cache = _copy_blocks(cache, src_tables, tables, held & (src != sid)[:, None])
+  # New references first, then the old ones go: a block that stays referenced never reaches
+  # zero on the way (it would be pushed onto the free list).
+  alloc = alloc_lib.retain_blocks(cache.allocator, tables, held)
+  alloc = alloc_lib.release_blocks(alloc, cache.block_tables[sid], old_held,
+                                   push=cfg.strategy is CacheStrategy.PAGED)
+  idx = _drop_index(rows, sid, cfg.max_seqs)
+  return cache.replace(
+      allocator=alloc,
+      block_tables=cache.block_tables.at[idx].set(tables, mode="drop"),
+      seq_lens=cache.seq_lens.at[idx].set(lens, mode="drop"),
+  ), status
+
+
+_reorder = _eager_or_traced(_reorder_impl, "reorder_sequences", ids=_reorder_culprits,
+                            context=_reorder_context)
+
+
+def reorder_sequences(cache: PagedKVCache, seq_ids, src_ids, *, donate: bool = True):
+  """Each sequence becomes a copy of another: beam search's reorder, as a pure update.
+
+  Sequence ``seq_ids[b]`` takes the tokens of ``src_ids[b]`` as they were before the call: in a
+  ``PAGED`` cache it shares that sequence's blocks by reference count (its own old blocks lose
+  a reference; a shared partly filled last block is copied by whichever side writes into it
+  first, copy-on-write in :func:`reserve`), so the cost is O(block-table entries), whatever
+  the length. A sequence may be its own source, and one source may feed several rows (a beam
+  with several children; a beam no row names is dropped). With the ``CONTIGUOUS`` strategy the
+  source's data is copied into the sequence's slab.
+
+  Args:
+    cache: the cache.
+    seq_ids: ``int32[batch]`` (or scalar) active slots, all distinct; negative: padding.
+    src_ids: ``int32[batch]`` (or scalar) active slots; negative exactly where ``seq_ids`` is.
+    donate: eager calls only: donate the input cache.
+
+  Returns:
+    ``(cache, status)``; ``status`` has the shape of ``seq_ids`` (``INVALID_SLOT``,
+    ``INACTIVE_SLOT`` sequence or source, ``DUPLICATE_SLOT`` sequence; on any bad row nothing
+    changes).
+  """
+  scalar = np.ndim(seq_ids) == 0
+  seqs = as_ids(seq_ids)
+  srcs = as_ids(src_ids, "src_ids")
+  if seqs.shape != srcs.shape:
+    raise CacheShapeError(f"reorder_sequences: seq_ids {seqs.shape} and src_ids {srcs.shape} "
+                          "differ in shape")
+  cache, status = _reorder(cache, seqs, srcs, donate=donate)
+  return cache, (status[0] if scalar else status)
+
+
 def _truncate_impl(cache: PagedKVCache, seq_ids: Array, num_tokens: Array, *,
                    window: int | None):
   cfg = cache.config

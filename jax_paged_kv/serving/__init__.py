@@ -1,8 +1,16 @@
 """The serving layer: the jitted prefill/decode steps and loop, the continuous-batching engine,
-and ``jax.export`` of a decode step. It depends on the model *protocol*
-(:class:`~jax_paged_kv.models.base.Model`), never on one model.
+beam search (the whole search in one ``jit``), and ``jax.export`` of a decode step. It depends
+on the model *protocol* (:class:`~jax_paged_kv.models.base.Model`), never on one model.
 """
 
+from jax_paged_kv.serving.beam import (
+    MAX_BEAM_WIDTH,
+    BeamHypothesis,
+    BeamResult,
+    BeamSearchParams,
+    beam_search,
+    beam_search_loop,
+)
 from jax_paged_kv.serving.decoding import (
     MAX_SAMPLES,
     MAX_STOP_TOKENS,
@@ -29,6 +37,12 @@ from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 
 __all__ = [
+    "MAX_BEAM_WIDTH",
+    "BeamHypothesis",
+    "BeamResult",
+    "BeamSearchParams",
+    "beam_search",
+    "beam_search_loop",
     "MAX_STOP_TOKENS",
     "MAX_SAMPLES",
     "MAX_TOP_LOGPROBS",

@@ -1,0 +1,452 @@
+"""Beam search on the paged cache, the whole search inside one ``jit``.
+
+Each prompt keeps ``beam_width`` live beams, one cache slot each. A step runs the model on every
+beam's last token, scores each beam's continuations by the beam's summed log-probability plus
+the token's, and keeps the best; :func:`~jax_paged_kv.reorder_sequences` then points each kept
+beam's slot at its parent's blocks. That is a reference-count update of block tables: no KV is
+copied but the partly filled last block of a parent with several children (copy-on-write, one
+block per child, at its next write), where a contiguous cache (Hugging Face's
+``reorder_cache``) copies every beam's whole KV every step. The prompt's blocks are held once
+for all beams. Selection, reordering, finished hypotheses and the stopping rule all run on
+device in one ``lax.while_loop``: the host sees the search only when it ends.
+
+The search is Hugging Face ``transformers``' (``generate(num_beams=...)``, its 4.5x+ vectorised
+form), so ``length_penalty`` and ``early_stopping`` mean what they mean there:
+
+* each step takes the ``(1 + max(1, len(stop_tokens))) * beam_width`` best continuations of all
+  the prompt's beams; those ending in a stop token whose rank is below ``beam_width`` become
+  finished hypotheses, the best ``beam_width`` of the others are the next beams;
+* a finished hypothesis scores ``sum of its token log-probabilities / generated_len **
+  length_penalty`` (``generated_len`` counts its stop token); at ``max_new_tokens`` every kept
+  continuation finishes; the result is the ``beam_width`` best finished hypotheses;
+* a prompt's search ends when no beam can enter its finished set: ``early_stopping=True`` as
+  soon as it holds ``beam_width`` hypotheses, ``False`` by Hugging Face's heuristic (the best
+  beam's score at the current length), ``"never"`` by the exact bound when ``length_penalty >
+  0`` (the best beam's sum over the largest length; with ``length_penalty <= 0`` the heuristic
+  is already exact).
+
+Entry points: :func:`beam_search` (prompts in, hypotheses out; builds its own cache) and
+:func:`beam_search_loop` (the jitted search on a cache you hold, prompts already prefilled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from jax_paged_kv.cache.config import CacheConfig
+from jax_paged_kv.cache.errors import raise_for_status
+from jax_paged_kv.cache.inputs import INT32_MAX
+from jax_paged_kv.cache.ops import (
+    allocate_sequences,
+    fork_sequence,
+    free_sequences,
+    reorder_sequences,
+)
+from jax_paged_kv.cache.state import PagedKVCache, init_cache
+from jax_paged_kv.models.base import Model, cache_config_for, check_cache_fits, check_model
+from jax_paged_kv.serving.decoding import (
+    _JIT_STATIC,
+    MAX_STOP_TOKENS,
+    Params,
+    backend_jit,
+    int_in_range,
+    make_key,
+    prefill_step,
+    resolve_model,
+)
+
+# Beams per prompt the search accepts: its per-step work grows with beam_width * vocab.
+MAX_BEAM_WIDTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchParams:
+  """How :func:`beam_search` searches (hashable: a static argument of the jitted loop).
+
+  Attributes:
+    beam_width: live beams per prompt, and hypotheses returned per prompt (Hugging Face's
+      ``num_beams``), in ``[1, MAX_BEAM_WIDTH]``.
+    max_new_tokens: the longest hypothesis, in tokens (a beam that reaches it finishes).
+    length_penalty: a finished hypothesis scores ``sum_logprob / generated_len **
+      length_penalty``: above 0 favours longer ones, below 0 shorter ones (Hugging Face's
+      default 1.0).
+    early_stopping: ``True``, ``False`` or ``"never"``: when a prompt's search ends (the module
+      docstring; Hugging Face's meaning and default ``False``).
+    stop_tokens: a beam that picks one of these finishes with it (included in its tokens); at
+      most ``MAX_STOP_TOKENS``.
+  """
+
+  beam_width: int = 4
+  max_new_tokens: int = 16
+  length_penalty: float = 1.0
+  early_stopping: bool | str = False
+  stop_tokens: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "beam_width",
+                       int_in_range(self.beam_width, "beam_width", 1, MAX_BEAM_WIDTH))
+    object.__setattr__(self, "max_new_tokens",
+                       int_in_range(self.max_new_tokens, "max_new_tokens", 1))
+    lp = self.length_penalty
+    if (isinstance(lp, (bool, np.bool_)) or not isinstance(lp, (numbers.Real, np.floating))
+        or not math.isfinite(lp)):
+      raise ValueError(f"length_penalty must be a finite real number, got {lp!r}")
+    object.__setattr__(self, "length_penalty", float(lp))
+    es = self.early_stopping
+    if not (isinstance(es, (bool, np.bool_)) or es == "never"):
+      raise ValueError(f"early_stopping must be True, False or 'never', got {es!r}")
+    object.__setattr__(self, "early_stopping", es if es == "never" else bool(es))
+    stops = tuple(int_in_range(t, "stop token", 0) for t in self.stop_tokens)
+    if len(stops) > MAX_STOP_TOKENS:
+      raise ValueError(f"{len(stops)} stop tokens; at most {MAX_STOP_TOKENS=} are supported")
+    object.__setattr__(self, "stop_tokens", stops)
+
+  @property
+  def candidates(self) -> int:
+    """Continuations kept per step (``(1 + max(1, len(stop_tokens))) * beam_width``): enough
+    that ``beam_width`` of them do not stop, however many pick a stop token."""
+    return (1 + max(1, len(self.stop_tokens))) * self.beam_width
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamResult:
+  """What :func:`beam_search_loop` found, per prompt, best hypothesis first (a pytree).
+
+  Attributes:
+    tokens: ``int32[batch, beam_width, max_new_tokens]``, ``-1`` after each hypothesis' end.
+    lengths: ``int32[batch, beam_width]`` tokens per hypothesis (0: none, e.g. a padding row).
+    scores: ``float32[batch, beam_width]``: ``sum of logprobs / lengths ** length_penalty``
+      (Hugging Face's ``sequences_scores``); ``-inf`` where there is no hypothesis.
+    logprobs: ``float32[batch, beam_width, max_new_tokens]``: each token's log-probability
+      under the model's raw distribution (NaN after the end).
+    steps: ``int32[]`` model steps the search ran (prefill excluded).
+    status: ``int32[batch, beam_width]``: zeros, or why the search stopped early (the start's
+      fork over ``slots``, or a model step: e.g. ``POOL_EXHAUSTED``).
+  """
+
+  tokens: Array
+  lengths: Array
+  scores: Array
+  logprobs: Array
+  steps: Array
+  status: Array
+
+
+jax.tree_util.register_dataclass(
+    BeamResult, data_fields=[f.name for f in dataclasses.fields(BeamResult)], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+  slots: Array  # int32[B, W] the beams' cache slots (fixed)
+  tokens: Array  # int32[B, W] each live beam's last token, not yet in the cache
+  scores: Array  # float32[B, W] live beams' summed logprobs, best first (-inf: no beam)
+  seqs: Array  # int32[B, W, M] live beams' tokens
+  lps: Array  # float32[B, W, M] and their logprobs
+  fin_scores: Array  # float32[B, W] finished hypotheses, best first
+  fin_seqs: Array  # int32[B, W, M]
+  fin_lps: Array  # float32[B, W, M]
+  fin_lens: Array  # int32[B, W]
+  fin_set: Array  # bool[B, W] entry holds a hypothesis
+  improvable: Array  # bool[B] Hugging Face's is_early_stop_heuristic_unsatisfied
+  done: Array  # bool[B] the prompt's search ended (its beams are freed)
+  step: Array  # int32[] tokens generated per live beam
+
+  def replace(self, **kwargs) -> _State:
+    return dataclasses.replace(self, **kwargs)
+
+
+jax.tree_util.register_dataclass(
+    _State, data_fields=[f.name for f in dataclasses.fields(_State)], meta_fields=[])
+
+
+def _take(x: Array, idx: Array) -> Array:
+  """``x[b, idx[b, i], ...]`` for ``x: [B, N, ...]`` and ``idx: [B, K]``."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _select(st: _State, logits: Array, beam: BeamSearchParams) -> tuple[_State, Array]:
+  """One beam step from every live beam's next-token ``logits [B, W, V]``: the new beams,
+  finished hypotheses and stopping flags, and ``parent int32[B, W]`` (the beam each new beam
+  continues). Hugging Face's ``_beam_search`` step, with ``-inf`` for its ``-1e9`` masks."""
+  b, w, vocab = logits.shape
+  m, k, lp = beam.max_new_tokens, beam.candidates, beam.length_penalty
+  t = st.step
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  flat = logp.reshape(b, w * vocab)
+  vals, idx = jax.lax.top_k((logp + st.scores[..., None]).reshape(b, w * vocab), k)
+  parent, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
+  seqs = _take(st.seqs, parent).at[:, :, t].set(tok)  # [B, K, M]
+  lps = _take(st.lps, parent).at[:, :, t].set(jnp.take_along_axis(flat, idx, axis=1))
+  stops = jnp.asarray(beam.stop_tokens or (-1,), jnp.int32)
+  hits = jnp.any(tok[..., None] == stops[None, None, :], axis=-1) | (t + 1 >= m)  # [B, K]
+
+  # The next beams: the best W continuations that did not stop.
+  running = jnp.where(hits, -jnp.inf, vals)
+  _, keep = jax.lax.top_k(running, w)
+  new = dict(scores=_take(running, keep), seqs=_take(seqs, keep), lps=_take(lps, keep),
+             tokens=_take(tok, keep))
+  parent = _take(parent, keep).astype(jnp.int32)
+
+  # Finished hypotheses: stopped continuations ranked below W join the best W so far, unless
+  # the prompt's set is closed (early_stopping=True and full, or no beam can improve it).
+  full = jnp.all(st.fin_set, axis=1)
+  closed = ~st.improvable | (full & (beam.early_stopping is True)) | st.done
+  add = hits & (jnp.arange(k) < w)[None, :] & ~closed[:, None]
+  gen_len = (t + 1).astype(jnp.float32)
+  cand = jnp.where(add, vals / gen_len ** lp, -jnp.inf)
+  merged = jnp.concatenate([st.fin_scores, cand], axis=1)
+  _, top = jax.lax.top_k(merged, w)
+
+  def merge(old, fresh):
+    return _take(jnp.concatenate([old, fresh], axis=1), top)
+
+  fin = dict(fin_scores=_take(merged, top), fin_seqs=merge(st.fin_seqs, seqs),
+             fin_lps=merge(st.fin_lps, lps),
+             fin_lens=merge(st.fin_lens, jnp.broadcast_to(t + 1, (b, k)).astype(jnp.int32)),
+             fin_set=merge(st.fin_set, add))
+
+  # Can a live beam still enter the finished set? (Hugging Face's _check_early_stop_heuristic,
+  # at the new length.)
+  best_len = m if (beam.early_stopping == "never" and lp > 0) else t + 1
+  best = new["scores"][:, 0] / jnp.asarray(best_len, jnp.float32) ** lp
+  full = jnp.all(fin["fin_set"], axis=1)
+  worst = jnp.where(full, jnp.min(fin["fin_scores"], axis=1), -jnp.inf)
+  improvable = st.improvable & (best > worst)
+  done = st.done | ~improvable | (full & (beam.early_stopping is True)) | (t + 1 >= m)
+  return st.replace(**new, **fin, improvable=improvable, done=done, step=t + 1), parent
+
+
+def _beam_ids(st: _State, live: Array) -> Array:
+  """``int32[B * W]``: the slots of the prompts in ``live`` (``bool[B]``), else -1."""
+  return jnp.where(live[:, None], st.slots, -1).reshape(-1)
+
+
+def _check_vocab(beam: BeamSearchParams, vocab: int, op: str) -> None:
+  if beam.candidates > vocab:
+    raise ValueError(f"{op}: beam_width={beam.beam_width} keeps {beam.candidates} candidates "
+                     f"a step, more than the vocabulary ({vocab})")
+
+
+@backend_jit(static_argnames=(*_JIT_STATIC, "beam"), donate_argnames=("cache",))
+def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: Array, *,
+                     beam: BeamSearchParams, model: Model | None = None,
+                     config: Model | None = None, implementation: str | None = None,
+                     max_blocks: int | None = None) -> tuple[PagedKVCache, BeamResult]:
+  """The whole beam search of a batch of prefilled prompts, in one ``lax.while_loop``.
+
+  Args:
+    params: model parameters.
+    cache: the cache (donated). Slot ``slots[b, 0]`` holds prompt ``b`` (prefilled: its last
+      token is in the cache), ``slots[b, 1:]`` are free slots for its other beams.
+    logits: ``float[batch, vocab]``, each prompt's last-position logits (from
+      :func:`~jax_paged_kv.serving.decoding.prefill_step`).
+    slots: ``int32[batch, beam_width]`` distinct slots; a row of ``-1``: padding.
+    beam: :class:`BeamSearchParams` (static).
+    model, config, implementation, max_blocks: static, as for
+      :func:`~jax_paged_kv.serving.decoding.prefill_step`.
+
+  Returns:
+    ``(cache, BeamResult)``. The search ends every beam it started: the returned cache is the
+    input cache with ``slots[:, 0]`` freed (a hypothesis' KV is not kept). If ``slots`` is bad
+    (``status`` from the start's fork: an inactive prompt slot, a beam slot in use, a
+    duplicate) nothing changes. If a model step fails (e.g. ``POOL_EXHAUSTED``) the search
+    stops there: the result holds what was finished before it, and the beams are freed all the
+    same.
+  """
+  model = resolve_model(model, config)
+  check_cache_fits(model, cache.config)
+  slots = jnp.asarray(slots, jnp.int32)
+  b, w = slots.shape
+  m, vocab = beam.max_new_tokens, model.vocab_size
+  if w != beam.beam_width:
+    raise ValueError(f"beam_search_loop: slots has {w} columns, beam_width={beam.beam_width}")
+  if logits.shape != (b, vocab):
+    raise ValueError(f"beam_search_loop: logits {logits.shape}, want {(b, vocab)}")
+  _check_vocab(beam, vocab, "beam_search_loop")
+  live = slots[:, 0] >= 0
+  kids = jnp.where(live[:, None], slots[:, 1:], -1).reshape(-1)
+  cache, status = fork_sequence(cache, jnp.where(live[:, None], slots[:, :1], -1).repeat(
+      w - 1, axis=1).reshape(-1), kids)
+  started = jnp.all(status == 0)
+  status = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), status.reshape(b, w - 1)], axis=1)
+  st = _State(
+      slots=slots, tokens=jnp.zeros((b, w), jnp.int32),
+      scores=jnp.full((b, w), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
+      seqs=jnp.full((b, w, m), -1, jnp.int32), lps=jnp.full((b, w, m), jnp.nan, jnp.float32),
+      fin_scores=jnp.full((b, w), -jnp.inf, jnp.float32),
+      fin_seqs=jnp.full((b, w, m), -1, jnp.int32),
+      fin_lps=jnp.full((b, w, m), jnp.nan, jnp.float32), fin_lens=jnp.zeros((b, w), jnp.int32),
+      fin_set=jnp.zeros((b, w), bool), improvable=live, done=~live | ~started,
+      step=jnp.zeros((), jnp.int32))
+
+  def advance(cache, st, logits):
+    """Select from ``logits [B, W, V]``, free the prompts whose search ended, and point every
+    other beam's slot at its parent's blocks."""
+    was = st.done
+    st, parent = _select(st, logits, beam)
+    cache, _ = free_sequences(cache, _beam_ids(st, st.done & ~was))
+    src = jnp.take_along_axis(st.slots, parent, axis=1)
+    cache, _ = reorder_sequences(cache, _beam_ids(st, ~st.done),
+                                 jnp.where(st.done[:, None], -1, src).reshape(-1))
+    return cache, st
+
+  # The prefill logits are every beam's (they are identical); only beam 0 scores (the others
+  # start at -inf), so the first step's parents are all beam 0.
+  cache, st = jax.lax.cond(
+      started, advance, lambda c, s, _: (c, s), cache, st,
+      jnp.broadcast_to(logits[:, None, :], (b, w, vocab)))
+
+  def cond(carry):
+    _, st, status = carry
+    return ~jnp.all(st.done) & jnp.all(status == 0)
+
+  def body(carry):
+    cache, st, _ = carry
+    live = ~st.done
+    ids = _beam_ids(st, live)
+    cache, logits, status = model.forward(params, cache, st.tokens.reshape(-1, 1), ids,
+                                          jnp.repeat(live, w).astype(jnp.int32),
+                                          implementation=implementation, max_blocks=max_blocks)
+    # On failure forward returned the cache unchanged: the beams stay as they were.
+    cache, st = jax.lax.cond(jnp.all(status == 0), advance, lambda c, s, _: (c, s), cache, st,
+                             logits.reshape(b, w, vocab))
+    return cache, st, status.reshape(b, w)
+
+  cache, st, failed = jax.lax.while_loop(cond, body, (cache, st, jnp.zeros((b, w), jnp.int32)))
+  # A search that stopped on a failed step still ends its beams.
+  cache, _ = free_sequences(cache, _beam_ids(st, live & started & ~st.done))
+  status = jnp.where(started, failed, status)
+  ok = st.fin_set
+  return cache, BeamResult(
+      tokens=jnp.where(ok[..., None], st.fin_seqs, -1),
+      lengths=jnp.where(ok, st.fin_lens, 0), scores=jnp.where(ok, st.fin_scores, -jnp.inf),
+      logprobs=jnp.where(ok[..., None], st.fin_lps, jnp.nan), steps=st.step, status=status)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamHypothesis:
+  """One finished hypothesis of :func:`beam_search`.
+
+  Attributes:
+    tokens: the generated tokens (a stop token included).
+    logprobs: each token's log-probability under the model's raw distribution.
+    score: ``sum(logprobs) / len(tokens) ** length_penalty``, what the search ranks by.
+    stopped: it ends with a stop token (else it reached ``max_new_tokens``).
+  """
+
+  tokens: list[int]
+  logprobs: list[float]
+  score: float
+  stopped: bool
+
+  @property
+  def cumulative_logprob(self) -> float:
+    """``sum(logprobs)``: the hypothesis' log-probability given the prompt."""
+    return float(np.sum(np.asarray(self.logprobs, np.float64)))
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def beam_cache_config(model: Model, prompts: Sequence[Sequence[int]], beam: BeamSearchParams,
+                      *, block_size: int = 16) -> CacheConfig:
+  """The ``PAGED`` cache :func:`beam_search` builds when given none: a slot per beam, and
+  blocks for every prompt once plus every beam's own blocks if no two beams ever shared one
+  (two more per beam: the block its prompt part shares, and a copy-on-write copy). Sizes are
+  powers of two (at least 256 tokens), so calls of similar size share compiled programs."""
+  w, m = beam.beam_width, beam.max_new_tokens
+  longest = max(len(p) for p in prompts) + m
+  max_len = block_size * math.ceil(_pow2(max(256, longest)) / block_size)
+  blocks = sum(math.ceil(len(p) / block_size) + w * (math.ceil(m / block_size) + 2)
+               for p in prompts)
+  return cache_config_for(check_model(model), num_blocks=_pow2(1 + blocks),
+                          max_seqs=_pow2(len(prompts) * w), max_seq_len=max_len,
+                          block_size=block_size)
+
+
+def beam_search(params: Params, model: Model, prompts: Sequence[Sequence[int]],
+                beam: BeamSearchParams | None = None, *, cache_config: CacheConfig | None = None,
+                block_size: int = 16, prefill_chunk: int = 256,
+                implementation: str | None = None) -> list[list[BeamHypothesis]]:
+  """Beam search over every prompt at once; ``beam_width`` hypotheses per prompt, best first.
+
+  The prompts are prefilled in chunks of ``prefill_chunk`` tokens, then
+  :func:`beam_search_loop` runs the search on device.
+
+  Args:
+    params: model parameters.
+    model: the model (:class:`~jax_paged_kv.models.base.Model`).
+    prompts: token-id lists (non-empty).
+    beam: :class:`BeamSearchParams` (default: 4 beams, 16 new tokens).
+    cache_config: the cache (default :func:`beam_cache_config`); it needs a slot per beam
+      (``max_seqs >= len(prompts) * beam_width``).
+    block_size: block size of the default cache.
+    prefill_chunk: prompt tokens per prefill step.
+    implementation: paged attention implementation.
+
+  Returns:
+    Per prompt, ``beam_width`` :class:`BeamHypothesis`, best score first.
+
+  Raises:
+    ValueError: bad prompts or a cache with too few slots; PoolExhaustedError (and the other
+      named cache errors) if the cache ran out during the search.
+  """
+  model = check_model(model)
+  beam = beam or BeamSearchParams()
+  prompts = [[int_in_range(t, "token", 0, model.vocab_size - 1) for t in p] for p in prompts]
+  if not prompts:
+    return []
+  if any(not p for p in prompts):
+    raise ValueError("beam_search: every prompt needs at least one token")
+  w, m = beam.beam_width, beam.max_new_tokens
+  _check_vocab(beam, model.vocab_size, "beam_search")
+  cc = cache_config or beam_cache_config(model, prompts, beam, block_size=block_size)
+  n = len(prompts)
+  if cc.max_seqs < n * w:
+    raise ValueError(f"beam_search: {n} prompts x beam_width={w} need {n * w} sequence slots, "
+                     f"the cache has max_seqs={cc.max_seqs}")
+  longest = max(len(p) for p in prompts)
+  if longest + m - 1 > cc.max_seq_len:
+    raise ValueError(f"beam_search: a prompt of {longest} tokens and max_new_tokens={m} need "
+                     f"max_seq_len >= {longest + m - 1}, the cache has {cc.max_seq_len}")
+  prefill_chunk = int_in_range(prefill_chunk, "prefill_chunk", 1, INT32_MAX)
+  slots = np.arange(n * w, dtype=np.int32).reshape(n, w)
+  cache, _ = allocate_sequences(init_cache(cc), slots[:, 0])
+  chunk = min(prefill_chunk, _pow2(longest))
+  last = np.zeros((n, model.vocab_size), np.float32)
+  zeros_f, zeros_i = np.zeros(n, np.float32), np.zeros(n, np.int32)
+  keys = np.stack([make_key(0)] * n)  # unused: the prefill's token is greedy and discarded
+  for start in range(0, longest, chunk):
+    toks = np.zeros((n, chunk), np.int32)
+    num = np.zeros(n, np.int32)
+    for i, p in enumerate(prompts):
+      part = p[start:start + chunk]
+      toks[i, :len(part)] = part
+      num[i] = len(part)
+    cache, _, logits, status = prefill_step(
+        params, cache, toks, np.where(num > 0, slots[:, 0], -1), num, zeros_f, zeros_i,
+        np.ones(n, np.float32), keys, zeros_i, model=model, implementation=implementation,
+        all_greedy=True)
+    raise_for_status(status, slots[:, 0], op="beam_search (prefill)")
+    ends = np.asarray([start < len(p) <= start + chunk for p in prompts])
+    last[ends] = np.asarray(logits)[ends]
+  cache, res = beam_search_loop(params, cache, last, slots, beam=beam, model=model,
+                                implementation=implementation)
+  raise_for_status(res.status.reshape(-1), slots.reshape(-1), op="beam_search")
+  tokens, lengths, scores, lps = (np.asarray(x) for x in (res.tokens, res.lengths, res.scores,
+                                                           res.logprobs))
+  stops = set(beam.stop_tokens)
+  return [[BeamHypothesis(tokens=tokens[i, j, :lengths[i, j]].tolist(),
+                          logprobs=lps[i, j, :lengths[i, j]].tolist(), score=float(scores[i, j]),
+                          stopped=int(tokens[i, j, lengths[i, j] - 1]) in stops)
+           for j in range(w)] for i in range(n)]
