@@ -256,6 +256,9 @@ def test_loop_shares_the_prompt_frees_every_beam_and_leaves_other_sequences_alon
         r[1] for r in ref]
     assert np.all(np.asarray(res.tokens)[i][np.arange(10)[None, :] >= n[:, None]] == -1)
   assert 0 < int(res.steps) <= beam.max_new_tokens
+  # The high-water mark: at least what was held before, within the pool, and (the prompts held
+  # once) below the 8 * 4 = 32 blocks that copying each prompt for every beam would take.
+  assert num_blocks - 1 - free0 < int(res.peak_blocks) < 4 + 32
 
 
 # Room for the two prompts (8 blocks), the bystander (4) and 2 more: the beams run out.

@@ -32,6 +32,7 @@ Entry points: :func:`beam_search` (prompts in, hypotheses out; builds its own ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -130,6 +131,8 @@ class BeamResult:
     steps: ``int32[]`` model steps the search ran (prefill excluded).
     status: ``int32[batch, beam_width]``: zeros, or why the search stopped early (the start's
       fork over ``slots``, or a model step: e.g. ``POOL_EXHAUSTED``).
+    peak_blocks: ``int32[]`` the most blocks in use in the whole cache at any point of the
+      search (its memory high-water mark, other sequences' blocks included).
   """
 
   tokens: Array
@@ -138,6 +141,7 @@ class BeamResult:
   logprobs: Array
   steps: Array
   status: Array
+  peak_blocks: Array
 
 
 jax.tree_util.register_dataclass(
@@ -159,6 +163,7 @@ class _State:
   improvable: Array  # bool[B] Hugging Face's is_early_stop_heuristic_unsatisfied
   done: Array  # bool[B] the prompt's search ended (its beams are freed)
   step: Array  # int32[] tokens generated per live beam
+  peak: Array  # int32[] most blocks in use (the whole cache) at any point of the search
 
   def replace(self, **kwargs) -> _State:
     return dataclasses.replace(self, **kwargs)
@@ -266,12 +271,32 @@ def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: 
   check_cache_fits(model, cache.config)
   slots = jnp.asarray(slots, jnp.int32)
   b, w = slots.shape
-  m, vocab = beam.max_new_tokens, model.vocab_size
+  vocab = model.vocab_size
   if w != beam.beam_width:
     raise ValueError(f"beam_search_loop: slots has {w} columns, beam_width={beam.beam_width}")
   if logits.shape != (b, vocab):
     raise ValueError(f"beam_search_loop: logits {logits.shape}, want {(b, vocab)}")
   _check_vocab(beam, vocab, "beam_search_loop")
+  cache, st, status = _start(cache, logits, slots, beam)
+  cache, st, failed = jax.lax.while_loop(
+      lambda c: ~jnp.all(c[1].done) & jnp.all(c[2] == 0),
+      lambda c: _step(params, c[0], c[1], beam=beam, model=model,
+                      implementation=implementation, max_blocks=max_blocks),
+      (cache, st, status))
+  return _finish(cache, st, failed)
+
+
+def _used_blocks(cache: PagedKVCache) -> Array:
+  """``int32[]``: blocks some sequence holds (the null block aside)."""
+  return jnp.sum(cache.allocator.ref_counts[1:] > 0, dtype=jnp.int32)
+
+
+def _start(cache: PagedKVCache, logits: Array, slots: Array, beam: BeamSearchParams):
+  """Forks every prompt into its beam slots and takes the first step from the prefill
+  ``logits``: ``(cache, state, status int32[B, W])`` (nonzero: bad ``slots``, nothing
+  changed, and the state is done)."""
+  b, w = slots.shape
+  m, vocab = beam.max_new_tokens, logits.shape[-1]
   live = slots[:, 0] >= 0
   kids = jnp.where(live[:, None], slots[:, 1:], -1).reshape(-1)
   cache, status = fork_sequence(cache, jnp.where(live[:, None], slots[:, :1], -1).repeat(
@@ -279,57 +304,60 @@ def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: 
   started = jnp.all(status == 0)
   status = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), status.reshape(b, w - 1)], axis=1)
   st = _State(
-      slots=slots, tokens=jnp.zeros((b, w), jnp.int32),
+      slots=jnp.where(started, slots, -1), tokens=jnp.zeros((b, w), jnp.int32),
       scores=jnp.full((b, w), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
       seqs=jnp.full((b, w, m), -1, jnp.int32), lps=jnp.full((b, w, m), jnp.nan, jnp.float32),
       fin_scores=jnp.full((b, w), -jnp.inf, jnp.float32),
       fin_seqs=jnp.full((b, w, m), -1, jnp.int32),
       fin_lps=jnp.full((b, w, m), jnp.nan, jnp.float32), fin_lens=jnp.zeros((b, w), jnp.int32),
       fin_set=jnp.zeros((b, w), bool), improvable=live, done=~live | ~started,
-      step=jnp.zeros((), jnp.int32))
-
-  def advance(cache, st, logits):
-    """Select from ``logits [B, W, V]``, free the prompts whose search ended, and point every
-    other beam's slot at its parent's blocks."""
-    was = st.done
-    st, parent = _select(st, logits, beam)
-    cache, _ = free_sequences(cache, _beam_ids(st, st.done & ~was))
-    src = jnp.take_along_axis(st.slots, parent, axis=1)
-    cache, _ = reorder_sequences(cache, _beam_ids(st, ~st.done),
-                                 jnp.where(st.done[:, None], -1, src).reshape(-1))
-    return cache, st
-
+      step=jnp.zeros((), jnp.int32), peak=_used_blocks(cache))
   # The prefill logits are every beam's (they are identical); only beam 0 scores (the others
   # start at -inf), so the first step's parents are all beam 0.
   cache, st = jax.lax.cond(
-      started, advance, lambda c, s, _: (c, s), cache, st,
+      started, functools.partial(_advance, beam=beam), lambda c, s, _: (c, s), cache, st,
       jnp.broadcast_to(logits[:, None, :], (b, w, vocab)))
+  return cache, st, status
 
-  def cond(carry):
-    _, st, status = carry
-    return ~jnp.all(st.done) & jnp.all(status == 0)
 
-  def body(carry):
-    cache, st, _ = carry
-    live = ~st.done
-    ids = _beam_ids(st, live)
-    cache, logits, status = model.forward(params, cache, st.tokens.reshape(-1, 1), ids,
-                                          jnp.repeat(live, w).astype(jnp.int32),
-                                          implementation=implementation, max_blocks=max_blocks)
-    # On failure forward returned the cache unchanged: the beams stay as they were.
-    cache, st = jax.lax.cond(jnp.all(status == 0), advance, lambda c, s, _: (c, s), cache, st,
-                             logits.reshape(b, w, vocab))
-    return cache, st, status.reshape(b, w)
+def _advance(cache: PagedKVCache, st: _State, logits: Array, *, beam: BeamSearchParams):
+  """Selects from ``logits [B, W, V]``, frees the prompts whose search ended, and points every
+  other beam's slot at its parent's blocks."""
+  was = st.done
+  st, parent = _select(st, logits, beam)
+  cache, _ = free_sequences(cache, _beam_ids(st, st.done & ~was))
+  src = jnp.take_along_axis(st.slots, parent, axis=1)
+  cache, _ = reorder_sequences(cache, _beam_ids(st, ~st.done),
+                               jnp.where(st.done[:, None], -1, src).reshape(-1))
+  return cache, st
 
-  cache, st, failed = jax.lax.while_loop(cond, body, (cache, st, jnp.zeros((b, w), jnp.int32)))
-  # A search that stopped on a failed step still ends its beams.
-  cache, _ = free_sequences(cache, _beam_ids(st, live & started & ~st.done))
-  status = jnp.where(started, failed, status)
+
+def _step(params: Params, cache: PagedKVCache, st: _State, *, beam: BeamSearchParams,
+          model: Model, implementation: str | None, max_blocks: int | None):
+  """One model step on every live beam's last token, then :func:`_advance`: ``(cache, state,
+  status int32[B, W])``. On a failed step the model returned the cache unchanged, and the
+  beams stay as they were."""
+  b, w = st.slots.shape
+  live = ~st.done
+  cache, logits, status = model.forward(params, cache, st.tokens.reshape(-1, 1),
+                                        _beam_ids(st, live),
+                                        jnp.repeat(live, w).astype(jnp.int32),
+                                        implementation=implementation, max_blocks=max_blocks)
+  st = st.replace(peak=jnp.maximum(st.peak, _used_blocks(cache)))
+  cache, st = jax.lax.cond(jnp.all(status == 0), functools.partial(_advance, beam=beam),
+                           lambda c, s, _: (c, s), cache, st, logits.reshape(b, w, -1))
+  return cache, st, status.reshape(b, w)
+
+
+def _finish(cache: PagedKVCache, st: _State, status: Array):
+  """Frees the beams of a search that stopped on a failed step; the :class:`BeamResult`."""
+  cache, _ = free_sequences(cache, _beam_ids(st, ~st.done))
   ok = st.fin_set
   return cache, BeamResult(
       tokens=jnp.where(ok[..., None], st.fin_seqs, -1),
       lengths=jnp.where(ok, st.fin_lens, 0), scores=jnp.where(ok, st.fin_scores, -jnp.inf),
-      logprobs=jnp.where(ok[..., None], st.fin_lps, jnp.nan), steps=st.step, status=status)
+      logprobs=jnp.where(ok[..., None], st.fin_lps, jnp.nan), steps=st.step, status=status,
+      peak_blocks=st.peak)
 
 
 @dataclasses.dataclass(frozen=True)
