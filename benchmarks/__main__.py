@@ -38,6 +38,7 @@ BENCHMARKS = {
     "vs_transformers": "head-to-head with HF transformers: first call, warm, peak RSS, tokens",
     "sampling": "cost per decode step of each sampling feature (top-p, min-p, penalties, logprobs)",
     "parallel_sampling": "n samples per prompt sharing its blocks vs n separate requests",
+    "beam_search": "beam search in one jit on shared blocks vs copied KV vs a host-driven loop",
 }
 
 

@@ -110,3 +110,20 @@ def test_parallel_sampling_snippet_gives_the_requests_with_consecutive_seeds(cap
   assert engine.metrics.shared_prompt_tokens == 2 * 32
   assert int(pk.cache_stats(engine.cache).free_blocks) == engine.cache_config.usable_blocks
   assert str(want[0])[:-1] in capsys.readouterr().out
+
+
+def test_beam_search_snippet_gives_the_float64_search(capsys):
+  """The README's beam-search snippet (with the streaming snippet's model): each prompt's
+  hypotheses are the plain-Python float64 search's, and what it prints is theirs."""
+  from tests.beam_reference import reference_beam_search
+
+  ns = run_block("engine.stream()")
+  (code,) = [b for b in BLOCKS if "pk.beam_search(" in b]
+  exec(compile(code, "README.md:beam search", "exec"), ns)  # noqa: S102
+  beam = ns["pk"].BeamSearchParams(beam_width=3, max_new_tokens=8, stop_tokens=(9,))
+  for prompt, hyps in zip([[1, 2, 3, 4], [5, 6, 7]], ns["beams"], strict=True):
+    ref, margin = reference_beam_search(ns["params"], ns["model"], prompt, beam)
+    assert margin > 1e-4
+    assert [h.tokens for h in hyps] == [r[1] for r in ref]
+    np.testing.assert_allclose([h.score for h in hyps], [r[0] for r in ref], atol=2e-4)
+  assert str(ns["beams"][0][0].tokens) in capsys.readouterr().out
