@@ -9,6 +9,7 @@ invariants and free count.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,9 @@ from jax_paged_kv.models import init_params, load_hf_checkpoint
 from jax_paged_kv.serving.beam import (
     MAX_BEAM_WIDTH,
     BeamSearchParams,
+    _finish,
+    _start,
+    _step,
     beam_cache_config,
     beam_search,
     beam_search_loop,
@@ -27,7 +31,7 @@ from jax_paged_kv.serving.beam import (
 from jax_paged_kv.serving.decoding import MAX_STOP_TOKENS
 from tests.beam_reference import reference_beam_search
 from tests.llama_fixtures import SMALL, forward_jit
-from tests.llama_reference import reference_greedy
+from tests.llama_reference import reference_greedy, reference_logits
 
 # ---------------------------------------------------------------------------------------------
 # reorder_sequences
@@ -142,12 +146,20 @@ PROMPTS = [RNG.integers(0, 128, n).tolist() for n in (17, 9, 5)]
 CC = SMALL.cache_config(num_blocks=128, max_seqs=16, max_seq_len=48, block_size=4)
 
 SEARCHES = {
-    "plain": BeamSearchParams(beam_width=3, max_new_tokens=8),
+    # early_stopping=True closes PROMPTS[0]'s set while a live beam could still enter it
+    # (with False its hypotheses differ: checked below).
+    "early-true": BeamSearchParams(beam_width=3, max_new_tokens=8, stop_tokens=(3, 14),
+                                   length_penalty=2.0, early_stopping=True),
     # Stop tokens that end hypotheses of these prompts, a length penalty favouring short ones.
     "stops-early": BeamSearchParams(beam_width=4, max_new_tokens=10, stop_tokens=(5, 17, 80),
                                     length_penalty=-1.0, early_stopping=True),
     "stops-never": BeamSearchParams(beam_width=2, max_new_tokens=10, stop_tokens=(5, 80),
                                     length_penalty=2.0, early_stopping="never"),
+    # The five most likely first tokens of PROMPTS[0] stop: its first step's best live
+    # continuation is the 6th candidate, found only because (1 + 5) * 2 candidates are kept.
+    "many-stops": BeamSearchParams(beam_width=2, max_new_tokens=6,
+                                   stop_tokens=(72, 80, 99, 40, 0), length_penalty=2.0,
+                                   early_stopping="never"),
 }
 
 
@@ -166,6 +178,8 @@ def check_against_reference(hyps, prompt, beam, params=PARAMS, model=SMALL):
 
 
 def test_beam_search_matches_the_float64_search():
+  first = np.argsort(-reference_logits(PARAMS, SMALL, PROMPTS[0])[-1])[:6].tolist()
+  assert first[:5] == list(SEARCHES["many-stops"].stop_tokens)
   stopped = set()
   for name, beam in SEARCHES.items():
     out = beam_search(PARAMS, SMALL, PROMPTS, beam, cache_config=CC)
@@ -173,7 +187,12 @@ def test_beam_search_matches_the_float64_search():
       check_against_reference(hyps, prompt, beam)
       stopped |= {h.stopped for h in hyps}
       assert len({tuple(h.tokens) for h in hyps}) == beam.beam_width, name  # distinct beams
+    if name == "many-stops":
+      assert out[0][0].tokens[0] == first[5]
   assert stopped == {True, False}  # both kinds of hypothesis were checked
+  assert reference_beam_search(PARAMS, SMALL, PROMPTS[0], SEARCHES["early-true"])[0] != (
+      reference_beam_search(PARAMS, SMALL, PROMPTS[0], dataclasses.replace(
+          SEARCHES["early-true"], early_stopping=False))[0])
 
 
 def test_one_beam_is_greedy_decoding():
@@ -266,7 +285,7 @@ SHORT = 1 + 8 + 6
 
 
 def test_loop_that_runs_out_of_blocks_stops_frees_its_beams_and_reports():
-  beam = SEARCHES["plain"]
+  beam = SEARCHES["early-true"]
   cache, logits = _prefilled(SHORT, PROMPTS[:2], PROMPTS[2] * 3)
   free0 = int(cache.allocator.num_free)
   by_k, _, _ = pk.lookup_kv(cache, np.asarray([15], np.int32), 0)
@@ -277,6 +296,21 @@ def test_loop_that_runs_out_of_blocks_stops_frees_its_beams_and_reports():
   assert np.asarray(cache.active).nonzero()[0].tolist() == [15]
   np.testing.assert_array_equal(np.asarray(pk.lookup_kv(cache, np.asarray([15], np.int32),
                                                         0)[0]), np.asarray(by_k))
+  # The same search, one jitted step at a time: the failing step changes neither the beams nor
+  # the cache (its telemetry aside), and what the loop returned is what they hold.
+  cache, logits = _prefilled(SHORT, PROMPTS[:2], PROMPTS[2] * 3)
+  cache, st, status = jax.jit(_start, static_argnames="beam")(cache, logits, _slots(2, 3),
+                                                             beam=beam)
+  step = jax.jit(functools.partial(_step, beam=beam, model=SMALL, implementation=None,
+                                   max_blocks=None))
+  while not np.any(np.asarray(status)):
+    before = jax.tree.map(np.asarray, (st, cache.replace(telemetry=None)))
+    cache, st, status = step(PARAMS, cache, st)
+  after = jax.tree.map(np.asarray, (st, cache.replace(telemetry=None)))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  _, stepped = _finish(cache, st, status)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, stepped),
+               jax.tree.map(np.asarray, res))
   # The host entry point raises the named error instead.
   small = dataclasses.replace(CC, num_blocks=SHORT)  # no bystander: 6 blocks for the beams
   with pytest.raises(pk.PoolExhaustedError, match="beam_search"):
@@ -284,7 +318,7 @@ def test_loop_that_runs_out_of_blocks_stops_frees_its_beams_and_reports():
 
 
 def test_loop_with_bad_slots_changes_nothing():
-  beam = SEARCHES["plain"]
+  beam = SEARCHES["early-true"]
   cache, logits = _prefilled(SHORT, PROMPTS[:2], PROMPTS[2] * 3)
   cases = {  # slots -> the status the start's fork reports
       "beam slot in use": (np.asarray([[0, 1, 15], [4, 5, 6]], np.int32), pk.Status.SLOT_IN_USE),
@@ -314,7 +348,7 @@ def test_bad_parameters_are_refused():
   for kw in bad:
     with pytest.raises(ValueError):
       BeamSearchParams(**kw)
-  beam = SEARCHES["plain"]
+  beam = SEARCHES["early-true"]
   with pytest.raises(ValueError, match="at least one token"):
     beam_search(PARAMS, SMALL, [[1, 2], []], beam)
   with pytest.raises(ValueError, match="token"):

@@ -160,8 +160,7 @@ class _State:
   fin_lps: Array  # float32[B, W, M]
   fin_lens: Array  # int32[B, W]
   fin_set: Array  # bool[B, W] entry holds a hypothesis
-  improvable: Array  # bool[B] Hugging Face's is_early_stop_heuristic_unsatisfied
-  done: Array  # bool[B] the prompt's search ended (its beams are freed)
+  done: Array  # bool[B] the prompt's search ended (its beams are freed, its set closed)
   step: Array  # int32[] tokens generated per live beam
   peak: Array  # int32[] most blocks in use (the whole cache) at any point of the search
 
@@ -202,10 +201,9 @@ def _select(st: _State, logits: Array, beam: BeamSearchParams) -> tuple[_State, 
   parent = _take(parent, keep).astype(jnp.int32)
 
   # Finished hypotheses: stopped continuations ranked below W join the best W so far, unless
-  # the prompt's set is closed (early_stopping=True and full, or no beam can improve it).
-  full = jnp.all(st.fin_set, axis=1)
-  closed = ~st.improvable | (full & (beam.early_stopping is True)) | st.done
-  add = hits & (jnp.arange(k) < w)[None, :] & ~closed[:, None]
+  # the prompt's search is done (Hugging Face keeps stepping such a prompt's beams but closes
+  # its set: when it is full under early_stopping=True, or when no beam can improve it).
+  add = hits & (jnp.arange(k) < w)[None, :] & ~st.done[:, None]
   gen_len = (t + 1).astype(jnp.float32)
   cand = jnp.where(add, vals / gen_len ** lp, -jnp.inf)
   merged = jnp.concatenate([st.fin_scores, cand], axis=1)
@@ -225,9 +223,8 @@ def _select(st: _State, logits: Array, beam: BeamSearchParams) -> tuple[_State, 
   best = new["scores"][:, 0] / jnp.asarray(best_len, jnp.float32) ** lp
   full = jnp.all(fin["fin_set"], axis=1)
   worst = jnp.where(full, jnp.min(fin["fin_scores"], axis=1), -jnp.inf)
-  improvable = st.improvable & (best > worst)
-  done = st.done | ~improvable | (full & (beam.early_stopping is True)) | (t + 1 >= m)
-  return st.replace(**new, **fin, improvable=improvable, done=done, step=t + 1), parent
+  done = st.done | ~(best > worst) | (full & (beam.early_stopping is True)) | (t + 1 >= m)
+  return st.replace(**new, **fin, done=done, step=t + 1), parent
 
 
 def _beam_ids(st: _State, live: Array) -> Array:
@@ -310,7 +307,7 @@ def _start(cache: PagedKVCache, logits: Array, slots: Array, beam: BeamSearchPar
       fin_scores=jnp.full((b, w), -jnp.inf, jnp.float32),
       fin_seqs=jnp.full((b, w, m), -1, jnp.int32),
       fin_lps=jnp.full((b, w, m), jnp.nan, jnp.float32), fin_lens=jnp.zeros((b, w), jnp.int32),
-      fin_set=jnp.zeros((b, w), bool), improvable=live, done=~live | ~started,
+      fin_set=jnp.zeros((b, w), bool), done=~live | ~started,
       step=jnp.zeros((), jnp.int32), peak=_used_blocks(cache))
   # The prefill logits are every beam's (they are identical); only beam 0 scores (the others
   # start at -inf), so the first step's parents are all beam 0.
