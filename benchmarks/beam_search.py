@@ -52,14 +52,14 @@ from jax_paged_kv.workloads import MODELS, model_config
 WAYS = ("paged, one jit", "contiguous, one jit", "paged, host loop")
 
 
-@functools.partial(jax.jit, static_argnames=("beam",), donate_argnums=0)
-def _start_jit(cache, logits, slots, *, beam):
-  return _start(cache, logits, slots, beam)
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _start_jit(cache, logits, slots, shape, knobs):
+  return _start(cache, logits, slots, shape, knobs)
 
 
-@functools.partial(jax.jit, static_argnames=("beam", "model"), donate_argnums=1)
-def _step_jit(params, cache, st, *, beam, model):
-  return _step(params, cache, st, beam=beam, model=model, implementation=None,
+@functools.partial(jax.jit, static_argnums=3, static_argnames=("model",), donate_argnums=1)
+def _step_jit(params, cache, st, shape, knobs, *, model):
+  return _step(params, cache, st, shape, knobs, model=model, implementation=None,
                max_blocks=None)
 
 
@@ -68,9 +68,10 @@ _finish_jit = jax.jit(_finish, donate_argnums=0)
 
 def host_loop(params, cache, logits, slots, *, beam, model):
   """The search driven from the host: one jitted step per token, then a sync on ``done``."""
-  cache, st, status = _start_jit(cache, logits, slots, beam=beam)
+  shape, knobs = beam._split()
+  cache, st, status = _start_jit(cache, logits, slots, shape, knobs)
   while not bool(np.all(np.asarray(st.done))) and not np.any(np.asarray(status)):
-    cache, st, status = _step_jit(params, cache, st, beam=beam, model=model)
+    cache, st, status = _step_jit(params, cache, st, shape, knobs, model=model)
   return _finish_jit(cache, st, status)
 
 

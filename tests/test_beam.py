@@ -273,7 +273,7 @@ def test_loop_shares_the_prompt_frees_every_beam_and_leaves_other_sequences_alon
     n = np.asarray(res.lengths)[i]
     assert [np.asarray(res.tokens)[i, j, :n[j]].tolist() for j in range(4)] == [
         r[1] for r in ref]
-    assert np.all(np.asarray(res.tokens)[i][np.arange(10)[None, :] >= n[:, None]] == -1)
+    assert np.all(np.asarray(res.tokens)[i][np.arange(16)[None, :] >= n[:, None]] == -1)
   assert 0 < int(res.steps) <= beam.max_new_tokens
   # The high-water mark: at least what was held before, within the pool, and (the prompts held
   # once) below the 8 * 4 = 32 blocks that copying each prompt for every beam would take.
@@ -299,13 +299,14 @@ def test_loop_that_runs_out_of_blocks_stops_frees_its_beams_and_reports():
   # The same search, one jitted step at a time: the failing step changes neither the beams nor
   # the cache (its telemetry aside), and what the loop returned is what they hold.
   cache, logits = _prefilled(SHORT, PROMPTS[:2], PROMPTS[2] * 3)
-  cache, st, status = jax.jit(_start, static_argnames="beam")(cache, logits, _slots(2, 3),
-                                                             beam=beam)
-  step = jax.jit(functools.partial(_step, beam=beam, model=SMALL, implementation=None,
-                                   max_blocks=None))
+  shape, knobs = beam._split()
+  cache, st, status = jax.jit(_start, static_argnums=3)(cache, logits, _slots(2, 3), shape,
+                                                        knobs)
+  step = jax.jit(functools.partial(_step, model=SMALL, implementation=None, max_blocks=None),
+                 static_argnums=3)
   while not np.any(np.asarray(status)):
     before = jax.tree.map(np.asarray, (st, cache.replace(telemetry=None)))
-    cache, st, status = step(PARAMS, cache, st)
+    cache, st, status = step(PARAMS, cache, st, shape, knobs)
   after = jax.tree.map(np.asarray, (st, cache.replace(telemetry=None)))
   jax.tree.map(np.testing.assert_array_equal, after, before)
   _, stepped = _finish(cache, st, status)
@@ -320,17 +321,28 @@ def test_loop_that_runs_out_of_blocks_stops_frees_its_beams_and_reports():
 def test_loop_with_bad_slots_changes_nothing():
   beam = SEARCHES["early-true"]
   cache, logits = _prefilled(SHORT, PROMPTS[:2], PROMPTS[2] * 3)
-  cases = {  # slots -> the status the start's fork reports
+  one = dataclasses.replace(beam, beam_width=1)  # no fork: only the prompt check stands
+  cases = {  # slots -> the status the start reports
       "beam slot in use": (np.asarray([[0, 1, 15], [4, 5, 6]], np.int32), pk.Status.SLOT_IN_USE),
       "prompt slot inactive": (np.asarray([[1, 2, 3], [4, 5, 6]], np.int32),
                                pk.Status.INACTIVE_SLOT),
       "beam slot twice": (np.asarray([[0, 1, 2], [4, 5, 2]], np.int32),
                           pk.Status.DUPLICATE_SLOT),
+      "prompt slot twice": (np.asarray([[0, 1, 2], [0, 5, 6]], np.int32),
+                            pk.Status.DUPLICATE_SLOT),
+      "beam slots on a padding row": (np.asarray([[0, 1, 2], [-1, 5, 6]], np.int32),
+                                      pk.Status.INVALID_SLOT),
+      "prompt slot out of range": (np.asarray([[0, 1, 2], [16, 5, 6]], np.int32),
+                                   pk.Status.INVALID_SLOT),
+      "one beam, prompt slot twice": (np.asarray([[0], [0]], np.int32),
+                                      pk.Status.DUPLICATE_SLOT),
+      "one beam, prompt slot inactive": (np.asarray([[0], [3]], np.int32),
+                                         pk.Status.INACTIVE_SLOT),
   }
   for name, (slots, code) in cases.items():
     before = jax.tree.map(np.asarray, cache)
     out, res = beam_search_loop(PARAMS, jax.tree.map(jnp.copy, cache), logits, slots,
-                                beam=beam, model=SMALL)
+                                beam=one if slots.shape[1] == 1 else beam, model=SMALL)
     assert code in np.asarray(res.status).ravel().tolist(), name
     assert int(res.steps) == 0 and not np.any(np.asarray(res.lengths)), name
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, out), before)
@@ -406,3 +418,29 @@ def test_matches_transformers_beam_search(tmp_path):
                                  atol=1e-4, rtol=1e-5)
       stopped |= {h.stopped for h in hyps}
   assert stopped == {True, False}
+
+
+def test_searches_differing_in_settings_or_prompt_count_share_one_program():
+  """Only ``beam_width`` and rounded sizes shape the compiled search: other stop tokens (as
+  many, rounded), length penalties, stopping rules, ``max_new_tokens`` in the same power of
+  two, and 3 or 4 prompts (padded to 4) compile nothing new; the results are still the
+  float64 search's. Control: another ``beam_width`` compiles."""
+  from tests.test_no_recompile import COMPILE_EVENT, count_compilations
+
+  base = BeamSearchParams(beam_width=2, max_new_tokens=7, stop_tokens=(5,), length_penalty=1.0)
+  four = PROMPTS + [PROMPTS[0][:6]]
+  beam_search(PARAMS, SMALL, PROMPTS, base, cache_config=CC)
+  others = [dataclasses.replace(base, stop_tokens=(80,), length_penalty=-0.5,
+                                early_stopping=True, max_new_tokens=5),
+            dataclasses.replace(base, length_penalty=2.0, early_stopping="never",
+                                max_new_tokens=8)]
+  with count_compilations() as events:
+    for beam, prompts in zip(others, (four, PROMPTS), strict=True):
+      for prompt, hyps in zip(prompts, beam_search(PARAMS, SMALL, prompts, beam,
+                                                   cache_config=CC), strict=True):
+        check_against_reference(hyps, prompt, beam)
+  assert not [e for e in events if e[0] == COMPILE_EVENT], events
+  with count_compilations() as events:
+    beam_search(PARAMS, SMALL, PROMPTS, dataclasses.replace(base, beam_width=3),
+                cache_config=CC)
+  assert [e for e in events if e[0] == COMPILE_EVENT]

@@ -46,6 +46,7 @@ from jax_paged_kv.cache.config import CacheConfig
 from jax_paged_kv.cache.errors import raise_for_status
 from jax_paged_kv.cache.inputs import INT32_MAX
 from jax_paged_kv.cache.ops import (
+    _row_checks,
     allocate_sequences,
     fork_sequence,
     free_sequences,
@@ -54,7 +55,6 @@ from jax_paged_kv.cache.ops import (
 from jax_paged_kv.cache.state import PagedKVCache, init_cache
 from jax_paged_kv.models.base import Model, cache_config_for, check_cache_fits, check_model
 from jax_paged_kv.serving.decoding import (
-    _JIT_STATIC,
     MAX_STOP_TOKENS,
     Params,
     backend_jit,
@@ -70,11 +70,20 @@ MAX_BEAM_WIDTH = 64
 
 @dataclasses.dataclass(frozen=True)
 class BeamSearchParams:
-  """How :func:`beam_search` searches (hashable: a static argument of the jitted loop).
+  """How :func:`beam_search` searches.
+
+  Only ``beam_width`` and two sizes rounded up (``max_new_tokens`` to a power of two, at least
+  8; the number of stop tokens to a power of two) shape the compiled search: searches that
+  differ in anything else share one program.
 
   Attributes:
     beam_width: live beams per prompt, and hypotheses returned per prompt (Hugging Face's
-      ``num_beams``), in ``[1, MAX_BEAM_WIDTH]``.
+      ``num_beams``), in ``[1, MAX_BEAM_WIDTH]``; with the stop tokens, it keeps
+      :attr:`candidates` continuations a step, which must not exceed the vocabulary (Hugging
+      Face fills the rest with dummy beams; refused here). ``1`` is a one-beam search, where
+      Hugging Face runs greedy decoding instead: the two agree without stop tokens (tested);
+      with them a one-beam search may pass over a stopped hypothesis for a longer one, as
+      ``length_penalty`` and ``early_stopping`` rule.
     max_new_tokens: the longest hypothesis, in tokens (a beam that reaches it finishes).
     length_penalty: a finished hypothesis scores ``sum_logprob / generated_len **
       length_penalty``: above 0 favours longer ones, below 0 shorter ones (Hugging Face's
@@ -112,9 +121,52 @@ class BeamSearchParams:
 
   @property
   def candidates(self) -> int:
-    """Continuations kept per step (``(1 + max(1, len(stop_tokens))) * beam_width``): enough
-    that ``beam_width`` of them do not stop, however many pick a stop token."""
+    """Continuations Hugging Face keeps per step (``(1 + max(1, len(stop_tokens))) *
+    beam_width``): enough that ``beam_width`` of them do not stop, however many pick a stop
+    token. The compiled search may keep more (its stop-token table is rounded up): the same
+    ``beam_width`` non-stopping ones are among them, so the result is the same."""
     return (1 + max(1, len(self.stop_tokens))) * self.beam_width
+
+  def _split(self) -> tuple[_Shape, _Knobs]:
+    """The static part of the search and its traced values."""
+    shape = _Shape(self.beam_width, max(8, _pow2(self.max_new_tokens)),
+                   _pow2(max(1, len(self.stop_tokens))))
+    stops = np.full(shape.stop_width, -1, np.int32)
+    stops[:len(self.stop_tokens)] = self.stop_tokens
+    mode = {False: 0, True: 1, "never": 2}[self.early_stopping]
+    return shape, _Knobs(max_new=np.int32(self.max_new_tokens),
+                         length_penalty=np.float32(self.length_penalty), mode=np.int32(mode),
+                         stops=stops)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+  """What shapes a compiled search: beams per prompt, the token buffers' width (``>=
+  max_new_tokens``) and the stop-token table's."""
+
+  beam_width: int
+  capacity: int
+  stop_width: int
+
+  def candidates(self, vocab: int) -> int:
+    """Continuations kept per step: at least Hugging Face's count, at most the vocabulary."""
+    return min((1 + self.stop_width) * self.beam_width, vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+  """The traced values of a search: ``max_new`` int32[], ``length_penalty`` float32[],
+  ``mode`` int32[] (``early_stopping``: 0 False, 1 True, 2 "never"), ``stops``
+  int32[stop_width] (-1 padded)."""
+
+  max_new: Array
+  length_penalty: Array
+  mode: Array
+  stops: Array
+
+
+jax.tree_util.register_dataclass(
+    _Knobs, data_fields=[f.name for f in dataclasses.fields(_Knobs)], meta_fields=[])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +174,17 @@ class BeamResult:
   """What :func:`beam_search_loop` found, per prompt, best hypothesis first (a pytree).
 
   Attributes:
-    tokens: ``int32[batch, beam_width, max_new_tokens]``, ``-1`` after each hypothesis' end.
+    tokens: ``int32[batch, beam_width, capacity]`` (``capacity``: ``max_new_tokens`` rounded
+      up to a power of two, at least 8), ``-1`` after each hypothesis' end.
     lengths: ``int32[batch, beam_width]`` tokens per hypothesis (0: none, e.g. a padding row).
     scores: ``float32[batch, beam_width]``: ``sum of logprobs / lengths ** length_penalty``
       (Hugging Face's ``sequences_scores``); ``-inf`` where there is no hypothesis.
-    logprobs: ``float32[batch, beam_width, max_new_tokens]``: each token's log-probability
+    logprobs: ``float32[batch, beam_width, capacity]``: each token's log-probability
       under the model's raw distribution (NaN after the end).
     steps: ``int32[]`` model steps the search ran (prefill excluded).
-    status: ``int32[batch, beam_width]``: zeros, or why the search stopped early (the start's
-      fork over ``slots``, or a model step: e.g. ``POOL_EXHAUSTED``).
+    status: ``int32[batch, beam_width]``: zeros, or why the search stopped early: a bad slot
+      (column 0: the prompt slots; the others: the fork into the beam slots), or a model
+      step's (e.g. ``POOL_EXHAUSTED``).
     peak_blocks: ``int32[]`` the most blocks in use in the whole cache at any point of the
       search (its memory high-water mark, other sequences' blocks included).
   """
@@ -177,21 +231,20 @@ def _take(x: Array, idx: Array) -> Array:
   return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _select(st: _State, logits: Array, beam: BeamSearchParams) -> tuple[_State, Array]:
+def _select(st: _State, logits: Array, shape: _Shape, knobs: _Knobs) -> tuple[_State, Array]:
   """One beam step from every live beam's next-token ``logits [B, W, V]``: the new beams,
   finished hypotheses and stopping flags, and ``parent int32[B, W]`` (the beam each new beam
   continues). Hugging Face's ``_beam_search`` step, with ``-inf`` for its ``-1e9`` masks."""
   b, w, vocab = logits.shape
-  m, k, lp = beam.max_new_tokens, beam.candidates, beam.length_penalty
+  k, m, lp = shape.candidates(vocab), knobs.max_new, knobs.length_penalty
   t = st.step
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   flat = logp.reshape(b, w * vocab)
   vals, idx = jax.lax.top_k((logp + st.scores[..., None]).reshape(b, w * vocab), k)
   parent, tok = idx // vocab, (idx % vocab).astype(jnp.int32)
-  seqs = _take(st.seqs, parent).at[:, :, t].set(tok)  # [B, K, M]
+  seqs = _take(st.seqs, parent).at[:, :, t].set(tok)  # [B, K, capacity]
   lps = _take(st.lps, parent).at[:, :, t].set(jnp.take_along_axis(flat, idx, axis=1))
-  stops = jnp.asarray(beam.stop_tokens or (-1,), jnp.int32)
-  hits = jnp.any(tok[..., None] == stops[None, None, :], axis=-1) | (t + 1 >= m)  # [B, K]
+  hits = jnp.any(tok[..., None] == knobs.stops[None, None, :], axis=-1) | (t + 1 >= m)
 
   # The next beams: the best W continuations that did not stop.
   running = jnp.where(hits, -jnp.inf, vals)
@@ -218,12 +271,13 @@ def _select(st: _State, logits: Array, beam: BeamSearchParams) -> tuple[_State, 
              fin_set=merge(st.fin_set, add))
 
   # Can a live beam still enter the finished set? (Hugging Face's _check_early_stop_heuristic,
-  # at the new length.)
-  best_len = m if (beam.early_stopping == "never" and lp > 0) else t + 1
-  best = new["scores"][:, 0] / jnp.asarray(best_len, jnp.float32) ** lp
+  # at the new length: early_stopping="never" with length_penalty > 0 bounds it at the longest
+  # length, exactly; otherwise at the current one, a heuristic when length_penalty > 0.)
+  best_len = jnp.where((knobs.mode == 2) & (lp > 0), m, t + 1).astype(jnp.float32)
+  best = new["scores"][:, 0] / best_len ** lp
   full = jnp.all(fin["fin_set"], axis=1)
   worst = jnp.where(full, jnp.min(fin["fin_scores"], axis=1), -jnp.inf)
-  done = st.done | ~(best > worst) | (full & (beam.early_stopping is True)) | (t + 1 >= m)
+  done = st.done | ~(best > worst) | (full & (knobs.mode == 1)) | (t + 1 >= m)
   return st.replace(**new, **fin, done=done, step=t + 1), parent
 
 
@@ -234,16 +288,19 @@ def _beam_ids(st: _State, live: Array) -> Array:
 
 def _check_vocab(beam: BeamSearchParams, vocab: int, op: str) -> None:
   if beam.candidates > vocab:
-    raise ValueError(f"{op}: beam_width={beam.beam_width} keeps {beam.candidates} candidates "
-                     f"a step, more than the vocabulary ({vocab})")
+    raise ValueError(f"{op}: beam_width={beam.beam_width} with {len(beam.stop_tokens)} stop "
+                     f"tokens keeps {beam.candidates} candidates a step, more than the "
+                     f"vocabulary ({vocab}): Hugging Face would fill the rest with dummy beams")
 
 
-@backend_jit(static_argnames=(*_JIT_STATIC, "beam"), donate_argnames=("cache",))
 def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: Array, *,
                      beam: BeamSearchParams, model: Model | None = None,
                      config: Model | None = None, implementation: str | None = None,
                      max_blocks: int | None = None) -> tuple[PagedKVCache, BeamResult]:
   """The whole beam search of a batch of prefilled prompts, in one ``lax.while_loop``.
+
+  Jitted (the cache donated); it may also be called inside your own ``jit``. Searches with the
+  same ``beam_width`` and rounded sizes (:class:`BeamSearchParams`) share one compilation.
 
   Args:
     params: model parameters.
@@ -251,33 +308,42 @@ def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: 
       token is in the cache), ``slots[b, 1:]`` are free slots for its other beams.
     logits: ``float[batch, vocab]``, each prompt's last-position logits (from
       :func:`~jax_paged_kv.serving.decoding.prefill_step`).
-    slots: ``int32[batch, beam_width]`` distinct slots; a row of ``-1``: padding.
-    beam: :class:`BeamSearchParams` (static).
+    slots: ``int32[batch, beam_width]``, all distinct; a row of ``-1``: padding.
+    beam: :class:`BeamSearchParams`.
     model, config, implementation, max_blocks: static, as for
       :func:`~jax_paged_kv.serving.decoding.prefill_step`.
 
   Returns:
     ``(cache, BeamResult)``. The search ends every beam it started: the returned cache is the
     input cache with ``slots[:, 0]`` freed (a hypothesis' KV is not kept). If ``slots`` is bad
-    (``status`` from the start's fork: an inactive prompt slot, a beam slot in use, a
-    duplicate) nothing changes. If a model step fails (e.g. ``POOL_EXHAUSTED``) the search
-    stops there: the result holds what was finished before it, and the beams are freed all the
-    same.
+    (``status``: an inactive, repeated or out-of-range prompt slot in column 0; a beam slot in
+    use, repeated, or set on a padding row in the others) nothing changes. If a model step fails
+    (e.g. ``POOL_EXHAUSTED``) the search stops there: the result holds what was finished before
+    it, and the beams are freed all the same.
   """
   model = resolve_model(model, config)
-  check_cache_fits(model, cache.config)
   slots = jnp.asarray(slots, jnp.int32)
-  b, w = slots.shape
-  vocab = model.vocab_size
-  if w != beam.beam_width:
-    raise ValueError(f"beam_search_loop: slots has {w} columns, beam_width={beam.beam_width}")
-  if logits.shape != (b, vocab):
-    raise ValueError(f"beam_search_loop: logits {logits.shape}, want {(b, vocab)}")
-  _check_vocab(beam, vocab, "beam_search_loop")
-  cache, st, status = _start(cache, logits, slots, beam)
+  if slots.ndim != 2 or slots.shape[1] != beam.beam_width:
+    raise ValueError(f"beam_search_loop: slots of shape {slots.shape}, want [batch, "
+                     f"beam_width={beam.beam_width}]")
+  if jnp.shape(logits) != (slots.shape[0], model.vocab_size):
+    raise ValueError(f"beam_search_loop: logits of shape {jnp.shape(logits)}, want "
+                     f"{(slots.shape[0], model.vocab_size)}")
+  _check_vocab(beam, model.vocab_size, "beam_search_loop")
+  shape, knobs = beam._split()
+  return _loop(params, cache, logits, slots, knobs, shape=shape, model=model,
+               implementation=implementation, max_blocks=max_blocks)
+
+
+@backend_jit(static_argnames=("shape", "model", "implementation", "max_blocks"),
+             donate_argnames=("cache",))
+def _loop(params: Params, cache: PagedKVCache, logits: Array, slots: Array, knobs: _Knobs, *,
+          shape: _Shape, model: Model, implementation: str | None, max_blocks: int | None):
+  check_cache_fits(model, cache.config)
+  cache, st, status = _start(cache, logits, slots, shape, knobs)
   cache, st, failed = jax.lax.while_loop(
       lambda c: ~jnp.all(c[1].done) & jnp.all(c[2] == 0),
-      lambda c: _step(params, c[0], c[1], beam=beam, model=model,
+      lambda c: _step(params, c[0], c[1], shape, knobs, model=model,
                       implementation=implementation, max_blocks=max_blocks),
       (cache, st, status))
   return _finish(cache, st, failed)
@@ -288,40 +354,46 @@ def _used_blocks(cache: PagedKVCache) -> Array:
   return jnp.sum(cache.allocator.ref_counts[1:] > 0, dtype=jnp.int32)
 
 
-def _start(cache: PagedKVCache, logits: Array, slots: Array, beam: BeamSearchParams):
-  """Forks every prompt into its beam slots and takes the first step from the prefill
-  ``logits``: ``(cache, state, status int32[B, W])`` (nonzero: bad ``slots``, nothing
-  changed, and the state is done)."""
+def _start(cache: PagedKVCache, logits: Array, slots: Array, shape: _Shape, knobs: _Knobs):
+  """Checks ``slots``, forks every prompt into its beam slots and takes the first step from
+  the prefill ``logits``: ``(cache, state, status int32[B, W])`` (nonzero: bad ``slots``,
+  nothing changed, and the state is done)."""
   b, w = slots.shape
-  m, vocab = beam.max_new_tokens, logits.shape[-1]
+  vocab = logits.shape[-1]
   live = slots[:, 0] >= 0
-  kids = jnp.where(live[:, None], slots[:, 1:], -1).reshape(-1)
-  cache, status = fork_sequence(cache, jnp.where(live[:, None], slots[:, :1], -1).repeat(
-      w - 1, axis=1).reshape(-1), kids)
+  # The prompt slots: active and distinct (the fork checks the beam slots: free, distinct,
+  # not a prompt slot (those are active), -1 exactly on padding rows).
+  _, _, prompt_status = _row_checks(cache, slots[:, 0])
+  prompts_ok = jnp.all(prompt_status == 0)
+  parents = jnp.where(live[:, None] & prompts_ok, slots[:, :1], -1).repeat(w - 1, axis=1)
+  kids = jnp.where(prompts_ok, slots[:, 1:], -1)
+  cache, fork_status = fork_sequence(cache, parents.reshape(-1), kids.reshape(-1))
+  status = jnp.concatenate([prompt_status[:, None], fork_status.reshape(b, w - 1)], axis=1)
   started = jnp.all(status == 0)
-  status = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), status.reshape(b, w - 1)], axis=1)
+  cap = shape.capacity
   st = _State(
       slots=jnp.where(started, slots, -1), tokens=jnp.zeros((b, w), jnp.int32),
       scores=jnp.full((b, w), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
-      seqs=jnp.full((b, w, m), -1, jnp.int32), lps=jnp.full((b, w, m), jnp.nan, jnp.float32),
+      seqs=jnp.full((b, w, cap), -1, jnp.int32),
+      lps=jnp.full((b, w, cap), jnp.nan, jnp.float32),
       fin_scores=jnp.full((b, w), -jnp.inf, jnp.float32),
-      fin_seqs=jnp.full((b, w, m), -1, jnp.int32),
-      fin_lps=jnp.full((b, w, m), jnp.nan, jnp.float32), fin_lens=jnp.zeros((b, w), jnp.int32),
-      fin_set=jnp.zeros((b, w), bool), done=~live | ~started,
-      step=jnp.zeros((), jnp.int32), peak=_used_blocks(cache))
+      fin_seqs=jnp.full((b, w, cap), -1, jnp.int32),
+      fin_lps=jnp.full((b, w, cap), jnp.nan, jnp.float32),
+      fin_lens=jnp.zeros((b, w), jnp.int32), fin_set=jnp.zeros((b, w), bool),
+      done=~live | ~started, step=jnp.zeros((), jnp.int32), peak=_used_blocks(cache))
   # The prefill logits are every beam's (they are identical); only beam 0 scores (the others
   # start at -inf), so the first step's parents are all beam 0.
   cache, st = jax.lax.cond(
-      started, functools.partial(_advance, beam=beam), lambda c, s, _: (c, s), cache, st,
-      jnp.broadcast_to(logits[:, None, :], (b, w, vocab)))
+      started, functools.partial(_advance, shape=shape, knobs=knobs), lambda c, s, _: (c, s),
+      cache, st, jnp.broadcast_to(logits[:, None, :], (b, w, vocab)))
   return cache, st, status
 
 
-def _advance(cache: PagedKVCache, st: _State, logits: Array, *, beam: BeamSearchParams):
+def _advance(cache: PagedKVCache, st: _State, logits: Array, *, shape: _Shape, knobs: _Knobs):
   """Selects from ``logits [B, W, V]``, frees the prompts whose search ended, and points every
-  other beam's slot at its parent's blocks."""
+  other beam's slot at its parent's blocks. (Both updates' slots were checked at the start.)"""
   was = st.done
-  st, parent = _select(st, logits, beam)
+  st, parent = _select(st, logits, shape, knobs)
   cache, _ = free_sequences(cache, _beam_ids(st, st.done & ~was))
   src = jnp.take_along_axis(st.slots, parent, axis=1)
   cache, _ = reorder_sequences(cache, _beam_ids(st, ~st.done),
@@ -329,7 +401,7 @@ def _advance(cache: PagedKVCache, st: _State, logits: Array, *, beam: BeamSearch
   return cache, st
 
 
-def _step(params: Params, cache: PagedKVCache, st: _State, *, beam: BeamSearchParams,
+def _step(params: Params, cache: PagedKVCache, st: _State, shape: _Shape, knobs: _Knobs, *,
           model: Model, implementation: str | None, max_blocks: int | None):
   """One model step on every live beam's last token, then :func:`_advance`: ``(cache, state,
   status int32[B, W])``. On a failed step the model returned the cache unchanged, and the
@@ -341,7 +413,8 @@ def _step(params: Params, cache: PagedKVCache, st: _State, *, beam: BeamSearchPa
                                         jnp.repeat(live, w).astype(jnp.int32),
                                         implementation=implementation, max_blocks=max_blocks)
   st = st.replace(peak=jnp.maximum(st.peak, _used_blocks(cache)))
-  cache, st = jax.lax.cond(jnp.all(status == 0), functools.partial(_advance, beam=beam),
+  cache, st = jax.lax.cond(jnp.all(status == 0),
+                           functools.partial(_advance, shape=shape, knobs=knobs),
                            lambda c, s, _: (c, s), cache, st, logits.reshape(b, w, -1))
   return cache, st, status.reshape(b, w)
 
@@ -445,25 +518,29 @@ def beam_search(params: Params, model: Model, prompts: Sequence[Sequence[int]],
     raise ValueError(f"beam_search: a prompt of {longest} tokens and max_new_tokens={m} need "
                      f"max_seq_len >= {longest + m - 1}, the cache has {cc.max_seq_len}")
   prefill_chunk = int_in_range(prefill_chunk, "prefill_chunk", 1, INT32_MAX)
-  slots = np.arange(n * w, dtype=np.int32).reshape(n, w)
+  # The batch is padded to a power of two (rows of -1), so calls with 3 or 4 prompts share the
+  # compiled prefill and search.
+  rows = _pow2(n)
+  slots = np.full((rows, w), -1, np.int32)
+  slots[:n] = np.arange(n * w, dtype=np.int32).reshape(n, w)
   cache, _ = allocate_sequences(init_cache(cc), slots[:, 0])
   chunk = min(prefill_chunk, _pow2(longest))
-  last = np.zeros((n, model.vocab_size), np.float32)
-  zeros_f, zeros_i = np.zeros(n, np.float32), np.zeros(n, np.int32)
-  keys = np.stack([make_key(0)] * n)  # unused: the prefill's token is greedy and discarded
+  last = np.zeros((rows, model.vocab_size), np.float32)
+  zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+  keys = np.stack([make_key(0)] * rows)  # unused: the prefill's token is greedy and discarded
+  lens = np.asarray([len(p) for p in prompts] + [0] * (rows - n))
   for start in range(0, longest, chunk):
-    toks = np.zeros((n, chunk), np.int32)
-    num = np.zeros(n, np.int32)
+    toks = np.zeros((rows, chunk), np.int32)
     for i, p in enumerate(prompts):
       part = p[start:start + chunk]
       toks[i, :len(part)] = part
-      num[i] = len(part)
+    num = np.clip(lens - start, 0, chunk).astype(np.int32)
     cache, _, logits, status = prefill_step(
         params, cache, toks, np.where(num > 0, slots[:, 0], -1), num, zeros_f, zeros_i,
-        np.ones(n, np.float32), keys, zeros_i, model=model, implementation=implementation,
+        np.ones(rows, np.float32), keys, zeros_i, model=model, implementation=implementation,
         all_greedy=True)
     raise_for_status(status, slots[:, 0], op="beam_search (prefill)")
-    ends = np.asarray([start < len(p) <= start + chunk for p in prompts])
+    ends = (start < lens) & (lens <= start + chunk)
     last[ends] = np.asarray(logits)[ends]
   cache, res = beam_search_loop(params, cache, last, slots, beam=beam, model=model,
                                 implementation=implementation)
