@@ -19,7 +19,7 @@ wall time (median of ``--repeats`` after a first, compiling call) and tokens/s (
 computed: steps x beams x prompts), the first call's wall time (the cold start, compilation
 included), and the KV blocks held at the search's peak (``BeamResult.peak_blocks``).
 
-    python -m benchmarks.beam_search [--quick] [--widths 2 4 8] [--prompt-len 256]
+    python -m benchmarks.beam_search [--quick] [--widths 2 4 8] [--prompt-len 512]
 
 Saves ``benchmarks/results/beam_search.json``, ``benchmarks/plots/beam_search.png`` and its
 RESULTS.md section (``--quick`` writes to ``benchmarks/out/`` instead).
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
   p.add_argument("--model", choices=sorted(MODELS), default=None, help="default small")
   p.add_argument("--widths", type=int, nargs="+", default=None, help="default 2 4 8")
   p.add_argument("--prompts", type=int, default=None, help="default 4 (2 with --quick)")
-  p.add_argument("--prompt-len", type=int, default=None, help="default 256 (64 with --quick)")
-  p.add_argument("--new-tokens", type=int, default=None, help="default 32 (8 with --quick)")
-  p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+  p.add_argument("--prompt-len", type=int, default=None, help="default 512 (64 with --quick)")
+  p.add_argument("--new-tokens", type=int, default=None, help="default 64 (8 with --quick)")
+  p.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -144,9 +144,9 @@ def main(argv=None) -> int:
   args.model = args.model or ("tiny" if q else "small")
   widths = args.widths or ([2, 4] if q else [2, 4, 8])
   args.prompts = args.prompts or (2 if q else 4)
-  args.prompt_len = args.prompt_len or (64 if q else 256)
-  args.new_tokens = args.new_tokens or (8 if q else 32)
-  args.repeats = args.repeats or (1 if q else 3)
+  args.prompt_len = args.prompt_len or (64 if q else 512)
+  args.new_tokens = args.new_tokens or (8 if q else 64)
+  args.repeats = args.repeats or (1 if q else 5)
   model = model_config(args.model)
   params = init_params(model, jax.random.PRNGKey(0))
   rng = np.random.default_rng(args.seed)

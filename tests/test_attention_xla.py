@@ -4,13 +4,30 @@ import pytest
 
 import jax_paged_kv as pk
 from tests.attention_cases import (
+    DECODE_CASES,
     NONFINITE_V_CASES,
+    PREFILL_CASES,
     QUANT_CASES,
     AttentionCases,
     Case,
     build_case,
     poison_v,
 )
+
+
+def _subset(cases, keep):
+  """``cases`` with those not in ``keep`` (indices) marked slow (``-m slow`` runs them)."""
+  return [c if i in keep else pytest.param(c, marks=pytest.mark.slow)
+          for i, c in enumerate(cases)]
+
+
+# The interleave only changes the order pages are copied in, and the masked null-block padding of
+# tables whose block count is not a multiple of it. The default class runs the whole grid; the
+# other interleaves run the cases that meet that padding with every option it could disturb:
+# ragged lengths (0 ... 255 tokens, 0 ... 16 blocks), padding rows, GQA 20, a 513-token row,
+# windows, soft caps, ragged prefill rows. The rest of the grid runs with -m slow.
+INTERLEAVE_DECODE = _subset(DECODE_CASES, {0, 6, 7, 10, 11})
+INTERLEAVE_PREFILL = _subset(PREFILL_CASES, {0, 2, 4})
 
 
 class TestXLA(AttentionCases):
@@ -25,6 +42,8 @@ class TestXLAInOrder(AttentionCases):
 
   implementation = "xla"
   knobs = {"interleave": 1}
+  decode_cases = INTERLEAVE_DECODE
+  prefill_cases = INTERLEAVE_PREFILL
   quantized_cases = QUANT_CASES[:1]
 
 
@@ -33,6 +52,8 @@ class TestXLAInterleave3(AttentionCases):
 
   implementation = "xla"
   knobs = {"interleave": 3}
+  decode_cases = INTERLEAVE_DECODE
+  prefill_cases = INTERLEAVE_PREFILL
   quantized_cases = QUANT_CASES[1:]
 
 
