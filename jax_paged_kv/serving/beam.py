@@ -68,6 +68,13 @@ from jax_paged_kv.serving.decoding import (
 MAX_BEAM_WIDTH = 64
 
 
+def _pytree(cls):
+  """Registers a dataclass whose every field is an array leaf."""
+  jax.tree_util.register_dataclass(
+      cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
+  return cls
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamSearchParams:
   """How :func:`beam_search` searches.
@@ -153,6 +160,7 @@ class _Shape:
     return min((1 + self.stop_width) * self.beam_width, vocab)
 
 
+@_pytree
 @dataclasses.dataclass(frozen=True)
 class _Knobs:
   """The traced values of a search: ``max_new`` int32[], ``length_penalty`` float32[],
@@ -165,10 +173,8 @@ class _Knobs:
   stops: Array
 
 
-jax.tree_util.register_dataclass(
-    _Knobs, data_fields=[f.name for f in dataclasses.fields(_Knobs)], meta_fields=[])
 
-
+@_pytree
 @dataclasses.dataclass(frozen=True)
 class BeamResult:
   """What :func:`beam_search_loop` found, per prompt, best hypothesis first (a pytree).
@@ -198,10 +204,8 @@ class BeamResult:
   peak_blocks: Array
 
 
-jax.tree_util.register_dataclass(
-    BeamResult, data_fields=[f.name for f in dataclasses.fields(BeamResult)], meta_fields=[])
 
-
+@_pytree
 @dataclasses.dataclass(frozen=True)
 class _State:
   slots: Array  # int32[B, W] the beams' cache slots (fixed)
@@ -221,9 +225,6 @@ class _State:
   def replace(self, **kwargs) -> _State:
     return dataclasses.replace(self, **kwargs)
 
-
-jax.tree_util.register_dataclass(
-    _State, data_fields=[f.name for f in dataclasses.fields(_State)], meta_fields=[])
 
 
 def _take(x: Array, idx: Array) -> Array:
