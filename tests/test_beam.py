@@ -339,6 +339,9 @@ def test_loop_with_bad_slots_changes_nothing():
       "one beam, prompt slot inactive": (np.asarray([[0], [3]], np.int32),
                                          pk.Status.INACTIVE_SLOT),
   }
+  with pytest.raises(pk.CacheShapeError, match="slots"):  # 1.5 is no slot (never truncated)
+    beam_search_loop(PARAMS, cache, logits, np.asarray([[0, 1, 2], [4, 5, 6.5]]), beam=beam,
+                     model=SMALL)
   for name, (slots, code) in cases.items():
     before = jax.tree.map(np.asarray, cache)
     out, res = beam_search_loop(PARAMS, jax.tree.map(jnp.copy, cache), logits, slots,

@@ -10,8 +10,8 @@ block per child, at its next write), where a contiguous cache (Hugging Face's
 for all beams. Selection, reordering, finished hypotheses and the stopping rule all run on
 device in one ``lax.while_loop``: the host sees the search only when it ends.
 
-The search is Hugging Face ``transformers``' (``generate(num_beams=...)``, its 4.5x+ vectorised
-form), so ``length_penalty`` and ``early_stopping`` mean what they mean there:
+The search is Hugging Face ``transformers``' (``generate(num_beams=...)``, its vectorised form
+of 4.50+ and 5.x), so ``length_penalty`` and ``early_stopping`` mean what they mean there:
 
 * each step takes the ``(1 + max(1, len(stop_tokens))) * beam_width`` best continuations of all
   the prompt's beams; those ending in a stop token whose rank is below ``beam_width`` become
@@ -21,9 +21,9 @@ form), so ``length_penalty`` and ``early_stopping`` mean what they mean there:
   continuation finishes; the result is the ``beam_width`` best finished hypotheses;
 * a prompt's search ends when no beam can enter its finished set: ``early_stopping=True`` as
   soon as it holds ``beam_width`` hypotheses, ``False`` by Hugging Face's heuristic (the best
-  beam's score at the current length), ``"never"`` by the exact bound when ``length_penalty >
-  0`` (the best beam's sum over the largest length; with ``length_penalty <= 0`` the heuristic
-  is already exact).
+  beam's score at the current length), ``"never"`` by a true bound when ``length_penalty > 0``
+  (the best beam's sum over the largest length; with ``length_penalty <= 0`` the heuristic is
+  one already: a longer hypothesis can only score lower).
 
 Entry points: :func:`beam_search` (prompts in, hypotheses out; builds its own cache) and
 :func:`beam_search_loop` (the jitted search on a cache you hold, prompts already prefilled).
@@ -44,7 +44,7 @@ from jax import Array
 
 from jax_paged_kv.cache.config import CacheConfig
 from jax_paged_kv.cache.errors import raise_for_status
-from jax_paged_kv.cache.inputs import INT32_MAX
+from jax_paged_kv.cache.inputs import INT32_MAX, to_int32
 from jax_paged_kv.cache.ops import (
     _row_checks,
     allocate_sequences,
@@ -323,7 +323,7 @@ def beam_search_loop(params: Params, cache: PagedKVCache, logits: Array, slots: 
     it, and the beams are freed all the same.
   """
   model = resolve_model(model, config)
-  slots = jnp.asarray(slots, jnp.int32)
+  slots = to_int32(slots, "slots", "ids")  # integers only; out of int32: refused, never wrapped
   if slots.ndim != 2 or slots.shape[1] != beam.beam_width:
     raise ValueError(f"beam_search_loop: slots of shape {slots.shape}, want [batch, "
                      f"beam_width={beam.beam_width}]")
