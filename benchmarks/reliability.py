@@ -16,8 +16,8 @@ Two parts, each an existing check run bigger:
   preemption on a 16-block pool, invariants every step, outputs and scores against an
   unconstrained run where parallel samples are requests of their own), once with recompute
   and once with swap preemption, and cache soak (random ops under ``jit``, forks with several
-  children, truncations, against a plain-Python model), then everything freed: blocks leaked
-  and mismatches must be 0.
+  children, beam-search reorders, truncations, against a plain-Python model), then everything
+  freed: blocks leaked and mismatches must be 0.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
        f"{e['sampled requests'] + s['sampled requests']}; "
        f"{e['requests with min-p, penalties or logprobs'] + s['requests with min-p, penalties or logprobs']}; "  # noqa: E501
        f"{e['requests with n > 1 samples'] + s['requests with n > 1 samples']}"),
-      ("cache soak ops (forks, truncations)", f"{c['ops']} ({c['forks']}, {c['truncations']})"),
+      ("cache soak ops (forks, reorders, truncations)",
+       f"{c['ops']} ({c['forks']}, {c['reorders']}, {c['truncations']})"),
       ("blocks leaked (engine + cache)",
        e["blocks leaked"] + s["blocks leaked"] + c["blocks leaked"]),
       ("invariant failures", e["invariant failures"] + s["invariant failures"]

@@ -59,6 +59,7 @@ from jax_paged_kv import (
   free_sequences,
   init_cache,
   lookup_kv,
+  reorder_sequences,
   truncate_sequences,
 )
 from jax_paged_kv.models import LlamaConfig, init_params
@@ -429,6 +430,21 @@ class CacheModel:
         self.refs[b] += 1
     return True
 
+  def reorder(self, ids, srcs) -> bool:
+    # Each id takes what its source held before the call (sources may repeat, or be an id).
+    if (not self._distinct(ids) or any(s not in self.tokens for s in ids)
+        or any(s not in self.tokens for s in srcs)):
+      return False
+    old = {s: (list(self.tokens[s]), list(self.blocks[s])) for s in set(srcs)}
+    for src in srcs:
+      for b in old[src][1]:
+        self.refs[b] += 1
+    for s, src in zip(ids, srcs, strict=True):
+      for b in self.blocks[s]:
+        self._release(b)
+      self.tokens[s], self.blocks[s] = list(old[src][0]), list(old[src][1])
+    return True
+
   def truncate(self, ids, counts) -> bool:
     if (not self._distinct(ids) or any(s not in self.tokens for s in ids)
         or any(not 0 <= n <= len(self.tokens[s]) for s, n in zip(ids, counts, strict=True))):
@@ -460,6 +476,7 @@ _OPS = dict(
     allocate=jax.jit(lambda c, ids: allocate_sequences(c, ids)),
     append=jax.jit(lambda c, k, v, ids, n: append_kv(c, k, v, ids, num_new=n)),
     fork=jax.jit(lambda c, parents, children: fork_sequence(c, parents, children)),
+    reorder=jax.jit(lambda c, ids, srcs: reorder_sequences(c, ids, srcs)),
     truncate=jax.jit(lambda c, ids, n: truncate_sequences(c, ids, n)),
     free=jax.jit(lambda c, ids: free_sequences(c, ids)),
 )
@@ -578,7 +595,8 @@ def cache_soak(steps: int = 400, *, seed: int = 0, num_blocks: int = 1 + 14, max
     idle = [s for s in range(max_seqs) if s not in model.tokens]
     bad = rng.random() < invalid_fraction
     weights = dict(allocate=2 if idle else 0, append=5 if live else 0,
-                   fork=2 if live and idle else 0, truncate=2 if live else 0,
+                   fork=2 if live and idle else 0, reorder=1.5 if live else 0,
+                   truncate=2 if live else 0,
                    free=1.5 if live else 0)
     names = list(weights)
     p = np.asarray([weights[n] for n in names], float)
@@ -615,6 +633,19 @@ def cache_soak(steps: int = 400, *, seed: int = 0, num_blocks: int = 1 + 14, max
         children[-1] = int(rng.choice(live))  # an active child: SLOT_IN_USE
       accepted = model.fork(parents, children)
       cache, failed = call(op, _pad(parents, width), _pad(children, width))
+    elif op == "reorder":
+      ids = pick(live)
+      # Beam search's reorder: sources among the rows (repeats, a row its own source), or
+      # any live sequence.
+      srcs = [int(x) for x in rng.choice(ids if rng.integers(2) else live, len(ids))]
+      if bad:
+        if idle and rng.integers(2):
+          srcs[-1] = int(rng.choice(idle))  # an inactive source: INACTIVE_SLOT
+        else:
+          ids = ids[:width - 1] + ids[:1]  # a repeated sequence: DUPLICATE_SLOT
+          srcs = srcs[:width - 1] + srcs[:1]
+      accepted = model.reorder(ids, srcs)
+      cache, failed = call(op, _pad(ids, width), _pad(srcs, width))
     elif op == "truncate":
       ids = pick(live)
       counts = [int(rng.integers(0, len(model.tokens[s]) + 1)) for s in ids]
@@ -666,6 +697,7 @@ def cache_soak(steps: int = 400, *, seed: int = 0, num_blocks: int = 1 + 14, max
       "allocations": count["allocate"],
       "appends": count["append"],
       "forks": count["fork"],
+      "reorders": count["reorder"],
       "truncations": count["truncate"],
       "frees": count["free"],
       "rejected calls": count["rejected calls"],

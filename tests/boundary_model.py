@@ -160,6 +160,25 @@ def spec_fork(state, parents, children):
   return codes, new
 
 
+def spec_reorder(state, ids, srcs):
+  """Each sequence takes its source's tokens and blocks as they were before the call."""
+  icodes = row_status(state, ids)
+  scodes = row_status(state, srcs, duplicates=False)
+  codes = []
+  for r, (s, src) in enumerate(zip(ids, srcs, strict=True)):
+    code = icodes[r] or scodes[r]
+    if code == 0 and (s < 0) != (src < 0):
+      code = Status.INVALID_SLOT
+    codes.append(code)
+  if any(codes):
+    return codes, None
+  new = state.clone()
+  for s, src in zip(ids, srcs, strict=True):
+    if s >= 0:
+      new.tokens[s], new.blocks[s] = list(state.tokens[src]), list(state.blocks[src])
+  return codes, new
+
+
 def spec_append(state, ids, counts, t, values):
   """``values[r][i]``: the value appended as token ``i`` of row ``r``."""
   bs = CFG.block_size

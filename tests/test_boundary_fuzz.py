@@ -319,6 +319,34 @@ def test_fuzz_fork(data):
               lambda: bm.spec_fork(STATE, tp, tc))
 
 
+@SETTINGS
+@given(data=st.data())
+def test_fuzz_reorder(data):
+  n = data.draw(st.integers(0, 3))
+  ids = data.draw(st.one_of(vector_arg(n, -2, 5), st.lists(st.sampled_from([0, 1, 2]),
+                                                             min_size=n, max_size=n)))
+  srcs = data.draw(st.one_of(vector_arg(n, -2, 5), st.lists(st.sampled_from([0, 1, 2]),
+                                                              min_size=n, max_size=n)))
+  k1, ivals = expect_values(ids, "ids")
+  k2, svals = expect_values(srcs, "ids")
+  if k1 == "raise":
+    outcome = ("raise", ivals)
+  elif k2 == "raise":
+    outcome = ("raise", svals)
+  elif len(ivals) != len(svals):
+    outcome = ("raise", pk.CacheShapeError)
+  else:
+    outcome = ("spec", None)
+  check_eager("reorder_sequences",
+              lambda c: pk.reorder_sequences(c, ids, srcs, donate=False), outcome,
+              lambda: bm.spec_reorder(STATE, ivals, svals))
+  ji, js = jit_form(ids), jit_form(srcs)
+  if ji is not None and js is not None and np.ndim(ji) == 1 and np.shape(ji) == np.shape(js):
+    ti, ts = traced_values(ji, "ids"), traced_values(js, "ids")
+    check_jit("reorder_sequences", pk.reorder_sequences, (ji, js),
+              lambda: bm.spec_reorder(STATE, ti, ts))
+
+
 # ---------------------------------------------------------------------------------------------
 # append / reserve
 

@@ -9,6 +9,7 @@ recorded as test properties (``--junitxml``).
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from benchmarks import soak
 from jax_paged_kv import fork_sequence
@@ -73,12 +74,12 @@ def test_engine_soak_with_swap_preemption(record_property):
 
 
 def test_cache_soak_forks_truncations_under_jit(record_property):
-  """400 random allocate/append/fork/truncate/free calls under jit against a plain-Python model
-  of each sequence's tokens and blocks; then everything is freed."""
+  """400 random allocate/append/fork/reorder/truncate/free calls under jit against a
+  plain-Python model of each sequence's tokens and blocks; then everything is freed."""
   rep = soak.cache_soak(400, seed=0)
   emit(rep, record_property)
   f = rep.figures
-  for op in ("allocations", "appends", "forks", "truncations", "frees"):
+  for op in ("allocations", "appends", "forks", "reorders", "truncations", "frees"):
     assert f[op] >= 20, op
   assert f["copy-on-write copies"] > 0 and f["peak shared blocks"] > 0
   assert f["pool exhausted"] > 0 and f["rejected calls"] > f["pool exhausted"]
@@ -101,5 +102,29 @@ def test_cache_soak_catches_a_fork_that_forgets_its_references(monkeypatch):
   f = rep.figures
   assert f["forks"] > 0
   assert f["invariant failures"] > 0 and f["mismatches"] > 0
+  assert rep.problems and not rep.ok
+
+
+def test_cache_soak_catches_a_reorder_that_drops_references_first(monkeypatch):
+  """... and a reorder that releases a sequence's old blocks before taking the new references
+  (a block both hold would pass through zero onto the free list while still in use)."""
+  from jax_paged_kv.cache import allocator as alloc_lib
+  from jax_paged_kv.cache.ops import reorder_sequences
+
+  def early_release(cache, ids, srcs):
+    sid = jnp.clip(ids, 0, cache.config.max_seqs - 1)
+    nb = -(-cache.seq_lens[sid] // cache.config.block_size)
+    held = (ids >= 0)[:, None] & (jnp.arange(cache.config.max_blocks_per_seq)[None, :]
+                                  < nb[:, None])
+    dropped = cache.replace(allocator=alloc_lib.release_blocks(
+        cache.allocator, cache.block_tables[sid], held))
+    out, status = reorder_sequences(dropped, ids, srcs)
+    retaken = alloc_lib.retain_blocks(out.allocator, cache.block_tables[sid], held)
+    bad = out.replace(allocator=retaken)
+    return jax.tree.map(lambda a, b: jnp.where(jnp.any(status != 0), a, b), cache, bad), status
+
+  monkeypatch.setitem(soak._OPS, "reorder", jax.jit(early_release))
+  rep = soak.cache_soak(150, seed=1)
+  assert rep.figures["reorders"] > 0
   assert rep.problems and not rep.ok
 
