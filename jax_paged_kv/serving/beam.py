@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.cache.config import CacheConfig
+from jax_paged_kv.cache.config import CacheConfig, CacheStrategy
 from jax_paged_kv.cache.errors import raise_for_status
 from jax_paged_kv.cache.inputs import INT32_MAX, to_int32
 from jax_paged_kv.cache.ops import (
@@ -60,6 +60,7 @@ from jax_paged_kv.serving.decoding import (
     backend_jit,
     int_in_range,
     make_key,
+    pow2_ceil,
     prefill_step,
     resolve_model,
 )
@@ -136,8 +137,8 @@ class BeamSearchParams:
 
   def _split(self) -> tuple[_Shape, _Knobs]:
     """The static part of the search and its traced values."""
-    shape = _Shape(self.beam_width, max(8, _pow2(self.max_new_tokens)),
-                   _pow2(max(1, len(self.stop_tokens))))
+    shape = _Shape(self.beam_width, max(8, pow2_ceil(self.max_new_tokens)),
+                   pow2_ceil(max(1, len(self.stop_tokens))))
     stops = np.full(shape.stop_width, -1, np.int32)
     stops[:len(self.stop_tokens)] = self.stop_tokens
     mode = {False: 0, True: 1, "never": 2}[self.early_stopping]
@@ -351,7 +352,11 @@ def _loop(params: Params, cache: PagedKVCache, logits: Array, slots: Array, knob
 
 
 def _used_blocks(cache: PagedKVCache) -> Array:
-  """``int32[]``: blocks some sequence holds (the null block aside)."""
+  """``int32[]``: blocks some sequence holds (the null block aside): from the free count in a
+  ``PAGED`` cache (O(1) a step), counted in a ``CONTIGUOUS`` one (whose slabs never return to
+  a free list)."""
+  if cache.config.strategy is CacheStrategy.PAGED:
+    return cache.config.usable_blocks - cache.allocator.num_free
   return jnp.sum(cache.allocator.ref_counts[1:] > 0, dtype=jnp.int32)
 
 
@@ -373,7 +378,7 @@ def _start(cache: PagedKVCache, logits: Array, slots: Array, shape: _Shape, knob
   started = jnp.all(status == 0)
   cap = shape.capacity
   st = _State(
-      slots=jnp.where(started, slots, -1), tokens=jnp.zeros((b, w), jnp.int32),
+      slots=slots, tokens=jnp.zeros((b, w), jnp.int32),
       scores=jnp.full((b, w), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
       seqs=jnp.full((b, w, cap), -1, jnp.int32),
       lps=jnp.full((b, w, cap), jnp.nan, jnp.float32),
@@ -453,10 +458,6 @@ class BeamHypothesis:
     return float(np.sum(np.asarray(self.logprobs, np.float64)))
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
 def beam_cache_config(model: Model, prompts: Sequence[Sequence[int]], beam: BeamSearchParams,
                       *, block_size: int = 16) -> CacheConfig:
   """The ``PAGED`` cache :func:`beam_search` builds when given none: a slot per beam, and
@@ -465,11 +466,11 @@ def beam_cache_config(model: Model, prompts: Sequence[Sequence[int]], beam: Beam
   powers of two (at least 256 tokens), so calls of similar size share compiled programs."""
   w, m = beam.beam_width, beam.max_new_tokens
   longest = max(len(p) for p in prompts) + m
-  max_len = block_size * math.ceil(_pow2(max(256, longest)) / block_size)
+  max_len = block_size * math.ceil(pow2_ceil(max(256, longest)) / block_size)
   blocks = sum(math.ceil(len(p) / block_size) + w * (math.ceil(m / block_size) + 2)
                for p in prompts)
-  return cache_config_for(check_model(model), num_blocks=_pow2(1 + blocks),
-                          max_seqs=_pow2(len(prompts) * w), max_seq_len=max_len,
+  return cache_config_for(check_model(model), num_blocks=pow2_ceil(1 + blocks),
+                          max_seqs=pow2_ceil(len(prompts) * w), max_seq_len=max_len,
                           block_size=block_size)
 
 
@@ -521,11 +522,11 @@ def beam_search(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   prefill_chunk = int_in_range(prefill_chunk, "prefill_chunk", 1, INT32_MAX)
   # The batch is padded to a power of two (rows of -1), so calls with 3 or 4 prompts share the
   # compiled prefill and search.
-  rows = _pow2(n)
+  rows = pow2_ceil(n)
   slots = np.full((rows, w), -1, np.int32)
   slots[:n] = np.arange(n * w, dtype=np.int32).reshape(n, w)
   cache, _ = allocate_sequences(init_cache(cc), slots[:, 0])
-  chunk = min(prefill_chunk, _pow2(longest))
+  chunk = min(prefill_chunk, pow2_ceil(longest))
   last = np.zeros((rows, model.vocab_size), np.float32)
   zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
   keys = np.stack([make_key(0)] * rows)  # unused: the prefill's token is greedy and discarded

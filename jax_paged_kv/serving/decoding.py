@@ -260,6 +260,11 @@ class SamplingParams:
             or self.frequency_penalty != 0)
 
 
+def pow2_ceil(n: int) -> int:
+  """The smallest power of two ``>= n`` (1 for ``n <= 1``): static sizes that calls share."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
 def int_in_range(value, name: str, low: int = INT32_MIN, high: int = INT32_MAX) -> int:
   """``value`` as an int in ``[low, high]`` (default: int32); a bool, float or out-of-range
   value raises ``ValueError``."""
@@ -443,7 +448,7 @@ class Penalties:
       raise ValueError(f"{len(prompts)} prompts, {len(outputs)} outputs and {n} sampling "
                        "params must match")
     longest = max([1, *(len(p) for p in prompts), *(len(o) for o in outputs)])
-    length = 1 << (longest - 1).bit_length() if length is None else int(length)
+    length = pow2_ceil(longest) if length is None else int(length)
     if longest > length:
       raise ValueError(f"a row has {longest} tokens, more than {length=}")
     toks = np.full((2, n, length), -1, np.int32)

@@ -94,6 +94,7 @@ from jax_paged_kv.serving.decoding import (
   backend_jit,
   decode_loop,
   int_in_range,
+  pow2_ceil,
   prefill_step,
   token_scores,
 )
@@ -1057,10 +1058,6 @@ def stream_deltas(sent: dict[int, int],
 DEFAULT_MAX_SEQS = 256  # sequence slots of generate's default cache
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
 def default_cache_config(model: Model, prompts: Sequence[Sequence[int]],
                          sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
                          block_size: int = 16) -> CacheConfig:
@@ -1087,7 +1084,7 @@ def default_cache_config(model: Model, prompts: Sequence[Sequence[int]],
   totals = [len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True)]
   if not totals:
     raise ValueError("no prompts")
-  max_len = block_size * math.ceil(_pow2(max(256, max(totals))) / block_size)
+  max_len = block_size * math.ceil(pow2_ceil(max(256, max(totals))) / block_size)
   # A model exact only up to some context (dynamic RoPE) refuses longer caches: when every
   # request fits that context, the default cache stops there instead.
   limit = getattr(model, "max_position_embeddings", None)
@@ -1096,7 +1093,7 @@ def default_cache_config(model: Model, prompts: Sequence[Sequence[int]],
     max_len = limit
   blocks = sorted((math.ceil(t / block_size) for t in totals), reverse=True)
   need = 1 + sum(blocks[:DEFAULT_MAX_SEQS])  # the null block, then every request at once
-  return cache_config_for(check_model(model), num_blocks=_pow2(need),
+  return cache_config_for(check_model(model), num_blocks=pow2_ceil(need),
                           max_seqs=DEFAULT_MAX_SEQS, max_seq_len=max_len,
                           block_size=block_size)
 
