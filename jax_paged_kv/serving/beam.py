@@ -59,9 +59,8 @@ from jax_paged_kv.serving.decoding import (
     Params,
     backend_jit,
     int_in_range,
-    make_key,
     pow2_ceil,
-    prefill_step,
+    prefill_prompts,
     resolve_model,
 )
 
@@ -526,24 +525,9 @@ def beam_search(params: Params, model: Model, prompts: Sequence[Sequence[int]],
   slots = np.full((rows, w), -1, np.int32)
   slots[:n] = np.arange(n * w, dtype=np.int32).reshape(n, w)
   cache, _ = allocate_sequences(init_cache(cc), slots[:, 0])
-  chunk = min(prefill_chunk, pow2_ceil(longest))
-  last = np.zeros((rows, model.vocab_size), np.float32)
-  zeros_f, zeros_i = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
-  keys = np.stack([make_key(0)] * rows)  # unused: the prefill's token is greedy and discarded
-  lens = np.asarray([len(p) for p in prompts] + [0] * (rows - n))
-  for start in range(0, longest, chunk):
-    toks = np.zeros((rows, chunk), np.int32)
-    for i, p in enumerate(prompts):
-      part = p[start:start + chunk]
-      toks[i, :len(part)] = part
-    num = np.clip(lens - start, 0, chunk).astype(np.int32)
-    cache, _, logits, status = prefill_step(
-        params, cache, toks, np.where(num > 0, slots[:, 0], -1), num, zeros_f, zeros_i,
-        np.ones(rows, np.float32), keys, zeros_i, model=model, implementation=implementation,
-        all_greedy=True)
-    raise_for_status(status, slots[:, 0], op="beam_search (prefill)")
-    ends = (start < lens) & (lens <= start + chunk)
-    last[ends] = np.asarray(logits)[ends]
+  cache, _, last = prefill_prompts(params, cache, prompts, slots[:, 0], model=model,
+                                  chunk=min(prefill_chunk, pow2_ceil(longest)),
+                                  implementation=implementation, op="beam_search (prefill)")
   cache, res = beam_search_loop(params, cache, last, slots, beam=beam, model=model,
                                 implementation=implementation)
   raise_for_status(res.status.reshape(-1), slots.reshape(-1), op="beam_search")

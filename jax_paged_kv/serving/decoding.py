@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from jax_paged_kv.cache.errors import is_tracing
+from jax_paged_kv.cache.errors import is_tracing, raise_for_status
 from jax_paged_kv.cache.inputs import INT32_MAX, INT32_MIN
 from jax_paged_kv.cache.ops import free_outside_window
 from jax_paged_kv.cache.state import PagedKVCache
@@ -375,33 +375,56 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array,
   sampling = temperature > 0
 
   def sample(_):
-    t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
-    # Shifted by the row's max first: logits / t overflows to +inf for a tiny t (2e-38), and a
-    # row of infs samples its first token, not its argmax. Same distribution and thresholds.
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    z = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / t[:, None]
-    bits = _ordered_bits(z)
-    keep = jax.lax.cond(jnp.any(sampling & (top_k > 0)), lambda: _top_k_mask(bits, top_k),
-                        lambda: jnp.ones(z.shape, bool))
-    z = jnp.where(keep, z, -jnp.inf)
-
-    def nucleus():
-      probs = jax.nn.softmax(z, axis=-1)
-      return keep & _top_p_mask(bits, probs, jnp.where(sampling, top_p, 1.0))
-
-    keep = jax.lax.cond(jnp.any(sampling & (top_p < 1)), nucleus, lambda: keep)
-    z = jnp.where(keep, z, -jnp.inf)
-    if min_p is not None:
-      # p_i >= min_p * p_max, as z_i >= z_max + log(min_p): top-k and top-p keep the row's
-      # most likely token, and renormalising changes no ratio. min_p = 0 keeps every token.
-      mp = jnp.where(sampling, min_p, 0.0).astype(jnp.float32)
-      floor = jnp.max(z, axis=-1) + jnp.log(mp)
-      z = jax.lax.cond(jnp.any(mp > 0), lambda: jnp.where(z >= floor[:, None], z, -jnp.inf),
-                       lambda: z)
+    z = _filtered(logits, sampling, temperature, top_k, top_p, min_p)
     sampled = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
     return jnp.where(sampling, sampled, greedy)
 
   return jax.lax.cond(jnp.any(sampling), sample, lambda _: greedy, None)
+
+
+def filtered_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array,
+                    min_p: Array | None = None) -> Array:
+  """``float32[batch, vocab]``: the logits :func:`sample_tokens` draws each row's token from
+  (``softmax`` of a row is its sampling distribution): divided by the temperature, ``-inf``
+  where top-k, top-p or min-p drop a token. A greedy row (``temperature == 0``) is ``0`` at its
+  argmax and ``-inf`` elsewhere. Speculative sampling compares these distributions."""
+  logits = logits.astype(jnp.float32)
+  sampling = temperature > 0
+  onehot = jnp.arange(logits.shape[-1])[None, :] == jnp.argmax(logits, axis=-1)[:, None]
+  greedy = jnp.where(onehot, 0.0, -jnp.inf).astype(jnp.float32)
+  return jax.lax.cond(
+      jnp.any(sampling),
+      lambda: jnp.where(sampling[:, None],
+                        _filtered(logits, sampling, temperature, top_k, top_p, min_p), greedy),
+      lambda: greedy)
+
+
+def _filtered(logits, sampling, temperature, top_k, top_p, min_p):
+  """The sampling rows' filtered logits (see :func:`sample_tokens`; other rows: unscaled)."""
+  t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
+  # Shifted by the row's max first: logits / t overflows to +inf for a tiny t (2e-38), and a
+  # row of infs samples its first token, not its argmax. Same distribution and thresholds.
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  z = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / t[:, None]
+  bits = _ordered_bits(z)
+  keep = jax.lax.cond(jnp.any(sampling & (top_k > 0)), lambda: _top_k_mask(bits, top_k),
+                      lambda: jnp.ones(z.shape, bool))
+  z = jnp.where(keep, z, -jnp.inf)
+
+  def nucleus():
+    probs = jax.nn.softmax(z, axis=-1)
+    return keep & _top_p_mask(bits, probs, jnp.where(sampling, top_p, 1.0))
+
+  keep = jax.lax.cond(jnp.any(sampling & (top_p < 1)), nucleus, lambda: keep)
+  z = jnp.where(keep, z, -jnp.inf)
+  if min_p is not None:
+    # p_i >= min_p * p_max, as z_i >= z_max + log(min_p): top-k and top-p keep the row's
+    # most likely token, and renormalising changes no ratio. min_p = 0 keeps every token.
+    mp = jnp.where(sampling, min_p, 0.0).astype(jnp.float32)
+    floor = jnp.max(z, axis=-1) + jnp.log(mp)
+    z = jax.lax.cond(jnp.any(mp > 0), lambda: jnp.where(z >= floor[:, None], z, -jnp.inf),
+                     lambda: z)
+  return z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -706,6 +729,44 @@ def prefill_step(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Ar
   if targets is not None:
     return cache, nxt, logits, status, target_lps
   return cache, nxt, logits, status
+
+
+def prefill_prompts(params: Params, cache: PagedKVCache, prompts: Sequence[Sequence[int]],
+                    seq_ids: np.ndarray, *, model: Model, chunk: int,
+                    sampling: Sequence[SamplingParams] | None = None,
+                    implementation: str | None = None, op: str = "prefill"):
+  """Host loop: prefills each row's prompt into its (allocated) slot, ``chunk`` tokens a step.
+
+  Rows past ``len(prompts)`` are padding (``seq_ids`` of ``-1``). Each row's first token is
+  drawn from its last prompt logits with its :class:`SamplingParams` (key index 0, as the
+  engine draws it; default greedy). Returns ``(cache, first_tokens int32[rows], last_logits
+  float32[rows, vocab])`` as NumPy arrays; a failed step raises its named cache error.
+  """
+  rows, n = len(seq_ids), len(prompts)
+  lens = np.asarray([len(p) for p in prompts] + [0] * (rows - n))
+  sp = list(sampling or [SamplingParams()] * n) + [SamplingParams()] * (rows - n)
+  temperature = np.asarray([s.temperature for s in sp], np.float32)
+  top_k = np.asarray([s.top_k for s in sp], np.int32)
+  top_p = np.asarray([s.top_p for s in sp], np.float32)
+  min_p = np.asarray([s.min_p for s in sp], np.float32)
+  keys = np.stack([make_key(s.seed) for s in sp])
+  first = np.zeros(rows, np.int32)
+  last = np.zeros((rows, model.vocab_size), np.float32)
+  for start in range(0, int(lens.max(initial=0)), chunk):
+    toks = np.zeros((rows, chunk), np.int32)
+    for i, p in enumerate(prompts):
+      part = p[start:start + chunk]
+      toks[i, :len(part)] = part
+    num = np.clip(lens - start, 0, chunk).astype(np.int32)
+    cache, nxt, logits, status = prefill_step(
+        params, cache, toks, np.where(num > 0, seq_ids, -1), num, temperature, top_k, top_p,
+        keys, np.zeros(rows, np.int32), model=model, implementation=implementation,
+        all_greedy=not np.any(temperature > 0), min_p=min_p)
+    raise_for_status(status, seq_ids, op=op)
+    ends = (start < lens) & (lens <= start + chunk)
+    first[ends] = np.asarray(nxt)[ends]
+    last[ends] = np.asarray(logits)[ends]
+  return cache, first, last
 
 
 @backend_jit(static_argnames=_JIT_STATIC, donate_argnames=("cache",))
