@@ -1,6 +1,7 @@
 """The serving layer: the jitted prefill/decode steps and loop, the continuous-batching engine,
-beam search (the whole search in one ``jit``), and ``jax.export`` of a decode step. It depends
-on the model *protocol* (:class:`~jax_paged_kv.models.base.Model`), never on one model.
+beam search and speculative decoding (each in one ``jit``), and ``jax.export`` of a decode
+step. It depends on the model *protocol* (:class:`~jax_paged_kv.models.base.Model`), never on
+one model.
 """
 
 from jax_paged_kv.serving.beam import (
@@ -35,6 +36,15 @@ from jax_paged_kv.serving.engine import (
 )
 from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
+from jax_paged_kv.serving.speculative import (
+    MAX_DRAFT_TOKENS,
+    SpecResult,
+    SpecState,
+    SpeculativeConfig,
+    SpeculativeOutput,
+    speculative_generate,
+    speculative_loop,
+)
 
 __all__ = [
     "MAX_BEAM_WIDTH",
@@ -66,4 +76,11 @@ __all__ = [
     "sample_tokens",
     "token_logprobs",
     "top_token_logprobs",
+    "MAX_DRAFT_TOKENS",
+    "SpeculativeConfig",
+    "SpeculativeOutput",
+    "SpecResult",
+    "SpecState",
+    "speculative_generate",
+    "speculative_loop",
 ]
