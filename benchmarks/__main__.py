@@ -39,6 +39,7 @@ BENCHMARKS = {
     "sampling": "cost per decode step of each sampling feature (top-p, min-p, penalties, logprobs)",
     "parallel_sampling": "n samples per prompt sharing its blocks vs n separate requests",
     "beam_search": "beam search in one jit on shared blocks vs copied KV vs a host-driven loop",
+    "speculative": "speculative decoding (prompt lookup, draft models) vs greedy decode_loop",
 }
 
 
