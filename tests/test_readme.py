@@ -127,3 +127,17 @@ def test_beam_search_snippet_gives_the_float64_search(capsys):
     assert [h.tokens for h in hyps] == [r[1] for r in ref]
     np.testing.assert_allclose([h.score for h in hyps], [r[0] for r in ref], atol=2e-4)
   assert str(ns["beams"][0][0].tokens) in capsys.readouterr().out
+
+
+def test_speculative_snippet_gives_greedy_decoding(capsys):
+  """The README's speculative-decoding snippet (with the streaming snippet's model): the tokens
+  are the float64 greedy continuation, and prompt lookup drafted something."""
+  from tests.llama_reference import reference_greedy
+
+  ns = run_block("engine.stream()")
+  (code,) = [b for b in BLOCKS if "pk.speculative_generate(" in b]
+  exec(compile(code, "README.md:speculative decoding", "exec"), ns)  # noqa: S102
+  (out,) = ns["out"]
+  assert out.tokens == reference_greedy(ns["params"], ns["model"], [1, 2, 3, 4, 5, 1, 2, 3], 12)
+  assert out.drafted > 0
+  assert str(out.tokens) in capsys.readouterr().out
