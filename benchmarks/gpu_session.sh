@@ -10,8 +10,9 @@
 #      quantised cases included) and the decoding tests on the GPU;
 #   4. decode_step (paged vs contiguous, and with attention fusion) and serving benchmarks on
 #      the GPU (saved as *_gpu).
-#   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin) and
-#   sharding (decode step per layout on the GPUs there are).
+#   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin),
+#   sharding (decode step per layout on the GPUs there are) and speculative (speculative
+#   decoding vs greedy decode_loop, where a decode step is memory-bound; saved as *_gpu).
 # Each part has its own time limit (together under 8 minutes) and a failure does not stop the
 # next one. Logs and a tarball of benchmarks/results, plots and RESULTS.md go to $OUT (default
 # benchmarks/out/gpu_session).
@@ -55,6 +56,7 @@ if [ "$SMOKE" = 1 ]; then
   part decode_step 300 python -m benchmarks.decode_step --batch 2 --context 64 --repeats 2 --fused
   part serving 300 python -m benchmarks.serving --quick --requests 6
   part sharding 300 python -m benchmarks.sharding --quick --devices 1 2 --context 64
+  part speculative 300 python -m benchmarks.speculative --quick
 else
   # Order: the least-proven first (the Mosaic GPU kernel's compiled tests, then every kernel's
   # timings), the Triton tests (verified on an H100 before) after.
@@ -81,6 +83,7 @@ else
   if [ "${GPU_SESSION_ALL:-0}" = 1 ]; then
     TAIL=15 part gpu_kernel_ab 40 python benchmarks/gpu_kernel_ab.py
     TAIL=12 part sharding 40 python -m benchmarks.sharding --quick
+    TAIL=40 part speculative 120 python -m benchmarks.speculative
   fi
 fi
 tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md \

@@ -34,7 +34,7 @@ CPU_BENCHMARKS = ("append_scaling", "decode_step", "serving", "block_size", "rel
                   "prefix_cache", "prefix_cache_concurrency", "prefix_cache_preemption",
                   "streaming", "sharding")
 GPU_BENCHMARKS = ("gpu_decode", "gpu_decode_h200", "gpu_kernel_ab", "decode_step_gpu",
-                  "serving_gpu", "sharding_gpu")
+                  "serving_gpu", "sharding_gpu", "speculative_gpu")
 
 
 # A quick (smoke) run writes its JSON and plots to ``out/``, never over the committed full
