@@ -76,6 +76,10 @@ def model_loop(prompt, first, max_new, k, target, propose, stops=()):
   while len(out) < max_new and out[-1] not in stops:
     cap = min(k, max_new - len(out) - 1)
     draft = propose(seq, cap)[:cap]
+    for j, t in enumerate(draft):  # a draft ends at its first stop token
+      if t in stops:
+        draft = draft[:j + 1]
+        break
     a = 0
     while a < len(draft) and target(seq + draft[:a]) == draft[a]:
       a += 1
@@ -143,6 +147,16 @@ def test_draft_model_gives_greedy_decoding_and_a_perfect_draft_is_always_accepte
 
   _check_against_model(outs, PROMPTS, 20, 3, target, itself)
   assert all(o.accepted == o.drafted > 0 for o in outs)
+  # A stop token inside a draft ends it: nothing after it is verified or counted.
+  # (The second iteration drafts greedy tokens 5-7: token 5, seen nowhere before, is the first.)
+  stop = outs[1].tokens[5]
+  assert stop not in outs[1].tokens[:5]
+  sampling = [sp, pk.SamplingParams(max_new_tokens=20, stop_tokens=(stop,)), sp]
+  outs = speculative_generate(PARAMS, SMALL, PROMPTS, sampling, speculative=spec,
+                              draft_params=PARAMS)
+  for p, o, s in zip(PROMPTS, outs, sampling, strict=True):
+    _check_against_model([o], [p], 20, 3, target, itself, s.stop_tokens)
+  assert outs[1].tokens[-1] == stop and outs[1].accepted == outs[1].drafted == 4
 
 
 def _exact(logits, temperature, top_k):
@@ -330,6 +344,10 @@ def test_bad_settings_and_states_are_refused_and_change_nothing():
       speculative_generate(PARAMS, SMALL, PROMPTS, sp)
   with pytest.raises(ValueError, match="at least one token"):
     speculative_generate(PARAMS, SMALL, [[1], []])
+  # A protocol model whose forward returns only the last position's logits cannot verify.
+  from tests.test_model_protocol import TinyGPT
+  with pytest.raises(ValueError, match="all_logits"):
+    speculative_generate(TinyGPT().init(jax.random.key(0)), TinyGPT(), [[1, 2]])
   # States that do not match the caches: nothing runs, nothing changes.
   spec = SpeculativeConfig(num_draft_tokens=3, draft_model=SMALL)
   sp = pk.SamplingParams(max_new_tokens=20)
@@ -357,6 +375,8 @@ def test_bad_settings_and_states_are_refused_and_change_nothing():
   assert run_with(gone)[0][2] == Status.INACTIVE_SLOT
   lag = lambda st, c, d: (st.replace(draft_len=st.draft_len - 1), c, d)  # noqa: E731
   assert run_with(lag)[1][:3] == [Status.INVALID_COUNT] * 3
+  nodraft = lambda st, c, d: (st.replace(draft_ids=st.draft_ids.at[1].set(-1)), c, d)  # noqa: E731
+  assert run_with(nodraft)[1][1] == Status.INVALID_SLOT
   dgone = lambda st, c, d: (st, c, pk.free_sequences(d, np.asarray([0], np.int32))[0])  # noqa: E731
   assert run_with(dgone)[1][0] == Status.INACTIVE_SLOT
 

@@ -42,6 +42,7 @@ from jax_paged_kv.serving.speculative import (
     SpecState,
     SpeculativeConfig,
     SpeculativeOutput,
+    prepare_speculative,
     speculative_generate,
     speculative_loop,
 )
@@ -77,10 +78,12 @@ __all__ = [
     "token_logprobs",
     "top_token_logprobs",
     "MAX_DRAFT_TOKENS",
+    "PreparedSpeculation",
     "SpeculativeConfig",
     "SpeculativeOutput",
     "SpecResult",
     "SpecState",
+    "prepare_speculative",
     "speculative_generate",
     "speculative_loop",
 ]

@@ -1,11 +1,14 @@
 """Speculative decoding on the paged cache: draft, verify and roll back inside one ``jit``.
 
 Each iteration of the loop proposes up to ``k`` draft tokens per row, runs the target model once
-on the row's pending token and its drafts (a ``k + 1``-token chunk, every position's logits),
-keeps the longest accepted prefix plus one token of the target's own, and rolls the rejected
-tail back with :func:`~jax_paged_kv.truncate_sequences` (a length and reference-count update;
-the blocks the tail took go back to the pool). Proposal, verification, acceptance and rollback
-all run on device in one ``lax.while_loop``: the host sees the loop only when it ends.
+on the row's pending token and its drafts (a ``k + 1``-token chunk, every position's logits:
+the target's ``forward`` must take ``all_logits=True``, as the bundled models do), keeps the
+longest accepted prefix plus one token of the target's own, and rolls the rejected tail back
+with :func:`~jax_paged_kv.truncate_sequences` (a length and reference-count update; the blocks
+the tail took go back to the pool). Proposal, verification, acceptance and rollback all run on
+device in one ``lax.while_loop``: the host sees the loop only when it ends. A draft ends at its
+first stop token (what would follow is never emitted), so ``accepted`` counts only drafts that
+were output.
 
 Two ways to draft (:class:`SpeculativeConfig`):
 
@@ -14,27 +17,33 @@ Two ways to draft (:class:`SpeculativeConfig`):
   ``prompt_lookup_min``) are searched for in the row's earlier tokens, prompt and output; the
   tokens that followed the first earlier occurrence are the draft. No second model, no second
   cache. It pays off where outputs repeat their input (editing, extraction, code, summaries).
+  Hugging Face's rule, but for three details that change drafts, never tokens: its default
+  ``max_matching_ngram_size`` is 2 (ours 3), it cuts a draft *before* its first EOS (ours after
+  the stop token), and it drops drafts its logits processors forbid.
 * **A draft model** (``draft_model=`` a small model with the target's vocabulary) with its own
   paged cache: ``k`` decode steps of the draft propose the tokens, and its cache is rolled back
   with the target's.
 
-The output follows the target model's distribution exactly (Leviathan et al. 2023, Chen et al.
-2023): a draft token ``d`` drawn from ``q`` is accepted with probability ``min(1, p(d) / q(d))``,
-where ``p`` and ``q`` are the target's and the draft's distributions after the row's
-temperature, top-k, top-p and min-p (:func:`~jax_paged_kv.serving.decoding.filtered_logits`);
-at the first rejection the token is drawn from ``max(p - q, 0)`` (renormalised); when every
-draft is accepted, a bonus token is drawn from the target's next distribution. A prompt lookup
-draft is a point mass (``q(d) = 1``). Greedy rows (``temperature == 0``) are the special case
-``p``, ``q`` one-hot: a draft is kept exactly when it is the target's argmax, so the tokens are
-greedy decoding's.
+The output follows the target model's distribution (Leviathan et al. 2023, Chen et al. 2023): a
+draft token ``d`` drawn from ``q`` is accepted with probability ``min(1, p(d) / q(d))``, where
+``p`` and ``q`` are the target's and the draft's distributions after the row's temperature,
+top-k, top-p and min-p (:func:`~jax_paged_kv.serving.decoding.filtered_logits`); at the first
+rejection the token is drawn from ``max(p - q, 0)`` (renormalised); when every draft is
+accepted, a bonus token is drawn from the target's next distribution. A prompt lookup draft is a
+point mass (``q(d) = 1``). Greedy rows (``temperature == 0``) are the special case ``p``, ``q``
+one-hot: a draft is kept exactly when it is the target's argmax, so the tokens are greedy
+decoding's, up to the float rounding by which a verify step's logits may differ from a decode
+step's (bitwise equal on the CPU for the bundled models; a near-tie could flip elsewhere).
 
-Entry points: :func:`speculative_generate` (prompts in, tokens out; builds its caches) and
-:func:`speculative_loop` (the jitted loop on caches you hold, prompts already prefilled).
+Entry points: :func:`speculative_generate` (prompts in, tokens out; builds its caches),
+:func:`prepare_speculative` (its caches and state, prefilled) and :func:`speculative_loop` (the
+jitted loop on caches you hold).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -76,6 +85,18 @@ def _pytree(cls):
   return cls
 
 
+def _check_all_logits(model: Model, what: str) -> None:
+  """Refuses a model whose ``forward`` cannot return every position's logits."""
+  try:
+    params = inspect.signature(model.forward).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: the call itself will tell
+    return
+  if not any(p.name == "all_logits" or p.kind is p.VAR_KEYWORD for p in params):
+    raise ValueError(f"{what}: the target {type(model).__name__}.forward must take "
+                     "all_logits=True and return every position's logits [batch, T, vocab] "
+                     "(the verify step scores k + 1 positions at once); the bundled models do")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
   """How :func:`speculative_loop` drafts (static: hashable, part of the compiled program).
@@ -87,7 +108,7 @@ class SpeculativeConfig:
       target's), or None for prompt lookup.
     prompt_lookup_min, prompt_lookup_max: the n-gram sizes prompt lookup tries, longest first
       (``1 <= min <= max <=`` :data:`MAX_PROMPT_LOOKUP`; Hugging Face's
-      ``max_matching_ngram_size`` is ``max`` with ``min = 1``).
+      ``max_matching_ngram_size`` is ``max`` with ``min = 1``, default 2).
   """
 
   num_draft_tokens: int = 4
@@ -148,8 +169,8 @@ class SpecResult:
     logprobs: ``float32[batch, max_tokens]`` each token's log-probability under the target's
       raw distribution (:func:`~jax_paged_kv.serving.decoding.token_logprobs`), NaN after.
     num_tokens: ``int32[batch]`` tokens generated in this call.
-    drafted: ``int32[batch]`` draft tokens verified.
-    accepted: ``int32[batch]`` of them accepted.
+    drafted: ``int32[batch]`` draft tokens verified (a draft ends at its first stop token).
+    accepted: ``int32[batch]`` of them accepted (each one output).
     iterations: ``int32[]`` iterations applied (target model calls).
     status: ``int32[batch]`` the failing iteration's target status (zeros if none failed;
       ``INVALID_COUNT`` at the start: the cache does not hold ``length - 1`` tokens).
@@ -325,6 +346,7 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     ``(cache, draft_cache, state, SpecResult)``.
   """
   check_cache_fits(model, cache.config)
+  _check_all_logits(model, "speculative_loop")
   k = spec.num_draft_tokens
   dmodel = spec.draft_model
   if dmodel is not None:
@@ -356,6 +378,8 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     dheld = draft_cache.seq_lens[jnp.clip(dids, 0, draft_cache.config.max_seqs - 1)]
     bad = (dheld != state.draft_len) | (state.draft_len < len0 - 2) | (state.draft_len > len0 - 1)
     dstatus = jnp.where((dstatus == 0) & (dids >= 0) & bad, Status.INVALID_COUNT, dstatus)
+    # A live row needs a draft slot (a draft of nothing would only waste its verify work).
+    dstatus = jnp.where((dstatus == 0) & (ids >= 0) & (dids < 0), Status.INVALID_SLOT, dstatus)
   state = state.replace(decode=d.replace(done=done))
   result = SpecResult(
       tokens=jnp.full((b, max_tokens), -1, jnp.int32),
@@ -386,6 +410,12 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
           draft_params, dcache, st, live, cap, keys[:, :k], dmodel=dmodel, k=k,
           all_greedy=all_greedy, implementation=implementation)
       count = cap
+    # A draft ends at its first stop token: what would follow it is never emitted.
+    pos_k = jnp.arange(k)[None, :]
+    hit = jnp.any(drafts[..., None] == d.stop_tokens[:, None, :], axis=-1) & (
+        pos_k < count[:, None])
+    count = jnp.where(jnp.any(hit, axis=1), jnp.minimum(count, jnp.argmax(hit, axis=1) + 1),
+                      count).astype(jnp.int32)
     dok = jnp.all(dstat == 0)
     # 2. Verify: the pending token and the drafts, every position's logits.
     go = live & dok
@@ -393,6 +423,10 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     new_cache, vlogits, vstat = model.forward(
         params, cache, chunk, jnp.where(go, d.seq_ids, -1), jnp.where(go, 1 + count, 0),
         implementation=implementation, max_blocks=max_blocks, all_logits=True)
+    if vlogits.shape != (b, k + 1, model.vocab_size):
+      raise ValueError(f"speculative_loop: {type(model).__name__}.forward(all_logits=True) "
+                       f"returned logits of shape {vlogits.shape}, not [batch, k + 1, vocab] = "
+                       f"[{b}, {k + 1}, {model.vocab_size}]")
     ok = dok & jnp.all(vstat == 0)
     # 3. Accept, then cut at a stop token.
     acc, nxt = _accept(vlogits, drafts, count, logq, d, keys[:, k:2 * k], keys[:, 2 * k],
@@ -568,6 +602,7 @@ def prepare_speculative(params: Params, model: Model, prompts: Sequence[Sequence
   """:func:`speculative_generate`'s checks, caches, prefill and :class:`SpecState` (None for
   no prompts): prompt ``i`` in slot ``i`` of both caches, the batch padded to a power of two."""
   model = check_model(model)
+  _check_all_logits(model, "speculative_generate")
   spec = speculative or SpeculativeConfig()
   if spec.draft_model is not None and draft_params is None:
     raise ValueError("speculative_generate: a draft model needs draft_params")
