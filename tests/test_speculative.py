@@ -210,13 +210,15 @@ def test_accept_rule_draws_exactly_from_the_target_distribution(drafter):
 
 def test_sampled_rows_do_not_depend_on_the_batch_and_greedy_rows_stay_greedy():
   spec = SpeculativeConfig(num_draft_tokens=3, draft_model=TINY)
+  prompts = PROMPTS + [PROMPTS[1][:3]]
   sampling = [pk.SamplingParams(temperature=0.9, top_k=20, seed=5, max_new_tokens=16),
               pk.SamplingParams(max_new_tokens=16),
-              pk.SamplingParams(temperature=1.2, top_p=0.9, seed=9, max_new_tokens=16)]
-  outs = speculative_generate(PARAMS, SMALL, PROMPTS, sampling, speculative=spec,
+              pk.SamplingParams(temperature=1.2, top_p=0.9, seed=9, max_new_tokens=16),
+              pk.SamplingParams(temperature=8.0, seed=3, max_new_tokens=16)]
+  outs = speculative_generate(PARAMS, SMALL, prompts, sampling, speculative=spec,
                               draft_params=TINY_PARAMS)
-  order = [2, 0, 1]
-  again = speculative_generate(PARAMS, SMALL, [PROMPTS[i] for i in order],
+  order = [2, 0, 3, 1]
+  again = speculative_generate(PARAMS, SMALL, [prompts[i] for i in order],
                                [sampling[i] for i in order], speculative=spec,
                                draft_params=TINY_PARAMS)
   for i, o in zip(order, again, strict=True):
@@ -224,7 +226,7 @@ def test_sampled_rows_do_not_depend_on_the_batch_and_greedy_rows_stay_greedy():
   target = Greedy(PARAMS, SMALL)
   assert outs[1].tokens == model_loop(PROMPTS[1], target(PROMPTS[1]), 16, 3, target,
                                       lambda s, c: [])[0]
-  for p, o in zip(PROMPTS, outs, strict=True):
+  for p, o in zip(prompts, outs, strict=True):
     assert len(o.tokens) == 16
     np.testing.assert_allclose(o.logprobs, reference_logprobs(PARAMS, SMALL, p, o.tokens),
                                atol=2e-4)
@@ -232,6 +234,9 @@ def test_sampled_rows_do_not_depend_on_the_batch_and_greedy_rows_stay_greedy():
   ref = reference_logits(PARAMS, SMALL, PROMPTS[0] + outs[0].tokens[:-1])[len(PROMPTS[0]) - 1:]
   rank = (ref > ref[np.arange(16), outs[0].tokens][:, None]).sum(1)
   assert np.all(rank < 20) and np.any(rank > 0)
+  # Row 3 samples a nearly flat distribution (temperature 8): fresh randomness every iteration
+  # gives ~15 distinct tokens of 16; randomness reused across iterations would repeat a few.
+  assert len(set(outs[3].tokens)) >= 11
 
 
 def _used(cache):
@@ -392,3 +397,53 @@ def test_other_lengths_stop_tokens_and_prompt_counts_share_one_compiled_loop():
                                 speculative=spec)
   assert not [e for e in events if e[0] == COMPILE_EVENT and "speculative" in e[1]]
   assert all(len(o.tokens) <= 17 for o in outs)
+
+
+def test_matches_transformers_prompt_lookup_and_assisted_generation(tmp_path):
+  """Token for token against ``transformers``' own speculative decoding on the same random
+  Llama: ``generate(prompt_lookup_num_tokens=k)`` and ``generate(assistant_model=...)`` with a
+  noisy copy of the target as the assistant (a stop token in one case)."""
+  from tests.test_families import hf_model
+
+  torch, hf, _ = hf_model("llama2", tmp_path / "target")
+  import transformers
+
+  torch.manual_seed(5)
+  assistant = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "target", attn_implementation="eager").eval()
+  with torch.no_grad():
+    for p in assistant.parameters():
+      p.add_(0.3 * p.std() * torch.randn_like(p))
+  assistant.save_pretrained(tmp_path / "draft", safe_serialization=True)
+  config, params = pk.load_hf_checkpoint(tmp_path / "target")
+  dconfig, dparams = pk.load_hf_checkpoint(tmp_path / "draft")
+  rng = np.random.default_rng(11)
+  base = rng.integers(0, 128, 6).tolist()
+  prompts = [base * 3, rng.integers(0, 128, 9).tolist(), base[:4] * 2 + [base[0]]]
+
+  def hf_generate(prompt, sp, **kw):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=sp.max_new_tokens, pad_token_id=0,
+                        eos_token_id=list(sp.stop_tokens) or None, **kw)
+    row = out[0, len(prompt):].tolist()
+    ends = [i for i, t in enumerate(row) if t in sp.stop_tokens]
+    return row[:ends[0] + 1] if ends else row
+
+  plain = pk.SamplingParams(max_new_tokens=14)
+  stop = hf_generate(prompts[1], plain)[6]
+  sampling = [plain, pk.SamplingParams(max_new_tokens=14, stop_tokens=(stop,)), plain]
+  k = 3
+  lookup = pk.speculative_generate(params, config, prompts, sampling, block_size=4,
+                                   speculative=pk.SpeculativeConfig(num_draft_tokens=k))
+  drafted = pk.speculative_generate(
+      params, config, prompts, sampling, block_size=4, draft_params=dparams,
+      speculative=pk.SpeculativeConfig(num_draft_tokens=k, draft_model=dconfig))
+  for prompt, sp, a, b in zip(prompts, sampling, lookup, drafted, strict=True):
+    assert a.tokens == hf_generate(prompt, sp, prompt_lookup_num_tokens=k)
+    assert b.tokens == hf_generate(prompt, sp, assistant_model=assistant,
+                                   num_assistant_tokens=k,
+                                   num_assistant_tokens_schedule="constant")
+  assert lookup[1].tokens[-1] == stop
+  assert sum(o.accepted for o in lookup) > 0 and sum(o.accepted for o in drafted) > 0
