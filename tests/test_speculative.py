@@ -447,3 +447,26 @@ def test_matches_transformers_prompt_lookup_and_assisted_generation(tmp_path):
                                    num_assistant_tokens_schedule="constant")
   assert lookup[1].tokens[-1] == stop
   assert sum(o.accepted for o in lookup) > 0 and sum(o.accepted for o in drafted) > 0
+
+
+def test_contiguous_int8_caches_give_the_engine_s_tokens_on_the_same_cache():
+  """Rollback of quantised K/V (int8 block-channel scales narrowed by truncate) in slabs: the
+  draft-model loop on ``CONTIGUOUS`` int8 caches gives the engine's greedy tokens on that cache
+  config, and both caches end consistent."""
+  cc = dataclasses.replace(pk.cache_config_for(
+      SMALL, num_blocks=1 + 4 * 32, max_seqs=4, max_seq_len=128, block_size=4,
+      strategy=pk.CacheStrategy.CONTIGUOUS), kv_quant="int8")
+  sp = pk.SamplingParams(max_new_tokens=16)
+  want = pk.generate(PARAMS, SMALL, PROMPTS, sp, cache_config=cc)
+  spec = SpeculativeConfig(num_draft_tokens=3, draft_model=SMALL)
+  run = prepare_speculative(PARAMS, SMALL, PROMPTS, sp, speculative=spec, draft_params=NOISY,
+                            cache_config=cc, draft_cache_config=cc)
+  cache, dcache, st, res = run.loop()
+  assert not np.any(np.asarray(res.status)) and not np.any(np.asarray(res.draft_status))
+  num = np.asarray(res.num_tokens)
+  for i in range(3):
+    assert [int(run.first[i])] + np.asarray(res.tokens)[i, :num[i]].tolist() == list(want[i])
+    assert int(cache.seq_lens[i]) == int(st.length[i]) - 1
+    assert int(dcache.seq_lens[i]) == int(st.draft_len[i])
+  assert 0 < int(np.asarray(res.accepted).sum()) < int(np.asarray(res.drafted).sum())
+  assert bool(pk.check_invariants(cache).ok) and bool(pk.check_invariants(dcache).ok)
