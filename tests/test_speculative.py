@@ -470,3 +470,32 @@ def test_contiguous_int8_caches_give_the_engine_s_tokens_on_the_same_cache():
     assert int(dcache.seq_lens[i]) == int(st.draft_len[i])
   assert 0 < int(np.asarray(res.accepted).sum()) < int(np.asarray(res.drafted).sum())
   assert bool(pk.check_invariants(cache).ok) and bool(pk.check_invariants(dcache).ok)
+
+
+def test_a_loop_cut_into_iterations_gives_the_tokens_of_one_loop():
+  """``num_iterations`` (traced: one program for every count) stops the loop early; calls of
+  1, 2, 3, ... iterations chained on the returned state give the tokens of one whole loop."""
+  from tests.test_no_recompile import COMPILE_EVENT, count_compilations
+
+  spec = SpeculativeConfig(num_draft_tokens=3, draft_model=SMALL)
+  sp = pk.SamplingParams(max_new_tokens=20, temperature=0.8, seed=4)
+  whole = speculative_generate(PARAMS, SMALL, PROMPTS, sp, speculative=spec, draft_params=NOISY)
+  run = prepare_speculative(PARAMS, SMALL, PROMPTS, sp, speculative=spec, draft_params=NOISY)
+  cache, dcache, st = run.cache, run.draft_cache, run.state
+  got = [[int(t)] for t in run.first[:3]]
+  calls = 0
+  with count_compilations() as events:
+    while not bool(np.all(np.asarray(st.decode.done)[:3])):
+      calls += 1
+      cache, dcache, st, res = speculative_loop(
+          PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=32, draft_params=NOISY,
+          draft_cache=dcache, num_iterations=np.int32(calls % 3 + 1))
+      assert int(res.iterations) <= calls % 3 + 1
+      for i in range(3):
+        got[i] += np.asarray(res.tokens)[i, :int(res.num_tokens[i])].tolist()
+  assert calls > 2
+  assert got == [o.tokens for o in whole]
+  assert len([e for e in events if e[0] == COMPILE_EVENT and "speculative" in e[1]]) <= 1
+  with pytest.raises(ValueError, match="num_iterations"):
+    speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=32,
+                     draft_params=NOISY, draft_cache=dcache, num_iterations=2.5)

@@ -312,8 +312,9 @@ def _accept(vlogits: Array, drafts: Array, count: Array, logq: Array | None, d: 
 def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, model: Model,
                      spec: SpeculativeConfig, max_tokens: int, draft_params: Params = None,
                      draft_cache: PagedKVCache | None = None, implementation: str | None = None,
-                     max_blocks: int | None = None, all_greedy: bool = False):
-  """Speculative decoding until every row is done, inside one ``jit``.
+                     max_blocks: int | None = None, all_greedy: bool = False,
+                     num_iterations=None):
+  """Speculative decoding until every row is done (or ``num_iterations``), inside one ``jit``.
 
   Each iteration drafts up to ``spec.num_draft_tokens`` tokens per live row (never more than
   the row has left to generate, less one), verifies them with one target step over the pending
@@ -341,6 +342,9 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     max_blocks: static bound on block-table columns read (XLA attention).
     all_greedy: static; True only if every row is greedy (the program then compares argmaxes
       and leaves the sampling out).
+    num_iterations: ``int32[]`` or None (no limit): stop after that many iterations (may be
+      traced: one compilation serves all). The returned state continues in a later call (a
+      server streaming the tokens as they come).
 
   Returns:
     ``(cache, draft_cache, state, SpecResult)``.
@@ -388,9 +392,16 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
       accepted=jnp.zeros((b,), jnp.int32), iterations=jnp.zeros((), jnp.int32),
       status=status, draft_status=dstatus)
 
+  if num_iterations is not None and (jnp.ndim(num_iterations) != 0 or not jnp.issubdtype(
+      jnp.result_type(num_iterations), jnp.integer)):
+    raise ValueError(f"speculative_loop: num_iterations must be an integer scalar, got "
+                     f"{jnp.result_type(num_iterations)}{list(jnp.shape(num_iterations))}")
+  limit_iters = jnp.asarray(INT32_MAX if num_iterations is None else num_iterations, jnp.int32)
+
   def cond(carry):
     _, _, st, res = carry
-    return ~jnp.all(st.decode.done) & jnp.all(res.status == 0) & jnp.all(res.draft_status == 0)
+    return (~jnp.all(st.decode.done) & jnp.all(res.status == 0)
+            & jnp.all(res.draft_status == 0) & (res.iterations < limit_iters))
 
   def body(carry):
     cache, dcache, st, res = carry
