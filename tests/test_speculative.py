@@ -473,8 +473,9 @@ def test_contiguous_int8_caches_give_the_engine_s_tokens_on_the_same_cache():
 
 
 def test_a_loop_cut_into_iterations_gives_the_tokens_of_one_loop():
-  """``num_iterations`` (traced: one program for every count) stops the loop early; calls of
-  1, 2, 3, ... iterations chained on the returned state give the tokens of one whole loop."""
+  """``num_iterations`` (traced: one program for every count) stops the loop early, and an
+  output buffer of ``max_tokens=4`` (one iteration's most) pauses its rows (not done) after
+  each iteration; calls chained on the returned state give the tokens of one whole loop."""
   from tests.test_no_recompile import COMPILE_EVENT, count_compilations
 
   spec = SpeculativeConfig(num_draft_tokens=3, draft_model=SMALL)
@@ -483,19 +484,25 @@ def test_a_loop_cut_into_iterations_gives_the_tokens_of_one_loop():
   run = prepare_speculative(PARAMS, SMALL, PROMPTS, sp, speculative=spec, draft_params=NOISY)
   cache, dcache, st = run.cache, run.draft_cache, run.state
   got = [[int(t)] for t in run.first[:3]]
-  calls = 0
+  calls, filled = 0, 0
   with count_compilations() as events:
     while not bool(np.all(np.asarray(st.decode.done)[:3])):
       calls += 1
       cache, dcache, st, res = speculative_loop(
-          PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=32, draft_params=NOISY,
+          PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=4, draft_params=NOISY,
           draft_cache=dcache, num_iterations=np.int32(calls % 3 + 1))
       assert int(res.iterations) <= calls % 3 + 1
+      # Every live row paused before its buffer could overflow: fewer iterations than asked.
+      filled += int(int(res.iterations) < calls % 3 + 1
+                    and not np.all(np.asarray(st.decode.done)[:3]))
       for i in range(3):
         got[i] += np.asarray(res.tokens)[i, :int(res.num_tokens[i])].tolist()
-  assert calls > 2
+  assert calls > 2 and filled > 0
   assert got == [o.tokens for o in whole]
   assert len([e for e in events if e[0] == COMPILE_EVENT and "speculative" in e[1]]) <= 1
   with pytest.raises(ValueError, match="num_iterations"):
-    speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=32,
+    speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=4,
                      draft_params=NOISY, draft_cache=dcache, num_iterations=2.5)
+  with pytest.raises(ValueError, match="max_tokens"):
+    speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=3,
+                     draft_params=NOISY, draft_cache=dcache)

@@ -321,7 +321,10 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
   token and the drafts, accepts a prefix (see the module docstring), writes the accepted tokens
   and the target's next one to ``history`` and the output, and truncates the rejected tail
   from the target cache and the draft cache. A row is done after a stop token (tokens the
-  iteration accepted after it are dropped and rolled back) or ``max_new_tokens``. An iteration
+  iteration accepted after it are dropped and rolled back) or ``max_new_tokens``; a row whose
+  next iteration might overflow this call's output (``max_tokens``) or its ``history`` only
+  pauses: it is not marked done, and a later call with room continues it with the tokens one
+  whole loop gives. An iteration
   whose target or draft step fails changes nothing (the draft tokens it fed are rolled back)
   and ends the loop with the status.
 
@@ -335,7 +338,8 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     state: the :class:`SpecState`.
     model: the target model (static).
     spec: :class:`SpeculativeConfig` (static).
-    max_tokens: static width of the output (a row generates at most this many tokens here).
+    max_tokens: static width of the output (a row generates at most this many tokens here;
+      at least ``num_draft_tokens + 1``, one iteration's most).
     draft_params: the draft model's parameters (with ``spec.draft_model``).
     draft_cache: the draft model's cache (donated; with ``spec.draft_model``).
     implementation: paged attention implementation (static).
@@ -368,16 +372,27 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
   max_tokens = int_in_range(max_tokens, "max_tokens", 1, INT32_MAX)
   # A row stops when its output buffer or its history is full.
   gen0, len0 = d.num_generated, state.length
-  limit = jnp.minimum(d.max_new_tokens, gen0 + jnp.minimum(max_tokens, h - len0))
-  done = d.done | (d.seq_ids < 0) | (gen0 >= limit)
-  ids = jnp.where(done, -1, d.seq_ids)
+  if max_tokens < k + 1:
+    raise ValueError(f"speculative_loop: max_tokens={max_tokens} cannot hold one iteration's "
+                     f"k + 1 = {k + 1} tokens")
+
+  def pauses(d: DecodeState, length: Array) -> Array:
+    """Rows whose next iteration might not fit this call's output or their history: they
+    pause (not done: a later call with room continues them). An iteration only ever runs
+    whole, so the tokens do not depend on how the loop is cut into calls."""
+    most = jnp.clip(d.max_new_tokens - d.num_generated - 1, 0, k) + 1
+    return (d.num_generated - gen0 + most > max_tokens) | (length + most > h)
+
+  done = d.done | (d.seq_ids < 0) | (gen0 >= d.max_new_tokens)
+  idle = done | pauses(d, len0)
+  ids = jnp.where(idle, -1, d.seq_ids)
   _, _, status = _row_checks(cache, ids)
   held = cache.seq_lens[jnp.clip(ids, 0, cache.config.max_seqs - 1)]
   status = jnp.where((status == 0) & (ids >= 0) & (held != len0 - 1), Status.INVALID_COUNT,
                      status)
   dstatus = jnp.zeros((b,), jnp.int32)
   if dmodel is not None:
-    dids = jnp.where(done, -1, state.draft_ids)
+    dids = jnp.where(idle, -1, state.draft_ids)
     _, _, dstatus = _row_checks(draft_cache, dids)
     dheld = draft_cache.seq_lens[jnp.clip(dids, 0, draft_cache.config.max_seqs - 1)]
     bad = (dheld != state.draft_len) | (state.draft_len < len0 - 2) | (state.draft_len > len0 - 1)
@@ -399,15 +414,15 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
   limit_iters = jnp.asarray(INT32_MAX if num_iterations is None else num_iterations, jnp.int32)
 
   def cond(carry):
-    _, _, st, res = carry
-    return (~jnp.all(st.decode.done) & jnp.all(res.status == 0)
+    _, _, _, res, idle = carry
+    return (~jnp.all(idle) & jnp.all(res.status == 0)
             & jnp.all(res.draft_status == 0) & (res.iterations < limit_iters))
 
   def body(carry):
-    cache, dcache, st, res = carry
+    cache, dcache, st, res, idle = carry
     d = st.decode
-    live = ~d.done
-    cap = jnp.where(live, jnp.clip(limit - d.num_generated - 1, 0, k), 0)
+    live = ~idle
+    cap = jnp.where(live, jnp.clip(d.max_new_tokens - d.num_generated - 1, 0, k), 0)
     keys = jax.vmap(lambda key: jax.random.split(key, 2 * k + 1))(
         _token_keys(d.keys, d.num_generated))
     # 1. Draft.
@@ -482,15 +497,16 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
       draft_len = jnp.where(applied, st.length + kept, st.draft_len)
     gen = d.num_generated + n_out
     last = jnp.take_along_axis(emitted, jnp.maximum(n_out - 1, 0)[:, None], axis=1)[:, 0]
-    new_done = d.done | (applied & (stopped | (gen >= limit)))
+    new_done = d.done | (applied & (stopped | (gen >= d.max_new_tokens)))
     st = st.replace(
         decode=d.replace(tokens=jnp.where(applied, last, d.tokens), num_generated=gen,
                          done=new_done),
         history=history, length=length, draft_len=draft_len)
-    return cache, dcache, st, res
+    idle = idle | new_done | (applied & pauses(st.decode, length))
+    return cache, dcache, st, res, idle
 
-  carry = (cache, draft_cache, state, result)
-  cache, draft_cache, state, result = jax.lax.while_loop(cond, body, carry)
+  carry = (cache, draft_cache, state, result, idle)
+  cache, draft_cache, state, result, _ = jax.lax.while_loop(cond, body, carry)
   return cache, draft_cache, state, result
 
 
@@ -676,6 +692,8 @@ def prepare_speculative(params: Params, model: Model, prompts: Sequence[Sequence
   first_lp = np.asarray(token_logprobs(jnp.asarray(last), jnp.asarray(first)))
   return PreparedSpeculation(
       params=params, cache=cache, draft_params=draft_params, draft_cache=dcache, state=state,
-      model=model, spec=spec, max_tokens=pow2_ceil(max(s.max_new_tokens for s in sampling)),
+      model=model, spec=spec,
+      max_tokens=pow2_ceil(max(spec.num_draft_tokens + 1,
+                               *(s.max_new_tokens for s in sampling))),
       all_greedy=all(s.temperature == 0 for s in sampling), implementation=implementation,
       slots=slots, first=first, first_logprobs=first_lp, num_prompts=n)
