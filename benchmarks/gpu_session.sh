@@ -10,9 +10,11 @@
 #      quantised cases included) and the decoding tests on the GPU;
 #   4. decode_step (paged vs contiguous, and with attention fusion) and serving benchmarks on
 #      the GPU (saved as *_gpu).
-#   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin),
-#   sharding (decode step per layout on the GPUs there are) and speculative (speculative
-#   decoding vs greedy decode_loop, where a decode step is memory-bound; saved as *_gpu).
+#   With GPU_SESSION_ALL=1 also gpu_kernel_ab (the Triton kernel's variants, round-robin) and
+#   sharding (decode step per layout on the GPUs there are). With GPU_SESSION_SPECULATIVE=1
+#   the speculative benchmark (speculative decoding vs greedy decode_loop where a decode step
+#   is memory-bound; saved as speculative_gpu), meant as a call of its own:
+#     GPU_SESSION_SPECULATIVE=1 GPU_SESSION_SKIP="tests_mgpu gpu_decode tests decode_step serving"
 # Each part has its own time limit (together under 8 minutes) and a failure does not stop the
 # next one. Logs and a tarball of benchmarks/results, plots and RESULTS.md go to $OUT (default
 # benchmarks/out/gpu_session).
@@ -83,7 +85,11 @@ else
   if [ "${GPU_SESSION_ALL:-0}" = 1 ]; then
     TAIL=15 part gpu_kernel_ab 40 python benchmarks/gpu_kernel_ab.py
     TAIL=12 part sharding 40 python -m benchmarks.sharding --quick
-    TAIL=40 part speculative 120 python -m benchmarks.speculative
+  fi
+  # Its own device call (the default parts fill one): GPU_SESSION_SPECULATIVE=1 with
+  # GPU_SESSION_SKIP="tests_mgpu gpu_decode tests decode_step serving".
+  if [ "${GPU_SESSION_SPECULATIVE:-0}" = 1 ]; then
+    TAIL=40 part speculative 240 python -m benchmarks.speculative
   fi
 fi
 tar czf "$OUT/results.tgz" benchmarks/results benchmarks/plots benchmarks/RESULTS.md \

@@ -337,6 +337,8 @@ def test_bad_settings_and_states_are_refused_and_change_nothing():
     with pytest.raises(ValueError):
       SpeculativeConfig(**bad)
   other = dataclasses.replace(TINY, vocab_size=64)
+  for package in ("jax_paged_kv", "jax_paged_kv.serving"):
+    exec(f"from {package} import *", {})  # noqa: S102  (every name in __all__ exists)
   with pytest.raises(ValueError, match="vocabulary"):
     speculative_generate(PARAMS, SMALL, PROMPTS, speculative=SpeculativeConfig(
         draft_model=other), draft_params=init_params(other, jax.random.key(0)))
@@ -382,6 +384,13 @@ def test_bad_settings_and_states_are_refused_and_change_nothing():
   assert run_with(lag)[1][:3] == [Status.INVALID_COUNT] * 3
   nodraft = lambda st, c, d: (st.replace(draft_ids=st.draft_ids.at[1].set(-1)), c, d)  # noqa: E731
   assert run_with(nodraft)[1][1] == Status.INVALID_SLOT
+  # A history whose last token is not the pending one, or too narrow for what is left.
+  other = lambda st, c, d: (st.replace(decode=st.decode.replace(  # noqa: E731
+      tokens=st.decode.tokens.at[0].add(1))), c, d)
+  assert run_with(other)[0][0] == Status.INVALID_COUNT
+  narrow = lambda st, c, d: (st.replace(decode=st.decode.replace(  # noqa: E731
+      max_new_tokens=st.decode.max_new_tokens.at[2].set(st.history.shape[1]))), c, d)
+  assert run_with(narrow)[0][2] == Status.INVALID_COUNT
   dgone = lambda st, c, d: (st, c, pk.free_sequences(d, np.asarray([0], np.int32))[0])  # noqa: E731
   assert run_with(dgone)[1][0] == Status.INACTIVE_SLOT
 
@@ -490,7 +499,8 @@ def test_a_loop_cut_into_iterations_gives_the_tokens_of_one_loop():
       calls += 1
       cache, dcache, st, res = speculative_loop(
           PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=4, draft_params=NOISY,
-          draft_cache=dcache, num_iterations=np.int32(calls % 3 + 1))
+          draft_cache=dcache, num_iterations=(calls % 3 + 1) if calls % 2 else np.int32(
+              calls % 3 + 1))
       assert int(res.iterations) <= calls % 3 + 1
       # Every live row paused before its buffer could overflow: fewer iterations than asked.
       filled += int(int(res.iterations) < calls % 3 + 1
@@ -506,3 +516,7 @@ def test_a_loop_cut_into_iterations_gives_the_tokens_of_one_loop():
   with pytest.raises(ValueError, match="max_tokens"):
     speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=3,
                      draft_params=NOISY, draft_cache=dcache)
+  for bad in (np.int64(2**32 + 1), -1, True, np.ones(2, np.int32)):
+    with pytest.raises(ValueError, match="num_iterations"):
+      speculative_loop(PARAMS, cache, st, model=SMALL, spec=spec, max_tokens=4,
+                       draft_params=NOISY, draft_cache=dcache, num_iterations=bad)

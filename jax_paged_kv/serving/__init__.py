@@ -38,6 +38,7 @@ from jax_paged_kv.serving.export import ExportedDecodeStep, export_decode_step
 from jax_paged_kv.serving.mesh import MeshEngine, decode_loop_on_mesh, prefill_step_on_mesh
 from jax_paged_kv.serving.speculative import (
     MAX_DRAFT_TOKENS,
+    PreparedSpeculation,
     SpecResult,
     SpecState,
     SpeculativeConfig,

@@ -142,7 +142,8 @@ class SpecState:
       limits, stop tokens, sampling settings, keys); penalties are not supported.
     history: ``int32[batch, H]``, each row's tokens: prompt, then generated, the last
       generated (``decode.tokens``, not yet in the cache) at ``length - 1``. Prompt lookup
-      searches it; ``H`` bounds ``length`` (a row stops when it is full).
+      searches it; ``H`` must hold every token the row will have (``length`` plus what is
+      left of ``max_new_tokens``; else the row gets ``INVALID_COUNT``).
     length: ``int32[batch]`` tokens in ``history``; the target cache holds ``length - 1``.
     draft_ids: ``int32[batch]`` the rows' draft cache slots (``-1`` without a draft model).
     draft_len: ``int32[batch]`` tokens the draft cache holds, ``length - 2`` or ``length - 1``
@@ -309,50 +310,12 @@ def _accept(vlogits: Array, drafts: Array, count: Array, logq: Array | None, d: 
 
 @backend_jit(static_argnames=("model", "spec", "max_tokens", "implementation", "max_blocks",
                               "all_greedy"), donate_argnames=("cache", "draft_cache"))
-def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, model: Model,
+def _speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, model: Model,
                      spec: SpeculativeConfig, max_tokens: int, draft_params: Params = None,
                      draft_cache: PagedKVCache | None = None, implementation: str | None = None,
                      max_blocks: int | None = None, all_greedy: bool = False,
                      num_iterations=None):
-  """Speculative decoding until every row is done (or ``num_iterations``), inside one ``jit``.
-
-  Each iteration drafts up to ``spec.num_draft_tokens`` tokens per live row (never more than
-  the row has left to generate, less one), verifies them with one target step over the pending
-  token and the drafts, accepts a prefix (see the module docstring), writes the accepted tokens
-  and the target's next one to ``history`` and the output, and truncates the rejected tail
-  from the target cache and the draft cache. A row is done after a stop token (tokens the
-  iteration accepted after it are dropped and rolled back) or ``max_new_tokens``; a row whose
-  next iteration might overflow this call's output (``max_tokens``) or its ``history`` only
-  pauses: it is not marked done, and a later call with room continues it with the tokens one
-  whole loop gives. An iteration
-  whose target or draft step fails changes nothing (the draft tokens it fed are rolled back)
-  and ends the loop with the status.
-
-  On return the target cache holds each row's tokens but its last (``length - 1``, as
-  :func:`~jax_paged_kv.serving.decoding.decode_loop` leaves it), and the draft cache holds
-  ``draft_len`` of them; a later call continues from the returned state.
-
-  Args:
-    params: target model parameters.
-    cache: the target cache (donated).
-    state: the :class:`SpecState`.
-    model: the target model (static).
-    spec: :class:`SpeculativeConfig` (static).
-    max_tokens: static width of the output (a row generates at most this many tokens here;
-      at least ``num_draft_tokens + 1``, one iteration's most).
-    draft_params: the draft model's parameters (with ``spec.draft_model``).
-    draft_cache: the draft model's cache (donated; with ``spec.draft_model``).
-    implementation: paged attention implementation (static).
-    max_blocks: static bound on block-table columns read (XLA attention).
-    all_greedy: static; True only if every row is greedy (the program then compares argmaxes
-      and leaves the sampling out).
-    num_iterations: ``int32[]`` or None (no limit): stop after that many iterations (may be
-      traced: one compilation serves all). The returned state continues in a later call (a
-      server streaming the tokens as they come).
-
-  Returns:
-    ``(cache, draft_cache, state, SpecResult)``.
-  """
+  """:func:`speculative_loop`, jitted (``num_iterations`` checked by the caller)."""
   check_cache_fits(model, cache.config)
   _check_all_logits(model, "speculative_loop")
   k = spec.num_draft_tokens
@@ -370,29 +333,31 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
                      "supported (the draft and target distributions would change per token)")
   b, h = state.history.shape
   max_tokens = int_in_range(max_tokens, "max_tokens", 1, INT32_MAX)
-  # A row stops when its output buffer or its history is full.
   gen0, len0 = d.num_generated, state.length
   if max_tokens < k + 1:
     raise ValueError(f"speculative_loop: max_tokens={max_tokens} cannot hold one iteration's "
                      f"k + 1 = {k + 1} tokens")
 
-  def pauses(d: DecodeState, length: Array) -> Array:
-    """Rows whose next iteration might not fit this call's output or their history: they
-    pause (not done: a later call with room continues them). An iteration only ever runs
-    whole, so the tokens do not depend on how the loop is cut into calls."""
+  def pauses(d: DecodeState) -> Array:
+    """Rows whose next iteration might not fit this call's output: they pause (not done: a
+    later call continues them). An iteration only ever runs whole, so the tokens do not depend
+    on how the loop is cut into calls."""
     most = jnp.clip(d.max_new_tokens - d.num_generated - 1, 0, k) + 1
-    return (d.num_generated - gen0 + most > max_tokens) | (length + most > h)
+    return d.num_generated - gen0 + most > max_tokens
 
+  # (No row pauses at the start: max_tokens holds any one iteration.)
   done = d.done | (d.seq_ids < 0) | (gen0 >= d.max_new_tokens)
-  idle = done | pauses(d, len0)
-  ids = jnp.where(idle, -1, d.seq_ids)
+  ids = jnp.where(done, -1, d.seq_ids)
   _, _, status = _row_checks(cache, ids)
   held = cache.seq_lens[jnp.clip(ids, 0, cache.config.max_seqs - 1)]
-  status = jnp.where((status == 0) & (ids >= 0) & (held != len0 - 1), Status.INVALID_COUNT,
-                     status)
+  # The history holds the row's tokens, the pending one last, and room for the rest.
+  pending = jnp.take_along_axis(state.history, jnp.clip(len0 - 1, 0, h - 1)[:, None], axis=1)
+  bad = ((held != len0 - 1) | (len0 < 1) | (pending[:, 0] != d.tokens)
+         | (len0 + d.max_new_tokens - gen0 > h))
+  status = jnp.where((status == 0) & (ids >= 0) & bad, Status.INVALID_COUNT, status)
   dstatus = jnp.zeros((b,), jnp.int32)
   if dmodel is not None:
-    dids = jnp.where(idle, -1, state.draft_ids)
+    dids = jnp.where(done, -1, state.draft_ids)
     _, _, dstatus = _row_checks(draft_cache, dids)
     dheld = draft_cache.seq_lens[jnp.clip(dids, 0, draft_cache.config.max_seqs - 1)]
     bad = (dheld != state.draft_len) | (state.draft_len < len0 - 2) | (state.draft_len > len0 - 1)
@@ -400,6 +365,7 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
     # A live row needs a draft slot (a draft of nothing would only waste its verify work).
     dstatus = jnp.where((dstatus == 0) & (ids >= 0) & (dids < 0), Status.INVALID_SLOT, dstatus)
   state = state.replace(decode=d.replace(done=done))
+  idle = done
   result = SpecResult(
       tokens=jnp.full((b, max_tokens), -1, jnp.int32),
       logprobs=jnp.full((b, max_tokens), jnp.nan, jnp.float32),
@@ -502,12 +468,70 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
         decode=d.replace(tokens=jnp.where(applied, last, d.tokens), num_generated=gen,
                          done=new_done),
         history=history, length=length, draft_len=draft_len)
-    idle = idle | new_done | (applied & pauses(st.decode, length))
+    idle = idle | new_done | (applied & pauses(st.decode))
     return cache, dcache, st, res, idle
 
   carry = (cache, draft_cache, state, result, idle)
   cache, draft_cache, state, result, _ = jax.lax.while_loop(cond, body, carry)
   return cache, draft_cache, state, result
+
+
+def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, model: Model,
+                     spec: SpeculativeConfig, max_tokens: int, draft_params: Params = None,
+                     draft_cache: PagedKVCache | None = None, implementation: str | None = None,
+                     max_blocks: int | None = None, all_greedy: bool = False,
+                     num_iterations=None):
+  """Speculative decoding until every row is done (or ``num_iterations``), inside one ``jit``.
+
+  Each iteration drafts up to ``spec.num_draft_tokens`` tokens per live row (never more than
+  the row has left to generate, less one), verifies them with one target step over the pending
+  token and the drafts, accepts a prefix (see the module docstring), writes the accepted tokens
+  and the target's next one to ``history`` and the output, and truncates the rejected tail
+  from the target cache and the draft cache. A row is done after a stop token (tokens the
+  iteration accepted after it are dropped and rolled back) or ``max_new_tokens``; a row whose
+  next iteration might overflow this call's output (``max_tokens``) or its ``history`` only
+  pauses: it is not marked done, and a later call with room continues it with the tokens one
+  whole loop gives. An iteration
+  whose target or draft step fails changes nothing (the draft tokens it fed are rolled back)
+  and ends the loop with the status.
+
+  On return the target cache holds each row's tokens but its last (``length - 1``, as
+  :func:`~jax_paged_kv.serving.decoding.decode_loop` leaves it), and the draft cache holds
+  ``draft_len`` of them; a later call continues from the returned state.
+
+  Args:
+    params: target model parameters.
+    cache: the target cache (donated).
+    state: the :class:`SpecState`.
+    model: the target model (static).
+    spec: :class:`SpeculativeConfig` (static).
+    max_tokens: static width of the output (a row generates at most this many tokens here;
+      at least ``num_draft_tokens + 1``, one iteration's most).
+    draft_params: the draft model's parameters (with ``spec.draft_model``).
+    draft_cache: the draft model's cache (donated; with ``spec.draft_model``).
+    implementation: paged attention implementation (static).
+    max_blocks: static bound on block-table columns read (XLA attention).
+    all_greedy: static; True only if every row is greedy (the program then compares argmaxes
+      and leaves the sampling out).
+    num_iterations: ``int32[]`` or None (no limit): stop after that many iterations (may be
+      traced: one compilation serves all). The returned state continues in a later call (a
+      server streaming the tokens as they come).
+
+  Returns:
+    ``(cache, draft_cache, state, SpecResult)``.
+  """
+  if num_iterations is not None and not isinstance(num_iterations, jax.core.Tracer):
+    # A concrete count: an int32 scalar (a Python int and an np.int32 share one program),
+    # never wrapped (np.int64(2**32 + 1) is not 1) nor truncated (2.5 is not 2).
+    value = np.asarray(num_iterations)
+    if value.ndim or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"speculative_loop: num_iterations must be an integer scalar, got "
+                       f"{num_iterations!r}")
+    num_iterations = np.int32(int_in_range(int(value), "num_iterations", 0, INT32_MAX))
+  return _speculative_loop(params, cache, state, model=model, spec=spec, max_tokens=max_tokens,
+                           draft_params=draft_params, draft_cache=draft_cache,
+                           implementation=implementation, max_blocks=max_blocks,
+                           all_greedy=all_greedy, num_iterations=num_iterations)
 
 
 @dataclasses.dataclass(frozen=True)
