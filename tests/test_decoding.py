@@ -428,14 +428,25 @@ def test_steps_refuse_a_cache_of_another_geometry():
 
 
 def test_tiny_temperatures_sample_the_argmax():
-  """logits / 2e-38 overflowed to +inf and the draw took the first token (the lowest logit)."""
-  logits = jnp.asarray([[100.0, 300.0, 200.0]] * 6)
+  """logits / 2e-38 overflowed to +inf and the draw took the first token (the lowest logit);
+  a subnormal temperature (flushed to 0) gave 0 / 0 = NaN and, with a filter, token 0."""
+  from jax_paged_kv.serving.decoding import filtered_logits
+
   keys = jax.random.split(jax.random.key(0), 6)
-  for t in (2e-38, 1e-30, 1e-3):
-    for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.9)):
-      got = sample_tokens(logits, keys, jnp.full(6, t), jnp.full(6, top_k, jnp.int32),
-                          jnp.full(6, top_p))
-      assert np.asarray(got).tolist() == [1] * 6, (t, top_k, top_p)
+  # Host arrays: a subnormal stays subnormal (jnp.full would flush it to 0, i.e. greedy).
+  for logits, best in ((np.asarray([[100.0, 300.0, 200.0]] * 6, np.float32), 1),
+                       (np.eye(8, dtype=np.float32)[[5] * 6] * 3, 5)):
+    for t in (1e-39, 2e-38, 1e-30, 1e-3):
+      for top_k, top_p, min_p in ((0, 1.0, 0.0), (2, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.9, 0.0),
+                                  (0, 1.0, 0.1)):
+        args = (np.full(6, t, np.float32), np.full(6, top_k, np.int32),
+                np.full(6, top_p, np.float32), np.full(6, min_p, np.float32))
+        # Eager for subnormals (op by op, the division saw a flushed 0), jitted for the rest.
+        wrap = (lambda f: f) if t < np.finfo(np.float32).tiny else jax.jit
+        got = wrap(sample_tokens)(jnp.asarray(logits), keys, *args)
+        assert np.asarray(got).tolist() == [best] * 6, (t, top_k, top_p, min_p)
+        z = np.asarray(wrap(filtered_logits)(jnp.asarray(logits), *args))
+        assert not np.isnan(z).any() and (np.argmax(z, axis=1) == best).all(), (t, z)
 
 
 @pytest.mark.parametrize("kw, match", [

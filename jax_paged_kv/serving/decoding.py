@@ -401,7 +401,10 @@ def filtered_logits(logits: Array, temperature: Array, top_k: Array, top_p: Arra
 
 def _filtered(logits, sampling, temperature, top_k, top_p, min_p):
   """The sampling rows' filtered logits (see :func:`sample_tokens`; other rows: unscaled)."""
-  t = jnp.where(sampling, temperature, 1.0).astype(jnp.float32)
+  # At least float32's smallest normal number: a subnormal temperature (1e-39) is flushed to
+  # 0 on CPUs and GPUs, and 0 / 0 at the row's max gave NaN (token 0 with a filter on).
+  t = jnp.where(sampling, jnp.maximum(temperature, np.finfo(np.float32).tiny),
+                1.0).astype(jnp.float32)
   # Shifted by the row's max first: logits / t overflows to +inf for a tiny t (2e-38), and a
   # row of infs samples its first token, not its argmax. Same distribution and thresholds.
   top = jnp.max(logits, axis=-1, keepdims=True)
