@@ -163,13 +163,17 @@ def test_warp_specialized_cases_in_a_process_with_4_xla_threads():
   env = dict(os.environ, PJRT_NPROC="4")
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m",
-       "not slow", "-k", "WarpSpecialized or races or lowers", "-W", "ignore"],
+       "not slow", "-k", "(WarpSpecialized and not prefill) or races or lowers", "-W",
+       "ignore"],
       env=env, capture_output=True, text=True, timeout=900, check=False)
   tail = (proc.stdout + proc.stderr)[-3000:]
   assert proc.returncode == 0, tail
   counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", tail)}
-  # 2 fast cases, 12 quantised-format refusals, the race check, 3 lowerings (2 one-warpgroup)
-  assert counts.get("passed", 0) >= 18 and "failed" not in counts, tail
+  # The fast decode case, 12 quantised-format refusals, the race check, 3 lowerings (2
+  # one-warpgroup). The fast prefill case (two splits) is left to JAX 0.11+ (in process, where
+  # the interpreter has its threads) and the compiled GPU session: here it made this the
+  # suite's longest test on CI's 2 cores, for an opt-in variant that is never the default.
+  assert counts.get("passed", 0) >= 17 and "failed" not in counts, tail
 
 
 def test_warp_specialized_interpret_refuses_too_few_threads(monkeypatch):

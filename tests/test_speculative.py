@@ -408,6 +408,7 @@ def test_other_lengths_stop_tokens_and_prompt_counts_share_one_compiled_loop():
   assert all(len(o.tokens) <= 17 for o in outs)
 
 
+@pytest.mark.slow  # tokens only: the float64 loop above checks them, and the drafts too
 def test_matches_transformers_prompt_lookup_and_assisted_generation(tmp_path):
   """Token for token against ``transformers``' own speculative decoding on the same random
   Llama: ``generate(prompt_lookup_num_tokens=k)`` and ``generate(assistant_model=...)`` with a
