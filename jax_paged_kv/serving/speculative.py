@@ -489,11 +489,10 @@ def speculative_loop(params: Params, cache: PagedKVCache, state: SpecState, *, m
   and the target's next one to ``history`` and the output, and truncates the rejected tail
   from the target cache and the draft cache. A row is done after a stop token (tokens the
   iteration accepted after it are dropped and rolled back) or ``max_new_tokens``; a row whose
-  next iteration might overflow this call's output (``max_tokens``) or its ``history`` only
-  pauses: it is not marked done, and a later call with room continues it with the tokens one
-  whole loop gives. An iteration
-  whose target or draft step fails changes nothing (the draft tokens it fed are rolled back)
-  and ends the loop with the status.
+  next iteration might overflow this call's output (``max_tokens``) only pauses: it is not
+  marked done, and a later call continues it with the tokens one whole loop gives. An
+  iteration whose target or draft step fails changes nothing (the draft tokens it fed are
+  rolled back) and ends the loop with the status.
 
   On return the target cache holds each row's tokens but its last (``length - 1``, as
   :func:`~jax_paged_kv.serving.decoding.decode_loop` leaves it), and the draft cache holds
