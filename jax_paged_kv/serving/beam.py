@@ -61,18 +61,12 @@ from jax_paged_kv.serving.decoding import (
     int_in_range,
     pow2_ceil,
     prefill_prompts,
+    pytree_dataclass,
     resolve_model,
 )
 
 # Beams per prompt the search accepts: its per-step work grows with beam_width * vocab.
 MAX_BEAM_WIDTH = 64
-
-
-def _pytree(cls):
-  """Registers a dataclass whose every field is an array leaf."""
-  jax.tree_util.register_dataclass(
-      cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
-  return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +154,7 @@ class _Shape:
     return min((1 + self.stop_width) * self.beam_width, vocab)
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Knobs:
   """The traced values of a search: ``max_new`` int32[], ``length_penalty`` float32[],
@@ -174,7 +168,7 @@ class _Knobs:
 
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class BeamResult:
   """What :func:`beam_search_loop` found, per prompt, best hypothesis first (a pytree).
@@ -205,7 +199,7 @@ class BeamResult:
 
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class _State:
   slots: Array  # int32[B, W] the beams' cache slots (fixed)

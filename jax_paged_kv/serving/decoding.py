@@ -142,6 +142,13 @@ def resolve_model(model: Model | None, config: Model | None) -> Model:
   return check_model(model if model is not None else config)
 
 
+def pytree_dataclass(cls):
+  """Registers a dataclass whose every field is a pytree child (the serving states)."""
+  jax.tree_util.register_dataclass(
+      cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
+  return cls
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How one request picks its tokens.
@@ -430,6 +437,7 @@ def _filtered(logits, sampling, temperature, top_k, top_p, min_p):
   return z
 
 
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class Penalties:
   """Per-row repetition, presence and frequency penalties and the token counts they act on (a
@@ -505,9 +513,6 @@ class Penalties:
                                seen=self.seen.at[rows, idx].set(True, mode="drop"))
 
 
-jax.tree_util.register_dataclass(
-    Penalties, data_fields=[f.name for f in dataclasses.fields(Penalties)], meta_fields=[])
-
 
 @functools.partial(jax.jit, static_argnames=("vocab_size",))
 def _count_tokens(toks: Array, *, vocab_size: int) -> tuple[Array, Array]:
@@ -522,6 +527,7 @@ def _count_tokens(toks: Array, *, vocab_size: int) -> tuple[Array, Array]:
   return (count(toks[0]) > 0) | (counts > 0), counts
 
 
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """Per-row state of the decode loop (a pytree of arrays).
@@ -620,9 +626,6 @@ class DecodeState:
           length=history_length))
     return state
 
-
-jax.tree_util.register_dataclass(
-    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[])
 
 
 def token_logprobs(logits: Array, tokens: Array) -> Array:

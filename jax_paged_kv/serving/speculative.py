@@ -69,6 +69,7 @@ from jax_paged_kv.serving.decoding import (
     int_in_range,
     pow2_ceil,
     prefill_prompts,
+    pytree_dataclass,
     token_logprobs,
 )
 
@@ -76,13 +77,6 @@ from jax_paged_kv.serving.decoding import (
 MAX_DRAFT_TOKENS = 16
 # Longest n-gram prompt lookup matches (its search costs O(n * history) per row and iteration).
 MAX_PROMPT_LOOKUP = 8
-
-
-def _pytree(cls):
-  """Registers a dataclass whose every field is a pytree child."""
-  jax.tree_util.register_dataclass(
-      cls, data_fields=[f.name for f in dataclasses.fields(cls)], meta_fields=[])
-  return cls
 
 
 def _check_all_logits(model: Model, what: str) -> None:
@@ -132,7 +126,7 @@ class SpeculativeConfig:
     return "ngram" if self.draft_model is None else "draft_model"
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class SpecState:
   """Per-row state of :func:`speculative_loop` (a pytree of arrays).
@@ -160,7 +154,7 @@ class SpecState:
     return dataclasses.replace(self, **kwargs)
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class SpecResult:
   """What :func:`speculative_loop` generated.
