@@ -328,7 +328,7 @@ _PARAM_RULES = {
 def param_specs(params: Any, model_config: Any, layout: MeshLayout) -> Any:
   """``PartitionSpec`` s that split a model's projections over ``model_axis``.
 
-  Knows the weight names of the bundled models (Llama 2/3, Mistral, Qwen2, Gemma 2:
+  Knows the weight names of the bundled models (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2:
   ``wq, wk, wv, wo, w_gate, w_up, w_down`` and the biases ``bq, bk, bv``).
 
   Query/key/value projections (and biases) are split by heads on their output axis, the output

@@ -2,7 +2,7 @@
 
 Shared by tests/test_llama.py, test_families.py, test_decoding.py and test_engine.py. Written
 from the Hugging Face definitions (``modeling_llama``, ``modeling_mistral``, ``modeling_qwen2``,
-``modeling_gemma2``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
+``modeling_qwen3``, ``modeling_gemma2``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
 """
 
 from __future__ import annotations
@@ -108,8 +108,10 @@ def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
     q, k, v = h @ lay["wq"][i], h @ lay["wk"][i], h @ lay["wv"][i]
     if c.attention_bias:
       q, k, v = q + lay["bq"][i], k + lay["bk"][i], v + lay["bv"][i]
-    q = _rope(q.reshape(s, nh, d), inv)
-    k = _rope(k.reshape(s, nkv, d), inv)
+    q, k = q.reshape(s, nh, d), k.reshape(s, nkv, d)
+    if getattr(c, "qk_norm", False):  # Qwen3: per-head RMSNorm over head_dim, before RoPE
+      q, k = _rms(q, lay["q_norm"][i], c.rms_norm_eps), _rms(k, lay["k_norm"][i], c.rms_norm_eps)
+    q, k = _rope(q, inv), _rope(k, inv)
     o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d), keep=keep)
     x = x + o @ lay["wo"][i]
     h = _rms(x, lay["mlp_norm"][i], c.rms_norm_eps)

@@ -53,6 +53,12 @@ REFERENCE_CASES = {
     "linear-rope-all-window": LlamaConfig(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
         num_kv_heads=1, rope_scaling=RopeScaling("linear", 2.5), sliding_window=WINDOW),
+    # Qwen3: q/k norms, head_dim 16 != hidden / heads, tied head, a window on layers 1 and 2.
+    "qwen3-qk-norm-window": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=900.0, qk_norm=True, tie_word_embeddings=True,
+        sliding_window=WINDOW,
+        layer_types=("full_attention", "sliding_attention", "sliding_attention")),
     # Gemma 2 with an odd number of layers (no whole pairs: one group of 3).
     "gemma2-3-layers": Gemma2Config(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
@@ -61,11 +67,25 @@ REFERENCE_CASES = {
 }
 
 
+def perturb_norms(params, seed=0):
+  """Every norm weight (``*norm``: ones, or zeros in Gemma) moved off its init, so a weight read
+  in the wrong place (``q_norm`` for ``k_norm``, one layer's for another's) changes the output."""
+  rng = np.random.default_rng(seed)
+
+  def move(path, x):
+    name = getattr(path[-1], "key", "")
+    if not name.endswith("norm"):
+      return x
+    return x + jnp.asarray(rng.normal(0.0, 0.3, x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(move, params)
+
+
 @pytest.mark.parametrize("name", REFERENCE_CASES)
 def test_matches_float64_reference(name):
   config = REFERENCE_CASES[name]
   module = gemma2 if isinstance(config, Gemma2Config) else llama
-  params = module.init_params(config, jax.random.PRNGKey(0), scale=2.0)
+  params = perturb_norms(module.init_params(config, jax.random.PRNGKey(0), scale=2.0))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (PROMPT_LEN, 9)]
   toks, logits = run_model(params, config, prompts)
@@ -147,6 +167,15 @@ def hf_case(name, transformers):
     return transformers.Qwen2Config(**small, use_sliding_window=True, sliding_window=WINDOW,
                                     max_window_layers=1), (
         lambda c: c.layer_windows == (None, WINDOW))
+  if name == "qwen3":  # head_dim 24 != hidden / heads; tied head
+    return transformers.Qwen3Config(**small, head_dim=24, rope_theta=600.0,
+                                    tie_word_embeddings=True), (
+        lambda c: c.qk_norm and not c.attention_bias and c.head_dim == 24
+        and c.tie_word_embeddings and c.layer_windows == (None, None))
+  if name == "qwen3-window":  # layer 0 global, layer 1 sliding
+    return transformers.Qwen3Config(**small, use_sliding_window=True, sliding_window=WINDOW,
+                                    max_window_layers=1), (
+        lambda c: c.qk_norm and c.layer_windows == (None, WINDOW))
   if name == "gemma2":
     cfg = dict(small, num_hidden_layers=4, head_dim=16)
     return transformers.Gemma2Config(
@@ -157,7 +186,7 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "gemma2"]
+            "qwen2-window", "qwen3", "qwen3-window", "gemma2"]
 
 
 def hf_model(name, tmp_path):
@@ -196,7 +225,7 @@ def test_matches_transformers_float32(tmp_path, name):
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_matches_transformers_bfloat16(tmp_path, name):
   """bf16 weights, activations and cache, the same tokens fed to both sides. bf16 keeps 8
   bits and the two sides round in different places, so both are held to the float32 model:

@@ -1,5 +1,6 @@
 """The Hugging Face loader reads what it implements and refuses everything else, by name."""
 
+import dataclasses
 import json
 
 import jax
@@ -24,7 +25,8 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 def cfg(model_type, **kw):
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-          "qwen2": "Qwen2ForCausalLM", "gemma2": "Gemma2ForCausalLM"}.get(model_type, "X")
+          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "gemma2": "Gemma2ForCausalLM"}.get(model_type, "X")
   return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
 
 
@@ -53,6 +55,13 @@ def test_reads_each_family():
   assert c.attention_bias and c.layer_windows == (None, None)
   c = config_from_hf(cfg("qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=1))
   assert c.layer_windows == (None, 8)
+  # Qwen3: q/k norms, no biases, Qwen2's window rule.
+  c = config_from_hf(cfg("qwen3", head_dim=16, attention_bias=False, sliding_window=None,
+                         use_sliding_window=False, max_window_layers=28))
+  assert c.qk_norm and not c.attention_bias and c.head_dim == 16
+  assert c.layer_windows == (None, None)
+  c = config_from_hf(cfg("qwen3", sliding_window=8, use_sliding_window=True, max_window_layers=1))
+  assert c.qk_norm and c.layer_windows == (None, 8)
   c = config_from_hf(cfg("gemma2", head_dim=16, sliding_window=8, sliding_window_size=8,
                          hidden_act="gelu_pytorch_tanh", cache_implementation="hybrid",
                          final_logit_softcapping=None))
@@ -83,6 +92,10 @@ def test_reads_each_family():
     (cfg("qwen2", use_mrope=True), "use_mrope"),
     (cfg("qwen2", num_experts=8), "mixture of experts"),
     (cfg("qwen2", layer_types=["sliding_attention"] * 2), "window is off"),
+    (cfg("qwen3", attention_bias=True), "o_proj"),
+    (cfg("qwen3", use_mrope=True), r"\['use_mrope'\] are not implemented"),
+    (cfg("qwen3", layer_types=["sliding_attention"] * 2), "window is off"),
+    (cfg("qwen3", num_experts=8), "mixture of experts"),  # Qwen3-MoE is another model_type
     (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
     (cfg("gemma2", attention_bias=True), "attention_bias"),
     (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),
@@ -97,9 +110,11 @@ def test_refuses_what_it_does_not_run(hf, match):
 @pytest.mark.parametrize("config", [
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, attention_bias=True),
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=12, qk_norm=True),
     Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=8),
-], ids=["qwen2-style", "gemma2"])
+], ids=["qwen2-style", "qwen3-style", "gemma2"])
 def test_state_dict_roundtrip_and_unused_tensors(config):
   module = gemma2 if isinstance(config, Gemma2Config) else llama
   params = module.init_params(config, jax.random.PRNGKey(0))
@@ -116,11 +131,25 @@ def test_state_dict_roundtrip_and_unused_tensors(config):
       params_from_hf(dict(state, **{"lm_head.weight": embed + 1}), config)
 
 
+def test_qk_norm_configs_round_trip_through_to_hf():
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=12, qk_norm=True)
+  for config in (LlamaConfig(**base), LlamaConfig(**base, sliding_window=8),
+                 LlamaConfig(**base, tie_word_embeddings=True)):
+    hf = config.to_hf()
+    assert hf["model_type"] == "qwen3" and hf["architectures"] == ["Qwen3ForCausalLM"]
+    got = config_from_hf(hf)  # a window on every layer comes back spelled per layer
+    assert got.layer_windows == config.layer_windows
+    assert dataclasses.replace(got, layer_types=None) == config
+  with pytest.raises(ValueError, match="o_proj"):  # Qwen3's attention_bias would add o's bias
+    LlamaConfig(**base, attention_bias=True).to_hf()
+
+
 def test_absent_fields_take_transformers_class_defaults():
   """An absent key means transformers' class default, which an explicit null need not: a
   Mistral config without ``sliding_window`` runs a 4096 window in transformers (null: none),
-  and one without ``num_key_value_heads`` has 8 KV heads (Qwen2 32, Gemma 2 4, Llama: the
-  query heads)."""
+  and one without ``num_key_value_heads`` has 8 KV heads (Qwen2 and Qwen3 32, Gemma 2 4, Llama:
+  the query heads); Qwen3 without ``head_dim`` has 128 (not hidden / heads)."""
   def without(model_type, *keys, **kw):
     hf = cfg(model_type, **kw)
     for k in keys:
@@ -133,10 +162,13 @@ def test_absent_fields_take_transformers_class_defaults():
                              max_window_layers=1))
   assert c.layer_windows == (None, 4096)
   heads = dict(num_attention_heads=32, hidden_size=256)
-  for model_type, want in (("mistral", 8), ("qwen2", 32), ("gemma2", 4), ("llama", 32)):
+  for model_type, want in (("mistral", 8), ("qwen2", 32), ("qwen3", 32), ("gemma2", 4),
+                           ("llama", 32)):
     c = config_from_hf(without(model_type, "num_key_value_heads", **heads))
     assert c.num_kv_heads == want, model_type
     assert config_from_hf(cfg(model_type, **heads, num_key_value_heads=None)).num_kv_heads == 32
+  assert config_from_hf(without("qwen3", "head_dim")).head_dim == 128  # hidden / heads is 8
+  assert config_from_hf(without("qwen2", "head_dim")).head_dim == 8
 
 
 @pytest.mark.parametrize("hf, match", [
@@ -156,9 +188,12 @@ def test_absent_fields_take_transformers_class_defaults():
     (cfg("qwen2", max_window_layers=None), "max_window_layers=None"),
     (cfg("gemma2", hidden_activation=None), "hidden_activation=None"),
     (cfg("gemma2", head_dim=None), "head_dim=None"),
+    (cfg("qwen3", head_dim=None), "head_dim=None"),
+    (cfg("qwen3", use_sliding_window=None), "use_sliding_window=None"),
 ], ids=["float_layers", "float_head_dim", "bool_kv_heads", "null_scalar", "str_tie", "null_tie",
         "null_eps", "null_act", "null_bias", "null_theta", "null_max_pos", "null_qwen_window",
-        "null_max_window_layers", "null_gemma_act", "null_gemma_head_dim"])
+        "null_max_window_layers", "null_gemma_act", "null_gemma_head_dim",
+        "null_qwen3_head_dim", "null_qwen3_window"])
 def test_refuses_fields_transformers_rejects(hf, match):
   with pytest.raises(ValueError, match=match):
     config_from_hf(hf)

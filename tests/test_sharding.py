@@ -205,7 +205,7 @@ def test_shard_seq_ids_addresses_shard_and_slot():
 
 def test_param_shardings_split_projections_by_heads():
   model = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=24, num_layers=2,
-                      num_heads=8, num_kv_heads=4, attention_bias=True)
+                      num_heads=8, num_kv_heads=4, attention_bias=True, qk_norm=True)
   params = jax.eval_shape(functools.partial(init_params, model), jax.random.PRNGKey(0))
   specs = shd.param_specs(params, model, shd.MeshLayout(mesh_2x4(), model_axis="model"))
   lay = specs["layers"]
@@ -213,6 +213,7 @@ def test_param_shardings_split_projections_by_heads():
   assert lay["wo"] == P(None, "model", None) and lay["bv"] == P(None, "model")
   assert lay["w_gate"] == P(None, None, "model") and lay["w_down"] == P(None, "model", None)
   assert specs["embed"] == P() and lay["attn_norm"] == P() and specs["lm_head"] == P()
+  assert lay["q_norm"] == P() and lay["k_norm"] == P()  # over head_dim: every shard's heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,9 +450,10 @@ def test_pool_exhausted_on_one_data_shard_leaves_the_others_alone():
 # ---------------------------------------------------------------------------------------------
 # decoding and serving
 
+# Qwen3-style q/k norms: per head, so a head split over devices normalises where it lives.
 MODEL = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                    num_heads=8, num_kv_heads=4, rope_theta=500.0)
-PARAMS = init_params(MODEL, jax.random.PRNGKey(7), scale=2.0)
+                    num_heads=8, num_kv_heads=4, rope_theta=500.0, qk_norm=True)
+PARAMS = init_params(MODEL, jax.random.PRNGKey(9), scale=2.0)
 MODEL_CACHE = MODEL.cache_config(num_blocks=25, max_seqs=4, max_seq_len=32, block_size=4)
 PROMPT_RNG = np.random.default_rng(8)
 PROMPTS = [PROMPT_RNG.integers(0, 128, n).tolist() for n in (3, 11, 8, 6, 5, 9, 2, 7)]

@@ -10,15 +10,15 @@ safetensors reader is a few lines of numpy (``bfloat16`` through ``ml_dtypes``, 
 JAX), so neither ``torch`` nor ``safetensors`` is needed.
 
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
-``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``qwen2`` (Qwen2 / 2.5) and
-``gemma2``. Every ``config.json`` field is either read and implemented, known not to change the
-outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a ``ValueError`` naming it:
-an unknown ``model_type``, a RoPE type other than default / ``linear`` / ``dynamic`` /
-``llama3``, ``partial_rotary_factor``, MoE or multimodal fields, biases the model does not have,
-a window a family's Hugging Face code would ignore, and any field this module does not know. The
-semantics followed are those of ``transformers`` 5 (e.g. Qwen2's window applies to the layers at
-index ``>= max_window_layers``, only with ``use_sliding_window``). Tensors the mapping does not
-consume are refused too.
+``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``qwen2`` (Qwen2 / 2.5), ``qwen3``
+(dense) and ``gemma2``. Every ``config.json`` field is either read and implemented, known not
+to change the outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a
+``ValueError`` naming it: an unknown ``model_type``, a RoPE type other than default /
+``linear`` / ``dynamic`` / ``llama3``, ``partial_rotary_factor``, MoE or multimodal fields,
+biases the model does not have, a window a family's Hugging Face code would ignore, and any
+field this module does not know. The semantics followed are those of ``transformers`` 5 (e.g.
+Qwen2's and Qwen3's window applies to the layers at index ``>= max_window_layers``, only with
+``use_sliding_window``). Tensors the mapping does not consume are refused too.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ _LLAMA_LAYER_NAMES = {
     "bk": "self_attn.k_proj.bias",
     "bv": "self_attn.v_proj.bias",
     "mlp_norm": "post_attention_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
 }
 _GEMMA2_LAYER_NAMES = {
     "attn_norm": "input_layernorm.weight",
@@ -202,7 +204,7 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
   heads = r.get_int("num_attention_heads", required=True)
   hidden = r.get_int("hidden_size", required=True)
   max_pos = r.get_int("max_position_embeddings", defaults["max_position_embeddings"])
-  # transformers' class default when the key is absent (Mistral 8, Qwen2 32, Gemma 2 4;
+  # transformers' class default when the key is absent (Mistral 8, Qwen2 / Qwen3 32, Gemma 2 4;
   # Llama: the query heads); an explicit null means the query heads.
   kv_heads = r.get_absent("num_key_value_heads", defaults.get("num_key_value_heads"))
   kv_heads = r.as_int("num_key_value_heads", heads if kv_heads is None else kv_heads)
@@ -216,9 +218,10 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
       intermediate_size=r.get_int("intermediate_size", required=True),
       num_layers=r.get_int("num_hidden_layers", required=True), num_heads=heads,
       num_kv_heads=kv_heads,
-      # A null head_dim means hidden / heads in the Llama family; Gemma 2 has no such rule.
+      # A null head_dim means hidden / heads in Llama, Mistral and Qwen2; Gemma 2 and Qwen3
+      # have no such rule (their attention takes config.head_dim as it is).
       head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads,
-                         null_ok=r.model_type != "gemma2"),
+                         null_ok=r.model_type not in ("gemma2", "qwen3")),
       rope_theta=theta, rope_scaling=scaling,
       rms_norm_eps=r.typed("rms_norm_eps", 1e-6, float),
       tie_word_embeddings=r.typed("tie_word_embeddings", defaults["tie_word_embeddings"], bool),
@@ -226,26 +229,30 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _llama_family(r: _Reader, dtype) -> LlamaConfig:
-  """``llama``, ``mistral`` and ``qwen2``: one model, three ways to spell its options."""
+  """``llama``, ``mistral``, ``qwen2`` and ``qwen3``: one model, four ways to spell its
+  options."""
   t = r.model_type
   defaults = {"llama": dict(max_position_embeddings=2048),
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
-              "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}[t]
+              "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32),
+              "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32,
+                            head_dim=128)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
   act = r.typed("hidden_act", "silu", str)
   if act not in ("silu", "swish"):
     raise r.refuse(f"hidden_act={act!r} is not implemented (SwiGLU with SiLU only)")
   if r.typed("mlp_bias", False, bool):
     raise r.refuse("mlp_bias=True is not implemented")
-  # Absent, Mistral's and Qwen2's window is transformers' default 4096; an explicit null is no
-  # window (Mistral v0.2+). Llama has none.
+  # Absent, Mistral's and Qwen2's / Qwen3's window is transformers' default 4096; an explicit
+  # null is no window (Mistral v0.2+). Llama has none.
   window = r.get_absent("sliding_window", None if t == "llama" else 4096)
-  use_window = r.typed("use_sliding_window", None, bool) if t == "qwen2" else r.get(
+  qwen = t in ("qwen2", "qwen3")
+  use_window = r.typed("use_sliding_window", None, bool) if qwen else r.get(
       "use_sliding_window")
   layer_types = r.get("layer_types")
   max_window_layers = r.get_absent("max_window_layers", None)
-  if max_window_layers is not None or (t == "qwen2" and "max_window_layers" in r.hf):
-    max_window_layers = r.as_int("max_window_layers", max_window_layers)  # Qwen2: null refused
+  if max_window_layers is not None or (qwen and "max_window_layers" in r.hf):
+    max_window_layers = r.as_int("max_window_layers", max_window_layers)  # Qwen: null refused
   n = fields["num_layers"]
   bias = r.typed("attention_bias", None, bool)
   if t == "llama":
@@ -267,10 +274,13 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
     if use_window is not None and bool(use_window) != (window is not None):
       raise r.refuse(f"use_sliding_window={use_window} contradicts sliding_window={window} "
                      "(Hugging Face's Mistral applies sliding_window whenever it is set)")
-  else:  # qwen2: q/k/v biases always
-    if bias is False:
+  else:  # qwen2: q/k/v biases always; qwen3: q/k norms, no bias by default
+    if t == "qwen2" and bias is False:
       raise r.refuse("attention_bias=False contradicts Qwen2 (q/k/v biases always)")
-    if r.get("use_mrope", False):
+    if t == "qwen3" and bias:
+      raise r.refuse("attention_bias=True (Qwen3 puts biases on q/k/v *and* o_proj) is not "
+                     "implemented")
+    if t == "qwen2" and r.get("use_mrope", False):
       raise r.refuse("use_mrope=True (multimodal RoPE) is not implemented")
     window = window if use_window else None
     if layer_types is None:
@@ -285,7 +295,8 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   if window is not None and layer_types is not None:
     layer_types = tuple(layer_types)
   r.check_all_read()
-  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), sliding_window=window,
+  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), qk_norm=(t == "qwen3"),
+                     sliding_window=window,
                      layer_types=layer_types if window is not None else None, dtype=dtype)
 
 
@@ -332,6 +343,7 @@ _FAMILIES = {
     "llama": _Family("LlamaForCausalLM", _llama_family),
     "mistral": _Family("MistralForCausalLM", _llama_family),
     "qwen2": _Family("Qwen2ForCausalLM", _llama_family),
+    "qwen3": _Family("Qwen3ForCausalLM", _llama_family),
     "gemma2": _Family("Gemma2ForCausalLM", _gemma2),
 }
 
@@ -344,7 +356,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32) -> ModelConfig:
     dtype: dtype of the model's weights, activations and cache.
 
   Returns:
-    A :class:`~jax_paged_kv.models.llama.LlamaConfig` (``llama``, ``mistral``, ``qwen2``) or a
+    A :class:`~jax_paged_kv.models.llama.LlamaConfig` (``llama``, ``mistral``, ``qwen2``,
+    ``qwen3``) or a
     :class:`~jax_paged_kv.models.gemma2.Gemma2Config` (``gemma2``).
 
   Raises:
@@ -409,6 +422,8 @@ def _layer_names(config: ModelConfig) -> dict[str, str]:
   if not config.attention_bias:
     for k in ("bq", "bk", "bv"):
       del names[k]
+  if not config.qk_norm:
+    del names["q_norm"], names["k_norm"]
   return names
 
 

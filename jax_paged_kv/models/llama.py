@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5) in plain JAX on the paged cache.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) in plain JAX on the paged cache.
 
 Token embedding, RMSNorm, rotary embeddings (configurable base, optional Llama 3 / linear /
 dynamic frequency scaling), grouped-query attention through :func:`~jax_paged_kv.paged_attention`
@@ -23,6 +23,8 @@ Parameters are a plain dict of arrays (a pytree), in the layout of :func:`init_p
       wq         [layers, hidden, q_heads * head_dim]
       wk, wv     [layers, hidden, kv_heads * head_dim]
       bq, bk, bv [layers, heads * head_dim]            (only with attention_bias=True)
+      q_norm     [layers, head_dim]                    (only with qk_norm=True)
+      k_norm     [layers, head_dim]                    (only with qk_norm=True)
       wo         [layers, q_heads * head_dim, hidden]
       mlp_norm   [layers, hidden]
       w_gate     [layers, hidden, intermediate]
@@ -90,12 +92,14 @@ class LlamaConfig:
     rms_norm_eps: RMSNorm epsilon.
     tie_word_embeddings: the LM head reuses the token embedding.
     attention_bias: q/k/v projections have biases (Qwen2-style; no output-projection bias).
+    qk_norm: an RMSNorm over ``head_dim`` (a weight per channel, shared by the heads) on every
+      query and key head after the projection, before RoPE (Qwen3).
     max_position_embeddings: longest context the model was trained for (informational, but for
       ``dynamic`` RoPE scaling, which is exact only up to it).
     dtype: dtype of weights and activations (the cache's dtype must match).
     rope_scaling: optional rotary frequency scaling (:class:`RopeScaling`: Llama 3, linear,
       dynamic).
-    sliding_window: optional attention window ``w`` (Mistral, Qwen2 with
+    sliding_window: optional attention window ``w`` (Mistral, Qwen2 / Qwen3 with
       ``use_sliding_window``): a query sees the last ``w`` positions, itself included.
     layer_types: which layers use the window (Hugging Face's names, ``"sliding_attention"`` or
       ``"full_attention"`` per layer); None: every layer does when ``sliding_window`` is set.
@@ -112,6 +116,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-5
   tie_word_embeddings: bool = False
   attention_bias: bool = False
+  qk_norm: bool = False
   max_position_embeddings: int = 4096
   dtype: Any = jnp.float32
   rope_scaling: RopeScaling | None = None
@@ -152,7 +157,7 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], *, dtype=jnp.float32) -> LlamaConfig:
-    """Builds the config from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2).
+    """Builds the config from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2, Qwen3).
 
     See :func:`~jax_paged_kv.models.hf.config_from_hf` for what is read and what is refused.
 
@@ -171,15 +176,21 @@ class LlamaConfig:
   def to_hf(self) -> dict[str, Any]:
     """The Hugging Face config fields describing this model.
 
-    ``model_type`` is ``"qwen2"`` with ``attention_bias`` (Hugging Face's Llama would add an
-    output-projection bias), ``"mistral"`` with a window on every layer, else ``"llama"``.
+    ``model_type`` is ``"qwen3"`` with ``qk_norm``, ``"qwen2"`` with ``attention_bias``
+    (Hugging Face's Llama would add an output-projection bias), ``"mistral"`` with a window on
+    every layer, else ``"llama"``.
 
     Raises:
-      ValueError: a window on some layers only (no Hugging Face family spells it that way).
+      ValueError: a window on some layers only, or ``qk_norm`` with ``attention_bias`` (no
+        Hugging Face family spells them: Qwen3's ``attention_bias`` adds an output-projection
+        bias too).
     """
     windows = set(self.layer_windows)
     if len(windows) > 1:
       raise ValueError("a sliding window on some layers only has no to_hf spelling")
+    if self.qk_norm and self.attention_bias:
+      raise ValueError("qk_norm with q/k/v biases only has no to_hf spelling (Qwen3's "
+                       "attention_bias also puts a bias on o_proj)")
     out = dict(
         vocab_size=self.vocab_size, hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
@@ -190,11 +201,14 @@ class LlamaConfig:
     if self.rope_scaling is not None:
       out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
                              if v is not None}
-    if self.attention_bias:
+    if self.qk_norm or self.attention_bias:
       window = self.sliding_window
-      out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-                 use_sliding_window=window is not None, sliding_window=window,
+      out.update(use_sliding_window=window is not None, sliding_window=window,
                  max_window_layers=0)
+      if self.qk_norm:
+        out.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
+      else:
+        out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
     elif self.sliding_window is not None:
       out.update(model_type="mistral", architectures=["MistralForCausalLM"],
                  sliding_window=self.sliding_window)
@@ -263,6 +277,9 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
     layers["bq"] = normal((L, qd), 1) * 0.1
     layers["bk"] = normal((L, kvd), 1) * 0.1
     layers["bv"] = normal((L, kvd), 1) * 0.1
+  if c.qk_norm:
+    layers["q_norm"] = jnp.ones((L, D), c.dtype)
+    layers["k_norm"] = jnp.ones((L, D), c.dtype)
   params = {
       "embed": normal((c.vocab_size, H), 1),
       "layers": layers,
@@ -303,7 +320,8 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
   Reserves room for ``num_new[b]`` tokens of each row once, then scans the layers: each layer
   writes its new K/V with :func:`~jax_paged_kv.write_kv` and then attends with
   :func:`~jax_paged_kv.paged_attention` (causal over the row's whole cached sequence, or over
-  the last ``sliding_window`` positions on sliding layers).
+  the last ``sliding_window`` positions on sliding layers). With ``qk_norm`` every query and
+  key head is RMS-normalised before RoPE.
 
   Args:
     params: the parameters.
@@ -343,8 +361,12 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     if c.attention_bias:
       q, k, v = q + w["bq"][None, None], k + w["bk"][None, None], v + w["bv"][None, None]
     # [batch, T, q_heads, head_dim] and [batch, T, kv_heads, head_dim]
-    q = rope(q.reshape(b, t, nh, d), step.positions, c.rope_theta, c.rope_scaling)
-    k = rope(k.reshape(b, t, nkv, d), step.positions, c.rope_theta, c.rope_scaling)
+    q, k = q.reshape(b, t, nh, d), k.reshape(b, t, nkv, d)
+    if c.qk_norm:
+      q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+      k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
+    q = rope(q, step.positions, c.rope_theta, c.rope_scaling)
+    k = rope(k, step.positions, c.rope_theta, c.rope_scaling)
     v = v.reshape(b, t, nkv, d)
     cache, attn, _ = write_and_attend(
         q, k.astype(cache.config.dtype), v.astype(cache.config.dtype), cache, step.slots,
