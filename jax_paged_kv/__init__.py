@@ -57,6 +57,7 @@ from jax_paged_kv.attention import (  # isort: skip
 )
 from jax_paged_kv.models import (  # isort: skip
     Gemma2Config,
+    Gemma3Config,
     LlamaConfig,
     Model,
     RopeScaling,
@@ -119,6 +120,7 @@ __all__ = [
     "EngineMetrics",
     "ExportedDecodeStep",
     "Gemma2Config",
+    "Gemma3Config",
     "LlamaConfig",
     "MeshEngine",
     "MeshLayout",

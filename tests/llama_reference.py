@@ -16,11 +16,13 @@ def _rms(x, w, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def _inv_freq(config):
-  """HF's inverse frequencies: default, linear, dynamic (within the context) or llama3."""
+def _inv_freq(config, theta=None, scaling="config"):
+  """HF's inverse frequencies: default, linear, dynamic (within the context) or llama3 (the
+  config's base and scaling unless given)."""
   d = config.head_dim
-  inv = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-  s = getattr(config, "rope_scaling", None)
+  theta = config.rope_theta if theta is None else theta
+  inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+  s = getattr(config, "rope_scaling", None) if scaling == "config" else scaling
   if s is None or s.rope_type == "dynamic":
     return inv
   if s.rope_type == "linear":
@@ -94,7 +96,7 @@ def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
 
   ``keep`` (optional ``bool[S, S]``): an extra attention mask (query, key), every layer.
   """
-  if type(config).__name__ == "Gemma2Config":
+  if type(config).__name__ in ("Gemma2Config", "Gemma3Config"):
     return gemma2_reference_logits(params, config, tokens)
   c = config
   p, lay = _f64(params)
@@ -127,22 +129,28 @@ def _gelu_tanh(x):
 
 
 def gemma2_reference_logits(params, config, tokens) -> np.ndarray:
-  """float64 logits ``[S, vocab]`` of Gemma 2 (HF ``modeling_gemma2``), no cache."""
+  """float64 logits ``[S, vocab]`` of Gemma 2 or 3 (HF ``modeling_gemma2`` /
+  ``modeling_gemma3``), no cache."""
   c = config
   p, lay = _f64(params)
   toks = np.asarray(tokens)
   s = toks.shape[0]
   d, nh, nkv, eps = c.head_dim, c.num_heads, c.num_kv_heads, c.rms_norm_eps
-  inv = _inv_freq(c)
+  global_inv = _inv_freq(c)
+  local = getattr(c, "sliding_rope_theta", None)  # Gemma 3: rope_local_base_freq, no scaling
+  local_inv = global_inv if local is None else _inv_freq(c, local, None)
 
   def norm(x, w):
     return _rms(x, 1.0 + w, eps)
 
   x = p["embed"][toks] * float(np.asarray(np.sqrt(c.hidden_size), c.dtype))
   for i, window in enumerate(_windows(c)):
+    inv = global_inv if window is None else local_inv
     h = norm(x, lay["attn_norm"][i])
-    q = _rope((h @ lay["wq"][i]).reshape(s, nh, d), inv)
-    k = _rope((h @ lay["wk"][i]).reshape(s, nkv, d), inv)
+    q, k = (h @ lay["wq"][i]).reshape(s, nh, d), (h @ lay["wk"][i]).reshape(s, nkv, d)
+    if getattr(c, "qk_norm", False):  # Gemma 3: (1 + w) RMSNorm per head, before RoPE
+      q, k = norm(q, lay["q_norm"][i]), norm(k, lay["k_norm"][i])
+    q, k = _rope(q, inv), _rope(k, inv)
     v = (h @ lay["wv"][i]).reshape(s, nkv, d)
     o = _attention(q, k, v, window, c.query_pre_attn_scalar ** -0.5, c.attn_logit_softcapping)
     x = x + norm(o @ lay["wo"][i], lay["post_attn_norm"][i])

@@ -16,12 +16,14 @@ import pytest
 from jax_paged_kv import CacheShapeError, init_cache
 from jax_paged_kv.models import (
   Gemma2Config,
+  Gemma3Config,
   LlamaConfig,
   RopeScaling,
   gemma2,
   llama,
   load_hf_checkpoint,
 )
+from jax_paged_kv.models.gemma2 import gemma3_layer_types
 from tests.llama_fixtures import decode_greedy, run_chunked
 from tests.llama_reference import reference_greedy, reference_logits
 
@@ -59,11 +61,18 @@ REFERENCE_CASES = {
         num_kv_heads=2, head_dim=16, rope_theta=900.0, qk_norm=True, tie_word_embeddings=True,
         sliding_window=WINDOW,
         layer_types=("full_attention", "sliding_attention", "sliding_attention")),
-    # Gemma 2 with an odd number of layers (no whole pairs: one group of 3).
+    # Gemma 2 with an odd number of layers (one pair scanned, the third layer after it).
     "gemma2-3-layers": Gemma2Config(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
         num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
         final_logit_softcapping=3.0, sliding_window=WINDOW),
+    # Gemma 3: q/k norms, its own RoPE base on the sliding layers, linear scaling on the global
+    # ones; 7 layers of period 3 (two groups scanned, the seventh after them).
+    "gemma3-7-layers": Gemma3Config(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=7, num_heads=4,
+        num_kv_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+        layer_types=gemma3_layer_types(7, 3), rope_theta=5000.0, sliding_rope_theta=50.0,
+        rope_scaling=RopeScaling("linear", 4.0), final_logit_softcapping=3.0),
 }
 
 
@@ -176,6 +185,17 @@ def hf_case(name, transformers):
     return transformers.Qwen3Config(**small, use_sliding_window=True, sliding_window=WINDOW,
                                     max_window_layers=1), (
         lambda c: c.qk_norm and c.layer_windows == (None, WINDOW))
+  if name == "gemma3":  # 5 layers, pattern 3 (S S F S S); linear RoPE on the global layer
+    cfg = dict(small, num_hidden_layers=5, head_dim=16)
+    return transformers.Gemma3TextConfig(
+        **cfg, sliding_window=WINDOW, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+        rope_theta=800.0, rope_local_base_freq=30.0, sliding_window_pattern=3,
+        rope_scaling={"rope_type": "linear", "factor": 4.0}), (
+        lambda c: isinstance(c, Gemma3Config) and c.qk_norm
+        and c.layer_windows == (WINDOW, WINDOW, None, WINDOW, WINDOW)
+        and c.layer_rope(WINDOW) == (30.0, None)
+        and c.layer_rope(None) == (800.0, RopeScaling("linear", 4.0))
+        and c.attn_logit_softcapping is None and c.final_logit_softcapping == 3.0)
   if name == "gemma2":
     cfg = dict(small, num_hidden_layers=4, head_dim=16)
     return transformers.Gemma2Config(
@@ -186,7 +206,7 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "qwen3", "qwen3-window", "gemma2"]
+            "qwen2-window", "qwen3", "qwen3-window", "gemma2", "gemma3"]
 
 
 def hf_model(name, tmp_path):
@@ -225,7 +245,7 @@ def test_matches_transformers_float32(tmp_path, name):
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_matches_transformers_bfloat16(tmp_path, name):
   """bf16 weights, activations and cache, the same tokens fed to both sides. bf16 keeps 8
   bits and the two sides round in different places, so both are held to the float32 model:
@@ -257,5 +277,5 @@ def test_init_params_picks_each_family_s_initialiser():
     got = pk.init_params(config, jax.random.PRNGKey(3), scale=2.0)
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want), name
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
-  with pytest.raises(TypeError, match="LlamaConfig and Gemma2Config"):
+  with pytest.raises(TypeError, match="LlamaConfig, Gemma2Config and Gemma3Config"):
     pk.init_params(object(), jax.random.PRNGKey(3))

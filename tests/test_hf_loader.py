@@ -9,6 +9,7 @@ import pytest
 
 from jax_paged_kv.models import (
   Gemma2Config,
+  Gemma3Config,
   LlamaConfig,
   RopeScaling,
   config_from_hf,
@@ -26,7 +27,7 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 def cfg(model_type, **kw):
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "gemma2": "Gemma2ForCausalLM"}.get(model_type, "X")
+          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(model_type, "X")
   return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
 
 
@@ -70,6 +71,49 @@ def test_reads_each_family():
   assert c.query_pre_attn_scalar == 256.0 and c.tie_word_embeddings
 
 
+# google/gemma-3-1b-pt's config.json (transformers 4.50 spelling), shrunk.
+GEMMA3_1B = cfg("gemma3_text", head_dim=16, num_hidden_layers=8, num_key_value_heads=1,
+                attention_bias=False, attention_dropout=0.0, attn_logit_softcapping=None,
+                bos_token_id=2, cache_implementation="hybrid", eos_token_id=1,
+                final_logit_softcapping=None, hidden_activation="gelu_pytorch_tanh",
+                initializer_range=0.02, max_position_embeddings=32768, pad_token_id=0,
+                query_pre_attn_scalar=256, rms_norm_eps=1e-06, rope_local_base_freq=10000,
+                rope_scaling=None, rope_theta=1000000, sliding_window=512,
+                sliding_window_pattern=6, torch_dtype="bfloat16", use_cache=True)
+
+
+def test_reads_gemma3_both_spellings():
+  c = config_from_hf(GEMMA3_1B)
+  assert isinstance(c, Gemma3Config) and c.qk_norm and c.head_dim == 16
+  assert c.layer_windows == (512,) * 5 + (None,) + (512,) * 2  # every sixth layer global
+  assert c.layer_rope(512) == (10000.0, None) and c.layer_rope(None) == (1e6, None)
+  assert c.attn_logit_softcapping is None and c.final_logit_softcapping is None
+  # Gemma 3 4B's text config: linear scaling (factor 8) on the global layers only.
+  c = config_from_hf(dict(GEMMA3_1B, rope_scaling={"rope_type": "linear", "factor": 8.0}))
+  assert c.layer_rope(None) == (1e6, RopeScaling("linear", 8.0))
+  assert c.layer_rope(512) == (10000.0, None)
+  # transformers 5's spelling: one RoPE dict per layer type, layer_types spelled out.
+  v5 = {k: v for k, v in GEMMA3_1B.items()
+        if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling",
+                     "sliding_window_pattern")}
+  v5.update(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 7.0},
+                             "full_attention": {"rope_type": "llama3", "rope_theta": 9.0,
+                                                "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64}},
+            layer_types=["sliding_attention", "full_attention"] * 4, _sliding_window_pattern=2,
+            use_bidirectional_attention=False)
+  c = config_from_hf(v5)
+  assert c.layer_windows == (512, None) * 4
+  assert c.layer_rope(512) == (7.0, None)
+  assert c.layer_rope(None) == (9.0, RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
+  # Absent fields: transformers' Gemma 3 class defaults.
+  bare = {k: v for k, v in cfg("gemma3_text").items() if k != "num_key_value_heads"}
+  c = config_from_hf(bare)
+  assert (c.head_dim, c.num_kv_heads, c.sliding_window) == (256, 4, 4096)
+  assert c.layer_rope(4096) == (10000.0, None) and c.layer_rope(None) == (1e6, None)
+
+
 @pytest.mark.parametrize("hf, match", [
     (cfg("gpt2"), "model_type='gpt2' is not implemented"),
     ({**cfg("llama"), "architectures": ["LlamaForSequenceClassification"]}, "architectures"),
@@ -101,6 +145,23 @@ def test_reads_each_family():
     (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),
     (cfg("gemma2", sliding_window=8, sliding_window_size=16), "sliding_window_size"),
     (cfg("gemma2", sliding_window=None), "without a window"),
+    (dict(GEMMA3_1B, attn_logit_softcapping=50.0), "never applies"),
+    (dict(GEMMA3_1B, attention_bias=True), "attention_bias"),
+    (dict(GEMMA3_1B, use_bidirectional_attention=True), "bidirectional"),
+    (dict(GEMMA3_1B, sliding_window=None), "without a window"),
+    (dict(GEMMA3_1B, rope_scaling={"rope_type": "yarn", "factor": 8.0}),
+     r"'yarn' \(full_attention\)"),
+    (dict(GEMMA3_1B, rope_parameters={"rope_type": "default", "rope_theta": 5.0}),
+     "one dict per layer type"),
+    (dict(GEMMA3_1B, rope_parameters={"sliding_attention": {"rope_type": "linear",
+                                                            "factor": 2.0}}),
+     "sliding layers"),
+    (dict(GEMMA3_1B, layer_types=["full_attention"] * 8), "contradicts sliding_window_pattern"),
+    (dict(GEMMA3_1B, _sliding_window_pattern=2), "differ"),
+    (dict(GEMMA3_1B, final_logit_softcapping="30"), "not a number"),
+    (dict(GEMMA3_1B, mlp_bias=False), r"\['mlp_bias'\] are not implemented"),
+    (dict(GEMMA3_1B, model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]),
+     "model_type='gemma3' is not implemented"),  # the multimodal model
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_refuses_what_it_does_not_run(hf, match):
   with pytest.raises(ValueError, match=match):
@@ -112,9 +173,11 @@ def test_refuses_what_it_does_not_run(hf, match):
                 num_kv_heads=2, attention_bias=True),
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=12, qk_norm=True),
+    Gemma3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=8),
     Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=8),
-], ids=["qwen2-style", "qwen3-style", "gemma2"])
+], ids=["qwen2-style", "qwen3-style", "gemma3", "gemma2"])
 def test_state_dict_roundtrip_and_unused_tensors(config):
   module = gemma2 if isinstance(config, Gemma2Config) else llama
   params = module.init_params(config, jax.random.PRNGKey(0))
@@ -189,11 +252,14 @@ def test_absent_fields_take_transformers_class_defaults():
     (cfg("gemma2", hidden_activation=None), "hidden_activation=None"),
     (cfg("gemma2", head_dim=None), "head_dim=None"),
     (cfg("qwen3", head_dim=None), "head_dim=None"),
+    (cfg("gemma3_text", head_dim=None), "head_dim=None"),
+    (cfg("gemma3_text", rope_local_base_freq=None), "rope_local_base_freq=None"),
     (cfg("qwen3", use_sliding_window=None), "use_sliding_window=None"),
 ], ids=["float_layers", "float_head_dim", "bool_kv_heads", "null_scalar", "str_tie", "null_tie",
         "null_eps", "null_act", "null_bias", "null_theta", "null_max_pos", "null_qwen_window",
         "null_max_window_layers", "null_gemma_act", "null_gemma_head_dim",
-        "null_qwen3_head_dim", "null_qwen3_window"])
+        "null_qwen3_head_dim", "null_qwen3_window", "null_gemma3_head_dim",
+        "null_gemma3_local_theta"])
 def test_refuses_fields_transformers_rejects(hf, match):
   with pytest.raises(ValueError, match=match):
     config_from_hf(hf)

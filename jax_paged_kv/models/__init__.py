@@ -3,7 +3,7 @@
 from jax_paged_kv.models import gemma2 as _gemma2
 from jax_paged_kv.models import llama as _llama
 from jax_paged_kv.models.base import Model, cache_config_for, check_model
-from jax_paged_kv.models.gemma2 import Gemma2Config
+from jax_paged_kv.models.gemma2 import Gemma2Config, Gemma3Config
 from jax_paged_kv.models.hf import (
   check_params,
   config_from_hf,
@@ -25,17 +25,20 @@ from jax_paged_kv.models.llama import (
 def init_params(config: LlamaConfig | Gemma2Config, key, *, scale: float = 1.0) -> Params:
   """Random weights for a bundled model: :func:`llama.init_params <jax_paged_kv.models.llama.
   init_params>` for a ``LlamaConfig`` (Llama, Mistral, Qwen2, Qwen3), :func:`gemma2.init_params
-  <jax_paged_kv.models.gemma2.init_params>` for a ``Gemma2Config``; ``TypeError`` for anything
+  <jax_paged_kv.models.gemma2.init_params>` for a ``Gemma2Config`` or ``Gemma3Config``;
+  ``TypeError`` for anything
   else (a model of your own brings its own parameters)."""
   if isinstance(config, Gemma2Config):
     return _gemma2.init_params(config, key, scale=scale)
   if isinstance(config, LlamaConfig):
     return _llama.init_params(config, key, scale=scale)
-  raise TypeError(f"init_params knows LlamaConfig and Gemma2Config, got {type(config).__name__}")
+  raise TypeError("init_params knows LlamaConfig, Gemma2Config and Gemma3Config, got "
+                  f"{type(config).__name__}")
 
 
 __all__ = [
     "Gemma2Config",
+    "Gemma3Config",
     "LlamaConfig",
     "Model",
     "Params",

@@ -281,10 +281,10 @@ def begin_step(model: Model, cache: PagedKVCache, tokens: Array, seq_ids: Array,
 
 
 def layer_period(windows: Sequence[Any]) -> int:
-  """The smallest ``p`` dividing ``len(windows)`` with ``windows[i] == windows[i % p]``."""
+  """The smallest ``p`` with ``windows[i] == windows[i % p]`` for every layer ``i`` (the
+  pattern may end part-way through a period: Gemma 3's 5 sliding + 1 global over 26 layers)."""
   n = len(windows)
-  return next(p for p in range(1, n + 1)
-              if n % p == 0 and all(windows[i] == windows[i % p] for i in range(n)))
+  return next(p for p in range(1, n + 1) if all(windows[i] == windows[i % p] for i in range(n)))
 
 
 def scan_layers(layer_fn: Callable[[Any, Any, Array, Any], Any], carry: Any, layers: Any,
@@ -294,11 +294,12 @@ def scan_layers(layer_fn: Callable[[Any, Any, Array, Any], Any], carry: Any, lay
   Models whose layers differ in a static setting (e.g. Gemma 2 alternates sliding-window and
   global attention) still compile one loop body: the layers are scanned in groups of the
   pattern's period (:func:`layer_period`; 1 for uniform layers, 2 for alternating ones), and the
-  body unrolls one group, so each layer sees its option as a Python value.
+  body unrolls one group, so each layer sees its option as a Python value. Layers past the last
+  whole group (a pattern ending part-way through a period) run after the scan, unrolled.
 
   Args:
     layer_fn: ``(carry, weights, layer, option) -> carry``; ``weights`` is one layer's slice of
-      ``layers``, ``layer`` the traced ``int32[]`` layer index (for
+      ``layers``, ``layer`` the ``int32[]`` layer index (traced inside the scan; for
       :func:`~jax_paged_kv.write_kv` and :func:`~jax_paged_kv.paged_attention`), ``option`` the
       layer's entry of ``windows``.
     carry: the loop carry (e.g. ``(x, cache)``).
@@ -311,17 +312,21 @@ def scan_layers(layer_fn: Callable[[Any, Any, Array, Any], Any], carry: Any, lay
   n = len(windows)
   p = layer_period(windows)
 
+  def run(carry, layer, option):
+    # Index the stacked weights in place (a reshape to [n / p, p, ...] would make XLA copy
+    # every weight on every call).
+    one = jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
+    return layer_fn(carry, one, layer, option)
+
   def body(carry, group):
     for j in range(p):
-      layer = group * p + j
-      # Index the stacked weights in place (a reshape to [n / p, p, ...] would make XLA copy
-      # every weight on every call).
-      one = jax.tree_util.tree_map(
-          lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
-      carry = layer_fn(carry, one, layer, windows[j])
+      carry = run(carry, group * p + j, windows[j])
     return carry, None
 
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n // p, dtype=jnp.int32))
+  for layer in range(n - n % p, n):
+    carry = run(carry, jnp.int32(layer), windows[layer])
   return carry
 
 

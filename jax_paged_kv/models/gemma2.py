@@ -1,6 +1,6 @@
-"""Gemma 2 in plain JAX on the paged cache.
+"""Gemma 2 and Gemma 3 (text) in plain JAX on the paged cache.
 
-What sets it apart from Llama (all as in Hugging Face's ``modeling_gemma2``):
+What sets Gemma 2 apart from Llama (all as in Hugging Face's ``modeling_gemma2``):
 
 * the token embedding is scaled by ``sqrt(hidden_size)``, rounded to the model dtype;
 * RMSNorm multiplies by ``1 + weight`` (weights are stored as offsets from one), and every layer
@@ -13,6 +13,13 @@ What sets it apart from Llama (all as in Hugging Face's ``modeling_gemma2``):
 * the MLP is GeGLU with the tanh approximation of GELU (``gelu_pytorch_tanh``);
 * the final logits are soft-capped with ``final_logit_softcapping``; the LM head is tied to the
   embedding by default.
+
+Gemma 3 (:class:`Gemma3Config`, Hugging Face's ``modeling_gemma3``, the text model) is the same
+network with three changes, each a field here: queries and keys are RMS-normalised per head
+before RoPE (``qk_norm``, ``1 + weight`` norms over ``head_dim``); the sliding layers have a
+rotary base of their own (``sliding_rope_theta``, 10,000, without scaling, where the global
+layers have ``rope_theta`` 1,000,000 and any ``rope_scaling``); and neither soft cap by default,
+with five sliding layers per global one.
 
 Parameters, in the layout of :func:`init_params`::
 
@@ -27,6 +34,7 @@ Parameters, in the layout of :func:`init_params`::
       w_gate, w_up [layers, hidden, intermediate]
       w_down       [layers, intermediate, hidden]
       post_mlp_norm [layers, hidden]             post_feedforward_layernorm
+      q_norm, k_norm [layers, head_dim]          (only with qk_norm=True; 1 + w)
     final_norm     [hidden]
     lm_head        [hidden, vocab]               (absent with tie_word_embeddings=True)
 """
@@ -90,12 +98,18 @@ class Gemma2Config:
       positions, itself included).
     layer_types: ``"sliding_attention"`` or ``"full_attention"`` per layer (default: even layers
       slide, odd layers attend globally, as Hugging Face's default).
-    rope_theta: rotary embedding base.
-    rope_scaling: optional rotary frequency scaling (:class:`~.layers.RopeScaling`).
+    rope_theta: rotary embedding base (of every layer, or with ``sliding_rope_theta`` of the
+      global ones).
+    rope_scaling: optional rotary frequency scaling (:class:`~.layers.RopeScaling`), of the
+      layers that use ``rope_theta``.
     rms_norm_eps: RMSNorm epsilon.
     tie_word_embeddings: the LM head reuses the token embedding (Gemma 2 does).
     max_position_embeddings: longest context the model was trained for (informational).
     dtype: dtype of weights and activations (the cache's dtype must match).
+    qk_norm: RMSNorm (``1 + weight`` over ``head_dim``) on every query and key head before
+      RoPE (Gemma 3).
+    sliding_rope_theta: rotary base of the sliding layers, without scaling (Gemma 3's
+      ``rope_local_base_freq``); None: they use ``rope_theta`` and ``rope_scaling`` too.
   """
 
   vocab_size: int
@@ -116,6 +130,8 @@ class Gemma2Config:
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 8192
   dtype: Any = jnp.float32
+  qk_norm: bool = False
+  sliding_rope_theta: float | None = None
 
   def __post_init__(self):
     check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -129,12 +145,14 @@ class Gemma2Config:
       raise ValueError(f"num_heads={self.num_heads} must be divisible by "
                        f"num_kv_heads={self.num_kv_heads}")
     for name in ("query_pre_attn_scalar", "rope_theta", "rms_norm_eps", "attn_logit_softcapping",
-                 "final_logit_softcapping"):
+                 "final_logit_softcapping", "sliding_rope_theta"):
       value = getattr(self, name)
-      if value is None and name.endswith("softcapping"):
+      if value is None and name in ("attn_logit_softcapping", "final_logit_softcapping",
+                                    "sliding_rope_theta"):
         continue
-      if not 0 < value < float("inf"):
-        raise ValueError(f"Gemma2Config.{name} must be positive and finite, got {value!r}")
+      if isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ValueError(f"{type(self).__name__}.{name} must be positive and finite, "
+                         f"got {value!r}")
       object.__setattr__(self, name, float(value))
     if self.layer_types is None:
       object.__setattr__(self, "layer_types", tuple(
@@ -143,7 +161,7 @@ class Gemma2Config:
     check_windows(self)
     dtype = jnp.dtype(self.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"Gemma2Config.dtype must be floating, got {dtype}")
+      raise ValueError(f"{type(self).__name__}.dtype must be floating, got {dtype}")
     object.__setattr__(self, "dtype", dtype)
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
@@ -152,6 +170,13 @@ class Gemma2Config:
   def layer_windows(self) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: global attention)."""
     return layer_windows(self)
+
+  def layer_rope(self, window: int | None) -> tuple[float, RopeScaling | None]:
+    """``(theta, scaling)`` of the rotary embedding of a layer with this window (None: a
+    global layer)."""
+    if window is not None and self.sliding_rope_theta is not None:
+      return self.sliding_rope_theta, None
+    return self.rope_theta, self.rope_scaling
 
   def cache_config(self, *, num_blocks: int | None = None, max_seqs: int, max_seq_len: int,
                    block_size: int = 16, budget_bytes: int | None = None,
@@ -168,6 +193,36 @@ class Gemma2Config:
     """The model protocol's step: :func:`forward` with ``config=self``."""
     return forward(params, cache, tokens, seq_ids, num_new, config=self,
                    implementation=implementation, max_blocks=max_blocks, all_logits=all_logits)
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
+  """Gemma 3's default layer types: every ``pattern``-th layer global, the others sliding
+  (Hugging Face's ``sliding_window_pattern``)."""
+  return tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
+               for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config(Gemma2Config):
+  """A Gemma 3 text decoder (Hugging Face's ``gemma3_text``, ``Gemma3ForCausalLM``).
+
+  :class:`Gemma2Config` with Gemma 3's defaults: q/k norms, a rotary base of 1,000,000 on the
+  global layers and 10,000 on the sliding ones, no soft caps, a 4096 window on five layers of
+  every six (``layer_types`` default: :func:`gemma3_layer_types`).
+  """
+
+  query_pre_attn_scalar: float = 256.0
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rope_theta: float = 1_000_000.0
+  max_position_embeddings: int = 131072
+  qk_norm: bool = True
+  sliding_rope_theta: float | None = 10_000.0
+
+  def __post_init__(self):
+    if self.layer_types is None and isinstance(self.num_layers, int) and self.num_layers > 0:
+      object.__setattr__(self, "layer_types", gemma3_layer_types(self.num_layers))
+    super().__post_init__()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +264,9 @@ def init_params(config: Gemma2Config, key: Array, *, scale: float = 1.0) -> Para
       "w_down": proj((L, c.intermediate_size, H), c.intermediate_size),
       "post_mlp_norm": normal((L, H), 0.1),
   }
+  if c.qk_norm:
+    layers["q_norm"] = normal((L, D), 0.1)
+    layers["k_norm"] = normal((L, D), 0.1)
   params = {
       "embed": normal((c.vocab_size, H), 1.0 / np.sqrt(H)),
       "layers": layers,
@@ -250,7 +308,7 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
             num_new: Array | None = None, *, config: Gemma2Config,
             implementation: str | None = None, max_blocks: int | None = None,
             all_logits: bool = False):
-  """One step of Gemma 2 for a batch of rows, reading and extending the cache.
+  """One step of Gemma 2 or Gemma 3 for a batch of rows, reading and extending the cache.
 
   Same contract as :func:`jax_paged_kv.models.llama.forward`.
 
@@ -287,8 +345,13 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     h = rms_norm(x, w["attn_norm"], eps, offset=1.0)
     q, k, v = dot(h, w["wq"]), dot(h, w["wk"]), dot(h, w["wv"])
     # [batch, T, q_heads, head_dim] and [batch, T, kv_heads, head_dim]
-    q = rope(q.reshape(b, t, nh, d), step.positions, c.rope_theta, c.rope_scaling)
-    k = rope(k.reshape(b, t, nkv, d), step.positions, c.rope_theta, c.rope_scaling)
+    q, k = q.reshape(b, t, nh, d), k.reshape(b, t, nkv, d)
+    if c.qk_norm:
+      q = rms_norm(q, w["q_norm"], eps, offset=1.0)
+      k = rms_norm(k, w["k_norm"], eps, offset=1.0)
+    theta, scaling = c.layer_rope(window)
+    q = rope(q, step.positions, theta, scaling)
+    k = rope(k, step.positions, theta, scaling)
     v = v.reshape(b, t, nkv, d)
     cache, attn, _ = write_and_attend(
         q, k.astype(cache.config.dtype), v.astype(cache.config.dtype), cache, step.slots,

@@ -11,14 +11,15 @@ JAX), so neither ``torch`` nor ``safetensors`` is needed.
 
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
 ``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``qwen2`` (Qwen2 / 2.5), ``qwen3``
-(dense) and ``gemma2``. Every ``config.json`` field is either read and implemented, known not
-to change the outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a
-``ValueError`` naming it: an unknown ``model_type``, a RoPE type other than default /
-``linear`` / ``dynamic`` / ``llama3``, ``partial_rotary_factor``, MoE or multimodal fields,
-biases the model does not have, a window a family's Hugging Face code would ignore, and any
-field this module does not know. The semantics followed are those of ``transformers`` 5 (e.g.
-Qwen2's and Qwen3's window applies to the layers at index ``>= max_window_layers``, only with
-``use_sliding_window``). Tensors the mapping does not consume are refused too.
+(dense), ``gemma2`` and ``gemma3_text`` (Gemma 3's text model). Every ``config.json`` field is
+either read and implemented, known not to change the outputs (token ids, dropout,
+``torch_dtype``, ...), or refused with a ``ValueError`` naming it: an unknown ``model_type``, a
+RoPE type other than default / ``linear`` / ``dynamic`` / ``llama3``,
+``partial_rotary_factor``, MoE or multimodal fields, biases the model does not have, a window
+or soft cap a family's Hugging Face code would ignore, and any field this module does not know.
+The semantics followed are those of ``transformers`` 5 (e.g. Qwen2's and Qwen3's window
+applies to the layers at index ``>= max_window_layers``, only with ``use_sliding_window``).
+Tensors the mapping does not consume are refused too.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_paged_kv.models import gemma2, llama
-from jax_paged_kv.models.gemma2 import Gemma2Config
+from jax_paged_kv.models.gemma2 import Gemma2Config, Gemma3Config, gemma3_layer_types
 from jax_paged_kv.models.layers import ROPE_TYPES, RopeScaling
 from jax_paged_kv.models.llama import LlamaConfig, Params
 
@@ -73,6 +74,8 @@ _GEMMA2_LAYER_NAMES = {
     "post_attn_norm": "post_attention_layernorm.weight",
     "mlp_norm": "pre_feedforward_layernorm.weight",
     "post_mlp_norm": "post_feedforward_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
 }
 _TRANSPOSED = set(_PROJECTIONS)
 
@@ -159,24 +162,25 @@ class _Reader:
           "outputs, drop them from the config)")
 
 
-def _rope(r: _Reader, max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
-  """``(rope_theta, scaling)`` from ``rope_parameters`` / ``rope_scaling`` / ``rope_theta``."""
-  scaling, params = r.get("rope_scaling"), r.get("rope_parameters")
-  for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
-    if value is not None and not isinstance(value, Mapping):
-      raise r.refuse(f"{name}={value!r} is not a dict")
-  rope = dict(scaling or params or {})  # transformers: rope_scaling wins over rope_parameters
-  if any(isinstance(v, Mapping) for v in rope.values()):
-    raise r.refuse(f"per-layer-type RoPE parameters {sorted(rope)} are not implemented")
-  rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-  rope.pop("type", None)
-  theta = rope.pop("rope_theta", None)
-  theta = float(theta if theta is not None else r.typed("rope_theta", 10000.0, float))
-  r.read.add("rope_theta")
+def _rope_dict(r: _Reader, name: str, value: Any) -> dict[str, Any]:
+  if value is not None and not isinstance(value, Mapping):
+    raise r.refuse(f"{name}={value!r} is not a dict")
+  return dict(value or {})
+
+
+def _check_partial_rotary(r: _Reader, rope: dict[str, Any]) -> None:
   partial = rope.pop("partial_rotary_factor", None) or r.get("partial_rotary_factor")
   if partial is not None and float(partial) != 1.0:
     raise r.refuse(f"partial_rotary_factor={partial} (RoPE on part of each head) is not "
                    "implemented")
+
+
+def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int,
+                  where: str = "") -> RopeScaling | None:
+  """The :class:`RopeScaling` of one flat RoPE parameter dict (``rope_theta`` already taken
+  out); None for the default type; a ``ValueError`` for anything else left in it."""
+  rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+  rope.pop("type", None)
   original = rope.pop("original_max_position_embeddings", None)
   original = r.get("original_max_position_embeddings", original)  # top level wins (Phi-3 rule)
   if rope_type == "default":
@@ -190,17 +194,62 @@ def _rope(r: _Reader, max_position_embeddings: int) -> tuple[float, RopeScaling 
       else:  # linear, dynamic: transformers ignores original_max_position_embeddings here
         out = RopeScaling(rope_type, float(rope.pop("factor")))
     except KeyError as e:
-      raise r.refuse(f"{rope_type} RoPE scaling without {e}") from None
+      raise r.refuse(f"{rope_type} RoPE scaling{where} without {e}") from None
   else:
-    raise r.refuse(f"RoPE type {rope_type!r} is not implemented (only default, "
+    raise r.refuse(f"RoPE type {rope_type!r}{where} is not implemented (only default, "
                    f"{', '.join(ROPE_TYPES)})")
   if rope:
-    raise r.refuse(f"RoPE parameter(s) {sorted(rope)} of type {rope_type!r} are not implemented")
-  return theta, out
+    raise r.refuse(f"RoPE parameter(s) {sorted(rope)} of type {rope_type!r}{where} are not "
+                   "implemented")
+  return out
 
 
-def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
-  """The shape fields every family shares, with Hugging Face's per-family defaults."""
+def _rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
+  """``rope_theta`` and ``rope_scaling`` from ``rope_parameters`` / ``rope_scaling`` /
+  ``rope_theta``."""
+  scaling = _rope_dict(r, "rope_scaling", r.get("rope_scaling"))
+  params = _rope_dict(r, "rope_parameters", r.get("rope_parameters"))
+  rope = scaling or params  # transformers: rope_scaling wins over rope_parameters
+  if any(isinstance(v, Mapping) for v in rope.values()):
+    raise r.refuse(f"per-layer-type RoPE parameters {sorted(rope)} are not implemented")
+  theta = rope.pop("rope_theta", None)
+  theta = float(theta if theta is not None else r.typed("rope_theta", 10000.0, float))
+  r.read.add("rope_theta")
+  _check_partial_rotary(r, rope)
+  return dict(rope_theta=theta,
+              rope_scaling=_rope_scaling(r, rope, max_position_embeddings))
+
+
+def _gemma3_rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
+  """Gemma 3's two RoPEs (transformers' ``Gemma3TextConfig.convert_rope_params_to_dict``): the
+  global layers' from ``rope_parameters["full_attention"]`` updated by a legacy
+  ``rope_scaling``, base ``rope_theta`` (1e6) unless it names one; the sliding layers' from
+  ``rope_parameters["sliding_attention"]``, base ``rope_local_base_freq`` (1e4) unless it names
+  one, and no scaling (other types there are refused)."""
+  params = _rope_dict(r, "rope_parameters", r.get("rope_parameters"))
+  kinds = ("full_attention", "sliding_attention")
+  if set(params) - set(kinds) or not all(isinstance(v, Mapping) for v in params.values()):
+    raise r.refuse(f"rope_parameters {sorted(params)}: Gemma 3 takes one dict per layer type "
+                   f"({', '.join(kinds)})")
+  full = _rope_dict(r, "rope_parameters['full_attention']", params.get("full_attention"))
+  sliding = _rope_dict(r, "rope_parameters['sliding_attention']",
+                       params.get("sliding_attention"))
+  full.update(_rope_dict(r, "rope_scaling", r.get("rope_scaling")))
+  theta = full.pop("rope_theta", None)
+  theta = float(theta if theta is not None else r.typed("rope_theta", 1_000_000.0, float))
+  local = sliding.pop("rope_theta", None)
+  local = float(local if local is not None else r.typed("rope_local_base_freq", 10_000.0, float))
+  r.read.update(("rope_theta", "rope_local_base_freq"))
+  _check_partial_rotary(r, full)
+  _check_partial_rotary(r, sliding)
+  scaling = _rope_scaling(r, full, max_position_embeddings, " (full_attention)")
+  if _rope_scaling(r, sliding, max_position_embeddings, " (sliding_attention)") is not None:
+    raise r.refuse("RoPE scaling on Gemma 3's sliding layers is not implemented")
+  return dict(rope_theta=theta, rope_scaling=scaling, sliding_rope_theta=local)
+
+
+def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, Any]:
+  """The shape and RoPE fields every family shares, with Hugging Face's per-family defaults."""
   heads = r.get_int("num_attention_heads", required=True)
   hidden = r.get_int("hidden_size", required=True)
   max_pos = r.get_int("max_position_embeddings", defaults["max_position_embeddings"])
@@ -208,7 +257,7 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
   # Llama: the query heads); an explicit null means the query heads.
   kv_heads = r.get_absent("num_key_value_heads", defaults.get("num_key_value_heads"))
   kv_heads = r.as_int("num_key_value_heads", heads if kv_heads is None else kv_heads)
-  theta, scaling = _rope(r, max_pos)
+  rope_fields = rope(r, max_pos)
   for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
               "num_experts_per_tok"):
     if r.has(key):
@@ -218,11 +267,11 @@ def _common(r: _Reader, defaults: Mapping[str, Any]) -> dict[str, Any]:
       intermediate_size=r.get_int("intermediate_size", required=True),
       num_layers=r.get_int("num_hidden_layers", required=True), num_heads=heads,
       num_kv_heads=kv_heads,
-      # A null head_dim means hidden / heads in Llama, Mistral and Qwen2; Gemma 2 and Qwen3
+      # A null head_dim means hidden / heads in Llama, Mistral and Qwen2; Gemma and Qwen3
       # have no such rule (their attention takes config.head_dim as it is).
       head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads,
-                         null_ok=r.model_type not in ("gemma2", "qwen3")),
-      rope_theta=theta, rope_scaling=scaling,
+                         null_ok=r.model_type not in ("gemma2", "gemma3_text", "qwen3")),
+      **rope_fields,
       rms_norm_eps=r.typed("rms_norm_eps", 1e-6, float),
       tie_word_embeddings=r.typed("tie_word_embeddings", defaults["tie_word_embeddings"], bool),
       max_position_embeddings=max_pos)
@@ -300,37 +349,69 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
                      layer_types=layer_types if window is not None else None, dtype=dtype)
 
 
-def _gemma2(r: _Reader, dtype) -> Gemma2Config:
-  fields = _common(r, dict(max_position_embeddings=8192, tie_word_embeddings=True, head_dim=256,
-                           num_key_value_heads=4))
+def _gemma(r: _Reader, dtype) -> Gemma2Config:
+  """``gemma2`` and ``gemma3_text`` (Gemma 3 adds q/k norms and the sliding layers' own RoPE
+  base, and drops the soft caps and ``mlp_bias`` / ``sliding_window_size`` fields)."""
+  three = r.model_type == "gemma3_text"
+  fields = _common(r, dict(max_position_embeddings=131072 if three else 8192,
+                           tie_word_embeddings=True, head_dim=256, num_key_value_heads=4),
+                   rope=_gemma3_rope if three else _rope)
   act = r.typed("hidden_activation", "gelu_pytorch_tanh", str)
-  r.read.add("hidden_act")  # transformers' Gemma 2 reads hidden_activation only
+  r.read.add("hidden_act")  # transformers' Gemma reads hidden_activation only
   if act != "gelu_pytorch_tanh":
     raise r.refuse(f"hidden_activation={act!r} is not implemented (gelu_pytorch_tanh only)")
   if r.typed("attention_bias", False, bool):
     raise r.refuse("attention_bias=True is not implemented")
   if r.get("use_bidirectional_attention", False):
     raise r.refuse("use_bidirectional_attention=True is not implemented (causal only)")
-  if r.typed("mlp_bias", False, bool):
-    raise r.refuse("mlp_bias=True is not implemented")
   window = r.hf.get("sliding_window", 4096)
   r.read.add("sliding_window")
-  if window is None:  # transformers' Gemma 2 cannot build its sliding mask either
+  if window is None:  # transformers' Gemma cannot build its sliding mask either
     raise r.refuse("sliding_window=None leaves the sliding layers without a window")
-  legacy = r.get("sliding_window_size")
-  if legacy is not None and legacy != window:
-    raise r.refuse(f"sliding_window_size={legacy} differs from sliding_window={window}")
-  caps = {k: r.hf.get(k, default) for k, default in (("attn_logit_softcapping", 50.0),
-                                                      ("final_logit_softcapping", 30.0))}
-  r.read.update(caps)
   layer_types = r.get("layer_types")
+  n = fields["num_layers"]
+  if three:
+    # transformers' Gemma 3 defines attn_logit_softcapping but its attention never applies it.
+    attn_cap = r.get("attn_logit_softcapping")
+    if attn_cap is not None:
+      raise r.refuse(f"attn_logit_softcapping={attn_cap}: transformers' Gemma 3 never applies "
+                     "it; refusing the ambiguity")
+    final_cap = r.get("final_logit_softcapping")  # null or absent: none
+    if final_cap is not None and (isinstance(final_cap, bool)
+                                  or not isinstance(final_cap, (int, float))):
+      raise r.refuse(f"final_logit_softcapping={final_cap!r} is not a number")
+    caps = {"attn_logit_softcapping": None, "final_logit_softcapping": final_cap}
+    # transformers builds layer_types from sliding_window_pattern when they are absent, and
+    # saves the pattern under both names; one contradicting the layer types is refused.
+    patterns = {key: r.get_int(key, 6) for key in ("sliding_window_pattern",
+                                                   "_sliding_window_pattern")}
+    for key, pattern in patterns.items():
+      if pattern < 1:
+        raise r.refuse(f"{key}={pattern} must be >= 1")
+      if key in r.hf and layer_types is not None and (
+          tuple(layer_types) != gemma3_layer_types(n, pattern)):
+        raise r.refuse(f"layer_types {list(layer_types)} contradicts {key}={pattern}")
+    if layer_types is None:
+      if len(set(patterns.values())) > 1 and "_sliding_window_pattern" in r.hf:
+        raise r.refuse(f"sliding_window_pattern and _sliding_window_pattern differ: {patterns}")
+      layer_types = gemma3_layer_types(n, patterns["sliding_window_pattern"])
+  else:
+    if r.typed("mlp_bias", False, bool):
+      raise r.refuse("mlp_bias=True is not implemented")
+    legacy = r.get("sliding_window_size")
+    if legacy is not None and legacy != window:
+      raise r.refuse(f"sliding_window_size={legacy} differs from sliding_window={window}")
+    caps = {k: r.hf.get(k, default) for k, default in (("attn_logit_softcapping", 50.0),
+                                                        ("final_logit_softcapping", 30.0))}
+    r.read.update(caps)
   scalar = r.get_absent("query_pre_attn_scalar", 256)
   if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not scalar > 0:
     raise r.refuse(f"query_pre_attn_scalar={scalar!r} is not a positive number")
   scalar = float(scalar)
   r.check_all_read(frozenset({"cache_implementation"}))  # which HF cache class to build
-  return Gemma2Config(**fields, query_pre_attn_scalar=scalar, sliding_window=window, dtype=dtype,
-                      layer_types=None if layer_types is None else tuple(layer_types), **caps)
+  cls = Gemma3Config if three else Gemma2Config
+  return cls(**fields, query_pre_attn_scalar=scalar, sliding_window=window, dtype=dtype,
+             layer_types=None if layer_types is None else tuple(layer_types), **caps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +425,8 @@ _FAMILIES = {
     "mistral": _Family("MistralForCausalLM", _llama_family),
     "qwen2": _Family("Qwen2ForCausalLM", _llama_family),
     "qwen3": _Family("Qwen3ForCausalLM", _llama_family),
-    "gemma2": _Family("Gemma2ForCausalLM", _gemma2),
+    "gemma2": _Family("Gemma2ForCausalLM", _gemma),
+    "gemma3_text": _Family("Gemma3ForCausalLM", _gemma),
 }
 
 
@@ -358,7 +440,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=jnp.float32) -> ModelConfig:
   Returns:
     A :class:`~jax_paged_kv.models.llama.LlamaConfig` (``llama``, ``mistral``, ``qwen2``,
     ``qwen3``) or a
-    :class:`~jax_paged_kv.models.gemma2.Gemma2Config` (``gemma2``).
+    :class:`~jax_paged_kv.models.gemma2.Gemma2Config` (``gemma2``) or its subclass
+    :class:`~jax_paged_kv.models.gemma2.Gemma3Config` (``gemma3_text``).
 
   Raises:
     ValueError: an unknown ``model_type`` or architecture, or any field that changes the
@@ -417,7 +500,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _layer_names(config: ModelConfig) -> dict[str, str]:
   if isinstance(config, Gemma2Config):
-    return _GEMMA2_LAYER_NAMES
+    names = dict(_GEMMA2_LAYER_NAMES)
+    if not config.qk_norm:
+      del names["q_norm"], names["k_norm"]
+    return names
   names = dict(_LLAMA_LAYER_NAMES)
   if not config.attention_bias:
     for k in ("bq", "bk", "bv"):
