@@ -111,6 +111,7 @@ def test_reads_gemma3_both_spellings():
   bare = {k: v for k, v in cfg("gemma3_text").items() if k != "num_key_value_heads"}
   c = config_from_hf(bare)
   assert (c.head_dim, c.num_kv_heads, c.sliding_window) == (256, 4, 4096)
+  assert c.layer_windows == (4096, 4096)  # sliding_window_pattern 6: layer 5 would be global
   assert c.layer_rope(4096) == (10000.0, None) and c.layer_rope(None) == (1e6, None)
 
 
