@@ -322,19 +322,25 @@ _PARAM_RULES = {
     "wo": (1, "num_heads"),
     "w_gate": (2, "intermediate_size"), "w_up": (2, "intermediate_size"),
     "w_down": (1, "intermediate_size"),
+    # Experts [layers, experts, in, out]: each expert's MLP split like the dense one (the
+    # router, [layers, hidden, experts], is replicated).
+    "moe_gate": (3, "moe_intermediate_size"), "moe_up": (3, "moe_intermediate_size"),
+    "moe_down": (2, "moe_intermediate_size"),
 }
 
 
 def param_specs(params: Any, model_config: Any, layout: MeshLayout) -> Any:
   """``PartitionSpec`` s that split a model's projections over ``model_axis``.
 
-  Knows the weight names of the bundled models (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2:
-  ``wq, wk, wv, wo, w_gate, w_up, w_down`` and the biases ``bq, bk, bv``).
+  Knows the weight names of the bundled models (Llama 2/3, Mistral, Mixtral, Qwen2, Qwen3,
+  Qwen3-MoE, Gemma 2, Gemma 3: ``wq, wk, wv, wo, w_gate, w_up, w_down``, the biases
+  ``bq, bk, bv`` and the experts ``moe_gate, moe_up, moe_down``).
 
   Query/key/value projections (and biases) are split by heads on their output axis, the output
   projection on its input axis; the MLP's gate/up by columns and down by rows (Megatron style,
-  when ``intermediate_size`` divides; else they are replicated). Embeddings, norms and the LM
-  head are replicated, and everything is replicated over the data axis.
+  when ``intermediate_size`` divides; else they are replicated), every expert's likewise (by
+  ``moe_intermediate_size``). Embeddings, norms, the router and the LM head are replicated, and
+  everything is replicated over the data axis.
 
   Raises:
     ValueError: ``num_heads`` or ``num_kv_heads`` not divisible by the model axis' size.

@@ -1,8 +1,9 @@
 """Independent float64 numpy oracles of the bundled models: full recomputation, no cache.
 
 Shared by tests/test_llama.py, test_families.py, test_decoding.py and test_engine.py. Written
-from the Hugging Face definitions (``modeling_llama``, ``modeling_mistral``, ``modeling_qwen2``,
-``modeling_qwen3``, ``modeling_gemma2``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
+from the Hugging Face definitions (``modeling_llama``, ``modeling_mistral``, ``modeling_mixtral``,
+``modeling_qwen2``, ``modeling_qwen3``, ``modeling_qwen3_moe``, ``modeling_gemma2``,
+``modeling_gemma3``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,28 @@ def _f64(params):
   return p, lay
 
 
+def _swiglu(h, w_gate, w_up, w_down):
+  g = h @ w_gate
+  return (g / (1 + np.exp(-g)) * (h @ w_up)) @ w_down
+
+
+def _moe(h, lay, i, c):
+  """Mixtral / Qwen3-MoE (HF ``MixtralSparseMoeBlock`` / ``Qwen3MoeSparseMoeBlock``), one token
+  at a time: softmax of the router logits, the top-k experts (renormalised with
+  ``norm_topk_prob``), their SwiGLU outputs summed with those weights."""
+  out = np.zeros_like(h)
+  for t in range(h.shape[0]):
+    logits = h[t] @ lay["router"][i]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top = np.argsort(-probs, kind="stable")[:c.num_experts_per_tok]
+    weights = probs[top] / (probs[top].sum() if c.norm_topk_prob else 1.0)
+    for e, wt in zip(top, weights, strict=True):
+      out[t] += wt * _swiglu(h[t], lay["moe_gate"][i][e], lay["moe_up"][i][e],
+                             lay["moe_down"][i][e])
+  return out
+
+
 def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
   """float64 logits ``[S, vocab]`` of one sequence ``tokens`` (list of ints), no cache.
 
@@ -117,8 +140,10 @@ def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
     o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d), keep=keep)
     x = x + o @ lay["wo"][i]
     h = _rms(x, lay["mlp_norm"][i], c.rms_norm_eps)
-    g = h @ lay["w_gate"][i]
-    x = x + (g / (1 + np.exp(-g)) * (h @ lay["w_up"][i])) @ lay["w_down"][i]
+    if getattr(c, "num_experts", None) is None:
+      x = x + _swiglu(h, lay["w_gate"][i], lay["w_up"][i], lay["w_down"][i])
+    else:
+      x = x + _moe(h, lay, i, c)
   h = _rms(x, p["final_norm"], c.rms_norm_eps)
   head = p["embed"].T if c.tie_word_embeddings else p["lm_head"]
   return h @ head

@@ -61,6 +61,16 @@ REFERENCE_CASES = {
         num_kv_heads=2, head_dim=16, rope_theta=900.0, qk_norm=True, tie_word_embeddings=True,
         sliding_window=WINDOW,
         layer_types=("full_attention", "sliding_attention", "sliding_attention")),
+    # Mixtral: 4 experts, 2 per token (renormalised), a window on every layer.
+    "mixtral-window": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=40, num_layers=2, num_heads=4,
+        num_kv_heads=2, rope_theta=2000.0, sliding_window=WINDOW, num_experts=4,
+        num_experts_per_tok=2),
+    # Qwen3-MoE: q/k norms, 6 experts of width 24, 3 per token, not renormalised.
+    "qwen3-moe": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, qk_norm=True, num_experts=6, num_experts_per_tok=3,
+        moe_intermediate_size=24, norm_topk_prob=False),
     # Gemma 2 with an odd number of layers (one pair scanned, the third layer after it).
     "gemma2-3-layers": Gemma2Config(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
@@ -185,6 +195,17 @@ def hf_case(name, transformers):
     return transformers.Qwen3Config(**small, use_sliding_window=True, sliding_window=WINDOW,
                                     max_window_layers=1), (
         lambda c: c.qk_norm and c.layer_windows == (None, WINDOW))
+  if name == "mixtral":  # 4 experts, 2 per token; a window
+    return transformers.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=WINDOW, rope_theta=900.0), (
+        lambda c: c.num_experts == 4 and c.num_experts_per_tok == 2 and c.norm_topk_prob
+        and c.moe_intermediate_size == 96 and c.layer_windows == (WINDOW, WINDOW))
+  if name == "qwen3-moe":  # 6 experts of width 32, 3 per token, not renormalised
+    return transformers.Qwen3MoeConfig(**small, num_experts=6, num_experts_per_tok=3,
+                                       moe_intermediate_size=32, norm_topk_prob=False,
+                                       head_dim=24, rope_theta=700.0), (
+        lambda c: c.qk_norm and c.num_experts == 6 and c.num_experts_per_tok == 3
+        and not c.norm_topk_prob and c.moe_intermediate_size == 32 and c.head_dim == 24)
   if name == "gemma3":  # 5 layers, pattern 3 (S S F S S); linear RoPE on the global layer
     cfg = dict(small, num_hidden_layers=5, head_dim=16)
     return transformers.Gemma3TextConfig(
@@ -206,7 +227,8 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "qwen3", "qwen3-window", "gemma2", "gemma3"]
+            "qwen2-window", "qwen3", "qwen3-window", "mixtral", "qwen3-moe", "gemma2",
+            "gemma3"]
 
 
 def hf_model(name, tmp_path):
@@ -245,7 +267,8 @@ def test_matches_transformers_float32(tmp_path, name):
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen3-moe",
+                                  "gemma2", "gemma3"])
 def test_matches_transformers_bfloat16(tmp_path, name):
   """bf16 weights, activations and cache, the same tokens fed to both sides. bf16 keeps 8
   bits and the two sides round in different places, so both are held to the float32 model:

@@ -27,7 +27,8 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
 def cfg(model_type, **kw):
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}.get(model_type, "X")
+          "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+          "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "X")
   return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
 
 
@@ -69,6 +70,26 @@ def test_reads_each_family():
   assert isinstance(c, Gemma2Config) and c.layer_windows == (8, None)
   assert c.final_logit_softcapping is None and c.attn_logit_softcapping == 50.0
   assert c.query_pre_attn_scalar == 256.0 and c.tie_word_embeddings
+
+
+def test_reads_mixture_of_experts_families():
+  # mistralai/Mixtral-8x7B-v0.1's config.json, shrunk.
+  c = config_from_hf(cfg("mixtral", num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                         sliding_window=None, router_aux_loss_coef=0.02,
+                         output_router_logits=False, router_jitter_noise=0.0))
+  assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (8, 2, 48)
+  assert c.norm_topk_prob and not c.qk_norm and c.layer_windows == (None, None)
+  # Qwen/Qwen3-30B-A3B's config.json, shrunk.
+  c = config_from_hf(cfg("qwen3_moe", head_dim=16, num_experts=16, num_experts_per_tok=4,
+                         moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1,
+                         mlp_only_layers=[], max_window_layers=2, use_sliding_window=False,
+                         sliding_window=None, attention_bias=False, rope_theta=1e6))
+  assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (16, 4, 24)
+  assert c.norm_topk_prob and c.qk_norm and c.head_dim == 16 and c.layer_windows == (None, None)
+  # transformers 5 saves num_experts as num_local_experts; a window applies to every layer.
+  c = config_from_hf(cfg("qwen3_moe", num_local_experts=6, num_experts_per_tok=2,
+                         use_sliding_window=True, sliding_window=8))
+  assert c.num_experts == 6 and c.layer_windows == (8, 8)
 
 
 # google/gemma-3-1b-pt's config.json (transformers 4.50 spelling), shrunk.
@@ -141,6 +162,16 @@ def test_reads_gemma3_both_spellings():
     (cfg("qwen3", use_mrope=True), r"\['use_mrope'\] are not implemented"),
     (cfg("qwen3", layer_types=["sliding_attention"] * 2), "window is off"),
     (cfg("qwen3", num_experts=8), "mixture of experts"),  # Qwen3-MoE is another model_type
+    (cfg("qwen3_moe", decoder_sparse_step=2), "decoder_sparse_step=2"),
+    (cfg("qwen3_moe", mlp_only_layers=[1]), "mlp_only_layers"),
+    (cfg("qwen3_moe", num_experts=4, num_local_experts=8), "differ"),
+    (cfg("qwen3_moe", num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
+    (cfg("qwen3_moe", layer_types=["sliding_attention"] * 2), "Qwen3-MoE"),
+    (cfg("qwen3_moe", use_sliding_window=True, max_window_layers=1), "Qwen3-MoE"),
+    (cfg("qwen3_moe", attention_bias=True), "o_proj"),
+    (cfg("mixtral", attention_bias=True), "attention_bias"),
+    (cfg("mixtral", moe_intermediate_size=24), r"\['moe_intermediate_size'\] are not"),
+    (cfg("qwen2_moe", num_experts=4), "model_type='qwen2_moe' is not implemented"),
     (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
     (cfg("gemma2", attention_bias=True), "attention_bias"),
     (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),
@@ -176,9 +207,14 @@ def test_refuses_what_it_does_not_run(hf, match):
                 num_kv_heads=2, head_dim=12, qk_norm=True),
     Gemma3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=8),
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, num_experts=3),
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, qk_norm=True, num_experts=3, moe_intermediate_size=16,
+                norm_topk_prob=False),
     Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=8),
-], ids=["qwen2-style", "qwen3-style", "gemma3", "gemma2"])
+], ids=["qwen2-style", "qwen3-style", "gemma3", "mixtral", "qwen3-moe", "gemma2"])
 def test_state_dict_roundtrip_and_unused_tensors(config):
   module = gemma2 if isinstance(config, Gemma2Config) else llama
   params = module.init_params(config, jax.random.PRNGKey(0))
@@ -193,6 +229,25 @@ def test_state_dict_roundtrip_and_unused_tensors(config):
     params_from_hf(dict(state, **{"lm_head.weight": embed}), config)
     with pytest.raises(ValueError, match="lm_head"):
       params_from_hf(dict(state, **{"lm_head.weight": embed + 1}), config)
+
+
+def test_mixture_of_experts_configs_round_trip_through_to_hf():
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+              num_kv_heads=2, num_experts=4, num_experts_per_tok=2)
+  for config, model_type in ((LlamaConfig(**base), "mixtral"),
+                             (LlamaConfig(**base, sliding_window=8), "mixtral"),
+                             (LlamaConfig(**base, qk_norm=True, moe_intermediate_size=16,
+                                          norm_topk_prob=False), "qwen3_moe"),
+                             (LlamaConfig(**base, qk_norm=True, sliding_window=8), "qwen3_moe")):
+    hf = config.to_hf()
+    assert hf["model_type"] == model_type
+    got = config_from_hf(hf)
+    assert got.layer_windows == config.layer_windows
+    assert dataclasses.replace(got, layer_types=None) == config
+  for bad in (dict(norm_topk_prob=False), dict(moe_intermediate_size=16),
+              dict(attention_bias=True)):
+    with pytest.raises(ValueError, match="no to_hf spelling"):
+      LlamaConfig(**base, **bad).to_hf()
 
 
 def test_qk_norm_configs_round_trip_through_to_hf():

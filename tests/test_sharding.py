@@ -216,6 +216,37 @@ def test_param_shardings_split_projections_by_heads():
   assert lay["q_norm"] == P() and lay["k_norm"] == P()  # over head_dim: every shard's heads
 
 
+def test_mixture_of_experts_tensor_parallel_matches_one_device():
+  """A Mixtral-style model with each expert's MLP split over 4 devices (and a replicated
+  router): the chunked prefill's logits and K/V equal the one-device step's."""
+  model = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_layers=2,
+                      num_heads=8, num_kv_heads=4, num_experts=4, num_experts_per_tok=2)
+  params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
+  layout = shd.MeshLayout(shd.local_mesh(model=4), model_axis="model")
+  specs = shd.param_specs(params, model, layout)["layers"]
+  assert specs["moe_gate"] == P(None, None, None, "model") and specs["router"] == P()
+  assert specs["moe_down"] == P(None, None, "model", None)
+  cc = model.cache_config(num_blocks=9, max_seqs=2, max_seq_len=16, block_size=4)
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 7)).astype(np.int32)
+  ids = np.arange(2, dtype=np.int32)
+
+  def step(params, cache):
+    cache, _ = pk.allocate_sequences(cache, ids)
+    return model.forward(params, cache, tokens, ids, all_logits=True)
+
+  want_cache, want, _ = jax.jit(step)(params, pk.init_cache(cc))
+  placed = jax.device_put(params, shd.param_shardings(params, model, layout.mesh,
+                                                      model_axis="model"))
+  (got_cache, got, status), _ = run_compiled(step, placed, shd.init_sharded_cache(cc, layout),
+                                             under=layout)
+  assert not np.any(np.asarray(status))
+  assert spec(got_cache.k_pool) == (None, "model")  # kv heads split, as the other TP tests
+  assert spec(placed["layers"]["moe_up"]) == (None, None, None, "model")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_cache.k_pool), np.asarray(want_cache.k_pool),
+                             rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # cache ops and attention per layout
 

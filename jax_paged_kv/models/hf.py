@@ -77,7 +77,18 @@ _GEMMA2_LAYER_NAMES = {
     "q_norm": "self_attn.q_norm.weight",
     "k_norm": "self_attn.k_norm.weight",
 }
-_TRANSPOSED = set(_PROJECTIONS)
+# Experts: our name -> HF name inside "model.layers.{i}." ({e}: the expert), by family.
+_MOE_NAMES = {
+    "mixtral": {"router": "block_sparse_moe.gate.weight",
+                "moe_gate": "block_sparse_moe.experts.{e}.w1.weight",
+                "moe_up": "block_sparse_moe.experts.{e}.w3.weight",
+                "moe_down": "block_sparse_moe.experts.{e}.w2.weight"},
+    "qwen3_moe": {"router": "mlp.gate.weight",
+                  "moe_gate": "mlp.experts.{e}.gate_proj.weight",
+                  "moe_up": "mlp.experts.{e}.up_proj.weight",
+                  "moe_down": "mlp.experts.{e}.down_proj.weight"},
+}
+_TRANSPOSED = set(_PROJECTIONS) | {"router", "moe_gate", "moe_up", "moe_down"}
 
 # Fields that never change a causal LM's outputs at inference.
 _NEUTRAL_FIELDS = frozenset({
@@ -204,7 +215,8 @@ def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int
   return out
 
 
-def _rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
+def _rope(r: _Reader, max_position_embeddings: int, default_theta: float = 10000.0
+          ) -> dict[str, Any]:
   """``rope_theta`` and ``rope_scaling`` from ``rope_parameters`` / ``rope_scaling`` /
   ``rope_theta``."""
   scaling = _rope_dict(r, "rope_scaling", r.get("rope_scaling"))
@@ -213,14 +225,14 @@ def _rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
   if any(isinstance(v, Mapping) for v in rope.values()):
     raise r.refuse(f"per-layer-type RoPE parameters {sorted(rope)} are not implemented")
   theta = rope.pop("rope_theta", None)
-  theta = float(theta if theta is not None else r.typed("rope_theta", 10000.0, float))
+  theta = float(theta if theta is not None else r.typed("rope_theta", default_theta, float))
   r.read.add("rope_theta")
   _check_partial_rotary(r, rope)
   return dict(rope_theta=theta,
               rope_scaling=_rope_scaling(r, rope, max_position_embeddings))
 
 
-def _gemma3_rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
+def _gemma3_rope(r: _Reader, max_position_embeddings: int, _=None) -> dict[str, Any]:
   """Gemma 3's two RoPEs (transformers' ``Gemma3TextConfig.convert_rope_params_to_dict``): the
   global layers' from ``rope_parameters["full_attention"]`` updated by a legacy
   ``rope_scaling``, base ``rope_theta`` (1e6) unless it names one; the sliding layers' from
@@ -248,6 +260,9 @@ def _gemma3_rope(r: _Reader, max_position_embeddings: int) -> dict[str, Any]:
   return dict(rope_theta=theta, rope_scaling=scaling, sliding_rope_theta=local)
 
 
+_HEAD_DIM_NOT_NULL = ("gemma2", "gemma3_text", "qwen3", "qwen3_moe")
+
+
 def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, Any]:
   """The shape and RoPE fields every family shares, with Hugging Face's per-family defaults."""
   heads = r.get_int("num_attention_heads", required=True)
@@ -257,11 +272,12 @@ def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, An
   # Llama: the query heads); an explicit null means the query heads.
   kv_heads = r.get_absent("num_key_value_heads", defaults.get("num_key_value_heads"))
   kv_heads = r.as_int("num_key_value_heads", heads if kv_heads is None else kv_heads)
-  rope_fields = rope(r, max_pos)
-  for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
-              "num_experts_per_tok"):
-    if r.has(key):
-      raise r.refuse(f"{key} (mixture of experts) is not implemented")
+  rope_fields = rope(r, max_pos, defaults.get("rope_theta", 10000.0))
+  if r.model_type not in _MOE_FAMILIES:
+    for key in ("num_experts", "num_local_experts", "n_routed_experts",
+                "moe_intermediate_size", "num_experts_per_tok"):
+      if r.has(key):
+        raise r.refuse(f"{key} (mixture of experts) is not part of {r.model_type}")
   return dict(
       vocab_size=r.get_int("vocab_size", required=True), hidden_size=hidden,
       intermediate_size=r.get_int("intermediate_size", required=True),
@@ -270,22 +286,29 @@ def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, An
       # A null head_dim means hidden / heads in Llama, Mistral and Qwen2; Gemma and Qwen3
       # have no such rule (their attention takes config.head_dim as it is).
       head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads,
-                         null_ok=r.model_type not in ("gemma2", "gemma3_text", "qwen3")),
+                         null_ok=r.model_type not in _HEAD_DIM_NOT_NULL),
       **rope_fields,
       rms_norm_eps=r.typed("rms_norm_eps", 1e-6, float),
       tie_word_embeddings=r.typed("tie_word_embeddings", defaults["tie_word_embeddings"], bool),
       max_position_embeddings=max_pos)
 
 
+_MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
 def _llama_family(r: _Reader, dtype) -> LlamaConfig:
-  """``llama``, ``mistral``, ``qwen2`` and ``qwen3``: one model, four ways to spell its
-  options."""
+  """``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``qwen3`` and ``qwen3_moe``: one model, six
+  ways to spell its options (Mixtral is Mistral with experts, Qwen3-MoE Qwen3 with experts)."""
   t = r.model_type
+  base = {"mixtral": "mistral", "qwen3_moe": "qwen3"}.get(t, t)
   defaults = {"llama": dict(max_position_embeddings=2048),
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
+              "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8,
+                              rope_theta=1e6),
               "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32),
               "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32,
-                            head_dim=128)}[t]
+                            head_dim=128),
+              "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
   act = r.typed("hidden_act", "silu", str)
   if act not in ("silu", "swish"):
@@ -293,14 +316,23 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   if r.typed("mlp_bias", False, bool):
     raise r.refuse("mlp_bias=True is not implemented")
   # Absent, Mistral's and Qwen2's / Qwen3's window is transformers' default 4096; an explicit
-  # null is no window (Mistral v0.2+). Llama has none.
-  window = r.get_absent("sliding_window", None if t == "llama" else 4096)
-  qwen = t in ("qwen2", "qwen3")
+  # null is no window (Mistral v0.2+). Llama has none, Mixtral's default is none.
+  window = r.get_absent("sliding_window", None if t in ("llama", "mixtral") else 4096)
+  qwen = base in ("qwen2", "qwen3")
   use_window = r.typed("use_sliding_window", None, bool) if qwen else r.get(
       "use_sliding_window")
   layer_types = r.get("layer_types")
   max_window_layers = r.get_absent("max_window_layers", None)
-  if max_window_layers is not None or (qwen and "max_window_layers" in r.hf):
+  if t == "qwen3_moe":
+    # Not Qwen3-MoE fields (its window applies to every layer), but its released configs carry
+    # max_window_layers: harmless without a window, ambiguous with one.
+    on = bool(use_window) and window is not None
+    if (on and (layer_types is not None or max_window_layers is not None)) or (
+        not on and layer_types is not None and "sliding_attention" in layer_types):
+      raise r.refuse("layer_types / max_window_layers are ignored by Hugging Face's Qwen3-MoE "
+                     "(its window, when on, applies to every layer); refusing the ambiguity")
+    layer_types = max_window_layers = None
+  if max_window_layers is not None or (t in ("qwen2", "qwen3") and "max_window_layers" in r.hf):
     max_window_layers = r.as_int("max_window_layers", max_window_layers)  # Qwen: null refused
   n = fields["num_layers"]
   bias = r.typed("attention_bias", None, bool)
@@ -314,26 +346,27 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
                      "layer_types / max_window_layers; a Llama config that sets them is "
                      "ambiguous")
     r.read.add("pretraining_tp")  # a tensor-parallel split of the same matmuls
-  elif t == "mistral":
+  elif base == "mistral":
     if bias:
-      raise r.refuse("attention_bias=True is not part of Mistral")
+      raise r.refuse(f"attention_bias=True is not part of {t}")
     if layer_types is not None or max_window_layers is not None:
-      raise r.refuse("layer_types / max_window_layers are ignored by Hugging Face's Mistral "
+      raise r.refuse(f"layer_types / max_window_layers are ignored by Hugging Face's {t} "
                      "(Ministral-style checkpoints); refusing the ambiguity")
     if use_window is not None and bool(use_window) != (window is not None):
       raise r.refuse(f"use_sliding_window={use_window} contradicts sliding_window={window} "
-                     "(Hugging Face's Mistral applies sliding_window whenever it is set)")
-  else:  # qwen2: q/k/v biases always; qwen3: q/k norms, no bias by default
+                     f"(Hugging Face's {t} applies sliding_window whenever it is set)")
+  else:  # qwen2: q/k/v biases always; qwen3 / qwen3_moe: q/k norms, no bias by default
     if t == "qwen2" and bias is False:
       raise r.refuse("attention_bias=False contradicts Qwen2 (q/k/v biases always)")
-    if t == "qwen3" and bias:
-      raise r.refuse("attention_bias=True (Qwen3 puts biases on q/k/v *and* o_proj) is not "
+    if base == "qwen3" and bias:
+      raise r.refuse(f"attention_bias=True ({t} puts biases on q/k/v *and* o_proj) is not "
                      "implemented")
     if t == "qwen2" and r.get("use_mrope", False):
       raise r.refuse("use_mrope=True (multimodal RoPE) is not implemented")
     window = window if use_window else None
     if layer_types is None:
-      first = int(max_window_layers if max_window_layers is not None else 28)
+      first = 0 if t == "qwen3_moe" else int(
+          max_window_layers if max_window_layers is not None else 28)
       layer_types = ["sliding_attention" if window is not None and i >= first
                      else "full_attention" for i in range(n)]
     if "sliding_attention" in layer_types and window is None:
@@ -341,12 +374,39 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
                      f"(use_sliding_window={use_window}, sliding_window={r.get('sliding_window')})")
     if "sliding_attention" not in layer_types:
       window, layer_types = None, None
+  moe = _moe_fields(r, fields) if t in _MOE_FAMILIES else {}
   if window is not None and layer_types is not None:
     layer_types = tuple(layer_types)
   r.check_all_read()
-  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), qk_norm=(t == "qwen3"),
+  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), qk_norm=(base == "qwen3"),
                      sliding_window=window,
-                     layer_types=layer_types if window is not None else None, dtype=dtype)
+                     layer_types=layer_types if window is not None else None, dtype=dtype,
+                     **moe)
+
+
+def _moe_fields(r: _Reader, fields: Mapping[str, Any]) -> dict[str, Any]:
+  """The experts of ``mixtral`` (``num_local_experts`` of ``intermediate_size`` width, top-k
+  renormalised) or ``qwen3_moe`` (``num_experts`` of ``moe_intermediate_size``,
+  ``norm_topk_prob``; every layer sparse: ``decoder_sparse_step`` 1, no ``mlp_only_layers``)."""
+  r.read.update(("output_router_logits", "router_aux_loss_coef", "router_jitter_noise"))  # training
+  if r.model_type == "mixtral":
+    return dict(num_experts=r.get_int("num_local_experts", 8),
+                num_experts_per_tok=r.get_int("num_experts_per_tok", 2),
+                moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
+  # transformers 5 maps num_experts to num_local_experts (and saves the latter).
+  names = [k for k in ("num_experts", "num_local_experts") if k in r.hf]
+  values = {k: r.get_int(k) for k in names}
+  if len(set(values.values())) > 1:
+    raise r.refuse(f"num_experts and num_local_experts differ: {values}")
+  experts = values[names[0]] if names else 128
+  step = r.get_int("decoder_sparse_step", 1)
+  dense = r.get("mlp_only_layers") or []
+  if step != 1 or dense:
+    raise r.refuse(f"dense MLP layers among the experts (decoder_sparse_step={step}, "
+                   f"mlp_only_layers={dense}) are not implemented")
+  return dict(num_experts=experts, num_experts_per_tok=r.get_int("num_experts_per_tok", 8),
+              moe_intermediate_size=r.get_int("moe_intermediate_size", 768),
+              norm_topk_prob=r.typed("norm_topk_prob", False, bool))
 
 
 def _gemma(r: _Reader, dtype) -> Gemma2Config:
@@ -425,6 +485,8 @@ _FAMILIES = {
     "mistral": _Family("MistralForCausalLM", _llama_family),
     "qwen2": _Family("Qwen2ForCausalLM", _llama_family),
     "qwen3": _Family("Qwen3ForCausalLM", _llama_family),
+    "mixtral": _Family("MixtralForCausalLM", _llama_family),
+    "qwen3_moe": _Family("Qwen3MoeForCausalLM", _llama_family),
     "gemma2": _Family("Gemma2ForCausalLM", _gemma),
     "gemma3_text": _Family("Gemma3ForCausalLM", _gemma),
 }
@@ -510,7 +572,18 @@ def _layer_names(config: ModelConfig) -> dict[str, str]:
       del names[k]
   if not config.qk_norm:
     del names["q_norm"], names["k_norm"]
+  if config.num_experts is not None:
+    for k in ("w_gate", "w_up", "w_down"):
+      del names[k]
+    names.update(_MOE_NAMES["qwen3_moe" if config.qk_norm else "mixtral"])
   return names
+
+
+def _per_layer(config: ModelConfig, name: str, layer: int) -> list[str]:
+  """The HF names of one of our per-layer tensors in one layer (one per expert for experts)."""
+  if "{e}" not in name:
+    return [f"model.layers.{layer}.{name}"]
+  return [f"model.layers.{layer}.{name.format(e=e)}" for e in range(config.num_experts)]
 
 
 def check_params(config: ModelConfig, params: Params) -> None:
@@ -558,9 +631,10 @@ def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
   dt = c.dtype
   layers = {}
   for ours, theirs in _layer_names(c).items():
-    per_layer = [get(f"model.layers.{i}.{theirs}") for i in range(c.num_layers)]
-    if ours in _TRANSPOSED:
-      per_layer = [w.T for w in per_layer]
+    per_layer = [np.stack([get(n).T if ours in _TRANSPOSED else get(n)
+                           for n in _per_layer(c, theirs, i)]) for i in range(c.num_layers)]
+    if "{e}" not in theirs:  # one tensor per layer: drop the expert axis
+      per_layer = [w[0] for w in per_layer]
     layers[ours] = jnp.asarray(np.stack(per_layer).astype(np.float32), dt)
   embed = get("model.embed_tokens.weight")
   params = {
@@ -590,8 +664,10 @@ def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
   for ours, theirs in _layer_names(c).items():
     stacked = np.asarray(params["layers"][ours], np.float32)
     for i in range(c.num_layers):
-      w = stacked[i]
-      out[f"model.layers.{i}.{theirs}"] = np.ascontiguousarray(w.T if ours in _TRANSPOSED else w)
+      names = _per_layer(c, theirs, i)
+      ws = stacked[i] if "{e}" in theirs else stacked[i][None]
+      for name, w in zip(names, ws, strict=True):
+        out[name] = np.ascontiguousarray(w.T if ours in _TRANSPOSED else w)
   if not c.tie_word_embeddings:
     out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"], np.float32).T)
   return out

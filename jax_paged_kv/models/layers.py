@@ -150,3 +150,49 @@ def dot(x: Array, w: Array) -> Array:
 def soft_cap(x: Array, cap: float | None) -> Array:
   """``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
   return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def moe_swiglu(x: Array, router: Array, w_gate: Array, w_up: Array, w_down: Array, *,
+               top_k: int, norm_topk_prob: bool) -> Array:
+  """A sparse mixture-of-experts SwiGLU MLP (Mixtral, Qwen3-MoE), routed per token.
+
+  Each token's router logits ``x @ router`` go through a float32 softmax; its ``top_k`` most
+  likely experts run, and their outputs are summed weighted by those probabilities
+  (renormalised to sum to one with ``norm_topk_prob``, as Mixtral does). The tokens are sorted by
+  expert and each expert's rows multiplied as one group (:func:`jax.lax.ragged_dot`, MaxText's
+  and megablox's layout): a backend with a grouped matmul reads only the experts some token
+  chose; XLA:CPU lowers it to a masked product over every expert (exact, ``E / top_k`` times the
+  work).
+
+  Args:
+    x: ``[..., hidden]``.
+    router: ``[hidden, experts]``.
+    w_gate, w_up: ``[experts, hidden, intermediate]``.
+    w_down: ``[experts, intermediate, hidden]``.
+    top_k: experts per token (static).
+    norm_topk_prob: renormalise the chosen experts' probabilities.
+
+  Returns:
+    ``[..., hidden]`` in ``x.dtype``.
+  """
+  shape, dtype = x.shape, x.dtype
+  h = x.reshape(-1, shape[-1])  # [N, hidden]
+  n, e = h.shape[0], router.shape[-1]
+  logits = jnp.einsum("nh,he->ne", h, router, preferred_element_type=jnp.float32)
+  weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)  # [N, top_k]
+  if norm_topk_prob:
+    weights = weights / weights.sum(-1, keepdims=True)
+  flat = experts.reshape(-1)  # [N * top_k], token-major
+  order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+  token = order // top_k
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+
+  def grouped(lhs, rhs):
+    return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+
+  rows = h[token]  # [N * top_k, hidden]
+  act = jax.nn.silu(grouped(rows, w_gate).astype(dtype)) * grouped(rows, w_up).astype(dtype)
+  out = grouped(act, w_down).astype(dtype).astype(jnp.float32)  # [N * top_k, hidden]
+  out = out * weights.reshape(-1)[order][:, None]
+  y = jnp.zeros((n, shape[-1]), jnp.float32).at[token].add(out)
+  return y.astype(dtype).reshape(shape)

@@ -1,8 +1,10 @@
-"""A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) in plain JAX on the paged cache.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE) in plain JAX
+on the paged cache.
 
 Token embedding, RMSNorm, rotary embeddings (configurable base, optional Llama 3 / linear /
 dynamic frequency scaling), grouped-query attention through :func:`~jax_paged_kv.paged_attention`
-(optionally with a sliding window on all or some layers), a SwiGLU MLP and optionally tied
+(optionally with a sliding window on all or some layers), a SwiGLU MLP or a sparse mixture of
+SwiGLU experts (:func:`~.layers.moe_swiglu`, Mixtral / Qwen3-MoE) and optionally tied
 embeddings. The layers' weights are stacked on a leading ``layers`` axis and the model scans
 over them with a *traced* layer index, so one compiled layer body writes every layer's K/V into
 the cache (layers with different windows are scanned in groups: :func:`~.base.scan_layers`).
@@ -30,6 +32,9 @@ Parameters are a plain dict of arrays (a pytree), in the layout of :func:`init_p
       w_gate     [layers, hidden, intermediate]
       w_up       [layers, hidden, intermediate]
       w_down     [layers, intermediate, hidden]
+      (with num_experts=E: router [layers, hidden, E], moe_gate and moe_up
+       [layers, E, hidden, moe_intermediate], moe_down [layers, E, moe_intermediate, hidden]
+       instead of w_gate, w_up, w_down)
     final_norm   [hidden]
     lm_head      [hidden, vocab]                        (absent with tie_word_embeddings=True)
 """
@@ -63,6 +68,7 @@ from jax_paged_kv.models.layers import (
   RopeScaling,
   check_rope_context,
   dot,
+  moe_swiglu,
   rms_norm,
   rope,
 )
@@ -99,6 +105,12 @@ class LlamaConfig:
     dtype: dtype of weights and activations (the cache's dtype must match).
     rope_scaling: optional rotary frequency scaling (:class:`RopeScaling`: Llama 3, linear,
       dynamic).
+    num_experts: None for a dense MLP; else every layer's MLP is a sparse mixture of this many
+      SwiGLU experts (Mixtral, Qwen3-MoE).
+    num_experts_per_tok: experts each token runs (``top_k``).
+    moe_intermediate_size: width of one expert's MLP (default ``intermediate_size``).
+    norm_topk_prob: renormalise the chosen experts' router probabilities to sum to one
+      (Mixtral always; Qwen3-MoE's ``norm_topk_prob``).
     sliding_window: optional attention window ``w`` (Mistral, Qwen2 / Qwen3 with
       ``use_sliding_window``): a query sees the last ``w`` positions, itself included.
     layer_types: which layers use the window (Hugging Face's names, ``"sliding_attention"`` or
@@ -122,6 +134,10 @@ class LlamaConfig:
   rope_scaling: RopeScaling | None = None
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  num_experts: int | None = None
+  num_experts_per_tok: int = 2
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = True
 
   def __post_init__(self):
     check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -149,6 +165,15 @@ class LlamaConfig:
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
     check_windows(self)
+    if self.num_experts is not None:
+      if self.moe_intermediate_size is None:
+        object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+      check_positive_ints(self, ("num_experts", "num_experts_per_tok", "moe_intermediate_size"))
+      if self.num_experts_per_tok > self.num_experts:
+        raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} > "
+                         f"num_experts={self.num_experts}")
+    elif self.moe_intermediate_size is not None:
+      raise ValueError("moe_intermediate_size is set but num_experts is None (a dense MLP)")
 
   @property
   def layer_windows(self) -> tuple[int | None, ...]:
@@ -176,14 +201,16 @@ class LlamaConfig:
   def to_hf(self) -> dict[str, Any]:
     """The Hugging Face config fields describing this model.
 
-    ``model_type`` is ``"qwen3"`` with ``qk_norm``, ``"qwen2"`` with ``attention_bias``
+    ``model_type`` is ``"qwen3_moe"`` with experts and ``qk_norm``, ``"mixtral"`` with experts
+    and no ``qk_norm``, ``"qwen3"`` with ``qk_norm``, ``"qwen2"`` with ``attention_bias``
     (Hugging Face's Llama would add an output-projection bias), ``"mistral"`` with a window on
     every layer, else ``"llama"``.
 
     Raises:
-      ValueError: a window on some layers only, or ``qk_norm`` with ``attention_bias`` (no
-        Hugging Face family spells them: Qwen3's ``attention_bias`` adds an output-projection
-        bias too).
+      ValueError: a window on some layers only, ``qk_norm`` with ``attention_bias`` (Qwen3's
+        ``attention_bias`` adds an output-projection bias too), experts with
+        ``attention_bias`` or (without ``qk_norm``) without ``norm_topk_prob``: no Hugging
+        Face family spells them.
     """
     windows = set(self.layer_windows)
     if len(windows) > 1:
@@ -191,6 +218,10 @@ class LlamaConfig:
     if self.qk_norm and self.attention_bias:
       raise ValueError("qk_norm with q/k/v biases only has no to_hf spelling (Qwen3's "
                        "attention_bias also puts a bias on o_proj)")
+    moe = self.num_experts is not None
+    if moe and (self.attention_bias or not (self.qk_norm or self.norm_topk_prob)):
+      raise ValueError("experts with attention_bias, or without qk_norm and norm_topk_prob, "
+                       "have no to_hf spelling (Mixtral renormalises, Qwen3-MoE has q/k norms)")
     out = dict(
         vocab_size=self.vocab_size, hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
@@ -201,7 +232,22 @@ class LlamaConfig:
     if self.rope_scaling is not None:
       out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
                              if v is not None}
-    if self.qk_norm or self.attention_bias:
+    if moe:
+      out.update(num_experts_per_tok=self.num_experts_per_tok)
+      if self.qk_norm:
+        out.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                   num_experts=self.num_experts, norm_topk_prob=self.norm_topk_prob,
+                   moe_intermediate_size=self.moe_intermediate_size, attention_bias=False,
+                   use_sliding_window=self.sliding_window is not None,
+                   sliding_window=self.sliding_window)
+      else:
+        if self.moe_intermediate_size != self.intermediate_size:
+          raise ValueError("Mixtral's experts are intermediate_size wide: "
+                           f"moe_intermediate_size={self.moe_intermediate_size} has no to_hf "
+                           "spelling without qk_norm")
+        out.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                   num_local_experts=self.num_experts, sliding_window=self.sliding_window)
+    elif self.qk_norm or self.attention_bias:
       window = self.sliding_window
       out.update(use_sliding_window=window is not None, sliding_window=window,
                  max_window_layers=0)
@@ -256,7 +302,7 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
   c = config
   L, H, D = c.num_layers, c.hidden_size, c.head_dim
   qd, kvd = c.num_heads * D, c.num_kv_heads * D
-  keys = iter(jax.random.split(key, 12))
+  keys = iter(jax.random.split(key, 16))
 
   def normal(shape, fan_in):
     std = scale / np.sqrt(fan_in)
@@ -273,6 +319,14 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
       "w_up": normal((L, H, c.intermediate_size), H),
       "w_down": normal((L, c.intermediate_size, H), c.intermediate_size),
   }
+  if c.num_experts is not None:
+    e, mi = c.num_experts, c.moe_intermediate_size
+    for name in ("w_gate", "w_up", "w_down"):
+      del layers[name]
+    layers["router"] = normal((L, H, e), H)
+    layers["moe_gate"] = normal((L, e, H, mi), H)
+    layers["moe_up"] = normal((L, e, H, mi), H)
+    layers["moe_down"] = normal((L, e, mi, H), mi)
   if c.attention_bias:
     layers["bq"] = normal((L, qd), 1) * 0.1
     layers["bk"] = normal((L, kvd), 1) * 0.1
@@ -374,7 +428,11 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
         implementation=implementation, fuse=FUSE_WRITE.value, **knobs)
     x = x + dot(attn.reshape(b, t, nh * d), w["wo"])
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    x = x + dot(jax.nn.silu(dot(h, w["w_gate"])) * dot(h, w["w_up"]), w["w_down"])
+    if c.num_experts is None:
+      x = x + dot(jax.nn.silu(dot(h, w["w_gate"])) * dot(h, w["w_up"]), w["w_down"])
+    else:
+      x = x + moe_swiglu(h, w["router"], w["moe_gate"], w["moe_up"], w["moe_down"],
+                         top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
     return x, cache
 
   x = params["embed"][jnp.clip(step.tokens, 0, c.vocab_size - 1)]  # [batch, T, hidden]
