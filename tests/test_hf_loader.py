@@ -287,6 +287,14 @@ def test_absent_fields_take_transformers_class_defaults():
     assert c.num_kv_heads == want, model_type
     assert config_from_hf(cfg(model_type, **heads, num_key_value_heads=None)).num_kv_heads == 32
   assert config_from_hf(without("qwen3", "head_dim")).head_dim == 128  # hidden / heads is 8
+  # Mixture of experts: Mixtral's RoPE base is 1e6 and it has no window unless set; Qwen3-MoE
+  # has 128 experts of width 768, 8 per token, not renormalised, head_dim hidden / heads.
+  c = config_from_hf(without("mixtral", "num_key_value_heads", **heads))
+  assert (c.rope_theta, c.layer_windows, c.num_kv_heads) == (1e6, (None, None), 8)
+  assert (c.num_experts, c.num_experts_per_tok) == (8, 2)
+  c = config_from_hf(without("qwen3_moe", "num_key_value_heads", **heads))
+  assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (128, 8, 768)
+  assert (c.norm_topk_prob, c.head_dim, c.num_kv_heads, c.rope_theta) == (False, 8, 4, 1e4)
   assert config_from_hf(without("qwen2", "head_dim")).head_dim == 8
 
 
