@@ -122,12 +122,21 @@ def test_reads_gemma3_both_spellings():
                                                 "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 64}},
-            layer_types=["sliding_attention", "full_attention"] * 4, _sliding_window_pattern=2,
+            # transformers writes its private pattern (6 by default) beside any layer_types
+            layer_types=["sliding_attention", "full_attention"] * 4, _sliding_window_pattern=6,
             use_bidirectional_attention=False)
   c = config_from_hf(v5)
   assert c.layer_windows == (512, None) * 4
   assert c.layer_rope(512) == (7.0, None)
   assert c.layer_rope(None) == (9.0, RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
+  # A nested llama3 dict without its original context takes max_position_embeddings (a top-level
+  # original_max_position_embeddings applies to flat dicts only: here it is refused).
+  nested = dict(v5["rope_parameters"]["full_attention"])
+  del nested["original_max_position_embeddings"]
+  c = config_from_hf(dict(v5, rope_parameters=dict(v5["rope_parameters"], full_attention=nested)))
+  assert c.layer_rope(None)[1].original_max_position_embeddings == 32768
+  with pytest.raises(ValueError, match="original_max_position_embeddings"):
+    config_from_hf(dict(v5, original_max_position_embeddings=8))
   # Absent fields: transformers' Gemma 3 class defaults.
   bare = {k: v for k, v in cfg("gemma3_text").items() if k != "num_key_value_heads"}
   c = config_from_hf(bare)
@@ -181,6 +190,10 @@ def test_reads_gemma3_both_spellings():
     (dict(GEMMA3_1B, attention_bias=True), "attention_bias"),
     (dict(GEMMA3_1B, use_bidirectional_attention=True), "bidirectional"),
     (dict(GEMMA3_1B, sliding_window=None), "without a window"),
+    # transformers keeps rope_type "default" under a legacy "type" key: no scaling, a stray
+    # factor.
+    (dict(GEMMA3_1B, rope_scaling={"type": "linear", "factor": 4.0}),
+     r"\['factor'\] of type 'default'"),
     (dict(GEMMA3_1B, rope_scaling={"rope_type": "yarn", "factor": 8.0}),
      r"'yarn' \(full_attention\)"),
     (dict(GEMMA3_1B, rope_parameters={"rope_type": "default", "rope_theta": 5.0}),

@@ -188,12 +188,15 @@ def _check_partial_rotary(r: _Reader, rope: dict[str, Any]) -> None:
 
 def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int,
                   where: str = "") -> RopeScaling | None:
-  """The :class:`RopeScaling` of one flat RoPE parameter dict (``rope_theta`` already taken
-  out); None for the default type; a ``ValueError`` for anything else left in it."""
+  """The :class:`RopeScaling` of one RoPE parameter dict (``rope_theta`` already taken out);
+  None for the default type; a ``ValueError`` for anything else left in it. ``where`` names a
+  per-layer-type dict (Gemma 3), for which a top-level ``original_max_position_embeddings``
+  does not apply (transformers' ``standardize_rope_params`` applies it to flat dicts only)."""
   rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
   rope.pop("type", None)
   original = rope.pop("original_max_position_embeddings", None)
-  original = r.get("original_max_position_embeddings", original)  # top level wins (Phi-3 rule)
+  if not where:
+    original = r.get("original_max_position_embeddings", original)  # top level wins (Phi-3)
   if rope_type == "default":
     out = None
   elif rope_type in ROPE_TYPES:
@@ -243,9 +246,13 @@ def _gemma3_rope(r: _Reader, max_position_embeddings: int, _=None) -> dict[str, 
   if set(params) - set(kinds) or not all(isinstance(v, Mapping) for v in params.values()):
     raise r.refuse(f"rope_parameters {sorted(params)}: Gemma 3 takes one dict per layer type "
                    f"({', '.join(kinds)})")
-  full = _rope_dict(r, "rope_parameters['full_attention']", params.get("full_attention"))
+  # transformers seeds each missing type with {"rope_type": "default"} and merges a legacy
+  # rope_scaling into the global one: a legacy {"type": "linear", ...} then stays "default"
+  # with a stray factor, which is refused below rather than run either way.
+  full = _rope_dict(r, "rope_parameters['full_attention']",
+                    params.get("full_attention") or {"rope_type": "default"})
   sliding = _rope_dict(r, "rope_parameters['sliding_attention']",
-                       params.get("sliding_attention"))
+                       params.get("sliding_attention") or {"rope_type": "default"})
   full.update(_rope_dict(r, "rope_scaling", r.get("rope_scaling")))
   theta = full.pop("rope_theta", None)
   theta = float(theta if theta is not None else r.typed("rope_theta", 1_000_000.0, float))
@@ -441,16 +448,19 @@ def _gemma(r: _Reader, dtype) -> Gemma2Config:
                                   or not isinstance(final_cap, (int, float))):
       raise r.refuse(f"final_logit_softcapping={final_cap!r} is not a number")
     caps = {"attn_logit_softcapping": None, "final_logit_softcapping": final_cap}
-    # transformers builds layer_types from sliding_window_pattern when they are absent, and
-    # saves the pattern under both names; one contradicting the layer types is refused.
+    # transformers builds layer_types from sliding_window_pattern when they are absent (and
+    # ignores it when they are given: a contradiction is refused); it saves its private
+    # _sliding_window_pattern (6 unless a pattern was given) and never reads it back.
     patterns = {key: r.get_int(key, 6) for key in ("sliding_window_pattern",
                                                    "_sliding_window_pattern")}
     for key, pattern in patterns.items():
       if pattern < 1:
         raise r.refuse(f"{key}={pattern} must be >= 1")
-      if key in r.hf and layer_types is not None and (
-          tuple(layer_types) != gemma3_layer_types(n, pattern)):
-        raise r.refuse(f"layer_types {list(layer_types)} contradicts {key}={pattern}")
+    pattern = patterns["sliding_window_pattern"]
+    if "sliding_window_pattern" in r.hf and layer_types is not None and (
+        tuple(layer_types) != gemma3_layer_types(n, pattern)):
+      raise r.refuse(f"layer_types {list(layer_types)} contradicts sliding_window_pattern="
+                     f"{pattern}")
     if layer_types is None:
       if len(set(patterns.values())) > 1 and "_sliding_window_pattern" in r.hf:
         raise r.refuse(f"sliding_window_pattern and _sliding_window_pattern differ: {patterns}")
@@ -685,8 +695,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
     dtype: dtype of the returned weights (and of the model's activations and cache).
 
   Returns:
-    ``(model, params)``: ``model`` is a :class:`~jax_paged_kv.models.llama.LlamaConfig` or a
-    :class:`~jax_paged_kv.models.gemma2.Gemma2Config`, both implementing the model protocol.
+    ``(model, params)``: ``model`` is a :class:`~jax_paged_kv.models.llama.LlamaConfig`, a
+    :class:`~jax_paged_kv.models.gemma2.Gemma2Config` or a
+    :class:`~jax_paged_kv.models.gemma2.Gemma3Config`, each implementing the model protocol.
 
   Raises:
     FileNotFoundError: no config or no safetensors file.

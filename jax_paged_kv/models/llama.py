@@ -207,7 +207,8 @@ class LlamaConfig:
     every layer, else ``"llama"``.
 
     Raises:
-      ValueError: a window on some layers only, ``qk_norm`` with ``attention_bias`` (Qwen3's
+      ValueError: a window on some layers only (Qwen2's ``max_window_layers`` spells some such
+        patterns; this method does not), ``qk_norm`` with ``attention_bias`` (Qwen3's
         ``attention_bias`` adds an output-projection bias too), experts with
         ``attention_bias`` or (without ``qk_norm``) without ``norm_topk_prob``: no Hugging
         Face family spells them.
