@@ -79,6 +79,7 @@ def test_reads_mixture_of_experts_families():
                          output_router_logits=False, router_jitter_noise=0.0))
   assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (8, 2, 48)
   assert c.norm_topk_prob and not c.qk_norm and c.layer_windows == (None, None)
+  assert config_from_hf(cfg("mixtral", num_experts=4)).num_experts == 4  # transformers' alias
   # Qwen/Qwen3-30B-A3B's config.json, shrunk.
   c = config_from_hf(cfg("qwen3_moe", head_dim=16, num_experts=16, num_experts_per_tok=4,
                          moe_intermediate_size=24, norm_topk_prob=True, decoder_sparse_step=1,
@@ -180,6 +181,7 @@ def test_reads_gemma3_both_spellings():
     (cfg("qwen3_moe", attention_bias=True), "o_proj"),
     (cfg("mixtral", attention_bias=True), "attention_bias"),
     (cfg("mixtral", moe_intermediate_size=24), r"\['moe_intermediate_size'\] are not"),
+    (cfg("mixtral", num_experts=4, num_local_experts=8), "differ"),
     (cfg("qwen2_moe", num_experts=4), "model_type='qwen2_moe' is not implemented"),
     (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
     (cfg("gemma2", attention_bias=True), "attention_bias"),
@@ -304,6 +306,7 @@ def test_absent_fields_take_transformers_class_defaults():
   # has 128 experts of width 768, 8 per token, not renormalised, head_dim hidden / heads.
   c = config_from_hf(without("mixtral", "num_key_value_heads", **heads))
   assert (c.rope_theta, c.layer_windows, c.num_kv_heads) == (1e6, (None, None), 8)
+  assert c.rms_norm_eps == 1e-5  # Mixtral's class default; the others' is 1e-6
   assert (c.num_experts, c.num_experts_per_tok) == (8, 2)
   c = config_from_hf(without("qwen3_moe", "num_key_value_heads", **heads))
   assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (128, 8, 768)

@@ -296,7 +296,7 @@ def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, An
       head_dim=r.get_int("head_dim", defaults.get("head_dim") or hidden // heads,
                          null_ok=r.model_type not in _HEAD_DIM_NOT_NULL),
       **rope_fields,
-      rms_norm_eps=r.typed("rms_norm_eps", 1e-6, float),
+      rms_norm_eps=r.typed("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6), float),
       tie_word_embeddings=r.typed("tie_word_embeddings", defaults["tie_word_embeddings"], bool),
       max_position_embeddings=max_pos)
 
@@ -312,7 +312,7 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   defaults = {"llama": dict(max_position_embeddings=2048),
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
               "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8,
-                              rope_theta=1e6),
+                              rope_theta=1e6, rms_norm_eps=1e-5),
               "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32),
               "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32,
                             head_dim=128),
@@ -397,15 +397,15 @@ def _moe_fields(r: _Reader, fields: Mapping[str, Any]) -> dict[str, Any]:
   renormalised) or ``qwen3_moe`` (``num_experts`` of ``moe_intermediate_size``,
   ``norm_topk_prob``; every layer sparse: ``decoder_sparse_step`` 1, no ``mlp_only_layers``)."""
   r.read.update(("output_router_logits", "router_aux_loss_coef", "router_jitter_noise"))  # training
-  if r.model_type == "mixtral":
-    return dict(num_experts=r.get_int("num_local_experts", 8),
-                num_experts_per_tok=r.get_int("num_experts_per_tok", 2),
-                moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
-  # transformers 5 maps num_experts to num_local_experts (and saves the latter).
+  # transformers 5 maps num_experts to num_local_experts in both families (and saves the latter).
   names = [k for k in ("num_experts", "num_local_experts") if k in r.hf]
   values = {k: r.get_int(k) for k in names}
   if len(set(values.values())) > 1:
     raise r.refuse(f"num_experts and num_local_experts differ: {values}")
+  if r.model_type == "mixtral":
+    return dict(num_experts=values[names[0]] if names else 8,
+                num_experts_per_tok=r.get_int("num_experts_per_tok", 2),
+                moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
   experts = values[names[0]] if names else 128
   step = r.get_int("decoder_sparse_step", 1)
   dense = r.get("mlp_only_layers") or []

@@ -161,8 +161,10 @@ def moe_swiglu(x: Array, router: Array, w_gate: Array, w_up: Array, w_down: Arra
   (renormalised to sum to one with ``norm_topk_prob``, as Mixtral does). The tokens are sorted by
   expert and each expert's rows multiplied as one group (:func:`jax.lax.ragged_dot`, MaxText's
   and megablox's layout): a backend with a grouped matmul reads only the experts some token
-  chose; XLA:CPU lowers it to a masked product over every expert (exact, ``E / top_k`` times the
-  work).
+  chose; XLA:CPU lowers it to a masked product over every expert (exact, but ``E`` times the
+  work of the routed rows, through a masked ``[E, rows, hidden]`` copy of them). Exact ties
+  among router probabilities go to the lower expert index (:func:`jax.lax.top_k`), where
+  ``torch.topk``'s choice is unspecified.
 
   Args:
     x: ``[..., hidden]``.
