@@ -206,6 +206,11 @@ def hf_case(name, transformers):
                                        head_dim=24, rope_theta=700.0), (
         lambda c: c.qk_norm and c.num_experts == 6 and c.num_experts_per_tok == 3
         and not c.norm_topk_prob and c.moe_intermediate_size == 32 and c.head_dim == 24)
+  if name == "phi3":  # fused qkv / gate_up projections, GQA, a window
+    return transformers.Phi3Config(**small, sliding_window=WINDOW, rope_theta=600.0,
+                                   pad_token_id=0, eos_token_id=None), (
+        lambda c: c.layer_windows == (WINDOW, WINDOW) and c.rms_norm_eps == 1e-6
+        and not c.attention_bias and not c.qk_norm)
   if name == "gemma3":  # 5 layers, pattern 3 (S S F S S); linear RoPE on the global layer
     cfg = dict(small, num_hidden_layers=5, head_dim=16)
     return transformers.Gemma3TextConfig(
@@ -227,7 +232,7 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "qwen3", "qwen3-window", "mixtral", "qwen3-moe", "gemma2",
+            "qwen2-window", "qwen3", "qwen3-window", "mixtral", "qwen3-moe", "phi3", "gemma2",
             "gemma3"]
 
 

@@ -28,7 +28,8 @@ def cfg(model_type, **kw):
   arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-          "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(model_type, "X")
+          "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+          "phi3": "Phi3ForCausalLM"}.get(model_type, "X")
   return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
 
 
@@ -91,6 +92,48 @@ def test_reads_mixture_of_experts_families():
   c = config_from_hf(cfg("qwen3_moe", num_local_experts=6, num_experts_per_tok=2,
                          use_sliding_window=True, sliding_window=8))
   assert c.num_experts == 6 and c.layer_windows == (8, 8)
+
+
+# microsoft/Phi-3-mini-4k-instruct's config.json, shrunk (Phi-4 differs in sizes, rope_theta and
+# sliding_window null).
+PHI3_MINI = cfg("phi3", attention_bias=False, attention_dropout=0.0, bos_token_id=1,
+                embd_pdrop=0.0, eos_token_id=32000, hidden_act="silu", initializer_range=0.02,
+                max_position_embeddings=4096, original_max_position_embeddings=4096,
+                pad_token_id=32000, resid_pdrop=0.0, rms_norm_eps=1e-05, rope_scaling=None,
+                rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False,
+                torch_dtype="bfloat16", use_cache=True)
+
+
+def test_reads_phi3_and_splits_its_fused_projections():
+  c = config_from_hf(PHI3_MINI)
+  assert c.layer_windows == (2047, 2047) and c.rms_norm_eps == 1e-5
+  assert config_from_hf({k: v for k, v in PHI3_MINI.items() if k != "rms_norm_eps"}
+                        ).rms_norm_eps == 1e-5  # Phi-3's class default
+  assert config_from_hf({k: v for k, v in PHI3_MINI.items() if k != "sliding_window"}
+                        ).layer_windows == (None, None)  # its class default: no window
+  params = llama.init_params(c, jax.random.PRNGKey(0))
+  state = params_to_hf(params, c)
+  fused = {}
+  for k, w in state.items():  # Phi-3's layout: [q; k; v] and [gate; up] along the rows
+    if k.endswith("self_attn.q_proj.weight"):
+      base = k.removesuffix("q_proj.weight")
+      fused[base + "qkv_proj.weight"] = np.concatenate(
+          [w, state[base + "k_proj.weight"], state[base + "v_proj.weight"]])
+    elif k.endswith("mlp.gate_proj.weight"):
+      base = k.removesuffix("gate_proj.weight")
+      fused[base + "gate_up_proj.weight"] = np.concatenate([w, state[base + "up_proj.weight"]])
+    elif not k.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight")):
+      fused[k] = w
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         params_from_hf(fused, c, fused=True), params)
+  with pytest.raises(ValueError, match="no tensor .*q_proj"):  # fused: Phi-3's only
+    params_from_hf(fused, c)
+  name = "model.layers.0.self_attn.qkv_proj.weight"
+  with pytest.raises(ValueError, match="rows, expected"):
+    params_from_hf(dict(fused, **{name: fused[name][:-1]}), c, fused=True)
+  extra = "model.layers.1.self_attn.k_proj.weight"
+  with pytest.raises(ValueError, match="beside fused projections"):
+    params_from_hf(dict(fused, **{extra: state[extra]}), c, fused=True)
 
 
 # google/gemma-3-1b-pt's config.json (transformers 4.50 spelling), shrunk.
@@ -183,6 +226,13 @@ def test_reads_gemma3_both_spellings():
     (cfg("mixtral", moe_intermediate_size=24), r"\['moe_intermediate_size'\] are not"),
     (cfg("mixtral", num_experts=4, num_local_experts=8), "differ"),
     (cfg("qwen2_moe", num_experts=4), "model_type='qwen2_moe' is not implemented"),
+    # Phi-4-mini: partial rotary and LongRoPE; Phi-3-mini-128k: LongRoPE ("su" in old configs).
+    (dict(PHI3_MINI, partial_rotary_factor=0.75), "partial_rotary_factor"),
+    (dict(PHI3_MINI, rope_scaling={"type": "longrope", "short_factor": [1.0] * 4,
+                                   "long_factor": [1.0] * 4}), "'longrope'"),
+    (dict(PHI3_MINI, rope_scaling={"type": "su", "short_factor": [1.0] * 4,
+                                   "long_factor": [1.0] * 4}), "'su'"),
+    (dict(PHI3_MINI, attention_bias=True), "attention_bias"),
     (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
     (cfg("gemma2", attention_bias=True), "attention_bias"),
     (cfg("gemma2", use_bidirectional_attention=True), "bidirectional"),

@@ -10,8 +10,9 @@ safetensors reader is a few lines of numpy (``bfloat16`` through ``ml_dtypes``, 
 JAX), so neither ``torch`` nor ``safetensors`` is needed.
 
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
-``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``qwen2`` (Qwen2 /
-2.5), ``qwen3`` (dense), ``qwen3_moe``, ``gemma2`` and ``gemma3_text`` (Gemma 3's text model).
+``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``phi3`` (Phi-3 / Phi-4,
+fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen3`` (dense), ``qwen3_moe``,
+``gemma2`` and ``gemma3_text`` (Gemma 3's text model).
 Every ``config.json`` field is either read and implemented, known not to change the outputs
 (token ids, dropout, ``torch_dtype``, ...), or refused with a ``ValueError`` naming it: an
 unknown ``model_type``, a RoPE type other than default / ``linear`` / ``dynamic`` / ``llama3``,
@@ -305,10 +306,11 @@ _MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def _llama_family(r: _Reader, dtype) -> LlamaConfig:
-  """``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``qwen3`` and ``qwen3_moe``: one model, six
-  ways to spell its options (Mixtral is Mistral with experts, Qwen3-MoE Qwen3 with experts)."""
+  """``llama``, ``mistral``, ``mixtral``, ``phi3``, ``qwen2``, ``qwen3`` and ``qwen3_moe``: one
+  model, seven ways to spell its options (Mixtral is Mistral with experts, Phi-3 Mistral with
+  fused projections, Qwen3-MoE Qwen3 with experts)."""
   t = r.model_type
-  base = {"mixtral": "mistral", "qwen3_moe": "qwen3"}.get(t, t)
+  base = {"mixtral": "mistral", "phi3": "mistral", "qwen3_moe": "qwen3"}.get(t, t)
   defaults = {"llama": dict(max_position_embeddings=2048),
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
               "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8,
@@ -316,7 +318,8 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
               "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32),
               "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32,
                             head_dim=128),
-              "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4)}[t]
+              "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4),
+              "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
   act = r.typed("hidden_act", "silu", str)
   if act not in ("silu", "swish"):
@@ -325,7 +328,9 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
     raise r.refuse("mlp_bias=True is not implemented")
   # Absent, Mistral's and Qwen2's / Qwen3's window is transformers' default 4096; an explicit
   # null is no window (Mistral v0.2+). Llama has none, Mixtral's default is none.
-  window = r.get_absent("sliding_window", None if t in ("llama", "mixtral") else 4096)
+  window = r.get_absent("sliding_window", None if t in ("llama", "mixtral", "phi3") else 4096)
+  if t == "phi3":
+    r.read.update(("resid_pdrop", "embd_pdrop"))  # dropout
   qwen = base in ("qwen2", "qwen3")
   use_window = r.typed("use_sliding_window", None, bool) if qwen else r.get(
       "use_sliding_window")
@@ -497,6 +502,7 @@ _FAMILIES = {
     "qwen2": _Family("Qwen2ForCausalLM", _llama_family),
     "qwen3": _Family("Qwen3ForCausalLM", _llama_family),
     "mixtral": _Family("MixtralForCausalLM", _llama_family),
+    "phi3": _Family("Phi3ForCausalLM", _llama_family),
     "qwen3_moe": _Family("Qwen3MoeForCausalLM", _llama_family),
     "gemma2": _Family("Gemma2ForCausalLM", _gemma),
     "gemma3_text": _Family("Gemma3ForCausalLM", _gemma),
@@ -603,13 +609,17 @@ def check_params(config: ModelConfig, params: Params) -> None:
   module.check_params(config, params)
 
 
-def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
+def params_from_hf(state: Mapping[str, Any], config: ModelConfig, *,
+                   fused: bool = False) -> Params:
   """Maps a Hugging Face state dict onto this package's parameter layout.
 
   Args:
     state: ``{hf_name: array}`` (numpy, JAX or anything ``np.asarray`` takes; torch tensors
       via ``.numpy()`` first). Names may carry the ``model.`` prefix or not.
     config: the model config (e.g. from :func:`config_from_hf`).
+    fused: the checkpoint fuses q/k/v into ``self_attn.qkv_proj`` and gate/up into
+      ``mlp.gate_up_proj`` (Phi-3: ``[q; k; v]`` and ``[gate; up]`` along the output axis),
+      split here; the separate tensors are then refused.
 
   Returns:
     The parameter dict, cast to ``config.dtype``.
@@ -619,6 +629,8 @@ def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
       bias the config does not declare), naming it.
   """
   used: set[str] = set()
+  if fused:
+    state = _split_fused(state, config)
 
   def find(name):
     for key in (name, name.removeprefix("model.")):
@@ -665,6 +677,39 @@ def params_from_hf(state: Mapping[str, Any], config: ModelConfig) -> Params:
                      f"not used by {type(c).__name__} (a feature the config does not declare?)")
   check_params(c, params)
   return params
+
+
+def _split_fused(state: Mapping[str, Any], config: LlamaConfig) -> dict[str, Any]:
+  """Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` as the separate tensors of every other
+  family (each fused tensor must be there, of its exact size, and no separate one)."""
+  if not isinstance(config, LlamaConfig) or config.num_experts is not None:
+    raise ValueError(f"fused projections are Phi-3's; not for {config}")
+  c = config
+  q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+  out = {}
+  for key, w in state.items():
+    prefix = key.removeprefix("model.")
+    if prefix.startswith("layers.") and any(
+        key.endswith(f".{n}.weight") for n in ("q_proj", "k_proj", "v_proj", "gate_proj",
+                                             "up_proj")):
+      raise ValueError(f"checkpoint tensor {key!r} beside fused projections (Phi-3 fuses "
+                       "q/k/v and gate/up)")
+    if key.endswith("self_attn.qkv_proj.weight"):
+      w = np.asarray(w)
+      if w.shape[0] != q + 2 * kv:
+        raise ValueError(f"{key!r} has {w.shape[0]} rows, expected {q} + 2 x {kv}")
+      base = key.removesuffix("qkv_proj.weight")
+      out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = (
+          w[:q], w[q:q + kv], w[q + kv:])
+    elif key.endswith("mlp.gate_up_proj.weight"):
+      w = np.asarray(w)
+      if w.shape[0] != 2 * inter:
+        raise ValueError(f"{key!r} has {w.shape[0]} rows, expected 2 x {inter}")
+      base = key.removesuffix("gate_up_proj.weight")
+      out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = w[:inter], w[inter:]
+    else:
+      out[key] = w
+  return out
 
 
 def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -731,7 +776,16 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
       if origin.get(name) != os.path.join(path, file):
         raise ValueError(f"model.safetensors.index.json puts {name!r} in {file}, but "
                          f"{'no file' if name not in origin else origin[name]} holds it")
-  return config, params_from_hf(state, config)
+  return config, params_from_hf(state, config, fused=_model_type(hf_config) == "phi3")
+
+
+def _model_type(hf: Mapping[str, Any]) -> str | None:
+  """``model_type``, or the family its ``architectures`` name (as :func:`config_from_hf`)."""
+  if hf.get("model_type") is not None:
+    return hf["model_type"]
+  archs = hf.get("architectures") or []
+  guess = [t for t, f in _FAMILIES.items() if f.architecture in archs]
+  return guess[0] if len(guess) == 1 else None
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:

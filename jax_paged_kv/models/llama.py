@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3.x, Mistral, Mixtral, Qwen2/2.5, Qwen3, Qwen3-MoE) in plain JAX
-on the paged cache.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Mixtral, Phi-3, Qwen2/2.5, Qwen3, Qwen3-MoE) in
+plain JAX on the paged cache.
 
 Token embedding, RMSNorm, rotary embeddings (configurable base, optional Llama 3 / linear /
 dynamic frequency scaling), grouped-query attention through :func:`~jax_paged_kv.paged_attention`
