@@ -28,6 +28,20 @@ def _inv_freq(config, theta=None, scaling="config"):
     return inv
   if s.rope_type == "linear":
     return inv / s.factor
+  if s.rope_type == "yarn":  # HF _compute_yarn_parameters, element by element
+    def correction_dim(rotations):
+      return d * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+          2 * math.log(theta))
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    out = []
+    for i, f in enumerate(inv):
+      ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+      out.append(f / s.factor * ramp + f * (1.0 - ramp))
+    return np.asarray(out)
   assert s.rope_type == "llama3"
   old = s.original_max_position_embeddings
   out = []
@@ -43,12 +57,12 @@ def _inv_freq(config, theta=None, scaling="config"):
   return np.asarray(out)
 
 
-def _rope(x, inv):
-  # x: [S, heads, head_dim]; positions 0..S-1, rotate-half convention.
+def _rope(x, inv, mscale=1.0):
+  # x: [S, heads, head_dim]; positions 0..S-1, rotate-half convention; YaRN scales cos and sin.
   s, _, d = x.shape
   ang = np.arange(s, dtype=np.float64)[:, None] * inv[None, :]
-  cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]
-  sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+  cos = mscale * np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]
+  sin = mscale * np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
   rot = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
   return x * cos + rot * sin
 
@@ -127,6 +141,8 @@ def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
   s = toks.shape[0]
   d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
   inv = _inv_freq(c)
+  scaling = getattr(c, "rope_scaling", None)
+  mscale = scaling.attention_factor if scaling is not None and scaling.rope_type == "yarn" else 1.0
   x = p["embed"][toks]
   for i, window in enumerate(_windows(c)):
     h = _rms(x, lay["attn_norm"][i], c.rms_norm_eps)
@@ -136,7 +152,7 @@ def reference_logits(params, config, tokens, keep=None) -> np.ndarray:
     q, k = q.reshape(s, nh, d), k.reshape(s, nkv, d)
     if getattr(c, "qk_norm", False):  # Qwen3: per-head RMSNorm over head_dim, before RoPE
       q, k = _rms(q, lay["q_norm"][i], c.rms_norm_eps), _rms(k, lay["k_norm"][i], c.rms_norm_eps)
-    q, k = _rope(q, inv), _rope(k, inv)
+    q, k = _rope(q, inv, mscale), _rope(k, inv, mscale)
     o = _attention(q, k, v.reshape(s, nkv, d), window, 1 / np.sqrt(d), keep=keep)
     x = x + o @ lay["wo"][i]
     h = _rms(x, lay["mlp_norm"][i], c.rms_norm_eps)

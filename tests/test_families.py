@@ -61,6 +61,12 @@ REFERENCE_CASES = {
         num_kv_heads=2, head_dim=16, rope_theta=900.0, qk_norm=True, tie_word_embeddings=True,
         sliding_window=WINDOW,
         layer_types=("full_attention", "sliding_attention", "sliding_attention")),
+    # YaRN x4 over a 16-token pretraining context, DeepSeek's mscale ratio (1 layer).
+    "yarn-rope": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=40, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=300.0,
+        rope_scaling=RopeScaling("yarn", 4.0, original_max_position_embeddings=16,
+                                 attention_factor=1.2, beta_fast=8.0)),
     # Mixtral: 4 experts, 2 per token (renormalised), a window on every layer.
     "mixtral-window": LlamaConfig(
         vocab_size=96, hidden_size=48, intermediate_size=40, num_layers=2, num_heads=4,
@@ -191,6 +197,13 @@ def hf_case(name, transformers):
                                     tie_word_embeddings=True), (
         lambda c: c.qk_norm and not c.attention_bias and c.head_dim == 24
         and c.tie_word_embeddings and c.layer_windows == (None, None))
+  if name == "qwen3-yarn":  # YaRN x4 over a 64-token pretraining context (Qwen3's long-context
+    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,  # recipe, scaled down)
+                original_max_position_embeddings=64)
+    return transformers.Qwen3Config(**dict(small, max_position_embeddings=256), head_dim=16,
+                                    rope_parameters=rope), (
+        lambda c: c.rope_scaling.rope_type == "yarn" and c.rope_scaling.factor == 4.0
+        and abs(c.rope_scaling.attention_factor - (0.1 * np.log(4.0) + 1)) < 1e-12)
   if name == "qwen3-window":  # layer 0 global, layer 1 sliding
     return transformers.Qwen3Config(**small, use_sliding_window=True, sliding_window=WINDOW,
                                     max_window_layers=1), (
@@ -232,8 +245,8 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "qwen3", "qwen3-window", "mixtral", "qwen3-moe", "phi3", "gemma2",
-            "gemma3"]
+            "qwen2-window", "qwen3", "qwen3-window", "qwen3-yarn", "mixtral", "qwen3-moe", "phi3",
+            "gemma2", "gemma3"]
 
 
 def hf_model(name, tmp_path):
@@ -294,6 +307,51 @@ def test_matches_transformers_bfloat16(tmp_path, name):
   hf_err = np.abs(hf_bf16 - exact).max() / scale
   assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
   assert np.abs(logits - hf_bf16).max() / scale < 0.04
+
+
+YARN_CASES = [  # rope_parameters beyond rope_type "yarn"; head_dim, max_position_embeddings
+    (dict(factor=4.0, original_max_position_embeddings=64), 16, 256),
+    (dict(factor=8.0, original_max_position_embeddings=4096, rope_theta=1e6), 128, 32768),
+    (dict(factor=2.0, original_max_position_embeddings=512, beta_fast=16, beta_slow=2), 64, 1024),
+    (dict(factor=4.0, original_max_position_embeddings=1024, truncate=False), 64, 4096),
+    (dict(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0,
+          beta_fast=32, beta_slow=1, rope_theta=10000.0), 64, 163840),  # DeepSeek-V3's
+    (dict(factor=40.0, original_max_position_embeddings=4096, mscale=0.707,
+          mscale_all_dim=1.0), 64, 163840),
+    (dict(factor=3.0, original_max_position_embeddings=100, attention_factor=1.3), 32, 300),
+    (dict(factor=0.5, original_max_position_embeddings=64), 16, 64),  # factor <= 1: mscale 1
+    # A small base: the ramp's upper end falls past the last dimension (clipped).
+    (dict(factor=4.0, original_max_position_embeddings=256, rope_theta=5.0), 16, 1024),
+]
+
+
+@pytest.mark.parametrize("case", range(len(YARN_CASES)))
+def test_yarn_frequencies_and_attention_factor_match_transformers(case):
+  """Our YaRN inverse frequencies and attention factor (float64) against transformers' own
+  ``_compute_yarn_parameters`` (float32), from the same config dict."""
+  pytest.importorskip("torch", reason="the transformers comparison needs torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from jax_paged_kv.models import config_from_hf
+  from jax_paged_kv.models.layers import rope_frequencies
+
+  params, head_dim, max_pos = YARN_CASES[case]
+  rope = dict(params, rope_type="yarn")
+  rope.setdefault("rope_theta", 10000.0)
+  hf = transformers.LlamaConfig(vocab_size=32, hidden_size=4 * head_dim, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=4,
+                                max_position_embeddings=max_pos, rope_parameters=dict(rope))
+  want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+  ours = config_from_hf(hf.to_diff_dict())  # what save_pretrained writes
+  got = rope_frequencies(ours.head_dim, ours.rope_theta, ours.rope_scaling)
+  np.testing.assert_allclose(got, want_inv.double().numpy(), rtol=2e-6, atol=0)
+  assert abs(ours.rope_scaling.attention_factor - want_factor) < 1e-6 * want_factor
+  # RopeScaling's own default attention factor (when none is given) is the same rule.
+  default = RopeScaling("yarn", ours.rope_scaling.factor,
+                        original_max_position_embeddings=params["original_max_position_embeddings"])
+  if "attention_factor" not in params and "mscale" not in params:
+    assert abs(default.attention_factor - want_factor) < 1e-6 * want_factor
 
 
 def test_init_params_picks_each_family_s_initialiser():

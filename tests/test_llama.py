@@ -105,8 +105,8 @@ def test_config_validation():
                 num_kv_heads=5)
   hf = SMALL.to_hf()
   assert LlamaConfig.from_hf(hf) == SMALL
-  with pytest.raises(ValueError, match="RoPE type 'yarn' is not implemented"):
-    LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}})
+  with pytest.raises(ValueError, match="RoPE type 'longrope' is not implemented"):
+    LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "longrope", "factor": 8.0}})
   with pytest.raises(ValueError, match="without 'low_freq_factor'"):
     LlamaConfig.from_hf({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
   with pytest.raises(ValueError, match="hidden_act"):

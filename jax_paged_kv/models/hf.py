@@ -12,22 +12,22 @@ JAX), so neither ``torch`` nor ``safetensors`` is needed.
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
 ``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``phi3`` (Phi-3 / Phi-4,
 fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen3`` (dense), ``qwen3_moe``,
-``gemma2`` and ``gemma3_text`` (Gemma 3's text model).
-Every ``config.json`` field is either read and implemented, known not to change the outputs
-(token ids, dropout, ``torch_dtype``, ...), or refused with a ``ValueError`` naming it: an
-unknown ``model_type``, a RoPE type other than default / ``linear`` / ``dynamic`` / ``llama3``,
-``partial_rotary_factor``, expert fields outside ``mixtral`` / ``qwen3_moe``, multimodal
-fields, biases the model does not have, a window or soft cap a family's Hugging Face code would
-ignore, and any field this module does not know. The semantics followed are those of
-``transformers`` 5 (e.g. Qwen2's and Qwen3's window applies to the layers at index
-``>= max_window_layers``, only with ``use_sliding_window``). Tensors the mapping does not
-consume are refused too.
+``gemma2`` and ``gemma3_text`` (Gemma 3's text model). Every ``config.json`` field is either
+read and implemented, known not to change the outputs (token ids, dropout, ``torch_dtype``,
+...), or refused with a ``ValueError`` naming it: an unknown ``model_type``, a RoPE type other
+than default / ``linear`` / ``dynamic`` / ``llama3`` / ``yarn``, ``partial_rotary_factor``,
+expert fields outside ``mixtral`` / ``qwen3_moe``, multimodal fields, biases the model does not
+have, a window or soft cap a family's Hugging Face code would ignore, and any field this module
+does not know. The semantics followed are those of ``transformers`` 5 (e.g. Qwen2's and Qwen3's
+window applies to the layers at index ``>= max_window_layers``, only with
+``use_sliding_window``). Tensors the mapping does not consume are refused too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Mapping
@@ -207,6 +207,8 @@ def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int
         out = RopeScaling("llama3", float(rope.pop("factor")), float(rope.pop("low_freq_factor")),
                           float(rope.pop("high_freq_factor")),
                           int(original or max_position_embeddings))
+      elif rope_type == "yarn":
+        out = _yarn(r, rope, int(original or max_position_embeddings), where)
       else:  # linear, dynamic: transformers ignores original_max_position_embeddings here
         out = RopeScaling(rope_type, float(rope.pop("factor")))
     except KeyError as e:
@@ -218,6 +220,29 @@ def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int
     raise r.refuse(f"RoPE parameter(s) {sorted(rope)} of type {rope_type!r}{where} are not "
                    "implemented")
   return out
+
+
+def _yarn(r: _Reader, rope: dict[str, Any], original: int, where: str) -> RopeScaling:
+  """YaRN as transformers' ``_compute_yarn_parameters`` reads it (a missing ``factor`` is
+  refused, as transformers' validation refuses it); a missing ``attention_factor`` is the paper's
+  ``0.1 ln(factor) + 1``, or DeepSeek's ratio of two such terms with ``mscale`` and
+  ``mscale_all_dim``; ``beta_fast`` / ``beta_slow`` default (also when 0) to 32 / 1."""
+  if where:
+    raise r.refuse(f"yarn RoPE{where} is not implemented (only on a model's single RoPE)")
+  factor = float(rope.pop("factor"))  # KeyError: refused by the caller
+  attention, mscale, mscale_all_dim = (rope.pop(k, None) for k in (
+      "attention_factor", "mscale", "mscale_all_dim"))
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  if attention is None:
+    attention = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+                 if mscale and mscale_all_dim else get_mscale(factor))
+  return RopeScaling("yarn", factor, original_max_position_embeddings=original,
+                     beta_fast=rope.pop("beta_fast", None) or 32.0,
+                     beta_slow=rope.pop("beta_slow", None) or 1.0,
+                     attention_factor=float(attention), truncate=rope.pop("truncate", True))
 
 
 def _rope(r: _Reader, max_position_embeddings: int, default_theta: float = 10000.0
@@ -233,6 +258,10 @@ def _rope(r: _Reader, max_position_embeddings: int, default_theta: float = 10000
   theta = float(theta if theta is not None else r.typed("rope_theta", default_theta, float))
   r.read.add("rope_theta")
   _check_partial_rotary(r, rope)
+  kind = rope.get("rope_type", rope.get("type"))
+  if r.model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 renames them
+    raise r.refuse(f"RoPE type {kind!r} is LongRoPE in transformers' Phi-3, which is not "
+                   "implemented")
   return dict(rope_theta=theta,
               rope_scaling=_rope_scaling(r, rope, max_position_embeddings))
 

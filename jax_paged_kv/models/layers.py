@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-ROPE_TYPES = ("linear", "dynamic", "llama3")
+ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +28,21 @@ class RopeScaling:
       NTK) equals plain RoPE up to ``max_position_embeddings``, beyond which Hugging Face
       recomputes the frequencies per call from the current length, so the keys already cached
       would no longer match; a model with it refuses caches longer than
-      ``max_position_embeddings`` (:func:`check_rope_context`).
+      ``max_position_embeddings`` (:func:`check_rope_context`); ``"yarn"`` (YaRN: Qwen2.5 /
+      Qwen3 long context, DeepSeek) interpolates the low frequencies by ``factor``, keeps the
+      ones that turn more than ``beta_fast`` times over the pretraining context, ramps
+      linearly between, and scales queries and keys by ``attention_factor`` (static: the same
+      at every length, so cached keys stay valid).
     factor: the scaling factor (``> 0``).
     low_freq_factor, high_freq_factor: ``llama3`` only: wavelengths above
       ``original_max_position_embeddings / low_freq_factor`` are scaled, below
       ``original_max_position_embeddings / high_freq_factor`` kept, interpolated in between.
-    original_max_position_embeddings: ``llama3`` only: the pretraining context.
+    original_max_position_embeddings: ``llama3`` and ``yarn``: the pretraining context.
+    beta_fast, beta_slow: ``yarn`` only: the ramp's ends in rotations over the pretraining
+      context (default 32 and 1).
+    attention_factor: ``yarn`` only: multiplies cos and sin (default ``0.1 ln(factor) + 1``
+      for ``factor > 1``, else 1: the YaRN paper's ``mscale``).
+    truncate: ``yarn`` only: round the ramp's ends outwards to whole dimensions (default True).
   """
 
   rope_type: str
@@ -41,6 +50,10 @@ class RopeScaling:
   low_freq_factor: float | None = None
   high_freq_factor: float | None = None
   original_max_position_embeddings: int | None = None
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  attention_factor: float | None = None
+  truncate: bool | None = None
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
@@ -49,7 +62,25 @@ class RopeScaling:
       raise ValueError(f"rope scaling factor={self.factor!r} must be positive")
     object.__setattr__(self, "factor", float(self.factor))
     llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings)
-    if self.rope_type == "llama3":
+    yarn = (self.beta_fast, self.beta_slow, self.attention_factor, self.truncate)
+    if self.rope_type != "yarn" and any(v is not None for v in yarn):
+      raise ValueError(f"beta_fast / beta_slow / attention_factor / truncate are yarn's, got "
+                       f"{self}")
+    if self.rope_type == "yarn":
+      if self.original_max_position_embeddings is None or self.low_freq_factor is not None or (
+          self.high_freq_factor is not None):
+        raise ValueError("yarn rope scaling needs original_max_position_embeddings (and no "
+                         f"low/high_freq_factor), got {self}")
+      object.__setattr__(self, "original_max_position_embeddings",
+                         int(self.original_max_position_embeddings))
+      default = 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+      for name, value in (("beta_fast", 32.0), ("beta_slow", 1.0), ("attention_factor", default)):
+        v = value if getattr(self, name) is None else float(getattr(self, name))
+        if not 0 < v < float("inf"):
+          raise ValueError(f"yarn {name}={v!r} must be positive and finite")
+        object.__setattr__(self, name, v)
+      object.__setattr__(self, "truncate", True if self.truncate is None else bool(self.truncate))
+    elif self.rope_type == "llama3":
       if any(v is None for v in llama3):
         raise ValueError("llama3 rope scaling needs low_freq_factor, high_freq_factor and "
                          f"original_max_position_embeddings, got {llama3}")
@@ -79,6 +110,19 @@ def rope_frequencies(head_dim: int, theta: float,
   s = scaling
   if s.rope_type == "linear":
     return inv_freq / s.factor
+  if s.rope_type == "yarn":  # Hugging Face's _compute_yarn_parameters
+    def dim_of(rotations):  # the dimension that turns `rotations` times over the context
+      return head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+          2 * math.log(theta))
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1: extrapolate (the original frequency), 0: interpolate
+    return inv_freq / s.factor * (1.0 - keep) + inv_freq * keep
   # llama3: low frequencies (long wavelengths) divided by factor, high ones kept, a smooth
   # interpolation between the two bands.
   old = s.original_max_position_embeddings
@@ -117,8 +161,9 @@ def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None =
   d = x.shape[-1]
   inv_freq = rope_frequencies(d, theta, scaling)  # [head_dim / 2]
   ang = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
-  cos = jnp.cos(ang)[:, :, None, :]  # [batch, T, 1, head_dim / 2]
-  sin = jnp.sin(ang)[:, :, None, :]
+  mscale = 1.0 if scaling is None or scaling.attention_factor is None else scaling.attention_factor
+  cos = jnp.cos(ang)[:, :, None, :] * mscale  # [batch, T, 1, head_dim / 2]
+  sin = jnp.sin(ang)[:, :, None, :] * mscale
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
