@@ -235,6 +235,17 @@ def hf_case(name, transformers):
         and c.layer_rope(WINDOW) == (30.0, None)
         and c.layer_rope(None) == (800.0, RopeScaling("linear", 4.0))
         and c.attn_logit_softcapping is None and c.final_logit_softcapping == 3.0)
+  if name == "gemma3-multimodal":  # Gemma3ForConditionalGeneration, text in, its language model
+    text = dict(small, vocab_size=160, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
+                query_pre_attn_scalar=24, sliding_window_pattern=3, rope_local_base_freq=30.0,
+                rope_theta=800.0)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    return transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                     mm_tokens_per_image=4, boi_token_index=157,
+                                     eoi_token_index=158, image_token_index=159), (
+        lambda c: isinstance(c, Gemma3Config) and c.layer_windows == (WINDOW, WINDOW, None)
+        and c.vocab_size == 160 and c.layer_rope(WINDOW) == (30.0, None))
   if name == "gemma2":
     cfg = dict(small, num_hidden_layers=4, head_dim=16)
     return transformers.Gemma2Config(
@@ -246,7 +257,7 @@ def hf_case(name, transformers):
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
             "qwen2-window", "qwen3", "qwen3-window", "qwen3-yarn", "mixtral", "qwen3-moe", "phi3",
-            "gemma2", "gemma3"]
+            "gemma2", "gemma3", "gemma3-multimodal"]
 
 
 def hf_model(name, tmp_path):

@@ -147,6 +147,64 @@ GEMMA3_1B = cfg("gemma3_text", head_dim=16, num_hidden_layers=8, num_key_value_h
                 sliding_window_pattern=6, torch_dtype="bfloat16", use_cache=True)
 
 
+# google/gemma-3-4b-it's config.json (vision_config shortened): the text_config leaves out what
+# transformers' Gemma3TextConfig class defaults fill in.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+    "initializer_range": 0.02, "mm_tokens_per_image": 256, "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                    "model_type": "gemma3_text", "num_hidden_layers": 34,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "model_type": "siglip_vision_model",
+                      "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}}
+
+
+def test_reads_the_language_model_of_a_multimodal_gemma3_config():
+  c = config_from_hf(GEMMA3_4B)
+  assert isinstance(c, Gemma3Config) and c.num_layers == 34 and c.hidden_size == 2560
+  assert c.layer_rope(None) == (1e6, RopeScaling("linear", 8.0))
+  assert c.layer_rope(1024) == (1e4, None)
+  assert c.layer_windows == tuple(None if (i + 1) % 6 == 0 else 1024 for i in range(34))
+  transformers = pytest.importorskip("transformers")  # transformers' own reading of the defaults
+  t = transformers.Gemma3Config(**{k: v for k, v in GEMMA3_4B.items()
+                                   if k not in ("architectures", "model_type")}).text_config
+  assert (c.vocab_size, c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
+          c.rms_norm_eps, c.max_position_embeddings) == (
+      t.vocab_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
+      t.query_pre_attn_scalar, t.rms_norm_eps, t.max_position_embeddings)
+  assert c.layer_types == tuple(t.layer_types) and c.tie_word_embeddings
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_language_model_weights(tmp_path):
+  """Both naming schemes of the language model's tensors (legacy ``language_model.model.*``,
+  transformers 4.52+ in memory ``model.language_model.*``); the vision tower's tensors are left
+  out; a tensor of neither kind, or one given under both schemes, is refused."""
+  st = pytest.importorskip("safetensors.numpy")
+  text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  hf = dict(GEMMA3_4B, text_config=dict(text, model_type="gemma3_text"))
+  config = config_from_hf(hf)
+  params = gemma2.init_params(config, jax.random.PRNGKey(0))
+  state = params_to_hf(params, config)
+  image = {"vision_tower.vision_model.post_layernorm.weight": np.ones(4, np.float32),
+           "multi_modal_projector.mm_soft_emb_norm.weight": np.ones(4, np.float32)}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  for prefix in ("language_model.model.", "model.language_model."):
+    named = {prefix + k.removeprefix("model."): w for k, w in state.items()}
+    st.save_file({**named, **image}, str(tmp_path / "model.safetensors"))
+    _, loaded = load_hf_checkpoint(tmp_path)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+  for extra, match in (({"foo.weight": np.ones(4, np.float32)}, "neither"),
+                       ({"language_model.model.norm.weight": state["model.norm.weight"]},
+                        "twice")):
+    st.save_file({**named, **image, **extra}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=match):
+      load_hf_checkpoint(tmp_path)
+
+
 def test_reads_gemma3_both_spellings():
   c = config_from_hf(GEMMA3_1B)
   assert isinstance(c, Gemma3Config) and c.qk_norm and c.head_dim == 16
@@ -260,7 +318,14 @@ def test_reads_gemma3_both_spellings():
     (dict(GEMMA3_1B, final_logit_softcapping="30"), "not a number"),
     (dict(GEMMA3_1B, mlp_bias=False), r"\['mlp_bias'\] are not implemented"),
     (dict(GEMMA3_1B, model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]),
-     "model_type='gemma3' is not implemented"),  # the multimodal model
+     "text_config=None is not a dict"),  # the multimodal model keeps its text model apart
+    (dict(GEMMA3_4B, text_config=dict(GEMMA3_4B["text_config"], tie_word_embeddings=False)),
+     "tie_word_embeddings=False"),
+    (dict(GEMMA3_4B, text_config=dict(GEMMA3_4B["text_config"], model_type="gemma2")),
+     "is not gemma3_text"),
+    (dict(GEMMA3_4B, text_config=dict(GEMMA3_4B["text_config"], foo=1)),
+     r"\['foo'\] are not implemented"),
+    (dict(GEMMA3_4B, foo=1), r"\['foo'\] are not implemented"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_refuses_what_it_does_not_run(hf, match):
   with pytest.raises(ValueError, match=match):

@@ -12,7 +12,8 @@ JAX), so neither ``torch`` nor ``safetensors`` is needed.
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
 ``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``phi3`` (Phi-3 / Phi-4,
 fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen3`` (dense), ``qwen3_moe``,
-``gemma2`` and ``gemma3_text`` (Gemma 3's text model). Every ``config.json`` field is either
+``gemma2``, ``gemma3_text`` (Gemma 3 1B) and ``gemma3`` (the language model of Gemma 3's
+multimodal checkpoints). Every ``config.json`` field is either
 read and implemented, known not to change the outputs (token ids, dropout, ``torch_dtype``,
 ...), or refused with a ``ValueError`` naming it: an unknown ``model_type``, a RoPE type other
 than default / ``linear`` / ``dynamic`` / ``llama3`` / ``yarn``, ``partial_rotary_factor``,
@@ -519,6 +520,35 @@ def _gemma(r: _Reader, dtype) -> Gemma2Config:
              layer_types=None if layer_types is None else tuple(layer_types), **caps)
 
 
+# transformers' Gemma3TextConfig class defaults for the fields a multimodal checkpoint's
+# text_config may leave out (google/gemma-3-4b-it's gives neither heads nor vocabulary).
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                             num_hidden_layers=26, num_attention_heads=8)
+# Fields of the multimodal config that only the image path reads.
+_GEMMA3_IMAGE_FIELDS = frozenset({"boi_token_index", "eoi_token_index", "image_token_index",
+                                  "mm_tokens_per_image", "vision_config", "initializer_range"})
+
+
+def _gemma3_multimodal(r: _Reader, dtype) -> Gemma3Config:
+  """``gemma3`` (``Gemma3ForConditionalGeneration``: Gemma 3 4B / 12B / 27B): its language
+  model, which is a ``gemma3_text`` model, from ``text_config`` (absent fields take
+  transformers' class defaults). Text only: no vision tower runs (image token ids are embedded
+  as ordinary tokens)."""
+  text = r.get("text_config")
+  if not isinstance(text, Mapping):
+    raise r.refuse(f"text_config={text!r} is not a dict")
+  if text.get("model_type", "gemma3_text") != "gemma3_text":
+    raise r.refuse(f"text_config model_type={text.get('model_type')!r} is not gemma3_text")
+  for where, cfg in (("", r.hf), ("text_config ", text)):
+    if cfg.get("tie_word_embeddings", True) is not True:
+      raise r.refuse(f"{where}tie_word_embeddings={cfg['tie_word_embeddings']!r}: Gemma 3's "
+                     "multimodal head is the embedding")
+  r.read.update(_GEMMA3_IMAGE_FIELDS | {"tie_word_embeddings"})
+  r.check_all_read()
+  text = {**_GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+  return _gemma(_Reader(text, "gemma3_text"), dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Family:
   architecture: str
@@ -535,6 +565,7 @@ _FAMILIES = {
     "qwen3_moe": _Family("Qwen3MoeForCausalLM", _llama_family),
     "gemma2": _Family("Gemma2ForCausalLM", _gemma),
     "gemma3_text": _Family("Gemma3ForCausalLM", _gemma),
+    "gemma3": _Family("Gemma3ForConditionalGeneration", _gemma3_multimodal),
 }
 
 
@@ -805,7 +836,34 @@ def load_hf_checkpoint(path: str | os.PathLike, *, hf_config: Mapping[str, Any] 
       if origin.get(name) != os.path.join(path, file):
         raise ValueError(f"model.safetensors.index.json puts {name!r} in {file}, but "
                          f"{'no file' if name not in origin else origin[name]} holds it")
+  if _model_type(hf_config) == "gemma3":
+    state = _language_model_weights(state)
   return config, params_from_hf(state, config, fused=_model_type(hf_config) == "phi3")
+
+
+def _language_model_weights(state: Mapping[str, Any]) -> dict[str, Any]:
+  """A multimodal Gemma 3 checkpoint's language model under the names of a text-only one
+  (``language_model.model.*``, or ``model.language_model.*``, becomes ``model.*``); the vision
+  tower's and projector's tensors are left out, anything else is refused."""
+  out: dict[str, Any] = {}
+  image = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+           "model.multi_modal_projector.")
+  for key, w in state.items():
+    prefix = next((p for p in ("language_model.model.", "model.language_model.")
+                   if key.startswith(p)), None)
+    if prefix is not None:
+      name = "model." + key.removeprefix(prefix)
+    elif key in ("language_model.lm_head.weight", "lm_head.weight"):
+      name = "lm_head.weight"
+    elif key.startswith(image):
+      continue
+    else:
+      raise ValueError(f"checkpoint tensor {key!r} is neither the language model's nor the "
+                       "vision tower's")
+    if name in out:
+      raise ValueError(f"checkpoint holds {name!r} twice (two naming schemes)")
+    out[name] = w
+  return out
 
 
 def _model_type(hf: Mapping[str, Any]) -> str | None:
