@@ -331,6 +331,8 @@ YARN_CASES = [  # rope_parameters beyond rope_type "yarn"; head_dim, max_positio
           mscale_all_dim=1.0), 64, 163840),
     (dict(factor=3.0, original_max_position_embeddings=100, attention_factor=1.3), 32, 300),
     (dict(factor=0.5, original_max_position_embeddings=64), 16, 64),  # factor <= 1: mscale 1
+    (dict(factor=4.0, original_max_position_embeddings=1024, truncate=None), 64, 4096),  # false
+    (dict(factor=None, original_max_position_embeddings=1024), 64, 8192),  # 8192 / 1024
     # A small base: the ramp's upper end falls past the last dimension (clipped).
     (dict(factor=4.0, original_max_position_embeddings=256, rope_theta=5.0), 16, 1024),
 ]

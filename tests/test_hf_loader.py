@@ -111,6 +111,9 @@ def test_reads_phi3_and_splits_its_fused_projections():
                         ).rms_norm_eps == 1e-5  # Phi-3's class default
   assert config_from_hf({k: v for k, v in PHI3_MINI.items() if k != "sliding_window"}
                         ).layer_windows == (None, None)  # its class default: no window
+  # transformers writes partial_rotary_factor 1.0 at the top level and inside rope_parameters.
+  assert config_from_hf(dict(PHI3_MINI, partial_rotary_factor=1.0, rope_parameters={
+      "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})) == c
   params = llama.init_params(c, jax.random.PRNGKey(0))
   state = params_to_hf(params, c)
   fused = {}
@@ -290,8 +293,20 @@ def test_reads_gemma3_both_spellings():
     (dict(PHI3_MINI, rope_scaling={"type": "longrope", "short_factor": [1.0] * 4,
                                    "long_factor": [1.0] * 4}), "'longrope'"),
     (dict(PHI3_MINI, rope_scaling={"type": "su", "short_factor": [1.0] * 4,
-                                   "long_factor": [1.0] * 4}), "'su' is LongRoPE"),
-    (dict(PHI3_MINI, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'yarn' is LongRoPE"),
+                                   "long_factor": [1.0] * 4}), "RoPE type 'su'"),
+    (dict(PHI3_MINI, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "RoPE type 'yarn'"),
+    (dict(PHI3_MINI, rope_scaling={"rope_type": None, "type": "yarn", "factor": 4.0}),
+     "RoPE type 'yarn'"),
+    # transformers' Phi-3 validation takes only default RoPE or LongRoPE.
+    (dict(PHI3_MINI, rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE type 'linear'"),
+    # YaRN fields transformers reads differently from what a truncation would give.
+    (cfg("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 20.5}),
+     "original_max_position_embeddings=20.5 is not an integer"),
+    (cfg("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": None}),
+     "original_max_position_embeddings=None"),
+    (cfg("llama", rope_scaling={"rope_type": "linear", "factor": None}), "factor=None"),
     (dict(PHI3_MINI, attention_bias=True), "attention_bias"),
     (cfg("gemma2", hidden_activation="gelu"), "hidden_activation"),
     (cfg("gemma2", attention_bias=True), "attention_bias"),

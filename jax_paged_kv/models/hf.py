@@ -183,10 +183,16 @@ def _rope_dict(r: _Reader, name: str, value: Any) -> dict[str, Any]:
 
 
 def _check_partial_rotary(r: _Reader, rope: dict[str, Any]) -> None:
-  partial = rope.pop("partial_rotary_factor", None) or r.get("partial_rotary_factor")
-  if partial is not None and float(partial) != 1.0:
-    raise r.refuse(f"partial_rotary_factor={partial} (RoPE on part of each head) is not "
-                   "implemented")
+  for partial in (rope.pop("partial_rotary_factor", None), r.get("partial_rotary_factor")):
+    if partial is not None and float(partial) != 1.0:
+      raise r.refuse(f"partial_rotary_factor={partial} (RoPE on part of each head) is not "
+                     "implemented")
+
+
+def _number(r: _Reader, name: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise r.refuse(f"{name}={value!r} is not a number")
+  return float(value)
 
 
 def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int,
@@ -197,21 +203,32 @@ def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int
   does not apply (transformers' ``standardize_rope_params`` applies it to flat dicts only)."""
   rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
   rope.pop("type", None)
-  original = rope.pop("original_max_position_embeddings", None)
-  if not where:
-    original = r.get("original_max_position_embeddings", original)  # top level wins (Phi-3)
+  key = "original_max_position_embeddings"
+  nested = key in rope
+  original = rope.pop(key, None)
+  if not where and key in r.hf:  # top level wins (the Phi-3 rule)
+    nested, original = True, r.get(key)
+
+  def context() -> int:  # llama3 and yarn: the pretraining context (transformers' rule)
+    if nested and original is None:
+      raise r.refuse(f"{key}=None (transformers fails on it)")
+    return max_position_embeddings if original is None else r.as_int(key, original)
+
   if rope_type == "default":
     out = None
   elif rope_type in ROPE_TYPES:
     try:
-      if rope_type == "llama3":
-        out = RopeScaling("llama3", float(rope.pop("factor")), float(rope.pop("low_freq_factor")),
-                          float(rope.pop("high_freq_factor")),
-                          int(original or max_position_embeddings))
-      elif rope_type == "yarn":
-        out = _yarn(r, rope, int(original or max_position_embeddings), where)
-      else:  # linear, dynamic: transformers ignores original_max_position_embeddings here
-        out = RopeScaling(rope_type, float(rope.pop("factor")))
+      if rope_type == "yarn":
+        out = _yarn(r, rope, context(), max_position_embeddings, where)
+      else:
+        factor = _number(r, f"{rope_type} factor", rope.pop("factor"))
+        if rope_type == "llama3":
+          out = RopeScaling("llama3", factor,
+                            _number(r, "low_freq_factor", rope.pop("low_freq_factor")),
+                            _number(r, "high_freq_factor", rope.pop("high_freq_factor")),
+                            context())
+        else:  # linear, dynamic: transformers ignores original_max_position_embeddings here
+          out = RopeScaling(rope_type, factor)
     except KeyError as e:
       raise r.refuse(f"{rope_type} RoPE scaling{where} without {e}") from None
   else:
@@ -223,14 +240,19 @@ def _rope_scaling(r: _Reader, rope: dict[str, Any], max_position_embeddings: int
   return out
 
 
-def _yarn(r: _Reader, rope: dict[str, Any], original: int, where: str) -> RopeScaling:
-  """YaRN as transformers' ``_compute_yarn_parameters`` reads it (a missing ``factor`` is
-  refused, as transformers' validation refuses it); a missing ``attention_factor`` is the paper's
+def _yarn(r: _Reader, rope: dict[str, Any], original: int, max_position_embeddings: int,
+          where: str) -> RopeScaling:
+  """YaRN as transformers' ``_compute_yarn_parameters`` reads it: a missing ``factor`` key is
+  refused (transformers' validation refuses it), a null one is ``max_position_embeddings /
+  original`` (DeepSeek's rule); a missing ``attention_factor`` is the paper's
   ``0.1 ln(factor) + 1``, or DeepSeek's ratio of two such terms with ``mscale`` and
-  ``mscale_all_dim``; ``beta_fast`` / ``beta_slow`` default (also when 0) to 32 / 1."""
+  ``mscale_all_dim``; ``beta_fast`` / ``beta_slow`` default (also when 0) to 32 / 1; a null
+  ``truncate`` is false (transformers tests its truth)."""
   if where:
     raise r.refuse(f"yarn RoPE{where} is not implemented (only on a model's single RoPE)")
-  factor = float(rope.pop("factor"))  # KeyError: refused by the caller
+  factor = rope.pop("factor")  # KeyError: refused by the caller
+  factor = (max_position_embeddings / original if factor is None
+            else _number(r, "yarn factor", factor))
   attention, mscale, mscale_all_dim = (rope.pop(k, None) for k in (
       "attention_factor", "mscale", "mscale_all_dim"))
 
@@ -243,7 +265,8 @@ def _yarn(r: _Reader, rope: dict[str, Any], original: int, where: str) -> RopeSc
   return RopeScaling("yarn", factor, original_max_position_embeddings=original,
                      beta_fast=rope.pop("beta_fast", None) or 32.0,
                      beta_slow=rope.pop("beta_slow", None) or 1.0,
-                     attention_factor=float(attention), truncate=rope.pop("truncate", True))
+                     attention_factor=float(attention),
+                     truncate=bool(rope.pop("truncate", True)))
 
 
 def _rope(r: _Reader, max_position_embeddings: int, default_theta: float = 10000.0
@@ -259,10 +282,10 @@ def _rope(r: _Reader, max_position_embeddings: int, default_theta: float = 10000
   theta = float(theta if theta is not None else r.typed("rope_theta", default_theta, float))
   r.read.add("rope_theta")
   _check_partial_rotary(r, rope)
-  kind = rope.get("rope_type", rope.get("type"))
-  if r.model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 renames them
-    raise r.refuse(f"RoPE type {kind!r} is LongRoPE in transformers' Phi-3, which is not "
-                   "implemented")
+  kind = rope.get("rope_type") or rope.get("type") or "default"
+  if r.model_type == "phi3" and kind != "default":  # transformers' Phi-3: default or LongRoPE
+    raise r.refuse(f"RoPE type {kind!r}: transformers' Phi-3 runs only default RoPE or LongRoPE "
+                   "(which 'su' and 'yarn' mean there), and LongRoPE is not implemented")
   return dict(rope_theta=theta,
               rope_scaling=_rope_scaling(r, rope, max_position_embeddings))
 
