@@ -24,10 +24,10 @@ from jax_paged_kv.models.llama import (
 
 def init_params(config: LlamaConfig | Gemma2Config, key, *, scale: float = 1.0) -> Params:
   """Random weights for a bundled model: :func:`llama.init_params <jax_paged_kv.models.llama.
-  init_params>` for a ``LlamaConfig`` (Llama, Mistral, Qwen2, Qwen3), :func:`gemma2.init_params
-  <jax_paged_kv.models.gemma2.init_params>` for a ``Gemma2Config`` or ``Gemma3Config``;
-  ``TypeError`` for anything
-  else (a model of your own brings its own parameters)."""
+  init_params>` for a ``LlamaConfig`` (Llama, Mistral, Mixtral, Phi-3, Qwen2, Qwen3,
+  Qwen3-MoE), :func:`gemma2.init_params <jax_paged_kv.models.gemma2.init_params>` for a
+  ``Gemma2Config`` or ``Gemma3Config``; ``TypeError`` for anything else (a model of your own
+  brings its own parameters)."""
   if isinstance(config, Gemma2Config):
     return _gemma2.init_params(config, key, scale=scale)
   if isinstance(config, LlamaConfig):

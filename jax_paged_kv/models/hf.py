@@ -13,15 +13,15 @@ JAX), so neither ``torch`` nor ``safetensors`` is needed.
 ``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``phi3`` (Phi-3 / Phi-4,
 fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen3`` (dense), ``qwen3_moe``,
 ``gemma2``, ``gemma3_text`` (Gemma 3 1B) and ``gemma3`` (the language model of Gemma 3's
-multimodal checkpoints). Every ``config.json`` field is either
-read and implemented, known not to change the outputs (token ids, dropout, ``torch_dtype``,
-...), or refused with a ``ValueError`` naming it: an unknown ``model_type``, a RoPE type other
-than default / ``linear`` / ``dynamic`` / ``llama3`` / ``yarn``, ``partial_rotary_factor``,
-expert fields outside ``mixtral`` / ``qwen3_moe``, multimodal fields, biases the model does not
-have, a window or soft cap a family's Hugging Face code would ignore, and any field this module
-does not know. The semantics followed are those of ``transformers`` 5 (e.g. Qwen2's and Qwen3's
-window applies to the layers at index ``>= max_window_layers``, only with
-``use_sliding_window``). Tensors the mapping does not consume are refused too.
+multimodal checkpoints). Every ``config.json`` field is either read and implemented, known not
+to change the outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a
+``ValueError`` naming it: an unknown ``model_type``, a RoPE type other than default /
+``linear`` / ``dynamic`` / ``llama3`` / ``yarn``, ``partial_rotary_factor``, expert fields
+outside ``mixtral`` / ``qwen3_moe``, multimodal fields, biases the model does not have, a window
+or soft cap a family's Hugging Face code would ignore, and any field this module does not know.
+The semantics followed are those of ``transformers`` 5 (e.g. Qwen2's and Qwen3's window applies
+to the layers at index ``>= max_window_layers``, only with ``use_sliding_window``). Tensors the
+mapping does not consume are refused too.
 """
 
 from __future__ import annotations
