@@ -326,6 +326,9 @@ _PARAM_RULES = {
     # router, [layers, hidden, experts], is replicated).
     "moe_gate": (3, "moe_intermediate_size"), "moe_up": (3, "moe_intermediate_size"),
     "moe_down": (2, "moe_intermediate_size"),
+    "shared_w_gate": (2, "shared_expert_intermediate_size"),
+    "shared_w_up": (2, "shared_expert_intermediate_size"),
+    "shared_w_down": (1, "shared_expert_intermediate_size"),
 }
 
 

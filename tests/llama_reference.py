@@ -2,8 +2,9 @@
 
 Shared by tests/test_llama.py, test_families.py, test_decoding.py and test_engine.py. Written
 from the Hugging Face definitions (``modeling_llama``, ``modeling_mistral``, ``modeling_mixtral``,
-``modeling_qwen2``, ``modeling_qwen3``, ``modeling_qwen3_moe``, ``modeling_gemma2``,
-``modeling_gemma3``, ``modeling_rope_utils``), not from ``jax_paged_kv.models``.
+``modeling_qwen2``, ``modeling_qwen2_moe``, ``modeling_qwen3``, ``modeling_qwen3_moe``,
+``modeling_gemma2``, ``modeling_gemma3``, ``modeling_rope_utils``), not from
+``jax_paged_kv.models``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ def _moe(h, lay, i, c):
     for e, wt in zip(top, weights, strict=True):
       out[t] += wt * _swiglu(h[t], lay["moe_gate"][i][e], lay["moe_up"][i][e],
                              lay["moe_down"][i][e])
+    if getattr(c, "shared_expert_intermediate_size", None) is not None:  # Qwen2-MoE
+      gate = 1 / (1 + np.exp(-(h[t] @ lay["shared_router"][i])))
+      out[t] += gate * _swiglu(h[t], lay["shared_w_gate"][i], lay["shared_w_up"][i],
+                               lay["shared_w_down"][i])
   return out
 
 

@@ -77,6 +77,11 @@ REFERENCE_CASES = {
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, qk_norm=True, num_experts=6, num_experts_per_tok=3,
         moe_intermediate_size=24, norm_topk_prob=False),
+    # Qwen2-MoE: q/k/v biases, 4 experts of width 24, 2 per token, a gated shared expert.
+    "qwen2-moe": LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4,
+        num_kv_heads=2, attention_bias=True, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=24, norm_topk_prob=False, shared_expert_intermediate_size=40),
     # Gemma 2 with an odd number of layers (one pair scanned, the third layer after it).
     "gemma2-3-layers": Gemma2Config(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
@@ -213,6 +218,12 @@ def hf_case(name, transformers):
                                       sliding_window=WINDOW, rope_theta=900.0), (
         lambda c: c.num_experts == 4 and c.num_experts_per_tok == 2 and c.norm_topk_prob
         and c.moe_intermediate_size == 96 and c.layer_windows == (WINDOW, WINDOW))
+  if name == "qwen2-moe":  # 4 experts of width 32, 2 per token, a shared expert of width 48
+    return transformers.Qwen2MoeConfig(**small, num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, norm_topk_prob=False,
+                                       shared_expert_intermediate_size=48, rope_theta=700.0), (
+        lambda c: c.attention_bias and c.num_experts == 4 and not c.qk_norm
+        and c.shared_expert_intermediate_size == 48 and c.layer_windows == (None, None))
   if name == "qwen3-moe":  # 6 experts of width 32, 3 per token, not renormalised
     return transformers.Qwen3MoeConfig(**small, num_experts=6, num_experts_per_tok=3,
                                        moe_intermediate_size=32, norm_topk_prob=False,
@@ -256,8 +267,8 @@ def hf_case(name, transformers):
 
 
 HF_CASES = ["llama2", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2",
-            "qwen2-window", "qwen3", "qwen3-window", "qwen3-yarn", "mixtral", "qwen3-moe", "phi3",
-            "gemma2", "gemma3", "gemma3-multimodal"]
+            "qwen2-window", "qwen3", "qwen3-window", "qwen3-yarn", "mixtral", "qwen2-moe",
+            "qwen3-moe", "phi3", "gemma2", "gemma3", "gemma3-multimodal"]
 
 
 def hf_model(name, tmp_path):

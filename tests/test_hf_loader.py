@@ -29,7 +29,7 @@ def cfg(model_type, **kw):
           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
           "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-          "phi3": "Phi3ForCausalLM"}.get(model_type, "X")
+          "phi3": "Phi3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}.get(model_type, "X")
   return {"model_type": model_type, "architectures": [arch], **BASE, **kw}
 
 
@@ -88,6 +88,17 @@ def test_reads_mixture_of_experts_families():
                          sliding_window=None, attention_bias=False, rope_theta=1e6))
   assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (16, 4, 24)
   assert c.norm_topk_prob and c.qk_norm and c.head_dim == 16 and c.layer_windows == (None, None)
+  # Qwen/Qwen1.5-MoE-A2.7B's config.json, shrunk: q/k/v biases, a gated shared expert.
+  c = config_from_hf(cfg("qwen2_moe", num_experts=6, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=40,
+                         norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1,
+                         max_window_layers=21, sliding_window=32768, use_sliding_window=False,
+                         rope_theta=1e6, output_router_logits=False, router_aux_loss_coef=0.001))
+  assert c.attention_bias and not c.qk_norm and c.layer_windows == (None, None)
+  assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+          c.shared_expert_intermediate_size) == (6, 2, 16, 40)
+  assert not config_from_hf(cfg("qwen2_moe", num_experts=6, num_experts_per_tok=2,
+                                qkv_bias=False)).attention_bias
   # transformers 5 saves num_experts as num_local_experts; a window applies to every layer.
   c = config_from_hf(cfg("qwen3_moe", num_local_experts=6, num_experts_per_tok=2,
                          use_sliding_window=True, sliding_window=8))
@@ -287,7 +298,9 @@ def test_reads_gemma3_both_spellings():
     (cfg("mixtral", attention_bias=True), "attention_bias"),
     (cfg("mixtral", moe_intermediate_size=24), r"\['moe_intermediate_size'\] are not"),
     (cfg("mixtral", num_experts=4, num_local_experts=8), "differ"),
-    (cfg("qwen2_moe", num_experts=4), "model_type='qwen2_moe' is not implemented"),
+    (cfg("qwen2_moe", num_experts=4, use_sliding_window=True), "Qwen2-MoE's sliding windows"),
+    (cfg("qwen2_moe", num_experts=4, attention_bias=True), "qkv_bias is"),
+    (cfg("qwen2_moe", num_experts=4, mlp_only_layers=[0]), "mlp_only_layers"),
     # Phi-4-mini: partial rotary and LongRoPE; Phi-3-mini-128k: LongRoPE ("su" in old configs).
     (dict(PHI3_MINI, partial_rotary_factor=0.75), "partial_rotary_factor"),
     (dict(PHI3_MINI, rope_scaling={"type": "longrope", "short_factor": [1.0] * 4,
@@ -359,9 +372,12 @@ def test_refuses_what_it_does_not_run(hf, match):
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                 num_kv_heads=2, qk_norm=True, num_experts=3, moe_intermediate_size=16,
                 norm_topk_prob=False),
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                num_kv_heads=2, attention_bias=True, num_experts=3, moe_intermediate_size=16,
+                norm_topk_prob=False, shared_expert_intermediate_size=24),
     Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=8),
-], ids=["qwen2-style", "qwen3-style", "gemma3", "mixtral", "qwen3-moe", "gemma2"])
+], ids=["qwen2-style", "qwen3-style", "gemma3", "mixtral", "qwen3-moe", "qwen2-moe", "gemma2"])
 def test_state_dict_roundtrip_and_unused_tensors(config):
   module = gemma2 if isinstance(config, Gemma2Config) else llama
   params = module.init_params(config, jax.random.PRNGKey(0))
@@ -385,7 +401,10 @@ def test_mixture_of_experts_configs_round_trip_through_to_hf():
                              (LlamaConfig(**base, sliding_window=8), "mixtral"),
                              (LlamaConfig(**base, qk_norm=True, moe_intermediate_size=16,
                                           norm_topk_prob=False), "qwen3_moe"),
-                             (LlamaConfig(**base, qk_norm=True, sliding_window=8), "qwen3_moe")):
+                             (LlamaConfig(**base, qk_norm=True, sliding_window=8), "qwen3_moe"),
+                             (LlamaConfig(**base, attention_bias=True, norm_topk_prob=False,
+                                          moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24), "qwen2_moe")):
     hf = config.to_hf()
     assert hf["model_type"] == model_type
     got = config_from_hf(hf)
@@ -440,6 +459,10 @@ def test_absent_fields_take_transformers_class_defaults():
   assert (c.rope_theta, c.layer_windows, c.num_kv_heads) == (1e6, (None, None), 8)
   assert c.rms_norm_eps == 1e-5  # Mixtral's class default; the others' is 1e-6
   assert (c.num_experts, c.num_experts_per_tok) == (8, 2)
+  c = config_from_hf(without("qwen2_moe", "num_key_value_heads", **heads))
+  assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+          c.shared_expert_intermediate_size, c.num_kv_heads) == (60, 4, 1408, 5632, 16)
+  assert c.attention_bias and not c.norm_topk_prob
   c = config_from_hf(without("qwen3_moe", "num_key_value_heads", **heads))
   assert (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (128, 8, 768)
   assert (c.norm_topk_prob, c.head_dim, c.num_kv_heads, c.rope_theta) == (False, 8, 4, 1e4)

@@ -217,15 +217,19 @@ def test_param_shardings_split_projections_by_heads():
 
 
 def test_mixture_of_experts_tensor_parallel_matches_one_device():
-  """A Mixtral-style model with each expert's MLP split over 4 devices (and a replicated
-  router): the chunked prefill's logits and K/V equal the one-device step's."""
+  """A model with experts and a shared expert (Qwen2-MoE-style), each expert's MLP and the
+  shared one split over 4 devices (routers replicated): the chunked prefill's logits and K/V
+  equal the one-device step's."""
   model = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_layers=2,
-                      num_heads=8, num_kv_heads=4, num_experts=4, num_experts_per_tok=2)
+                      num_heads=8, num_kv_heads=4, num_experts=4, num_experts_per_tok=2,
+                      shared_expert_intermediate_size=16)
   params = init_params(model, jax.random.PRNGKey(3), scale=2.0)
   layout = shd.MeshLayout(shd.local_mesh(model=4), model_axis="model")
   specs = shd.param_specs(params, model, layout)["layers"]
   assert specs["moe_gate"] == P(None, None, None, "model") and specs["router"] == P()
   assert specs["moe_down"] == P(None, None, "model", None)
+  assert specs["shared_w_up"] == P(None, None, "model") and specs["shared_router"] == P()
+  assert specs["shared_w_down"] == P(None, "model", None)
   cc = model.cache_config(num_blocks=9, max_seqs=2, max_seq_len=16, block_size=4)
   tokens = np.random.default_rng(0).integers(0, 64, (2, 7)).astype(np.int32)
   ids = np.arange(2, dtype=np.int32)

@@ -11,14 +11,14 @@ JAX), so neither ``torch`` nor ``safetensors`` is needed.
 
 **Never a silent load.** :func:`config_from_hf` dispatches on ``model_type`` (and checks
 ``architectures``): ``llama`` (Llama 2 / 3.x), ``mistral``, ``mixtral``, ``phi3`` (Phi-3 / Phi-4,
-fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen3`` (dense), ``qwen3_moe``,
-``gemma2``, ``gemma3_text`` (Gemma 3 1B) and ``gemma3`` (the language model of Gemma 3's
-multimodal checkpoints). Every ``config.json`` field is either read and implemented, known not
-to change the outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a
+fused projections split on load), ``qwen2`` (Qwen2 / 2.5), ``qwen2_moe``, ``qwen3`` (dense),
+``qwen3_moe``, ``gemma2``, ``gemma3_text`` (Gemma 3 1B) and ``gemma3`` (the language model of
+Gemma 3's multimodal checkpoints). Every ``config.json`` field is either read and implemented,
+known not to change the outputs (token ids, dropout, ``torch_dtype``, ...), or refused with a
 ``ValueError`` naming it: an unknown ``model_type``, a RoPE type other than default /
 ``linear`` / ``dynamic`` / ``llama3`` / ``yarn``, ``partial_rotary_factor``, expert fields
-outside ``mixtral`` / ``qwen3_moe``, multimodal fields, biases the model does not have, a window
-or soft cap a family's Hugging Face code would ignore, and any field this module does not know.
+outside the MoE families, multimodal fields, biases the model does not have, a window or soft
+cap a family's Hugging Face code would ignore, and any field this module does not know.
 The semantics followed are those of ``transformers`` 5 (e.g. Qwen2's and Qwen3's window applies
 to the layers at index ``>= max_window_layers``, only with ``use_sliding_window``). Tensors the
 mapping does not consume are refused too.
@@ -91,7 +91,11 @@ _MOE_NAMES = {
                   "moe_up": "mlp.experts.{e}.up_proj.weight",
                   "moe_down": "mlp.experts.{e}.down_proj.weight"},
 }
-_TRANSPOSED = set(_PROJECTIONS) | {"router", "moe_gate", "moe_up", "moe_down"}
+_SHARED_EXPERT_NAMES = {"shared_w_gate": "mlp.shared_expert.gate_proj.weight",
+                        "shared_w_up": "mlp.shared_expert.up_proj.weight",
+                        "shared_w_down": "mlp.shared_expert.down_proj.weight",
+                        "shared_router": "mlp.shared_expert_gate.weight"}
+_TRANSPOSED = set(_PROJECTIONS) | set(_MOE_NAMES["mixtral"]) | set(_SHARED_EXPERT_NAMES)
 
 # Fields that never change a causal LM's outputs at inference.
 _NEUTRAL_FIELDS = frozenset({
@@ -355,15 +359,17 @@ def _common(r: _Reader, defaults: Mapping[str, Any], rope=_rope) -> dict[str, An
       max_position_embeddings=max_pos)
 
 
-_MOE_FAMILIES = ("mixtral", "qwen3_moe")
+_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _llama_family(r: _Reader, dtype) -> LlamaConfig:
-  """``llama``, ``mistral``, ``mixtral``, ``phi3``, ``qwen2``, ``qwen3`` and ``qwen3_moe``: one
-  model, seven ways to spell its options (Mixtral is Mistral with experts, Phi-3 Mistral with
-  fused projections, Qwen3-MoE Qwen3 with experts)."""
+  """``llama``, ``mistral``, ``mixtral``, ``phi3``, ``qwen2``, ``qwen2_moe``, ``qwen3`` and
+  ``qwen3_moe``: one model, eight ways to spell its options (Mixtral is Mistral with experts,
+  Phi-3 Mistral with fused projections, Qwen2-MoE Qwen2 with experts and a shared expert,
+  Qwen3-MoE Qwen3 with experts)."""
   t = r.model_type
-  base = {"mixtral": "mistral", "phi3": "mistral", "qwen3_moe": "qwen3"}.get(t, t)
+  base = {"mixtral": "mistral", "phi3": "mistral", "qwen2_moe": "qwen2",
+          "qwen3_moe": "qwen3"}.get(t, t)
   defaults = {"llama": dict(max_position_embeddings=2048),
               "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8),
               "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8,
@@ -372,6 +378,7 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
               "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32,
                             head_dim=128),
               "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4),
+              "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16),
               "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5)}[t]
   fields = _common(r, dict(defaults, tie_word_embeddings=False))
   act = r.typed("hidden_act", "silu", str)
@@ -389,6 +396,12 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
       "use_sliding_window")
   layer_types = r.get("layer_types")
   max_window_layers = r.get_absent("max_window_layers", None)
+  if t == "qwen2_moe":
+    # Its window rule (every other layer below max_window_layers) is not Qwen2's; the released
+    # checkpoints have none.
+    if use_window or (layer_types is not None and "sliding_attention" in layer_types):
+      raise r.refuse("Qwen2-MoE's sliding windows are not implemented")
+    layer_types = max_window_layers = None
   if t == "qwen3_moe":
     # Not Qwen3-MoE fields (its window applies to every layer), but its released configs carry
     # max_window_layers: harmless without a window, ambiguous with one.
@@ -424,6 +437,10 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   else:  # qwen2: q/k/v biases always; qwen3 / qwen3_moe: q/k norms, no bias by default
     if t == "qwen2" and bias is False:
       raise r.refuse("attention_bias=False contradicts Qwen2 (q/k/v biases always)")
+    if t == "qwen2_moe":  # qkv_bias, not attention_bias, is its switch
+      if bias is not None:
+        raise r.refuse("attention_bias is not a Qwen2-MoE field (qkv_bias is)")
+      bias = r.typed("qkv_bias", True, bool)
     if base == "qwen3" and bias:
       raise r.refuse(f"attention_bias=True ({t} puts biases on q/k/v *and* o_proj) is not "
                      "implemented")
@@ -444,7 +461,8 @@ def _llama_family(r: _Reader, dtype) -> LlamaConfig:
   if window is not None and layer_types is not None:
     layer_types = tuple(layer_types)
   r.check_all_read()
-  return LlamaConfig(**fields, attention_bias=(t == "qwen2"), qk_norm=(base == "qwen3"),
+  return LlamaConfig(**fields, attention_bias=(t == "qwen2") or (t == "qwen2_moe" and bias),
+                     qk_norm=(base == "qwen3"),
                      sliding_window=window,
                      layer_types=layer_types if window is not None else None, dtype=dtype,
                      **moe)
@@ -464,15 +482,20 @@ def _moe_fields(r: _Reader, fields: Mapping[str, Any]) -> dict[str, Any]:
     return dict(num_experts=values[names[0]] if names else 8,
                 num_experts_per_tok=r.get_int("num_experts_per_tok", 2),
                 moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
-  experts = values[names[0]] if names else 128
+  two = r.model_type == "qwen2_moe"
+  experts = values[names[0]] if names else (60 if two else 128)
   step = r.get_int("decoder_sparse_step", 1)
   dense = r.get("mlp_only_layers") or []
   if step != 1 or dense:
     raise r.refuse(f"dense MLP layers among the experts (decoder_sparse_step={step}, "
                    f"mlp_only_layers={dense}) are not implemented")
-  return dict(num_experts=experts, num_experts_per_tok=r.get_int("num_experts_per_tok", 8),
-              moe_intermediate_size=r.get_int("moe_intermediate_size", 768),
-              norm_topk_prob=r.typed("norm_topk_prob", False, bool))
+  out = dict(num_experts=experts,
+             num_experts_per_tok=r.get_int("num_experts_per_tok", 4 if two else 8),
+             moe_intermediate_size=r.get_int("moe_intermediate_size", 1408 if two else 768),
+             norm_topk_prob=r.typed("norm_topk_prob", False, bool))
+  if two:  # the shared expert (transformers builds it whatever its width)
+    out["shared_expert_intermediate_size"] = r.get_int("shared_expert_intermediate_size", 5632)
+  return out
 
 
 def _gemma(r: _Reader, dtype) -> Gemma2Config:
@@ -586,6 +609,7 @@ _FAMILIES = {
     "mixtral": _Family("MixtralForCausalLM", _llama_family),
     "phi3": _Family("Phi3ForCausalLM", _llama_family),
     "qwen3_moe": _Family("Qwen3MoeForCausalLM", _llama_family),
+    "qwen2_moe": _Family("Qwen2MoeForCausalLM", _llama_family),
     "gemma2": _Family("Gemma2ForCausalLM", _gemma),
     "gemma3_text": _Family("Gemma3ForCausalLM", _gemma),
     "gemma3": _Family("Gemma3ForConditionalGeneration", _gemma3_multimodal),
@@ -675,7 +699,10 @@ def _layer_names(config: ModelConfig) -> dict[str, str]:
   if config.num_experts is not None:
     for k in ("w_gate", "w_up", "w_down"):
       del names[k]
-    names.update(_MOE_NAMES["qwen3_moe" if config.qk_norm else "mixtral"])
+    shared = config.shared_expert_intermediate_size is not None
+    names.update(_MOE_NAMES["qwen3_moe" if config.qk_norm or shared else "mixtral"])
+    if shared:
+      names.update(_SHARED_EXPERT_NAMES)
   return names
 
 

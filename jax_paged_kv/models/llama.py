@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3.x, Mistral, Mixtral, Phi-3, Qwen2/2.5, Qwen3, Qwen3-MoE) in
-plain JAX on the paged cache.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Mixtral, Phi-3, Qwen2/2.5, Qwen2-MoE, Qwen3,
+Qwen3-MoE) in plain JAX on the paged cache.
 
 Token embedding, RMSNorm, rotary embeddings (configurable base, optional Llama 3 / linear /
 dynamic frequency scaling), grouped-query attention through :func:`~jax_paged_kv.paged_attention`
@@ -34,7 +34,9 @@ Parameters are a plain dict of arrays (a pytree), in the layout of :func:`init_p
       w_down     [layers, intermediate, hidden]
       (with num_experts=E: router [layers, hidden, E], moe_gate and moe_up
        [layers, E, hidden, moe_intermediate], moe_down [layers, E, moe_intermediate, hidden]
-       instead of w_gate, w_up, w_down)
+       instead of w_gate, w_up, w_down; with shared_expert_intermediate_size=S also
+       shared_w_gate, shared_w_up [layers, hidden, S], shared_w_down [layers, S, hidden] and
+       shared_router [layers, hidden, 1])
     final_norm   [hidden]
     lm_head      [hidden, vocab]                        (absent with tie_word_embeddings=True)
 """
@@ -111,6 +113,9 @@ class LlamaConfig:
     moe_intermediate_size: width of one expert's MLP (default ``intermediate_size``).
     norm_topk_prob: renormalise the chosen experts' router probabilities to sum to one
       (Mixtral always; Qwen3-MoE's ``norm_topk_prob``).
+    shared_expert_intermediate_size: with experts, a SwiGLU MLP of this width that every token
+      runs too, its output weighted by ``sigmoid(x @ shared_router)`` (Qwen2-MoE's shared
+      expert); None: none.
     sliding_window: optional attention window ``w`` (Mistral, Qwen2 / Qwen3 with
       ``use_sliding_window``): a query sees the last ``w`` positions, itself included.
     layer_types: which layers use the window (Hugging Face's names, ``"sliding_attention"`` or
@@ -138,6 +143,7 @@ class LlamaConfig:
   num_experts_per_tok: int = 2
   moe_intermediate_size: int | None = None
   norm_topk_prob: bool = True
+  shared_expert_intermediate_size: int | None = None
 
   def __post_init__(self):
     check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -174,6 +180,10 @@ class LlamaConfig:
                          f"num_experts={self.num_experts}")
     elif self.moe_intermediate_size is not None:
       raise ValueError("moe_intermediate_size is set but num_experts is None (a dense MLP)")
+    if self.shared_expert_intermediate_size is not None:
+      if self.num_experts is None:
+        raise ValueError("shared_expert_intermediate_size is set but num_experts is None")
+      check_positive_ints(self, ("shared_expert_intermediate_size",))
 
   @property
   def layer_windows(self) -> tuple[int | None, ...]:
@@ -220,19 +230,21 @@ class LlamaConfig:
       raise ValueError("qk_norm with q/k/v biases only has no to_hf spelling (Qwen3's "
                        "attention_bias also puts a bias on o_proj)")
     moe = self.num_experts is not None
+    if self.shared_expert_intermediate_size is not None:
+      if self.qk_norm or not self.attention_bias or self.sliding_window is not None:
+        raise ValueError("a shared expert with qk_norm, without q/k/v biases or with a window "
+                         "has no to_hf spelling (Qwen2-MoE)")
+      out = self._to_hf_common()
+      out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
+                 num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                 norm_topk_prob=self.norm_topk_prob, qkv_bias=True,
+                 moe_intermediate_size=self.moe_intermediate_size,
+                 shared_expert_intermediate_size=self.shared_expert_intermediate_size)
+      return out
     if moe and (self.attention_bias or not (self.qk_norm or self.norm_topk_prob)):
       raise ValueError("experts with attention_bias, or without qk_norm and norm_topk_prob, "
                        "have no to_hf spelling (Mixtral renormalises, Qwen3-MoE has q/k norms)")
-    out = dict(
-        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-        num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-        head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
-        tie_word_embeddings=self.tie_word_embeddings,
-        max_position_embeddings=self.max_position_embeddings, hidden_act="silu")
-    if self.rope_scaling is not None:
-      out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
-                             if v is not None}
+    out = self._to_hf_common()
     if moe:
       out.update(num_experts_per_tok=self.num_experts_per_tok)
       if self.qk_norm:
@@ -261,6 +273,19 @@ class LlamaConfig:
                  sliding_window=self.sliding_window)
     else:
       out.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False)
+    return out
+
+  def _to_hf_common(self) -> dict[str, Any]:
+    out = dict(
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+        num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+        head_dim=self.head_dim, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+        tie_word_embeddings=self.tie_word_embeddings,
+        max_position_embeddings=self.max_position_embeddings, hidden_act="silu")
+    if self.rope_scaling is not None:
+      out["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items()
+                             if v is not None}
     return out
 
   def cache_config(self, *, num_blocks: int | None = None, max_seqs: int, max_seq_len: int,
@@ -328,6 +353,16 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
     layers["moe_gate"] = normal((L, e, H, mi), H)
     layers["moe_up"] = normal((L, e, H, mi), H)
     layers["moe_down"] = normal((L, e, mi, H), mi)
+  if c.shared_expert_intermediate_size is not None:
+    si = c.shared_expert_intermediate_size
+    # Keys of their own, so every other weight keeps the values it had without them.
+    shared_keys = jax.random.split(jax.random.fold_in(key, 1), 4)
+    for (name, shape, fan_in), k in zip(
+        (("shared_w_gate", (L, H, si), H), ("shared_w_up", (L, H, si), H),
+         ("shared_w_down", (L, si, H), si), ("shared_router", (L, H, 1), H)),
+        shared_keys, strict=True):
+      std = scale / np.sqrt(fan_in)
+      layers[name] = (std * jax.random.normal(k, shape, jnp.float32)).astype(c.dtype)
   if c.attention_bias:
     layers["bq"] = normal((L, qd), 1) * 0.1
     layers["bk"] = normal((L, kvd), 1) * 0.1
@@ -434,6 +469,10 @@ def forward(params: Params, cache: PagedKVCache, tokens: Array, seq_ids: Array,
     else:
       x = x + moe_swiglu(h, w["router"], w["moe_gate"], w["moe_up"], w["moe_down"],
                          top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob)
+      if c.shared_expert_intermediate_size is not None:  # Qwen2-MoE: gated, every token
+        shared = dot(jax.nn.silu(dot(h, w["shared_w_gate"])) * dot(h, w["shared_w_up"]),
+                     w["shared_w_down"])
+        x = x + jax.nn.sigmoid(dot(h, w["shared_router"])) * shared
     return x, cache
 
   x = params["embed"][jnp.clip(step.tokens, 0, c.vocab_size - 1)]  # [batch, T, hidden]
