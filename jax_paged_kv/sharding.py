@@ -337,7 +337,8 @@ def param_specs(params: Any, model_config: Any, layout: MeshLayout) -> Any:
 
   Knows the weight names of the bundled models (Llama 2/3, Mistral, Mixtral, Qwen2, Qwen3,
   Qwen3-MoE, Gemma 2, Gemma 3: ``wq, wk, wv, wo, w_gate, w_up, w_down``, the biases
-  ``bq, bk, bv`` and the experts ``moe_gate, moe_up, moe_down``).
+  ``bq, bk, bv``, the experts ``moe_gate, moe_up, moe_down`` and the shared expert
+  ``shared_w_gate, shared_w_up, shared_w_down``).
 
   Query/key/value projections (and biases) are split by heads on their output axis, the output
   projection on its input axis; the MLP's gate/up by columns and down by rows (Megatron style,

@@ -301,6 +301,7 @@ def test_reads_gemma3_both_spellings():
     (cfg("qwen2_moe", num_experts=4, use_sliding_window=True), "Qwen2-MoE's sliding windows"),
     (cfg("qwen2_moe", num_experts=4, attention_bias=True), "qkv_bias is"),
     (cfg("qwen2_moe", num_experts=4, mlp_only_layers=[0]), "mlp_only_layers"),
+    (cfg("qwen2_moe", num_local_experts=4, num_experts_per_tok=2), "num_local_experts"),
     # Phi-4-mini: partial rotary and LongRoPE; Phi-3-mini-128k: LongRoPE ("su" in old configs).
     (dict(PHI3_MINI, partial_rotary_factor=0.75), "partial_rotary_factor"),
     (dict(PHI3_MINI, rope_scaling={"type": "longrope", "short_factor": [1.0] * 4,
@@ -404,6 +405,8 @@ def test_mixture_of_experts_configs_round_trip_through_to_hf():
                              (LlamaConfig(**base, qk_norm=True, sliding_window=8), "qwen3_moe"),
                              (LlamaConfig(**base, attention_bias=True, norm_topk_prob=False,
                                           moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24), "qwen2_moe"),
+                             (LlamaConfig(**base, moe_intermediate_size=16,
                                           shared_expert_intermediate_size=24), "qwen2_moe")):
     hf = config.to_hf()
     assert hf["model_type"] == model_type

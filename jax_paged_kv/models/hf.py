@@ -473,8 +473,11 @@ def _moe_fields(r: _Reader, fields: Mapping[str, Any]) -> dict[str, Any]:
   renormalised) or ``qwen3_moe`` (``num_experts`` of ``moe_intermediate_size``,
   ``norm_topk_prob``; every layer sparse: ``decoder_sparse_step`` 1, no ``mlp_only_layers``)."""
   r.read.update(("output_router_logits", "router_aux_loss_coef", "router_jitter_noise"))  # training
-  # transformers 5 maps num_experts to num_local_experts in both families (and saves the latter).
-  names = [k for k in ("num_experts", "num_local_experts") if k in r.hf]
+  # transformers 5 maps num_experts to num_local_experts in Mixtral and Qwen3-MoE (and saves the
+  # latter); Qwen2-MoE has no such alias (num_local_experts stays unread there: refused).
+  two = r.model_type == "qwen2_moe"
+  names = [k for k in (("num_experts",) if two else ("num_experts", "num_local_experts"))
+           if k in r.hf]
   values = {k: r.get_int(k) for k in names}
   if len(set(values.values())) > 1:
     raise r.refuse(f"num_experts and num_local_experts differ: {values}")
@@ -482,7 +485,6 @@ def _moe_fields(r: _Reader, fields: Mapping[str, Any]) -> dict[str, Any]:
     return dict(num_experts=values[names[0]] if names else 8,
                 num_experts_per_tok=r.get_int("num_experts_per_tok", 2),
                 moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
-  two = r.model_type == "qwen2_moe"
   experts = values[names[0]] if names else (60 if two else 128)
   step = r.get_int("decoder_sparse_step", 1)
   dense = r.get("mlp_only_layers") or []

@@ -231,13 +231,13 @@ class LlamaConfig:
                        "attention_bias also puts a bias on o_proj)")
     moe = self.num_experts is not None
     if self.shared_expert_intermediate_size is not None:
-      if self.qk_norm or not self.attention_bias or self.sliding_window is not None:
-        raise ValueError("a shared expert with qk_norm, without q/k/v biases or with a window "
-                         "has no to_hf spelling (Qwen2-MoE)")
+      if self.qk_norm or self.sliding_window is not None:
+        raise ValueError("a shared expert with qk_norm or a window has no to_hf spelling "
+                         "(Qwen2-MoE)")
       out = self._to_hf_common()
       out.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
                  num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                 norm_topk_prob=self.norm_topk_prob, qkv_bias=True,
+                 norm_topk_prob=self.norm_topk_prob, qkv_bias=self.attention_bias,
                  moe_intermediate_size=self.moe_intermediate_size,
                  shared_expert_intermediate_size=self.shared_expert_intermediate_size)
       return out
