@@ -328,11 +328,14 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
   c = config
   L, H, D = c.num_layers, c.hidden_size, c.head_dim
   qd, kvd = c.num_heads * D, c.num_kv_heads * D
-  keys = iter(jax.random.split(key, 16))
+  keys = iter(jax.random.split(key, 12))
+  # Experts draw from a stream of their own, so the weights a dense model shares with them keep
+  # the values they have without experts (and every dense model keeps its weights).
+  expert_keys = iter(jax.random.split(jax.random.fold_in(key, 1), 8))
 
-  def normal(shape, fan_in):
+  def normal(shape, fan_in, stream=keys):
     std = scale / np.sqrt(fan_in)
-    return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(c.dtype)
+    return (std * jax.random.normal(next(stream), shape, jnp.float32)).astype(c.dtype)
 
   layers = {
       "attn_norm": jnp.ones((L, H), c.dtype),
@@ -341,28 +344,23 @@ def init_params(config: LlamaConfig, key: Array, *, scale: float = 1.0) -> Param
       "wv": normal((L, H, kvd), H),
       "wo": normal((L, qd, H), qd),
       "mlp_norm": jnp.ones((L, H), c.dtype),
-      "w_gate": normal((L, H, c.intermediate_size), H),
-      "w_up": normal((L, H, c.intermediate_size), H),
-      "w_down": normal((L, c.intermediate_size, H), c.intermediate_size),
   }
-  if c.num_experts is not None:
+  if c.num_experts is None:
+    layers["w_gate"] = normal((L, H, c.intermediate_size), H)
+    layers["w_up"] = normal((L, H, c.intermediate_size), H)
+    layers["w_down"] = normal((L, c.intermediate_size, H), c.intermediate_size)
+  else:
     e, mi = c.num_experts, c.moe_intermediate_size
-    for name in ("w_gate", "w_up", "w_down"):
-      del layers[name]
-    layers["router"] = normal((L, H, e), H)
-    layers["moe_gate"] = normal((L, e, H, mi), H)
-    layers["moe_up"] = normal((L, e, H, mi), H)
-    layers["moe_down"] = normal((L, e, mi, H), mi)
+    layers["router"] = normal((L, H, e), H, expert_keys)
+    layers["moe_gate"] = normal((L, e, H, mi), H, expert_keys)
+    layers["moe_up"] = normal((L, e, H, mi), H, expert_keys)
+    layers["moe_down"] = normal((L, e, mi, H), mi, expert_keys)
   if c.shared_expert_intermediate_size is not None:
     si = c.shared_expert_intermediate_size
-    # Keys of their own, so every other weight keeps the values it had without them.
-    shared_keys = jax.random.split(jax.random.fold_in(key, 1), 4)
-    for (name, shape, fan_in), k in zip(
-        (("shared_w_gate", (L, H, si), H), ("shared_w_up", (L, H, si), H),
-         ("shared_w_down", (L, si, H), si), ("shared_router", (L, H, 1), H)),
-        shared_keys, strict=True):
-      std = scale / np.sqrt(fan_in)
-      layers[name] = (std * jax.random.normal(k, shape, jnp.float32)).astype(c.dtype)
+    layers["shared_w_gate"] = normal((L, H, si), H, expert_keys)
+    layers["shared_w_up"] = normal((L, H, si), H, expert_keys)
+    layers["shared_w_down"] = normal((L, si, H), si, expert_keys)
+    layers["shared_router"] = normal((L, H, 1), H, expert_keys)
   if c.attention_bias:
     layers["bq"] = normal((L, qd), 1) * 0.1
     layers["bk"] = normal((L, kvd), 1) * 0.1
